@@ -1,0 +1,1 @@
+"""Compressed variants of a chat model: pruning and quantization, saved as loadable checkpoints."""

@@ -1,0 +1,95 @@
+"""Block-sequential compression (the Wanda / SparseGPT recipe).
+
+Calibration inputs are run up to decoder block 0 once. Then, block by block: collect statistics of
+the inputs of every linear layer in the block, compress the block, and recompute the block's
+outputs with its compressed weights; those outputs are the next block's inputs. Only one block's
+activations for the calibration set are alive at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lm.hooks import _first, _StopForward, decoder_layers, hooks_registered
+
+from .calibration import Calibration
+
+
+class Collector(Protocol):
+    def add(self, x: torch.Tensor) -> None:
+        """x: [tokens, in_features] float32 inputs of one linear layer, padding removed."""
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every linear layer of a decoder block (7 in Llama/Qwen2: q, k, v, o, gate, up, down)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def block0_inputs(model: nn.Module, calibration: Calibration) -> list[tuple[torch.Tensor, dict, torch.Tensor]]:
+    """(hidden_states, keyword arguments, token mask) entering block 0, one triple per batch."""
+    block0 = decoder_layers(model)[0]
+    device = next(model.parameters()).device
+    states = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        states.append([hidden, rest])
+        raise _StopForward
+
+    base = getattr(model, "model", model)
+    with hooks_registered([block0.register_forward_pre_hook(grab, with_kwargs=True)]):
+        for batch in calibration.batches:
+            try:
+                base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            states[-1].append(batch["attention_mask"].bool().to(device))
+    return [tuple(s) for s in states]
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, states) -> list:
+    return [(_first(block(hidden, **kwargs)), kwargs, mask) for hidden, kwargs, mask in states]
+
+
+@torch.no_grad()
+def collect(block: nn.Module, states, make_collector: Callable[[nn.Linear], Collector]) -> dict[str, Collector]:
+    """Run the block on every batch and feed each linear's (unpadded) inputs to its collector."""
+    linears = block_linears(block)
+    collectors = {name: make_collector(lin) for name, lin in linears.items()}
+    current_mask = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            x = args[0][current_mask["m"]]
+            collectors[name].add(x.reshape(-1, x.shape[-1]).float())
+        return fn
+
+    with hooks_registered([lin.register_forward_hook(hook(name)) for name, lin in linears.items()]):
+        for hidden, kwargs, mask in states:
+            current_mask["m"] = mask
+            block(hidden, **kwargs)
+    return collectors
+
+
+@torch.no_grad()
+def compress_blockwise(
+    model: nn.Module,
+    calibration: Calibration,
+    make_collector: Callable[[nn.Linear], Collector],
+    compress_linear: Callable[[str, nn.Linear, Collector], None],
+    desc: str = "compress",
+) -> None:
+    """Apply `compress_linear` to every linear of every block, block-sequentially, in place."""
+    states = block0_inputs(model, calibration)
+    for index, block in enumerate(tqdm(decoder_layers(model), desc=desc, unit="block", leave=False)):
+        collectors = collect(block, states, make_collector)
+        for name, lin in block_linears(block).items():
+            compress_linear(f"model.layers.{index}.{name}", lin, collectors[name])
+        states = run_block(block, states)

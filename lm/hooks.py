@@ -1,0 +1,168 @@
+"""Residual-stream access with plain torch hooks on Hugging Face decoder blocks.
+
+Conventions (TransformerLens names): `resid_pre[l]` is the input of decoder block l (so
+`resid_pre[0]` is the embedding output and equals `hidden_states[l]` of `output_hidden_states`),
+`attn_out[l]` / `mlp_out[l]` are what block l's attention and MLP add to the stream.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a Llama/Qwen2/Mistral/Gemma-style causal LM."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UserError(f"cannot find decoder layers (model.model.layers) in {type(model).__name__}")
+    return layers
+
+
+def block_parts(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    attn = getattr(block, "self_attn", None)
+    mlp = getattr(block, "mlp", None)
+    if attn is None or mlp is None:
+        raise UserError(f"decoder block {type(block).__name__} has no self_attn/mlp submodules")
+    return attn, mlp
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, new):
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def _hidden_from_pre_hook(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _pre_hook_replace(args, kwargs, new):
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def hooks_registered(handles: list):
+    """Remove every hook handle on exit, including when the body raises."""
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    positions: Iterable[int],
+    layers: Iterable[int] | None = None,
+    sites: Iterable[str] = ("resid_pre",),
+) -> dict[str, torch.Tensor]:
+    """Activations at `positions` (indices into the sequence, negative counts from the end).
+
+    Returns {site: tensor [batch, n_positions, n_layers, d_model]} in float32. The forward pass
+    stops right after the last block it needs, so capturing early layers skips the rest of the
+    model and the LM head (this is what makes direction extraction cheap).
+    """
+    blocks = decoder_layers(model)
+    layers = list(range(len(blocks))) if layers is None else sorted(set(layers))
+    sites = tuple(sites)
+    unknown = set(sites) - {"resid_pre", "attn_out", "mlp_out"}
+    if unknown:
+        raise ValueError(f"unknown sites {sorted(unknown)}")
+    pos = torch.as_tensor(list(positions), dtype=torch.long)
+    store: dict[str, dict[int, torch.Tensor]] = {site: {} for site in sites}
+    last_layer = layers[-1]
+    needs_outputs = any(s != "resid_pre" for s in sites)
+
+    def take(x):
+        return x[:, pos.to(x.device)].float().cpu()
+
+    handles = []
+    for layer in layers:
+        block = blocks[layer]
+        attn, mlp = block_parts(block)
+        if "resid_pre" in sites:
+            def pre(module, args, kwargs, layer=layer):
+                store["resid_pre"][layer] = take(_hidden_from_pre_hook(args, kwargs))
+                if layer == last_layer and not needs_outputs:
+                    raise _StopForward
+            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        if "attn_out" in sites:
+            handles.append(attn.register_forward_hook(
+                lambda m, a, out, layer=layer: store["attn_out"].__setitem__(layer, take(_first(out)))))
+        if "mlp_out" in sites:
+            handles.append(mlp.register_forward_hook(
+                lambda m, a, out, layer=layer: store["mlp_out"].__setitem__(layer, take(_first(out)))))
+        if needs_outputs and layer == last_layer:
+            def post(module, args, output):
+                raise _StopForward
+            handles.append(block.register_forward_hook(post))
+    with hooks_registered(handles):
+        base = getattr(model, "model", model)
+        try:
+            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    return {site: torch.stack([store[site][l] for l in layers], dim=2) for site in sites}
+
+
+def project_out(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """x minus its component along `direction` (normalised here), along the last dimension."""
+    unit = direction / direction.norm()
+    unit = unit.to(x.dtype).to(x.device)
+    return x - (x @ unit).unsqueeze(-1) * unit
+
+
+@contextmanager
+def intervene(
+    model: nn.Module,
+    ablate: torch.Tensor | None = None,
+    add: dict[int, torch.Tensor] | None = None,
+):
+    """Directional ablation and/or activation addition for the duration of the block.
+
+    ablate: a direction projected out of every block input and every attention and MLP output,
+    at all layers and positions (Arditi et al.'s directional ablation).
+    add: {layer: vector} added to that block's input at every position (activation addition;
+    scale the vector for a coefficient). Hooks are always removed, even if the body raises.
+    """
+    blocks = decoder_layers(model)
+    handles = []
+    add = add or {}
+    for index, block in enumerate(blocks):
+        attn, mlp = block_parts(block)
+        vector = add.get(index)
+        if ablate is not None or vector is not None:
+            def pre(module, args, kwargs, vector=vector):
+                h = _hidden_from_pre_hook(args, kwargs)
+                if vector is not None:
+                    h = h + vector.to(h.dtype).to(h.device)
+                if ablate is not None:
+                    h = project_out(h, ablate)
+                return _pre_hook_replace(args, kwargs, h)
+            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        if ablate is not None:
+            def post(module, args, output):
+                return _replace_first(output, project_out(_first(output), ablate))
+            handles.append(attn.register_forward_hook(post))
+            handles.append(mlp.register_forward_hook(post))
+    with hooks_registered(handles):
+        yield model

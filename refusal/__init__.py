@@ -1,0 +1,1 @@
+"""Refusal behaviour and the refusal direction: judges, ASR, difference-of-means directions."""
