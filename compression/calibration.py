@@ -1,7 +1,8 @@
-"""Calibration data for block-sequential compression: chat-formatted instructions, tokenized.
+"""Calibration data: chat-formatted instructions, tokenized, for block-sequential compression
+(Wanda, SparseGPT); and (prompt, response) pairs with response-only labels for gradient scores (SNIP).
 
 Padding tokens are kept out of every statistic through the attention mask that travels with
-each batch.
+each batch (and, for pairs, through labels of -100).
 """
 
 from __future__ import annotations
@@ -61,3 +62,83 @@ def tokenize_calibration(tokenizer, texts: list[str], seqlen: int, batch_size: i
             digest.update(row[m.bool()].numpy().tobytes())
         batches.append(dict(input_ids=ids, attention_mask=mask))
     return Calibration(batches=batches, digest=digest.hexdigest())
+
+
+# --- (prompt, response) calibration for gradient-based scores (SNIP) ------------------------------
+
+
+@dataclass(frozen=True)
+class ResponseCalibrationConfig:
+    """The model's own greedy replies to sampled instructions, scored as next-token targets."""
+
+    source: str = "harmless"  # harmless_train: utility responses; harmful_train: (for an aligned model) refusals
+    n_samples: int = 128
+    max_new_tokens: int = 64
+    seqlen: int = 256  # prompt + response tokens; long prompts lose their beginning first
+    batch_size: int = 1  # 1: |W * grad| is taken per sample before summing, as Wei et al. do
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise UserError(f"unknown calibration source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if min(self.n_samples, self.max_new_tokens, self.seqlen, self.batch_size) <= 0:
+            raise UserError("response calibration n_samples, max_new_tokens, seqlen and batch_size must be positive")
+
+
+@dataclass
+class ResponseCalibration:
+    pairs: list[tuple[str, str]]  # (chat-formatted prompt, response text)
+    batches: list[dict[str, torch.Tensor]]  # input_ids, attention_mask, labels (right padded; -100 off the response)
+    digest: str  # SHA-256 of token ids and labels
+
+    @property
+    def n_response_tokens(self) -> int:
+        return int(sum((b["labels"] != -100).sum() for b in self.batches))
+
+
+def response_calibration_set(model, tokenizer, cfg: ResponseCalibrationConfig = ResponseCalibrationConfig()) -> ResponseCalibration:
+    """Greedy-generate the model's replies to n sampled instructions; empty replies are dropped."""
+    from lm.generation import SamplingConfig, generate
+
+    pool = datasets.instructions(cfg.source, "train")
+    prompts = format_prompts(tokenizer, datasets.sample(pool, cfg.n_samples, cfg.seed))
+    replies = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed), desc="calibration replies")
+    pairs = [(p, r[0]) for p, r in zip(prompts, replies) if tokenizer(r[0], add_special_tokens=False)["input_ids"]]
+    if not pairs:
+        raise UserError("every calibration reply was empty; cannot score responses")
+    return tokenize_pairs(tokenizer, pairs, cfg.seqlen, cfg.batch_size)
+
+
+def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], seqlen: int = 256, batch_size: int = 1) -> ResponseCalibration:
+    """Batches whose labels are the response tokens only (-100 on prompt and padding).
+
+    Prompt and response are tokenized separately, as in generation, so the label boundary is
+    exactly where the reply began. Right padding: the loss forward passes no position ids, and
+    right padding keeps every real token at its true position.
+    """
+    if not pairs:
+        raise UserError("response calibration set is empty")
+    digest = hashlib.sha256()
+    rows = []
+    for prompt, response in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if not r:
+            raise UserError(f"empty response for prompt {prompt[-60:]!r}")
+        r = r[: max(seqlen - len(p), seqlen // 2, 1)]
+        ids = (p + r)[-seqlen:]
+        labels = ([-100] * len(p) + r)[-seqlen:]
+        digest.update(torch.tensor(ids + labels).numpy().tobytes())
+        rows.append((ids, labels))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out; any id works
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        pad = lambda seq, value: seq + [value] * (width - len(seq))
+        batches.append(dict(
+            input_ids=torch.tensor([pad(ids, pad_id) for ids, _ in chunk]),
+            attention_mask=torch.tensor([pad([1] * len(ids), 0) for ids, _ in chunk]),
+            labels=torch.tensor([pad(labels, -100) for _, labels in chunk]),
+        ))
+    return ResponseCalibration(pairs=list(pairs), batches=batches, digest=digest.hexdigest())

@@ -1,4 +1,10 @@
-"""Variant specs ('wanda:0.5', 'wanda:2:4', 'magnitude:0.5', 'rtn:int8', 'rtn:int4:g32') and building them."""
+"""Variant specs ('wanda:0.5', 'wanda:2:4', 'sparsegpt:0.5', 'sparsegpt:2:4', 'snip:0.5', 'magnitude:0.5',
+'rtn:int8', 'rtn:int4:g32') and building them.
+
+Two kinds of calibration: Wanda and SparseGPT read layer inputs on chat-formatted prompts
+(`Calibration`); SNIP needs gradients of a loss on responses, so it takes (prompt, response) pairs
+(`ResponseCalibration`, the model's own greedy replies to harmless instructions).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,18 @@ from dataclasses import dataclass, field
 
 from lm.errors import UserError
 
-from .calibration import Calibration
+from .calibration import Calibration, ResponseCalibration
 from .magnitude import prune_magnitude
 from .rtn import QuantConfig, quantize_model_rtn
+from .snip import prune_snip, snip_scores_one_pass
+from .sparsegpt import SparseGPTConfig, prune_sparsegpt
 from .sparsity import SparsityPattern
 from .wanda import prune_wanda
 
-METHODS = ("original", "wanda", "magnitude", "rtn")
-NEEDS_CALIBRATION = ("wanda",)
+METHODS = ("original", "wanda", "sparsegpt", "snip", "magnitude", "rtn")
+PRUNERS = ("wanda", "sparsegpt", "snip", "magnitude")
+NEEDS_CALIBRATION = ("wanda", "sparsegpt")  # prompt calibration (`calibration=`)
+NEEDS_RESPONSES = ("snip",)  # (prompt, response) calibration (`responses=`)
 
 
 @dataclass(frozen=True)
@@ -32,37 +42,55 @@ class VariantSpec:
     def needs_calibration(self) -> bool:
         return self.method in NEEDS_CALIBRATION
 
+    @property
+    def needs_responses(self) -> bool:
+        return self.method in NEEDS_RESPONSES
+
+    @property
+    def pattern(self) -> SparsityPattern:
+        return SparsityPattern(self.params["ratio"], self.params["n"], self.params["m"])
+
 
 def parse_variant(text: str) -> VariantSpec:
     text = text.strip()
     method, _, arg = text.partition(":")
     if method == "original":
         return VariantSpec("original", {}, "original")
-    if method in ("wanda", "magnitude"):
+    if method in PRUNERS:
         if not arg:
             raise UserError(f"variant {text!r}: give a sparsity, e.g. {method}:0.5 or {method}:2:4")
         pattern = SparsityPattern.parse(arg)
+        if method == "sparsegpt":
+            SparseGPTConfig().validate_for(pattern)  # e.g. 2:3 does not tile 128-column blocks
         return VariantSpec(method, {"sparsity": str(pattern), "ratio": pattern.ratio, "n": pattern.n, "m": pattern.m}, text)
     if method == "rtn":
         m = re.fullmatch(r"int([2-8])(?::g(\d+|row))?", arg)
         if not m:
             raise UserError(f"variant {text!r}: use rtn:int8, rtn:int4 or rtn:int4:g32 (group size, or g'row')")
         group = None if m.group(2) == "row" else int(m.group(2) or 128)
+        QuantConfig(int(m.group(1)), group)  # e.g. g0: fail here, not after the run has started
         return VariantSpec("rtn", {"bits": int(m.group(1)), "group_size": group}, text)
     raise UserError(f"unknown variant {text!r}; methods: {', '.join(METHODS)}")
 
 
-def build_variant(model, spec: VariantSpec, calibration: Calibration | None = None):
+def build_variant(model, spec: VariantSpec, calibration: Calibration | None = None, *, responses: ResponseCalibration | None = None):
     """A compressed deep copy of `model` (the original is left untouched)."""
     if spec.method == "original":
         return model
+    if spec.needs_calibration and calibration is None:
+        raise UserError(f"{spec.text} needs calibration data")
+    if spec.needs_responses and responses is None:
+        raise UserError(f"{spec.text} needs (prompt, response) calibration: pass responses=response_calibration_set(...)")
     variant = copy.deepcopy(model)
     if spec.method == "wanda":
-        if calibration is None:
-            raise UserError("Wanda needs calibration data")
-        prune_wanda(variant, calibration, SparsityPattern(spec.params["ratio"], spec.params["n"], spec.params["m"]))
+        prune_wanda(variant, calibration, spec.pattern)
+    elif spec.method == "sparsegpt":
+        prune_sparsegpt(variant, calibration, spec.pattern)
+    elif spec.method == "snip":
+        # All layers at once from the original model's scores, as Wei et al. prune.
+        prune_snip(variant, snip_scores_one_pass(variant, responses.batches), spec.pattern)
     elif spec.method == "magnitude":
-        prune_magnitude(variant, SparsityPattern(spec.params["ratio"], spec.params["n"], spec.params["m"]))
+        prune_magnitude(variant, spec.pattern)
     elif spec.method == "rtn":
         quantize_model_rtn(variant, QuantConfig(spec.params["bits"], spec.params["group_size"]))
     return variant

@@ -409,6 +409,36 @@ def test_greedy_generation_is_independent_of_batch_size(tiny_pair):
     assert hook_state(model) == hooks_before
 
 
+def test_compacting_decode_matches_transformers_generate(tiny_pair):
+    """The engine drops finished rows from the KV cache; greedy text must equal `generate`'s."""
+    model, tokenizer = tiny_pair
+    prompts = format_prompts(tokenizer, INSTRUCTIONS)
+    cfg = dict(max_new_tokens=12, batch_size=4)
+    ours = generate(model, tokenizer, prompts, SamplingConfig(backend="hf", **cfg))
+    reference = generate(model, tokenizer, prompts, SamplingConfig(backend="hf-generate", **cfg))
+    assert ours == reference
+
+
+def test_compacting_decode_drops_finished_rows(tiny_qwen2):
+    from lm.generation import decode, stop_token_ids
+
+    model, tokenizer = tiny_qwen2
+    enc = tokenize_prompts(tokenizer, format_prompts(tokenizer, INSTRUCTIONS[:4]))
+    first = decode(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(max_new_tokens=1), [])
+    # Declare row 0's first token a stop token: row 0 ends after one token, others go on.
+    stops = [first[0][0]]
+    out = decode(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(max_new_tokens=8), stops)
+    assert out[0] == [first[0][0]]
+    full = decode(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(max_new_tokens=8), [])
+    for row in range(1, 4):
+        if first[row][0] in stops:
+            continue
+        # Until a row meets a stop token, its tokens equal the unstopped run's.
+        cut = next((i for i, t in enumerate(full[row]) if t in stops), len(full[row]))
+        assert out[row][:cut] == full[row][:cut]
+    assert stop_token_ids(model, tokenizer)
+
+
 def test_sampling_is_reproducible_with_a_seed(tiny_qwen2):
     model, tokenizer = tiny_qwen2
     prompts = format_prompts(tokenizer, INSTRUCTIONS[:3])

@@ -1,0 +1,127 @@
+"""The compare_refusal job: clean one-line failures, and a full tiny run that a rerun reuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import experiments.compare_refusal as compare
+from experiments.compare_refusal import CompareConfig, Comparison, main
+from tests.tiny import build_model, build_tokenizer, save_tiny
+
+VARIANTS = ("wanda:0.5", "rtn:int8", "wanda:2:4")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    # 128 wide (intermediate 256) so the default RTN group of 128 divides every linear input;
+    # two layers because layer 0's direction is excluded from the report's minimum cosine.
+    tokenizer = build_tokenizer("chatml")
+    model = build_model("qwen2", tokenizer, seed=0, hidden=128, layers=2)
+    return save_tiny(tmp_path_factory.mktemp("tiny-qwen2-128"), model, tokenizer)
+
+
+def run_cli(argv, tmp_path, monkeypatch, capsys):
+    # Relative default paths ("runs") would land in the working directory: pin it to tmp_path.
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    code = main([*argv, "--runs-dir", str(runs), "--quick"])
+    return code, capsys.readouterr().err, runs
+
+
+def assert_clean_failure(code, err, runs, tmp_path, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert not runs.exists()
+    assert list(tmp_path.iterdir()) == [], "nothing may be created on a failed start"
+
+
+def test_missing_model_path(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "no-such-model"
+    code, err, runs = run_cli(["--model", str(missing)], tmp_path, monkeypatch, capsys)
+    assert_clean_failure(code, err, runs, tmp_path, "not found", str(missing))
+
+
+@pytest.mark.parametrize("variant, fragment", [("wanda:1.5", "1.5"), ("foo:1", "foo:1"), ("rtn:int4:g0", "group size")])
+def test_bad_variant_spec(tiny_dir, tmp_path, monkeypatch, capsys, variant, fragment):
+    # A valid model, so the failure can only come from the spec, and before the model loads.
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the variant specs were checked")
+
+    monkeypatch.setattr(compare, "load_model", no_loading)
+    code, err, runs = run_cli(["--model", str(tiny_dir), "--variants", "wanda:0.5", variant], tmp_path, monkeypatch, capsys)
+    assert_clean_failure(code, err, runs, tmp_path, fragment)
+
+
+def test_directory_without_safetensors(tmp_path, monkeypatch, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (model_dir / "pytorch_model.bin").write_bytes(b"not loaded: pickles are refused")
+    monkeypatch.chdir(tmp_path)
+    code = main(["--model", str(model_dir), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "safetensors" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_duplicate_variants(tiny_dir, tmp_path, monkeypatch, capsys):
+    code, err, runs = run_cli(["--model", str(tiny_dir), "--variants", "wanda:0.5", "wanda:0.5"], tmp_path, monkeypatch, capsys)
+    assert_clean_failure(code, err, runs, tmp_path, "duplicate")
+
+
+def tiny_config(model_dir, runs_dir) -> CompareConfig:
+    return CompareConfig.quick(
+        model=str(model_dir), runs_dir=str(runs_dir), name="tiny", variants=VARIANTS,
+        n_asr=2, max_new_tokens=4, n_train=4, ppl_windows=1, ppl_seqlen=16, calib_samples=4,
+    )
+
+
+def numbers(report: dict) -> dict:
+    # Everything but wall-clock time must be reproduced by a rerun.
+    return {k: v for k, v in report.items() if k != "wall_seconds"}
+
+
+def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_dir, tmp_path / "runs")
+    report = Comparison(cfg).run()
+    run_dir = tmp_path / "runs" / "tiny"
+
+    stored = json.loads((run_dir / "report.json").read_text())
+    assert stored == json.loads(json.dumps(report))
+    markdown = (run_dir / "report.md").read_text()
+    assert [v["variant"] for v in stored["variants"]] == ["original", *VARIANTS]
+    for row in stored["variants"]:
+        assert set(row["asr"]) == {"wei2024", "arditi2024"}
+        assert all(0.0 <= a <= 1.0 for a in row["asr"].values())
+        assert row["n_prompts"] == 2
+        assert row["perplexity"] > 0
+        assert f"| {row['variant']} |" in markdown
+    sparsity = {v["variant"]: v["decoder_sparsity"] for v in stored["variants"]}
+    assert sparsity["original"] == 0.0
+    assert sparsity["wanda:0.5"] == 0.5 and sparsity["wanda:2:4"] == 0.5
+    assert sparsity["rtn:int8"] < 0.1
+    original = stored["variants"][0]
+    assert original["cosine_at_original_peak"] == pytest.approx(1.0)
+    assert stored["n_layers"] == 2
+    for slug in ("wanda-0.5", "rtn-int8", "wanda-2-4"):
+        vdir = run_dir / "variants" / slug
+        assert (vdir / "model" / "compression.json").is_file()
+        for artifact in ("asr_vanilla.json", "perplexity.json", "directions.safetensors"):
+            assert (vdir / artifact).is_file(), (slug, artifact)
+
+    # A rerun with the same settings must rebuild, regenerate and recompute nothing.
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("stage recomputed although its artifact exists")
+
+    for stage in ("attack_success", "perplexity", "candidate_directions", "build_variant", "calibration_set"):
+        monkeypatch.setattr(compare, stage, must_not_run)
+    again = Comparison(tiny_config(tiny_dir, tmp_path / "runs")).run()
+    assert numbers(json.loads(json.dumps(again))) == numbers(stored)
+    assert numbers(json.loads((run_dir / "report.json").read_text())) == numbers(stored)
