@@ -124,11 +124,30 @@ def capture(
     return {site: torch.stack([store[site][l] for l in layers], dim=2) for site in sites}
 
 
+def _per_row(vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A [d] vector as is; a [batch, d] stack reshaped to broadcast over x's middle dimensions."""
+    vector = vector.to(x.dtype).to(x.device)
+    if vector.dim() == 1:
+        return vector
+    return vector.view(vector.shape[0], *([1] * (x.dim() - 2)), vector.shape[-1])
+
+
 def project_out(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """x minus its component along `direction` (normalised here), along the last dimension."""
-    unit = direction / direction.norm()
+    """x minus its component along `direction` (normalised here), along the last dimension.
+
+    `direction` is [d] (one direction for everything) or [batch, d] (row b of x uses direction b),
+    which lets one forward pass ablate a different candidate direction in each row.
+    """
+    unit = direction / direction.norm(dim=-1, keepdim=True)
+    if unit.dim() == 1:
+        unit = unit.to(x.dtype).to(x.device)
+        return x - (x @ unit).unsqueeze(-1) * unit
+    # A batched matmul (not multiply-and-sum) keeps the dot products' accumulation as precise
+    # as the single-direction path in half precision.
     unit = unit.to(x.dtype).to(x.device)
-    return x - (x @ unit).unsqueeze(-1) * unit
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    coef = torch.bmm(rows, unit.unsqueeze(-1))
+    return x - (coef * unit.unsqueeze(1)).view_as(x)
 
 
 @contextmanager
@@ -143,6 +162,8 @@ def intervene(
     at all layers and positions (Arditi et al.'s directional ablation).
     add: {layer: vector} added to that block's input at every position (activation addition;
     scale the vector for a coefficient). Hooks are always removed, even if the body raises.
+    Either may also be given per batch row, as [batch, d] (a zero row leaves that row unchanged
+    under `add`), so several candidate directions can share one forward pass.
     """
     blocks = decoder_layers(model)
     handles = []
@@ -154,7 +175,7 @@ def intervene(
             def pre(module, args, kwargs, vector=vector):
                 h = _hidden_from_pre_hook(args, kwargs)
                 if vector is not None:
-                    h = h + vector.to(h.dtype).to(h.device)
+                    h = h + _per_row(vector, h)
                 if ablate is not None:
                     h = project_out(h, ablate)
                 return _pre_hook_replace(args, kwargs, h)

@@ -1,0 +1,102 @@
+"""Forward passes that only need the next-token logits, optionally resumed from a layer's input.
+
+Scoring an intervention that first acts at layer l does not need blocks 0..l-1 again: their
+outputs equal an unmodified run's. `layer_inputs` keeps those block inputs from one baseline pass,
+and `run_from_layer` continues from any of them through the remaining blocks, the final norm and
+the LM head at the last position only (full-vocabulary logits at every position are the largest
+tensor of a forward pass, and nothing here reads them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .hooks import _first, _hidden_from_pre_hook, _StopForward, decoder_layers, hooks_registered
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "model", model)
+
+
+def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    # Gemma-2 style caps are applied by the causal-LM head after lm_head; a resumed pass must too.
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def last_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits of the next token after each (left-padded) row: [batch, vocab]."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def uniform_layers(model: nn.Module) -> bool:
+    """Whether every block receives the same keyword arguments (no sliding-window/global mix).
+
+    Models that alternate attention types pass each block a different mask, which block 0's
+    arguments cannot stand in for.
+    """
+    types = getattr(model.config, "layer_types", None)
+    return types is None or len(set(types)) <= 1
+
+
+@torch.no_grad()
+def block_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+    """The keyword arguments (mask, rotary embeddings, position ids) a normal forward gives the blocks.
+
+    Captured at block 0's input and the pass stopped there, so it costs only the embedding lookup.
+    """
+    if not uniform_layers(model):
+        raise UserError("this model's layers use different attention masks; it cannot be resumed from a layer")
+    found = {}
+
+    def grab(module, args, kwargs):
+        found.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    with hooks_registered([decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)]):
+        try:
+            _base(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    return found
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One full pass: every block's input at all positions ([batch, seq, d] each) and last_logits.
+
+    Kept in the model's dtype and on its device: they are fed straight back into the blocks.
+    """
+    stored: dict[int, torch.Tensor] = {}
+    handles = []
+    for index, block in enumerate(decoder_layers(model)):
+        def pre(module, args, kwargs, index=index):
+            stored[index] = _hidden_from_pre_hook(args, kwargs)
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+    with hooks_registered(handles):
+        logits = last_logits(model, input_ids, attention_mask)
+    return [stored[i] for i in range(len(stored))], logits
+
+
+@torch.no_grad()
+def run_from_layer(model: nn.Module, hidden: torch.Tensor, kwargs: dict, layer: int) -> torch.Tensor:
+    """Continue a forward pass from block `layer`'s input `hidden`: next-token logits [batch, vocab].
+
+    `kwargs` come from `block_kwargs` for a batch of the same shape. Hooks on the blocks that run
+    (e.g. `lm.hooks.intervene`) apply as in a full pass.
+    """
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise UserError(f"layer {layer} out of range for a model with {len(blocks)} blocks")
+    norm = getattr(_base(model), "norm", None)
+    head = model.get_output_embeddings()
+    if norm is None or head is None:
+        raise UserError(f"cannot find the final norm / LM head of {type(model).__name__}")
+    for block in blocks[layer:]:
+        hidden = _first(block(hidden, **kwargs))
+    # The norm is per position, so normalising only the last one gives the same values.
+    return _softcap(model, head(norm(hidden[:, -1:])))[:, -1]
