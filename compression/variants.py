@@ -73,6 +73,23 @@ def parse_variant(text: str) -> VariantSpec:
     raise UserError(f"unknown variant {text!r}; methods: {', '.join(METHODS)}")
 
 
+def validate_variant(spec: VariantSpec, model) -> None:
+    """Check a spec against the model's layer widths before any work starts (N:M, group size)."""
+    from lm.hooks import decoder_layers
+
+    from .blockwise import block_linears
+
+    widths = {lin.in_features for lin in block_linears(decoder_layers(model)[0]).values()}
+    try:
+        if spec.method in PRUNERS:
+            spec.pattern.validate_for(model)
+        group = spec.params.get("group_size")
+        if group and any(w % group for w in widths):
+            raise UserError(f"group size {group} does not divide the layer widths {sorted(widths)}")
+    except UserError as e:
+        raise UserError(f"variant {spec.text!r}: {e}") from None
+
+
 def build_variant(model, spec: VariantSpec, calibration: Calibration | None = None, *, responses: ResponseCalibration | None = None):
     """A compressed deep copy of `model` (the original is left untouched)."""
     if spec.method == "original":

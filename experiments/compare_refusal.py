@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from compression.calibration import CalibrationConfig, calibration_set
+from compression.calibration import CalibrationConfig, ResponseCalibrationConfig, calibration_set, response_calibration_set
 from compression.checkpoint import read_manifest, save_variant, sparsity_report
-from compression.variants import VariantSpec, build_variant, parse_variant
+from compression.variants import VariantSpec, build_variant, parse_variant, validate_variant
 from lm import datasets
 from lm.cache import atomic_write_json, atomic_write_text, cached_json, cached_tensors
 from lm.chat import post_instruction
@@ -81,8 +81,11 @@ class Comparison:
             raise UserError(f"duplicate variants in {list(cfg.variants)}")
         self.dir = cfg.run_dir()
         self.base = load_model(cfg.model, dtype=cfg.dtype)
+        for spec in self.specs:
+            validate_variant(spec, self.base.model)
         self._fingerprint: str | None = None
         self._calibration = None
+        self._responses = None
 
     # --- shared inputs -------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -94,6 +97,13 @@ class Comparison:
         if self._calibration is None:
             self._calibration = calibration_set(self.base.tokenizer, CalibrationConfig(n_samples=self.cfg.calib_samples, seed=self.cfg.seed))
         return self._calibration
+
+    def responses(self):
+        """(instruction, own greedy response) pairs for gradient-based scores (SNIP), generated once."""
+        if self._responses is None:
+            cfg = ResponseCalibrationConfig(n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed)
+            self._responses = response_calibration_set(self.base.model, self.base.tokenizer, cfg)
+        return self._responses
 
     def direction_prompts(self) -> tuple[list[str], list[str]]:
         n, seed = self.cfg.n_train, self.cfg.seed
@@ -115,20 +125,27 @@ class Comparison:
             return load_model(str(ckpt), dtype=self.cfg.dtype).model
         _log(f"{spec.text}: building")
         start = time.perf_counter()
-        model = build_variant(self.base.model, spec, self.calibration() if spec.needs_calibration else None)
+        model = build_variant(
+            self.base.model, spec,
+            self.calibration() if spec.needs_calibration else None,
+            responses=self.responses() if spec.needs_responses else None,
+        )
         seconds = time.perf_counter() - start
         if self.cfg.save_checkpoints:
             save_variant(model, self.base.tokenizer, ckpt, dict(
                 method=spec.method, spec=spec.text, params=params, build_seconds=seconds,
-                calibration_sha256=self.calibration().digest if spec.needs_calibration else None,
+                calibration_sha256=(self.calibration().digest if spec.needs_calibration
+                                    else self.responses().digest if spec.needs_responses else None),
                 base_model=self.cfg.model, base_fingerprint=self.fingerprint(),
             ))
         return model
 
     def variant_params(self, spec: VariantSpec) -> dict:
         params = dict(spec.params)
-        if spec.needs_calibration:
+        if spec.needs_calibration or spec.needs_responses:
             params.update(calib_samples=self.cfg.calib_samples, seed=self.cfg.seed)
+        if spec.needs_responses:
+            params.update(response_tokens=min(64, self.cfg.max_new_tokens))
         return params
 
     def evaluate(self, spec: VariantSpec, model) -> dict:
@@ -234,7 +251,7 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {v['variant']} | {v['decoder_sparsity']:.1%} | {v['asr']['wei2024']:.1%} | {v['asr']['arditi2024']:.1%} | "
             f"{v['perplexity']:.2f} | {flag} | {v['norm_peak_layer']} | {v['cosine_at_original_peak']:.3f} | "
-            f"{min(v['cosine_per_layer_last_position'][1:]):.3f} |"
+            f"{min(v['cosine_per_layer_last_position'][1:], default=1.0):.3f} |"
         )
     lines += ["", "Collapsed variants are never safe: their ASR reflects broken text, not refusal.", "",
               "## Cosine to the original's direction, per layer (last post-instruction position)", ""]
@@ -265,6 +282,7 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--n-train", type=int)
     p.add_argument("--ppl-windows", type=int)
+    p.add_argument("--ppl-seqlen", type=int)
     p.add_argument("--calib-samples", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
@@ -273,7 +291,7 @@ def parse_args(argv=None) -> CompareConfig:
     a = p.parse_args(argv)
     overrides = {k: v for k, v in dict(
         model=a.model, variants=tuple(a.variants) if a.variants else None, name=a.name, runs_dir=a.runs_dir,
-        n_asr=a.n_asr, max_new_tokens=a.max_new_tokens, n_train=a.n_train, ppl_windows=a.ppl_windows,
+        n_asr=a.n_asr, max_new_tokens=a.max_new_tokens, n_train=a.n_train, ppl_windows=a.ppl_windows, ppl_seqlen=a.ppl_seqlen,
         calib_samples=a.calib_samples, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
     ).items() if v is not None}
     if a.no_checkpoints:

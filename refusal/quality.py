@@ -1,0 +1,71 @@
+"""How well one direction mediates refusal inside a model: bypass, induce and KL for a single direction.
+
+The same three numbers selection computes for every candidate, computed for one given direction —
+typically the original model's chosen direction evaluated inside a compressed variant, or a
+variant's direction evaluated inside the original (cross-application).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lm.chat import format_prompts, tokenize_prompts
+from lm.errors import UserError
+from lm.hooks import intervene
+from lm.resume import last_logits
+
+from .score import kl_divergence, refusal_score
+
+
+@dataclass(frozen=True)
+class DirectionQuality:
+    bypass: float  # mean refusal score on harmful prompts with the direction ablated everywhere
+    induce: float  # mean refusal score on harmless prompts with the raw vector added at `layer`
+    kl: float  # mean KL(baseline || ablated) on harmless prompts, last position
+    baseline_harmful: float
+    baseline_harmless: float
+    layer: int
+
+    @property
+    def refusal_removed(self) -> float:
+        """Drop in the harmful refusal score caused by ablation (log-odds units)."""
+        return self.baseline_harmful - self.bypass
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "refusal_removed": self.refusal_removed}
+
+
+@torch.no_grad()
+def _last_logits(model, tokenizer, instructions, batch_size, system, **intervention) -> torch.Tensor:
+    device = next(model.parameters()).device
+    prompts = format_prompts(tokenizer, instructions, system)
+    out = []
+    with intervene(model, **intervention):
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenize_prompts(tokenizer, prompts[start : start + batch_size]).to(device)
+            out.append(last_logits(model, enc["input_ids"], enc["attention_mask"]).float().cpu())
+    return torch.cat(out)
+
+
+def direction_quality(model, tokenizer, direction_raw: torch.Tensor, layer: int, harmful: list[str], harmless: list[str],
+                      token_ids: list[int], batch_size: int = 32, system: str | None = None) -> DirectionQuality:
+    if not harmful or not harmless:
+        raise UserError("direction quality needs non-empty harmful and harmless prompt sets")
+    if not torch.isfinite(direction_raw).all() or float(direction_raw.norm()) == 0:
+        raise UserError("direction is zero or not finite")
+    vec = direction_raw.float()
+    harm_base = _last_logits(model, tokenizer, harmful, batch_size, system)
+    harm_abl = _last_logits(model, tokenizer, harmful, batch_size, system, ablate=vec)
+    safe_base = _last_logits(model, tokenizer, harmless, batch_size, system)
+    safe_abl = _last_logits(model, tokenizer, harmless, batch_size, system, ablate=vec)
+    safe_add = _last_logits(model, tokenizer, harmless, batch_size, system, add={layer: vec})
+    return DirectionQuality(
+        bypass=float(refusal_score(harm_abl, token_ids).mean()),
+        induce=float(refusal_score(safe_add, token_ids).mean()),
+        kl=float(kl_divergence(safe_base, safe_abl).mean()),
+        baseline_harmful=float(refusal_score(harm_base, token_ids).mean()),
+        baseline_harmless=float(refusal_score(safe_base, token_ids).mean()),
+        layer=layer,
+    )

@@ -1,0 +1,41 @@
+"""Single-direction quality must agree with the batched candidate scores selection uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm.errors import UserError
+from refusal.direction import candidate_directions
+from refusal.quality import direction_quality
+from refusal.score import refusal_tokens
+from refusal.select import batch_plan, score_candidates
+from tests.test_selection import HARMFUL, HARMLESS
+
+
+def test_direction_quality_equals_candidate_scores(tiny_pair):
+    model, tokenizer = tiny_pair
+    ids = refusal_tokens(tokenizer)
+    directions = candidate_directions(model, tokenizer, HARMFUL, HARMLESS, batch_size=5)["directions"]
+    harmful, harmless = HARMFUL[:4], HARMLESS
+    # One prompt batch each, so padding (and hence float rounding) is the same in both paths.
+    max_rows = max(len(harmful), len(harmless)) * 4
+    scores = score_candidates(model, tokenizer, directions, harmful, harmless, ids, max_rows=max_rows)
+    batch = max(batch_plan(len(harmful), max_rows)[0], batch_plan(len(harmless), max_rows)[0])
+    for pos, layer in ((-1, 2), (0, 1), (-2, 3)):
+        q = direction_quality(model, tokenizer, directions[pos, layer], layer, harmful, harmless, ids, batch_size=batch)
+        i = pos % directions.shape[0]
+        assert q.bypass == pytest.approx(float(scores.bypass[i, layer]), abs=1e-5)
+        assert q.induce == pytest.approx(float(scores.induce[i, layer]), abs=1e-5)
+        assert q.kl == pytest.approx(float(scores.kl[i, layer]), abs=1e-5)
+        assert q.baseline_harmful == pytest.approx(scores.baseline_harmful, abs=1e-6)
+        assert q.refusal_removed == pytest.approx(q.baseline_harmful - q.bypass)
+
+
+def test_direction_quality_rejects_bad_input(tiny_qwen2):
+    model, tokenizer = tiny_qwen2
+    ids = refusal_tokens(tokenizer)
+    with pytest.raises(UserError):
+        direction_quality(model, tokenizer, torch.zeros(model.config.hidden_size), 1, HARMFUL, HARMLESS, ids)
+    with pytest.raises(UserError):
+        direction_quality(model, tokenizer, torch.ones(model.config.hidden_size), 1, [], HARMLESS, ids)
