@@ -1,5 +1,5 @@
 """Variant specs ('wanda:0.5', 'wanda:2:4', 'sparsegpt:0.5', 'sparsegpt:2:4', 'snip:0.5', 'magnitude:0.5',
-'rtn:int8', 'rtn:int4:g32') and building them.
+'rtn:int8', 'rtn:int4:g32', 'gptq:int4', 'gptq:int8', 'gptq:int4:g32') and building them.
 
 Two kinds of calibration: Wanda and SparseGPT read layer inputs on chat-formatted prompts
 (`Calibration`); SNIP needs gradients of a loss on responses, so it takes (prompt, response) pairs
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from lm.errors import UserError
 
 from .calibration import Calibration, ResponseCalibration
+from .gptq import GPTQConfig, quantize_gptq
 from .magnitude import prune_magnitude
 from .rtn import QuantConfig, quantize_model_rtn
 from .snip import prune_snip, snip_scores_one_pass
@@ -22,9 +23,9 @@ from .sparsegpt import SparseGPTConfig, prune_sparsegpt
 from .sparsity import SparsityPattern
 from .wanda import prune_wanda
 
-METHODS = ("original", "wanda", "sparsegpt", "snip", "magnitude", "rtn")
+METHODS = ("original", "wanda", "sparsegpt", "snip", "magnitude", "rtn", "gptq")
 PRUNERS = ("wanda", "sparsegpt", "snip", "magnitude")
-NEEDS_CALIBRATION = ("wanda", "sparsegpt")  # prompt calibration (`calibration=`)
+NEEDS_CALIBRATION = ("wanda", "sparsegpt", "gptq")  # prompt calibration (`calibration=`)
 NEEDS_RESPONSES = ("snip",)  # (prompt, response) calibration (`responses=`)
 
 
@@ -63,13 +64,13 @@ def parse_variant(text: str) -> VariantSpec:
         if method == "sparsegpt":
             SparseGPTConfig().validate_for(pattern)  # e.g. 2:3 does not tile 128-column blocks
         return VariantSpec(method, {"sparsity": str(pattern), "ratio": pattern.ratio, "n": pattern.n, "m": pattern.m}, text)
-    if method == "rtn":
+    if method in ("rtn", "gptq"):  # one grammar, so GPTQ and RTN variants name the same grids
         m = re.fullmatch(r"int([2-8])(?::g(\d+|row))?", arg)
         if not m:
-            raise UserError(f"variant {text!r}: use rtn:int8, rtn:int4 or rtn:int4:g32 (group size, or g'row')")
+            raise UserError(f"variant {text!r}: use {method}:int8, {method}:int4 or {method}:int4:g32 (group size, or g'row')")
         group = None if m.group(2) == "row" else int(m.group(2) or 128)
         QuantConfig(int(m.group(1)), group)  # e.g. g0: fail here, not after the run has started
-        return VariantSpec("rtn", {"bits": int(m.group(1)), "group_size": group}, text)
+        return VariantSpec(method, {"bits": int(m.group(1)), "group_size": group}, text)
     raise UserError(f"unknown variant {text!r}; methods: {', '.join(METHODS)}")
 
 
@@ -110,4 +111,6 @@ def build_variant(model, spec: VariantSpec, calibration: Calibration | None = No
         prune_magnitude(variant, spec.pattern)
     elif spec.method == "rtn":
         quantize_model_rtn(variant, QuantConfig(spec.params["bits"], spec.params["group_size"]))
+    elif spec.method == "gptq":
+        quantize_gptq(variant, calibration, GPTQConfig(spec.params["bits"], spec.params["group_size"]))
     return variant
