@@ -61,6 +61,14 @@ class SelectionConfig:
     system: str | None = None  # None keeps the template's default system prompt
     batch_size: int = 32  # prompts per plain forward pass (filtering, directions, baselines)
     max_rows: int = 256  # rows (candidates x prompts) per batched candidate-scoring pass
+    # "exhaustive" scores every candidate three ways (the published score maps). "lazy" gives the
+    # same choice for less: late layers (never eligible) are not scored, and KL / induce are
+    # computed in increasing bypass order only until a candidate passes the filters.
+    search: str = "exhaustive"
+    # Optional approximation for slow hardware: rank eligible candidates by bypass on the first
+    # `prescreen_n_val` harmful val prompts and score only the `prescreen_keep` best in full.
+    prescreen_n_val: int = 0
+    prescreen_keep: int = 16
 
     def __post_init__(self):
         if self.refusal_tokens is not None:
@@ -69,6 +77,10 @@ class SelectionConfig:
             raise UserError("n_train, n_val, batch_size and max_rows must be positive")
         if not 0 < self.max_layer_fraction <= 1:
             raise UserError(f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}")
+        if self.search not in ("exhaustive", "lazy"):
+            raise UserError(f"search must be 'exhaustive' or 'lazy', got {self.search!r}")
+        if self.prescreen_n_val < 0 or self.prescreen_keep <= 0:
+            raise UserError("prescreen_n_val must be >= 0 and prescreen_keep positive")
 
     def cache_key(self) -> dict:
         """The fields that determine the result (everything but batching)."""
@@ -181,6 +193,7 @@ class CandidateScores:
     baseline_harmful: float  # mean refusal score without intervention
     baseline_harmless: float
     passes: dict
+    evaluated: torch.Tensor | None = None  # [n_pos, n_layers] bool: all three scores computed
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -230,13 +243,17 @@ def score_candidates(
     max_rows: int = 256,
     system: str | None = None,
     reuse_prefix: bool | None = None,
+    subset: list[int] | None = None,
+    which: tuple[str, ...] = ("bypass", "kl", "induce"),
 ) -> CandidateScores:
     """Bypass, induce and KL scores of every candidate in `directions` [n_pos, n_layers, d].
 
     reuse_prefix: resume induce passes from cached baseline block inputs (default: whenever the
     model's blocks share their keyword arguments, see lm.resume.uniform_layers).
+    subset / which: score only these flat candidate indices (position_index * n_layers + layer)
+    and only these scores; everything else is NaN.
     """
-    if not harmful_val or not harmless_val:
+    if not harmful_val or (not harmless_val and ("kl" in which or "induce" in which)):
         raise UserError("candidate scoring needs non-empty harmful and harmless validation sets")
     n_pos, n_layers, d = directions.shape
     if n_layers != len(decoder_layers(model)):
@@ -252,13 +269,14 @@ def score_candidates(
     norms = flat.norm(dim=-1)
     # A zero difference (e.g. layer 0, where every post-instruction token embeds identically) has
     # no direction; Arditi et al.'s normalisation gives NaN scores there, which the filter rejects.
-    ablatable = [c for c in range(n_cand) if norms[c] > 0 and torch.isfinite(norms[c])]
+    wanted = set(range(n_cand) if subset is None else subset)
+    ablatable = [c for c in range(n_cand) if c in wanted and norms[c] > 0 and torch.isfinite(norms[c])]
     passes: Counter = Counter()
 
     chunk_h, k_h = batch_plan(len(harmful_val), max_rows)
-    chunk_s, k_s = batch_plan(len(harmless_val), max_rows)
-    harmful = _encode(tokenizer, harmful_val, chunk_h, system, device)
-    harmless = _encode(tokenizer, harmless_val, chunk_s, system, device)
+    chunk_s, k_s = batch_plan(max(1, len(harmless_val)), max_rows)
+    harmful = _encode(tokenizer, harmful_val, chunk_h, system, device) if "bypass" in which else []
+    harmless = _encode(tokenizer, harmless_val, chunk_s, system, device) if ("kl" in which or "induce" in which) else []
 
     base_logits, prefix = [], []
     base_harmful = base_harmless = 0.0
@@ -272,16 +290,18 @@ def score_candidates(
         base_harmless += float(refusal_score(logits, token_ids).sum())
         passes["baseline"] += 1
 
+    nothing = torch.full((n_cand,), float("nan"), dtype=torch.float64)
     bypass = _ablated_means(
         model, harmful, flat, ablatable, k_h, lambda logits, bi, k: refusal_score(logits, token_ids),
-        len(harmful_val), passes, "bypass")
+        len(harmful_val), passes, "bypass") if "bypass" in which else nothing.clone()
     kl = _ablated_means(
         model, harmless, flat, ablatable, k_s, lambda logits, bi, k: kl_divergence(base_logits[bi].repeat(k, 1), logits),
-        len(harmless_val), passes, "kl")
+        len(harmless_val), passes, "kl") if "kl" in which else nothing.clone()
 
     # Grouping candidates by layer keeps each group's earliest layer, where resuming starts, late.
-    order = sorted(range(n_cand), key=lambda c: (layer_of[c], c))
-    induce = torch.zeros(n_cand, dtype=torch.float64)
+    order = sorted(wanted, key=lambda c: (layer_of[c], c)) if "induce" in which else []
+    induce = nothing.clone()
+    induce[order] = 0.0
     blocks_run = 0
     for bi, enc in enumerate(harmless):
         p = enc["input_ids"].shape[0]
@@ -306,25 +326,88 @@ def score_candidates(
                 blocks_run += n_layers
             induce[group] += refusal_score(logits, token_ids).view(len(group), p).sum(dim=1).cpu()
             passes["induce"] += 1
-    induce /= len(harmless_val)
+    induce /= max(1, len(harmless_val))
 
     shape = (n_pos, n_layers)
-    # Arditi's loop: every candidate, one pass per prompt batch, for each of the three scores.
-    one_at_a_time = n_cand * (len(harmful) + 2 * len(harmless))
+    # The same scores one candidate per pass: a pass per candidate and prompt batch, per score.
+    one_at_a_time = len(ablatable) * len(harmful) + (len(ablatable) if "kl" in which else 0) * len(harmless) + len(order) * len(harmless)
     passes = dict(passes)
     passes.update(
         candidates=n_cand,
         candidates_per_pass=dict(harmful=min(k_h, n_cand), harmless=min(k_s, n_cand)),
-        scoring_passes=passes["bypass"] + passes["kl"] + passes["induce"],
+        scoring_passes=passes.get("bypass", 0) + passes.get("kl", 0) + passes.get("induce", 0),
         scoring_passes_one_at_a_time=one_at_a_time,
-        induce_block_fraction=blocks_run / max(1, passes["induce"] * n_layers),
+        induce_block_fraction=blocks_run / max(1, passes.get("induce", 0) * n_layers),
         resumed_induce=bool(reuse_prefix),
     )
     return CandidateScores(
         bypass=bypass.view(shape), induce=induce.view(shape), kl=kl.view(shape),
-        baseline_harmful=base_harmful / len(harmful_val), baseline_harmless=base_harmless / len(harmless_val),
+        baseline_harmful=base_harmful / len(harmful_val) if harmful else float("nan"),
+        baseline_harmless=base_harmless / len(harmless_val) if harmless else float("nan"),
         passes=dict(passes),
     )
+
+
+def _merge(into: torch.Tensor, part: torch.Tensor) -> None:
+    into.copy_(torch.where(torch.isnan(part), into, part))
+
+
+def _search(model, tokenizer, directions, harmful_val, harmless_val, token_ids, cfg: SelectionConfig):
+    """Score candidates per cfg.search / prescreen; returns (CandidateScores, prescreen summary)."""
+    n_pos, n_layers, _ = directions.shape
+    evaluated = torch.zeros(n_pos, n_layers, dtype=torch.bool)
+    if cfg.search == "exhaustive" and not cfg.prescreen_n_val:
+        scores = score_candidates(model, tokenizer, directions, harmful_val, harmless_val, token_ids, cfg.max_rows, cfg.system)
+        scores.evaluated = evaluated | True
+        return scores, None
+
+    last_allowed = int(cfg.max_layer_fraction * n_layers)
+    eligible = [c for c in range(n_pos * n_layers) if c % n_layers < last_allowed]
+    passes: Counter = Counter()
+    prescreen = None
+    if cfg.prescreen_n_val:
+        pre = score_candidates(model, tokenizer, directions, harmful_val[: cfg.prescreen_n_val], [], token_ids,
+                               cfg.max_rows, cfg.system, subset=eligible, which=("bypass",))
+        flat = pre.bypass.flatten()
+        ranked = sorted((c for c in eligible if torch.isfinite(flat[c])), key=lambda c: float(flat[c]))
+        eligible = ranked[: cfg.prescreen_keep]
+        passes["prescreen"] += pre.passes.get("bypass", 0) + pre.passes.get("baseline", 0)
+        prescreen = dict(n_val=min(cfg.prescreen_n_val, len(harmful_val)), kept=len(eligible),
+                         kept_candidates=[dict(position=c // n_layers, layer=c % n_layers, bypass=float(flat[c])) for c in eligible])
+    by = score_candidates(model, tokenizer, directions, harmful_val, harmless_val, token_ids, cfg.max_rows, cfg.system,
+                          subset=eligible, which=("bypass",))
+    for k in ("baseline", "bypass"):
+        passes[k] += by.passes.get(k, 0)
+    bypass = by.bypass.clone()
+    induce = torch.full_like(bypass, float("nan"))
+    kl = torch.full_like(bypass, float("nan"))
+    flat_by = bypass.flatten()
+    order = sorted((c for c in eligible if torch.isfinite(flat_by[c])), key=lambda c: float(flat_by[c]))
+    if cfg.search == "exhaustive":
+        groups = [order]
+    else:
+        _, k_s = batch_plan(len(harmless_val), cfg.max_rows)
+        groups = _chunks(order, k_s)
+    baseline_harmless = float("nan")
+    for group in groups:
+        if not group:
+            continue
+        part = score_candidates(model, tokenizer, directions, harmful_val, harmless_val, token_ids, cfg.max_rows, cfg.system,
+                                subset=group, which=("kl", "induce"))
+        for k in ("baseline", "kl", "induce"):
+            passes[k] += part.passes.get(k, 0)
+        _merge(kl, part.kl)
+        _merge(induce, part.induce)
+        baseline_harmless = part.baseline_harmless
+        for c in group:
+            evaluated[c // n_layers, c % n_layers] = True
+        reasons = rejection_reasons(bypass, induce, kl, cfg)
+        if any(reasons[c // n_layers][c % n_layers] is None for c in group):
+            break  # candidates later in the order have higher bypass: the choice is made
+    out = dict(passes)
+    out["scoring_passes"] = passes["bypass"] + passes["kl"] + passes["induce"] + passes["prescreen"]
+    return CandidateScores(bypass=bypass, induce=induce, kl=kl, baseline_harmful=by.baseline_harmful,
+                           baseline_harmless=baseline_harmless, passes=out, evaluated=evaluated), prescreen
 
 
 # --- the pipeline ----------------------------------------------------------------------------
@@ -362,17 +445,30 @@ def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig())
     directions = candidate_directions(model, tokenizer, sets["harmful_train"], sets["harmless_train"], cfg.batch_size, cfg.system)["directions"]
     passes["directions"] += sum(math.ceil(len(sets[n]) / cfg.batch_size) for n in ("harmful_train", "harmless_train"))
 
-    scores = score_candidates(model, tokenizer, directions, sets["harmful_val"], sets["harmless_val"], token_ids, cfg.max_rows, cfg.system)
+    scores, prescreen = _search(model, tokenizer, directions, sets["harmful_val"], sets["harmless_val"], token_ids, cfg)
     counts["baseline_score"] = dict(harmful_val=scores.baseline_harmful, harmless_val=scores.baseline_harmless)
-    for stage in ("baseline", "bypass", "kl", "induce"):
-        passes[stage] += scores.passes[stage]
+    for stage in ("baseline", "prescreen", "bypass", "kl", "induce"):
+        passes[stage] += scores.passes.get(stage, 0)
     forward_passes = dict(passes)
     forward_passes["total"] = sum(passes.values())
     forward_passes.update({k: v for k, v in scores.passes.items() if k not in passes})
     forward_passes["max_rows"] = cfg.max_rows
+    n_pos, n_layers = directions.shape[:2]
+    b_h = math.ceil(len(sets["harmful_val"]) / batch_plan(len(sets["harmful_val"]), cfg.max_rows)[0])
+    b_s = math.ceil(len(sets["harmless_val"]) / batch_plan(len(sets["harmless_val"]), cfg.max_rows)[0])
+    # Arditi et al.'s loop: every candidate, one pass per prompt batch, for each of the three scores.
+    forward_passes["exhaustive_one_at_a_time"] = n_pos * n_layers * (b_h + 2 * b_s)
+    forward_passes["search"] = cfg.search
+    if prescreen is not None:
+        counts["prescreen"] = prescreen
 
     positions = post_instruction(tokenizer, cfg.system).positions
     reasons = rejection_reasons(scores.bypass, scores.induce, scores.kl, cfg)
+    for i in range(len(reasons)):
+        for layer, reason in enumerate(reasons[i]):
+            # In a lazy or prescreened search a NaN means "never needed", not a numerical failure.
+            if reason == "nan" and not scores.evaluated[i, layer]:
+                reasons[i][layer] = "late_layer" if layer >= int(cfg.max_layer_fraction * n_layers) else "not_scored"
     return SelectionResult(
         config=cfg, positions=positions, bypass=scores.bypass, induce=scores.induce, kl=scores.kl,
         reasons=reasons, chosen=choose(scores.bypass, reasons, positions), directions=directions.float().cpu(),

@@ -429,3 +429,37 @@ def test_selection_config_validation():
     with pytest.raises(UserError):
         SelectionConfig(max_layer_fraction=1.5)
     assert SelectionConfig(refusal_tokens=[1, 2]).refusal_tokens == (1, 2)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_lazy_search_makes_the_exhaustive_choice_with_fewer_passes(arch, tiny_qwen2, tiny_llama):
+    model, tokenizer = tiny_qwen2 if arch == "qwen2" else tiny_llama
+    permissive = select_direction(model, tokenizer, SelectionConfig(**PERMISSIVE))
+    # A KL threshold just below the permissive winner's KL rejects it, so the lazy search has to
+    # walk past the lowest-bypass candidate(s) before one passes.
+    i = permissive.positions.index(permissive.chosen[0])
+    threshold = float(permissive.kl[i, permissive.chosen[1]]) * 0.999
+    cfg = {**PERMISSIVE, "kl_threshold": threshold, "max_rows": 8}
+    full = select_direction(model, tokenizer, SelectionConfig(**cfg))
+    lazy = select_direction(model, tokenizer, SelectionConfig(**cfg, search="lazy"))
+    assert lazy.chosen == full.chosen
+    assert full.chosen != permissive.chosen
+    if full.chosen is not None:
+        j = full.positions.index(full.chosen[0])
+        for got, want in ((lazy.bypass, full.bypass), (lazy.induce, full.induce), (lazy.kl, full.kl)):
+            assert float(got[j, full.chosen[1]]) == pytest.approx(float(want[j, full.chosen[1]]), abs=1e-5)
+    assert lazy.forward_passes["scoring_passes"] < full.forward_passes["scoring_passes"]
+    flat = [r for row in lazy.reasons for r in row]
+    assert "not_scored" in flat and "kl" in flat
+
+
+def test_prescreen_keeps_the_best_candidates_and_reports_them(tiny_qwen2):
+    model, tokenizer = tiny_qwen2
+    cfg = SelectionConfig(**PERMISSIVE, search="lazy", prescreen_n_val=2, prescreen_keep=3)
+    result = select_direction(model, tokenizer, cfg)
+    pre = result.counts["prescreen"]
+    assert pre["kept"] == 3 and len(pre["kept_candidates"]) == 3
+    scored = torch.isfinite(result.bypass)
+    assert int(scored.sum()) == 3
+    assert result.chosen is None or scored[result.positions.index(result.chosen[0]), result.chosen[1]]
+    assert result.forward_passes["prescreen"] > 0

@@ -1,0 +1,86 @@
+"""Comparing refusal directions across compressed variants of one base model.
+
+Pure functions on the artifacts selection and extraction leave behind: the cosine map of a
+variant's candidates against the original's chosen direction, the shift of the chosen source,
+and plotly figures of both plus the quality scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lm.errors import UserError
+
+
+def cosine_to_direction(candidates: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """[n_pos, n_layers, d] candidates vs one [d] direction -> [n_pos, n_layers] cosines (0 for zero vectors)."""
+    if candidates.shape[-1] != direction.shape[-1]:
+        raise UserError(f"direction width {direction.shape[-1]} does not match candidates {candidates.shape[-1]}")
+    c = candidates.double()
+    r = direction.double() / direction.double().norm()
+    norms = c.norm(dim=-1)
+    cos = (c @ r) / norms.clamp(min=1e-30)
+    return torch.where(norms > 0, cos, torch.zeros_like(cos)).float()
+
+
+def source_shift(original: tuple[int, int] | None, variant: tuple[int, int] | None) -> dict:
+    """How the chosen (position, layer) moved; None entries when a side chose nothing."""
+    if original is None or variant is None:
+        return dict(same=False, d_layer=None, d_position=None)
+    return dict(same=tuple(original) == tuple(variant), d_layer=variant[1] - original[1], d_position=variant[0] - original[0])
+
+
+def cosine_heatmaps_figure(maps: dict[str, torch.Tensor], positions: list[int], chosen: tuple[int, int] | None, title: str):
+    """One heatmap per variant (x = layer, y = post-instruction position), shared colour scale [-1, 1]."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = list(maps)
+    fig = make_subplots(rows=len(names), cols=1, subplot_titles=names, vertical_spacing=0.12 / max(1, len(names) - 1) if len(names) > 1 else 0.1)
+    for row, name in enumerate(names, start=1):
+        cos = maps[name]
+        fig.add_trace(go.Heatmap(
+            z=cos.tolist(), x=list(range(cos.shape[1])), y=[str(p) for p in positions], zmin=-1, zmax=1,
+            colorscale="RdBu", reversescale=True, colorbar=dict(title="cosine", len=0.9), showscale=row == 1,
+            hovertemplate="layer %{x}<br>position %{y}<br>cosine %{z:.3f}<extra></extra>",
+        ), row=row, col=1)
+        if chosen is not None:
+            fig.add_trace(go.Scatter(x=[chosen[1]], y=[str(chosen[0])], mode="markers", marker=dict(symbol="x", size=12, color="black"),
+                                     name="original's source", showlegend=row == 1), row=row, col=1)
+        fig.update_xaxes(title_text="layer", row=row, col=1)
+        fig.update_yaxes(title_text="position", row=row, col=1)
+    fig.update_layout(title=title, height=220 * len(names) + 120, width=900)
+    return fig
+
+
+def source_shift_figure(sources: dict[str, tuple[int, int] | None], n_layers: int, title: str):
+    """Chosen source layer (marker) and position (label) of each variant."""
+    import plotly.graph_objects as go
+
+    names = [n for n, s in sources.items() if s is not None]
+    fig = go.Figure(go.Scatter(
+        x=[sources[n][1] for n in names], y=names, mode="markers+text", text=[f"pos {sources[n][0]}" for n in names],
+        textposition="middle right", marker=dict(size=14), name="chosen source",
+    ))
+    fig.update_layout(title=title, xaxis=dict(title="source layer", range=[-0.5, n_layers - 0.5], dtick=2), yaxis=dict(title="variant"),
+                      height=120 + 50 * len(names), width=900)
+    return fig
+
+
+def quality_bars_figure(rows: list[dict], title: str):
+    """Bypass / induce / KL of each variant's own direction and of the original's direction in it."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    metrics = (("bypass", "bypass score (lower = ablation removes refusal)"), ("induce", "induce score (higher = addition causes refusal)"),
+               ("kl", "KL on harmless (lower = less side effect)"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[m[1] for m in metrics])
+    names = [r["variant"] for r in rows]
+    for col, (key, _) in enumerate(metrics, start=1):
+        for which, colour in (("own", "#1f77b4"), ("original_direction", "#ff7f0e")):
+            values = [(r.get(which) or {}).get(key) for r in rows]
+            fig.add_trace(go.Bar(x=names, y=values, name="own direction" if which == "own" else "original's direction",
+                                 marker_color=colour, showlegend=col == 1), row=1, col=col)
+        fig.update_yaxes(title_text="refusal log-odds" if key != "kl" else "nats", row=1, col=col)
+    fig.update_layout(title=title, barmode="group", height=450, width=1200)
+    return fig
