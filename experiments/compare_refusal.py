@@ -33,7 +33,11 @@ from lm.loading import load_model, model_fingerprint
 from lm.perplexity import perplexity
 from refusal.asr import AsrConfig, attack_success
 from refusal.collapse import collapse_verdict
+from refusal.compare import cosine_heatmaps_figure, cosine_to_direction, quality_bars_figure, source_shift, source_shift_figure
 from refusal.direction import candidate_directions, cosine_map, norm_peak
+from refusal.quality import direction_quality
+from refusal.score import refusal_tokens
+from refusal.select import SelectionConfig, score_maps_figure, select_direction_cached
 
 DEFAULT_VARIANTS = ("wanda:0.5", "rtn:int8")
 
@@ -54,11 +58,21 @@ class CompareConfig:
     seed: int = 0
     dtype: str = "float32"
     save_checkpoints: bool = True
+    # Refusal-direction selection (Arditi et al.) for the original and, if select_variants, for
+    # every variant; see refusal.select.SelectionConfig for search and prescreen.
+    select: bool = True
+    select_variants: bool = True
+    n_val: int = 32
+    search: str = "lazy"
+    prescreen_n_val: int = 8
+    prescreen_keep: int = 16
+    n_ablation_asr: int = 32  # AdvBench goals generated with the original's direction ablated
 
     @classmethod
     def quick(cls, **overrides) -> "CompareConfig":
         """CI-sized: the same stages on a handful of prompts."""
-        small = dict(n_asr=8, max_new_tokens=24, n_train=16, ppl_windows=2, ppl_seqlen=256, calib_samples=16)
+        small = dict(n_asr=8, max_new_tokens=24, n_train=16, ppl_windows=2, ppl_seqlen=256, calib_samples=16,
+                     n_val=4, prescreen_n_val=2, prescreen_keep=4, n_ablation_asr=4)
         return cls(**{**small, **overrides})
 
     def run_dir(self) -> Path:
@@ -86,6 +100,7 @@ class Comparison:
         self._fingerprint: str | None = None
         self._calibration = None
         self._responses = None
+        self._original_selection = None
 
     # --- shared inputs -------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -106,11 +121,31 @@ class Comparison:
         return self._responses
 
     def direction_prompts(self) -> tuple[list[str], list[str]]:
+        """The instructions every model's candidate directions are computed on.
+
+        With selection on, these are the original's filtered train sets, so the original's
+        candidates are exactly the ones its selection chose from and every variant is compared on
+        the same prompts; otherwise a seeded unfiltered sample.
+        """
+        if self._original_selection is not None:
+            p = self._original_selection.prompts
+            return p["harmful_train"], p["harmless_train"]
         n, seed = self.cfg.n_train, self.cfg.seed
         return (
             datasets.sample(datasets.instructions("harmful", "train"), n, seed),
             datasets.sample(datasets.instructions("harmless", "train"), n, seed),
         )
+
+    def selection_config(self) -> SelectionConfig:
+        c = self.cfg
+        return SelectionConfig(n_train=c.n_train, n_val=c.n_val, seed=c.seed, search=c.search,
+                               prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, batch_size=c.batch_size or 32)
+
+    def val_prompts(self) -> tuple[list[str], list[str]]:
+        """One unfiltered validation sample, shared by every variant so quality numbers compare."""
+        n, seed = self.cfg.n_val, self.cfg.seed
+        return (datasets.sample(datasets.instructions("harmful", "val"), n, seed),
+                datasets.sample(datasets.instructions("harmless", "val"), n, seed))
 
     # --- per-variant stages --------------------------------------------------------------
     def variant_model(self, spec: VariantSpec):
@@ -158,10 +193,55 @@ class Comparison:
                           lambda: _timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_asr), asr_cfg)))
         ppl = cached_json(vdir / "perplexity.json", {**key, "windows": cfg.ppl_windows, "seqlen": cfg.ppl_seqlen},
                           lambda: _timed(lambda: dict(perplexity=perplexity(model, tok, cfg.ppl_windows, cfg.ppl_seqlen))))
+        selection = None
+        if cfg.select and (spec.method == "original" or cfg.select_variants):
+            selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
+                                                fingerprint=json.dumps(key, sort_keys=True))
+            if spec.method == "original":
+                self._original_selection = selection
         harmful, harmless = self.direction_prompts()
-        dirs = cached_tensors(vdir / "directions.safetensors", {**key, "n_train": cfg.n_train, "seed": cfg.seed},
+        dirs = cached_tensors(vdir / "directions.safetensors", {**key, "prompts": _digest(harmful + ["\0"] + harmless)},
                               lambda: candidate_directions(model, tok, harmful, harmless))
-        return dict(asr=asr, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model))
+        out = dict(asr=asr, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model))
+        if selection is not None:
+            out["selection"] = selection
+        return out
+
+    def cross_evaluate(self, spec: VariantSpec, model, own: dict, original: dict) -> dict:
+        """The original's direction inside the variant and the variant's inside the original."""
+        cfg, tok = self.cfg, self.base.tokenizer
+        vdir = self.dir / "variants" / spec.slug
+        ref = original["selection"]
+        if ref.chosen is None:
+            return {}
+        harmful, harmless = self.val_prompts()
+        ids = refusal_tokens(tok)
+        key = dict(variant=spec.text, params=self.variant_params(spec), base=self.fingerprint(), n_val=cfg.n_val,
+                   seed=cfg.seed, original_source=list(ref.chosen))
+
+        def quality(m, vec, layer):
+            return direction_quality(m, tok, vec, layer, harmful, harmless, ids, cfg.batch_size or 32).to_json()
+
+        out = dict(original_direction=cached_json(vdir / "quality_original_direction.json", key,
+                                                  lambda: quality(model, ref.direction_raw, ref.chosen[1])))
+        sel = own.get("selection")
+        if spec.method != "original" and sel is not None and sel.chosen is not None:
+            out["own_direction"] = cached_json(vdir / "quality_own_direction.json", {**key, "source": list(sel.chosen)},
+                                               lambda: quality(model, sel.direction_raw, sel.chosen[1]))
+            out["own_direction_in_original"] = cached_json(vdir / "quality_own_direction_in_original.json", {**key, "source": list(sel.chosen)},
+                                                           lambda: quality(self.base.model, sel.direction_raw, sel.chosen[1]))
+        if cfg.n_ablation_asr:
+            asr_cfg = AsrConfig("vanilla", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+
+            def ablated():
+                from lm.hooks import intervene
+
+                with intervene(model, ablate=ref.direction_raw):
+                    return _timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_ablation_asr), asr_cfg))
+
+            out["asr_original_direction_ablated"] = cached_json(
+                vdir / "asr_original_direction_ablated.json", {**key, **dataclasses.asdict(asr_cfg), "n": cfg.n_ablation_asr}, ablated)
+        return out
 
     # --- the whole job -------------------------------------------------------------------
     def run(self) -> dict:
@@ -172,14 +252,47 @@ class Comparison:
         for spec in self.specs:
             model = self.variant_model(spec)
             _log(f"{spec.text}: evaluating")
-            results[spec.slug] = (spec, self.evaluate(spec, model))
+            r = self.evaluate(spec, model)
+            if self.cfg.select:
+                r["cross"] = self.cross_evaluate(spec, model, r, results.get("original", (None, r))[1])
+            results[spec.slug] = (spec, r)
             if model is not self.base.model:
                 del model
         report = self.summarise(results, time.perf_counter() - start)
+        report["figures"] = self.write_figures(results, report)
         atomic_write_json(self.dir / "report.json", report)
         atomic_write_text(self.dir / "report.md", render_markdown(report))
         _log(f"report: {self.dir / 'report.md'}")
         return report
+
+    def write_figures(self, results: dict, report: dict) -> dict:
+        """Plotly figures of the comparison as standalone HTML files in <run>/figures/."""
+        original = results["original"][1]
+        ref = original.get("selection")
+        if ref is None:
+            return {}
+        fig_dir = self.dir / "figures"
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        figs = {"score_maps_original": score_maps_figure(ref)}
+        maps = {v["variant"]: torch.tensor(v["cosine_to_original_direction"]) for v in report["variants"] if "cosine_to_original_direction" in v}
+        if not maps:  # the original has no selected direction: nothing to compare against
+            return self._save_figures(figs)
+        figs["cosine_maps"] = cosine_heatmaps_figure(maps, ref.positions, ref.chosen,
+                                                     "Cosine of each variant's candidate directions to the original's chosen direction")
+        sources = {v["variant"]: (v["source"]["position"], v["source"]["layer"]) if v.get("source") else None for v in report["variants"]}
+        figs["source_shift"] = source_shift_figure(sources, report["n_layers"], "Chosen refusal-direction source per variant")
+        figs["quality"] = quality_bars_figure([dict(variant=v["variant"], **(v.get("quality") or {})) for v in report["variants"]],
+                                              "Direction quality: each variant's own direction vs the original's direction inside it")
+        return self._save_figures(figs)
+
+    def _save_figures(self, figs: dict) -> dict:
+        fig_dir = self.dir / "figures"
+        written = {}
+        for name, fig in figs.items():
+            path = fig_dir / f"{name}.html"
+            atomic_write_text(path, fig.to_html(include_plotlyjs="directory", full_html=True))
+            written[name] = str(path.relative_to(self.dir))
+        return written
 
     def summarise(self, results: dict, seconds: float) -> dict:
         original = results["original"][1]
@@ -211,6 +324,7 @@ class Comparison:
                 direction_norm_last_position=[round(float(n), 3) for n in dirs[-1].norm(dim=-1)],
                 samples=[dict(goal=g, completion=c) for g, c in zip(datasets.advbench_eval(3), asr["completions"][:3])],
                 seconds=dict(asr=r["asr"].get("seconds"), perplexity=r["perplexity"].get("seconds")),
+                **_direction_summary(r, original),
             ))
         return dict(
             model=self.cfg.model,
@@ -223,6 +337,39 @@ class Comparison:
             wall_seconds=round(seconds, 1),
             variants=rows,
         )
+
+
+def _source(selection) -> dict | None:
+    if selection is None or selection.chosen is None:
+        return None
+    return dict(position=selection.chosen[0], layer=selection.chosen[1])
+
+
+def _direction_summary(r: dict, original: dict) -> dict:
+    """Source, cosine map against the original's chosen direction, quality and cross-application."""
+    ref = original.get("selection")
+    if ref is None or ref.chosen is None:
+        return {}
+    sel, cross = r.get("selection"), r.get("cross", {})
+    cos = cosine_to_direction(r["directions"]["directions"], ref.direction)
+    i = ref.positions.index(ref.chosen[0])
+    own = cross.get("own_direction") if sel is not ref else cross.get("original_direction")
+    ablated = cross.get("asr_original_direction_ablated")
+    return dict(
+        source=_source(sel),
+        source_shift=source_shift(ref.chosen, sel.chosen if sel is not None else None) if sel is not None else None,
+        selection_forward_passes=sel.forward_passes.get("total") if sel is not None else None,
+        cosine_to_original_direction=[[round(float(c), 4) for c in row] for row in cos],
+        cosine_at_original_source=float(cos[i, ref.chosen[1]]),
+        quality=dict(own=own, original_direction=cross.get("original_direction"), own_direction_in_original=cross.get("own_direction_in_original")),
+        asr_original_direction_ablated=None if ablated is None else dict(asr=ablated["asr"], n_prompts=ablated["n_prompts"]),
+    )
+
+
+def _digest(texts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
 
 def _timed(fn) -> dict:
@@ -260,6 +407,28 @@ def render_markdown(report: dict) -> str:
     lines.append("|---|" + "---|" * n_layers)
     for v in report["variants"][1:]:
         lines.append(f"| {v['variant']} | " + " | ".join(f"{c:.2f}" for c in v["cosine_per_layer_last_position"]) + " |")
+    if any(v.get("source") is not None or v.get("quality") for v in report["variants"]):
+        lines += ["", "## Refusal direction: source and quality", "",
+                  "Selection as Arditi et al. 2024 (bypass = mean refusal log-odds on harmful val with the direction ablated "
+                  "everywhere, lower is better; induce = on harmless val with it added at its layer, higher is better; "
+                  "KL on harmless val). *own*: the variant's own selected direction in the variant; *original's*: the "
+                  "original's selected direction inside the variant; *own in original*: the variant's direction inside the "
+                  "original. ASR ablated: vanilla ASR with the original's direction ablated in the variant.", "",
+                  "| variant | source (pos, layer) | shift (layers) | cos @ original source | own bypass / induce / KL | original's bypass / induce / KL | own in original: bypass | ASR ablated Wei / Arditi |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for v in report["variants"]:
+            src = v.get("source")
+            shift = (v.get("source_shift") or {}).get("d_layer")
+            q = v.get("quality") or {}
+            ab = v.get("asr_original_direction_ablated")
+            lines.append(
+                f"| {v['variant']} | {'none passed' if src is None else (src['position'], src['layer'])} | "
+                f"{'' if shift is None else f'{shift:+d}'} | {v.get('cosine_at_original_source', float('nan')):.3f} | "
+                f"{_triple(q.get('own'))} | {_triple(q.get('original_direction'))} | "
+                f"{'' if not q.get('own_direction_in_original') else format(q['own_direction_in_original']['bypass'], '.2f')} | "
+                f"{_ablated(ab)} |")
+        if report.get("figures"):
+            lines += ["", "Figures: " + ", ".join(f"[{k}]({p})" for k, p in report["figures"].items())]
     lines += ["", "## Sample completions", ""]
     for v in report["variants"]:
         lines.append(f"### {v['variant']}")
@@ -269,6 +438,14 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- **{s['goal']}** → {text[:300]}{'…' if len(text) > 300 else ''}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _ablated(ab: dict | None) -> str:
+    return "" if ab is None else f"{ab['asr']['wei2024']:.1%} / {ab['asr']['arditi2024']:.1%} (n={ab['n_prompts']})"
+
+
+def _triple(q: dict | None) -> str:
+    return "" if not q else f"{q['bypass']:.2f} / {q['induce']:.2f} / {q['kl']:.3f}"
 
 
 def parse_args(argv=None) -> CompareConfig:

@@ -101,6 +101,7 @@ class SelectionResult:
     counts: dict = field(default_factory=dict)  # prompt-set sizes before/after filtering
     forward_passes: dict = field(default_factory=dict)
     fingerprint: str | None = None
+    prompts: dict = field(default_factory=dict)  # the filtered instruction sets actually used
 
     @property
     def n_layers(self) -> int:
@@ -472,7 +473,7 @@ def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig())
     return SelectionResult(
         config=cfg, positions=positions, bypass=scores.bypass, induce=scores.induce, kl=scores.kl,
         reasons=reasons, chosen=choose(scores.bypass, reasons, positions), directions=directions.float().cpu(),
-        refusal_token_ids=token_ids, counts=counts, forward_passes=forward_passes,
+        refusal_token_ids=token_ids, counts=counts, forward_passes=forward_passes, prompts=sets,
     )
 
 
@@ -510,6 +511,7 @@ def save_selection(result: SelectionResult, out_dir: Path) -> None:
         counts=result.counts,
         forward_passes=result.forward_passes,
         candidates=result.records(),
+        prompts=result.prompts,
     ))
 
 
@@ -535,6 +537,7 @@ def load_selection(out_dir: Path) -> SelectionResult:
         reasons=reasons, chosen=None if chosen is None else (chosen["position"], chosen["layer"]),
         directions=tensors["candidates"], refusal_token_ids=meta["refusal_tokens"], counts=meta["counts"],
         forward_passes=meta["forward_passes"], fingerprint=meta["params"].get("fingerprint"),
+        prompts=meta.get("prompts", {}),
     )
 
 

@@ -125,3 +125,30 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     again = Comparison(tiny_config(tiny_dir, tmp_path / "runs")).run()
     assert numbers(json.loads(json.dumps(again))) == numbers(stored)
     assert numbers(json.loads((run_dir / "report.json").read_text())) == numbers(stored)
+
+
+def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
+    """With a selection that can pass on a random model, every variant gets source, cosine map and quality."""
+    from refusal.select import SelectionConfig
+
+    permissive = SelectionConfig(n_train=4, n_val=3, kl_threshold=1e9, induce_threshold=-1e9, max_layer_fraction=1.0, search="lazy", batch_size=4, max_rows=12)
+    monkeypatch.setattr(Comparison, "selection_config", lambda self: permissive)
+    cfg = tiny_config(tiny_dir, tmp_path / "runs")
+    cfg.n_ablation_asr = 2
+    report = Comparison(cfg).run()
+    run_dir = tmp_path / "runs" / "tiny"
+    original = report["variants"][0]
+    assert original["source"] is not None and original["source"]["layer"] == 1  # layer 0's difference is zero
+    assert original["cosine_at_original_source"] == pytest.approx(1.0, abs=1e-5)
+    assert original["source_shift"]["same"]
+    for row in report["variants"]:
+        cos = row["cosine_to_original_direction"]
+        assert len(cos) == len(report["positions"]) and len(cos[0]) == report["n_layers"]
+        assert all(-1.0001 <= c <= 1.0001 for r in cos for c in r)
+        assert row["quality"]["original_direction"]["kl"] >= 0
+        assert row["asr_original_direction_ablated"]["n_prompts"] == 2
+    for row in report["variants"][1:]:
+        assert row["quality"]["own"] is not None and row["quality"]["own_direction_in_original"] is not None
+    for name in ("score_maps_original", "cosine_maps", "source_shift", "quality"):
+        assert (run_dir / report["figures"][name]).is_file()
+    assert "## Refusal direction: source and quality" in (run_dir / "report.md").read_text()
