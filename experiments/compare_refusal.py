@@ -61,7 +61,9 @@ class CompareConfig:
     # Refusal-direction selection (Arditi et al.) for the original and, if select_variants, for
     # every variant; see refusal.select.SelectionConfig for search and prescreen.
     select: bool = True
-    select_variants: bool = True
+    # Each selection costs ~10 minutes of CPU for the embedded model, so by default variants get
+    # their own selection only on a GPU; on CPU they are scored with the original's direction.
+    select_variants: bool | None = None
     n_val: int = 32
     search: str = "lazy"
     prescreen_n_val: int = 8
@@ -136,6 +138,11 @@ class Comparison:
             datasets.sample(datasets.instructions("harmless", "train"), n, seed),
         )
 
+    def select_variants(self) -> bool:
+        if self.cfg.select_variants is not None:
+            return self.cfg.select_variants
+        return next(self.base.model.parameters()).device.type == "cuda"
+
     def selection_config(self) -> SelectionConfig:
         c = self.cfg
         return SelectionConfig(n_train=c.n_train, n_val=c.n_val, seed=c.seed, search=c.search,
@@ -194,7 +201,7 @@ class Comparison:
         ppl = cached_json(vdir / "perplexity.json", {**key, "windows": cfg.ppl_windows, "seqlen": cfg.ppl_seqlen},
                           lambda: _timed(lambda: dict(perplexity=perplexity(model, tok, cfg.ppl_windows, cfg.ppl_seqlen))))
         selection = None
-        if cfg.select and (spec.method == "original" or cfg.select_variants):
+        if cfg.select and (spec.method == "original" or self.select_variants()):
             selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
                                                 fingerprint=json.dumps(key, sort_keys=True))
             if spec.method == "original":
@@ -465,12 +472,23 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-checkpoints", action="store_true", help="do not save variant checkpoints")
+    p.add_argument("--no-selection", action="store_true", help="skip refusal-direction selection (and everything built on it)")
+    p.add_argument("--select-variants", action=argparse.BooleanOptionalAction, default=None,
+                   help="run selection for every variant too (default: on GPU yes, on CPU no)")
+    p.add_argument("--n-val", type=int, help="validation prompts per class for selection (default 32)")
+    p.add_argument("--search", choices=["exhaustive", "lazy"], help="selection search (default lazy: same choice, fewer passes)")
+    p.add_argument("--prescreen", type=int, help="prescreen candidates on this many harmful prompts (0 = off; default 8)")
+    p.add_argument("--n-ablation-asr", type=int, help="AdvBench goals generated with the original's direction ablated (default 32)")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in dict(
         model=a.model, variants=tuple(a.variants) if a.variants else None, name=a.name, runs_dir=a.runs_dir,
         n_asr=a.n_asr, max_new_tokens=a.max_new_tokens, n_train=a.n_train, ppl_windows=a.ppl_windows, ppl_seqlen=a.ppl_seqlen,
         calib_samples=a.calib_samples, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
+        select_variants=a.select_variants, n_val=a.n_val, search=a.search, prescreen_n_val=a.prescreen,
+        n_ablation_asr=a.n_ablation_asr,
     ).items() if v is not None}
+    if a.no_selection:
+        overrides["select"] = False
     if a.no_checkpoints:
         overrides["save_checkpoints"] = False
     if a.quick and "name" not in overrides:

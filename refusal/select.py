@@ -69,6 +69,10 @@ class SelectionConfig:
     # `prescreen_n_val` harmful val prompts and score only the `prescreen_keep` best in full.
     prescreen_n_val: int = 0
     prescreen_keep: int = 16
+    # When no candidate passes every filter (small models whose added direction raises refusal a
+    # lot but not past 50%), "relax_induce" picks the lowest bypass among candidates that pass
+    # all but the induce rule, and records that it did; "none" leaves the choice empty.
+    fallback: str = "relax_induce"
 
     def __post_init__(self):
         if self.refusal_tokens is not None:
@@ -79,6 +83,8 @@ class SelectionConfig:
             raise UserError(f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}")
         if self.search not in ("exhaustive", "lazy"):
             raise UserError(f"search must be 'exhaustive' or 'lazy', got {self.search!r}")
+        if self.fallback not in ("relax_induce", "none"):
+            raise UserError(f"fallback must be 'relax_induce' or 'none', got {self.fallback!r}")
         if self.prescreen_n_val < 0 or self.prescreen_keep <= 0:
             raise UserError("prescreen_n_val must be >= 0 and prescreen_keep positive")
 
@@ -470,9 +476,15 @@ def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig())
             # In a lazy or prescreened search a NaN means "never needed", not a numerical failure.
             if reason == "nan" and not scores.evaluated[i, layer]:
                 reasons[i][layer] = "late_layer" if layer >= int(cfg.max_layer_fraction * n_layers) else "not_scored"
+    chosen = choose(scores.bypass, reasons, positions)
+    if chosen is None and cfg.fallback == "relax_induce":
+        relaxed = [[None if r == "induce" else r for r in row] for row in reasons]
+        chosen = choose(scores.bypass, relaxed, positions)
+        counts["fallback"] = dict(rule_relaxed="induce", chosen=list(chosen) if chosen else None,
+                                  note="no candidate passed every filter; induce >= 0 was dropped")
     return SelectionResult(
         config=cfg, positions=positions, bypass=scores.bypass, induce=scores.induce, kl=scores.kl,
-        reasons=reasons, chosen=choose(scores.bypass, reasons, positions), directions=directions.float().cpu(),
+        reasons=reasons, chosen=chosen, directions=directions.float().cpu(),
         refusal_token_ids=token_ids, counts=counts, forward_passes=forward_passes, prompts=sets,
     )
 

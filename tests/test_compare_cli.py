@@ -135,6 +135,7 @@ def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(Comparison, "selection_config", lambda self: permissive)
     cfg = tiny_config(tiny_dir, tmp_path / "runs")
     cfg.n_ablation_asr = 2
+    cfg.select_variants = True  # off by default on CPU
     report = Comparison(cfg).run()
     run_dir = tmp_path / "runs" / "tiny"
     original = report["variants"][0]

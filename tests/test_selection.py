@@ -373,7 +373,7 @@ def test_select_direction_chooses_argmin_and_reports_passes(tiny_qwen2):
 
 def test_default_filter_rejects_everything_on_a_random_model(tiny_llama):
     model, tokenizer = tiny_llama
-    result = select_direction(model, tokenizer, SelectionConfig(n_train=4, n_val=3, batch_size=4, max_rows=16))
+    result = select_direction(model, tokenizer, SelectionConfig(n_train=4, n_val=3, batch_size=4, max_rows=16, fallback="none"))
     assert result.chosen is None
     with pytest.raises(UserError):
         result.direction
@@ -463,3 +463,16 @@ def test_prescreen_keeps_the_best_candidates_and_reports_them(tiny_qwen2):
     assert int(scored.sum()) == 3
     assert result.chosen is None or scored[result.positions.index(result.chosen[0]), result.chosen[1]]
     assert result.forward_passes["prescreen"] > 0
+
+
+def test_fallback_relaxes_only_the_induce_rule(tiny_qwen2):
+    model, tokenizer = tiny_qwen2
+    cfg = dict(PERMISSIVE, induce_threshold=1e9)  # every candidate fails induce, nothing else
+    strict = select_direction(model, tokenizer, SelectionConfig(**cfg, fallback="none"))
+    assert strict.chosen is None
+    relaxed = select_direction(model, tokenizer, SelectionConfig(**cfg))
+    n_pos, n_layers = relaxed.bypass.shape
+    eligible = [(float(relaxed.bypass[i, l]), relaxed.positions[i], l) for i in range(n_pos) for l in range(n_layers)
+                if relaxed.reasons[i][l] == "induce"]
+    assert relaxed.chosen == min(eligible)[1:]
+    assert relaxed.counts["fallback"]["rule_relaxed"] == "induce"
