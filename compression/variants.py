@@ -4,6 +4,13 @@
 Two kinds of calibration: Wanda and SparseGPT read layer inputs on chat-formatted prompts
 (`Calibration`); SNIP needs gradients of a loss on responses, so it takes (prompt, response) pairs
 (`ResponseCalibration`, the model's own greedy replies to harmless instructions).
+
+Wei et al.'s safety attribution ('setdiff-wanda:p=0.03,q=0.03', 'setdiff-snip:p=..,q=..',
+'top-wanda:0.03', 'top-snip:0.03', 'random:0.03', 'actsvd:r=10', 'actsvd-orth:ru=..,rs=..'; grammar
+in compression/attribution_variants.py) take `safety=` (the model's own refusals) and, for set
+differences and orthogonal projection, `utility=` data, both ResponseCalibration
+(compression.attribution.safety_calibration / utility_calibration). `scores_dir=` caches their
+importance scores per (model fingerprint, method, data set, data digest).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 
 from lm.errors import UserError
 
+from . import attribution_variants
 from .calibration import Calibration, ResponseCalibration
 from .gptq import GPTQConfig, quantize_gptq
 from .magnitude import prune_magnitude
@@ -27,6 +35,7 @@ METHODS = ("original", "wanda", "sparsegpt", "snip", "magnitude", "rtn", "gptq")
 PRUNERS = ("wanda", "sparsegpt", "snip", "magnitude")
 NEEDS_CALIBRATION = ("wanda", "sparsegpt", "gptq")  # prompt calibration (`calibration=`)
 NEEDS_RESPONSES = ("snip",)  # (prompt, response) calibration (`responses=`)
+METHODS += attribution_variants.METHODS  # safety attribution (`safety=`, `utility=`)
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,14 @@ class VariantSpec:
     @property
     def needs_responses(self) -> bool:
         return self.method in NEEDS_RESPONSES
+
+    @property
+    def needs_safety(self) -> bool:
+        return self.method in attribution_variants.NEEDS_SAFETY
+
+    @property
+    def needs_utility(self) -> bool:
+        return self.method in attribution_variants.NEEDS_UTILITY
 
     @property
     def pattern(self) -> SparsityPattern:
@@ -71,6 +88,8 @@ def parse_variant(text: str) -> VariantSpec:
         group = None if m.group(2) == "row" else int(m.group(2) or 128)
         QuantConfig(int(m.group(1)), group)  # e.g. g0: fail here, not after the run has started
         return VariantSpec(method, {"bits": int(m.group(1)), "group_size": group}, text)
+    if method in attribution_variants.METHODS:
+        return VariantSpec(method, attribution_variants.parse_params(method, arg, text), text)
     raise UserError(f"unknown variant {text!r}; methods: {', '.join(METHODS)}")
 
 
@@ -91,7 +110,8 @@ def validate_variant(spec: VariantSpec, model) -> None:
         raise UserError(f"variant {spec.text!r}: {e}") from None
 
 
-def build_variant(model, spec: VariantSpec, calibration: Calibration | None = None, *, responses: ResponseCalibration | None = None):
+def build_variant(model, spec: VariantSpec, calibration: Calibration | None = None, *, responses: ResponseCalibration | None = None,
+                  safety: ResponseCalibration | None = None, utility: ResponseCalibration | None = None, scores_dir=None):
     """A compressed deep copy of `model` (the original is left untouched)."""
     if spec.method == "original":
         return model
@@ -99,7 +119,14 @@ def build_variant(model, spec: VariantSpec, calibration: Calibration | None = No
         raise UserError(f"{spec.text} needs calibration data")
     if spec.needs_responses and responses is None:
         raise UserError(f"{spec.text} needs (prompt, response) calibration: pass responses=response_calibration_set(...)")
+    if spec.needs_safety and safety is None:
+        raise UserError(f"{spec.text} needs safety data (the model's own refusals): pass safety=attribution.safety_calibration(...)")
+    if spec.needs_utility and utility is None:
+        raise UserError(f"{spec.text} needs utility data (the model's own helpful replies): pass utility=attribution.utility_calibration(...)")
     variant = copy.deepcopy(model)
+    if spec.method in attribution_variants.METHODS:
+        attribution_variants.apply_variant(variant, model, spec.method, spec.params, safety, utility, scores_dir)
+        return variant
     if spec.method == "wanda":
         prune_wanda(variant, calibration, spec.pattern)
     elif spec.method == "sparsegpt":
