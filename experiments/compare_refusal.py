@@ -103,6 +103,7 @@ class Comparison:
         self._calibration = None
         self._responses = None
         self._original_selection = None
+        self._own_replies: dict = {}
 
     # --- shared inputs -------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -114,6 +115,16 @@ class Comparison:
         if self._calibration is None:
             self._calibration = calibration_set(self.base.tokenizer, CalibrationConfig(n_samples=self.cfg.calib_samples, seed=self.cfg.seed))
         return self._calibration
+
+    def own_replies(self, kind: str):
+        """The base model's own refusals (safety) or helpful replies (utility), generated once (Wei et al.)."""
+        from compression.attribution import OwnRepliesConfig, safety_calibration, utility_calibration
+
+        if kind not in self._own_replies:
+            cfg = OwnRepliesConfig(n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed)
+            make = safety_calibration if kind == "safety" else utility_calibration
+            self._own_replies[kind] = make(self.base.model, self.base.tokenizer, cfg)
+        return self._own_replies[kind]
 
     def responses(self):
         """(instruction, own greedy response) pairs for gradient-based scores (SNIP), generated once."""
@@ -171,22 +182,37 @@ class Comparison:
             self.base.model, spec,
             self.calibration() if spec.needs_calibration else None,
             responses=self.responses() if spec.needs_responses else None,
+            safety=self.own_replies("safety") if spec.needs_safety else None,
+            utility=self.own_replies("utility") if spec.needs_utility else None,
+            scores_dir=self.dir / "scores",
         )
         seconds = time.perf_counter() - start
         if self.cfg.save_checkpoints:
             save_variant(model, self.base.tokenizer, ckpt, dict(
                 method=spec.method, spec=spec.text, params=params, build_seconds=seconds,
-                calibration_sha256=(self.calibration().digest if spec.needs_calibration
-                                    else self.responses().digest if spec.needs_responses else None),
+                calibration_sha256=self.calibration_digests(spec),
                 base_model=self.cfg.model, base_fingerprint=self.fingerprint(),
             ))
         return model
 
+    def calibration_digests(self, spec: VariantSpec) -> dict:
+        """SHA-256 of every calibration set the variant was built from, by role."""
+        out = {}
+        if spec.needs_calibration:
+            out["prompts"] = self.calibration().digest
+        if spec.needs_responses:
+            out["responses"] = self.responses().digest
+        if spec.needs_safety:
+            out["safety"] = self.own_replies("safety").digest
+        if spec.needs_utility:
+            out["utility"] = self.own_replies("utility").digest
+        return out
+
     def variant_params(self, spec: VariantSpec) -> dict:
         params = dict(spec.params)
-        if spec.needs_calibration or spec.needs_responses:
+        if spec.needs_calibration or spec.needs_responses or spec.needs_safety or spec.needs_utility:
             params.update(calib_samples=self.cfg.calib_samples, seed=self.cfg.seed)
-        if spec.needs_responses:
+        if spec.needs_responses or spec.needs_safety or spec.needs_utility:
             params.update(response_tokens=min(64, self.cfg.max_new_tokens))
         return params
 
