@@ -1,0 +1,63 @@
+"""SNIP scores: one forward+backward per sample for all layers vs Wei et al.'s per-layer loop.
+
+    python -m benchmarks.snip                      # embedded model, 4 calibration samples
+
+Both compute identical scores (checked here and in tests/test_snip.py); the per-layer loop
+repeats the forward and backward pass once per decoder layer. Calibration pairs are fixed
+(harmless instructions with a short fixed reply) so no generation time enters the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from compression.calibration import tokenize_pairs
+from compression.snip import snip_scores_one_pass, snip_scores_per_layer
+from lm import datasets
+from lm.chat import format_prompts
+from lm.errors import UserError
+from lm.loading import load_model
+
+
+def run(model_spec: str, n_samples: int) -> list[dict]:
+    loaded = load_model(model_spec)
+    instructions = datasets.sample(datasets.instructions("harmless", "train"), n_samples, 0)
+    reply = "Here is a short, helpful answer to your question, with the key steps explained clearly."
+    batches = tokenize_pairs(loaded.tokenizer, [(p, reply) for p in format_prompts(loaded.tokenizer, instructions)]).batches
+    rows, scores = [], {}
+    for name, fn in (("one pass, all layers", snip_scores_one_pass), ("per-layer loop (Wei et al.)", snip_scores_per_layer)):
+        start = time.perf_counter()
+        scores[name] = fn(loaded.model, batches)
+        rows.append(dict(implementation=name, seconds=time.perf_counter() - start))
+    a, b = scores.values()
+    worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-30)) for k in a)
+    for row in rows:
+        row["max_relative_difference"] = worst
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.snip", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--n-samples", type=int, default=4)
+    a = p.parse_args(argv)
+    try:
+        rows = run(a.model, a.n_samples)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    base = rows[0]["seconds"]
+    print(f"# SNIP scores, {a.model}, {a.n_samples} samples, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    print(f"{'implementation':<30} {'seconds':>8} {'relative time':>13}")
+    for r in rows:
+        print(f"{r['implementation']:<30} {r['seconds']:>8.1f} {r['seconds'] / base:>12.1f}x")
+    print(f"max relative score difference: {rows[0]['max_relative_difference']:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
