@@ -292,34 +292,37 @@ class Comparison:
             if model is not self.base.model:
                 del model
         report = self.summarise(results, time.perf_counter() - start)
-        report["figures"] = self.write_figures(results, report)
+        figs = self.make_figures(results, report)
+        report["figures"] = self.save_figures(figs)
         atomic_write_json(self.dir / "report.json", report)
-        atomic_write_text(self.dir / "report.md", render_markdown(report))
+        markdown_text = render_markdown(report)
+        atomic_write_text(self.dir / "report.md", markdown_text)
+        atomic_write_text(self.dir / "report.html", render_html(markdown_text, figs, report["model_name"]))
         _log(f"report: {self.dir / 'report.md'}")
         return report
 
-    def write_figures(self, results: dict, report: dict) -> dict:
-        """Plotly figures of the comparison as standalone HTML files in <run>/figures/."""
-        original = results["original"][1]
-        ref = original.get("selection")
+    def make_figures(self, results: dict, report: dict) -> dict:
+        """Plotly figures of the comparison: behaviour, per-layer cosines and, with selection, the direction."""
+        figs = {"asr": asr_figure(report), "cosine_per_layer": cosine_per_layer_figure(report)}
+        ref = results["original"][1].get("selection")
         if ref is None:
-            return {}
-        fig_dir = self.dir / "figures"
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        figs = {"score_maps_original": score_maps_figure(ref)}
+            return figs
+        figs["score_maps_original"] = score_maps_figure(ref)
         maps = {v["variant"]: torch.tensor(v["cosine_to_original_direction"]) for v in report["variants"] if "cosine_to_original_direction" in v}
         if not maps:  # the original has no selected direction: nothing to compare against
-            return self._save_figures(figs)
+            return figs
         figs["cosine_maps"] = cosine_heatmaps_figure(maps, ref.positions, ref.chosen,
                                                      "Cosine of each variant's candidate directions to the original's chosen direction")
         sources = {v["variant"]: (v["source"]["position"], v["source"]["layer"]) if v.get("source") else None for v in report["variants"]}
         figs["source_shift"] = source_shift_figure(sources, report["n_layers"], "Chosen refusal-direction source per variant")
         figs["quality"] = quality_bars_figure([dict(variant=v["variant"], **(v.get("quality") or {})) for v in report["variants"]],
                                               "Direction quality: each variant's own direction vs the original's direction inside it")
-        return self._save_figures(figs)
+        return figs
 
-    def _save_figures(self, figs: dict) -> dict:
+    def save_figures(self, figs: dict) -> dict:
+        """Each figure as a standalone HTML file in <run>/figures/ (plotly.js written once beside them)."""
         fig_dir = self.dir / "figures"
+        fig_dir.mkdir(parents=True, exist_ok=True)
         written = {}
         for name, fig in figs.items():
             path = fig_dir / f"{name}.html"
@@ -397,6 +400,50 @@ def _direction_summary(r: dict, original: dict) -> dict:
         quality=dict(own=own, original_direction=cross.get("original_direction"), own_direction_in_original=cross.get("own_direction_in_original")),
         asr_original_direction_ablated=None if ablated is None else dict(asr=ablated["asr"], n_prompts=ablated["n_prompts"]),
     )
+
+
+def asr_figure(report: dict):
+    """ASR under both judges per variant, perplexity in the hover, collapsed variants hatched."""
+    import plotly.graph_objects as go
+
+    rows = report["variants"]
+    names = [v["variant"] for v in rows]
+    fig = go.Figure()
+    for judge, label in (("wei2024", "Wei et al. judge"), ("arditi2024", "Arditi et al. judge")):
+        fig.add_trace(go.Bar(
+            x=names, y=[100 * v["asr"][judge] for v in rows], name=label,
+            marker_pattern_shape=["x" if v["collapse"]["collapsed"] else "" for v in rows],
+            customdata=[v["perplexity"] for v in rows],
+            hovertemplate="%{x}<br>ASR %{y:.1f}%<br>perplexity %{customdata:.1f}<extra>" + label + "</extra>",
+        ))
+    fig.update_layout(title=f"Vanilla ASR on {rows[0]['n_prompts']} AdvBench goals (hatched: collapsed)", barmode="group",
+                      xaxis_title="variant", yaxis_title="attack success rate (%)", yaxis_range=[0, 100], height=450, width=900)
+    return fig
+
+
+def cosine_per_layer_figure(report: dict):
+    """Per-layer cosine of each variant's difference-of-means direction to the original's (last position)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for v in report["variants"][1:]:
+        fig.add_trace(go.Scatter(x=list(range(1, report["n_layers"])), y=v["cosine_per_layer_last_position"][1:], mode="lines+markers", name=v["variant"]))
+    fig.update_layout(title="Cosine to the original's direction at the same layer (last post-instruction token)",
+                      xaxis_title="layer (block input)", yaxis_title="cosine similarity", height=450, width=900, legend_title="variant")
+    return fig
+
+
+def render_html(markdown_text: str, figs: dict, title: str) -> str:
+    """One self-contained page: the markdown report plus every figure, plotly.js inlined once (works offline)."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs.values())]
+    style = ("body{font-family:sans-serif;max-width:1250px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+             "th{background:#f3f3f3}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"
+            + body + "<h2>Figures</h2>" + "".join(parts) + "</body></html>")
 
 
 def _digest(texts: list[str]) -> str:

@@ -153,3 +153,7 @@ def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
     for name in ("score_maps_original", "cosine_maps", "source_shift", "quality"):
         assert (run_dir / report["figures"][name]).is_file()
     assert "## Refusal direction: source and quality" in (run_dir / "report.md").read_text()
+    page = (run_dir / "report.html").read_text()
+    # Self-contained: tables rendered, plotly.js inlined once, no script fetched from a CDN.
+    assert "<table>" in page and page.count("plotly.js v") == 1 and 'src="https://cdn' not in page
+    assert page.count('class="plotly-graph-div"') == len(report["figures"])
