@@ -69,6 +69,7 @@ class CompareConfig:
     prescreen_n_val: int = 8
     prescreen_keep: int = 16
     n_ablation_asr: int = 32  # AdvBench goals generated with the original's direction ablated
+    figures_dir: str | None = None  # also write the figures here as HTML + PNG (the README's figures/)
 
     @classmethod
     def quick(cls, **overrides) -> "CompareConfig":
@@ -298,6 +299,9 @@ class Comparison:
         markdown_text = render_markdown(report)
         atomic_write_text(self.dir / "report.md", markdown_text)
         atomic_write_text(self.dir / "report.html", render_html(markdown_text, figs, report["model_name"]))
+        if self.cfg.figures_dir:
+            for line in self.export_figures(figs):
+                _log(line)
         _log(f"report: {self.dir / 'report.md'}")
         return report
 
@@ -318,6 +322,12 @@ class Comparison:
         figs["quality"] = quality_bars_figure([dict(variant=v["variant"], **(v.get("quality") or {})) for v in report["variants"]],
                                               "Direction quality: each variant's own direction vs the original's direction inside it")
         return figs
+
+    def export_figures(self, figs: dict) -> list[str]:
+        """Copy the figures to --figures-dir as HTML and, when a browser for kaleido is there, PNG."""
+        from experiments.figures import export
+
+        return export(figs, Path(self.cfg.figures_dir))
 
     def save_figures(self, figs: dict) -> dict:
         """Each figure as a standalone HTML file in <run>/figures/ (plotly.js written once beside them)."""
@@ -545,6 +555,7 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-checkpoints", action="store_true", help="do not save variant checkpoints")
+    p.add_argument("--figures-dir", help="also export the figures here as HTML and PNG (e.g. figures/)")
     p.add_argument("--no-selection", action="store_true", help="skip refusal-direction selection (and everything built on it)")
     p.add_argument("--select-variants", action=argparse.BooleanOptionalAction, default=None,
                    help="run selection for every variant too (default: on GPU yes, on CPU no)")
@@ -558,7 +569,7 @@ def parse_args(argv=None) -> CompareConfig:
         n_asr=a.n_asr, max_new_tokens=a.max_new_tokens, n_train=a.n_train, ppl_windows=a.ppl_windows, ppl_seqlen=a.ppl_seqlen,
         calib_samples=a.calib_samples, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
         select_variants=a.select_variants, n_val=a.n_val, search=a.search, prescreen_n_val=a.prescreen,
-        n_ablation_asr=a.n_ablation_asr,
+        n_ablation_asr=a.n_ablation_asr, figures_dir=a.figures_dir,
     ).items() if v is not None}
     if a.no_selection:
         overrides["select"] = False
