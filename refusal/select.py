@@ -380,7 +380,7 @@ def _search(model, tokenizer, directions, harmful_val, harmless_val, token_ids, 
         eligible = ranked[: cfg.prescreen_keep]
         passes["prescreen"] += pre.passes.get("bypass", 0) + pre.passes.get("baseline", 0)
         prescreen = dict(n_val=min(cfg.prescreen_n_val, len(harmful_val)), kept=len(eligible),
-                         kept_candidates=[dict(position=c // n_layers, layer=c % n_layers, bypass=float(flat[c])) for c in eligible])
+                         kept_candidates=[dict(position=c // n_layers - n_pos, layer=c % n_layers, bypass=float(flat[c])) for c in eligible])
     by = score_candidates(model, tokenizer, directions, harmful_val, harmless_val, token_ids, cfg.max_rows, cfg.system,
                           subset=eligible, which=("bypass",))
     for k in ("baseline", "bypass"):

@@ -459,6 +459,7 @@ def test_prescreen_keeps_the_best_candidates_and_reports_them(tiny_qwen2):
     result = select_direction(model, tokenizer, cfg)
     pre = result.counts["prescreen"]
     assert pre["kept"] == 3 and len(pre["kept_candidates"]) == 3
+    assert all(c["position"] in result.positions for c in pre["kept_candidates"])
     scored = torch.isfinite(result.bypass)
     assert int(scored.sum()) == 3
     assert result.chosen is None or scored[result.positions.index(result.chosen[0]), result.chosen[1]]
