@@ -503,7 +503,9 @@ def render_markdown(report: dict) -> str:
                   "everywhere, lower is better; induce = on harmless val with it added at its layer, higher is better; "
                   "KL on harmless val). *own*: the variant's own selected direction in the variant; *original's*: the "
                   "original's selected direction inside the variant; *own in original*: the variant's direction inside the "
-                  "original. ASR ablated: vanilla ASR with the original's direction ablated in the variant.", "",
+                  "original. Quality numbers are measured on one unfiltered validation sample shared by all variants, so they "
+                  "differ slightly from the selection's own scores (computed on the prompts each model refuses / answers). "
+                  "ASR ablated: vanilla ASR with the original's direction ablated in the variant.", "",
                   "| variant | source (pos, layer) | shift (layers) | cos @ original source | own bypass / induce / KL | original's bypass / induce / KL | own in original: bypass | ASR ablated Wei / Arditi |",
                   "|---|---|---|---|---|---|---|---|"]
         for v in report["variants"]:
@@ -512,7 +514,7 @@ def render_markdown(report: dict) -> str:
             q = v.get("quality") or {}
             ab = v.get("asr_original_direction_ablated")
             lines.append(
-                f"| {v['variant']} | {'none passed' if src is None else (src['position'], src['layer'])} | "
+                f"| {v['variant']} | {_source_text(v)} | "
                 f"{'' if shift is None else f'{shift:+d}'} | {v.get('cosine_at_original_source', float('nan')):.3f} | "
                 f"{_triple(q.get('own'))} | {_triple(q.get('original_direction'))} | "
                 f"{'' if not q.get('own_direction_in_original') else format(q['own_direction_in_original']['bypass'], '.2f')} | "
@@ -528,6 +530,14 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- **{s['goal']}** → {text[:300]}{'…' if len(text) > 300 else ''}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _source_text(v: dict) -> str:
+    if v.get("source") is not None:
+        return str((v["source"]["position"], v["source"]["layer"]))
+    if v.get("source_shift") is None:
+        return "not selected (--select-variants)"
+    return "none passed the filters"
 
 
 def _ablated(ab: dict | None) -> str:
