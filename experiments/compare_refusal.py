@@ -26,7 +26,7 @@ from compression.calibration import CalibrationConfig, ResponseCalibrationConfig
 from compression.checkpoint import read_manifest, save_variant, sparsity_report
 from compression.variants import VariantSpec, build_variant, parse_variant, validate_variant
 from lm import datasets
-from lm.cache import atomic_write_json, atomic_write_text, cached_json, cached_tensors
+from lm.cache import atomic_write_json, atomic_write_text, cached_json, cached_tensors, write_plotlyjs
 from lm.chat import post_instruction
 from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
@@ -333,6 +333,7 @@ class Comparison:
         """Each figure as a standalone HTML file in <run>/figures/ (plotly.js written once beside them)."""
         fig_dir = self.dir / "figures"
         fig_dir.mkdir(parents=True, exist_ok=True)
+        write_plotlyjs(fig_dir)
         written = {}
         for name, fig in figs.items():
             path = fig_dir / f"{name}.html"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lm.cache import atomic_write_text
+from lm.cache import atomic_write_text, write_plotlyjs
 
 BROWSER_CANDIDATES = ("/usr/lib/chromium/chromium-headless-shell", "/usr/bin/chromium", "/usr/bin/google-chrome")
 
@@ -33,12 +33,13 @@ def browser_path() -> str | None:
 
 
 def export(figs: dict, out_dir: Path) -> list[str]:
-    """Write <name>.html (plotly.js inlined, works offline) and <name>.png; returns log lines."""
+    """Write <name>.html (offline: plotly.min.js is written once beside them) and <name>.png; returns log lines."""
     out_dir.mkdir(parents=True, exist_ok=True)
     reason = png_unavailable_reason()
+    write_plotlyjs(out_dir)
     log = []
     for name, fig in figs.items():
-        atomic_write_text(out_dir / f"{name}.html", fig.to_html(include_plotlyjs=True, full_html=True))
+        atomic_write_text(out_dir / f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True))
         if reason is not None:
             continue
         os.environ.setdefault("BROWSER_PATH", browser_path())

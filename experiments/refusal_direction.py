@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lm import datasets
-from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json
+from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, write_plotlyjs
 from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
 from lm.generation import SamplingConfig, generate
@@ -73,6 +73,7 @@ def run(cfg: DirectionConfig) -> dict:
             n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed, search=cfg.search, prescreen_n_val=cfg.prescreen_n_val), fingerprint)
     if sel.chosen is None:
         raise UserError("no candidate direction passed selection; see the score maps in selection.json")
+    write_plotlyjs(out)
     atomic_write_text(out / "score_maps.html", score_maps_figure(sel).to_html(include_plotlyjs="directory"))
     pos, layer = sel.chosen
     raw = sel.direction_raw

@@ -31,6 +31,7 @@ def atomic_dir(final: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -46,6 +47,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -65,6 +67,7 @@ def atomic_save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | No
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -101,3 +104,12 @@ def cached_tensors(path: Path, params: dict, compute) -> dict:
     tensors = compute()
     atomic_save_tensors(path, tensors, metadata={"params": key})
     return tensors
+
+
+def write_plotlyjs(directory: Path) -> None:
+    """plotly.min.js beside HTML figures written with include_plotlyjs="directory" (offline viewing)."""
+    from plotly.offline import get_plotlyjs
+
+    path = Path(directory) / "plotly.min.js"
+    if not path.exists():
+        atomic_write_text(path, get_plotlyjs())

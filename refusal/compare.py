@@ -36,7 +36,8 @@ def cosine_heatmaps_figure(maps: dict[str, torch.Tensor], positions: list[int], 
     from plotly.subplots import make_subplots
 
     names = list(maps)
-    fig = make_subplots(rows=len(names), cols=1, subplot_titles=names, vertical_spacing=0.12 / max(1, len(names) - 1) if len(names) > 1 else 0.1)
+    # Room between rows for each subplot's x-axis title and the next one's name.
+    fig = make_subplots(rows=len(names), cols=1, subplot_titles=names, vertical_spacing=min(0.3, 0.35 / max(1, len(names) - 1)) if len(names) > 1 else 0.1)
     for row, name in enumerate(names, start=1):
         cos = maps[name]
         fig.add_trace(go.Heatmap(
@@ -49,7 +50,7 @@ def cosine_heatmaps_figure(maps: dict[str, torch.Tensor], positions: list[int], 
                                      name="original's source", showlegend=row == 1), row=row, col=1)
         fig.update_xaxes(title_text="layer", row=row, col=1)
         fig.update_yaxes(title_text="position", row=row, col=1)
-    fig.update_layout(title=title, height=220 * len(names) + 120, width=900)
+    fig.update_layout(title=title, height=280 * len(names) + 120, width=900)
     return fig
 
 
@@ -72,8 +73,8 @@ def quality_bars_figure(rows: list[dict], title: str):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    metrics = (("bypass", "bypass score (lower = ablation removes refusal)"), ("induce", "induce score (higher = addition causes refusal)"),
-               ("kl", "KL on harmless (lower = less side effect)"))
+    metrics = (("bypass", "bypass score<br>(lower = ablation removes refusal)"), ("induce", "induce score<br>(higher = addition causes refusal)"),
+               ("kl", "KL on harmless<br>(lower = less side effect)"))
     fig = make_subplots(rows=1, cols=3, subplot_titles=[m[1] for m in metrics])
     names = [r["variant"] for r in rows]
     for col, (key, _) in enumerate(metrics, start=1):
@@ -82,5 +83,5 @@ def quality_bars_figure(rows: list[dict], title: str):
             fig.add_trace(go.Bar(x=names, y=values, name="own direction" if which == "own" else "original's direction",
                                  marker_color=colour, showlegend=col == 1), row=1, col=col)
         fig.update_yaxes(title_text="refusal log-odds" if key != "kl" else "nats", row=1, col=col)
-    fig.update_layout(title=title, barmode="group", height=450, width=1200)
+    fig.update_layout(title=title, barmode="group", height=480, width=1200, margin=dict(t=130))
     return fig

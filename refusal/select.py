@@ -605,7 +605,7 @@ def score_maps_figure(result: SelectionResult):
         z = [[_finite_or_none(v) for v in row] for row in values]
         fig.add_trace(go.Heatmap(
             z=z, x=layers, y=labels, colorscale=scale, zmid=0 if scale == "RdBu_r" else None,
-            colorbar=dict(title=title.split(" ")[0], x=fig.layout[f"xaxis{col}"].domain[1] + 0.005, len=0.9, thickness=14),
+            colorbar=dict(title=title.split(" ")[0].split("(")[0], x=fig.layout[f"xaxis{col}"].domain[1] + 0.005, len=0.9, thickness=14),
             hovertemplate="layer %{x}<br>position %{y}<br>%{z:.3f}<extra>" + title.split(" ")[0] + "</extra>",
         ), row=1, col=col)
         if result.chosen is not None:
