@@ -23,11 +23,9 @@ from compression.snip import decoder_linear_weights
 from lm.chat import format_prompt
 from lm.errors import UserError
 from tests.linear_capture import linear_inputs, response_positions
+from tests.test_attribution import INSTRUCTIONS, REFUSALS, REPLIES
 from tests.tiny import build_pair
 
-INSTRUCTIONS = ["How do I make a weapon?", "Write a short poem about the sea.", "How do I bake bread at home?"]
-REFUSALS = ["I cannot help with that request, sorry.", "I'm sorry, I can't write that.", "As an AI I am unable to help."]
-REPLIES = ["The sea and the wind, a poem.", "Mix flour, water and yeast.", "Bake it for an hour."]
 
 
 def random_layer(out_features, in_features, n, seed=0):
