@@ -110,11 +110,20 @@ def validate_variant(spec: VariantSpec, model) -> None:
         raise UserError(f"variant {spec.text!r}: {e}") from None
 
 
-def build_variant(model, spec: VariantSpec, calibration: Calibration | None = None, *, responses: ResponseCalibration | None = None,
+def build_variant(model, spec: VariantSpec, calibration: Calibration | None = None, **data):
+    """A compressed deep copy of `model`; see build_variant_with_report for the keyword data."""
+    return build_variant_with_report(model, spec, calibration, **data)[0]
+
+
+def build_variant_with_report(model, spec: VariantSpec, calibration: Calibration | None = None, *, responses: ResponseCalibration | None = None,
                   safety: ResponseCalibration | None = None, utility: ResponseCalibration | None = None, scores_dir=None):
-    """A compressed deep copy of `model` (the original is left untouched)."""
+    """(compressed deep copy of `model`, report of what was removed); the original is left untouched.
+
+    The report holds what a method measures while compressing (e.g. the realised fraction a set
+    difference removed, which is below q, or the ranks ActSVD took out); {} for the others.
+    """
     if spec.method == "original":
-        return model
+        return model, {}
     if spec.needs_calibration and calibration is None:
         raise UserError(f"{spec.text} needs calibration data")
     if spec.needs_responses and responses is None:
@@ -125,8 +134,7 @@ def build_variant(model, spec: VariantSpec, calibration: Calibration | None = No
         raise UserError(f"{spec.text} needs utility data (the model's own helpful replies): pass utility=attribution.utility_calibration(...)")
     variant = copy.deepcopy(model)
     if spec.method in attribution_variants.METHODS:
-        attribution_variants.apply_variant(variant, model, spec.method, spec.params, safety, utility, scores_dir)
-        return variant
+        return variant, attribution_variants.apply_variant(variant, model, spec.method, spec.params, safety, utility, scores_dir)
     if spec.method == "wanda":
         prune_wanda(variant, calibration, spec.pattern)
     elif spec.method == "sparsegpt":
@@ -140,4 +148,4 @@ def build_variant(model, spec: VariantSpec, calibration: Calibration | None = No
         quantize_model_rtn(variant, QuantConfig(spec.params["bits"], spec.params["group_size"]))
     elif spec.method == "gptq":
         quantize_gptq(variant, calibration, GPTQConfig(spec.params["bits"], spec.params["group_size"]))
-    return variant
+    return variant, {}

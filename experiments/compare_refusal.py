@@ -24,7 +24,7 @@ import torch
 
 from compression.calibration import CalibrationConfig, ResponseCalibrationConfig, calibration_set, response_calibration_set
 from compression.checkpoint import read_manifest, save_variant, sparsity_report
-from compression.variants import VariantSpec, build_variant, parse_variant, validate_variant
+from compression.variants import VariantSpec, build_variant_with_report, parse_variant, validate_variant
 from lm import datasets
 from lm.cache import atomic_write_json, atomic_write_text, cached_json, cached_tensors, write_plotlyjs
 from lm.chat import post_instruction
@@ -181,7 +181,7 @@ class Comparison:
             return load_model(str(ckpt), dtype=self.cfg.dtype).model
         _log(f"{spec.text}: building")
         start = time.perf_counter()
-        model = build_variant(
+        model, removal = build_variant_with_report(
             self.base.model, spec,
             self.calibration() if spec.needs_calibration else None,
             responses=self.responses() if spec.needs_responses else None,
@@ -192,7 +192,7 @@ class Comparison:
         seconds = time.perf_counter() - start
         if self.cfg.save_checkpoints:
             save_variant(model, self.base.tokenizer, ckpt, dict(
-                method=spec.method, spec=spec.text, params=params, build_seconds=seconds,
+                method=spec.method, spec=spec.text, params=params, build_seconds=seconds, removal=removal,
                 calibration_sha256=self.calibration_digests(spec),
                 base_model=self.cfg.model, base_fingerprint=self.fingerprint(),
             ))

@@ -297,3 +297,14 @@ def test_attribution_variant_grammar():
                 "top-wanda:0.03,per=col", "random:0.1,0.2", "random:0.1,seed=-1"]:
         with pytest.raises(UserError):
             parse_variant(bad)
+
+
+def test_build_variant_reports_the_realised_removal():
+    from compression.variants import build_variant_with_report, parse_variant
+
+    model, _ = build_pair("qwen2")
+    variant, report = build_variant_with_report(model, parse_variant("random:0.03"))
+    assert report["removed_fraction"] == pytest.approx(0.03, abs=0.002)
+    assert variant is not model
+    _, nothing = build_variant_with_report(model, parse_variant("rtn:int8:grow"))
+    assert nothing == {}

@@ -120,7 +120,7 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("stage recomputed although its artifact exists")
 
-    for stage in ("attack_success", "perplexity", "candidate_directions", "build_variant", "calibration_set"):
+    for stage in ("attack_success", "perplexity", "candidate_directions", "build_variant_with_report", "calibration_set"):
         monkeypatch.setattr(compare, stage, must_not_run)
     again = Comparison(tiny_config(tiny_dir, tmp_path / "runs")).run()
     assert numbers(json.loads(json.dumps(again))) == numbers(stored)
