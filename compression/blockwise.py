@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lm.hooks import _first, _StopForward, decoder_layers, hooks_registered
+from lm.hooks import _first, decoder_layers, hooks_registered
+from lm.resume import block0_input
 
 from .calibration import Calibration
 
@@ -32,25 +33,13 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 @torch.no_grad()
 def block0_inputs(model: nn.Module, calibration: Calibration) -> list[tuple[torch.Tensor, dict, torch.Tensor]]:
     """(hidden_states, keyword arguments, token mask) entering block 0, one triple per batch."""
-    block0 = decoder_layers(model)[0]
     device = next(model.parameters()).device
     states = []
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        states.append([hidden, rest])
-        raise _StopForward
-
-    base = getattr(model, "model", model)
-    with hooks_registered([block0.register_forward_pre_hook(grab, with_kwargs=True)]):
-        for batch in calibration.batches:
-            try:
-                base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
-            except _StopForward:
-                pass
-            states[-1].append(batch["attention_mask"].bool().to(device))
-    return [tuple(s) for s in states]
+    for batch in calibration.batches:
+        mask = batch["attention_mask"].to(device)
+        hidden, kwargs = block0_input(model, batch["input_ids"].to(device), mask)
+        states.append((hidden, kwargs, mask.bool()))
+    return states
 
 
 @torch.no_grad()

@@ -44,17 +44,14 @@ def uniform_layers(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def block_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
-    """The keyword arguments (mask, rotary embeddings, position ids) a normal forward gives the blocks.
-
-    Captured at block 0's input and the pass stopped there, so it costs only the embedding lookup.
-    """
-    if not uniform_layers(model):
-        raise UserError("this model's layers use different attention masks; it cannot be resumed from a layer")
+def block0_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """Block 0's hidden-state input and the keyword arguments (mask, rotary embeddings, position
+    ids) a normal forward gives the blocks; the pass stops there, costing only the embedding lookup."""
     found = {}
 
     def grab(module, args, kwargs):
-        found.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        found["hidden"] = args[0] if args else kwargs["hidden_states"]
+        found["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _StopForward
 
     with hooks_registered([decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)]):
@@ -62,7 +59,14 @@ def block_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             _base(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
-    return found
+    return found["hidden"], found["kwargs"]
+
+
+def block_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+    """The keyword arguments every block receives, for resuming a pass from any layer."""
+    if not uniform_layers(model):
+        raise UserError("this model's layers use different attention masks; it cannot be resumed from a layer")
+    return block0_input(model, input_ids, attention_mask)[1]
 
 
 @torch.no_grad()
