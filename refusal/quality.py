@@ -11,12 +11,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
-from lm.hooks import intervene
-from lm.resume import last_logits
 
-from .score import kl_divergence, refusal_score
+from .score import kl_divergence, prompt_last_logits, refusal_score
 
 
 @dataclass(frozen=True)
@@ -37,18 +34,6 @@ class DirectionQuality:
         return {**asdict(self), "refusal_removed": self.refusal_removed}
 
 
-@torch.no_grad()
-def _last_logits(model, tokenizer, instructions, batch_size, system, **intervention) -> torch.Tensor:
-    device = next(model.parameters()).device
-    prompts = format_prompts(tokenizer, instructions, system)
-    out = []
-    with intervene(model, **intervention):
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenize_prompts(tokenizer, prompts[start : start + batch_size]).to(device)
-            out.append(last_logits(model, enc["input_ids"], enc["attention_mask"]).float().cpu())
-    return torch.cat(out)
-
-
 def direction_quality(model, tokenizer, direction_raw: torch.Tensor, layer: int, harmful: list[str], harmless: list[str],
                       token_ids: list[int], batch_size: int = 32, system: str | None = None) -> DirectionQuality:
     if not harmful or not harmless:
@@ -56,11 +41,11 @@ def direction_quality(model, tokenizer, direction_raw: torch.Tensor, layer: int,
     if not torch.isfinite(direction_raw).all() or float(direction_raw.norm()) == 0:
         raise UserError("direction is zero or not finite")
     vec = direction_raw.float()
-    harm_base = _last_logits(model, tokenizer, harmful, batch_size, system)
-    harm_abl = _last_logits(model, tokenizer, harmful, batch_size, system, ablate=vec)
-    safe_base = _last_logits(model, tokenizer, harmless, batch_size, system)
-    safe_abl = _last_logits(model, tokenizer, harmless, batch_size, system, ablate=vec)
-    safe_add = _last_logits(model, tokenizer, harmless, batch_size, system, add={layer: vec})
+    harm_base = prompt_last_logits(model, tokenizer, harmful, batch_size, system)
+    harm_abl = prompt_last_logits(model, tokenizer, harmful, batch_size, system, ablate=vec)
+    safe_base = prompt_last_logits(model, tokenizer, harmless, batch_size, system)
+    safe_abl = prompt_last_logits(model, tokenizer, harmless, batch_size, system, ablate=vec)
+    safe_add = prompt_last_logits(model, tokenizer, harmless, batch_size, system, add={layer: vec})
     return DirectionQuality(
         bypass=float(refusal_score(harm_abl, token_ids).mean()),
         induce=float(refusal_score(safe_add, token_ids).mean()),

@@ -74,6 +74,34 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
+def prompt_last_logits(
+    model,
+    tokenizer,
+    instructions: list[str],
+    batch_size: int = 32,
+    system: str | None = None,
+    ablate: torch.Tensor | None = None,
+    add: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Next-token logits ([n, vocab] float32, on CPU) after each chat-formatted instruction,
+    optionally under ablation/addition.
+
+    Batches are taken in order (not sorted by length) so callers can reproduce the padding.
+    """
+    if not instructions:
+        raise UserError("no instructions to score")
+    if batch_size <= 0:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    prompts = format_prompts(tokenizer, instructions, system)
+    device = next(model.parameters()).device
+    out = []
+    with intervene(model, ablate=ablate, add=add):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="refusal score", unit="batch", leave=False):
+            enc = tokenize_prompts(tokenizer, prompts[start : start + batch_size]).to(device)
+            out.append(last_logits(model, enc["input_ids"], enc["attention_mask"]).float().cpu())
+    return torch.cat(out)
+
+
 def refusal_scores(
     model,
     tokenizer,
@@ -84,22 +112,8 @@ def refusal_scores(
     ablate: torch.Tensor | None = None,
     add: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Refusal score of each instruction ([n] float64), optionally under ablation/addition.
-
-    Batches are taken in order (not sorted by length) so callers can reproduce the padding.
-    """
-    if not instructions:
-        raise UserError("no instructions to score")
-    if batch_size <= 0:
-        raise UserError(f"batch size must be positive, got {batch_size}")
-    prompts = format_prompts(tokenizer, instructions, system)
-    device = next(model.parameters()).device
-    scores = []
-    with intervene(model, ablate=ablate, add=add):
-        for start in tqdm(range(0, len(prompts), batch_size), desc="refusal score", unit="batch", leave=False):
-            enc = tokenize_prompts(tokenizer, prompts[start : start + batch_size]).to(device)
-            scores.append(refusal_score(last_logits(model, enc["input_ids"], enc["attention_mask"]), token_ids).cpu())
-    return torch.cat(scores)
+    """Refusal score of each instruction ([n] float64), optionally under ablation/addition."""
+    return refusal_score(prompt_last_logits(model, tokenizer, instructions, batch_size, system, ablate, add), token_ids)
 
 
 def filter_by_score(instructions: list[str], scores: torch.Tensor, keep: str = "positive") -> list[str]:
