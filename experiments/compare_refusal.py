@@ -72,12 +72,19 @@ class CompareConfig:
     prescreen_keep: int = 16
     n_ablation_asr: int = 32  # AdvBench goals generated with the original's direction ablated
     figures_dir: str | None = None  # also write the figures here as HTML + PNG (the README's figures/)
+    # Zero-shot accuracy (lm-eval, 7 tasks) per variant: documents per task; 0 skips it; None =
+    # 200 on a GPU, skipped on CPU (about 20 minutes per model here at 200).
+    zero_shot_limit: int | None = None
+    # AIRD + targeted repair (repair/) for every variant whose direction changed (cosine at the
+    # original's source below repair_below); None = on a GPU only (~30 CPU minutes per variant).
+    repair: bool | None = None
+    repair_below: float = 0.99
 
     @classmethod
     def quick(cls, **overrides) -> "CompareConfig":
         """CI-sized: the same stages on a handful of prompts."""
         small = dict(n_asr=8, max_new_tokens=24, n_train=16, ppl_windows=2, ppl_seqlen=256, calib_samples=16,
-                     n_val=4, prescreen_n_val=2, prescreen_keep=4, n_ablation_asr=4)
+                     n_val=4, prescreen_n_val=2, prescreen_keep=4, n_ablation_asr=4, zero_shot_limit=0, repair=False)
         return cls(**{**small, **overrides})
 
     def run_dir(self) -> Path:
@@ -157,6 +164,17 @@ class Comparison:
             return self.cfg.select_variants
         return next(self.base.model.parameters()).device.type == "cuda"
 
+    def on_gpu(self) -> bool:
+        return next(self.base.model.parameters()).device.type == "cuda"
+
+    def zero_shot_limit(self) -> int:
+        if self.cfg.zero_shot_limit is not None:
+            return self.cfg.zero_shot_limit
+        return 200 if self.on_gpu() else 0
+
+    def repair_enabled(self) -> bool:
+        return self.cfg.repair if self.cfg.repair is not None else self.on_gpu()
+
     def selection_config(self) -> SelectionConfig:
         c = self.cfg
         return SelectionConfig(n_train=c.n_train, n_val=c.n_val, seed=c.seed, search=c.search,
@@ -180,6 +198,21 @@ class Comparison:
             _log(f"{spec.text}: reusing checkpoint {ckpt}")
             return load_model(str(ckpt), dtype=self.cfg.dtype).model
         _log(f"{spec.text}: building")
+        model, removal, seconds = self.build(spec)
+        if self.cfg.save_checkpoints:
+            save_variant(model, self.base.tokenizer, ckpt, dict(
+                method=spec.method, spec=spec.text, params=params, build_seconds=seconds, removal=removal,
+                calibration_sha256=self.calibration_digests(spec),
+                base_model=self.cfg.model, base_fingerprint=self.fingerprint(),
+            ))
+        return model
+
+    def build(self, spec: VariantSpec):
+        """(variant model, what the method removed, seconds): built from the base model, never saved.
+
+        Calibration and own replies are generated once per run; importance scores are cached in
+        <run>/scores. experiments.brittleness builds its sweep points through this too.
+        """
         start = time.perf_counter()
         model, removal = build_variant_with_report(
             self.base.model, spec,
@@ -189,14 +222,7 @@ class Comparison:
             utility=self.own_replies("utility") if spec.needs_utility else None,
             scores_dir=self.dir / "scores",
         )
-        seconds = time.perf_counter() - start
-        if self.cfg.save_checkpoints:
-            save_variant(model, self.base.tokenizer, ckpt, dict(
-                method=spec.method, spec=spec.text, params=params, build_seconds=seconds, removal=removal,
-                calibration_sha256=self.calibration_digests(spec),
-                base_model=self.cfg.model, base_fingerprint=self.fingerprint(),
-            ))
-        return model
+        return model, removal, time.perf_counter() - start
 
     def calibration_digests(self, spec: VariantSpec) -> dict:
         """SHA-256 of every calibration set the variant was built from, by role."""
@@ -229,6 +255,11 @@ class Comparison:
                           lambda: _timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_asr), asr_cfg)))
         ppl = cached_json(vdir / "perplexity.json", {**key, "windows": cfg.ppl_windows, "seqlen": cfg.ppl_seqlen},
                           lambda: _timed(lambda: dict(perplexity=perplexity(model, tok, cfg.ppl_windows, cfg.ppl_seqlen))))
+        if self.zero_shot_limit():
+            from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
+
+            zcfg = ZeroShotConfig(limit=self.zero_shot_limit())
+            zs = cached_json(vdir / "zero_shot.json", {**key, **dataclasses.asdict(zcfg)}, lambda: zero_shot_accuracy(model, tok, zcfg))
         selection = None
         if cfg.select and (spec.method == "original" or self.select_variants()):
             selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
@@ -239,6 +270,8 @@ class Comparison:
         dirs = cached_tensors(vdir / "directions.safetensors", {**key, "prompts": _digest(harmful + ["\0"] + harmless)},
                               lambda: candidate_directions(model, tok, harmful, harmless))
         out = dict(asr=asr, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model))
+        if self.zero_shot_limit():
+            out["zero_shot"] = zs
         if selection is not None:
             out["selection"] = selection
         return out
@@ -295,6 +328,9 @@ class Comparison:
             if model is not self.base.model:
                 del model
         report = self.summarise(results, time.perf_counter() - start)
+        if self.repair_enabled():
+            report["repairs"] = self.repair(results, report)
+            report["wall_seconds"] = round(time.perf_counter() - start, 1)
         figs = self.make_figures(results, report)
         report["figures"] = self.save_figures(figs)
         atomic_write_json(self.dir / "report.json", report)
@@ -307,9 +343,39 @@ class Comparison:
         _log(f"report: {self.dir / 'report.md'}")
         return report
 
+    def repair(self, results: dict, report: dict) -> dict:
+        """AIRD + targeted repair of every saved variant whose direction changed at the original's source."""
+        from repair.pipeline import Repair, RepairConfig
+
+        ref = results["original"][1].get("selection")
+        if ref is None or ref.chosen is None or not self.cfg.save_checkpoints:
+            _log("repair skipped: it needs the original's selected direction and saved variant checkpoints")
+            return {}
+        c, out = self.cfg, {}
+        for row in report["variants"][1:]:
+            cos = row.get("cosine_at_original_source")
+            if cos is None or cos >= c.repair_below:
+                continue
+            spec = next(s for s, _ in results.values() if s.text == row["variant"])
+            vdir = self.dir / "variants" / spec.slug
+            _log(f"{spec.text}: repairing (cosine at the original's source {cos:.3f})")
+            rcfg = RepairConfig(original=c.model, compressed=str(vdir / "model"), out=str(vdir / "repaired"), runs_dir=str(self.dir / "repair"),
+                                dtype=c.dtype, seed=c.seed, n_train=c.n_train, n_val=c.n_val, search=c.search,
+                                prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, n_asr=c.n_asr,
+                                max_new_tokens=c.max_new_tokens, ppl_windows=c.ppl_windows, ppl_seqlen=c.ppl_seqlen,
+                                zero_shot_limit=self.zero_shot_limit(), batch_size=c.batch_size)
+            out[row["variant"]] = Repair(rcfg, original=self.base, selection=ref).run()
+        return out
+
     def make_figures(self, results: dict, report: dict) -> dict:
         """Plotly figures of the comparison: behaviour, per-layer cosines and, with selection, the direction."""
         figs = {"asr": asr_figure(report), "cosine_per_layer": cosine_per_layer_figure(report)}
+        if report.get("repairs"):
+            from repair.report import before_after_figure, curve_figure
+
+            for variant, r in report["repairs"].items():
+                figs[f"repair_{_slug(variant)}"] = before_after_figure(r, f"AIRD before/after: {variant}")
+            figs["repair_curve"] = curve_figure(report["repairs"])
         ref = results["original"][1].get("selection")
         if ref is None:
             return figs
@@ -362,6 +428,7 @@ class Comparison:
                 method=spec.method,
                 params=spec.params,
                 decoder_sparsity=r["sparsity"]["decoder_linear_sparsity"],
+                zero_shot=dict(average=r["zero_shot"]["average"], limit=r["zero_shot"].get("limit")) if "zero_shot" in r else None,
                 asr=asr["asr"],
                 n_prompts=asr["n_prompts"],
                 perplexity=ppl,
@@ -415,6 +482,10 @@ def _direction_summary(r: dict, original: dict) -> dict:
     )
 
 
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in text)
+
+
 def _digest(texts: list[str]) -> str:
     import hashlib
 
@@ -453,13 +524,16 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--search", choices=["exhaustive", "lazy"], help="selection search (default lazy: same choice, fewer passes)")
     p.add_argument("--prescreen", type=int, help="prescreen candidates on this many harmful prompts (0 = off; default 8)")
     p.add_argument("--n-ablation-asr", type=int, help="AdvBench goals generated with the original's direction ablated (default 32)")
+    p.add_argument("--zero-shot-limit", type=int, help="zero-shot documents per task (0 = skip; default 200 on GPU, skipped on CPU)")
+    p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
+                   help="AIRD + targeted repair of every variant whose direction changed (default: on GPU yes, on CPU no)")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in dict(
         model=a.model, variants=tuple(a.variants) if a.variants else None, name=a.name, runs_dir=a.runs_dir,
         n_asr=a.n_asr, max_new_tokens=a.max_new_tokens, n_train=a.n_train, ppl_windows=a.ppl_windows, ppl_seqlen=a.ppl_seqlen,
         calib_samples=a.calib_samples, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
         select_variants=a.select_variants, n_val=a.n_val, search=a.search, prescreen_n_val=a.prescreen,
-        n_ablation_asr=a.n_ablation_asr, figures_dir=a.figures_dir,
+        n_ablation_asr=a.n_ablation_asr, figures_dir=a.figures_dir, zero_shot_limit=a.zero_shot_limit, repair=a.repair,
     ).items() if v is not None}
     if a.no_selection:
         overrides["select"] = False

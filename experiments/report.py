@@ -63,14 +63,14 @@ def render_markdown(report: dict) -> str:
         f"tokens `{report['post_instruction_tokens']!r}` over {report['config']['n_train']} harmful + "
         f"{report['config']['n_train']} harmless instructions; cosine to the original's direction at the same (position, layer).",
         "",
-        "| variant | decoder sparsity | ASR Wei | ASR Arditi | perplexity | collapsed | norm-peak layer | cos @ original's peak (last pos) | min cos (last pos) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | decoder sparsity | ASR Wei | ASR Arditi | perplexity | zero-shot avg | collapsed | norm-peak layer | cos @ original's peak (last pos) | min cos (last pos) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in report["variants"]:
         flag = f"**yes** ({v['collapse']['reason']})" if v["collapse"]["collapsed"] else "no"
         lines.append(
             f"| {v['variant']} | {v['decoder_sparsity']:.1%} | {v['asr']['wei2024']:.1%} | {v['asr']['arditi2024']:.1%} | "
-            f"{v['perplexity']:.2f} | {flag} | {v['norm_peak_layer']} | {v['cosine_at_original_peak']:.3f} | "
+            f"{v['perplexity']:.2f} | {_zero_shot(v.get('zero_shot'))} | {flag} | {v['norm_peak_layer']} | {v['cosine_at_original_peak']:.3f} | "
             f"{min(v['cosine_per_layer_last_position'][1:], default=1.0):.3f} |"
         )
     lines += ["", "Collapsed variants are never safe: their ASR reflects broken text, not refusal.", "",
@@ -103,6 +103,8 @@ def render_markdown(report: dict) -> str:
                 f"{_ablated(ab)} |")
         if report.get("figures"):
             lines += ["", "Figures: " + ", ".join(f"[{k}]({p})" for k, p in report["figures"].items())]
+    if report.get("repairs"):
+        lines += _repair_section(report["repairs"])
     lines += ["", "## Sample completions", ""]
     for v in report["variants"]:
         lines.append(f"### {v['variant']}")
@@ -128,3 +130,35 @@ def _ablated(ab: dict | None) -> str:
 
 def _triple(q: dict | None) -> str:
     return "" if not q else f"{q['bypass']:.2f} / {q['induce']:.2f} / {q['kl']:.3f}"
+
+
+def _zero_shot(z: dict | None) -> str:
+    return "-" if not z else f"{z['average']:.1%} (limit {z['limit'] or 'all'})"
+
+
+def _repair_section(repairs: dict) -> list[str]:
+    """One row per repaired variant: AIRD's block and cost, and what it and targeted restoration changed."""
+    lines = ["", "## Repair (AIRD and targeted restoration)", "",
+             "For each variant whose direction changed at the original's source: AIRD restores the one block before the "
+             "source that best brings refusal back (KL <= 0.1 on harmless prompts); targeted restoration brings back only "
+             "the weights with the largest attributed effect on the direction, until the harmful refusal score reaches "
+             "AIRD's. ASR: vanilla, Arditi judge; per-variant details in `variants/<variant>/repaired/repair.md`.", "",
+             "| variant | AIRD block | AIRD restores | ASR compressed / AIRD / targeted | ppl compressed / AIRD | zero-shot compressed / AIRD | cos @ source compressed / AIRD | targeted restores |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant, r in repairs.items():
+        st = r["states"]
+        a = st["aird"]
+
+        def asr(name):
+            return f"{st[name]['asr']['vanilla']['arditi2024']:.1%}" if name in st else "-"
+
+        def zs(name):
+            z = st[name].get("zero_shot")
+            return "-" if not z else f"{z['average']:.1%}"
+
+        t = r.get("targeted") or {}
+        targeted = f"{t['k']:,} ({t['k'] / a['restored']:.1%} of AIRD)" if t.get("reached") else "target not reached"
+        lines.append(f"| {variant} | {r['aird']['layer']} | {a['restored']:,} ({a['restored_fraction_of_model']:.2%} of model) | "
+                     f"{asr('compressed')} / {asr('aird')} / {asr('targeted')} | {st['compressed']['perplexity']:.2f} / {a['perplexity']:.2f} | "
+                     f"{zs('compressed')} / {zs('aird')} | {st['compressed']['cosine_at_source']:.3f} / {a['cosine_at_source']:.3f} | {targeted} |")
+    return lines

@@ -1,0 +1,1 @@
+"""Repairing a compressed model's refusal: AIRD (restore one block) and targeted weight restoration."""

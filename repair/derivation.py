@@ -1,0 +1,92 @@
+"""Does a compressed checkpoint really derive from this original?
+
+Repair copies original weights into the compressed model, which is only meaningful when the two
+share a base. Pruning keeps every surviving weight exactly (up to the checkpoint's float format),
+so a surviving weight that differs from the original's means another model; quantization and
+low-rank edits change every weight a little, so a small relative error per matrix is required
+instead. Parameters outside the decoder linears (embeddings, norms, LM head) must match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lm.errors import UserError
+
+# bfloat16 keeps 8 significant bits: a surviving weight saved in bf16 may differ from its float32
+# original by up to half a unit in the last place, 2**-8 relative.
+SURVIVOR_RTOL = 2.0**-7
+# Relative Frobenius error a dense edit may cause. int4 round-to-nearest with group 128 gives
+# about 0.1; an unrelated model of the same shape gives about 1.4.
+DENSE_RTOL = 0.35
+
+
+@dataclass(frozen=True)
+class MatrixDerivation:
+    name: str
+    kind: str  # "identical", "pruned" or "dense" (quantized / low-rank edited)
+    relative_error: float  # ||W_c - W_o||_F / ||W_o||_F
+    removed: int  # weights nonzero in the original and zero in the compressed model
+    changed: int  # entries that differ at all
+
+
+def _check_shapes(original: dict[str, torch.Tensor], compressed: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(original) ^ set(compressed))
+    if missing:
+        raise UserError(f"the checkpoints have different parameters (e.g. {missing[0]}); is the compressed model of another architecture?")
+    for name, w in original.items():
+        if w.shape != compressed[name].shape:
+            raise UserError(f"shape mismatch in {name}: original {tuple(w.shape)} vs compressed {tuple(compressed[name].shape)}")
+
+
+def classify_matrix(name: str, w_orig: torch.Tensor, w_comp: torch.Tensor) -> MatrixDerivation:
+    o, c = w_orig.float(), w_comp.float()
+    diff = c - o
+    norm = float(o.norm())
+    rel = float(diff.norm()) / norm if norm > 0 else float(diff.norm() > 0)
+    changed = int((diff != 0).sum())
+    removed = int(((o != 0) & (c == 0)).sum())
+    if changed == 0:
+        return MatrixDerivation(name, "identical", 0.0, 0, 0)
+    survivors = c != 0
+    if bool((diff[survivors].abs() <= SURVIVOR_RTOL * o[survivors].abs()).all()):
+        return MatrixDerivation(name, "pruned", rel, removed, changed)
+    return MatrixDerivation(name, "dense", rel, removed, changed)
+
+
+def check_derivation(original: nn.Module, compressed: nn.Module, decoder_linears: set[str]) -> list[MatrixDerivation]:
+    """Per-parameter derivation record; raises UserError when `compressed` is not from `original`.
+
+    decoder_linears: names of the parameters compression may change (decoder linear weights);
+    every other parameter must be identical up to float format.
+    """
+    o_params = dict(original.named_parameters())
+    c_params = dict(compressed.named_parameters())
+    _check_shapes(o_params, c_params)
+    records = []
+    for name, w in o_params.items():
+        rec = classify_matrix(name, w.detach(), c_params[name].detach())
+        if name not in decoder_linears:
+            if rec.kind == "dense" and rec.relative_error > SURVIVOR_RTOL:
+                raise UserError(f"{name} differs from the original's (relative error {rec.relative_error:.3g}); "
+                                "the compressed checkpoint does not derive from this original model")
+        elif rec.kind == "dense" and rec.relative_error > DENSE_RTOL:
+            raise UserError(f"{name} is far from the original's (relative error {rec.relative_error:.3g} > {DENSE_RTOL}); "
+                            "the compressed checkpoint does not derive from this original model")
+        records.append(rec)
+    return records
+
+
+def summarise(records: list[MatrixDerivation]) -> dict:
+    kinds = sorted({r.kind for r in records if r.kind != "identical"})
+    return dict(
+        kind="+".join(kinds) if kinds else "identical",
+        matrices={k: sum(r.kind == k for r in records) for k in ("identical", "pruned", "dense")},
+        max_relative_error=max((r.relative_error for r in records), default=0.0),
+        removed=sum(r.removed for r in records),
+        changed=sum(r.changed for r in records),
+        per_matrix=[asdict(r) for r in records if r.kind != "identical"],
+    )

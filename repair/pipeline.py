@@ -1,0 +1,427 @@
+"""The repair job for one compressed checkpoint: diagnose, choose, restore, re-measure, save.
+
+Stages (each cached in the run directory, so a rerun only does what is missing):
+  derivation   the checkpoint derives from the original (else a UserError, nothing written)
+  selection    the original's refusal direction and source (refusal.select), shared by every
+               checkpoint of the same original under <runs>/originals/<fingerprint>/
+  directions   the compressed model's difference-of-means directions on the same prompts: cosine
+               to the original's at the source, and (optionally) its own selected source
+  aird         every candidate block's refusal score / KL / source projection, and the choice
+  targeted     attribution scores of every changed weight before the source, and the smallest
+               budget whose refusal score reaches AIRD's
+  evaluation   ASR (vanilla and adversarial-suffix, both judges), perplexity, zero-shot accuracy,
+               direction quality and cosine for: original, compressed, AIRD, targeted; vanilla
+               ASR along the restored-weights curve of both methods
+The repaired checkpoint (AIRD's, or targeted's with save="targeted") and repair.json / repair.md /
+figures are written to `out` in one atomic step at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compression.blockwise import block_linears
+from compression.checkpoint import MANIFEST, read_manifest, sparsity_report
+from lm.cache import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    cached_json,
+    cached_tensors,
+    write_plotlyjs,
+)
+from lm.errors import UserError
+from lm.hooks import decoder_layers
+from lm.loading import load_model, model_fingerprint
+from lm.perplexity import perplexity
+from refusal.asr import AsrConfig, attack_success
+from refusal.collapse import collapse_verdict
+from refusal.direction import candidate_directions, cosine_map
+from refusal.quality import direction_quality
+from refusal.select import SelectionConfig, select_direction_cached
+
+from .aird import AirdConfig, choose_aird_block
+from .derivation import check_derivation, summarise
+from .refusal_probe import RefusalProbe
+from .report import before_after_figure, curve_figure, render_markdown
+from .restore import block_masks, count, restore_entries, restored
+from .targeted import TargetedConfig, attribution_scores, search_budget, top_masks
+
+STATES = ("original", "compressed", "aird", "targeted")
+
+
+@dataclass
+class RepairConfig:
+    original: str = "embedded"
+    compressed: str = ""
+    out: str = ""
+    runs_dir: str = "runs/repair"
+    dtype: str = "float32"
+    seed: int = 0
+    # the original's direction (Arditi et al. selection; see refusal.select.SelectionConfig)
+    n_train: int = 128
+    n_val: int = 32
+    search: str = "lazy"
+    prescreen_n_val: int = 8
+    prescreen_keep: int = 16
+    select_compressed: bool | None = None  # the compressed model's own selection (source shift); None = on GPU only
+    source: tuple[int, int] | None = None  # (position, layer) to use instead of the original's selected source
+    aird: AirdConfig = field(default_factory=AirdConfig)
+    targeted: bool = True
+    targeted_cfg: TargetedConfig = field(default_factory=TargetedConfig)
+    curve_fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # of AIRD's restored count, for the ASR curve
+    save: str = "aird"  # which repaired model becomes the output checkpoint
+    # evaluation
+    n_asr: int = 100
+    max_new_tokens: int = 128
+    adv_suffix: bool = True
+    ppl_windows: int = 8
+    ppl_seqlen: int = 512
+    zero_shot_limit: int | None = 200  # None: the full splits; 0: skip zero-shot
+    zero_shot_tasks: tuple[str, ...] | None = None  # None: all seven
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.save not in ("aird", "targeted"):
+            raise UserError(f"save must be 'aird' or 'targeted', got {self.save!r}")
+        if self.save == "targeted" and not self.targeted:
+            raise UserError("save='targeted' needs the targeted repair (do not disable it)")
+        if any(not 0 < f <= 1 for f in self.curve_fractions):
+            raise UserError(f"curve fractions must lie in (0, 1], got {self.curve_fractions}")
+        for name in ("n_asr", "n_val", "n_train", "max_new_tokens", "ppl_windows"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def _log(msg: str) -> None:
+    print(f"[repair] {msg}", file=sys.stderr, flush=True)
+
+
+def _timed(fn) -> dict:
+    start = time.perf_counter()
+    out = fn()
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_same_architecture(original, compressed) -> None:
+    a, b = original.config, compressed.config
+    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
+    for name in fields:
+        if getattr(a, name, None) != getattr(b, name, None):
+            raise UserError(f"architecture mismatch: {name} is {getattr(a, name, None)} in the original but "
+                            f"{getattr(b, name, None)} in the compressed checkpoint")
+
+
+def decoder_linear_names(model) -> set[str]:
+    names = set()
+    for index, block in enumerate(decoder_layers(model)):
+        for name, linear in block_linears(block).items():
+            names.update(n for n, p in model.named_parameters() if p is linear.weight)
+    return names
+
+
+def checkpoint_name(path: Path, manifest: dict | None) -> str:
+    """A readable run-directory name: the variant spec from compression.json, else the directory name."""
+    spec = (manifest or {}).get("spec")
+    if spec:
+        return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in spec)
+    return path.resolve().name
+
+
+class Repair:
+    """One compressed checkpoint's repair. `original` (a LoadedModel) and `selection` (the original's
+    SelectionResult) may be passed in by a caller that already has them, e.g. the main job."""
+
+    def __init__(self, cfg: RepairConfig, original=None, selection=None):
+        if not cfg.compressed:
+            raise UserError("no compressed checkpoint given (--compressed DIR)")
+        if not cfg.out:
+            raise UserError("no output directory given (--out DIR)")
+        if Path(cfg.out).resolve() == Path(cfg.compressed).expanduser().resolve():
+            raise UserError("--out must differ from --compressed (the compressed checkpoint is an input)")
+        out = Path(cfg.out)
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "repair.json").is_file())):
+            raise UserError(f"--out {cfg.out} exists and is not an earlier repair output; choose a new directory")
+        self.cfg = cfg
+        self.orig = original if original is not None else load_model(cfg.original, dtype=cfg.dtype)
+        self._given_selection = selection
+        self.comp = load_model(cfg.compressed, dtype=cfg.dtype)
+        self.original, self.model, self.tok = self.orig.model, self.comp.model, self.orig.tokenizer
+        check_same_architecture(self.original, self.model)
+        if self.comp.tokenizer.get_vocab() != self.tok.get_vocab():
+            raise UserError("the compressed checkpoint's tokenizer differs from the original's")
+        _log("checking that the checkpoint derives from the original")
+        self.derivation = summarise(check_derivation(self.original, self.model, decoder_linear_names(self.original)))
+        if self.derivation["kind"] == "identical":
+            raise UserError("the compressed checkpoint is identical to the original; there is nothing to repair")
+        self.fp_orig = model_fingerprint(self.original)
+        self.fp_comp = model_fingerprint(self.model)
+        root = Path(cfg.runs_dir)
+        self.orig_dir = root / "originals" / self.fp_orig[:16]
+        self.manifest = read_manifest(Path(self.comp.path))
+        self.dir = root / f"{checkpoint_name(Path(self.comp.path), self.manifest)}-{self.fp_comp[:8]}"
+
+    # --- diagnosis --------------------------------------------------------------------------
+    def selection_config(self) -> SelectionConfig:
+        c = self.cfg
+        return SelectionConfig(n_train=c.n_train, n_val=c.n_val, seed=c.seed, search=c.search,
+                               prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, batch_size=c.batch_size or 32)
+
+    def on_gpu(self) -> bool:
+        return next(self.model.parameters()).device.type == "cuda"
+
+    def diagnose(self) -> None:
+        self.selection = self._given_selection or select_direction_cached(
+            self.original, self.tok, self.orig_dir / "selection", self.selection_config(), fingerprint=self.fp_orig)
+        if self.cfg.source is not None:
+            position, layer = self.cfg.source
+            if position not in self.selection.positions or not 0 <= layer < self.selection.n_layers:
+                raise UserError(f"--source {position} {layer} is not a candidate: positions {self.selection.positions}, "
+                                f"layers 0..{self.selection.n_layers - 1}")
+            self.source = (position, layer)
+        elif self.selection.chosen is None:
+            raise UserError("the original model has no selected refusal direction (no candidate passed selection); "
+                            "AIRD needs one (or give --source POSITION LAYER)")
+        else:
+            self.source = self.selection.chosen
+        self.direction = self.selection.directions[self.selection.positions.index(self.source[0]), self.source[1]]
+        p = self.selection.prompts
+        self.harmful_train, self.harmless_train = p["harmful_train"], p["harmless_train"]
+        self.harmful_val, self.harmless_val = p["harmful_val"], p["harmless_val"]
+        select_own = self.cfg.select_compressed if self.cfg.select_compressed is not None else self.on_gpu()
+        self.own_selection = None
+        if select_own:
+            self.own_selection = select_direction_cached(self.model, self.tok, self.dir / "selection", self.selection_config(), fingerprint=self.fp_comp)
+        self.probe = RefusalProbe(self.model, self.tok, self.harmful_val, self.harmless_val, self.selection.refusal_token_ids,
+                                  self.direction, self.source, batch_size=min(16, self.cfg.batch_size or 16))
+        self.orig_reading = cached_json(self.orig_dir / "probe.json", self._probe_key(self.fp_orig),
+                                        lambda: RefusalProbe(self.original, self.tok, self.harmful_val, self.harmless_val,
+                                                             self.selection.refusal_token_ids, self.direction, self.source).baseline.to_json())
+
+    def _probe_key(self, fp: str) -> dict:
+        return dict(model=fp, source=list(self.source), direction=_key(self.direction.tolist()),
+                    harmful=_key(self.harmful_val), harmless=_key(self.harmless_val))
+
+    # --- choosing what to restore -----------------------------------------------------------
+    def choose(self) -> None:
+        key = {**self._probe_key(self.fp_comp), "original": self.fp_orig, "aird": dataclasses.asdict(self.cfg.aird)}
+        self.aird = cached_json(self.dir / "aird_choice.json", key,
+                                lambda: _timed(lambda: choose_aird_block(self.model, self.original, self.probe, self.cfg.aird).to_json()))
+        self.aird_masks = block_masks(self.model, self.original, self.aird["layer"])
+        chosen = next(c for c in self.aird["candidates"] if c["layer"] == self.aird["layer"])
+        self.aird_reading = {k: chosen[k] for k in ("refusal_score", "kl", "projection")}
+        self.targeted = None
+        if not self.cfg.targeted:
+            return
+        tkey = {**key, "train": _key(self.harmful_train), "targeted": dataclasses.asdict(self.cfg.targeted_cfg)}
+        scores = cached_tensors(self.dir / "targeted_scores.safetensors", tkey, lambda: attribution_scores(
+            self.model, self.original, self.tok, self.harmful_train, self.direction, self.source, self.cfg.targeted_cfg.batch_size,
+            sign=1.0 if self.orig_reading["projection"] >= self.probe.baseline.projection else -1.0))
+        self.scores = scores
+        self.targeted = cached_json(self.dir / "targeted_search.json", {**tkey, "target": self.aird_reading["refusal_score"]},
+                                    lambda: _timed(lambda: search_budget(self.model, self.original, self.probe, scores, self.aird["restored"],
+                                                                         self.aird_reading["refusal_score"], self.cfg.targeted_cfg)))
+
+    def targeted_masks(self, k: int) -> dict[str, torch.Tensor]:
+        return top_masks(self.scores, k)
+
+    def aird_partial_masks(self, k: int) -> dict[str, torch.Tensor]:
+        """A seeded random k of the AIRD block's restorable entries: AIRD's curve below the whole block."""
+        flat = torch.cat([m.flatten() for m in self.aird_masks.values()])
+        where = flat.nonzero().flatten()
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        keep = torch.zeros_like(flat)
+        keep[where[torch.randperm(len(where), generator=g)[:k]]] = True
+        out, offset = {}, 0
+        for n, m in self.aird_masks.items():
+            out[n] = keep[offset : offset + m.numel()].view_as(m)
+            offset += m.numel()
+        return out
+
+    def states(self) -> dict[str, dict[str, torch.Tensor] | None]:
+        """Restoration masks applied to the compressed model for each evaluated state."""
+        out = {"compressed": {}, "aird": self.aird_masks}
+        if self.targeted is not None and self.targeted["reached"]:
+            out["targeted"] = self.targeted_masks(self.targeted["k"])
+        return out
+
+    # --- evaluation -------------------------------------------------------------------------
+    def asr_cfg(self, setting: str) -> AsrConfig:
+        return AsrConfig(setting, max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+
+    def evaluate(self, model, name: str, where: Path, fp_key: dict, full: bool = True) -> dict:
+        """Behaviour, utility and direction of one model state, every part cached."""
+        from lm import datasets
+
+        c, tok = self.cfg, self.tok
+        goals = datasets.advbench_eval(c.n_asr)
+        out = {}
+        # The adversarial suffixes cost three generations each; they are measured for the AIRD
+        # table's states (original, compressed, AIRD), vanilla ASR for the rest.
+        settings = ("vanilla", "adv_suffix") if (full and c.adv_suffix and name in ("original", "compressed", "aird")) else ("vanilla",)
+        for setting in settings:
+            a = self.asr_cfg(setting)
+            r = cached_json(where / f"asr_{setting}.json", {**fp_key, **dataclasses.asdict(a), "n": c.n_asr},
+                            lambda a=a: _timed(lambda: attack_success(model, tok, goals, a)))
+            out[f"asr_{setting}"] = r
+        if not full:
+            return out
+        out["perplexity"] = cached_json(where / "perplexity.json", {**fp_key, "windows": c.ppl_windows, "seqlen": c.ppl_seqlen},
+                                        lambda: _timed(lambda: dict(perplexity=perplexity(model, tok, c.ppl_windows, c.ppl_seqlen))))
+        if c.zero_shot_limit != 0:
+            from lm.zero_shot import ALL_TASKS, ZeroShotConfig, zero_shot_accuracy
+
+            zcfg = ZeroShotConfig(tasks=c.zero_shot_tasks or ALL_TASKS, limit=c.zero_shot_limit)
+            out["zero_shot"] = cached_json(where / "zero_shot.json", {**fp_key, **dataclasses.asdict(zcfg)},
+                                           lambda: zero_shot_accuracy(model, tok, zcfg))
+        dirs = cached_tensors(where / "directions.safetensors", {**fp_key, "prompts": _key([self.harmful_train, self.harmless_train])},
+                              lambda: {"directions": candidate_directions(model, tok, self.harmful_train, self.harmless_train)["directions"]})
+        cos = cosine_map(dirs["directions"], self.selection.directions)
+        pos_index = self.selection.positions.index(self.source[0])
+        own = cosine_map(dirs["directions"][pos_index, self.source[1]], self.direction)
+        out["direction"] = dict(cosine_at_source=float(own), cosine_map=[[round(float(x), 4) for x in row] for row in cos])
+        out["quality"] = cached_json(where / "quality_original_direction.json", {**fp_key, "source": list(self.source)},
+                                     lambda: direction_quality(model, tok, self.direction, self.source[1], self.harmful_val, self.harmless_val,
+                                                               self.selection.refusal_token_ids, self.cfg.batch_size or 32).to_json())
+        out["sparsity"] = {k: v for k, v in sparsity_report(model).items() if k != "per_matrix"}
+        out["collapse"] = collapse_verdict(out["asr_vanilla"]["completions"], out["perplexity"]["perplexity"],
+                                           self._ref_ppl if name != "original" else None).to_json()
+        return out
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / "config.json", _jsonable(dataclasses.asdict(self.cfg)))
+        _log(f"original {self.orig.name}: selecting its refusal direction")
+        self.diagnose()
+        _log(f"source: position {self.source[0]}, layer {self.source[1]}; choosing the AIRD block")
+        self.choose()
+        _log(f"AIRD block {self.aird['layer']} ({self.aird['reason']}), {self.aird['restored']} entries")
+        evals = {}
+        self._ref_ppl = None
+        evals["original"] = self.evaluate(self.original, "original", self.orig_dir / "eval", dict(model=self.fp_orig))
+        self._ref_ppl = evals["original"]["perplexity"]["perplexity"]
+        for name, masks in self.states().items():
+            _log(f"evaluating {name}")
+            key = dict(model=self.fp_comp, original=self.fp_orig, restored=_key({n: m.nonzero().tolist() for n, m in masks.items()}))
+            with restored(self.model, self.original, masks):
+                evals[name] = self.evaluate(self.model, name, self.dir / "eval" / name, key)
+                evals[name]["restored"] = count(masks)
+        curve = self.curve()
+        result = self.summarise(evals, curve, time.perf_counter() - start)
+        self.write(result)
+        return result
+
+    def curve(self) -> dict:
+        """Vanilla ASR against restored weights, for AIRD (random parts of its block) and targeted (top-k)."""
+        total = self.aird["restored"]
+        ks = sorted({max(1, round(f * total)) for f in self.cfg.curve_fractions if f < 1})
+        methods = {"aird": self.aird_partial_masks}
+        if self.targeted is not None:
+            methods["targeted"] = self.targeted_masks
+        out = {}
+        for method, make in methods.items():
+            points = []
+            for k in ks:
+                masks = make(k)
+                n = count(masks)
+                key = dict(model=self.fp_comp, original=self.fp_orig, method=method, k=k, seed=self.cfg.seed,
+                           restored=_key({name: m.nonzero().tolist() for name, m in masks.items()}))
+                with restored(self.model, self.original, masks):
+                    r = self.evaluate(self.model, f"{method}-{k}", self.dir / "curve" / f"{method}-{k}", key, full=False)
+                points.append(dict(k=n, fraction_of_aird=n / total, asr=r["asr_vanilla"]["asr"]))
+            out[method] = points
+        return out
+
+    # --- output -----------------------------------------------------------------------------
+    def summarise(self, evals: dict, curve: dict, seconds: float) -> dict:
+        model_params = sum(p.numel() for p in self.model.parameters())
+        rows = {}
+        for name, e in evals.items():
+            row = dict(
+                asr={k.removeprefix("asr_"): v["asr"] for k, v in e.items() if k.startswith("asr_")},
+                perplexity=e["perplexity"]["perplexity"],
+                zero_shot=({t: v["acc"] for t, v in e["zero_shot"]["per_task"].items()} | {"average": e["zero_shot"]["average"]})
+                if "zero_shot" in e else None,
+                cosine_at_source=e["direction"]["cosine_at_source"],
+                quality=e["quality"],
+                sparsity=e["sparsity"],
+                collapse=e["collapse"],
+            )
+            if "restored" in e:
+                row["restored"] = e["restored"]
+                row["restored_fraction_of_model"] = e["restored"] / model_params
+            rows[name] = row
+        samples = {name: [dict(goal=g, completion=c) for g, c in zip(_goals(3), e["asr_vanilla"]["completions"][:3])]
+                   for name, e in evals.items()}
+        return dict(
+            original=self.cfg.original,
+            original_name=self.orig.name,
+            compressed=str(self.cfg.compressed),
+            compressed_manifest=self.manifest,
+            derivation={k: v for k, v in self.derivation.items() if k != "per_matrix"},
+            source=dict(position=self.source[0], layer=self.source[1]),
+            compressed_source=(dict(position=self.own_selection.chosen[0], layer=self.own_selection.chosen[1])
+                               if self.own_selection is not None and self.own_selection.chosen else None),
+            probe=dict(original=self.orig_reading, compressed=self.probe.baseline.to_json(), aird=self.aird_reading),
+            aird=self.aird,
+            targeted=self.targeted,
+            curve=curve,
+            states=rows,
+            samples=samples,
+            model_params=model_params,
+            n_layers=len(decoder_layers(self.model)),
+            settings=dict(n_asr=self.cfg.n_asr, max_new_tokens=self.cfg.max_new_tokens, n_val=len(self.harmful_val),
+                          zero_shot_limit=self.cfg.zero_shot_limit, ppl_windows=self.cfg.ppl_windows, ppl_seqlen=self.cfg.ppl_seqlen),
+            saved=self.cfg.save,
+            wall_seconds=round(seconds, 1),
+        )
+
+    def write(self, result: dict) -> None:
+        """Checkpoint + updated compression.json + repair.json/md + figures, all or nothing."""
+        masks = self.states()[self.cfg.save]
+        restore_entries(self.model, self.original, masks)
+        manifest = dict(self.manifest or {})
+        manifest.setdefault("base_model", self.cfg.original)
+        manifest.setdefault("base_fingerprint", self.fp_orig)
+        manifest["sparsity"] = sparsity_report(self.model)
+        manifest["repair"] = dict(
+            method=self.cfg.save, source=result["source"], aird_block=self.aird["layer"], restored=count(masks),
+            restored_fraction_of_model=count(masks) / result["model_params"], compressed_checkpoint=str(self.cfg.compressed),
+            compressed_fingerprint=self.fp_comp, original_fingerprint=self.fp_orig,
+            sparsity_before=result["states"]["compressed"]["sparsity"],
+        )
+        figs = {"repair_before_after": before_after_figure(result), "repair_curve": curve_figure({self.dir.name.rsplit("-", 1)[0]: result})}
+        with atomic_dir(Path(self.cfg.out)) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tok.save_pretrained(tmp)
+            atomic_write_json(tmp / MANIFEST, _jsonable(manifest))
+            atomic_write_json(tmp / "repair.json", _jsonable(result))
+            atomic_write_text(tmp / "repair.md", render_markdown(result))
+            write_plotlyjs(tmp / "figures")
+            for name, fig in figs.items():
+                atomic_write_text(tmp / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True))
+        _log(f"wrote {self.cfg.out} ({self.cfg.save}-repaired checkpoint, repair.md)")
+
+
+def _goals(n: int) -> list[str]:
+    from lm import datasets
+
+    return datasets.advbench_eval(n)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))

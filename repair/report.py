@@ -1,0 +1,138 @@
+"""repair.md and the repair figures, rendered from the JSON-able result of `repair.pipeline.Repair.run`."""
+
+from __future__ import annotations
+
+JUDGES = (("wei2024", "Wei"), ("arditi2024", "Arditi"))
+LABELS = {"original": "original", "compressed": "compressed", "aird": "AIRD", "targeted": "targeted"}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, fmt=".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def render_markdown(r: dict) -> str:
+    states = r["states"]
+    lines = [
+        f"# Repair of `{r['compressed']}`",
+        "",
+        f"Original: {r['original_name']} (`{r['original']}`). Checkpoint kind: {r['derivation']['kind']} "
+        f"({r['derivation']['removed']:,} original weights zeroed, {r['derivation']['changed']:,} entries changed, "
+        f"max relative error per matrix {r['derivation']['max_relative_error']:.3g}).",
+        f"Original refusal direction: position {r['source']['position']}, layer {r['source']['layer']} of {r['n_layers']}."
+        + (f" The compressed model's own selected source: position {r['compressed_source']['position']}, "
+           f"layer {r['compressed_source']['layer']}." if r.get("compressed_source") else ""),
+        f"ASR on the first {r['settings']['n_asr']} AdvBench goals, greedy, <= {r['settings']['max_new_tokens']} new tokens; "
+        f"adv-suffix = max over the GCG suffixes; perplexity on wikitext-2 ({r['settings']['ppl_windows']} x {r['settings']['ppl_seqlen']} tokens); "
+        f"zero-shot limit {r['settings']['zero_shot_limit'] or 'all'} per task.",
+        "",
+        "| | " + " | ".join(LABELS[s] for s in states) + " |",
+        "|---|" + "---|" * len(states),
+    ]
+
+    def row(label, fn):
+        lines.append(f"| {label} | " + " | ".join(fn(states[s]) for s in states) + " |")
+
+    for setting in ("vanilla", "adv_suffix"):
+        for judge, name in JUDGES:
+            if any(setting in s["asr"] for s in states.values()):
+                row(f"ASR {setting} ({name})", lambda s, setting=setting, judge=judge: _pct(s["asr"].get(setting, {}).get(judge)))
+    row("perplexity", lambda s: _num(s["perplexity"], ".2f"))
+    if any(s.get("zero_shot") for s in states.values()):
+        row("zero-shot average", lambda s: _pct(s["zero_shot"]["average"]) if s.get("zero_shot") else "-")
+    row("cosine to original direction at source", lambda s: _num(s["cosine_at_source"]))
+    row("original direction: bypass score", lambda s: _num(s["quality"]["bypass"]))
+    row("original direction: induce score", lambda s: _num(s["quality"]["induce"]))
+    row("original direction: KL", lambda s: _num(s["quality"]["kl"]))
+    row("harmful refusal score (no intervention)", lambda s: _num(s["quality"]["baseline_harmful"]))
+    row("weights restored", lambda s: f"{s['restored']:,} ({_pct(s['restored_fraction_of_model'])} of model)" if "restored" in s else "-")
+    row("decoder sparsity", lambda s: _pct(s["sparsity"]["decoder_linear_sparsity"]))
+    row("model sparsity", lambda s: _pct(s["sparsity"]["model_sparsity"]))
+    row("collapsed", lambda s: "yes: " + s["collapse"]["reason"] if s["collapse"]["collapsed"] else "no")
+
+    a = r["aird"]
+    lines += ["", f"## AIRD block choice ({a['reason']})", "",
+              f"Candidates: the blocks before the source layer; mean refusal score on {r['settings']['n_val']} harmful val prompts, "
+              "KL from the unrepaired model on harmless val prompts, projection of the source residual onto the original's unit direction "
+              f"(original {r['probe']['original']['projection']:.2f}, compressed {r['probe']['compressed']['projection']:.2f}; "
+              f"refusal score original {r['probe']['original']['refusal_score']:.2f}, compressed {r['probe']['compressed']['refusal_score']:.2f}).",
+              "", "| block | restored | refusal score | KL | projection | chosen |", "|---|---|---|---|---|---|"]
+    for c in a["candidates"]:
+        lines.append(f"| {c['layer']} | {c['restored']:,} | {c['refusal_score']:.3f} | {c['kl']:.4f} | {c['projection']:.2f} | "
+                     f"{'yes' if c['layer'] == a['layer'] else ''} |")
+    t = r.get("targeted")
+    if t:
+        lines += ["", "## Targeted restoration", "",
+                  f"Target: AIRD's harmful refusal score {t['target_refusal_score']:.3f}; "
+                  + (f"reached with {t['k']:,} weights ({t['k'] / a['restored']:.2%} of AIRD's {a['restored']:,})."
+                     if t["reached"] else f"not reached with up to {max(x['k'] for x in t['trials']):,} weights "
+                     f"({t['positive_scores']:,} have a positive score)."),
+                  "", "| weights | of AIRD | refusal score | KL | projection |", "|---|---|---|---|---|"]
+        for x in t["trials"]:
+            lines.append(f"| {x['k']:,} | {x['fraction_of_aird']:.2%} | {x['refusal_score']:.3f} | {x['kl']:.4f} | {x['projection']:.2f} |")
+    if r.get("curve"):
+        lines += ["", "## Vanilla ASR against restored weights", "", "| method | weights | of AIRD | ASR (Wei) | ASR (Arditi) |", "|---|---|---|---|---|"]
+        for method, points in curve_points(r).items():
+            for p in points:
+                lines.append(f"| {method} | {p['k']:,} | {p['fraction_of_aird']:.2%} | {_pct(p['asr']['wei2024'])} | {_pct(p['asr']['arditi2024'])} |")
+    lines += ["", "## Sample completions (first AdvBench goals)", ""]
+    for name, samples in r["samples"].items():
+        for s in samples[:2]:
+            lines.append(f"- **{LABELS[name]}** - {s['goal']}: {s['completion'][:200]!r}")
+    lines += ["", f"Saved checkpoint: the {LABELS[r['saved']]}-repaired model. Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def curve_points(r: dict) -> dict[str, list[dict]]:
+    """Both methods' curves with their shared end points: nothing restored (compressed) and, for AIRD, the whole block."""
+    states, total = r["states"], r["aird"]["restored"]
+    start = dict(k=0, fraction_of_aird=0.0, asr=states["compressed"]["asr"]["vanilla"])
+    out = {"AIRD": [start, *r["curve"].get("aird", []), dict(k=total, fraction_of_aird=1.0, asr=states["aird"]["asr"]["vanilla"])]}
+    if "targeted" in r["curve"]:
+        points = [start, *r["curve"]["targeted"]]
+        if "targeted" in states:
+            k = states["targeted"]["restored"]
+            points.append(dict(k=k, fraction_of_aird=k / total, asr=states["targeted"]["asr"]["vanilla"]))
+        out["targeted"] = sorted(points, key=lambda p: p["k"])
+    return out
+
+
+def before_after_figure(r: dict, title: str | None = None):
+    """ASR of every state under both judges, with the weights each repair restored (its density cost)."""
+    import plotly.graph_objects as go
+
+    states = r["states"]
+    names = [LABELS[s] for s in states]
+    fig = go.Figure()
+    for judge, name in JUDGES:
+        fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["vanilla"][judge] for s in states.values()], name=f"vanilla ASR, {name} judge"))
+        if all("adv_suffix" in s["asr"] for s in states.values()):
+            fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["adv_suffix"][judge] for s in states.values()], name=f"adv-suffix ASR, {name} judge"))
+    cost = [f"{100 * s['restored_fraction_of_model']:.2f}% restored" if "restored" in s else "" for s in states.values()]
+    fig.add_trace(go.Scatter(x=names, y=[103] * len(names), mode="text", text=cost, showlegend=False, textfont_size=12))
+    fig.update_layout(title=title or f"AIRD before/after: {r['compressed']}", barmode="group", xaxis_title="model state",
+                      yaxis_title="attack success rate (%)", yaxis_range=[0, 110], height=450, width=900)
+    return fig
+
+
+def curve_figure(results: dict[str, dict], title: str = "ASR against restored weights: AIRD vs targeted"):
+    """Vanilla ASR (Arditi judge) against restored weights for each checkpoint and method; log x."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+    for i, (label, r) in enumerate(results.items()):
+        for method, points in curve_points(r).items():
+            pts = [p for p in points if p["k"] > 0]
+            base = points[0]["asr"]["arditi2024"]
+            fig.add_trace(go.Scatter(
+                x=[1] + [p["k"] for p in pts], y=[100 * base] + [100 * p["asr"]["arditi2024"] for p in pts],
+                mode="lines+markers", name=f"{label}: {method}", line_color=palette[i % len(palette)],
+                line_dash="solid" if method == "AIRD" else "dot", marker_symbol="circle" if method == "AIRD" else "diamond",
+            ))
+    fig.update_layout(title=title, xaxis_type="log", xaxis_title="weights restored (log scale; 1 = nothing restored)",
+                      yaxis_title="vanilla ASR, Arditi judge (%)", yaxis_range=[0, 100], height=500, width=900, legend_title="checkpoint: method")
+    return fig

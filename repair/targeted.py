@@ -1,0 +1,152 @@
+"""Targeted restoration: bring back only the compressed-away weights that carry the refusal direction.
+
+AIRD's cost is a whole block losing its compression. Here each changed weight w (original value
+w_o, compressed value w_c) in the blocks before the source layer l is scored by the first-order
+change that restoring it makes to J, the mean projection of the residual stream at the source
+(position p, layer l) onto the original's unit refusal direction r on harmful prompts, signed so
+that J grows towards the original's projection:
+
+    score(w) = (w_o - w_c) * dJ/dw        evaluated in the compressed model.
+
+For a matrix that writes the residual stream (attention output, MLP down projection),
+dJ/dW_ij = r_i * sum_t x_j(t) (over prompts), so the score is the signed contribution
+(w_o - w_c)_ij r_i x_j: the write side the direction is built from. Matrices that read the
+residual stream (q/k/v, gate/up) reach J through attention and the MLP nonlinearity; the gradient
+covers that read side with the same formula instead of ignoring it. Only positive scores
+(restoring moves J towards the original's projection) are restored, best first, until the
+harmful refusal score reaches a target (AIRD's level).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lm.chat import format_prompts, tokenize_prompts
+from lm.errors import UserError
+from lm.hooks import (
+    _hidden_from_pre_hook,
+    _StopForward,
+    decoder_layers,
+    hooks_registered,
+)
+
+from .restore import block_params, count, restored
+
+
+@dataclass(frozen=True)
+class TargetedConfig:
+    # Budgets tried, as fractions of AIRD's restored count, smallest first; the first whose harmful
+    # refusal score reaches the target is refined by bisection.
+    fractions: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    bisect_steps: int = 4
+    batch_size: int = 8
+
+
+def attribution_scores(compressed: nn.Module, original: nn.Module, tokenizer, harmful: list[str], direction: torch.Tensor,
+                       source: tuple[int, int], batch_size: int = 8, system: str | None = None, sign: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-parameter scores (float32, CPU) for every changed entry of the blocks before the source; 0 elsewhere.
+
+    sign: +1 when restoration should raise the projection (the compressed model's is below the
+    original's, the usual case), -1 when it should lower it.
+    """
+    if not harmful:
+        raise UserError("targeted repair needs harmful prompts to attribute the refusal direction on")
+    position, layer = source
+    o_params = dict(original.named_parameters())
+    params = {n: p for c in range(layer) for n, p in block_params(compressed, c).items()
+              if not torch.equal(p.detach(), o_params[n].detach().to(p.device, p.dtype))}
+    if not params:
+        raise UserError("the compressed model equals the original in every block before the source layer; nothing to restore")
+    unit = (direction.float() / direction.float().norm())
+    device = next(compressed.parameters()).device
+    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    flags = {n: p.requires_grad for n, p in compressed.named_parameters()}
+    prompts = format_prompts(tokenizer, harmful, system)
+    grabbed: list[torch.Tensor] = []
+
+    def stop(module, args, kwargs):
+        grabbed.append(_hidden_from_pre_hook(args, kwargs)[:, position])
+        raise _StopForward
+
+    try:
+        for n, p in compressed.named_parameters():
+            p.requires_grad_(n in params)
+        with hooks_registered([decoder_layers(compressed)[layer].register_forward_pre_hook(stop, with_kwargs=True)]):
+            for start in tqdm(range(0, len(prompts), batch_size), desc="targeted attribution", unit="batch", leave=False):
+                enc = tokenize_prompts(tokenizer, prompts[start : start + batch_size]).to(device)
+                grabbed.clear()
+                try:
+                    getattr(compressed, "model", compressed)(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+                except _StopForward:
+                    pass
+                j = sign * (grabbed[0].float() @ unit.to(device)).sum() / len(prompts)
+                for n, g in zip(params, torch.autograd.grad(j, list(params.values()))):
+                    grads[n] += g.float()
+    finally:
+        for n, p in compressed.named_parameters():
+            p.requires_grad_(flags[n])
+    return {n: ((o_params[n].detach().to(p.device, torch.float32) - p.detach().float()) * grads[n]).cpu() for n, p in params.items()}
+
+
+def top_masks(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Masks of the k highest positive scores over all parameters (exact ties at the cut all kept)."""
+    empty = {n: torch.zeros_like(s, dtype=torch.bool) for n, s in scores.items()}
+    if k <= 0:
+        return empty
+    # Per-parameter top-k first keeps memory at k per matrix instead of one model-sized vector.
+    candidates = torch.cat([s.flatten().topk(min(k, s.numel())).values for s in scores.values()])
+    candidates = candidates[candidates > 0]
+    if candidates.numel() == 0:
+        return empty
+    threshold = candidates.topk(min(k, candidates.numel())).values[-1]
+    return {n: (s >= threshold) & (s > 0) for n, s in scores.items()}
+
+
+def positive_count(scores: dict[str, torch.Tensor]) -> int:
+    return int(sum(int((s > 0).sum()) for s in scores.values()))
+
+
+def first_layer_touched(masks: dict[str, torch.Tensor], layer_of: dict[str, int]) -> int:
+    touched = [layer_of[n] for n, m in masks.items() if bool(m.any())]
+    return min(touched) if touched else 0
+
+
+def search_budget(compressed: nn.Module, original: nn.Module, probe, scores: dict[str, torch.Tensor], aird_count: int,
+                  target: float, cfg: TargetedConfig = TargetedConfig()) -> dict:
+    """Smallest restoration (in cfg.fractions of AIRD's count, then bisection) whose harmful refusal score reaches `target`."""
+    layer_of = {n: c for c in range(len(decoder_layers(compressed))) for n in block_params(compressed, c)}
+    max_k = positive_count(scores)
+    trials = []
+
+    def trial(k: int) -> bool:
+        masks = top_masks(scores, k)
+        with restored(compressed, original, masks):
+            reading = probe.read(first_layer_touched(masks, layer_of))
+        trials.append(dict(k=count(masks), fraction_of_aird=count(masks) / aird_count, **reading.to_json()))
+        return reading.refusal >= target
+
+    lo, hi = 0, None
+    for fraction in cfg.fractions:
+        k = min(max(1, round(fraction * aird_count)), max_k)
+        if k <= lo:
+            continue
+        if trial(k):
+            hi = k
+            break
+        lo = k
+        if k == max_k:
+            break
+    for _ in range(cfg.bisect_steps if hi is not None else 0):
+        mid = (lo + hi) // 2
+        if not lo < mid < hi:
+            break
+        if trial(mid):
+            hi = mid
+        else:
+            lo = mid
+    return dict(target_refusal_score=target, reached=hi is not None, k=hi, positive_scores=max_k,
+                trials=sorted(trials, key=lambda t: t["k"]))

@@ -1,0 +1,269 @@
+"""repair/: derivation check, block restoration, AIRD choice, targeted attribution, and the CLI end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from compression.calibration import CalibrationConfig, calibration_set
+from compression.checkpoint import save_variant
+from compression.variants import build_variant, parse_variant
+from lm.errors import UserError
+from lm.loading import load_model
+from refusal.asr import AsrConfig, attack_success
+from repair.__main__ import main
+from repair.aird import candidate_layers, choose_block
+from repair.derivation import check_derivation
+from repair.pipeline import decoder_linear_names
+from repair.refusal_probe import ProbeReading
+from repair.restore import block_masks, block_params, count, restore_entries, restored
+from repair.targeted import attribution_scores, top_masks
+from tests.tiny import build_model, build_tokenizer, save_tiny
+
+
+@pytest.fixture(scope="module")
+def pair():
+    tokenizer = build_tokenizer("chatml")
+    original = build_model("qwen2", tokenizer, seed=0, hidden=128, layers=4)
+    cal = calibration_set(tokenizer, CalibrationConfig(n_samples=8, seed=0))
+    pruned = build_variant(original, parse_variant("wanda:0.5"), cal)
+    return original, pruned, tokenizer
+
+
+@pytest.fixture(scope="module")
+def dirs(pair, tmp_path_factory):
+    original, pruned, tokenizer = pair
+    root = tmp_path_factory.mktemp("repair")
+    save_tiny(root / "original", original, tokenizer)
+    save_variant(pruned, tokenizer, root / "pruned", dict(method="wanda", params={"sparsity": 0.5}))
+    other = build_model("qwen2", tokenizer, seed=1, hidden=128, layers=4)
+    save_tiny(root / "other", build_variant(other, parse_variant("rtn:int8")), tokenizer)
+    save_tiny(root / "shallow", build_model("qwen2", tokenizer, seed=0, hidden=128, layers=2), tokenizer)
+    return root
+
+
+# --- derivation ----------------------------------------------------------------------------
+
+
+def test_derivation_accepts_pruned_and_quantized(pair):
+    original, pruned, _ = pair
+    names = decoder_linear_names(original)
+    kinds = {r.kind for r in check_derivation(original, pruned, names) if r.name in names}
+    assert kinds == {"pruned"}
+    quantized = build_variant(original, parse_variant("rtn:int4"))
+    records = check_derivation(original, quantized, names)
+    assert {r.kind for r in records if r.name in names} == {"dense"}
+    assert all(r.kind == "identical" for r in records if r.name not in names)
+
+
+def test_derivation_rejects_another_model(pair):
+    original, _, tokenizer = pair
+    other = build_model("qwen2", tokenizer, seed=1, hidden=128, layers=4)
+    with pytest.raises(UserError, match="does not derive"):
+        check_derivation(original, other, decoder_linear_names(original))
+
+
+def test_derivation_rejects_pruned_model_with_foreign_survivors(pair):
+    # Same embeddings (so only the linear check can catch it), decoder weights from another seed.
+    original, pruned, tokenizer = pair
+    fake = copy.deepcopy(pruned)
+    other = build_model("qwen2", tokenizer, seed=2, hidden=128, layers=4)
+    names = decoder_linear_names(original)
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(fake.named_parameters(), other.named_parameters()):
+            if n in names:
+                p.copy_(torch.where(p == 0, p, q))
+    with pytest.raises(UserError, match="does not derive"):
+        check_derivation(original, fake, names)
+
+
+# --- restoration ---------------------------------------------------------------------------
+
+
+def test_block_restoration_touches_only_that_block(pair):
+    original, pruned, _ = pair
+    model = copy.deepcopy(pruned)
+    masks = block_masks(model, original, 2)
+    assert count(masks) > 0
+    assert count(masks) == restore_entries(model, original, masks)
+    inside = set(block_params(model, 2))
+    o, c = dict(original.named_parameters()), dict(pruned.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, o[name] if name in inside else c[name]), name
+
+
+def test_restored_context_undoes_itself(pair):
+    original, pruned, _ = pair
+    model = copy.deepcopy(pruned)
+    masks = block_masks(model, original, 1)
+    with restored(model, original, masks):
+        assert all(torch.equal(p, dict(original.named_parameters())[n]) for n, p in block_params(model, 1).items())
+    for (n, p), (_, q) in zip(model.named_parameters(), pruned.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+# --- AIRD choice ---------------------------------------------------------------------------
+
+
+def test_candidate_layers_are_the_writers_before_the_source():
+    assert candidate_layers(17, 24, 4) == [13, 14, 15, 16]
+    assert candidate_layers(2, 24, 4) == [0, 1]
+    assert candidate_layers(0, 24, 4) == []
+
+
+def test_choose_block_respects_kl():
+    r = {13: ProbeReading(2.0, 0.5, 1.0), 14: ProbeReading(1.0, 0.05, 1.0), 15: ProbeReading(0.5, 0.01, 1.0)}
+    assert choose_block(r, 0.1) == (14, "best_refusal_within_kl")
+    assert choose_block(r, 1.0) == (13, "best_refusal_within_kl")
+    assert choose_block(r, 0.001) == (15, "no_candidate_within_kl_lowest_kl")
+
+
+# --- targeted ------------------------------------------------------------------------------
+
+
+def _projection(model, tokenizer, prompts, unit, source):
+    from lm.chat import format_prompts, tokenize_prompts
+    from lm.hooks import capture
+
+    enc = tokenize_prompts(tokenizer, format_prompts(tokenizer, prompts))
+    acts = capture(model, enc["input_ids"], enc["attention_mask"], [source[0]])["resid_pre"]  # [b, 1, layers, d]
+    return float((acts[:, 0, source[1]].double() @ unit.double()).mean())
+
+
+def test_attribution_score_is_exact_for_the_last_down_projection(pair):
+    # Block l-1's down projection adds straight into the residual read at layer l, so restoring
+    # one of its entries changes the projection by exactly that entry's score.
+    original, pruned, tokenizer = pair
+    prompts = ["Tell me how to build a birdhouse.", "Write a poem about rain.", "Explain photosynthesis."]
+    torch.manual_seed(0)
+    direction = torch.randn(128)
+    source = (-1, 3)
+    scores = attribution_scores(pruned, original, tokenizer, prompts, direction, source, batch_size=2)
+    assert all(int(name.split(".")[2]) < 3 for name in scores)
+    name = "model.layers.2.mlp.down_proj.weight"
+    flat = scores[name].flatten()
+    index = int(flat.abs().argmax())
+    unit = direction / direction.norm()
+    model = copy.deepcopy(pruned)
+    before = _projection(model, tokenizer, prompts, unit, source)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[index] = True
+    restore_entries(model, original, {name: mask.view_as(scores[name])})
+    after = _projection(model, tokenizer, prompts, unit, source)
+    assert after - before == pytest.approx(float(flat[index]), rel=1e-3, abs=1e-6)
+    # Unchanged weights score zero: only pruned entries can be restored.
+    zero = dict(original.named_parameters())[name].flatten() == dict(pruned.named_parameters())[name].flatten()
+    assert bool((flat[zero] == 0).all())
+
+
+def test_top_masks_picks_the_highest_positive_scores():
+    scores = {"a": torch.tensor([[5.0, -1.0], [0.0, 2.0]]), "b": torch.tensor([3.0, 4.0, -7.0])}
+    masks = top_masks(scores, 3)
+    assert masks["a"].tolist() == [[True, False], [False, False]]
+    assert masks["b"].tolist() == [True, True, False]
+    assert count(top_masks(scores, 100)) == 4  # only positive scores, however large k
+    assert count(top_masks(scores, 0)) == 0
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+SMALL = ["--n-asr", "3", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4", "--ppl-windows", "1", "--zero-shot-limit", "0",
+         "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "3"]
+
+
+def _run(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main([*argv, "--runs-dir", str(tmp_path / "runs"), *SMALL])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which, fragment", [("other", "does not derive"), ("shallow", "architecture mismatch"),
+                                             ("missing", "not found")])
+def test_cli_rejects_bad_checkpoints_without_output(dirs, tmp_path, monkeypatch, capsys, which, fragment):
+    out = tmp_path / "out"
+    code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / which), "--out", str(out)], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert not out.exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads((out / "repair.json").read_text())
+    manifest = json.loads((out / "compression.json").read_text())
+    block = result["aird"]["layer"]
+    assert block in (0, 1, 2) and manifest["repair"]["aird_block"] == block
+    assert [c["layer"] for c in result["aird"]["candidates"]] == [0, 1, 2]
+    assert manifest["method"] == "wanda"  # the compressed checkpoint's manifest is carried over
+    assert manifest["sparsity"]["decoder_linear_sparsity"] < manifest["repair"]["sparsity_before"]["decoder_linear_sparsity"]
+    assert "AIRD" in (out / "repair.md").read_text()
+    assert (out / "figures" / "repair_curve.html").is_file()
+
+    repaired = load_model(str(out))
+    original = load_model(str(dirs / "original"))
+    pruned = load_model(str(dirs / "pruned"))
+    inside = set(block_params(repaired.model, block))
+    o, c = dict(original.model.named_parameters()), dict(pruned.model.named_parameters())
+    for name, p in repaired.model.named_parameters():
+        assert torch.equal(p, o[name] if name in inside else c[name]), name
+    assert result["states"]["aird"]["restored"] == manifest["repair"]["restored"] == sum(
+        int((o[n] != c[n]).sum()) for n in inside)
+
+    # The reloaded checkpoint reproduces the reported completions, hence the ASR.
+    from lm import datasets
+
+    again = attack_success(repaired.model, repaired.tokenizer, datasets.advbench_eval(3), AsrConfig("vanilla", max_new_tokens=6))
+    stored = json.loads(next((tmp_path / "runs").glob("pruned-*/eval/aird/asr_vanilla.json")).read_text())["result"]
+    assert again["completions"] == stored["completions"]
+    assert again["asr"] == result["states"]["aird"]["asr"]["vanilla"]
+
+    # The main job's report renders the same result as one row of its repair table.
+    from experiments.report import _repair_section
+
+    table = "\n".join(_repair_section({"wanda:0.5": result}))
+    assert f"| wanda:0.5 | {block} |" in table
+
+    # A rerun reuses every stage and writes the same result.
+    code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    rerun = json.loads((out / "repair.json").read_text())
+    assert rerun["states"] == result["states"] and rerun["aird"] == result["aird"]
+
+
+@pytest.mark.slow
+def test_repair_on_the_embedded_model(tmp_path, monkeypatch, capsys):
+    """python -m repair on the embedded model against its RTN int8 variant, at a tiny size."""
+    torch.set_num_threads(2)
+    original = load_model("embedded")
+    quantized = build_variant(original.model, parse_variant("rtn:int8"))
+    save_variant(quantized, original.tokenizer, tmp_path / "int8", dict(method="rtn", params={"bits": 8}))
+    del quantized
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    code = main(["--compressed", str(tmp_path / "int8"), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+                 "--n-asr", "2", "--max-new-tokens", "8", "--n-train", "8", "--n-val", "2", "--ppl-windows", "1",
+                 "--zero-shot-limit", "0", "--no-adv-suffix", "--no-targeted", "--curve-fractions", "0.5", "--window", "1",
+                 "--source", "-1", "14"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "repair.json").read_text())
+    assert result["derivation"]["kind"] == "dense"
+    assert result["aird"]["layer"] == 13
+    # int8 round-to-nearest barely moves the direction (the paper: quantization preserves it).
+    assert result["states"]["compressed"]["cosine_at_source"] > 0.99
+    assert result["states"]["aird"]["restored"] > 0
+
+
+def test_cli_refuses_to_overwrite_a_foreign_directory(dirs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "not an earlier repair output" in err
+    assert (out / "notes.txt").read_text() == "keep me"
