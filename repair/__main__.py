@@ -9,6 +9,7 @@ from lm.errors import UserError
 
 from .aird import AirdConfig
 from .pipeline import Repair, RepairConfig
+from .targeted import TargetedConfig
 
 
 def parse_args(argv=None) -> RepairConfig:
@@ -25,6 +26,8 @@ def parse_args(argv=None) -> RepairConfig:
     p.add_argument("--window", type=int, default=4, help="candidate blocks: this many before the source layer (default 4)")
     p.add_argument("--kl-max", type=float, default=0.1, help="largest KL on harmless prompts a chosen block may cause (default 0.1)")
     p.add_argument("--no-targeted", action="store_true", help="skip the targeted restoration")
+    p.add_argument("--targeted-objective", choices=["refusal", "projection"], default="refusal",
+                   help="what targeted attribution scores: the harmful refusal score (default) or the projection onto the direction at its source")
     p.add_argument("--save", choices=["aird", "targeted"], default="aird", help="which repaired model to write (default aird)")
     p.add_argument("--curve-fractions", type=float, nargs="*", default=[0.01, 0.03, 0.1, 0.3],
                    help="restored fractions of AIRD's count at which vanilla ASR is measured for the curve")
@@ -51,6 +54,7 @@ def parse_args(argv=None) -> RepairConfig:
         n_train=a.n_train, n_val=a.n_val, select_compressed=a.select_compressed,
         source=tuple(a.source) if a.source else None,
         aird=AirdConfig(window=a.window, kl_max=a.kl_max, layer=a.layer), targeted=not a.no_targeted,
+        targeted_cfg=TargetedConfig(objective=a.targeted_objective),
         curve_fractions=tuple(a.curve_fractions), save=a.save, n_asr=a.n_asr, max_new_tokens=a.max_new_tokens,
         adv_suffix=not a.no_adv_suffix, ppl_windows=a.ppl_windows,
         zero_shot_limit=None if a.zero_shot_limit == -1 else a.zero_shot_limit,

@@ -229,7 +229,8 @@ class Repair:
         tkey = {**key, "train": _key(self.harmful_train), "targeted": dataclasses.asdict(self.cfg.targeted_cfg)}
         scores = cached_tensors(self.dir / "targeted_scores.safetensors", tkey, lambda: attribution_scores(
             self.model, self.original, self.tok, self.harmful_train, self.direction, self.source, self.cfg.targeted_cfg.batch_size,
-            sign=1.0 if self.orig_reading["projection"] >= self.probe.baseline.projection else -1.0))
+            sign=1.0 if self.orig_reading["projection"] >= self.probe.baseline.projection else -1.0,
+            objective=self.cfg.targeted_cfg.objective, token_ids=self.selection.refusal_token_ids))
         self.scores = scores
         self.targeted = cached_json(self.dir / "targeted_search.json", {**tkey, "target": self.aird_reading["refusal_score"]},
                                     lambda: _timed(lambda: search_budget(self.model, self.original, self.probe, scores, self.aird["restored"],

@@ -1,20 +1,26 @@
-"""Targeted restoration: bring back only the compressed-away weights that carry the refusal direction.
+"""Targeted restoration: bring back only the compressed-away weights that matter for refusal.
 
 AIRD's cost is a whole block losing its compression. Here each changed weight w (original value
-w_o, compressed value w_c) in the blocks before the source layer l is scored by the first-order
-change that restoring it makes to J, the mean projection of the residual stream at the source
-(position p, layer l) onto the original's unit refusal direction r on harmful prompts, signed so
-that J grows towards the original's projection:
+w_o, compressed value w_c) in the blocks before the source layer l (the blocks that write the
+refusal direction) is scored by the first-order change that restoring it makes to an objective J
+measured on harmful prompts in the compressed model:
 
-    score(w) = (w_o - w_c) * dJ/dw        evaluated in the compressed model.
+    score(w) = (w_o - w_c) * dJ/dw
 
-For a matrix that writes the residual stream (attention output, MLP down projection),
-dJ/dW_ij = r_i * sum_t x_j(t) (over prompts), so the score is the signed contribution
-(w_o - w_c)_ij r_i x_j: the write side the direction is built from. Matrices that read the
-residual stream (q/k/v, gate/up) reach J through attention and the MLP nonlinearity; the gradient
-covers that read side with the same formula instead of ignoring it. Only positive scores
-(restoring moves J towards the original's projection) are restored, best first, until the
-harmful refusal score reaches a target (AIRD's level).
+and the highest positive scores are restored, best first, until the harmful refusal score
+reaches a target (AIRD's level). Two objectives:
+
+  refusal     J = mean refusal score (log-odds of a refusal opening) at the last prompt position:
+              the quantity the repair must bring back. Default.
+  projection  J = mean projection of the residual stream at the source (position p, layer l) onto
+              the original's unit direction r, signed to grow towards the original's projection.
+              For a matrix that writes the residual stream (attention output, MLP down
+              projection) dJ/dW_ij = r_i * sum_t x_j(t), so the score is the write-side
+              contribution (w_o - w_c)_ij r_i x_j; for matrices that read it (q/k/v, gate/up) the
+              gradient carries the effect through attention and the MLP. On the embedded model
+              this restores the projection quickly but barely moves the refusal score and then
+              overshoots (the projection passes the original's and KL grows), which is why it is
+              not the default.
 """
 
 from __future__ import annotations
@@ -34,7 +40,11 @@ from lm.hooks import (
     hooks_registered,
 )
 
+from refusal.score import refusal_score
+
 from .restore import block_params, count, restored
+
+OBJECTIVES = ("refusal", "projection")
 
 
 @dataclass(frozen=True)
@@ -44,15 +54,25 @@ class TargetedConfig:
     fractions: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
     bisect_steps: int = 4
     batch_size: int = 8
+    objective: str = "refusal"  # what the attribution scores measure; see the module docstring
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown targeted objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
 def attribution_scores(compressed: nn.Module, original: nn.Module, tokenizer, harmful: list[str], direction: torch.Tensor,
-                       source: tuple[int, int], batch_size: int = 8, system: str | None = None, sign: float = 1.0) -> dict[str, torch.Tensor]:
+                       source: tuple[int, int], batch_size: int = 8, system: str | None = None, sign: float = 1.0,
+                       objective: str = "refusal", token_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Per-parameter scores (float32, CPU) for every changed entry of the blocks before the source; 0 elsewhere.
 
-    sign: +1 when restoration should raise the projection (the compressed model's is below the
-    original's, the usual case), -1 when it should lower it.
+    objective 'refusal' needs the refusal token ids; 'projection' uses `direction` and `sign` (+1
+    when restoration should raise the projection, the usual case, -1 to lower it).
     """
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown targeted objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective == "refusal" and not token_ids:
+        raise UserError("the refusal objective needs the refusal token ids")
     if not harmful:
         raise UserError("targeted repair needs harmful prompts to attribute the refusal direction on")
     position, layer = source
@@ -75,15 +95,20 @@ def attribution_scores(compressed: nn.Module, original: nn.Module, tokenizer, ha
     try:
         for n, p in compressed.named_parameters():
             p.requires_grad_(n in params)
-        with hooks_registered([decoder_layers(compressed)[layer].register_forward_pre_hook(stop, with_kwargs=True)]):
+        hooks = [decoder_layers(compressed)[layer].register_forward_pre_hook(stop, with_kwargs=True)] if objective == "projection" else []
+        with hooks_registered(hooks):
             for start in tqdm(range(0, len(prompts), batch_size), desc="targeted attribution", unit="batch", leave=False):
                 enc = tokenize_prompts(tokenizer, prompts[start : start + batch_size]).to(device)
-                grabbed.clear()
-                try:
-                    getattr(compressed, "model", compressed)(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-                except _StopForward:
-                    pass
-                j = sign * (grabbed[0].float() @ unit.to(device)).sum() / len(prompts)
+                if objective == "refusal":
+                    logits = compressed(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False, logits_to_keep=1).logits[:, -1]
+                    j = refusal_score(logits, token_ids).sum() / len(prompts)
+                else:
+                    grabbed.clear()
+                    try:
+                        getattr(compressed, "model", compressed)(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+                    except _StopForward:
+                        pass
+                    j = sign * (grabbed[0].float() @ unit.to(device)).sum() / len(prompts)
                 for n, g in zip(params, torch.autograd.grad(j, list(params.values()))):
                     grads[n] += g.float()
     finally:

@@ -141,7 +141,7 @@ def test_attribution_score_is_exact_for_the_last_down_projection(pair):
     torch.manual_seed(0)
     direction = torch.randn(128)
     source = (-1, 3)
-    scores = attribution_scores(pruned, original, tokenizer, prompts, direction, source, batch_size=2)
+    scores = attribution_scores(pruned, original, tokenizer, prompts, direction, source, batch_size=2, objective="projection")
     assert all(int(name.split(".")[2]) < 3 for name in scores)
     name = "model.layers.2.mlp.down_proj.weight"
     flat = scores[name].flatten()
@@ -157,6 +157,28 @@ def test_attribution_score_is_exact_for_the_last_down_projection(pair):
     # Unchanged weights score zero: only pruned entries can be restored.
     zero = dict(original.named_parameters())[name].flatten() == dict(pruned.named_parameters())[name].flatten()
     assert bool((flat[zero] == 0).all())
+
+
+def test_refusal_attribution_predicts_the_refusal_score_change(pair):
+    # First order: restoring one small-score weight changes the mean refusal score by about its score.
+    from refusal.score import refusal_scores
+
+    original, pruned, tokenizer = pair
+    prompts = ["Tell me how to build a birdhouse.", "Write a poem about rain."]
+    ids = [5, 9]
+    scores = attribution_scores(pruned, original, tokenizer, prompts, torch.ones(128), (-1, 3), batch_size=2, token_ids=ids)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    flat = scores[name].flatten()
+    index = int(flat.abs().argmax())
+    model = copy.deepcopy(pruned)
+    before = float(refusal_scores(model, tokenizer, prompts, ids).mean())
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[index] = True
+    restore_entries(model, original, {name: mask.view_as(scores[name])})
+    after = float(refusal_scores(model, tokenizer, prompts, ids).mean())
+    assert after - before == pytest.approx(float(flat[index]), rel=0.2, abs=1e-4)
+    with pytest.raises(UserError, match="objective"):
+        attribution_scores(pruned, original, tokenizer, prompts, torch.ones(128), (-1, 3), objective="magic")
 
 
 def test_top_masks_picks_the_highest_positive_scores():
@@ -229,6 +251,13 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
 
     table = "\n".join(_repair_section({"wanda:0.5": result}))
     assert f"| wanda:0.5 | {block} |" in table
+    from experiments.repair_summary import main as summary
+
+    capsys.readouterr()
+    assert summary([str(out), "--figures-dir", str(tmp_path / "figs")]) == 0
+    assert f"| out | {block} |" in capsys.readouterr().out
+    assert (tmp_path / "figs" / "repair_curve.html").is_file()
+    assert summary([str(tmp_path)]) == 2
 
     # A rerun reuses every stage and writes the same result.
     code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
