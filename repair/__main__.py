@@ -26,8 +26,9 @@ def parse_args(argv=None) -> RepairConfig:
     p.add_argument("--window", type=int, default=4, help="candidate blocks: this many before the source layer (default 4)")
     p.add_argument("--kl-max", type=float, default=0.1, help="largest KL on harmless prompts a chosen block may cause (default 0.1)")
     p.add_argument("--no-targeted", action="store_true", help="skip the targeted restoration")
-    p.add_argument("--targeted-objective", choices=["refusal", "projection"], default="refusal",
-                   help="what targeted attribution scores: the harmful refusal score (default) or the projection onto the direction at its source")
+    p.add_argument("--targeted-objective", choices=["own_refusals", "refusal", "projection"], default="own_refusals",
+                   help="what targeted attribution scores: the likelihood of the original's own refusals (default), the "
+                        "first-token refusal score, or the projection onto the direction at its source")
     p.add_argument("--save", choices=["aird", "targeted"], default="aird", help="which repaired model to write (default aird)")
     p.add_argument("--curve-fractions", type=float, nargs="*", default=[0.01, 0.03, 0.1, 0.3],
                    help="restored fractions of AIRD's count at which vanilla ASR is measured for the curve")

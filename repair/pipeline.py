@@ -53,7 +53,17 @@ from .derivation import check_derivation, summarise
 from .refusal_probe import RefusalProbe
 from .report import before_after_figure, curve_figure, render_markdown
 from .restore import block_masks, count, restore_entries, restored
-from .targeted import TargetedConfig, attribution_scores, search_budget, top_masks
+from .targeted import (
+    TargetedConfig,
+    first_order_scores,
+    own_refusal_batches,
+    own_refusal_objective,
+    projection_objective,
+    prompt_batches,
+    refusal_objective,
+    search_budget,
+    top_masks,
+)
 
 STATES = ("original", "compressed", "aird", "targeted")
 
@@ -227,14 +237,29 @@ class Repair:
         if not self.cfg.targeted:
             return
         tkey = {**key, "train": _key(self.harmful_train), "targeted": dataclasses.asdict(self.cfg.targeted_cfg)}
-        scores = cached_tensors(self.dir / "targeted_scores.safetensors", tkey, lambda: attribution_scores(
-            self.model, self.original, self.tok, self.harmful_train, self.direction, self.source, self.cfg.targeted_cfg.batch_size,
-            sign=1.0 if self.orig_reading["projection"] >= self.probe.baseline.projection else -1.0,
-            objective=self.cfg.targeted_cfg.objective, token_ids=self.selection.refusal_token_ids))
+        scores = cached_tensors(self.dir / "targeted_scores.safetensors", tkey, self.attribution)
         self.scores = scores
         self.targeted = cached_json(self.dir / "targeted_search.json", {**tkey, "target": self.aird_reading["refusal_score"]},
                                     lambda: _timed(lambda: search_budget(self.model, self.original, self.probe, scores, self.aird["restored"],
                                                                          self.aird_reading["refusal_score"], self.cfg.targeted_cfg)))
+
+    def attribution(self) -> dict[str, torch.Tensor]:
+        """First-order restoration scores of every changed weight before the source (repair.targeted)."""
+        tc, device = self.cfg.targeted_cfg, next(self.model.parameters()).device
+        objective_name = tc.objective
+        if objective_name == "own_refusals":
+            try:
+                batches, n_tokens = own_refusal_batches(self.original, self.tok, self.harmful_train, tc.batch_size, tc.reply_tokens, self.cfg.seed)
+                objective = own_refusal_objective(n_tokens)
+            except UserError as e:  # nothing to imitate: fall back to the first-token refusal score
+                _log(f"targeted: {e}; using the refusal-score objective instead")
+                objective_name = "refusal"
+        if objective_name != "own_refusals":
+            batches = prompt_batches(self.tok, self.harmful_train, tc.batch_size, device)
+            sign = 1.0 if self.orig_reading["projection"] >= self.probe.baseline.projection else -1.0
+            objective = (refusal_objective(self.selection.refusal_token_ids) if objective_name == "refusal"
+                         else projection_objective(self.direction, self.source, sign))
+        return first_order_scores(self.model, self.original, self.source[1], batches, objective)
 
     def targeted_masks(self, k: int) -> dict[str, torch.Tensor]:
         return top_masks(self.scores, k)

@@ -25,6 +25,7 @@ reaches a target (AIRD's level). Two objectives:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ from refusal.score import refusal_score
 
 from .restore import block_params, count, restored
 
-OBJECTIVES = ("refusal", "projection")
+OBJECTIVES = ("own_refusals", "refusal", "projection")
 
 
 @dataclass(frozen=True)
@@ -54,67 +55,108 @@ class TargetedConfig:
     fractions: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
     bisect_steps: int = 4
     batch_size: int = 8
-    objective: str = "refusal"  # what the attribution scores measure; see the module docstring
+    objective: str = "own_refusals"  # what the attribution scores measure; see the module docstring
+    reply_tokens: int = 32  # length of the original's own refusals (objective own_refusals)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown targeted objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
-def attribution_scores(compressed: nn.Module, original: nn.Module, tokenizer, harmful: list[str], direction: torch.Tensor,
-                       source: tuple[int, int], batch_size: int = 8, system: str | None = None, sign: float = 1.0,
-                       objective: str = "refusal", token_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Per-parameter scores (float32, CPU) for every changed entry of the blocks before the source; 0 elsewhere.
-
-    objective 'refusal' needs the refusal token ids; 'projection' uses `direction` and `sign` (+1
-    when restoration should raise the projection, the usual case, -1 to lower it).
-    """
-    if objective not in OBJECTIVES:
-        raise UserError(f"unknown targeted objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if objective == "refusal" and not token_ids:
-        raise UserError("the refusal objective needs the refusal token ids")
-    if not harmful:
-        raise UserError("targeted repair needs harmful prompts to attribute the refusal direction on")
-    position, layer = source
+def changed_params(compressed: nn.Module, original: nn.Module, layer: int) -> dict[str, nn.Parameter]:
+    """Parameters of blocks 0..layer-1 where the compressed model differs from the original."""
     o_params = dict(original.named_parameters())
     params = {n: p for c in range(layer) for n, p in block_params(compressed, c).items()
               if not torch.equal(p.detach(), o_params[n].detach().to(p.device, p.dtype))}
     if not params:
         raise UserError("the compressed model equals the original in every block before the source layer; nothing to restore")
-    unit = (direction.float() / direction.float().norm())
-    device = next(compressed.parameters()).device
+    return params
+
+
+def first_order_scores(compressed: nn.Module, original: nn.Module, layer: int, batches: list, objective: Callable) -> dict[str, torch.Tensor]:
+    """(w_o - w_c) * dJ/dw for every changed entry before `layer`, J = sum of objective(model, batch) over batches.
+
+    Scores are float32 on CPU; the gradient is accumulated over batches, so memory is one float32
+    copy of the scored parameters whatever the number of prompts.
+    """
+    params = changed_params(compressed, original, layer)
+    o_params = dict(original.named_parameters())
     grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     flags = {n: p.requires_grad for n, p in compressed.named_parameters()}
-    prompts = format_prompts(tokenizer, harmful, system)
-    grabbed: list[torch.Tensor] = []
-
-    def stop(module, args, kwargs):
-        grabbed.append(_hidden_from_pre_hook(args, kwargs)[:, position])
-        raise _StopForward
-
     try:
         for n, p in compressed.named_parameters():
             p.requires_grad_(n in params)
-        hooks = [decoder_layers(compressed)[layer].register_forward_pre_hook(stop, with_kwargs=True)] if objective == "projection" else []
-        with hooks_registered(hooks):
-            for start in tqdm(range(0, len(prompts), batch_size), desc="targeted attribution", unit="batch", leave=False):
-                enc = tokenize_prompts(tokenizer, prompts[start : start + batch_size]).to(device)
-                if objective == "refusal":
-                    logits = compressed(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False, logits_to_keep=1).logits[:, -1]
-                    j = refusal_score(logits, token_ids).sum() / len(prompts)
-                else:
-                    grabbed.clear()
-                    try:
-                        getattr(compressed, "model", compressed)(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-                    except _StopForward:
-                        pass
-                    j = sign * (grabbed[0].float() @ unit.to(device)).sum() / len(prompts)
-                for n, g in zip(params, torch.autograd.grad(j, list(params.values()))):
-                    grads[n] += g.float()
+        for batch in tqdm(batches, desc="targeted attribution", unit="batch", leave=False):
+            j = objective(compressed, batch)
+            for n, g in zip(params, torch.autograd.grad(j, list(params.values()))):
+                grads[n] += g.float()
     finally:
         for n, p in compressed.named_parameters():
             p.requires_grad_(flags[n])
     return {n: ((o_params[n].detach().to(p.device, torch.float32) - p.detach().float()) * grads[n]).cpu() for n, p in params.items()}
+
+
+def prompt_batches(tokenizer, instructions: list[str], batch_size: int, device, system: str | None = None) -> list[dict]:
+    if not instructions:
+        raise UserError("targeted repair needs harmful prompts to attribute refusal on")
+    prompts = format_prompts(tokenizer, instructions, system)
+    return [dict(tokenize_prompts(tokenizer, prompts[i : i + batch_size]).to(device), n=len(prompts))
+            for i in range(0, len(prompts), batch_size)]
+
+
+def refusal_objective(token_ids: list[int]) -> Callable:
+    """Mean refusal log-odds at the last prompt position."""
+    def objective(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=1).logits[:, -1]
+        return refusal_score(logits, token_ids).sum() / batch["n"]
+    return objective
+
+
+def projection_objective(direction: torch.Tensor, source: tuple[int, int], sign: float = 1.0) -> Callable:
+    """Mean signed projection of the source residual onto the unit direction; the pass stops at the source."""
+    position, layer = source
+    unit = direction.float() / direction.float().norm()
+
+    def objective(model, batch):
+        grabbed = []
+
+        def stop(module, args, kwargs):
+            grabbed.append(_hidden_from_pre_hook(args, kwargs)[:, position])
+            raise _StopForward
+
+        with hooks_registered([decoder_layers(model)[layer].register_forward_pre_hook(stop, with_kwargs=True)]):
+            try:
+                getattr(model, "model", model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            except _StopForward:
+                pass
+        return sign * (grabbed[0].float() @ unit.to(grabbed[0].device)).sum() / batch["n"]
+    return objective
+
+
+def own_refusal_objective(n_tokens: int) -> Callable:
+    """Mean log-likelihood of the original's own refusal replies (teacher forcing, reply tokens only)."""
+    def objective(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        keep = labels != -100
+        picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return (picked * keep).sum() / n_tokens
+    return objective
+
+
+def own_refusal_batches(original: nn.Module, tokenizer, instructions: list[str], batch_size: int, max_new_tokens: int = 32,
+                        seed: int = 0) -> tuple[list[dict], int]:
+    """The original's greedy replies to `instructions`, refusals only, as teacher-forcing batches; and the reply-token count."""
+    from compression.attribution import is_refusal, own_replies
+    from compression.calibration import tokenize_pairs
+
+    pairs = [(p, r) for p, r in own_replies(original, tokenizer, instructions, max_new_tokens, seed) if is_refusal(r)]
+    if not pairs:
+        raise UserError("the original refuses none of the harmful prompts; there is no refusal to attribute")
+    cal = tokenize_pairs(tokenizer, pairs, seqlen=256, batch_size=batch_size)
+    device = next(original.parameters()).device
+    return [{k: v.to(device) for k, v in b.items()} for b in cal.batches], cal.n_response_tokens
 
 
 def top_masks(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:

@@ -20,7 +20,15 @@ from repair.derivation import check_derivation
 from repair.pipeline import decoder_linear_names
 from repair.refusal_probe import ProbeReading
 from repair.restore import block_masks, block_params, count, restore_entries, restored
-from repair.targeted import attribution_scores, top_masks
+from repair.targeted import (
+    TargetedConfig,
+    first_order_scores,
+    own_refusal_objective,
+    projection_objective,
+    prompt_batches,
+    refusal_objective,
+    top_masks,
+)
 from tests.tiny import build_model, build_tokenizer, save_tiny
 
 
@@ -141,7 +149,8 @@ def test_attribution_score_is_exact_for_the_last_down_projection(pair):
     torch.manual_seed(0)
     direction = torch.randn(128)
     source = (-1, 3)
-    scores = attribution_scores(pruned, original, tokenizer, prompts, direction, source, batch_size=2, objective="projection")
+    batches = prompt_batches(tokenizer, prompts, 2, "cpu")
+    scores = first_order_scores(pruned, original, source[1], batches, projection_objective(direction, source))
     assert all(int(name.split(".")[2]) < 3 for name in scores)
     name = "model.layers.2.mlp.down_proj.weight"
     flat = scores[name].flatten()
@@ -166,7 +175,7 @@ def test_refusal_attribution_predicts_the_refusal_score_change(pair):
     original, pruned, tokenizer = pair
     prompts = ["Tell me how to build a birdhouse.", "Write a poem about rain."]
     ids = [5, 9]
-    scores = attribution_scores(pruned, original, tokenizer, prompts, torch.ones(128), (-1, 3), batch_size=2, token_ids=ids)
+    scores = first_order_scores(pruned, original, 3, prompt_batches(tokenizer, prompts, 2, "cpu"), refusal_objective(ids))
     name = "model.layers.1.self_attn.o_proj.weight"
     flat = scores[name].flatten()
     index = int(flat.abs().argmax())
@@ -178,7 +187,31 @@ def test_refusal_attribution_predicts_the_refusal_score_change(pair):
     after = float(refusal_scores(model, tokenizer, prompts, ids).mean())
     assert after - before == pytest.approx(float(flat[index]), rel=0.2, abs=1e-4)
     with pytest.raises(UserError, match="objective"):
-        attribution_scores(pruned, original, tokenizer, prompts, torch.ones(128), (-1, 3), objective="magic")
+        TargetedConfig(objective="magic")
+
+
+def test_own_refusal_attribution_predicts_the_likelihood_change(pair):
+    from compression.calibration import tokenize_pairs
+
+    original, pruned, tokenizer = pair
+    from lm.chat import format_prompt
+
+    pairs = [(format_prompt(tokenizer, "Tell me how to pick a lock."), "I'm sorry, I can't help with that."),
+             (format_prompt(tokenizer, "Write malware."), "I cannot assist with this request.")]
+    cal = tokenize_pairs(tokenizer, pairs, batch_size=2)
+    objective = own_refusal_objective(cal.n_response_tokens)
+    scores = first_order_scores(pruned, original, 3, cal.batches, objective)
+    name = "model.layers.2.mlp.down_proj.weight"
+    flat = scores[name].flatten()
+    index = int(flat.abs().argmax())
+    model = copy.deepcopy(pruned)
+    with torch.no_grad():
+        before = float(objective(model, cal.batches[0]))
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[index] = True
+        restore_entries(model, original, {name: mask.view_as(scores[name])})
+        after = float(objective(model, cal.batches[0]))
+    assert after - before == pytest.approx(float(flat[index]), rel=0.2, abs=1e-5)
 
 
 def test_top_masks_picks_the_highest_positive_scores():
