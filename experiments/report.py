@@ -141,7 +141,7 @@ def _repair_section(repairs: dict) -> list[str]:
     lines = ["", "## Repair (AIRD and targeted restoration)", "",
              "For each variant whose direction changed at the original's source: AIRD restores the one block before the "
              "source that best brings refusal back (KL <= 0.1 on harmless prompts); targeted restoration brings back only "
-             "the weights with the largest attributed effect on the direction, until the harmful refusal score reaches "
+             "the weights with the largest attributed effect on refusal, until the refusal rate on harmful val prompts reaches "
              "AIRD's. ASR: vanilla, Arditi judge; per-variant details in `variants/<variant>/repaired/repair.md`.", "",
              "| variant | AIRD block | AIRD restores | ASR compressed / AIRD / targeted | ppl compressed / AIRD | zero-shot compressed / AIRD | cos @ source compressed / AIRD | targeted restores |",
              "|---|---|---|---|---|---|---|---|"]
@@ -157,8 +157,8 @@ def _repair_section(repairs: dict) -> list[str]:
             return "-" if not z else f"{z['average']:.1%}"
 
         t = r.get("targeted") or {}
-        targeted = f"{t['k']:,} ({t['k'] / a['restored']:.1%} of AIRD)" if t.get("reached") else "target not reached"
-        lines.append(f"| {variant} | {r['aird']['layer']} | {a['restored']:,} ({a['restored_fraction_of_model']:.2%} of model) | "
+        targeted = f"{t['k']:,} ({100 * t['k'] / a['restored']:.3g}% of AIRD)" if t.get("reached") else "target not reached"
+        lines.append(f"| {variant} | {r['aird']['layer']} | {a['restored']:,} ({100 * a['restored_fraction_of_model']:.3g}% of model) | "
                      f"{asr('compressed')} / {asr('aird')} / {asr('targeted')} | {st['compressed']['perplexity']:.2f} / {a['perplexity']:.2f} | "
                      f"{zs('compressed')} / {zs('aird')} | {st['compressed']['cosine_at_source']:.3f} / {a['cosine_at_source']:.3f} | {targeted} |")
     return lines

@@ -52,7 +52,7 @@ from .aird import AirdConfig, choose_aird_block
 from .derivation import check_derivation, summarise
 from .refusal_probe import RefusalProbe
 from .report import before_after_figure, curve_figure, render_markdown
-from .restore import block_masks, count, restore_entries, restored
+from .restore import block_masks, block_params, count, restore_entries, restored
 from .targeted import (
     TargetedConfig,
     first_order_scores,
@@ -215,15 +215,21 @@ class Repair:
         self.own_selection = None
         if select_own:
             self.own_selection = select_direction_cached(self.model, self.tok, self.dir / "selection", self.selection_config(), fingerprint=self.fp_comp)
-        self.probe = RefusalProbe(self.model, self.tok, self.harmful_val, self.harmless_val, self.selection.refusal_token_ids,
+        # Repair is judged on one unfiltered validation sample (the selection's filtered sets can be
+        # a handful of prompts: 7 of 32 harmful ones on the embedded model).
+        from lm import datasets
+
+        self.probe_harmful = datasets.sample(datasets.instructions("harmful", "val"), self.cfg.n_val, self.cfg.seed)
+        self.probe_harmless = datasets.sample(datasets.instructions("harmless", "val"), self.cfg.n_val, self.cfg.seed)
+        self.probe = RefusalProbe(self.model, self.tok, self.probe_harmful, self.probe_harmless, self.selection.refusal_token_ids,
                                   self.direction, self.source, batch_size=min(16, self.cfg.batch_size or 16))
         self.orig_reading = cached_json(self.orig_dir / "probe.json", self._probe_key(self.fp_orig),
-                                        lambda: RefusalProbe(self.original, self.tok, self.harmful_val, self.harmless_val,
+                                        lambda: RefusalProbe(self.original, self.tok, self.probe_harmful, self.probe_harmless,
                                                              self.selection.refusal_token_ids, self.direction, self.source).baseline.to_json())
 
     def _probe_key(self, fp: str) -> dict:
         return dict(model=fp, source=list(self.source), direction=_key(self.direction.tolist()),
-                    harmful=_key(self.harmful_val), harmless=_key(self.harmless_val))
+                    harmful=_key(self.probe_harmful), harmless=_key(self.probe_harmless))
 
     # --- choosing what to restore -----------------------------------------------------------
     def choose(self) -> None:
@@ -239,9 +245,15 @@ class Repair:
         tkey = {**key, "train": _key(self.harmful_train), "targeted": dataclasses.asdict(self.cfg.targeted_cfg)}
         scores = cached_tensors(self.dir / "targeted_scores.safetensors", tkey, self.attribution)
         self.scores = scores
-        self.targeted = cached_json(self.dir / "targeted_search.json", {**tkey, "target": self.aird_reading["refusal_score"]},
+        def aird_rate():
+            with restored(self.model, self.original, self.aird_masks):
+                return dict(refusal_rate=self.probe.refusal_rate(self.cfg.targeted_cfg.reply_tokens))
+
+        self.aird_reading["refusal_rate"] = cached_json(self.dir / "aird_refusal_rate.json", {**key, "tokens": self.cfg.targeted_cfg.reply_tokens},
+                                                        aird_rate)["refusal_rate"]
+        self.targeted = cached_json(self.dir / "targeted_search.json", {**tkey, "target": self.aird_reading["refusal_rate"]},
                                     lambda: _timed(lambda: search_budget(self.model, self.original, self.probe, scores, self.aird["restored"],
-                                                                         self.aird_reading["refusal_score"], self.cfg.targeted_cfg)))
+                                                                         self.aird_reading["refusal_rate"], self.cfg.targeted_cfg)))
 
     def attribution(self) -> dict[str, torch.Tensor]:
         """First-order restoration scores of every changed weight before the source (repair.targeted)."""
@@ -358,6 +370,7 @@ class Repair:
         methods = {"aird": self.aird_partial_masks}
         if self.targeted is not None:
             methods["targeted"] = self.targeted_masks
+        self._block_names = [set(block_params(self.model, layer)) for layer in range(self.source[1])]
         out = {}
         for method, make in methods.items():
             points = []
@@ -366,9 +379,13 @@ class Repair:
                 n = count(masks)
                 key = dict(model=self.fp_comp, original=self.fp_orig, method=method, k=k, seed=self.cfg.seed,
                            restored=_key({name: m.nonzero().tolist() for name, m in masks.items()}))
+                first = min((layer for layer in range(self.source[1]) if any(bool(masks[p].any()) for p in masks if p in self._block_names[layer])),
+                            default=0)
                 with restored(self.model, self.original, masks):
                     r = self.evaluate(self.model, f"{method}-{k}", self.dir / "curve" / f"{method}-{k}", key, full=False)
-                points.append(dict(k=n, fraction_of_aird=n / total, asr=r["asr_vanilla"]["asr"]))
+                    reading = cached_json(self.dir / "curve" / f"{method}-{k}" / "probe.json", {**key, **self._probe_key(self.fp_comp)},
+                                          lambda first=first: self.probe.read(first).to_json())
+                points.append(dict(k=n, fraction_of_aird=n / total, asr=r["asr_vanilla"]["asr"], **reading))
             out[method] = points
         return out
 
@@ -402,7 +419,8 @@ class Repair:
             source=dict(position=self.source[0], layer=self.source[1]),
             compressed_source=(dict(position=self.own_selection.chosen[0], layer=self.own_selection.chosen[1])
                                if self.own_selection is not None and self.own_selection.chosen else None),
-            probe=dict(original=self.orig_reading, compressed=self.probe.baseline.to_json(), aird=self.aird_reading),
+            probe=dict(original=self.orig_reading, compressed=self.probe.baseline.to_json(), aird=self.aird_reading,
+                       n_harmful=len(self.probe_harmful), n_harmless=len(self.probe_harmless)),
             aird=self.aird,
             targeted=self.targeted,
             curve=curve,

@@ -44,9 +44,12 @@ class RefusalProbe:
         self.unit = (direction.float() / direction.float().norm())
         self.resumable = uniform_layers(model)
         device = next(model.parameters()).device
+        self.tokenizer = tokenizer
         self.batches: dict[str, list[dict]] = {}
+        self.prompts: dict[str, list[str]] = {}
         for kind, insts in (("harmful", harmful), ("harmless", harmless)):
             prompts = format_prompts(tokenizer, insts, system)
+            self.prompts[kind] = prompts
             self.batches[kind] = [dict(enc=tokenize_prompts(tokenizer, prompts[i : i + batch_size]).to(device))
                                   for i in range(0, len(prompts), batch_size)]
         self.base_harmless = None
@@ -71,6 +74,20 @@ class RefusalProbe:
             enc = batch["enc"]
             return self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False,
                               logits_to_keep=1).logits[:, -1].float().cpu()
+
+    def refusal_rate(self, max_new_tokens: int = 32) -> float:
+        """Fraction of the harmful prompts whose greedy reply the Arditi et al. judge counts as a refusal.
+
+        A behavioural check beside the first-token score, which a handful of restored weights can
+        raise (a reply opening "I ...") without the model refusing.
+        """
+        from lm.generation import SamplingConfig, generate
+        from refusal.judges import judges
+
+        arditi = judges()[1]
+        replies = generate(self.model, self.tokenizer, self.prompts["harmful"], SamplingConfig(max_new_tokens=max_new_tokens),
+                           desc="refusal rate")
+        return sum(not arditi.jailbroken(r[0]) for r in replies) / len(replies)
 
     def read(self, first_layer: int = 0, _baseline: bool = False) -> ProbeReading:
         """Read-outs of the model as it is now; `first_layer` = the earliest block changed since construction."""

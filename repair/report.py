@@ -10,6 +10,10 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _small_pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
 def _num(x, fmt=".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -48,14 +52,14 @@ def render_markdown(r: dict) -> str:
     row("original direction: induce score", lambda s: _num(s["quality"]["induce"]))
     row("original direction: KL", lambda s: _num(s["quality"]["kl"]))
     row("harmful refusal score (no intervention)", lambda s: _num(s["quality"]["baseline_harmful"]))
-    row("weights restored", lambda s: f"{s['restored']:,} ({_pct(s['restored_fraction_of_model'])} of model)" if "restored" in s else "-")
+    row("weights restored", lambda s: f"{s['restored']:,} ({_small_pct(s['restored_fraction_of_model'])} of model)" if "restored" in s else "-")
     row("decoder sparsity", lambda s: _pct(s["sparsity"]["decoder_linear_sparsity"]))
     row("model sparsity", lambda s: _pct(s["sparsity"]["model_sparsity"]))
     row("collapsed", lambda s: "yes: " + s["collapse"]["reason"] if s["collapse"]["collapsed"] else "no")
 
     a = r["aird"]
     lines += ["", f"## AIRD block choice ({a['reason']})", "",
-              f"Candidates: the blocks before the source layer; mean refusal score on {r['settings']['n_val']} harmful val prompts, "
+              f"Candidates: the blocks before the source layer; mean refusal score on {r['probe'].get('n_harmful', r['settings']['n_val'])} harmful val prompts, "
               "KL from the unrepaired model on harmless val prompts, projection of the source residual onto the original's unit direction "
               f"(original {r['probe']['original']['projection']:.2f}, compressed {r['probe']['compressed']['projection']:.2f}; "
               f"refusal score original {r['probe']['original']['refusal_score']:.2f}, compressed {r['probe']['compressed']['refusal_score']:.2f}).",
@@ -66,18 +70,23 @@ def render_markdown(r: dict) -> str:
     t = r.get("targeted")
     if t:
         lines += ["", "## Targeted restoration", "",
-                  f"Target: AIRD's harmful refusal score {t['target_refusal_score']:.3f}; "
-                  + (f"reached with {t['k']:,} weights ({t['k'] / a['restored']:.2%} of AIRD's {a['restored']:,})."
+                  f"Target: AIRD's refusal rate on the harmful val prompts (greedy replies judged by Arditi et al.'s judge), "
+                  f"{_pct(t['target_refusal_rate'])}; "
+                  + (f"reached with {t['k']:,} weights ({_small_pct(t['k'] / a['restored'])} of AIRD's {a['restored']:,})."
                      if t["reached"] else f"not reached with up to {max(x['k'] for x in t['trials']):,} weights "
                      f"({t['positive_scores']:,} have a positive score)."),
-                  "", "| weights | of AIRD | refusal score | KL | projection |", "|---|---|---|---|---|"]
+                  "", "| weights | of AIRD | refusal rate | refusal score | KL | projection |", "|---|---|---|---|---|---|"]
         for x in t["trials"]:
-            lines.append(f"| {x['k']:,} | {x['fraction_of_aird']:.2%} | {x['refusal_score']:.3f} | {x['kl']:.4f} | {x['projection']:.2f} |")
+            lines.append(f"| {x['k']:,} | {_small_pct(x['fraction_of_aird'])} | {_pct(x['refusal_rate'])} | {x['refusal_score']:.3f} | "
+                         f"{x['kl']:.4f} | {x['projection']:.2f} |")
     if r.get("curve"):
-        lines += ["", "## Vanilla ASR against restored weights", "", "| method | weights | of AIRD | ASR (Wei) | ASR (Arditi) |", "|---|---|---|---|---|"]
+        lines += ["", "## Vanilla ASR against restored weights", "",
+                  "KL: from the unrepaired model's next-token distribution on the harmless val prompts (a guard against over-refusal).", "",
+                  "| method | weights | of AIRD | ASR (Wei) | ASR (Arditi) | KL |", "|---|---|---|---|---|---|"]
         for method, points in curve_points(r).items():
             for p in points:
-                lines.append(f"| {method} | {p['k']:,} | {p['fraction_of_aird']:.2%} | {_pct(p['asr']['wei2024'])} | {_pct(p['asr']['arditi2024'])} |")
+                lines.append(f"| {method} | {p['k']:,} | {_small_pct(p['fraction_of_aird'])} | {_pct(p['asr']['wei2024'])} | "
+                             f"{_pct(p['asr']['arditi2024'])} | {_num(p.get('kl'), '.4f')} |")
     lines += ["", "## Sample completions (first AdvBench goals)", ""]
     for name, samples in r["samples"].items():
         for s in samples[:2]:
@@ -89,13 +98,15 @@ def render_markdown(r: dict) -> str:
 def curve_points(r: dict) -> dict[str, list[dict]]:
     """Both methods' curves with their shared end points: nothing restored (compressed) and, for AIRD, the whole block."""
     states, total = r["states"], r["aird"]["restored"]
-    start = dict(k=0, fraction_of_aird=0.0, asr=states["compressed"]["asr"]["vanilla"])
-    out = {"AIRD": [start, *r["curve"].get("aird", []), dict(k=total, fraction_of_aird=1.0, asr=states["aird"]["asr"]["vanilla"])]}
+    start = dict(k=0, fraction_of_aird=0.0, asr=states["compressed"]["asr"]["vanilla"], kl=0.0)
+    out = {"AIRD": [start, *r["curve"].get("aird", []),
+                    dict(k=total, fraction_of_aird=1.0, asr=states["aird"]["asr"]["vanilla"], kl=r["probe"]["aird"]["kl"])]}
     if "targeted" in r["curve"]:
         points = [start, *r["curve"]["targeted"]]
         if "targeted" in states:
             k = states["targeted"]["restored"]
-            points.append(dict(k=k, fraction_of_aird=k / total, asr=states["targeted"]["asr"]["vanilla"]))
+            trial = next((x for x in (r.get("targeted") or {}).get("trials", []) if x["k"] == k), {})
+            points.append(dict(k=k, fraction_of_aird=k / total, asr=states["targeted"]["asr"]["vanilla"], kl=trial.get("kl")))
         out["targeted"] = sorted(points, key=lambda p: p["k"])
     return out
 

@@ -7,12 +7,17 @@ measured on harmful prompts in the compressed model:
 
     score(w) = (w_o - w_c) * dJ/dw
 
-and the highest positive scores are restored, best first, until the harmful refusal score
-reaches a target (AIRD's level). Two objectives:
+and the highest positive scores are restored, best first, until the refusal rate on harmful
+validation prompts (greedy replies, Arditi et al.'s judge) reaches AIRD's. Three objectives:
 
-  refusal     J = mean refusal score (log-odds of a refusal opening) at the last prompt position:
-              the quantity the repair must bring back. Default.
-  projection  J = mean projection of the residual stream at the source (position p, layer l) onto
+  own_refusals  J = log-likelihood of the original model's own greedy refusals to harmful training
+                prompts (teacher forcing, reply tokens only): restore what makes the model say
+                what it used to say. Default.
+  refusal       J = mean refusal score (log-odds of a refusal opening) at the last prompt
+                position. Cheap, but a few dozen weights raise it ("I'm sorry to have a problem...")
+                without the model refusing more: on the embedded model's set-difference variant,
+                29 weights matched AIRD's score with the ASR unchanged.
+  projection    J = mean projection of the residual stream at the source (position p, layer l) onto
               the original's unit direction r, signed to grow towards the original's projection.
               For a matrix that writes the residual stream (attention output, MLP down
               projection) dJ/dW_ij = r_i * sum_t x_j(t), so the score is the write-side
@@ -51,12 +56,12 @@ OBJECTIVES = ("own_refusals", "refusal", "projection")
 @dataclass(frozen=True)
 class TargetedConfig:
     # Budgets tried, as fractions of AIRD's restored count, smallest first; the first whose harmful
-    # refusal score reaches the target is refined by bisection.
-    fractions: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-    bisect_steps: int = 4
+    # refusal rate reaches AIRD's is refined by bisection.
+    fractions: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    bisect_steps: int = 3
     batch_size: int = 8
     objective: str = "own_refusals"  # what the attribution scores measure; see the module docstring
-    reply_tokens: int = 32  # length of the original's own refusals (objective own_refusals)
+    reply_tokens: int = 32  # length of the original's own refusals (own_refusals) and of the judged replies
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -184,7 +189,8 @@ def first_layer_touched(masks: dict[str, torch.Tensor], layer_of: dict[str, int]
 
 def search_budget(compressed: nn.Module, original: nn.Module, probe, scores: dict[str, torch.Tensor], aird_count: int,
                   target: float, cfg: TargetedConfig = TargetedConfig()) -> dict:
-    """Smallest restoration (in cfg.fractions of AIRD's count, then bisection) whose harmful refusal score reaches `target`."""
+    """Smallest restoration (in cfg.fractions of AIRD's count, then bisection) whose harmful refusal
+    rate (greedy replies judged, `probe.refusal_rate`) reaches `target`, AIRD's rate."""
     layer_of = {n: c for c in range(len(decoder_layers(compressed))) for n in block_params(compressed, c)}
     max_k = positive_count(scores)
     trials = []
@@ -193,8 +199,9 @@ def search_budget(compressed: nn.Module, original: nn.Module, probe, scores: dic
         masks = top_masks(scores, k)
         with restored(compressed, original, masks):
             reading = probe.read(first_layer_touched(masks, layer_of))
-        trials.append(dict(k=count(masks), fraction_of_aird=count(masks) / aird_count, **reading.to_json()))
-        return reading.refusal >= target
+            rate = probe.refusal_rate(cfg.reply_tokens)
+        trials.append(dict(k=count(masks), fraction_of_aird=count(masks) / aird_count, refusal_rate=rate, **reading.to_json()))
+        return rate >= target
 
     lo, hi = 0, None
     for fraction in cfg.fractions:
@@ -215,5 +222,5 @@ def search_budget(compressed: nn.Module, original: nn.Module, probe, scores: dic
             hi = mid
         else:
             lo = mid
-    return dict(target_refusal_score=target, reached=hi is not None, k=hi, positive_scores=max_k,
+    return dict(target_refusal_rate=target, reached=hi is not None, k=hi, positive_scores=max_k,
                 trials=sorted(trials, key=lambda t: t["k"]))
