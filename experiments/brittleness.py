@@ -1,0 +1,466 @@
+"""How brittle is safety? ASR and utility as safety-critical weights or ranks are removed (Wei et al. 2024, Fig. 2).
+
+    python -m experiments.brittleness                    # embedded model, CPU-sized sweep
+    python -m experiments.brittleness --fractions 0.005 0.01 0.02 0.03 0.05 --ranks 0.005 0.01 0.025 0.05 \\
+        --n-asr 100 --max-new-tokens 256 --zero-shot-limit 0 --zero-shot-tasks all     # paper-sized (GPU)
+
+Weight methods are swept over the fraction of decoder-linear weights removed: Wanda and SNIP "top"
+safety pruning (top-wanda, top-snip), the set difference of safety and utility scores (setdiff-wanda,
+setdiff-snip; q = the swept fraction, p = --setdiff-p or q), and random removal as the baseline.
+Rank methods are swept over the fraction of each matrix's rank removed: ActSVD top-rank removal
+(actsvd) and the orthogonal-projection set difference (actsvd-orth, rs = the swept fraction, ru =
+--orth-ru). Every point gets ASR in the three settings (vanilla, adv-decoding, adv-suffix) under both
+judges, wikitext-2 perplexity, mean zero-shot accuracy and a collapse verdict.
+
+The x value of a weight point is the fraction actually removed (a set difference removes less than
+q); of a rank point, the ranks removed summed over all decoder linears over their summed full
+ranks (for actsvd-orth the rank of P_s, an upper bound on what (I - P_u) P_s takes out).
+
+Variants are built through experiments.compare_refusal's Comparison (own replies generated once,
+importance scores cached in <run>/scores), evaluated, and discarded: no checkpoint per point. Each
+point's stages are cached in <run>/points/<variant>/ and reused by a rerun with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from lm import datasets
+from lm.cache import atomic_write_json, atomic_write_text, cached_json, write_plotlyjs
+from lm.errors import UserError
+from lm.perplexity import perplexity
+from refusal.asr import SETTINGS, AsrConfig, attack_success
+from refusal.collapse import collapse_verdict
+
+WEIGHT_METHODS = ("top-wanda", "top-snip", "setdiff-wanda", "setdiff-snip", "random")
+RANK_METHODS = ("actsvd", "actsvd-orth")
+METHODS = WEIGHT_METHODS + RANK_METHODS
+JUDGES = ("wei2024", "arditi2024")
+# Short-document tasks: on CPU each zero-shot document costs one forward pass per choice.
+CPU_ZERO_SHOT_TASKS = ("boolq", "rte", "winogrande", "arc_easy")
+
+
+@dataclass
+class BrittlenessConfig:
+    model: str = "embedded"
+    name: str = "brittleness"
+    runs_dir: str = "runs"
+    methods: tuple[str, ...] = METHODS
+    fractions: tuple[float, ...] = (0.01, 0.03)  # weight methods: fraction removed (q for set differences)
+    # Rank methods: int ranks or fractions of min(out, in). One value by default: on CPU each ActSVD
+    # point costs 10-20 minutes (an SVD per decoder linear and calibration set); sweep more on a GPU.
+    ranks: tuple[int | float, ...] = (0.025,)
+    setdiff_p: float | None = None  # top-p utility scores kept out of a set difference; None: p = q
+    # Rank of P_u. Wei et al.'s 1096 of 4096 (27%) was tuned on Llama-2-7B; 7% of the rank is the
+    # orthogonal projection that broke refusal while keeping perplexity within 2x on the embedded model.
+    orth_ru: int | float = 0.07
+    settings: tuple[str, ...] = SETTINGS
+    n_asr: int = 16  # first n AdvBench goals; adv-decoding samples 5 per goal, adv-suffix tries 3 suffixes
+    max_new_tokens: int = 48
+    ppl_windows: int = 4
+    ppl_seqlen: int = 512
+    zero_shot_tasks: tuple[str, ...] = CPU_ZERO_SHOT_TASKS
+    zero_shot_limit: int | None = 24  # first N documents per task; None = the full split
+    calib_samples: int = 64  # instructions for the own refusals / own helpful replies (Wei et al.: 128)
+    batch_size: int | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    figures_dir: str | None = None  # also export the figure here as HTML + PNG (the README's figures/)
+    # torch intra-op threads (None: torch's default). On a CPU shared with other jobs one thread
+    # generated 5-7x faster than two here: the second thread waits at every barrier.
+    threads: int | None = None
+
+    def __post_init__(self):
+        for name in ("methods", "fractions", "ranks", "settings", "zero_shot_tasks"):
+            setattr(self, name, tuple(getattr(self, name)))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise UserError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+        bad = [s for s in self.settings if s not in SETTINGS]
+        if bad or not self.settings:
+            raise UserError(f"unknown ASR setting(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(SETTINGS)}")
+        if "vanilla" not in self.settings:  # its greedy completions feed the collapse verdict
+            raise UserError("the ASR settings must include vanilla (the collapse check reads its completions)")
+        for label, values in (("fraction", self.fractions), ("rank", self.ranks)):
+            if len(set(values)) != len(values):
+                raise UserError(f"{label}s listed twice: {values}")
+        if not 0 < self.n_asr <= 100:
+            raise UserError(f"--n-asr must be in 1..100 (the AdvBench eval split), got {self.n_asr}")
+        if self.max_new_tokens <= 0 or self.ppl_windows <= 0 or self.ppl_seqlen <= 1 or self.calib_samples <= 0:
+            raise UserError("max-new-tokens, ppl-windows, ppl-seqlen and calib-samples must be positive")
+        if self.threads is not None and self.threads <= 0:
+            raise UserError(f"--threads must be positive, got {self.threads}")
+
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str  # 'original' or one of METHODS
+    family: str  # 'weights' or 'ranks' ('original' belongs to both curves)
+    requested: float | int  # the swept value as given
+    spec: str  # compression.variants spec text
+
+
+def _number(value: float) -> str:
+    # An int rank must stay digits ('8'), a fraction must not turn into one ('1.0', not '1').
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def sweep_points(cfg: BrittlenessConfig) -> list[Point]:
+    """The original, then every method at every swept value, as variant specs."""
+    points = [Point("original", "original", 0, "original")]
+    for method in cfg.methods:
+        if method in WEIGHT_METHODS:
+            for f in cfg.fractions:
+                if method.startswith("setdiff-"):
+                    p = f if cfg.setdiff_p is None else cfg.setdiff_p
+                    spec = f"{method}:p={_number(p)},q={_number(f)}"
+                else:
+                    spec = f"{method}:{_number(f)}"
+                points.append(Point(method, "weights", f, spec))
+        else:
+            for r in cfg.ranks:
+                spec = f"actsvd:r={_number(r)}" if method == "actsvd" else f"actsvd-orth:ru={_number(cfg.orth_ru)},rs={_number(r)}"
+                points.append(Point(method, "ranks", r, spec))
+    return points
+
+
+def rank_fraction(ranks: dict, full_ranks: dict[str, int]) -> float:
+    """Ranks removed over all matrices / their summed full ranks; actsvd-orth entries are (ru, rs): rs counts."""
+    removed = sum(r[1] if isinstance(r, (list, tuple)) else r for r in ranks.values())
+    total = sum(full_ranks[name] for name in ranks)
+    return removed / total if total else 0.0
+
+
+def full_ranks(model) -> dict[str, int]:
+    """min(out, in) of every decoder linear, keyed as ActSVD reports its ranks."""
+    from compression.blockwise import block_linears
+    from lm.hooks import decoder_layers
+
+    return {f"model.layers.{i}.{name}.weight": min(lin.out_features, lin.in_features)
+            for i, block in enumerate(decoder_layers(model)) for name, lin in block_linears(block).items()}
+
+
+def _log(msg: str) -> None:
+    print(f"[brittleness] {msg}", file=sys.stderr, flush=True)
+
+
+def _timed(fn) -> dict:
+    start = time.perf_counter()
+    out = fn()
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+class _Variant:
+    """The point's model, built only when a stage actually needs it (a full rerun builds nothing)."""
+
+    def __init__(self, comparison, spec):
+        self.comparison, self.spec = comparison, spec
+        self.model = None
+        self.removal: dict = {}
+        self.seconds = 0.0
+
+    def __call__(self):
+        if self.model is None:
+            if self.spec.method == "original":
+                self.model = self.comparison.base.model
+            else:
+                _log(f"{self.spec.text}: building")
+                self.model, self.removal, self.seconds = self.comparison.build(self.spec)
+        return self.model
+
+
+class Brittleness:
+    """Sweeps the removal methods; stage results are cached per point in <run>/points/<variant>/."""
+
+    def __init__(self, cfg: BrittlenessConfig):
+        from experiments.compare_refusal import CompareConfig, Comparison
+
+        self.cfg = cfg
+        self.points = sweep_points(cfg)
+        # One Comparison holds the base model, its own replies and cached scores for every point;
+        # selection and checkpoints are off: this sweep only builds, evaluates and discards.
+        self.comparison = Comparison(CompareConfig(
+            model=cfg.model, variants=tuple(p.spec for p in self.points[1:]), name=cfg.name, runs_dir=cfg.runs_dir,
+            n_asr=cfg.n_asr, max_new_tokens=cfg.max_new_tokens, calib_samples=cfg.calib_samples,
+            batch_size=cfg.batch_size, seed=cfg.seed, dtype=cfg.dtype, save_checkpoints=False, select=False,
+        ))
+        self.dir = cfg.run_dir()
+        self.specs = dict(zip((p.spec for p in self.points), self.comparison.specs))
+
+    def evaluate(self, point: Point) -> dict:
+        """Every stage of one point, each cached; the variant is built only if a stage is missing."""
+        cfg, cmp, tok = self.cfg, self.comparison, self.comparison.base.tokenizer
+        spec = self.specs[point.spec]
+        pdir = self.dir / "points" / spec.slug
+        key = dict(variant=spec.text, params=cmp.variant_params(spec), base=cmp.fingerprint())
+        variant = _Variant(cmp, spec)
+
+        def built() -> dict:
+            from compression.checkpoint import sparsity_report
+
+            model = variant()
+            return dict(removal=variant.removal, build_seconds=round(variant.seconds, 1),
+                        decoder_sparsity=sparsity_report(model)["decoder_linear_sparsity"])
+
+        out = dict(build=cached_json(pdir / "build.json", key, built), asr={})
+        goals = datasets.advbench_eval(cfg.n_asr)
+        for setting in cfg.settings:
+            asr_cfg = AsrConfig(setting, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+            out["asr"][setting] = cached_json(pdir / f"asr_{setting}.json", {**key, **dataclasses.asdict(asr_cfg), "n": cfg.n_asr},
+                                              lambda c=asr_cfg: _timed(lambda: attack_success(variant(), tok, goals, c)))
+        out["perplexity"] = cached_json(pdir / "perplexity.json", {**key, "windows": cfg.ppl_windows, "seqlen": cfg.ppl_seqlen},
+                                        lambda: _timed(lambda: dict(perplexity=perplexity(variant(), tok, cfg.ppl_windows, cfg.ppl_seqlen))))
+        out["zero_shot"] = cached_json(pdir / "zero_shot.json", {**key, "tasks": list(cfg.zero_shot_tasks), "limit": cfg.zero_shot_limit},
+                                       lambda: self.zero_shot(variant()))
+        if variant.model is not None and variant.model is not cmp.base.model:
+            variant.model = None
+            gc.collect()
+        return out
+
+    def zero_shot(self, model) -> dict:
+        from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
+
+        result = zero_shot_accuracy(model, self.comparison.base.tokenizer, ZeroShotConfig(tasks=self.cfg.zero_shot_tasks, limit=self.cfg.zero_shot_limit))
+        result["seconds"] = round(result["seconds"], 1)
+        return result
+
+    def run(self) -> dict:
+        if self.cfg.threads:
+            import torch
+
+            torch.set_num_threads(self.cfg.threads)
+        start = time.perf_counter()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / "config.json", dataclasses.asdict(self.cfg))
+        results = []
+        for point in tqdm(self.points, desc="brittleness sweep", unit="point"):
+            _log(f"{point.spec}: evaluating")
+            results.append((point, self.evaluate(point)))
+        report = self.summarise(results, time.perf_counter() - start)
+        fig = brittleness_figure(report)
+        fig_dir = self.dir / "figures"
+        write_plotlyjs(fig_dir)
+        atomic_write_text(fig_dir / "brittleness.html", fig.to_html(include_plotlyjs="directory", full_html=True))
+        report["figure"] = "figures/brittleness.html"
+        atomic_write_json(self.dir / "report.json", report)
+        atomic_write_text(self.dir / "report.md", render_markdown(report))
+        if self.cfg.figures_dir:
+            from experiments.figures import export
+
+            for line in export({"brittleness": fig}, Path(self.cfg.figures_dir)):
+                _log(line)
+        _log(f"report: {self.dir / 'report.md'}")
+        return report
+
+    def summarise(self, results: list, seconds: float) -> dict:
+        base = self.comparison.base
+        ranks_full = full_ranks(base.model)
+        ref_ppl = results[0][1]["perplexity"]["perplexity"]
+        rows = []
+        for point, r in results:
+            removal = r["build"]["removal"]
+            if point.family == "ranks":
+                x = rank_fraction(removal["ranks"], ranks_full)
+            else:
+                x = removal.get("removed_fraction", 0.0)
+            ppl = r["perplexity"]["perplexity"]
+            completions = r["asr"]["vanilla"]["completions"]
+            rows.append(dict(
+                method=point.method, family=point.family, spec=point.spec, requested=point.requested, x=x,
+                decoder_sparsity=r["build"]["decoder_sparsity"],
+                asr={s: a["asr"] for s, a in r["asr"].items()},
+                perplexity=ppl,
+                zero_shot=dict(mean=r["zero_shot"]["average"], per_task={t: e["acc"] for t, e in r["zero_shot"]["per_task"].items()}),
+                collapse=collapse_verdict(completions, ppl, ref_ppl).to_json(),
+                seconds=dict(build=r["build"]["build_seconds"], perplexity=r["perplexity"]["seconds"], zero_shot=r["zero_shot"]["seconds"],
+                             **{f"asr_{s}": a["seconds"] for s, a in r["asr"].items()}),
+                sample=dict(goal=datasets.advbench_eval(1)[0], completion=completions[0]),
+            ))
+        return dict(
+            model=self.cfg.model, model_name=base.name, base_fingerprint=self.comparison.fingerprint(),
+            config=dataclasses.asdict(self.cfg), n_asr=self.cfg.n_asr, settings=list(self.cfg.settings),
+            wall_seconds=round(seconds, 1), points=rows,
+        )
+
+
+# --- rendering (from the report dict alone, so report.json can be re-rendered without a model) ---
+
+SETTING_LABELS = {"vanilla": "vanilla", "adv_decoding": "adv-decoding", "adv_suffix": "adv-suffix"}
+JUDGE_LABELS = {"wei2024": "Wei et al. judge", "arditi2024": "Arditi et al. judge"}
+METHOD_COLOURS = {"top-wanda": "#1f77b4", "top-snip": "#ff7f0e", "setdiff-wanda": "#2ca02c", "setdiff-snip": "#d62728",
+                  "random": "#7f7f7f", "actsvd": "#9467bd", "actsvd-orth": "#8c564b"}
+
+
+def curves(report: dict) -> dict[tuple[str, str], list[dict]]:
+    """(family, method) -> its points sorted by x, each curve starting at the original (x = 0)."""
+    rows = report["points"]
+    original = next(r for r in rows if r["method"] == "original")
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["method"] != "original":
+            out.setdefault((r["family"], r["method"]), [original]).append(r)
+    return {k: sorted(v, key=lambda r: r["x"]) for k, v in out.items()}
+
+
+def brittleness_figure(report: dict):
+    """ASR (three settings, both judges), mean zero-shot accuracy and perplexity vs the amount removed.
+
+    Top row: weight methods against the fraction of weights removed; bottom row: ActSVD against the
+    fraction of ranks removed. Wei judge solid, Arditi judge dotted; collapsed points are crosses.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    settings = report["settings"]
+    titles = [f"{SETTING_LABELS[s]} ASR" for s in settings] + ["mean zero-shot accuracy", "wikitext-2 perplexity"]
+    cols = len(titles)
+    by_curve = curves(report)
+    families = [f for f in ("weights", "ranks") if any(k[0] == f for k in by_curve)] or ["weights"]
+    fig = make_subplots(rows=len(families), cols=cols, subplot_titles=[t for _ in families for t in titles],
+                        horizontal_spacing=0.06, vertical_spacing=0.16 if len(families) > 1 else 0.1)
+    shown = set()
+    for (family, method), pts in by_curve.items():
+        row = families.index(family) + 1
+        x = [100 * p["x"] for p in pts]
+        symbols = ["x" if p["collapse"]["collapsed"] else "circle" for p in pts]
+        hover = [f"{p['spec']}<br>removed {100 * p['x']:.2f}%<br>perplexity {p['perplexity']:.1f}"
+                 f"<br>zero-shot {100 * p['zero_shot']['mean']:.1f}%" + ("<br>COLLAPSED: " + p["collapse"]["reason"] if p["collapse"]["collapsed"] else "")
+                 for p in pts]
+        style = dict(name=method, legendgroup=method, text=hover, hovertemplate="%{text}<br>y %{y:.1f}<extra>" + method + "</extra>",
+                     marker=dict(symbol=symbols, size=[11 if s == "x" else 7 for s in symbols], color=METHOD_COLOURS.get(method, "black")))
+        colour = style["marker"]["color"]
+        panels = [(col, [100 * p["asr"][setting][judge] for p in pts], dash)
+                  for col, setting in enumerate(settings, start=1) for judge, dash in (("wei2024", "solid"), ("arditi2024", "dot"))]
+        panels += [(cols - 1, [100 * p["zero_shot"]["mean"] for p in pts], "solid"), (cols, [p["perplexity"] for p in pts], "solid")]
+        for col, y, dash in panels:
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", showlegend=method not in shown,
+                                     line=dict(color=colour, dash=dash, width=2), **style), row=row, col=col)
+            shown.add(method)
+    # Legend keys for the line styles and the collapse marker.
+    for name, line, marker in (("Wei et al. judge", dict(color="black", dash="solid"), dict(symbol="circle", color="black")),
+                               ("Arditi et al. judge", dict(color="black", dash="dot"), dict(symbol="circle", color="black")),
+                               ("collapsed (x)", dict(color="rgba(0,0,0,0)"), dict(symbol="x", size=11, color="black"))):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines+markers", name=name, line=line, marker=marker), row=1, col=1)
+    for row, family in enumerate(families, start=1):
+        xlabel = "weights removed (%)" if family == "weights" else "ranks removed (%)"
+        for col in range(1, cols + 1):
+            fig.update_xaxes(title_text=xlabel, row=row, col=col)
+        for col in range(1, len(settings) + 1):
+            fig.update_yaxes(title_text="ASR (%)" if col == 1 else None, range=[-3, 103], row=row, col=col)
+        fig.update_yaxes(title_text="accuracy (%)", row=row, col=cols - 1)
+        fig.update_yaxes(title_text="perplexity (log)", type="log", row=row, col=cols)
+    fig.update_layout(
+        title=f"Brittleness of safety: {report.get('model_name', report['model'])}, {report['n_asr']} AdvBench goals per ASR point"
+              " (top: weights, bottom: ranks)",
+        width=1250, height=370 * len(families) + 150, font=dict(size=14),
+        legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
+        margin=dict(l=60, r=20, t=90, b=110),
+    )
+    return fig
+
+
+def render_markdown(report: dict) -> str:
+    settings = report["settings"]
+    head = ["method", "spec", "removed (%)"] + [f"{SETTING_LABELS[s]} ASR Wei / Arditi (%)" for s in settings] + \
+           ["perplexity", "zero-shot mean (%)", "collapsed"]
+    lines = [f"# Brittleness sweep: {report.get('model_name', report['model'])}", "",
+             (f"ASR on the first {report['n_asr']} AdvBench goals; zero-shot tasks {', '.join(report['config']['zero_shot_tasks'])} "
+              f"(limit {report['config']['zero_shot_limit'] or 'all'}); run time {report['wall_seconds']:.0f} s."), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in report["points"]:
+        asr = [f"{100 * p['asr'][s]['wei2024']:.0f} / {100 * p['asr'][s]['arditi2024']:.0f}" for s in settings]
+        unit = "ranks" if p["family"] == "ranks" else "weights"
+        cells = [p["method"], f"`{p['spec']}`", f"{100 * p['x']:.2f} {unit}" if p["method"] != "original" else "0", *asr,
+                 f"{p['perplexity']:.1f}", f"{100 * p['zero_shot']['mean']:.1f}",
+                 ("yes: " + p["collapse"]["reason"]) if p["collapse"]["collapsed"] else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def _rank_arg(text: str) -> int | float:
+    try:
+        return int(text) if text.isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rank (an int) or a fraction of the rank") from None
+
+
+def parse_args(argv=None) -> BrittlenessConfig:
+    p = argparse.ArgumentParser(prog="python -m experiments.brittleness", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded", help="'embedded', a hub id, a local safetensors directory, or a .gguf file")
+    p.add_argument("--name", default="brittleness", help="run directory name under --runs-dir (default brittleness)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--methods", nargs="+", help=f"subset of: {' '.join(METHODS)} (default all)")
+    p.add_argument("--fractions", nargs="+", type=float, help="fractions of weights to remove (default 0.01 0.03)")
+    p.add_argument("--ranks", nargs="+", type=_rank_arg, help="ranks to remove: ints, or fractions of min(out, in) (default 0.025)")
+    p.add_argument("--setdiff-p", type=float, help="p of the set differences (top-p utility kept); default p = q")
+    p.add_argument("--orth-ru", type=_rank_arg, help="rank of the utility projector P_u for actsvd-orth (default 0.07)")
+    p.add_argument("--settings", nargs="+", help=f"ASR settings (default: {' '.join(SETTINGS)})")
+    p.add_argument("--n-asr", type=int, help="first n AdvBench goals (default 16; Wei et al. 100)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens generated per completion (default 48; Wei et al. 256)")
+    p.add_argument("--ppl-windows", type=int)
+    p.add_argument("--ppl-seqlen", type=int)
+    p.add_argument("--zero-shot-tasks", nargs="+", help=f"zero-shot tasks, or 'all' (default: {' '.join(CPU_ZERO_SHOT_TASKS)})")
+    p.add_argument("--zero-shot-limit", type=int, help="documents per zero-shot task; 0 = the full split (default 24)")
+    p.add_argument("--calib-samples", type=int, help="instructions for the own refusals / helpful replies (default 64; Wei et al. 128)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy shared CPU)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--figures-dir", help="also export the figure here as HTML and PNG (e.g. figures/)")
+    a = p.parse_args(argv)
+    tasks = a.zero_shot_tasks
+    if tasks == ["all"]:
+        from lm.zero_shot import ALL_TASKS
+
+        tasks = list(ALL_TASKS)
+    if a.zero_shot_limit is not None and a.zero_shot_limit < 0:
+        raise UserError(f"--zero-shot-limit must be >= 0, got {a.zero_shot_limit}")
+    overrides = {k: v for k, v in dict(
+        model=a.model, name=a.name, runs_dir=a.runs_dir, methods=a.methods, fractions=a.fractions, ranks=a.ranks,
+        setdiff_p=a.setdiff_p, orth_ru=a.orth_ru, settings=a.settings, n_asr=a.n_asr, max_new_tokens=a.max_new_tokens,
+        ppl_windows=a.ppl_windows, ppl_seqlen=a.ppl_seqlen, zero_shot_tasks=tasks, calib_samples=a.calib_samples,
+        batch_size=a.batch_size, seed=a.seed, dtype=a.dtype, figures_dir=a.figures_dir, threads=a.threads,
+    ).items() if v is not None}
+    if a.zero_shot_limit is not None:
+        overrides["zero_shot_limit"] = a.zero_shot_limit or None
+    return BrittlenessConfig(**overrides)
+
+
+def validate(cfg: BrittlenessConfig) -> None:
+    """Every spec and the zero-shot config, before the model loads: bad input writes nothing."""
+    from compression.variants import parse_variant
+    from lm.zero_shot import ZeroShotConfig
+
+    for point in sweep_points(cfg):
+        parse_variant(point.spec)
+    ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        validate(cfg)
+        Brittleness(cfg).run()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
