@@ -22,22 +22,36 @@ from lm.chat import format_prompts
 from lm.errors import UserError
 from lm.loading import load_model
 
+from .measure import measure
+from .suite import Settings, row
+
 
 def run(model_spec: str, n_samples: int) -> list[dict]:
     loaded = load_model(model_spec)
     instructions = datasets.sample(datasets.instructions("harmless", "train"), n_samples, 0)
     reply = "Here is a short, helpful answer to your question, with the key steps explained clearly."
     batches = tokenize_pairs(loaded.tokenizer, [(p, reply) for p in format_prompts(loaded.tokenizer, instructions)]).batches
+    device = next(loaded.model.parameters()).device
     rows, scores = [], {}
     for name, fn in (("one pass, all layers", snip_scores_one_pass), ("per-layer loop (Wei et al.)", snip_scores_per_layer)):
-        start = time.perf_counter()
-        scores[name] = fn(loaded.model, batches)
-        rows.append(dict(implementation=name, seconds=time.perf_counter() - start))
+        m = measure(lambda fn=fn: fn(loaded.model, batches), device)
+        scores[name], m.result = m.result, None
+        rows.append(dict(implementation=name, seconds=m.seconds, measurement=m))
     a, b = scores.values()
     worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-30)) for k in a)
-    for row in rows:
-        row["max_relative_difference"] = worst
+    for r in rows:
+        r["max_relative_difference"] = worst
     return rows
+
+
+def rows(settings: Settings) -> list[dict]:
+    fast, base = run(settings.model, settings.snip_samples)
+    return [row(
+        f"SNIP scores, {settings.snip_samples} calibration samples", base["implementation"], fast["implementation"],
+        base["measurement"], fast["measurement"],
+        check=f"max rel. diff {fast['max_relative_difference']:.1e}",
+        note="Wei et al.'s loop: one forward + backward per layer and sample",
+    )]
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,11 @@ Calibration inputs are run up to decoder block 0 once. Then, block by block: col
 the inputs of every linear layer in the block, compress the block, and recompute the block's
 outputs with its compressed weights; those outputs are the next block's inputs. Only one block's
 activations for the calibration set are alive at a time.
+
+Models loaded with a device map (blocks on several GPUs, or offloaded to CPU or disk; see the
+README's "Scale" section) are handled one block at a time too: the block's weights are brought
+onto the compute device (lm.placement.resident), worked on there with the activations, and put
+back where they live, so the compute device holds one block plus one block's activations.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lm.hooks import _first, decoder_layers, hooks_registered
+from lm.placement import compute_device, resident
 from lm.resume import block0_input
 
 from .calibration import Calibration
@@ -33,7 +39,7 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 @torch.no_grad()
 def block0_inputs(model: nn.Module, calibration: Calibration) -> list[tuple[torch.Tensor, dict, torch.Tensor]]:
     """(hidden_states, keyword arguments, token mask) entering block 0, one triple per batch."""
-    device = next(model.parameters()).device
+    device = compute_device(model)
     states = []
     for batch in calibration.batches:
         mask = batch["attention_mask"].to(device)
@@ -67,6 +73,17 @@ def collect(block: nn.Module, states, make_collector: Callable[[nn.Linear], Coll
     return collectors
 
 
+def _to(obj, device: torch.device):
+    """Tensors inside nested tuples / lists / dicts moved to `device` (other values as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
 @torch.no_grad()
 def compress_blockwise(
     model: nn.Module,
@@ -74,11 +91,18 @@ def compress_blockwise(
     make_collector: Callable[[nn.Linear], Collector],
     compress_linear: Callable[[str, nn.Linear, Collector], None],
     desc: str = "compress",
+    device: torch.device | str | None = None,
 ) -> None:
-    """Apply `compress_linear` to every linear of every block, block-sequentially, in place."""
-    states = block0_inputs(model, calibration)
+    """Apply `compress_linear` to every linear of every block, block-sequentially, in place.
+
+    device: where each block is worked on (default: lm.placement.compute_device, the first GPU
+    for a device-mapped model, else the model's device).
+    """
+    device = compute_device(model) if device is None else torch.device(device)
+    states = _to(block0_inputs(model, calibration), device)
     for index, block in enumerate(tqdm(decoder_layers(model), desc=desc, unit="block", leave=False)):
-        collectors = collect(block, states, make_collector)
-        for name, lin in block_linears(block).items():
-            compress_linear(f"model.layers.{index}.{name}", lin, collectors[name])
-        states = run_block(block, states)
+        with resident(block, device):
+            collectors = collect(block, states, make_collector)
+            for name, lin in block_linears(block).items():
+                compress_linear(f"model.layers.{index}.{name}", lin, collectors[name])
+            states = run_block(block, states)

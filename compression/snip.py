@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.errors import UserError
-from lm.hooks import decoder_layers
+from lm.hooks import decoder_layers, hooks_registered
 
 from .blockwise import block_linears
 from .sparsity import SparsityPattern, prune_mask
@@ -58,7 +58,7 @@ def response_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def snip_score(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """|W * dL/dW|: the first-order change in loss from zeroing each weight, sign dropped."""
-    return (weight.detach().float() * grad.float()).abs()
+    return (weight.detach().float() * grad.float()).abs_()
 
 
 @contextmanager
@@ -81,17 +81,32 @@ def gradients_only_for(model: nn.Module, params: list[nn.Parameter]):
 
 
 def accumulate_snip(model: nn.Module, weights: dict[str, nn.Parameter], batches: list[Batch]) -> dict[str, torch.Tensor]:
-    """Summed SNIP scores of `weights` over `batches`, one forward + backward per batch."""
+    """Summed SNIP scores of `weights` over `batches`, one forward + backward per batch.
+
+    Each weight's gradient is turned into its score as soon as backward has produced it and is
+    then dropped, so at most a few layers' gradients exist at a time instead of the whole
+    model's (for a one-pass run over all layers that is a model-sized saving).
+    """
     if not batches:
         raise UserError("SNIP needs at least one calibration batch")
-    names, params = list(weights), list(weights.values())
     scores = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in weights.items()}
-    with gradients_only_for(model, params):
-        for batch in batches:
-            # autograd.grad rather than backward(): no .grad buffers left behind on the model.
-            grads = torch.autograd.grad(response_loss(model, batch), params)
-            for name, p, g in zip(names, params, grads):
-                scores[name] += snip_score(p, g).cpu()
+    name_of = {id(p): name for name, p in weights.items()}
+
+    def consume(param: torch.Tensor) -> None:
+        scores[name_of[id(param)]] += snip_score(param, param.grad).cpu()
+        param.grad = None
+
+    params = list(weights.values())
+    earlier = [p.grad for p in params]  # a caller's own gradients are put back afterwards
+    try:
+        with gradients_only_for(model, params), hooks_registered([p.register_post_accumulate_grad_hook(consume) for p in params]):
+            for p in params:
+                p.grad = None
+            for batch in batches:
+                response_loss(model, batch).backward()
+    finally:
+        for p, g in zip(params, earlier):
+            p.grad = g
     return scores
 
 

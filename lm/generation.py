@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .chat import tokenize_prompts
 from .errors import UserError
+from .prefix import SharedPrefix
 
 BACKENDS = ("hf", "hf-generate", "vllm")
 
@@ -30,6 +31,8 @@ class SamplingConfig:
     batch_size: int | None = None  # None: chosen from memory (see auto_batch_size)
     seed: int = 0
     backend: str = "hf"
+    # vLLM only: GPUs one model is sharded over (tensor parallelism), e.g. 4 or 8 for a 70B model.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if self.max_new_tokens <= 0 or self.n_samples <= 0:
@@ -40,6 +43,10 @@ class SamplingConfig:
             raise UserError("greedy decoding (temperature 0) gives one completion per prompt; set a temperature to sample")
         if self.backend not in BACKENDS:
             raise UserError(f"unknown generation backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.tensor_parallel_size < 1:
+            raise UserError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise UserError("tensor_parallel_size applies to the vLLM backend; the hf backends follow the model's device_map")
 
 
 def vllm_available() -> bool:
@@ -144,9 +151,19 @@ def decode(model, input_ids, attention_mask, cfg: SamplingConfig, stops: list[in
     produced: list[list[int]] = [[] for _ in range(rows)]
     alive = torch.arange(rows)
     stop_set = torch.tensor(stops, device=input_ids.device)
-    cache = DynamicCache(config=model.config)
-    mask = attention_mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # The chat template's tokens shared by every prompt of the batch (system prompt, user-turn
+    # header) are run once and reused from the KV cache; only each prompt's own tokens are
+    # prefilled. A batch of one has nothing to share.
+    sequences = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+    prefix = SharedPrefix.build(model, sequences) if rows > 1 else None
+    if prefix is not None:
+        step_kwargs = prefix.batch(model, sequences, pad_id=0)
+        input_ids, mask = step_kwargs.pop("input_ids"), step_kwargs.pop("attention_mask")
+        positions, cache = step_kwargs["position_ids"], step_kwargs["past_key_values"]
+    else:
+        cache = DynamicCache(config=model.config)
+        mask = attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     for step in range(cfg.max_new_tokens):
@@ -200,6 +217,7 @@ def _generate_vllm(model, tokenizer, prompts, cfg: SamplingConfig) -> list[list[
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         enforce_eager=device.type == "cpu",
         seed=cfg.seed,
+        tensor_parallel_size=cfg.tensor_parallel_size,
     )
     params = SamplingParams(
         n=cfg.n_samples,

@@ -74,12 +74,14 @@ def capture(
     positions: Iterable[int],
     layers: Iterable[int] | None = None,
     sites: Iterable[str] = ("resid_pre",),
+    forward_kwargs: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Activations at `positions` (indices into the sequence, negative counts from the end).
 
     Returns {site: tensor [batch, n_positions, n_layers, d_model]} in float32. The forward pass
     stops right after the last block it needs, so capturing early layers skips the rest of the
-    model and the LM head (this is what makes direction extraction cheap).
+    model and the LM head (this is what makes direction extraction cheap). `forward_kwargs` go
+    to the model's forward as well (e.g. position ids and a KV cache from lm.prefix).
     """
     blocks = decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(set(layers))
@@ -118,7 +120,7 @@ def capture(
     with hooks_registered(handles):
         base = getattr(model, "model", model)
         try:
-            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            base(**{"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **(forward_kwargs or {})})
         except _StopForward:
             pass
     return {site: torch.stack([store[site][l] for l in layers], dim=2) for site in sites}

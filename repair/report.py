@@ -4,6 +4,8 @@ from __future__ import annotations
 
 JUDGES = (("wei2024", "Wei"), ("arditi2024", "Arditi"))
 LABELS = {"original": "original", "compressed": "compressed", "aird": "AIRD", "targeted": "targeted"}
+# Curve points whose harmless next-token distribution moved this far are marked broken.
+BROKEN_KL = 1.0
 
 
 def _pct(x) -> str:
@@ -139,11 +141,18 @@ def curve_figure(results: dict[str, dict], title: str = "ASR against restored we
         for method, points in curve_points(r).items():
             pts = [p for p in points if p["k"] > 0]
             base = points[0]["asr"]["arditi2024"]
+            symbol = "circle" if method == "AIRD" else "diamond"
+            broken = [p.get("kl") is not None and p["kl"] > BROKEN_KL for p in pts]
             fig.add_trace(go.Scatter(
                 x=[1] + [p["k"] for p in pts], y=[100 * base] + [100 * p["asr"]["arditi2024"] for p in pts],
                 mode="lines+markers", name=f"{label}: {method}", line_color=palette[i % len(palette)],
-                line_dash="solid" if method == "AIRD" else "dot", marker_symbol="circle" if method == "AIRD" else "diamond",
+                line_dash="solid" if method == "AIRD" else "dot",
+                marker_symbol=[symbol] + ["x" if b else symbol for b in broken], marker_size=[8] + [14 if b else 8 for b in broken],
+                customdata=[0.0] + [p.get("kl") for p in pts],
+                hovertemplate="%{x:,} weights<br>ASR %{y:.1f}%<br>KL on harmless %{customdata:.3f}<extra>" + f"{label}: {method}</extra>",
             ))
+    title += f"<br><sup>x: KL on harmless prompts > {BROKEN_KL:g}, the model is broken there (its ASR counts garbled text)</sup>"
     fig.update_layout(title=title, xaxis_type="log", xaxis_title="weights restored (log scale; 1 = nothing restored)",
-                      yaxis_title="vanilla ASR, Arditi judge (%)", yaxis_range=[0, 100], height=500, width=900, legend_title="checkpoint: method")
+                      yaxis_title="vanilla ASR, Arditi judge (%)", yaxis_range=[0, 102], height=600, width=900, legend_title="checkpoint: method",
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
     return fig

@@ -1,0 +1,175 @@
+"""`python -m benchmarks`: every side-by-side speed comparison of the toolkit in one table.
+
+    python -m benchmarks                       # default size, embedded model
+    python -m benchmarks --size full           # ASR settings: 100 goals x 256 new tokens, 128 calibration prompts
+    python -m benchmarks --threads 1           # on a shared CPU: CPU-time ratios stay meaningful
+    python -m benchmarks --only generation snip --gen-new-tokens 256
+    python -m benchmarks --model Qwen/Qwen2.5-7B-Instruct --no-write
+
+Rows: generation (one prompt at a time vs batched `generate` vs the compacting decoder, and vLLM
+when installed), SNIP (Wei et al.'s per-layer loop vs one pass), Wanda and SparseGPT
+block-sequential pruning (time and peak memory, a small and the main model), direction
+extraction (output_hidden_states vs hooks vs the shared-prefix default), and candidate scoring
+for selection (one candidate at a time vs batched). Each group runs in its own process (peak
+memory per row, see benchmarks/measure.py); the two sides of a row run in the same process on
+the same inputs, so their ratio is the result, while absolute times on a shared CPU are noisy.
+The table is printed and written into benchmarks/RESULTS.md with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from lm.cache import atomic_write_text
+from lm.errors import UserError
+from lm.loading import resolve
+
+from .suite import GROUPS, SIZES, Settings, settings_for
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+BEGIN, END = "<!-- python -m benchmarks: begin -->", "<!-- python -m benchmarks: end -->"
+
+
+def run_groups(groups: list[str], settings: Settings) -> list[dict]:
+    """Rows of every group, each group measured in a fresh worker process."""
+    rows = []
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with tempfile.TemporaryDirectory(prefix="benchmarks-") as tmp:
+        for group in groups:
+            out = Path(tmp) / f"{group}.json"
+            print(f"[{time.strftime('%H:%M:%S')}] {group} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.suite", group, json.dumps(asdict(settings)), str(out)],
+                                  env=env, stdout=subprocess.PIPE, text=True)
+            if proc.returncode != 0 or not out.is_file():
+                lines = [line for line in (proc.stdout or "").splitlines() if line.strip()]
+                raise UserError(f"benchmark group {group!r} failed (exit {proc.returncode})" + (f": {lines[-1]}" if lines else ""))
+            got = json.loads(out.read_text())["rows"]
+            for r in got:
+                r["group"] = group
+            rows.extend(got)
+            print(f"[{time.strftime('%H:%M:%S')}] {group} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def table(rows: list[dict]) -> str:
+    head = ["comparison", "baseline", "fast", "baseline s", "fast s", "speed-up", "baseline CPU s", "fast CPU s",
+            "CPU speed-up", "baseline peak MiB", "fast peak MiB", "check", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["comparison"], r["baseline"] or "-", r["fast"], _num(r["baseline_s"], ".1f"), _num(r["fast_s"], ".1f"),
+                 _num(r["speedup"], ".1f") + ("x" if r["speedup"] is not None else ""),
+                 _num(r["baseline_cpu_s"], ".1f"), _num(r["fast_cpu_s"], ".1f"),
+                 _num(r["cpu_speedup"], ".1f") + ("x" if r["cpu_speedup"] is not None else ""),
+                 _num(r["baseline_mib"], ".0f"),
+                 _num(r["fast_mib"], ".0f") + ("" if r.get("peak_exact", True) else " (since start)"), r["check"] or "-", r["note"] or "-"]
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    dev = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
+    return f"{cpu}, {os.cpu_count()} cores, {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def section(rows: list[dict], settings: Settings, argv: list[str], seconds: float, loads: tuple[float, float]) -> str:
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["python -m benchmarks", *argv])
+    sizes = ", ".join(f"{f.name}={getattr(settings, f.name)}" for f in fields(settings))
+    return "\n".join([
+        BEGIN,
+        f"## `{command}`: {today}",
+        "",
+        f"Machine: {machine()}. Load average (1 min) {loads[0]:.1f} at the start, {loads[1]:.1f} at the end "
+        f"(other jobs share this machine: wall-clock times are noisy; with one thread, CPU times are not). "
+        f"Wall time {seconds / 60:.1f} min. Settings: {sizes}.",
+        "",
+        table(rows),
+        "",
+        "Peak MiB: the high-water mark of the resident set while that implementation ran, minus the "
+        "resident set (model loaded) just before it (Linux VmHWM, reset through /proc/self/clear_refs; "
+        "on a GPU, peak allocated device memory). Speed-up: baseline time / fast time by wall clock, CPU speed-up "
+        "the same by the process's CPU time (generation: tokens/s ratios). Rows without a baseline are single measurements.",
+        END,
+    ])
+
+
+def write_results(path: Path, text: str) -> None:
+    """Replace the generated section of RESULTS.md (or insert it after the introduction)."""
+    old = path.read_text() if path.is_file() else "# Benchmark results\n"
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
+    else:
+        # After the title and the introductory paragraph, before the hand-written sections.
+        cut = old.find("\n## ")
+        new = (old.rstrip("\n") + "\n\n" + text + "\n") if cut < 0 else old[: cut + 1] + text + "\n\n" + old[cut + 1 :]
+    atomic_write_text(path, new)
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="default", choices=sorted(SIZES), help="preset sizes (individual flags override)")
+    p.add_argument("--only", nargs="+", choices=GROUPS, help="run only these groups")
+    p.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update (default benchmarks/RESULTS.md)")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--json", type=Path, help="also write the raw rows here")
+    defaults = Settings()
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, type=type(getattr(defaults, f.name)), default=None, help=f"default size: {getattr(defaults, f.name)}")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse(argv)
+    try:
+        settings = settings_for(a.size, **{f.name: getattr(a, f.name) for f in fields(Settings)})
+        resolve(settings.model)  # a bad model spec fails here, before any work
+        if settings.small_model != "scaled":
+            resolve(settings.small_model)
+        start, load0 = time.perf_counter(), os.getloadavg()[0]
+        rows = run_groups(list(a.only or GROUPS), settings)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seconds, load1 = time.perf_counter() - start, os.getloadavg()[0]
+    text = section(rows, settings, argv, seconds, (load0, load1))
+    print(text.split("\n", 2)[2].rsplit("\n", 1)[0])
+    if a.json:
+        from lm.cache import atomic_write_json
+        atomic_write_json(a.json, dict(settings=asdict(settings), rows=rows))
+    if not a.no_write:
+        write_results(a.results, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`python -m benchmarks` end to end at the tiny size: every row, the table, RESULTS.md (no timing claims)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.__main__ import BEGIN, END, main
+from benchmarks.measure import measure
+from benchmarks.selection import candidate_layers
+from benchmarks.suite import GROUPS, Settings, settings_for
+from lm.errors import UserError
+from tests.tiny import build_pair, save_tiny
+
+EXISTING = "# Benchmark results\n\nIntro paragraph.\n\n## Older hand-written section\n\nkept as is\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    model, tokenizer = build_pair("qwen2", seed=1)
+    return save_tiny(tmp_path_factory.mktemp("bench") / "tiny-qwen2", model, tokenizer)
+
+
+def test_tiny_run_prints_every_row_and_updates_results(tiny_dir, tmp_path, capsys):
+    results, raw = tmp_path / "RESULTS.md", tmp_path / "rows.json"
+    results.write_text(EXISTING)
+    argv = ["--size", "tiny", "--model", str(tiny_dir), "--threads", "1", "--results", str(results), "--json", str(raw)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(raw.read_text())["rows"]
+    assert {r["group"] for r in rows} == set(GROUPS)
+    by_group = {g: [r for r in rows if r["group"] == g] for g in GROUPS}
+    assert len(by_group["generation"]) == 2 and len(by_group["direction"]) == 2 and len(by_group["pruning"]) == 4
+    for r in rows:
+        assert r["fast_s"] > 0 and r["fast_mib"] is not None and r["fast_mib"] >= 0
+        assert r["comparison"] in printed
+    for r in by_group["generation"]:
+        assert r["check"] == "100% same text"  # greedy, batched or not: the same completions
+    snip, = by_group["snip"]
+    assert snip["check"].startswith("max rel. diff") and float(snip["check"].split()[-1]) < 1e-4
+    for r in by_group["direction"] + by_group["selection"]:
+        assert float(r["check"].split()[-1]) < 1e-3, r
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\nIntro paragraph.\n") and "## Older hand-written section\n\nkept as is" in text
+    assert text.index(BEGIN) < text.index("## Older hand-written section")
+    assert "| comparison |" in text and "Machine:" in text
+
+    # A second run replaces the generated section instead of adding another one.
+    assert main(argv + ["--only", "snip"]) == 0
+    again = results.read_text()
+    assert again.count(BEGIN) == again.count(END) == 1 and "direction extraction" not in again
+    assert "## Older hand-written section\n\nkept as is" in again
+
+
+def test_bad_model_fails_before_any_work(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    assert main(["--size", "tiny", "--model", str(tmp_path / "missing"), "--results", str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert not results.exists()
+
+
+def test_settings_and_presets():
+    assert settings_for("default") == Settings()
+    assert settings_for("full").gen_new_tokens == 256
+    assert settings_for("default", gen_prompts=5, snip_samples=None).gen_prompts == 5
+    with pytest.raises(UserError):
+        settings_for("huge")
+    with pytest.raises(UserError):
+        Settings(gen_prompts=0)
+
+
+def test_candidate_layers_skip_layer_zero():
+    assert candidate_layers(24, 12)[0] == 1 and candidate_layers(24, 12)[-1] == 23 and len(candidate_layers(24, 12)) == 12
+    assert candidate_layers(4, 10) == [1, 2, 3]
+
+
+def test_measure_sees_an_allocation():
+    import torch
+
+    m = measure(lambda: torch.ones(64 << 20, dtype=torch.uint8).sum())  # 64 MiB, touched
+    assert m.peak_exact and m.peak_mib >= 60 and int(m.result) == 64 << 20
+
+
+@pytest.mark.slow
+def test_benchmarks_on_the_embedded_model(tmp_path):
+    raw = tmp_path / "rows.json"
+    argv = ["--size", "tiny", "--only", "generation", "direction", "selection", "--snip-samples", "1",
+            "--no-write", "--json", str(raw)]
+    assert main(argv) == 0
+    rows = json.loads(raw.read_text())["rows"]
+    assert {r["group"] for r in rows} == {"generation", "direction", "selection"}
+    for r in rows:
+        if r["group"] == "direction":
+            assert float(r["check"].split()[-1]) < 1e-4
