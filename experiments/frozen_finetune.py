@@ -1,0 +1,342 @@
+"""Does harmless fine-tuning move the safety-critical weights? (the CS2881 extension of Wei et al. 2024)
+
+    python -m experiments.frozen_finetune                   # embedded model, CPU-sized defaults
+    python -m experiments.frozen_finetune --quick           # CI-sized
+    python -m experiments.frozen_finetune --model Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 \\
+        --steps 500 --lr 2e-4 --batch-size 16 --n-train 1024 --n-safety 128 --n-utility 128 --max-new-tokens 128 --seqlen 384
+
+1. Scores: Wanda importance (compression.attribution) of every decoder linear weight on the
+   model's own refusals to harmful instructions (safety) and its own replies to harmless ones
+   (utility); the groups of compression.weight_groups: safety-critical (top-q safety minus top-p
+   utility), top safety, top utility, random.
+2. Frozen arm: LoRA (peft, all seven linear types of every decoder block by default) on harmless
+   instructions with the model's own greedy replies as targets, every safety-critical weight
+   frozen individually (experiments.finetune_lora). Then the three scored groups are recomputed
+   on the merged model with the same data and settings, and compared with the originals (overlap
+   and Jaccard). The frozen weights are checked to be bit-for-bit unchanged.
+3. Unfrozen arm: the same training with nothing frozen, the same recomputation, and the drift of
+   the four groups at evenly spaced checkpoints (float32, from the merged updates; absolute and
+   guarded relative drift, and norm ratios).
+
+Training data: the CS2881 study fine-tuned on a harmless instruction set; the harmless_train
+instructions here (Alpaca) ship without responses, so the targets are the model's own greedy
+replies (refusals dropped), on instructions disjoint from the utility-scoring ones. This is
+close to self-distillation: the loss starts low and the updates are smaller than training on
+another model's answers would give.
+
+Defaults (CPU-sized): 32 harmful and 32 harmless scoring instructions, 48 training instructions,
+replies of at most 40 tokens, p = q = 3% per matrix, LoRA rank 8 on q/k/v/o/gate/up/down of every
+block, 20 AdamW steps of 4 sequences at lr 1e-3, drift at steps 0, 5, 10, 15, 20. The frozen arm
+costs about 2.5 times the unfrozen one per step (its update is materialised densely so the mask
+is exact). GPU-sized runs take the same command with larger numbers (see above).
+
+Every stage is cached in runs/<name>/ and reused by a rerun with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compression.attribution import is_refusal, own_replies, safety_pairs, scores_cached, utility_pairs
+from compression.calibration import tokenize_pairs
+from compression.weight_groups import SCORED_GROUPS, GroupConfig, agreement, group_drift, group_sizes, scored_groups, weight_groups
+from lm import datasets
+from lm.cache import atomic_dir, atomic_save_tensors, atomic_write_json, atomic_write_text, cached_json
+from lm.errors import UserError
+from lm.loading import load_model, model_fingerprint
+
+from .finetune_lora import TARGETS, LoraTrainConfig, attach_lora, check_targets, decoder_linear_modules, merged, train
+from .frozen_finetune_report import drift_figure, overlap_figure, render_markdown
+
+ARMS = ("frozen", "unfrozen")
+# CS2881 (Jaccard of each group before vs after fine-tuning with the safety-critical weights frozen).
+PUBLISHED_JACCARD = {"safety_critical": 0.15, "top_safety": 0.24, "top_utility": 0.34}
+
+
+@dataclass
+class FrozenFinetuneConfig:
+    model: str = "embedded"
+    name: str | None = None  # run directory name under runs_dir
+    runs_dir: str = "runs"
+    dtype: str = "float32"
+    seed: int = 0
+    # data: the model's own greedy replies
+    n_safety: int = 32  # harmful instructions sampled; the refusals among them are the safety data
+    n_utility: int = 32  # harmless instructions for the utility scores
+    n_train: int = 48  # harmless instructions (disjoint from the utility ones) for fine-tuning
+    max_new_tokens: int = 40
+    seqlen: int = 160  # prompt + reply tokens per sequence
+    score_batch_size: int = 8
+    # groups
+    p: float = 0.03
+    q: float = 0.03
+    per: str = "matrix"
+    # LoRA
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+    # CPU-sized: 20 AdamW steps at 1e-3 move the adapter about as far as 100 at 2e-4 (a usual LoRA
+    # rate); at GPU scale use e.g. --lr 2e-4 --steps 500.
+    lr: float = 1e-3
+    steps: int = 20
+    batch_size: int = 4
+    checkpoints: int = 4  # drift is measured at this many evenly spaced steps (and step 0)
+    eps_fraction: float = 0.1  # relative-drift guard: eps = eps_fraction * mean |W0| of each matrix
+    figures_dir: str | None = None  # also export the figures here as HTML + PNG (e.g. figures/)
+
+    def __post_init__(self):
+        if min(self.n_safety, self.n_utility, self.n_train, self.max_new_tokens, self.seqlen, self.score_batch_size,
+               self.batch_size, self.checkpoints) <= 0:
+            raise UserError("sample counts, token lengths, batch sizes and checkpoints must be positive")
+        if self.eps_fraction <= 0:
+            raise UserError(f"--eps-fraction must be positive, got {self.eps_fraction}")
+        self.group_config()
+        self.train_config()
+
+    @classmethod
+    def quick(cls, **overrides) -> FrozenFinetuneConfig:
+        """CI-sized: every stage on a handful of short sequences."""
+        small = dict(n_safety=6, n_utility=4, n_train=4, max_new_tokens=12, seqlen=96, steps=2, batch_size=2, checkpoints=1)
+        return cls(**{**small, **overrides})
+
+    def group_config(self) -> GroupConfig:
+        return GroupConfig(p=self.p, q=self.q, per=self.per, seed=self.seed)
+
+    def train_config(self) -> LoraTrainConfig:
+        return LoraTrainConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=tuple(self.targets), lr=self.lr,
+                               steps=self.steps, seed=self.seed)
+
+    def checkpoint_steps(self) -> tuple[int, ...]:
+        n = min(self.checkpoints, self.steps)
+        return tuple(sorted({0} | {round(self.steps * k / n) for k in range(1, n + 1)}))
+
+    def run_dir(self) -> Path:
+        if self.name:
+            return Path(self.runs_dir) / self.name
+        slug = "" if self.model == "embedded" else "-" + Path(self.model).name.replace("/", "-")
+        return Path(self.runs_dir) / f"frozen-finetune{slug}"
+
+
+def _log(msg: str) -> None:
+    print(f"[frozen_finetune] {msg}", file=sys.stderr, flush=True)
+
+
+def _digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FrozenFinetune:
+    def __init__(self, cfg: FrozenFinetuneConfig):
+        self.cfg = cfg
+        self.dir = cfg.run_dir()
+        self.base = load_model(cfg.model, dtype=cfg.dtype)
+        check_targets(self.base.model, tuple(cfg.targets))
+        self.fingerprint = model_fingerprint(self.base.model)
+
+    # --- data ----------------------------------------------------------------------------
+    def data(self) -> dict:
+        """Safety, utility and training pairs (chat-formatted prompt, own greedy reply), generated once."""
+        c, model, tok = self.cfg, self.base.model, self.base.tokenizer
+        params = dict(model=self.fingerprint, n_safety=c.n_safety, n_utility=c.n_utility, n_train=c.n_train,
+                      max_new_tokens=c.max_new_tokens, seed=c.seed)
+
+        def make():
+            safety = safety_pairs(model, tok, c.n_safety, c.seed, c.max_new_tokens)
+            utility = utility_pairs(model, tok, c.n_utility, c.seed, c.max_new_tokens)
+            pool = datasets.instructions("harmless", "train")
+            # utility_pairs draws datasets.sample(pool, n_utility, seed); training avoids those instructions.
+            held_out = set(datasets.sample(pool, c.n_utility, c.seed))
+            instructions = datasets.sample([i for i in pool if i not in held_out], c.n_train, c.seed + 1)
+            train_pairs = [(p, r) for p, r in own_replies(model, tok, instructions, c.max_new_tokens, c.seed) if not is_refusal(r)]
+            if not train_pairs:
+                raise UserError(f"the model refused all {c.n_train} harmless training instructions")
+            return dict(safety=safety, utility=utility, train=train_pairs)
+
+        return cached_json(self.dir / "data.json", params, make)
+
+    # --- scores and groups ---------------------------------------------------------------
+    def scores(self, data: dict, label: str, fingerprint: str) -> dict:
+        """Wanda safety and utility scores of the model as it is now (`label` names the files)."""
+        c, tok = self.cfg, self.base.tokenizer
+        out = {}
+        for kind in ("safety", "utility"):
+            cal = tokenize_pairs(tok, [tuple(pair) for pair in data[kind]], c.seqlen, c.score_batch_size)
+            out[kind] = scores_cached(self.base.model, "wanda", cal, self.dir / "scores", fingerprint, name=f"{kind}-{label}")
+        return out
+
+    # --- fine-tuning arms ----------------------------------------------------------------
+    def arm(self, arm: str, data: dict, groups: dict, data_digest: str) -> dict:
+        """Train one arm (or reuse it): adapter.safetensors + log.json with losses and drift per checkpoint."""
+        c, tok = self.cfg, self.base.tokenizer
+        train_cfg = c.train_config()
+        params = dict(arm=arm, model=self.fingerprint, data=data_digest, train=dataclasses.asdict(train_cfg), batch_size=c.batch_size,
+                      seqlen=c.seqlen, groups=dataclasses.asdict(c.group_config()), checkpoints=list(c.checkpoint_steps()),
+                      eps_fraction=c.eps_fraction)
+        arm_dir = self.dir / arm
+        frozen = groups["safety_critical"] if arm == "frozen" else None
+        log_path = arm_dir / "log.json"
+        if log_path.is_file() and json.loads(log_path.read_text()).get("params") == json.loads(json.dumps(params)):
+            from safetensors.torch import load_file
+
+            _log(f"{arm}: reusing {arm_dir}")
+            run = attach_lora(self.base.model, train_cfg, frozen)
+            run.load_adapter_state(load_file(str(arm_dir / "adapter.safetensors")))
+            deltas = run.deltas()
+            run.detach()
+            return dict(log=json.loads(log_path.read_text())["result"], deltas=deltas)
+
+        _log(f"{arm}: LoRA r={c.rank} on {len(data['train'])} pairs, {c.steps} steps of {c.batch_size}"
+             + (f", {sum(int(m.sum()) for m in frozen.values())} safety-critical weights frozen" if frozen else ""))
+        batches = tokenize_pairs(tok, [tuple(pair) for pair in data["train"]], c.seqlen, c.batch_size).batches
+        initial = {name: m.weight for name, m in decoder_linear_modules(self.base.model).items()}
+        run = attach_lora(self.base.model, train_cfg, frozen)
+        drift = []
+
+        def checkpoint(step: int) -> None:
+            drift.append(dict(step=step, groups=group_drift(initial, run.deltas(), groups, c.eps_fraction)))
+
+        start = time.perf_counter()
+        try:
+            losses = train(run, batches, train_cfg, c.checkpoint_steps(), checkpoint, desc=f"LoRA ({arm})")
+            seconds = time.perf_counter() - start
+            state, deltas = run.adapter_state(), run.deltas()
+        finally:
+            run.detach()
+        log = dict(losses=losses, drift=drift, train_seconds=round(seconds, 1), n_pairs=len(data["train"]),
+                   adapter_sha256=_digest_tensors(state))
+        with atomic_dir(arm_dir) as tmp:
+            atomic_save_tensors(tmp / "adapter.safetensors", state, metadata={"params": json.dumps(params, sort_keys=True)})
+            atomic_write_json(tmp / "log.json", dict(params=params, result=log))
+        return dict(log=log, deltas=deltas)
+
+    # --- the whole job -------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.cfg
+        start = time.perf_counter()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / "config.json", dataclasses.asdict(c))
+        data = self.data()
+        data_digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        _log(f"data: {len(data['safety'])} refusals, {len(data['utility'])} utility and {len(data['train'])} training pairs")
+
+        original = self.scores(data, "original", self.fingerprint)
+        groups = weight_groups(original["safety"], original["utility"], c.group_config())
+        del original  # on disk; only the masks are needed from here on
+        sizes = group_sizes(groups)
+        initial = {name: m.weight for name, m in decoder_linear_modules(self.base.model).items()}
+
+        arms = {}
+        for arm in ARMS:
+            result = self.arm(arm, data, groups, data_digest)
+            deltas = result["deltas"]
+            label = f"{arm}-{result['log']['adapter_sha256'][:12]}"
+            with merged(self.base.model, deltas):
+                after = self.scores(data, label, hashlib.sha256((self.fingerprint + label).encode()).hexdigest())
+            new = scored_groups(after["safety"], after["utility"], c.group_config())
+            del after
+            arms[arm] = dict(
+                agreement={g: agreement(groups[g], new[g]).to_json() for g in SCORED_GROUPS},
+                drift=result["log"]["drift"],
+                final_drift=group_drift(initial, deltas, groups, c.eps_fraction),
+                losses=result["log"]["losses"],
+                train_seconds=result["log"]["train_seconds"],
+                frozen_unchanged=frozen_unchanged(deltas, groups["safety_critical"]) if arm == "frozen" else None,
+            )
+            del new, deltas
+        report = dict(
+            model=c.model, model_name=self.base.name, base_fingerprint=self.fingerprint, config=dataclasses.asdict(c),
+            checkpoint_steps=list(c.checkpoint_steps()), n_pairs={k: len(v) for k, v in data.items()},
+            group_sizes=sizes, chance_jaccard=chance_jaccard(sizes), published_jaccard=PUBLISHED_JACCARD,
+            arms=arms, wall_seconds=round(time.perf_counter() - start, 1),
+        )
+        figs = dict(frozen_finetune_overlap=overlap_figure(report), frozen_finetune_drift=drift_figure(report))
+        atomic_write_json(self.dir / "report.json", report)
+        atomic_write_text(self.dir / "report.md", render_markdown(report))
+        from experiments.figures import export
+
+        for line in export(figs, self.dir / "figures"):
+            _log(line)
+        if c.figures_dir:
+            for line in export(figs, Path(c.figures_dir)):
+                _log(line)
+        _log(f"report: {self.dir / 'report.md'}")
+        return report
+
+
+def frozen_unchanged(deltas: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor]) -> dict:
+    """Frozen weights the update touched (must be 0) and how many targeted matrices were checked."""
+    moved = sum(int((deltas[n][m] != 0).sum()) for n, m in frozen.items() if n in deltas)
+    return dict(frozen=sum(int(frozen[n].sum()) for n in frozen if n in deltas), moved=moved,
+                matrices_checked=sum(1 for n in frozen if n in deltas))
+
+
+def chance_jaccard(sizes: dict[str, dict]) -> dict[str, float]:
+    """Expected Jaccard of two independent uniformly random sets of each group's share f: f / (2 - f)."""
+    return {g: s["fraction"] / (2 - s["fraction"]) if s["fraction"] < 1 else 1.0 for g, s in sizes.items()}
+
+
+def parse_args(argv=None) -> FrozenFinetuneConfig:
+    d = FrozenFinetuneConfig
+    p = argparse.ArgumentParser(prog="python -m experiments.frozen_finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded", help="'embedded', a hub id, a local safetensors directory, or a .gguf file")
+    p.add_argument("--name", help="run directory name (default frozen-finetune[-<model>])")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--quick", action="store_true", help="CI-sized run: a handful of short sequences, 2 steps")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--n-safety", type=int, help=f"harmful instructions for the safety data (default {d.n_safety}; refusals kept)")
+    p.add_argument("--n-utility", type=int, help=f"harmless instructions for the utility scores (default {d.n_utility})")
+    p.add_argument("--n-train", type=int, help=f"harmless instructions for fine-tuning (default {d.n_train})")
+    p.add_argument("--max-new-tokens", type=int, help=f"reply length (default {d.max_new_tokens})")
+    p.add_argument("--seqlen", type=int, help=f"tokens per sequence (default {d.seqlen})")
+    p.add_argument("-p", "--p", type=float, dest="p", help=f"top-p utility fraction spared by the set difference (default {d.p})")
+    p.add_argument("-q", "--q", type=float, dest="q", help=f"top-q safety fraction (default {d.q})")
+    p.add_argument("--per", choices=["matrix", "row"], help="rank scores per matrix (default) or per output row")
+    p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--alpha", type=float, help=f"LoRA alpha (default {d.alpha})")
+    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
+    p.add_argument("--targets", nargs="+", help=f"LoRA target module names (default: {' '.join(TARGETS)})")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per arm (default {d.steps})")
+    p.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
+    p.add_argument("--checkpoints", type=int, help=f"drift checkpoints, evenly spaced (default {d.checkpoints})")
+    p.add_argument("--eps-fraction", type=float, help=f"relative-drift guard as a fraction of each matrix's mean |W0| (default {d.eps_fraction})")
+    p.add_argument("--figures-dir", help="also export the figures here as HTML and PNG (e.g. figures/)")
+    a = p.parse_args(argv)
+    overrides = {k: v for k, v in dict(
+        model=a.model, name=a.name, runs_dir=a.runs_dir, dtype=a.dtype, seed=a.seed, n_safety=a.n_safety, n_utility=a.n_utility,
+        n_train=a.n_train, max_new_tokens=a.max_new_tokens, seqlen=a.seqlen, p=a.p, q=a.q, per=a.per, rank=a.rank, alpha=a.alpha,
+        dropout=a.dropout, targets=tuple(a.targets) if a.targets else None, lr=a.lr, steps=a.steps, batch_size=a.batch_size,
+        checkpoints=a.checkpoints, eps_fraction=a.eps_fraction, figures_dir=a.figures_dir,
+    ).items() if v is not None}
+    if a.quick and "name" not in overrides:
+        overrides["name"] = "frozen-finetune-quick" + ("" if a.model == "embedded" else "-" + Path(a.model).name.replace("/", "-"))
+    return FrozenFinetuneConfig.quick(**overrides) if a.quick else FrozenFinetuneConfig(**overrides)
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        FrozenFinetune(cfg).run()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
