@@ -34,7 +34,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lm import datasets
-from lm.cache import atomic_write_json, atomic_write_text, cached_json, write_plotlyjs
+from lm.cache import atomic_write_json, atomic_write_text, cached_json, timed, write_plotlyjs
 from lm.errors import UserError
 from lm.perplexity import perplexity
 from refusal.asr import SETTINGS, AsrConfig, attack_success
@@ -155,11 +155,6 @@ def _log(msg: str) -> None:
     print(f"[brittleness] {msg}", file=sys.stderr, flush=True)
 
 
-def _timed(fn) -> dict:
-    start = time.perf_counter()
-    out = fn()
-    out["seconds"] = round(time.perf_counter() - start, 1)
-    return out
 
 
 class _Variant:
@@ -219,9 +214,9 @@ class Brittleness:
         for setting in cfg.settings:
             asr_cfg = AsrConfig(setting, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
             out["asr"][setting] = cached_json(pdir / f"asr_{setting}.json", {**key, **dataclasses.asdict(asr_cfg), "n": cfg.n_asr},
-                                              lambda c=asr_cfg: _timed(lambda: attack_success(variant(), tok, goals, c)))
+                                              lambda c=asr_cfg: timed(lambda: attack_success(variant(), tok, goals, c)))
         out["perplexity"] = cached_json(pdir / "perplexity.json", {**key, "windows": cfg.ppl_windows, "seqlen": cfg.ppl_seqlen},
-                                        lambda: _timed(lambda: dict(perplexity=perplexity(variant(), tok, cfg.ppl_windows, cfg.ppl_seqlen))))
+                                        lambda: timed(lambda: dict(perplexity=perplexity(variant(), tok, cfg.ppl_windows, cfg.ppl_seqlen))))
         out["zero_shot"] = cached_json(pdir / "zero_shot.json", {**key, "tasks": list(cfg.zero_shot_tasks), "limit": cfg.zero_shot_limit},
                                        lambda: self.zero_shot(variant()))
         if variant.model is not None and variant.model is not cmp.base.model:

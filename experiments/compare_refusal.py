@@ -26,7 +26,7 @@ from compression.calibration import CalibrationConfig, ResponseCalibrationConfig
 from compression.checkpoint import read_manifest, save_variant, sparsity_report
 from compression.variants import VariantSpec, build_variant_with_report, parse_variant, validate_variant
 from lm import datasets
-from lm.cache import atomic_write_json, atomic_write_text, cached_json, cached_tensors, write_plotlyjs
+from lm.cache import atomic_write_json, atomic_write_text, cached_json, cached_tensors, timed, write_plotlyjs
 from lm.chat import post_instruction
 from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
@@ -252,9 +252,9 @@ class Comparison:
 
         asr_cfg = AsrConfig("vanilla", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
         asr = cached_json(vdir / "asr_vanilla.json", {**key, **dataclasses.asdict(asr_cfg), "n": cfg.n_asr},
-                          lambda: _timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_asr), asr_cfg)))
+                          lambda: timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_asr), asr_cfg)))
         ppl = cached_json(vdir / "perplexity.json", {**key, "windows": cfg.ppl_windows, "seqlen": cfg.ppl_seqlen},
-                          lambda: _timed(lambda: dict(perplexity=perplexity(model, tok, cfg.ppl_windows, cfg.ppl_seqlen))))
+                          lambda: timed(lambda: dict(perplexity=perplexity(model, tok, cfg.ppl_windows, cfg.ppl_seqlen))))
         if self.zero_shot_limit():
             from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
 
@@ -306,7 +306,7 @@ class Comparison:
                 from lm.hooks import intervene
 
                 with intervene(model, ablate=ref.direction_raw):
-                    return _timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_ablation_asr), asr_cfg))
+                    return timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_ablation_asr), asr_cfg))
 
             out["asr_original_direction_ablated"] = cached_json(
                 vdir / "asr_original_direction_ablated.json", {**key, **dataclasses.asdict(asr_cfg), "n": cfg.n_ablation_asr}, ablated)
@@ -492,11 +492,6 @@ def _digest(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
 
-def _timed(fn) -> dict:
-    start = time.perf_counter()
-    out = fn()
-    out["seconds"] = round(time.perf_counter() - start, 1)
-    return out
 
 
 def parse_args(argv=None) -> CompareConfig:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,3 +114,11 @@ def write_plotlyjs(directory: Path) -> None:
     path = Path(directory) / "plotly.min.js"
     if not path.exists():
         atomic_write_text(path, get_plotlyjs())
+
+
+def timed(compute):
+    """compute() with its wall time added as "seconds": for stage results stored by cached_json."""
+    start = time.perf_counter()
+    out = compute()
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    return out

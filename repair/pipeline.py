@@ -30,14 +30,7 @@ import torch
 
 from compression.blockwise import block_linears
 from compression.checkpoint import MANIFEST, read_manifest, sparsity_report
-from lm.cache import (
-    atomic_dir,
-    atomic_write_json,
-    atomic_write_text,
-    cached_json,
-    cached_tensors,
-    write_plotlyjs,
-)
+from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, cached_tensors, timed, write_plotlyjs
 from lm.errors import UserError
 from lm.hooks import decoder_layers
 from lm.loading import load_model, model_fingerprint
@@ -115,11 +108,6 @@ def _log(msg: str) -> None:
     print(f"[repair] {msg}", file=sys.stderr, flush=True)
 
 
-def _timed(fn) -> dict:
-    start = time.perf_counter()
-    out = fn()
-    out["seconds"] = round(time.perf_counter() - start, 1)
-    return out
 
 
 def _key(obj) -> str:
@@ -235,7 +223,7 @@ class Repair:
     def choose(self) -> None:
         key = {**self._probe_key(self.fp_comp), "original": self.fp_orig, "aird": dataclasses.asdict(self.cfg.aird)}
         self.aird = cached_json(self.dir / "aird_choice.json", key,
-                                lambda: _timed(lambda: choose_aird_block(self.model, self.original, self.probe, self.cfg.aird).to_json()))
+                                lambda: timed(lambda: choose_aird_block(self.model, self.original, self.probe, self.cfg.aird).to_json()))
         self.aird_masks = block_masks(self.model, self.original, self.aird["layer"])
         chosen = next(c for c in self.aird["candidates"] if c["layer"] == self.aird["layer"])
         self.aird_reading = {k: chosen[k] for k in ("refusal_score", "kl", "projection")}
@@ -252,7 +240,7 @@ class Repair:
         self.aird_reading["refusal_rate"] = cached_json(self.dir / "aird_refusal_rate.json", {**key, "tokens": self.cfg.targeted_cfg.reply_tokens},
                                                         aird_rate)["refusal_rate"]
         self.targeted = cached_json(self.dir / "targeted_search.json", {**tkey, "target": self.aird_reading["refusal_rate"]},
-                                    lambda: _timed(lambda: search_budget(self.model, self.original, self.probe, scores, self.aird["restored"],
+                                    lambda: timed(lambda: search_budget(self.model, self.original, self.probe, scores, self.aird["restored"],
                                                                          self.aird_reading["refusal_rate"], self.cfg.targeted_cfg)))
 
     def attribution(self) -> dict[str, torch.Tensor]:
@@ -313,12 +301,12 @@ class Repair:
         for setting in settings:
             a = self.asr_cfg(setting)
             r = cached_json(where / f"asr_{setting}.json", {**fp_key, **dataclasses.asdict(a), "n": c.n_asr},
-                            lambda a=a: _timed(lambda: attack_success(model, tok, goals, a)))
+                            lambda a=a: timed(lambda: attack_success(model, tok, goals, a)))
             out[f"asr_{setting}"] = r
         if not full:
             return out
         out["perplexity"] = cached_json(where / "perplexity.json", {**fp_key, "windows": c.ppl_windows, "seqlen": c.ppl_seqlen},
-                                        lambda: _timed(lambda: dict(perplexity=perplexity(model, tok, c.ppl_windows, c.ppl_seqlen))))
+                                        lambda: timed(lambda: dict(perplexity=perplexity(model, tok, c.ppl_windows, c.ppl_seqlen))))
         if c.zero_shot_limit != 0:
             from lm.zero_shot import ALL_TASKS, ZeroShotConfig, zero_shot_accuracy
 
