@@ -371,10 +371,10 @@ class Comparison:
         """Plotly figures of the comparison: behaviour, per-layer cosines and, with selection, the direction."""
         figs = {"asr": asr_figure(report), "cosine_per_layer": cosine_per_layer_figure(report)}
         if report.get("repairs"):
-            from repair.report import before_after_figure, curve_figure
+            from repair.report import before_after_figure, curve_figure, file_slug
 
             for variant, r in report["repairs"].items():
-                figs[f"repair_{_slug(variant)}"] = before_after_figure(r, f"AIRD before/after: {variant}")
+                figs[f"repair_{file_slug(variant)}"] = before_after_figure(r, f"AIRD before/after: {variant}")
             figs["repair_curve"] = curve_figure(report["repairs"])
         ref = results["original"][1].get("selection")
         if ref is None:
@@ -480,10 +480,6 @@ def _direction_summary(r: dict, original: dict) -> dict:
         quality=dict(own=own, original_direction=cross.get("original_direction"), own_direction_in_original=cross.get("own_direction_in_original")),
         asr_original_direction_ablated=None if ablated is None else dict(asr=ablated["asr"], n_prompts=ablated["n_prompts"]),
     )
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in text)
 
 
 def _digest(texts: list[str]) -> str:

@@ -46,14 +46,13 @@ def main(argv=None) -> int:
         return 2
     print("\n".join(_repair_section(results)).strip())
     if a.figures_dir:
-        from repair.report import before_after_figure, curve_figure
+        from repair.report import before_after_figure, curve_figure, file_slug
 
         from .figures import export
 
         figs = {"repair_curve": curve_figure(results)}
         for name, r in results.items():
-            slug = "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in name)
-            figs[f"repair_{slug}"] = before_after_figure(r, f"AIRD and targeted repair: {name}")
+            figs[f"repair_{file_slug(name)}"] = before_after_figure(r, f"AIRD and targeted repair: {name}")
         for line in export(figs, Path(a.figures_dir)):
             print(line, file=sys.stderr)
     return 0

@@ -44,7 +44,7 @@ from refusal.select import SelectionConfig, select_direction_cached
 from .aird import AirdConfig, choose_aird_block
 from .derivation import check_derivation, summarise
 from .refusal_probe import RefusalProbe
-from .report import before_after_figure, curve_figure, render_markdown
+from .report import before_after_figure, curve_figure, file_slug, render_markdown
 from .restore import block_masks, block_params, count, restore_entries, restored
 from .targeted import (
     TargetedConfig,
@@ -135,7 +135,7 @@ def checkpoint_name(path: Path, manifest: dict | None) -> str:
     """A readable run-directory name: the variant spec from compression.json, else the directory name."""
     spec = (manifest or {}).get("spec")
     if spec:
-        return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in spec)
+        return file_slug(spec)
     return path.resolve().name
 
 

@@ -12,6 +12,11 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def file_slug(text: str) -> str:
+    """`text` as a file or directory name: letters, digits, '.' and '-' kept, anything else '-'."""
+    return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in text)
+
+
 def _small_pct(x: float) -> str:
     return f"{100 * x:.3g}%"
 
