@@ -11,6 +11,7 @@ from lm.cache import atomic_dir, atomic_write_json
 from lm.hooks import decoder_layers
 
 from .blockwise import block_linears
+from .int8_weight_only import dense, dense_state_dict, is_quantized
 
 MANIFEST = "compression.json"
 
@@ -20,7 +21,7 @@ def sparsity_report(model: nn.Module) -> dict:
     per_matrix, zeros, total = {}, 0, 0
     for index, block in enumerate(decoder_layers(model)):
         for name, linear in block_linears(block).items():
-            z = int((linear.weight == 0).sum())
+            z = int((dense(linear.weight) == 0).sum())
             n = linear.weight.numel()
             per_matrix[f"model.layers.{index}.{name}.weight"] = z / n
             zeros += z
@@ -40,7 +41,9 @@ def save_variant(model: nn.Module, tokenizer, out_dir: Path, manifest: dict) -> 
     manifest = dict(manifest)
     manifest["sparsity"] = sparsity_report(model)
     with atomic_dir(Path(out_dir)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # int8 weights (torchao) are stored dequantized, so the checkpoint loads without torchao.
+        quantized = any(is_quantized(p) for p in model.parameters())
+        model.save_pretrained(tmp, safe_serialization=True, **(dict(state_dict=dense_state_dict(model)) if quantized else {}))
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest

@@ -1,5 +1,5 @@
 """Variant specs ('wanda:0.5', 'wanda:2:4', 'sparsegpt:0.5', 'sparsegpt:2:4', 'snip:0.5', 'magnitude:0.5',
-'rtn:int8', 'rtn:int4:g32', 'gptq:int4', 'gptq:int8', 'gptq:int4:g32') and building them.
+'rtn:int8', 'rtn:int4:g32', 'gptq:int4', 'gptq:int8', 'gptq:int4:g32', 'torchao:int8') and building them.
 
 Two kinds of calibration: Wanda and SparseGPT read layer inputs on chat-formatted prompts
 (`Calibration`); SNIP needs gradients of a loss on responses, so it takes (prompt, response) pairs
@@ -24,6 +24,7 @@ from lm.errors import UserError
 from . import attribution_variants
 from .calibration import Calibration, ResponseCalibration
 from .gptq import GPTQConfig, quantize_gptq
+from .int8_weight_only import quantize_int8_weight_only, torchao_quantization
 from .magnitude import prune_magnitude
 from .rtn import QuantConfig, quantize_model_rtn
 from .snip import prune_snip, snip_scores_one_pass
@@ -31,7 +32,7 @@ from .sparsegpt import SparseGPTConfig, prune_sparsegpt
 from .sparsity import SparsityPattern
 from .wanda import prune_wanda
 
-METHODS = ("original", "wanda", "sparsegpt", "snip", "magnitude", "rtn", "gptq")
+METHODS = ("original", "wanda", "sparsegpt", "snip", "magnitude", "rtn", "gptq", "torchao")
 PRUNERS = ("wanda", "sparsegpt", "snip", "magnitude")
 NEEDS_CALIBRATION = ("wanda", "sparsegpt", "gptq")  # prompt calibration (`calibration=`)
 NEEDS_RESPONSES = ("snip",)  # (prompt, response) calibration (`responses=`)
@@ -88,6 +89,11 @@ def parse_variant(text: str) -> VariantSpec:
         group = None if m.group(2) == "row" else int(m.group(2) or 128)
         QuantConfig(int(m.group(1)), group)  # e.g. g0: fail here, not after the run has started
         return VariantSpec(method, {"bits": int(m.group(1)), "group_size": group}, text)
+    if method == "torchao":  # real int8 weights at evaluation time; only int8 has a CPU kernel in torchao
+        if arg != "int8":
+            raise UserError(f"variant {text!r}: use torchao:int8 (int8 weight-only, one scale per output row)")
+        torchao_quantization()  # missing extra: fail before the run starts
+        return VariantSpec(method, {"bits": 8, "group_size": None, "backend": "torchao-int8-weight-only"}, text)
     if method in attribution_variants.METHODS:
         return VariantSpec(method, attribution_variants.parse_params(method, arg, text), text)
     raise UserError(f"unknown variant {text!r}; methods: {', '.join(METHODS)}")
@@ -148,4 +154,6 @@ def build_variant_with_report(model, spec: VariantSpec, calibration: Calibration
         quantize_model_rtn(variant, QuantConfig(spec.params["bits"], spec.params["group_size"]))
     elif spec.method == "gptq":
         quantize_gptq(variant, calibration, GPTQConfig(spec.params["bits"], spec.params["group_size"]))
+    elif spec.method == "torchao":
+        quantize_int8_weight_only(variant)
     return variant, {}
