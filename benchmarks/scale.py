@@ -1,0 +1,233 @@
+"""`python -m benchmarks.scale`: the heavy stages at 7B scale, on a random Llama-2-7B-shaped model.
+
+    python -m benchmarks.scale                      # on a GPU: bfloat16, the issue's sizes
+    python -m benchmarks.scale --vllm               # also 520 x 256 generations with vLLM
+    python -m benchmarks.scale --shape tiny --device cpu --dtype float32   # the same code in seconds
+
+The model is built with random weights directly on the device (no download): Llama-2-7B's shape
+(32 layers, width 4096, MLP 11008, 32 heads, vocabulary 32000). Timing does not depend on the
+weights' values, with one exception handled here: a random model never emits EOS, so every
+generation runs the full 256 tokens (the worst case; aligned models stop early on refusals).
+
+Stages, each timed with peak device memory: Wanda 50% and SparseGPT 50% (block-sequential, 128
+calibration sequences of 256 tokens), SNIP scores on 128 samples (one pass), and greedy generation
+of 520 prompts x 256 new tokens with the compacting decoder (and vLLM with --vllm). Prompts are
+chat-shaped: a shared 24-token template prefix, 10-35 tokens of their own and a shared 5-token
+suffix, like AdvBench goals in a chat template. Goals on one H100: Wanda 50% under 2 minutes,
+520 x 256 generations under 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from compression.calibration import Calibration
+from compression.snip import snip_scores_one_pass
+from compression.sparsegpt import prune_sparsegpt
+from compression.sparsity import SparsityPattern
+from compression.wanda import prune_wanda
+from lm.errors import UserError
+from lm.generation import SamplingConfig, auto_batch_size, decode, vllm_available
+
+from .measure import measure
+
+SHAPES = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024),
+}
+PREFIX, SUFFIX, OWN = 24, 5, (10, 35)  # chat-template tokens shared by every prompt, and each prompt's own
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    shape: str = "llama-2-7b"
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    calib_samples: int = 128
+    calib_seqlen: int = 256
+    calib_batch: int = 8
+    snip_samples: int = 128
+    snip_seqlen: int = 256
+    gen_prompts: int = 520
+    gen_new_tokens: int = 256
+    gen_batch: int = 0  # 0: lm.generation.auto_batch_size
+    vllm: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise UserError(f"unknown shape {self.shape!r}; choose one of {', '.join(SHAPES)}")
+        if min(self.calib_samples, self.calib_seqlen, self.calib_batch, self.snip_samples, self.snip_seqlen,
+               self.gen_prompts, self.gen_new_tokens) <= 0 or self.gen_batch < 0:
+            raise UserError("benchmark sizes must be positive")
+
+
+def random_model(cfg: ScaleConfig):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(cfg.seed)
+    with torch.device(cfg.device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[cfg.shape]), dtype=getattr(torch, cfg.dtype))
+    return model.eval()
+
+
+def calibration(cfg: ScaleConfig, vocab: int) -> Calibration:
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(vocab, (cfg.calib_samples, cfg.calib_seqlen), generator=g)
+    batches = [dict(input_ids=ids[i : i + cfg.calib_batch], attention_mask=torch.ones_like(ids[i : i + cfg.calib_batch]))
+               for i in range(0, len(ids), cfg.calib_batch)]
+    return Calibration(batches=batches, digest="random")
+
+
+def snip_batches(cfg: ScaleConfig, vocab: int, device) -> list[dict]:
+    """One sample per batch (|W * grad| per sample); the second half of each sequence is the 'response'."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    out = []
+    for _ in range(cfg.snip_samples):
+        ids = torch.randint(vocab, (1, cfg.snip_seqlen), generator=g)
+        labels = ids.clone()
+        labels[:, : cfg.snip_seqlen // 2] = -100
+        out.append({k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).items()})
+    return out
+
+
+def chat_shaped_prompts(cfg: ScaleConfig, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    prefix, suffix = torch.randint(vocab, (PREFIX,), generator=g).tolist(), torch.randint(vocab, (SUFFIX,), generator=g).tolist()
+    lengths = torch.randint(OWN[0], OWN[1] + 1, (cfg.gen_prompts,), generator=g).tolist()
+    return [prefix + torch.randint(vocab, (n,), generator=g).tolist() + suffix for n in lengths]
+
+
+def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    return ids.to(device), mask.to(device)
+
+
+def generate_hf(model, prompts: list[list[int]], cfg: ScaleConfig) -> int:
+    """Greedy decoding of every prompt with the compacting decoder; returns the new tokens produced."""
+    sampling = SamplingConfig(max_new_tokens=cfg.gen_new_tokens)
+    batch = cfg.gen_batch or auto_batch_size(model, max(map(len, prompts)) + cfg.gen_new_tokens, 1)
+    order = sorted(prompts, key=len, reverse=True)
+    produced = 0
+    for start in range(0, len(order), batch):
+        ids, mask = left_padded(order[start : start + batch], cfg.device)
+        produced += sum(map(len, decode(model, ids, mask, sampling, stops=[], seed=start)))
+    return produced
+
+
+def generate_vllm(model, prompts: list[list[int]], cfg: ScaleConfig) -> int:
+    """The same prompts through vLLM, served from a saved checkpoint as the ASR stage serves variants."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    with tempfile.TemporaryDirectory(prefix="scale-vllm-") as tmp:
+        model.save_pretrained(tmp)
+        llm = LLM(model=tmp, skip_tokenizer_init=True, dtype=cfg.dtype, seed=cfg.seed)
+        params = SamplingParams(max_tokens=cfg.gen_new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+        start = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+        seconds = time.perf_counter() - start
+        del llm
+    return sum(len(o.outputs[0].token_ids) for o in outs), seconds
+
+
+def run(cfg: ScaleConfig) -> list[dict]:
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("no CUDA device here; use --device cpu (with --shape tiny: 7B on CPU takes hours)")
+    rows = []
+
+    def record(stage: str, m, **extra):
+        rows.append(dict(stage=stage, seconds=m.seconds, peak_mib=m.peak_mib, resident_mib=m.resident_mib, **extra))
+        print(f"[scale] {stage}: {m.seconds:.1f} s, peak +{m.peak_mib or 0:.0f} MiB {extra or ''}", file=sys.stderr, flush=True)
+
+    half = SparsityPattern(ratio=0.5)
+    for name, prune in (("Wanda 50%", prune_wanda), ("SparseGPT 50%", prune_sparsegpt)):
+        model = random_model(cfg)  # each method prunes a dense model
+        calib = calibration(cfg, model.config.vocab_size)
+        record(f"{name}, {cfg.calib_samples} x {cfg.calib_seqlen} tokens", measure(lambda: prune(model, calib, half), cfg.device))
+        del model
+    model = random_model(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    batches = snip_batches(cfg, model.config.vocab_size, cfg.device)
+    record(f"SNIP scores, {cfg.snip_samples} samples x {cfg.snip_seqlen} tokens", measure(lambda: snip_scores_one_pass(model, batches), cfg.device))
+    prompts = chat_shaped_prompts(cfg, model.config.vocab_size)
+    m = measure(lambda: generate_hf(model, prompts, cfg), cfg.device)
+    record(f"generation, {cfg.gen_prompts} x {cfg.gen_new_tokens} tokens, compacting decoder", m,
+           tokens=m.result, tokens_per_s=m.result / m.seconds)
+    if cfg.vllm:
+        if not vllm_available():
+            raise UserError("--vllm: vllm is not installed (pip install 'refusal-repair[vllm]')")
+        m = measure(lambda: generate_vllm(model, prompts, cfg), cfg.device)
+        tokens, seconds = m.result
+        m.seconds = seconds  # generation only: the checkpoint save and engine start are not serving time
+        record(f"generation, {cfg.gen_prompts} x {cfg.gen_new_tokens} tokens, vLLM", m, tokens=tokens, tokens_per_s=tokens / seconds)
+    for r in rows:
+        r["model_params"] = params
+    return rows
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(device))} ({torch.cuda.device_count()} visible)"
+    return "CPU"
+
+
+def markdown(rows: list[dict], cfg: ScaleConfig) -> str:
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"### `python -m benchmarks.scale` ({cfg.shape}, {rows[0]['model_params'] / 1e9:.2f}B params, {cfg.dtype}): "
+             f"{device_name(cfg.device)}, torch {torch.__version__}, {today}", "",
+             "| stage | seconds | peak extra MiB | tokens/s |", "|---|---|---|---|"]
+    for r in rows:
+        tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
+        lines.append(f"| {r['stage']} | {r['seconds']:.1f} | {r['peak_mib'] or 0:.0f} | {tps} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
+    defaults = ScaleConfig()
+    p.add_argument("--shape", default=defaults.shape, choices=sorted(SHAPES))
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default=defaults.dtype, choices=["bfloat16", "float16", "float32"])
+    for name in ("calib_samples", "calib_seqlen", "calib_batch", "snip_samples", "snip_seqlen", "gen_prompts", "gen_new_tokens", "gen_batch"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    p.add_argument("--vllm", action="store_true", help="also generate with vLLM (must be installed)")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--results", type=Path, help="append the table to this markdown file (e.g. benchmarks/RESULTS.md)")
+    a = p.parse_args(argv)
+    try:
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = ScaleConfig(**{**{k: v for k, v in vars(a).items() if k not in ("json", "results")}, "device": device})
+        rows = run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = markdown(rows, cfg)
+    print(text)
+    if a.json:
+        from lm.cache import atomic_write_json
+        atomic_write_json(a.json, dict(config=asdict(cfg), device=device_name(cfg.device), rows=rows))
+    if a.results:
+        from lm.cache import atomic_write_text
+        old = a.results.read_text() if a.results.is_file() else "# Benchmark results\n"
+        atomic_write_text(a.results, old.rstrip("\n") + "\n\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
