@@ -1,5 +1,12 @@
-"""Calibration data: chat-formatted instructions, tokenized, for block-sequential compression
-(Wanda, SparseGPT); and (prompt, response) pairs with response-only labels for gradient scores (SNIP).
+"""Calibration data: chat-formatted instructions, optionally followed by the model's own greedy
+replies, tokenized, for block-sequential compression (Wanda, SparseGPT, GPTQ); and (prompt, response)
+pairs with response-only labels for gradient scores (SNIP).
+
+Why replies: 128 prompts alone are ~5k tokens, over half of them the same default system prompt,
+few and alike for the Hessians SparseGPT and GPTQ invert (the MLP down projection's is 4864 wide
+in the embedded model); their optimal-brain-surgeon updates can then fit that narrow set rather
+than the model's real inputs, while Wanda only reads column norms. Replies add tokens of the kind
+the model produces. (README, "Calibration", has the measurements.)
 
 Padding tokens are kept out of every statistic through the attention mask that travels with
 each batch (and, for pairs, through labels of -100).
@@ -8,7 +15,7 @@ each batch (and, for pairs, through labels of -100).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,28 +33,48 @@ class CalibrationConfig:
     seqlen: int = 256  # longer samples keep their last seqlen tokens (the template end matters most)
     batch_size: int = 16
     seed: int = 0
+    # Each prompt followed by the model's own greedy reply of at most this many tokens (0: the
+    # prompt alone, the default until a perplexity run shows replies help; see the module docstring).
+    reply_tokens: int = 0
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise UserError(f"unknown calibration source {self.source!r}; choose one of {', '.join(SOURCES)}")
         if self.n_samples <= 0 or self.seqlen <= 0 or self.batch_size <= 0:
             raise UserError("calibration n_samples, seqlen and batch_size must be positive")
+        if self.reply_tokens < 0:
+            raise UserError(f"calibration reply_tokens must be >= 0, got {self.reply_tokens}")
+
+    def describe(self) -> str:
+        """One line for manifests: which data, how much of it."""
+        text = f"own greedy replies (<= {self.reply_tokens} tokens)" if self.reply_tokens else "no replies"
+        return f"{self.n_samples} {self.source} train instructions (seed {self.seed}), {text}, last {self.seqlen} tokens"
 
 
 @dataclass
 class Calibration:
-    batches: list[dict[str, torch.Tensor]]  # input_ids, attention_mask (left padded)
+    batches: list[dict[str, torch.Tensor]]  # input_ids, attention_mask (padded; the mask marks real tokens)
     digest: str  # SHA-256 of the token ids: recorded in every manifest
+    description: str = ""  # CalibrationConfig.describe() of the config that made it
 
     @property
     def n_tokens(self) -> int:
         return int(sum(b["attention_mask"].sum() for b in self.batches))
 
 
-def calibration_set(tokenizer, cfg: CalibrationConfig = CalibrationConfig()) -> Calibration:
-    pool = datasets.instructions(cfg.source, "train")
-    texts = format_prompts(tokenizer, datasets.sample(pool, cfg.n_samples, cfg.seed))
-    return tokenize_calibration(tokenizer, texts, cfg.seqlen, cfg.batch_size)
+def calibration_set(tokenizer, cfg: CalibrationConfig = CalibrationConfig(), model=None) -> Calibration:
+    """Sampled instructions, chat-formatted; with cfg.reply_tokens, each followed by `model`'s greedy reply."""
+    if not cfg.reply_tokens:
+        pool = datasets.instructions(cfg.source, "train")
+        texts = format_prompts(tokenizer, datasets.sample(pool, cfg.n_samples, cfg.seed))
+        return replace(tokenize_calibration(tokenizer, texts, cfg.seqlen, cfg.batch_size), description=cfg.describe())
+    if model is None:
+        raise UserError(f"calibration with replies (reply_tokens={cfg.reply_tokens}) needs the model; pass model=, or reply_tokens=0")
+    replies = response_calibration_set(model, tokenizer, ResponseCalibrationConfig(
+        source=cfg.source, n_samples=cfg.n_samples, max_new_tokens=cfg.reply_tokens, seqlen=cfg.seqlen, batch_size=cfg.batch_size, seed=cfg.seed))
+    # Every token, prompt and reply, is a layer input to fit; the response-only labels are not needed.
+    batches = [dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in replies.batches]
+    return Calibration(batches=batches, digest=replies.digest, description=cfg.describe())
 
 
 def tokenize_calibration(tokenizer, texts: list[str], seqlen: int, batch_size: int) -> Calibration:

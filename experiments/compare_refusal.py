@@ -123,7 +123,8 @@ class Comparison:
 
     def calibration(self):
         if self._calibration is None:
-            self._calibration = calibration_set(self.base.tokenizer, CalibrationConfig(n_samples=self.cfg.calib_samples, seed=self.cfg.seed))
+            cfg = CalibrationConfig(n_samples=self.cfg.calib_samples, seed=self.cfg.seed)
+            self._calibration = calibration_set(self.base.tokenizer, cfg, model=self.base.model)  # the model writes replies if cfg asks
         return self._calibration
 
     def own_replies(self, kind: str):
@@ -203,6 +204,7 @@ class Comparison:
             save_variant(model, self.base.tokenizer, ckpt, dict(
                 method=spec.method, spec=spec.text, params=params, build_seconds=seconds, removal=removal,
                 calibration_sha256=self.calibration_digests(spec),
+                calibration=self.calibration().description if spec.needs_calibration else None,
                 base_model=self.cfg.model, base_fingerprint=self.fingerprint(),
             ))
         return model

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from compression.blockwise import block_linears, compress_blockwise
-from compression.calibration import tokenize_calibration
+from compression.calibration import CalibrationConfig, calibration_set, tokenize_calibration
 from compression.checkpoint import MANIFEST, read_manifest, save_variant, sparsity_report
 from compression.magnitude import prune_magnitude
 from compression.rtn import QuantConfig, quantize_model_rtn, quantize_rtn
@@ -268,6 +269,26 @@ def test_calibration_keeps_the_last_seqlen_tokens(chatml_tokenizer):
     assert torch.equal(calib.batches[0]["input_ids"], full["input_ids"][:, -6:])
     with pytest.raises(UserError):
         tokenize_calibration(chatml_tokenizer, [], seqlen=6, batch_size=2)
+
+
+def test_calibration_with_replies_adds_the_models_own_tokens():
+    model, tokenizer = fresh()
+    cfg = CalibrationConfig(n_samples=4, seqlen=1024, batch_size=2, reply_tokens=8)
+    prompts_only = calibration_set(tokenizer, replace(cfg, reply_tokens=0))
+    with_replies = calibration_set(tokenizer, cfg, model=model)
+    assert with_replies.n_tokens > prompts_only.n_tokens  # (a re-tokenized reply may exceed reply_tokens)
+    # Each row starts with its prompt's tokens (none dropped at this seqlen), then the reply.
+    for prompt_batch, reply_batch in zip(prompts_only.batches, with_replies.batches):
+        for ids, mask, full, full_mask in zip(prompt_batch["input_ids"], prompt_batch["attention_mask"],
+                                              reply_batch["input_ids"], reply_batch["attention_mask"]):
+            prompt = ids[mask.bool()]
+            assert torch.equal(full[full_mask.bool()][: len(prompt)], prompt)
+    assert calibration_set(tokenizer, cfg, model=model).digest == with_replies.digest
+    assert "replies (<= 8 tokens)" in with_replies.description and "no replies" in prompts_only.description
+    with pytest.raises(UserError, match="needs the model"):
+        calibration_set(tokenizer, cfg)
+    with pytest.raises(UserError, match="reply_tokens"):
+        CalibrationConfig(reply_tokens=-1)
 
 
 def test_magnitude_prunes_smallest_weights_per_row():
