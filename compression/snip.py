@@ -8,14 +8,14 @@ batch (the default of ResponseCalibrationConfig) that is Wei et al.'s per-exampl
 Bigger batches take |.| of a batch-mean gradient, where gradients of different samples can cancel:
 cheaper, but a different score.
 
-Only decoder linear weights get gradients (embeddings, norms and the LM head are frozen for the
-duration), and scores are kept as float32 on the CPU, so device memory holds one set of gradients.
-
-Two ways to get the same scores:
-  snip_scores_one_pass    one forward + backward per batch yields every layer's gradient;
-  snip_scores_per_layer   Wei et al.'s loop: per decoder layer, a forward + backward in which only
-                          that layer requires grad (autograd then keeps no graph for earlier
-                          layers). L times the compute, less activation memory; the reference.
+Scores are kept as float32 on the CPU. Two ways to get the same scores (up to float32 rounding):
+  snip_scores_one_pass    one forward + backward per pack of batches yields every layer's
+                          gradient (each batch's own); see its docstring for what it leaves out.
+  snip_scores_per_layer   Wei et al.'s loop (prune_wandg in their alignment-attribution code): per
+                          decoder layer, a forward + backward of the full model in which only that
+                          layer's weights require grad (autograd then keeps no graph for earlier
+                          layers). L forward passes per batch, less activation memory; the
+                          reference, kept as they run it (full logits, autograd's .grad).
 Pruning: prune_snip prunes every layer at once from scores of the original model (Wei et al.);
 prune_snip_sequential prunes front to back and re-scores each layer on the model whose earlier
 layers are already pruned, so a layer's scores reflect the inputs it will actually receive.
@@ -24,6 +24,7 @@ layers are already pruned, so a layer's scores reflect the inputs it will actual
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -81,11 +82,11 @@ def gradients_only_for(model: nn.Module, params: list[nn.Parameter]):
 
 
 def accumulate_snip(model: nn.Module, weights: dict[str, nn.Parameter], batches: list[Batch]) -> dict[str, torch.Tensor]:
-    """Summed SNIP scores of `weights` over `batches`, one forward + backward per batch.
+    """Summed SNIP scores of `weights` over `batches`, one forward + backward per batch, from
+    autograd's .grad (the reference; snip_scores_one_pass gets there without .grad).
 
     Each weight's gradient is turned into its score as soon as backward has produced it and is
-    then dropped, so at most a few layers' gradients exist at a time instead of the whole
-    model's (for a one-pass run over all layers that is a model-sized saving).
+    then dropped, so at most a few layers' gradients exist at a time.
     """
     if not batches:
         raise UserError("SNIP needs at least one calibration batch")
@@ -110,8 +111,137 @@ def accumulate_snip(model: nn.Module, weights: dict[str, nn.Parameter], batches:
     return scores
 
 
-def snip_scores_one_pass(model: nn.Module, batches: list[Batch]) -> dict[str, torch.Tensor]:
-    return accumulate_snip(model, decoder_linear_weights(model), batches)
+@dataclass(frozen=True)
+class OnePassConfig:
+    # Calibration batches run through the model together (right padded to a common length); each
+    # keeps its own loss and its own |W * grad|. Larger GEMMs, and the model-sized scores and
+    # weights are streamed through memory once per pack instead of once per batch.
+    batches_per_pass: int = 4
+    # Elements of one tile of a weight gradient on the CPU; two tiles (gradient, running sum)
+    # fit a core's L2 cache, so dY^T X and |.| meet in cache instead of in a 17 MB buffer.
+    tile_elements: int = 1 << 17
+
+    def __post_init__(self):
+        if self.batches_per_pass <= 0 or self.tile_elements <= 0:
+            raise UserError("batches_per_pass and tile_elements must be positive")
+
+
+Group = tuple[slice, int]  # one calibration batch inside a pack: its rows, its own length
+
+
+def pack(batches: list[Batch]) -> tuple[Batch, list[Group]]:
+    """Stack batches row-wise, right padded to the longest (masked, labelled -100)."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    groups, row = [], 0
+    for b in batches:
+        n = b["input_ids"].shape[0]
+        groups.append((slice(row, row + n), b["input_ids"].shape[1]))
+        row += n
+    fill = dict(input_ids=0, attention_mask=0, labels=-100)  # pad ids are masked out: any id works
+    return {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches]) for key, value in fill.items()}, groups
+
+
+def packed_response_loss(model: nn.Module, batch: Batch, groups: list[Group]) -> torch.Tensor:
+    """Sum over groups of response_loss(group): each batch's mean over its own response tokens,
+    so every batch gets exactly the gradient it would get alone.
+
+    The LM head (as large as ~9 decoder blocks of a 0.5B model) runs only at positions whose
+    next token is labelled (Hugging Face's logits_to_keep mask); the loss reads no others.
+    """
+    device = next(model.parameters()).device
+    targets = batch["labels"].to(device)[:, 1:]
+    read = targets != -100  # logits at t predict token t + 1
+    per_row = read.sum(1).tolist()
+    counts = [sum(per_row[rows]) for rows, _ in groups]
+    if min(counts) == 0:
+        raise UserError("a SNIP batch has no response tokens to score")
+    keep = F.pad(read, (0, 1), value=False)  # the last position predicts nothing
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   use_cache=False, logits_to_keep=keep).logits  # [kept positions, vocab], row by row
+    wanted = targets[read]
+    bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+    return sum(F.cross_entropy(logits[a:b].float(), wanted[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+
+def _weight_grad(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+    if dy.dtype == out.dtype:
+        torch.mm(dy.t(), x, out=out)
+    else:  # a half-precision model: its gradient is rounded to the model dtype, as autograd's is
+        out.copy_(dy.t() @ x)
+
+
+def add_snip_from_activations(score: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
+                              groups: list[Group], scratch: torch.Tensor) -> None:
+    """score += sum over groups g of |W * dY_g^T X_g|: SNIP of one linear layer y = x W^T (+ b).
+
+    x: [rows, length, in] inputs and dy: [rows, length, out] output gradients of a pack; each
+    group's weight gradient dY_g^T X_g is that batch's dL/dW (its padding has dY = 0, as in
+    autograd). Since |W * G1| + |W * G2| = |W| * (|G1| + |G2|), W and score are read once per
+    pack. scratch: flat float32 on x's device, overwritten; gradients are built in tiles of
+    output rows, two tiles to a scratch.
+    """
+    n_out, n_in = weight.shape
+    parts = [(x[rows, :length].reshape(-1, n_in), dy[rows, :length].reshape(-1, n_out)) for rows, length in groups]
+    tile = max(1, min(n_out, scratch.numel() // (2 * n_in)))
+    for start in range(0, n_out, tile):
+        stop = min(start + tile, n_out)
+        size = (stop - start) * n_in
+        total, grad = scratch[:size].view(-1, n_in), scratch[size : 2 * size].view(-1, n_in)
+        for i, (x2, dy2) in enumerate(parts):
+            if i == 0:
+                _weight_grad(dy2[:, start:stop], x2, total)
+                total.abs_()
+            else:
+                _weight_grad(dy2[:, start:stop], x2, grad)
+                total.add_(grad.abs_())
+        score[start:stop].add_(total.mul_(weight[start:stop]).abs_().to(score.device))
+
+
+def snip_scores_one_pass(model: nn.Module, batches: list[Batch], cfg: OnePassConfig = OnePassConfig()) -> dict[str, torch.Tensor]:
+    """Every decoder linear's SNIP score, one forward + backward per pack of batches.
+
+    No parameter requires grad. A linear's weight gradient is dY^T X: X kept by a forward hook,
+    dY handed to a hook on the linear's output during backward, and turned into the score there,
+    tile by tile. So backward computes no gradient for embeddings, norms or the LM head, stops
+    at the first decoder layer's linears, and no model-sized gradient is allocated per batch
+    (on a CPU, faulting in fresh pages for them cost as much as the arithmetic; see
+    benchmarks/RESULTS.md); the LM head runs only where the loss reads it.
+    """
+    if not batches:
+        raise UserError("SNIP needs at least one calibration batch")
+    linears = {f"model.layers.{i}.{name}.weight": lin for i, block in enumerate(decoder_layers(model)) for name, lin in block_linears(block).items()}
+    scores = {name: torch.zeros(lin.weight.shape, dtype=torch.float32) for name, lin in linears.items()}
+    # Backward visits one linear at a time: one scratch per device serves them all.
+    scratch: dict[torch.device, torch.Tensor] = {}
+    leaves: list[torch.Tensor] = []
+    current: dict[str, list[Group]] = {}
+
+    def on_forward(name: str, lin: nn.Linear):
+        weight = lin.weight
+        if weight.device not in scratch:  # off the CPU, whole gradients (no cache to fit)
+            size = cfg.tile_elements if weight.device.type == "cpu" else max(w.weight.numel() for w in linears.values())
+            scratch[weight.device] = torch.empty(2 * size, dtype=torch.float32, device=weight.device)
+        buffer = scratch[weight.device]
+
+        def hook(module, args, out):
+            x, groups = args[0], current["groups"]
+            if not out.requires_grad:  # nothing before it is scored: the backward graph starts here
+                out.requires_grad_()
+                leaves.append(out)
+            out.register_hook(lambda dy: add_snip_from_activations(scores[name], weight, x, dy, groups, buffer))
+        return hook
+
+    with gradients_only_for(model, []), hooks_registered([lin.register_forward_hook(on_forward(n, lin)) for n, lin in linears.items()]):
+        for start in range(0, len(batches), cfg.batches_per_pass):
+            batch, current["groups"] = pack(batches[start : start + cfg.batches_per_pass])
+            try:
+                loss = packed_response_loss(model, batch, current["groups"])
+                # Gradients w.r.t. the first scored outputs: backward goes exactly that far down,
+                # and every scored output's hook fires on the way.
+                torch.autograd.grad(loss, leaves)
+            finally:
+                leaves.clear()
+    return scores
 
 
 def layer_snip_scores(model: nn.Module, index: int, batches: list[Batch]) -> dict[str, torch.Tensor]:
