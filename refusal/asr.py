@@ -25,7 +25,7 @@ class AsrConfig:
     max_new_tokens: int = 256
     batch_size: int | None = None
     seed: int = 0
-    backend: str = "hf"
+    backend: str = "auto"  # lm.generation: vLLM where installed and able to serve the model, else "hf"
     system: str | None = None  # None keeps the template's default system prompt
 
     def __post_init__(self):

@@ -11,6 +11,7 @@ from benchmarks.measure import measure
 from benchmarks.selection import candidate_layers
 from benchmarks.suite import GROUPS, Settings, settings_for
 from lm.errors import UserError
+from lm.generation import vllm_available
 from tests.tiny import build_pair, save_tiny
 
 EXISTING = "# Benchmark results\n\nIntro paragraph.\n\n## Older hand-written section\n\nkept as is\n"
@@ -31,7 +32,9 @@ def test_tiny_run_prints_every_row_and_updates_results(tiny_dir, tmp_path, capsy
     rows = json.loads(raw.read_text())["rows"]
     assert {r["group"] for r in rows} == set(GROUPS)
     by_group = {g: [r for r in rows if r["group"] == g] for g in GROUPS}
-    assert len(by_group["generation"]) == 2 and len(by_group["direction"]) == 2 and len(by_group["pruning"]) == 4
+    # Two vLLM rows more where vllm is installed and can serve the tiny model (not in CI).
+    assert len(by_group["generation"]) in ((2, 4) if vllm_available() else (2,))
+    assert len(by_group["direction"]) == 2 and len(by_group["pruning"]) == 4
     for r in rows:
         assert r["fast_s"] > 0 and r["fast_mib"] is not None and r["fast_mib"] >= 0
         assert r["comparison"] in printed
