@@ -66,6 +66,17 @@ def hooks_registered(handles: list):
         handles.clear()
 
 
+def foreign_hooks(model: nn.Module) -> list:
+    """Forward (pre-)hooks on the model's modules, less transformers' own output capturing.
+
+    transformers installs recording hooks the first time hidden states or attentions are asked
+    for and keeps them; they never change an output. Anything else (an ablation, a capture left
+    behind) may, or is a leak.
+    """
+    return [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+            if not getattr(h, "__module__", "").startswith("transformers.")]
+
+
 @torch.no_grad()
 def capture(
     model: nn.Module,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .hooks import foreign_hooks
 
 # (id(model), path) -> the parameter versions that matched; in-place edits bump a tensor's _version.
 _VERIFIED: dict[tuple[int, str], tuple] = {}
@@ -23,17 +24,13 @@ def _versions(model) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
-def _has_hooks(model) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
 def served_checkpoint(model) -> Path:
     """The model's safetensors directory if it reproduces the model exactly; else a UserError saying why."""
     raw = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
     path = Path(raw).expanduser() if raw else None
     if path is None or not path.is_dir() or not any(path.glob("*.safetensors")):
         raise UserError(f"the model is not backed by a local safetensors directory ({raw!r}); save it first")
-    if _has_hooks(model):
+    if foreign_hooks(model):
         raise UserError("the model has forward hooks (an intervention); a server loading the checkpoint would ignore them")
     key = (id(model), str(path.resolve()))
     versions = _versions(model)

@@ -513,3 +513,18 @@ def test_sample_is_seeded_and_validated():
         sample([], 3, seed=0)
     with pytest.raises(UserError):
         sample(items, 0, seed=0)
+
+
+def test_foreign_hooks_ignore_transformers_output_capturing(tiny_llama):
+    from lm.hooks import foreign_hooks
+
+    model, tok = tiny_llama
+    enc = tok(["hello there"], return_tensors="pt")
+    with torch.no_grad():
+        model(**enc, output_hidden_states=True)  # transformers may leave its recording hooks installed
+    assert foreign_hooks(model) == []
+    handle = decoder_layers(model)[0].register_forward_hook(lambda *a: None)
+    try:
+        assert len(foreign_hooks(model)) == 1
+    finally:
+        handle.remove()

@@ -23,6 +23,7 @@ from compression.snip import (
 from compression.sparsity import SparsityPattern, prune_mask
 from lm.chat import format_prompt
 from lm.errors import UserError
+from lm.hooks import foreign_hooks
 from tests.tiny import build_pair
 
 INSTRUCTIONS = ["Write a short poem about the sea.", "How do I bake bread at home?", "Describe a water molecule."]
@@ -80,7 +81,7 @@ def test_one_pass_equals_per_layer_reference(tiny_pair, batch_size, batches_per_
     # The shared fixture model comes back as it was: grad flags, mode, no stray .grad buffers, no hooks.
     assert [p.requires_grad for p in model.parameters()] == flags
     assert not model.training and all(p.grad is None for p in model.parameters())
-    assert not any(m._forward_hooks for m in model.modules())
+    assert not foreign_hooks(model)
 
 
 def test_packed_loss_is_the_sum_of_per_batch_losses(tiny_qwen2):
