@@ -130,8 +130,9 @@ def generate_hf(model, prompts: list[list[int]], cfg: ScaleConfig) -> int:
     return produced
 
 
-def generate_vllm(model, prompts: list[list[int]], cfg: ScaleConfig) -> int:
-    """The same prompts through vLLM, served from a saved checkpoint as the ASR stage serves variants."""
+def generate_vllm(model, prompts: list[list[int]], cfg: ScaleConfig) -> tuple[int, float]:
+    """(new tokens, seconds of generation) for the same prompts through vLLM, served from a saved
+    checkpoint as the ASR stage serves variants; the save and engine start are not timed."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -47,8 +47,12 @@ def torchao_available() -> bool:
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
-    """A torchao quantized tensor (a tensor subclass that can dequantize itself)."""
-    return type(weight) is not torch.Tensor and type(weight) is not nn.Parameter and hasattr(weight, "dequantize")
+    """A torchao quantized tensor: it carries integer codes (`qdata`) beside its scales.
+
+    Every torch.Tensor has a `dequantize` method, so that alone does not tell a quantized weight
+    from any other tensor subclass.
+    """
+    return isinstance(weight, torch.Tensor) and hasattr(weight, "qdata")
 
 
 def dense(weight: torch.Tensor) -> torch.Tensor:

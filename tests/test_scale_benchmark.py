@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from benchmarks.scale import ScaleConfig, chat_shaped_prompts, left_padded, main
+from benchmarks.scale import SHAPES, ScaleConfig, chat_shaped_prompts, left_padded, main
 
 TINY = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--calib-samples", "4", "--calib-seqlen", "16",
         "--calib-batch", "2", "--snip-samples", "2", "--snip-seqlen", "16", "--gen-prompts", "5", "--gen-new-tokens", "4",
@@ -38,13 +39,8 @@ def test_prompts_share_a_template_prefix_and_pad_left():
 
 
 def test_llama_2_7b_shape():
-    from benchmarks.scale import SHAPES
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(**SHAPES["llama-2-7b"])
-    from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES["llama-2-7b"])).parameters())
     assert 6.7e9 < params < 6.8e9  # Llama-2-7B: 6.74B
 
 
