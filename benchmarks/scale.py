@@ -11,7 +11,7 @@ generation runs the full 256 tokens (the worst case; aligned models stop early o
 
 Stages, each timed with peak device memory: Wanda 50% and SparseGPT 50% (block-sequential, 128
 calibration sequences of 256 tokens), SNIP scores on 128 samples (one pass), and greedy generation
-of 520 prompts x 256 new tokens with the compacting decoder (and vLLM with --vllm). Prompts are
+of 520 prompts x 256 new tokens with the default decoder (and vLLM with --vllm). Prompts are
 chat-shaped: a shared 24-token template prefix, 10-35 tokens of their own and a shared 5-token
 suffix, like AdvBench goals in a chat template. Goals on one H100: Wanda 50% under 2 minutes,
 520 x 256 generations under 2 minutes.
@@ -36,7 +36,8 @@ from compression.sparsegpt import prune_sparsegpt
 from compression.sparsity import SparsityPattern
 from compression.wanda import prune_wanda
 from lm.errors import UserError
-from lm.generation import SamplingConfig, auto_batch_size, decode, vllm_available
+from lm.continuous_batching import decode_continuous
+from lm.generation import auto_batch_size, vllm_available
 
 from .measure import measure
 
@@ -109,25 +110,12 @@ def chat_shaped_prompts(cfg: ScaleConfig, vocab: int) -> list[list[int]]:
     return [prefix + torch.randint(vocab, (n,), generator=g).tolist() + suffix for n in lengths]
 
 
-def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
-    return ids.to(device), mask.to(device)
-
-
 def generate_hf(model, prompts: list[list[int]], cfg: ScaleConfig) -> int:
-    """Greedy decoding of every prompt with the compacting decoder; returns the new tokens produced."""
-    sampling = SamplingConfig(max_new_tokens=cfg.gen_new_tokens)
+    """Greedy decoding of every prompt with the default decoder (continuous batching, no stop
+    tokens, so every row runs to the limit as vLLM's does with ignore_eos); returns the new tokens."""
     batch = cfg.gen_batch or auto_batch_size(model, max(map(len, prompts)) + cfg.gen_new_tokens, 1)
     order = sorted(prompts, key=len, reverse=True)
-    produced = 0
-    for start in range(0, len(order), batch):
-        ids, mask = left_padded(order[start : start + batch], cfg.device)
-        produced += sum(map(len, decode(model, ids, mask, sampling, stops=[], seed=start)))
-    return produced
+    return sum(map(len, decode_continuous(model, order, cfg.gen_new_tokens, stops=[], batch_size=batch)))
 
 
 def generate_vllm(model, prompts: list[list[int]], cfg: ScaleConfig) -> tuple[int, float]:
@@ -168,7 +156,7 @@ def run(cfg: ScaleConfig) -> list[dict]:
     record(f"SNIP scores, {cfg.snip_samples} samples x {cfg.snip_seqlen} tokens", measure(lambda: snip_scores_one_pass(model, batches), cfg.device))
     prompts = chat_shaped_prompts(cfg, model.config.vocab_size)
     m = measure(lambda: generate_hf(model, prompts, cfg), cfg.device)
-    record(f"generation, {cfg.gen_prompts} x {cfg.gen_new_tokens} tokens, compacting decoder", m,
+    record(f"generation, {cfg.gen_prompts} x {cfg.gen_new_tokens} tokens, default decoder", m,
            tokens=m.result, tokens_per_s=m.result / m.seconds)
     if cfg.vllm:
         if not vllm_available():

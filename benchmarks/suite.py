@@ -31,9 +31,12 @@ class Settings:
     # A second, smaller model for "pruning time and memory vs model size": "scaled" builds a
     # seeded random model of the main model's architecture and tokenizer, 4 layers of width 128.
     small_model: str = "scaled"
-    gen_prompts: int = 32  # AdvBench goals
+    # More goals than batch rows, as in an ASR run (100-520 goals, batches of up to 64), so the
+    # decoder's continuous batching has prompts to admit as refusals finish.
+    gen_prompts: int = 64  # AdvBench goals
     gen_new_tokens: int = 128  # the ASR setting is 256 (--size full)
     gen_batch: int = 32
+    gen_baseline_every: int = 4  # one-prompt-at-a-time decodes every 4th goal: a rate, and the slow row
     snip_samples: int = 4
     direction_prompts: int = 128  # harmful and harmless each
     direction_batch: int = 16  # candidate_directions' default
@@ -56,7 +59,7 @@ SIZES = {
     "full": Settings(gen_prompts=100, gen_new_tokens=256, gen_batch=64, snip_samples=16, prune_samples=128,
                      select_candidates=24, select_val=32),
     # Seconds on tiny models: what the tests run.
-    "tiny": Settings(gen_prompts=3, gen_new_tokens=6, gen_batch=3, snip_samples=2, direction_prompts=4,
+    "tiny": Settings(gen_prompts=3, gen_new_tokens=6, gen_batch=3, gen_baseline_every=1, snip_samples=2, direction_prompts=4,
                      direction_batch=2, prune_samples=4, select_candidates=3, select_val=2),
 }
 

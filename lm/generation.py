@@ -2,9 +2,9 @@
 
 Prompts are sorted by length so each batch pads little. The default engine ("hf") is a decode
 loop over the model's own forward with a KV cache that drops every row as soon as it has produced
-an end-of-turn token, so a batch costs the sum of its completions' lengths rather than its longest
-completion times the batch size (refusals stop after ~12 tokens, compliant answers run to the
-limit). "hf-generate" is transformers' `generate`, kept as the reference the engine is tested
+an end-of-turn token and admits waiting prompts into the freed rows (continuous batching,
+lm.continuous_batching), so the batch stays full while short refusals (~12 tokens) finish beside
+compliant answers that run to the limit. "hf-generate" is transformers' `generate`, kept as the reference the engine is tested
 against; "vllm" serves the saved checkpoint with vLLM (lm.vllm_engine). "auto" (the default)
 picks vLLM where it is installed, faster on the model's device (VLLM_FASTER_ON) and can serve
 this model from its checkpoint, and "hf" otherwise.
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .chat import tokenize_prompts
 from .errors import UserError
-from .prefix import SharedPrefix
+from .continuous_batching import decode_continuous
 
 BACKENDS = ("auto", "hf", "hf-generate", "vllm")
 
@@ -143,82 +143,29 @@ def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = Samplin
 
 @torch.no_grad()
 def _generate_batched(model, tokenizer, prompts, cfg: SamplingConfig, desc: str, compacting: bool) -> list[list[str]]:
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    batch_size = cfg.batch_size or auto_batch_size(model, max(lengths) + cfg.max_new_tokens, cfg.n_samples)
+    sequences = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # Longest first: prompts decoding side by side then differ little in length, so little padding.
+    order = sorted(range(len(prompts)), key=lambda i: -len(sequences[i]))
+    batch_size = cfg.batch_size or auto_batch_size(model, max(map(len, sequences)) + cfg.max_new_tokens, cfg.n_samples)
     stops = stop_token_ids(model, tokenizer)
-    device = next(model.parameters()).device
     out: list[list[str]] = [None] * len(prompts)  # type: ignore[list-item]
+    if compacting:
+        new_tokens = decode_continuous(model, [sequences[i] for i in order], cfg.max_new_tokens, stops, batch_size,
+                                       temperature=cfg.temperature, n_samples=cfg.n_samples, seed=cfg.seed, desc=desc)
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for j, i in enumerate(order):
+            out[i] = texts[j * cfg.n_samples : (j + 1) * cfg.n_samples]
+        return out
+    device = next(model.parameters()).device
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
         enc = tokenize_prompts(tokenizer, [prompts[i] for i in idx]).to(device)
         # Seeded per batch so a batch's samples do not depend on what ran before in the process.
-        seed = cfg.seed * 100_003 + b
-        if compacting:
-            new_tokens = decode(model, enc["input_ids"], enc["attention_mask"], cfg, stops, seed)
-        else:
-            new_tokens = _hf_generate(model, enc, cfg, stops, tokenizer.pad_token_id, seed)
+        new_tokens = _hf_generate(model, enc, cfg, stops, tokenizer.pad_token_id, cfg.seed * 100_003 + b)
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for j, i in enumerate(idx):
             out[i] = texts[j * cfg.n_samples : (j + 1) * cfg.n_samples]
     return out
-
-
-def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
-
-
-@torch.no_grad()
-def decode(model, input_ids, attention_mask, cfg: SamplingConfig, stops: list[int], seed: int = 0) -> list[list[int]]:
-    """New token ids for each prompt (repeated n_samples times), finished rows dropped from the batch.
-
-    Greedy output equals transformers' `generate` (tested); rows are independent, so removing a
-    finished row from the KV cache changes nothing for the others.
-    """
-    from transformers import DynamicCache
-
-    if cfg.n_samples > 1:
-        input_ids = input_ids.repeat_interleave(cfg.n_samples, dim=0)
-        attention_mask = attention_mask.repeat_interleave(cfg.n_samples, dim=0)
-    generator = torch.Generator().manual_seed(seed) if cfg.temperature > 0 else None
-    rows = input_ids.shape[0]
-    produced: list[list[int]] = [[] for _ in range(rows)]
-    alive = torch.arange(rows)
-    stop_set = torch.tensor(stops, device=input_ids.device)
-    # The chat template's tokens shared by every prompt of the batch (system prompt, user-turn
-    # header) are run once and reused from the KV cache; only each prompt's own tokens are
-    # prefilled. A batch of one has nothing to share.
-    sequences = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
-    prefix = SharedPrefix.build(model, sequences) if rows > 1 else None
-    if prefix is not None:
-        step_kwargs = prefix.batch(model, sequences, pad_id=0)
-        input_ids, mask = step_kwargs.pop("input_ids"), step_kwargs.pop("attention_mask")
-        positions, cache = step_kwargs["position_ids"], step_kwargs["past_key_values"]
-    else:
-        cache = DynamicCache(config=model.config)
-        mask = attention_mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
-    for step in range(cfg.max_new_tokens):
-        token = _next_tokens(logits, cfg.temperature, generator)
-        for row, t in zip(alive.tolist(), token.tolist()):
-            produced[row].append(t)
-        done = torch.isin(token, stop_set)
-        if step == cfg.max_new_tokens - 1 or bool(done.all()):
-            break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(-1)
-            cache.reorder_cache(keep)
-            alive, mask, token = alive[keep.cpu()], mask[keep], token[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        positions = mask.sum(-1, keepdim=True) - 1
-        logits = model(input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-    return produced
 
 
 def _hf_generate(model, enc, cfg: SamplingConfig, stops: list[int], pad_id: int, seed: int) -> torch.Tensor:

@@ -419,24 +419,58 @@ def test_compacting_decode_matches_transformers_generate(tiny_pair):
     assert ours == reference
 
 
+def _ids(tokenizer, instructions):
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in format_prompts(tokenizer, instructions)]
+
+
+def _until_stop(tokens, stops):
+    return next((tokens[: i + 1] for i, t in enumerate(tokens) if t in stops), tokens)
+
+
 def test_compacting_decode_drops_finished_rows(tiny_qwen2):
-    from lm.generation import decode, stop_token_ids
+    from lm.continuous_batching import decode_continuous
+    from lm.generation import stop_token_ids
 
     model, tokenizer = tiny_qwen2
-    enc = tokenize_prompts(tokenizer, format_prompts(tokenizer, INSTRUCTIONS[:4]))
-    first = decode(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(max_new_tokens=1), [])
+    sequences = _ids(tokenizer, INSTRUCTIONS[:4])
+    first = decode_continuous(model, sequences, 1, [], batch_size=4)
     # Declare row 0's first token a stop token: row 0 ends after one token, others go on.
     stops = [first[0][0]]
-    out = decode(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(max_new_tokens=8), stops)
+    out = decode_continuous(model, sequences, 8, stops, batch_size=4)
+    full = decode_continuous(model, sequences, 8, [], batch_size=4)
     assert out[0] == [first[0][0]]
-    full = decode(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(max_new_tokens=8), [])
-    for row in range(1, 4):
-        if first[row][0] in stops:
-            continue
-        # Until a row meets a stop token, its tokens equal the unstopped run's.
-        cut = next((i for i, t in enumerate(full[row]) if t in stops), len(full[row]))
-        assert out[row][:cut] == full[row][:cut]
+    # Until a row meets a stop token, its tokens equal the unstopped run's.
+    assert out == [_until_stop(f, stops) for f in full]
     assert stop_token_ids(model, tokenizer)
+
+
+def test_continuous_batching_admits_prompts_into_freed_rows(tiny_pair, monkeypatch):
+    """Waiting prompts join a running batch as rows finish; every row's tokens equal its
+    decoding alone."""
+    from lm import continuous_batching as cb
+
+    model, tokenizer = tiny_pair
+    sequences = _ids(tokenizer, INSTRUCTIONS + [i + " please" for i in INSTRUCTIONS])
+    alone = [cb.decode_continuous(model, [s], 10, [], batch_size=1)[0] for s in sequences]
+    # Tokens some prompts produce early become stop tokens, so rows finish at different steps.
+    stops = sorted({alone[0][1], alone[3][4]})
+    expected = [_until_stop(a, stops) for a in alone]
+    assert len({len(e) for e in expected}) > 1, "the test needs rows that finish at different steps"
+    joins = []
+    concat = cb.concat_caches
+    monkeypatch.setattr(cb, "concat_caches", lambda *a: joins.append(1) or concat(*a))
+    assert cb.decode_continuous(model, sequences, 10, stops, batch_size=3) == expected
+    assert joins, "no prompt was admitted into a running batch"
+
+
+def test_sampled_completions_do_not_depend_on_the_batch(tiny_qwen2):
+    model, tokenizer = tiny_qwen2
+    prompts = format_prompts(tokenizer, INSTRUCTIONS)
+    cfg = dict(max_new_tokens=6, temperature=1.0, n_samples=2, seed=3, backend="hf")
+    one = generate(model, tokenizer, prompts, SamplingConfig(batch_size=1, **cfg))
+    three = generate(model, tokenizer, prompts, SamplingConfig(batch_size=3, **cfg))
+    assert one == three
+    assert any(c[0] != c[1] for c in one), "two samples of a prompt should differ somewhere"
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_qwen2):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from benchmarks.scale import SHAPES, ScaleConfig, chat_shaped_prompts, left_padded, main
+from benchmarks.scale import SHAPES, ScaleConfig, chat_shaped_prompts, main
 
 TINY = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--calib-samples", "4", "--calib-seqlen", "16",
         "--calib-batch", "2", "--snip-samples", "2", "--snip-seqlen", "16", "--gen-prompts", "5", "--gen-new-tokens", "4",
@@ -26,7 +26,7 @@ def test_tiny_run_times_every_stage(tmp_path, capsys):
     assert all(r["seconds"] > 0 for r in rows)
     text = results.read_text()
     assert text.startswith("# Benchmark results\n\nkept\n") and "| SNIP scores, 2 samples x 16 tokens |" in text
-    assert "| generation, 5 x 4 tokens, compacting decoder |" in capsys.readouterr().out
+    assert "| generation, 5 x 4 tokens, default decoder |" in capsys.readouterr().out
 
 
 def test_prompts_share_a_template_prefix_and_pad_left():
@@ -34,8 +34,6 @@ def test_prompts_share_a_template_prefix_and_pad_left():
     prompts = chat_shaped_prompts(cfg, 512)
     assert len(prompts) == 6 and len({tuple(p[:24]) for p in prompts}) == 1 and len({tuple(p[-5:]) for p in prompts}) == 1
     assert all(24 + 10 + 5 <= len(p) <= 24 + 35 + 5 for p in prompts)
-    ids, mask = left_padded(prompts, "cpu")
-    assert mask.sum(1).tolist() == [len(p) for p in prompts] and bool(mask[:, -1].all())
 
 
 def test_llama_2_7b_shape():
