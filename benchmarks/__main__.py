@@ -6,8 +6,8 @@
     python -m benchmarks --only generation snip --gen-new-tokens 256
     python -m benchmarks --model Qwen/Qwen2.5-7B-Instruct --no-write
 
-Rows: generation (one prompt at a time vs batched `generate` vs the compacting decoder, and vLLM
-when installed), SNIP (Wei et al.'s per-layer loop vs one pass), Wanda and SparseGPT
+Rows: generation (one prompt at a time vs batched `generate` vs the toolkit's continuous-batching
+decoder, and vLLM when installed), SNIP (Wei et al.'s per-layer loop vs one pass), Wanda and SparseGPT
 block-sequential pruning (time and peak memory, a small and the main model), direction
 extraction (output_hidden_states vs hooks vs the shared-prefix default), and candidate scoring
 for selection (one candidate at a time vs batched). Each group runs in its own process (peak

@@ -1,13 +1,14 @@
 """Batched generation: left padding, greedy or sampled, with an optional vLLM backend.
 
-Prompts are sorted by length so each batch pads little. The default engine ("hf") is a decode
-loop over the model's own forward with a KV cache that drops every row as soon as it has produced
-an end-of-turn token and admits waiting prompts into the freed rows (continuous batching,
-lm.continuous_batching), so the batch stays full while short refusals (~12 tokens) finish beside
-compliant answers that run to the limit. "hf-generate" is transformers' `generate`, kept as the reference the engine is tested
-against; "vllm" serves the saved checkpoint with vLLM (lm.vllm_engine). "auto" (the default)
-picks vLLM where it is installed, faster on the model's device (VLLM_FASTER_ON) and can serve
-this model from its checkpoint, and "hf" otherwise.
+Prompts are sorted by length so prompts decoded side by side pad little. The default engine
+("hf") is a decode loop over the model's own forward with a KV cache that drops every row as soon
+as it has produced an end-of-turn token and admits waiting prompts into the freed rows
+(continuous batching, lm.continuous_batching), so the batch stays full while short refusals (~12
+tokens) finish beside compliant answers that run to the limit. "hf-generate" is transformers'
+`generate` in fixed batches, the reference the engine is tested against; "vllm" serves the saved
+checkpoint with vLLM (lm.vllm_engine). "auto" (the default) picks vLLM where it is installed,
+faster on the model's device (VLLM_FASTER_ON) and can serve this model from its checkpoint, and
+"hf" otherwise.
 """
 
 from __future__ import annotations
@@ -139,24 +140,38 @@ def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = Samplin
                 raise
             # "auto" promised never to fail where the hf backend works.
             print(f"warning: {e}; generating with the hf backend instead", file=sys.stderr)
-    return _generate_batched(model, tokenizer, prompts, cfg, desc, compacting=backend != "hf-generate")
+    generate_with = _generate_transformers if backend == "hf-generate" else _generate_continuous
+    return generate_with(model, tokenizer, prompts, cfg, desc)
+
+
+def _length_order(sequences: list[list[int]]) -> list[int]:
+    # Longest first: prompts decoding side by side then differ little in length, so little padding.
+    return sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+
+
+def _batch_size(model, sequences: list[list[int]], cfg: SamplingConfig) -> int:
+    return cfg.batch_size or auto_batch_size(model, max(map(len, sequences)) + cfg.max_new_tokens, cfg.n_samples)
+
+
+def _generate_continuous(model, tokenizer, prompts, cfg: SamplingConfig, desc: str) -> list[list[str]]:
+    sequences = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = _length_order(sequences)
+    new_tokens = decode_continuous(model, [sequences[i] for i in order], cfg.max_new_tokens,
+                                   stop_token_ids(model, tokenizer), _batch_size(model, sequences, cfg),
+                                   temperature=cfg.temperature, n_samples=cfg.n_samples, seed=cfg.seed, desc=desc)
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    out: list[list[str]] = [None] * len(prompts)  # type: ignore[list-item]
+    for j, i in enumerate(order):
+        out[i] = texts[j * cfg.n_samples : (j + 1) * cfg.n_samples]
+    return out
 
 
 @torch.no_grad()
-def _generate_batched(model, tokenizer, prompts, cfg: SamplingConfig, desc: str, compacting: bool) -> list[list[str]]:
+def _generate_transformers(model, tokenizer, prompts, cfg: SamplingConfig, desc: str) -> list[list[str]]:
     sequences = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    # Longest first: prompts decoding side by side then differ little in length, so little padding.
-    order = sorted(range(len(prompts)), key=lambda i: -len(sequences[i]))
-    batch_size = cfg.batch_size or auto_batch_size(model, max(map(len, sequences)) + cfg.max_new_tokens, cfg.n_samples)
+    order, batch_size = _length_order(sequences), _batch_size(model, sequences, cfg)
     stops = stop_token_ids(model, tokenizer)
     out: list[list[str]] = [None] * len(prompts)  # type: ignore[list-item]
-    if compacting:
-        new_tokens = decode_continuous(model, [sequences[i] for i in order], cfg.max_new_tokens, stops, batch_size,
-                                       temperature=cfg.temperature, n_samples=cfg.n_samples, seed=cfg.seed, desc=desc)
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for j, i in enumerate(order):
-            out[i] = texts[j * cfg.n_samples : (j + 1) * cfg.n_samples]
-        return out
     device = next(model.parameters()).device
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):

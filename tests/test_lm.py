@@ -409,7 +409,7 @@ def test_greedy_generation_is_independent_of_batch_size(tiny_pair):
     assert hook_state(model) == hooks_before
 
 
-def test_compacting_decode_matches_transformers_generate(tiny_pair):
+def test_continuous_batching_matches_transformers_generate(tiny_pair):
     """The engine drops finished rows from the KV cache; greedy text must equal `generate`'s."""
     model, tokenizer = tiny_pair
     prompts = format_prompts(tokenizer, INSTRUCTIONS)
@@ -427,7 +427,7 @@ def _until_stop(tokens, stops):
     return next((tokens[: i + 1] for i, t in enumerate(tokens) if t in stops), tokens)
 
 
-def test_compacting_decode_drops_finished_rows(tiny_qwen2):
+def test_continuous_batching_drops_finished_rows(tiny_qwen2):
     from lm.continuous_batching import decode_continuous
     from lm.generation import stop_token_ids
 
