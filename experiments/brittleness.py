@@ -357,11 +357,12 @@ def brittleness_figure(report: dict):
         fig.update_yaxes(title_text="accuracy (%)", row=row, col=cols - 1)
         fig.update_yaxes(title_text="perplexity (log)", type="log", row=row, col=cols)
     fig.update_layout(
-        title=f"Brittleness of safety: {report.get('model_name', report['model'])}, {report['n_asr']} AdvBench goals per ASR point"
-              " (top: weights, bottom: ranks)",
+        # Two lines: a model name as long as the embedded one's does not fit one line at this width.
+        title=f"Brittleness of safety: {report.get('model_name', report['model'])}<br>"
+              f"<sup>{report['n_asr']} AdvBench goals per ASR point; top row: weights removed, bottom row: ranks removed</sup>",
         width=1250, height=370 * len(families) + 150, font=dict(size=14),
         legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
-        margin=dict(l=60, r=20, t=90, b=110),
+        margin=dict(l=60, r=20, t=110, b=110),
     )
     return fig
 
