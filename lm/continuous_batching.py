@@ -89,25 +89,11 @@ def sample(logits: torch.Tensor, rows: torch.Tensor, temperature: float, generat
 
 
 @torch.no_grad()
-def prefill(model, sequences: list[list[int]], prefix: SharedPrefix | None, n_samples: int) -> tuple[RunningBatch, torch.Tensor]:
+def prefill(model, sequences: list[list[int]], prefix: SharedPrefix, n_samples: int) -> tuple[RunningBatch, torch.Tensor]:
     """A batch of the new prompts (each repeated n_samples times) and their next-token logits."""
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    if prefix is not None:
-        kwargs = prefix.batch(model, sequences, pad_id=0)
-        ids, mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
-        positions, cache = kwargs["position_ids"], kwargs["past_key_values"]
-    else:
-        width = max(len(s) for s in sequences)
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(sequences):
-            ids[row, width - len(s):] = torch.tensor(s)
-            mask[row, width - len(s):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
+    kwargs = prefix.batch(model, sequences, pad_id=0)
+    ids, mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
+    positions, cache = kwargs["position_ids"], kwargs["past_key_values"]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     if n_samples > 1:
@@ -133,8 +119,8 @@ def decode_continuous(model, sequences: list[list[int]], max_new_tokens: int, st
     device = next(model.parameters()).device
     stop_set = torch.tensor(stops, dtype=torch.long, device=device)
     # The chat template's tokens every prompt starts with are run once and reused by every
-    # admission; a single prompt has nothing to share.
-    prefix = SharedPrefix.build(model, sequences) if len(sequences) > 1 else None
+    # admission; a single prompt has nothing to share (an empty prefix: plain left padding).
+    prefix = (SharedPrefix.build(model, sequences) if len(sequences) > 1 else None) or SharedPrefix(0, [], [])
     waiting = deque(range(len(sequences)))
     batch: RunningBatch | None = None
     joinable = True
