@@ -37,6 +37,7 @@ from lm import datasets
 from lm.cache import atomic_write_json, atomic_write_text, cached_json, timed, write_plotlyjs
 from lm.errors import UserError
 from lm.perplexity import perplexity
+from lm.zero_shot import SHORT_TASKS
 from refusal.asr import SETTINGS, AsrConfig, attack_success
 from refusal.collapse import collapse_verdict
 
@@ -44,8 +45,6 @@ WEIGHT_METHODS = ("top-wanda", "top-snip", "setdiff-wanda", "setdiff-snip", "ran
 RANK_METHODS = ("actsvd", "actsvd-orth")
 METHODS = WEIGHT_METHODS + RANK_METHODS
 JUDGES = ("wei2024", "arditi2024")
-# Short-document tasks: on CPU each zero-shot document costs one forward pass per choice.
-CPU_ZERO_SHOT_TASKS = ("boolq", "rte", "winogrande", "arc_easy")
 
 
 @dataclass
@@ -67,7 +66,7 @@ class BrittlenessConfig:
     max_new_tokens: int = 48
     ppl_windows: int = 4
     ppl_seqlen: int = 512
-    zero_shot_tasks: tuple[str, ...] = CPU_ZERO_SHOT_TASKS
+    zero_shot_tasks: tuple[str, ...] = SHORT_TASKS
     zero_shot_limit: int | None = 24  # first N documents per task; None = the full split
     calib_samples: int = 64  # instructions for the own refusals / own helpful replies (Wei et al.: 128)
     batch_size: int | None = None
@@ -410,7 +409,7 @@ def parse_args(argv=None) -> BrittlenessConfig:
     p.add_argument("--max-new-tokens", type=int, help="tokens generated per completion (default 48; Wei et al. 256)")
     p.add_argument("--ppl-windows", type=int)
     p.add_argument("--ppl-seqlen", type=int)
-    p.add_argument("--zero-shot-tasks", nargs="+", help=f"zero-shot tasks, or 'all' (default: {' '.join(CPU_ZERO_SHOT_TASKS)})")
+    p.add_argument("--zero-shot-tasks", nargs="+", help=f"zero-shot tasks, or 'all' (default: {' '.join(SHORT_TASKS)})")
     p.add_argument("--zero-shot-limit", type=int, help="documents per zero-shot task; 0 = the full split (default 24)")
     p.add_argument("--calib-samples", type=int, help="instructions for the own refusals / helpful replies (default 64; Wei et al. 128)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy shared CPU)")

@@ -5,9 +5,12 @@
     python -m experiments.compare_refusal --model Qwen/Qwen2.5-7B-Instruct --variants wanda:0.5 wanda:2:4
 
 For the original and every variant: vanilla ASR on the first AdvBench goals (both judges),
-wikitext-2 perplexity, a collapse check, difference-of-means directions at every layer and
-post-instruction position, and their cosine to the original's. Each stage leaves an artifact in
-runs/<name>/ and is reused on a rerun with the same settings.
+wikitext-2 perplexity, zero-shot accuracy, a collapse check, difference-of-means directions at
+every layer and post-instruction position and their cosine to the original's, the original's
+selected direction (Arditi et al.) and its quality inside each variant; then AIRD and targeted
+repair of every variant whose direction changed. One report (markdown, self-contained HTML, JSON).
+Each stage leaves an artifact in runs/<name>/ and is reused on a rerun with the same settings, so
+an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -41,11 +44,19 @@ from refusal.select import SelectionConfig, score_maps_figure, select_direction_
 
 from .report import asr_figure, cosine_per_layer_figure, render_html, render_markdown
 
-DEFAULT_VARIANTS = ("wanda:0.5", "rtn:int8")
+# The issue-sized comparison: Wanda at three sparsities and 2:4, SNIP, SparseGPT, Wei et al.'s set
+# difference, GPTQ and RTN. Set difference at p = q = 1%: on the embedded model it broke refusal
+# (ASR 19% -> 75%, experiments.brittleness) with 0.23% of the weights, where p = q = 3% gave 38%.
+DEFAULT_VARIANTS = ("wanda:0.5", "wanda:0.6", "wanda:0.7", "wanda:2:4", "snip:0.5", "sparsegpt:0.5",
+                    "setdiff-wanda:p=0.01,q=0.01", "gptq:int4", "rtn:int8")
+QUICK_VARIANTS = ("wanda:0.5", "rtn:int8")
 
 
 @dataclass
 class CompareConfig:
+    """Settings of the main job. Fields left None take a device-dependent value (see `resolved`):
+    the paper-sized one on a GPU, a smaller one on CPU, where the same stages would take days."""
+
     model: str = "embedded"
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     name: str | None = None  # run directory name under runs_dir
@@ -63,8 +74,8 @@ class CompareConfig:
     # Refusal-direction selection (Arditi et al.) for the original and, if select_variants, for
     # every variant; see refusal.select.SelectionConfig for search and prescreen.
     select: bool = True
-    # Each selection costs ~10 minutes of CPU for the embedded model, so by default variants get
-    # their own selection only on a GPU; on CPU they are scored with the original's direction.
+    # Each selection costs ~10 minutes of CPU for the embedded model; None = on a GPU only. On CPU
+    # variants are scored with the original's direction (cosine map, quality, ablation).
     select_variants: bool | None = None
     n_val: int = 32
     search: str = "lazy"
@@ -72,20 +83,38 @@ class CompareConfig:
     prescreen_keep: int = 16
     n_ablation_asr: int = 32  # AdvBench goals generated with the original's direction ablated
     figures_dir: str | None = None  # also write the figures here as HTML + PNG (the README's figures/)
-    # Zero-shot accuracy (lm-eval, 7 tasks) per variant: documents per task; 0 skips it; None =
-    # 200 on a GPU, skipped on CPU (about 20 minutes per model here at 200).
+    # Zero-shot accuracy (lm-eval) per variant: documents per task (0 skips it) and tasks.
+    # None = 200 documents of all 7 tasks on a GPU; 24 of the 4 short-document tasks on CPU.
     zero_shot_limit: int | None = None
+    zero_shot_tasks: tuple[str, ...] | None = None
     # AIRD + targeted repair (repair/) for every variant whose direction changed (cosine at the
-    # original's source below repair_below); None = on a GPU only (~30 CPU minutes per variant).
-    repair: bool | None = None
+    # original's source below repair_below). Its evaluation sizes: None = the comparison's own on
+    # a GPU (with adversarial suffixes and a 4-point restoration curve); on CPU 32 goals,
+    # <= 64 tokens, vanilla ASR only, a 2-point curve.
+    repair: bool = True
     repair_below: float = 0.99
+    repair_n_asr: int | None = None
+    repair_max_new_tokens: int | None = None
+    repair_adv_suffix: bool | None = None
+    repair_curve_fractions: tuple[float, ...] | None = None
 
     @classmethod
     def quick(cls, **overrides) -> "CompareConfig":
-        """CI-sized: the same stages on a handful of prompts."""
-        small = dict(n_asr=8, max_new_tokens=24, n_train=16, ppl_windows=2, ppl_seqlen=256, calib_samples=16,
+        """CI-sized: the same stages on a handful of prompts and two variants."""
+        small = dict(variants=QUICK_VARIANTS, n_asr=8, max_new_tokens=24, n_train=16, ppl_windows=2, ppl_seqlen=256, calib_samples=16,
                      n_val=4, prescreen_n_val=2, prescreen_keep=4, n_ablation_asr=4, zero_shot_limit=0, repair=False)
         return cls(**{**small, **overrides})
+
+    def resolved(self, on_gpu: bool) -> "CompareConfig":
+        """A copy with every None replaced by its value on this device (recorded in config.json)."""
+        from lm.zero_shot import ALL_TASKS, SHORT_TASKS
+
+        gpu = dict(select_variants=True, zero_shot_limit=200, zero_shot_tasks=ALL_TASKS, repair_n_asr=self.n_asr,
+                   repair_max_new_tokens=self.max_new_tokens, repair_adv_suffix=True, repair_curve_fractions=(0.01, 0.03, 0.1, 0.3))
+        cpu = dict(select_variants=False, zero_shot_limit=24, zero_shot_tasks=SHORT_TASKS, repair_n_asr=min(32, self.n_asr),
+                   repair_max_new_tokens=min(64, self.max_new_tokens), repair_adv_suffix=False, repair_curve_fractions=(0.03, 0.3))
+        fill = {k: v for k, v in (gpu if on_gpu else cpu).items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **fill)
 
     def run_dir(self) -> Path:
         name = self.name or "compare-" + Path(self.model).name.replace("/", "-")
@@ -107,6 +136,7 @@ class Comparison:
             raise UserError(f"duplicate variants in {list(cfg.variants)}")
         self.dir = cfg.run_dir()
         self.base = load_model(cfg.model, dtype=cfg.dtype)
+        self.cfg = cfg = cfg.resolved(on_gpu=next(self.base.model.parameters()).device.type == "cuda")
         for spec in self.specs:
             validate_variant(spec, self.base.model)
         self._fingerprint: str | None = None
@@ -159,22 +189,6 @@ class Comparison:
             datasets.sample(datasets.instructions("harmful", "train"), n, seed),
             datasets.sample(datasets.instructions("harmless", "train"), n, seed),
         )
-
-    def select_variants(self) -> bool:
-        if self.cfg.select_variants is not None:
-            return self.cfg.select_variants
-        return next(self.base.model.parameters()).device.type == "cuda"
-
-    def on_gpu(self) -> bool:
-        return next(self.base.model.parameters()).device.type == "cuda"
-
-    def zero_shot_limit(self) -> int:
-        if self.cfg.zero_shot_limit is not None:
-            return self.cfg.zero_shot_limit
-        return 200 if self.on_gpu() else 0
-
-    def repair_enabled(self) -> bool:
-        return self.cfg.repair if self.cfg.repair is not None else self.on_gpu()
 
     def selection_config(self) -> SelectionConfig:
         c = self.cfg
@@ -257,13 +271,13 @@ class Comparison:
                           lambda: timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_asr), asr_cfg)))
         ppl = cached_json(vdir / "perplexity.json", {**key, "windows": cfg.ppl_windows, "seqlen": cfg.ppl_seqlen},
                           lambda: timed(lambda: dict(perplexity=perplexity(model, tok, cfg.ppl_windows, cfg.ppl_seqlen))))
-        if self.zero_shot_limit():
+        if cfg.zero_shot_limit:
             from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
 
-            zcfg = ZeroShotConfig(limit=self.zero_shot_limit())
+            zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
             zs = cached_json(vdir / "zero_shot.json", {**key, **dataclasses.asdict(zcfg)}, lambda: zero_shot_accuracy(model, tok, zcfg))
         selection = None
-        if cfg.select and (spec.method == "original" or self.select_variants()):
+        if cfg.select and (spec.method == "original" or cfg.select_variants):
             selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
                                                 fingerprint=json.dumps(key, sort_keys=True))
             if spec.method == "original":
@@ -272,7 +286,7 @@ class Comparison:
         dirs = cached_tensors(vdir / "directions.safetensors", {**key, "prompts": _digest(harmful + ["\0"] + harmless)},
                               lambda: candidate_directions(model, tok, harmful, harmless))
         out = dict(asr=asr, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model))
-        if self.zero_shot_limit():
+        if cfg.zero_shot_limit:
             out["zero_shot"] = zs
         if selection is not None:
             out["selection"] = selection
@@ -330,7 +344,7 @@ class Comparison:
             if model is not self.base.model:
                 del model
         report = self.summarise(results, time.perf_counter() - start)
-        if self.repair_enabled():
+        if self.cfg.repair:
             report["repairs"] = self.repair(results, report)
             report["wall_seconds"] = round(time.perf_counter() - start, 1)
         figs = self.make_figures(results, report)
@@ -363,9 +377,11 @@ class Comparison:
             _log(f"{spec.text}: repairing (cosine at the original's source {cos:.3f})")
             rcfg = RepairConfig(original=c.model, compressed=str(vdir / "model"), out=str(vdir / "repaired"), runs_dir=str(self.dir / "repair"),
                                 dtype=c.dtype, seed=c.seed, n_train=c.n_train, n_val=c.n_val, search=c.search,
-                                prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, n_asr=c.n_asr,
-                                max_new_tokens=c.max_new_tokens, ppl_windows=c.ppl_windows, ppl_seqlen=c.ppl_seqlen,
-                                zero_shot_limit=self.zero_shot_limit(), batch_size=c.batch_size)
+                                prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, n_asr=c.repair_n_asr,
+                                max_new_tokens=c.repair_max_new_tokens, adv_suffix=c.repair_adv_suffix,
+                                curve_fractions=tuple(c.repair_curve_fractions), ppl_windows=c.ppl_windows, ppl_seqlen=c.ppl_seqlen,
+                                zero_shot_limit=c.zero_shot_limit, zero_shot_tasks=tuple(c.zero_shot_tasks), batch_size=c.batch_size,
+                                select_compressed=c.select_variants)
             out[row["variant"]] = Repair(rcfg, original=self.base, selection=ref).run()
         return out
 
@@ -517,9 +533,11 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--search", choices=["exhaustive", "lazy"], help="selection search (default lazy: same choice, fewer passes)")
     p.add_argument("--prescreen", type=int, help="prescreen candidates on this many harmful prompts (0 = off; default 8)")
     p.add_argument("--n-ablation-asr", type=int, help="AdvBench goals generated with the original's direction ablated (default 32)")
-    p.add_argument("--zero-shot-limit", type=int, help="zero-shot documents per task (0 = skip; default 200 on GPU, skipped on CPU)")
+    p.add_argument("--zero-shot-limit", type=int, help="zero-shot documents per task (0 = skip; default 200 on GPU, 24 on CPU)")
+    p.add_argument("--zero-shot-tasks", nargs="+", help="zero-shot tasks, or 'all' (default: all 7 on GPU, boolq rte winogrande arc_easy on CPU)")
     p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
-                   help="AIRD + targeted repair of every variant whose direction changed (default: on GPU yes, on CPU no)")
+                   help="AIRD + targeted repair of every variant whose direction changed (default: on)")
+    p.add_argument("--repair-n-asr", type=int, help="AdvBench goals in the repair's evaluation (default: --n-asr on GPU, 32 on CPU)")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in dict(
         model=a.model, variants=tuple(a.variants) if a.variants else None, name=a.name, runs_dir=a.runs_dir,
@@ -527,6 +545,7 @@ def parse_args(argv=None) -> CompareConfig:
         calib_samples=a.calib_samples, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
         select_variants=a.select_variants, n_val=a.n_val, search=a.search, prescreen_n_val=a.prescreen,
         n_ablation_asr=a.n_ablation_asr, figures_dir=a.figures_dir, zero_shot_limit=a.zero_shot_limit, repair=a.repair,
+        zero_shot_tasks=_tasks(a.zero_shot_tasks), repair_n_asr=a.repair_n_asr,
     ).items() if v is not None}
     if a.no_selection:
         overrides["select"] = False
@@ -537,11 +556,23 @@ def parse_args(argv=None) -> CompareConfig:
     return CompareConfig.quick(**overrides) if a.quick else CompareConfig(**overrides)
 
 
+def _tasks(names: list[str] | None) -> tuple[str, ...] | None:
+    if names == ["all"]:
+        from lm.zero_shot import ALL_TASKS
+
+        return ALL_TASKS
+    return tuple(names) if names else None
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         for v in cfg.variants:
             parse_variant(v)  # fail on a bad spec before loading anything
+        if cfg.zero_shot_tasks:
+            from lm.zero_shot import ZeroShotConfig
+
+            ZeroShotConfig(tasks=cfg.zero_shot_tasks)
         Comparison(cfg).run()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

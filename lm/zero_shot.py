@@ -29,6 +29,9 @@ from .errors import UserError
 
 ZERO_SHOT_DATA = DATA / "zero_shot"
 ALL_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+# The CPU default: on CPU each document costs one forward pass per choice, and these have short
+# documents and few choices (hellaswag and the multiple-choice ones cost 2-4x as much per document).
+SHORT_TASKS = ("boolq", "rte", "winogrande", "arc_easy")
 # Bump when the generated YAMLs or the HellaSwag conversion change, so stale caches are not reused.
 FORMAT_VERSION = 1
 HELLASWAG_PARTS = tuple(f"hellaswag/hellaswag_val_full_part{i}.txt" for i in (1, 2, 3))

@@ -157,3 +157,42 @@ def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
     # Self-contained: tables rendered, plotly.js inlined once, no script fetched from a CDN.
     assert "<table>" in page and page.count("plotly.js v") == 1 and 'src="https://cdn' not in page
     assert page.count('class="plotly-graph-div"') == len(report["figures"])
+
+
+def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
+    """The main job's last stage: AIRD + targeted repair of a variant whose direction changed, in the report."""
+    from refusal.select import SelectionConfig
+
+    permissive = SelectionConfig(n_train=4, n_val=3, kl_threshold=1e9, induce_threshold=-1e9, max_layer_fraction=1.0, search="lazy", batch_size=4, max_rows=12)
+    monkeypatch.setattr(Comparison, "selection_config", lambda self: permissive)
+    cfg = tiny_config(tiny_dir, tmp_path / "runs")
+    cfg.variants = ("wanda:0.5",)
+    cfg.n_ablation_asr = 2
+    cfg.repair = True
+    cfg.repair_n_asr, cfg.repair_max_new_tokens, cfg.repair_curve_fractions = 2, 4, (0.5,)
+    report = Comparison(cfg).run()
+    run_dir = tmp_path / "runs" / "tiny"
+    stored = json.loads((run_dir / "config.json").read_text())
+    assert stored["repair_adv_suffix"] is False and stored["zero_shot_tasks"] is not None  # resolved for CPU, recorded
+    row = report["variants"][1]
+    assert row["cosine_at_original_source"] < cfg.repair_below
+    repaired = report["repairs"]["wanda:0.5"]
+    assert repaired["aird"]["layer"] < report["variants"][0]["source"]["layer"]
+    assert set(repaired["states"]) >= {"original", "compressed", "aird"}
+    assert repaired["settings"]["n_asr"] == 2 and repaired["settings"]["max_new_tokens"] == 4
+    assert (run_dir / "variants" / "wanda-0.5" / "repaired" / "repair.json").is_file()
+    assert "## Repair (AIRD and targeted restoration)" in (run_dir / "report.md").read_text()
+    assert {"repair_curve", "repair_wanda-0.5"} <= set(report["figures"])
+
+
+def test_device_defaults_fill_only_unset_fields():
+    from lm.zero_shot import ALL_TASKS, SHORT_TASKS
+
+    cfg = CompareConfig(n_asr=50, zero_shot_limit=7)
+    cpu, gpu = cfg.resolved(on_gpu=False), cfg.resolved(on_gpu=True)
+    assert cpu.zero_shot_limit == gpu.zero_shot_limit == 7  # set by the user: kept on both
+    assert (cpu.zero_shot_tasks, gpu.zero_shot_tasks) == (SHORT_TASKS, ALL_TASKS)
+    assert (cpu.select_variants, gpu.select_variants) == (False, True)
+    assert (cpu.repair_n_asr, gpu.repair_n_asr) == (32, 50)
+    assert (cpu.repair_adv_suffix, gpu.repair_adv_suffix) == (False, True)
+    assert CompareConfig.quick().variants == compare.QUICK_VARIANTS and len(CompareConfig().variants) == 9
