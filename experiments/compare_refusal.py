@@ -29,7 +29,7 @@ from compression.calibration import CalibrationConfig, ResponseCalibrationConfig
 from compression.checkpoint import read_manifest, save_variant, sparsity_report
 from compression.variants import VariantSpec, build_variant_with_report, parse_variant, validate_variant
 from lm import datasets
-from lm.cache import atomic_write_json, atomic_write_text, cached_json, cached_tensors, timed, write_plotlyjs
+from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json, cached_tensors, timed, write_plotlyjs
 from lm.chat import post_instruction
 from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
@@ -330,8 +330,8 @@ class Comparison:
 
     # --- the whole job -------------------------------------------------------------------
     def run(self) -> dict:
-        start = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
+        clock = RunClock(self.dir / "invocations.json")
         atomic_write_json(self.dir / "config.json", dataclasses.asdict(self.cfg))
         results = {}
         for spec in self.specs:
@@ -343,10 +343,13 @@ class Comparison:
             results[spec.slug] = (spec, r)
             if model is not self.base.model:
                 del model
-        report = self.summarise(results, time.perf_counter() - start)
+            clock.tick()
+        report = self.summarise(results, clock.seconds)
         if self.cfg.repair:
-            report["repairs"] = self.repair(results, report)
-            report["wall_seconds"] = round(time.perf_counter() - start, 1)
+            report["repairs"] = self.repair(results, report, clock)
+            report["wall_seconds"] = clock.seconds
+        clock.tick(finished=True)
+        report.update(clock.summary())
         figs = self.make_figures(results, report)
         report["figures"] = self.save_figures(figs)
         atomic_write_json(self.dir / "report.json", report)
@@ -359,7 +362,7 @@ class Comparison:
         _log(f"report: {self.dir / 'report.md'}")
         return report
 
-    def repair(self, results: dict, report: dict) -> dict:
+    def repair(self, results: dict, report: dict, clock: RunClock) -> dict:
         """AIRD + targeted repair of every saved variant whose direction changed at the original's source."""
         from repair.pipeline import Repair, RepairConfig
 
@@ -383,6 +386,7 @@ class Comparison:
                                 zero_shot_limit=c.zero_shot_limit, zero_shot_tasks=tuple(c.zero_shot_tasks), batch_size=c.batch_size,
                                 select_compressed=c.select_variants)
             out[row["variant"]] = Repair(rcfg, original=self.base, selection=ref).run()
+            clock.tick()
         return out
 
     def make_figures(self, results: dict, report: dict) -> dict:

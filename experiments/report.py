@@ -56,7 +56,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# Refusal under compression: {report['model_name']}",
         "",
-        f"Wall time {report['wall_seconds']:.0f} s. ASR: vanilla greedy decoding on the first "
+        f"Wall time {_wall(report)}. ASR: vanilla greedy decoding on the first "
         f"{report['variants'][0]['n_prompts']} AdvBench goals, at most {report['config']['max_new_tokens']} new tokens; "
         "Wei = Wei et al. 2024 judge (31 case-sensitive strings and >= 20 words), Arditi = Arditi et al. 2024 judge "
         "(12 strings, case-insensitive). Directions: difference of means of block inputs at the post-instruction "
@@ -114,6 +114,14 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- **{s['goal']}** → {text[:300]}{'…' if len(text) > 300 else ''}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _wall(report: dict) -> str:
+    n, total = report.get("invocations", 1), report.get("wall_seconds_all_invocations")
+    if n <= 1 or total is None:
+        return f"{report['wall_seconds']:.0f} s"
+    return (f"{total:.0f} s over {n} invocations of the job (stages done by an earlier one are reused); "
+            f"this one {report['wall_seconds']:.0f} s")
 
 
 def _source_text(v: dict) -> str:

@@ -122,3 +122,31 @@ def timed(compute):
     out = compute()
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
+
+
+class RunClock:
+    """Wall time of every invocation that worked on one run directory.
+
+    Stages are cached, so a job interrupted and rerun (or rerun just to redraw the report) is
+    several invocations; each appends an entry to `path` and updates it at every `tick()`, so the
+    total survives an interruption up to its last tick.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.start = time.perf_counter()
+        self.entries = json.loads(self.path.read_text()) if self.path.is_file() else []
+        self.entries.append(dict(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=0.0, finished=False))
+        self.tick()
+
+    @property
+    def seconds(self) -> float:
+        """This invocation's wall time so far."""
+        return round(time.perf_counter() - self.start, 1)
+
+    def tick(self, finished: bool = False) -> None:
+        self.entries[-1].update(seconds=self.seconds, finished=finished)
+        atomic_write_json(self.path, self.entries)
+
+    def summary(self) -> dict:
+        return dict(invocations=len(self.entries), wall_seconds_all_invocations=round(sum(e["seconds"] for e in self.entries), 1))

@@ -85,7 +85,7 @@ def tiny_config(model_dir, runs_dir) -> CompareConfig:
 
 def numbers(report: dict) -> dict:
     # Everything but wall-clock time must be reproduced by a rerun.
-    return {k: v for k, v in report.items() if k != "wall_seconds"}
+    return {k: v for k, v in report.items() if k not in ("wall_seconds", "invocations", "wall_seconds_all_invocations")}
 
 
 def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
@@ -124,6 +124,11 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
         monkeypatch.setattr(compare, stage, must_not_run)
     again = Comparison(tiny_config(tiny_dir, tmp_path / "runs")).run()
     assert numbers(json.loads(json.dumps(again))) == numbers(stored)
+    assert (stored["invocations"], again["invocations"]) == (1, 2)
+    log = json.loads((run_dir / "invocations.json").read_text())
+    assert [e["finished"] for e in log] == [True, True]
+    assert again["wall_seconds_all_invocations"] == pytest.approx(sum(e["seconds"] for e in log), abs=0.11)
+    assert "over 2 invocations" in (run_dir / "report.md").read_text()
     assert numbers(json.loads((run_dir / "report.json").read_text())) == numbers(stored)
 
 
