@@ -37,7 +37,7 @@ from lm import datasets
 from lm.cache import atomic_write_json, atomic_write_text, cached_json, timed, write_plotlyjs
 from lm.errors import UserError
 from lm.perplexity import perplexity
-from lm.zero_shot import SHORT_TASKS
+from lm.zero_shot import SHORT_TASKS, task_names
 from refusal.asr import SETTINGS, AsrConfig, attack_success
 from refusal.collapse import collapse_verdict
 
@@ -418,11 +418,7 @@ def parse_args(argv=None) -> BrittlenessConfig:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--figures-dir", help="also export the figure here as HTML and PNG (e.g. figures/)")
     a = p.parse_args(argv)
-    tasks = a.zero_shot_tasks
-    if tasks == ["all"]:
-        from lm.zero_shot import ALL_TASKS
-
-        tasks = list(ALL_TASKS)
+    tasks = task_names(a.zero_shot_tasks)
     if a.zero_shot_limit is not None and a.zero_shot_limit < 0:
         raise UserError(f"--zero-shot-limit must be >= 0, got {a.zero_shot_limit}")
     overrides = {k: v for k, v in dict(

@@ -34,6 +34,7 @@ from lm.chat import post_instruction
 from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
 from lm.perplexity import perplexity
+from lm.zero_shot import task_names
 from refusal.asr import AsrConfig, attack_success
 from refusal.collapse import collapse_verdict
 from refusal.compare import cosine_heatmaps_figure, cosine_to_direction, quality_bars_figure, source_shift, source_shift_figure
@@ -549,7 +550,7 @@ def parse_args(argv=None) -> CompareConfig:
         calib_samples=a.calib_samples, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
         select_variants=a.select_variants, n_val=a.n_val, search=a.search, prescreen_n_val=a.prescreen,
         n_ablation_asr=a.n_ablation_asr, figures_dir=a.figures_dir, zero_shot_limit=a.zero_shot_limit, repair=a.repair,
-        zero_shot_tasks=_tasks(a.zero_shot_tasks), repair_n_asr=a.repair_n_asr,
+        zero_shot_tasks=task_names(a.zero_shot_tasks), repair_n_asr=a.repair_n_asr,
     ).items() if v is not None}
     if a.no_selection:
         overrides["select"] = False
@@ -558,14 +559,6 @@ def parse_args(argv=None) -> CompareConfig:
     if a.quick and "name" not in overrides:
         overrides["name"] = "quick-" + Path(a.model).name.replace("/", "-")
     return CompareConfig.quick(**overrides) if a.quick else CompareConfig(**overrides)
-
-
-def _tasks(names: list[str] | None) -> tuple[str, ...] | None:
-    if names == ["all"]:
-        from lm.zero_shot import ALL_TASKS
-
-        return ALL_TASKS
-    return tuple(names) if names else None
 
 
 def main(argv=None) -> int:

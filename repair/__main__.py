@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from lm.errors import UserError
+from lm.zero_shot import task_names
 
 from .aird import AirdConfig
 from .pipeline import Repair, RepairConfig
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> RepairConfig:
     p.add_argument("--n-val", type=int, default=32)
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--zero-shot-limit", type=int, default=200, help="documents per task; 0 skips zero-shot, -1 = full splits")
-    p.add_argument("--zero-shot-tasks", nargs="+", help="subset of boolq rte hellaswag winogrande arc_easy arc_challenge openbookqa")
+    p.add_argument("--zero-shot-tasks", nargs="+", help="subset of boolq rte hellaswag winogrande arc_easy arc_challenge openbookqa, or all (default all)")
     p.add_argument("--select-compressed", action=argparse.BooleanOptionalAction, default=None,
                    help="also select the compressed model's own direction (source shift); default: on GPU only")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -59,7 +60,7 @@ def parse_args(argv=None) -> RepairConfig:
         curve_fractions=tuple(a.curve_fractions), save=a.save, n_asr=a.n_asr, max_new_tokens=a.max_new_tokens,
         adv_suffix=not a.no_adv_suffix, ppl_windows=a.ppl_windows,
         zero_shot_limit=None if a.zero_shot_limit == -1 else a.zero_shot_limit,
-        zero_shot_tasks=tuple(a.zero_shot_tasks) if a.zero_shot_tasks else None, batch_size=a.batch_size,
+        zero_shot_tasks=task_names(a.zero_shot_tasks), batch_size=a.batch_size,
     )
 
 

@@ -102,6 +102,10 @@ class RepairConfig:
         for name in ("n_asr", "n_val", "n_train", "max_new_tokens", "ppl_windows"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.zero_shot_tasks:
+            from lm.zero_shot import ZeroShotConfig
+
+            ZeroShotConfig(tasks=self.zero_shot_tasks)  # an unknown task fails here, not after hours of work
 
 
 def _log(msg: str) -> None:

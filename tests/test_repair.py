@@ -329,3 +329,11 @@ def test_cli_refuses_to_overwrite_a_foreign_directory(dirs, tmp_path, monkeypatc
     code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
     assert code == 2 and "not an earlier repair output" in err
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_rejects_unknown_zero_shot_task_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["--compressed", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--zero-shot-tasks", "bogus"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unknown zero-shot task" in err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
