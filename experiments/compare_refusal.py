@@ -566,10 +566,6 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         for v in cfg.variants:
             parse_variant(v)  # fail on a bad spec before loading anything
-        if cfg.zero_shot_tasks:
-            from lm.zero_shot import ZeroShotConfig
-
-            ZeroShotConfig(tasks=cfg.zero_shot_tasks)
         Comparison(cfg).run()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,13 +32,6 @@ ALL_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challen
 # The CPU default: on CPU each document costs one forward pass per choice, and these have short
 # documents and few choices (hellaswag and the multiple-choice ones cost 2-4x as much per document).
 SHORT_TASKS = ("boolq", "rte", "winogrande", "arc_easy")
-def task_names(names: list[str] | None) -> tuple[str, ...] | None:
-    """A CLI's --zero-shot-tasks: the names given, 'all' for every task, None when not given."""
-    if not names:
-        return None
-    return ALL_TASKS if list(names) == ["all"] else tuple(names)
-
-
 # Bump when the generated YAMLs or the HellaSwag conversion change, so stale caches are not reused.
 FORMAT_VERSION = 1
 HELLASWAG_PARTS = tuple(f"hellaswag/hellaswag_val_full_part{i}.txt" for i in (1, 2, 3))
@@ -101,6 +94,15 @@ class ZeroShotConfig:
             raise UserError(f"limit must be a positive number of documents (or None for all), got {self.limit}")
         if self.batch_size <= 0:
             raise UserError(f"batch size must be positive, got {self.batch_size}")
+
+
+def task_names(names: list[str] | None) -> tuple[str, ...] | None:
+    """A CLI's --zero-shot-tasks, checked: the names given, 'all' for every task, None when not given."""
+    if not names:
+        return None
+    tasks = ALL_TASKS if list(names) == ["all"] else tuple(names)
+    ZeroShotConfig(tasks=tasks)  # an unknown name fails at parse time, before any model is loaded
+    return tasks
 
 
 # --- data and task files -----------------------------------------------------------------
