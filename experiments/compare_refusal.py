@@ -210,7 +210,7 @@ class Comparison:
         ckpt = self.dir / "variants" / spec.slug / "model"
         params = self.variant_params(spec)
         manifest = read_manifest(ckpt)
-        if manifest is not None and manifest.get("params") == params and manifest.get("base_fingerprint") == self.fingerprint():
+        if self.reusable(spec, manifest, params):
             _log(f"{spec.text}: reusing checkpoint {ckpt}")
             return load_model(str(ckpt), dtype=self.cfg.dtype).model
         _log(f"{spec.text}: building")
@@ -223,6 +223,21 @@ class Comparison:
                 base_model=self.cfg.model, base_fingerprint=self.fingerprint(),
             ))
         return model
+
+    def reusable(self, spec: VariantSpec, manifest: dict | None, params: dict) -> bool:
+        """Whether a saved variant was built by the same method from the same base and calibration.
+
+        The prompt calibration is cheap to rebuild, so its digest is compared, which also catches a
+        change in how it is made; the model's own replies (SNIP, set difference) would cost minutes
+        of generation, so for them the settings in `params` stand in.
+        """
+        if manifest is None or manifest.get("params") != params or manifest.get("base_fingerprint") != self.fingerprint():
+            return False
+        if spec.needs_calibration:
+            cal = self.calibration()
+            if manifest.get("calibration_sha256", {}).get("prompts") != cal.digest or manifest.get("calibration") != cal.description:
+                return False
+        return True
 
     def build(self, spec: VariantSpec):
         """(variant model, what the method removed, seconds): built from the base model, never saved.

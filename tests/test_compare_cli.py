@@ -120,7 +120,9 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("stage recomputed although its artifact exists")
 
-    for stage in ("attack_success", "perplexity", "candidate_directions", "build_variant_with_report", "calibration_set"):
+    # The prompt calibration is tokenized again (its digest decides whether a checkpoint is reused);
+    # nothing is generated.
+    for stage in ("attack_success", "perplexity", "candidate_directions", "build_variant_with_report", "response_calibration_set"):
         monkeypatch.setattr(compare, stage, must_not_run)
     again = Comparison(tiny_config(tiny_dir, tmp_path / "runs")).run()
     assert numbers(json.loads(json.dumps(again))) == numbers(stored)
@@ -130,6 +132,25 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     assert again["wall_seconds_all_invocations"] == pytest.approx(sum(e["seconds"] for e in log), abs=0.11)
     assert "over 2 invocations" in (run_dir / "report.md").read_text()
     assert numbers(json.loads((run_dir / "report.json").read_text())) == numbers(stored)
+
+
+def test_checkpoint_from_other_calibration_is_rebuilt(tiny_dir, tmp_path):
+    cfg = tiny_config(tiny_dir, tmp_path / "runs")
+    Comparison(cfg).run()
+    manifest_path = tmp_path / "runs" / "tiny" / "variants" / "wanda-0.5" / "model" / "compression.json"
+    manifest = json.loads(manifest_path.read_text())
+    digest = manifest["calibration_sha256"]["prompts"]
+    manifest["calibration_sha256"]["prompts"] = "0" * 64  # as if made from other calibration data
+    manifest_path.write_text(json.dumps(manifest))
+
+    comparison = Comparison(cfg)
+    built = []
+    original_build = comparison.build
+    comparison.build = lambda spec: built.append(spec.text) or original_build(spec)
+    for spec in comparison.specs:
+        comparison.variant_model(spec)
+    assert built == ["wanda:0.5"]
+    assert json.loads(manifest_path.read_text())["calibration_sha256"]["prompts"] == digest
 
 
 def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
