@@ -41,7 +41,7 @@ from refusal.compare import cosine_heatmaps_figure, cosine_to_direction, quality
 from refusal.direction import candidate_directions, cosine_map, norm_peak
 from refusal.quality import direction_quality
 from refusal.score import refusal_tokens
-from refusal.select import SelectionConfig, score_maps_figure, select_direction_cached
+from refusal.select import SelectionConfig, SharedPrompts, score_maps_figure, select_direction_cached
 
 from .report import asr_figure, cosine_per_layer_figure, render_html, render_markdown
 
@@ -293,14 +293,19 @@ class Comparison:
             zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
             zs = cached_json(vdir / "zero_shot.json", {**key, **dataclasses.asdict(zcfg)}, lambda: zero_shot_accuracy(model, tok, zcfg))
         selection = None
-        if cfg.select and (spec.method == "original" or cfg.select_variants):
-            selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
-                                                fingerprint=json.dumps(key, sort_keys=True))
-            if spec.method == "original":
-                self._original_selection = selection
+        if cfg.select and spec.method == "original":
+            selection = self._original_selection = select_direction_cached(
+                model, tok, vdir / "selection", self.selection_config(), fingerprint=json.dumps(key, sort_keys=True))
         harmful, harmless = self.direction_prompts()
         dirs = cached_tensors(vdir / "directions.safetensors", {**key, "prompts": _digest(harmful + ["\0"] + harmless)},
                               lambda: candidate_directions(model, tok, harmful, harmless))
+        if cfg.select and spec.method != "original" and cfg.select_variants:
+            # On the original's filtered prompts (whose candidates are `dirs`): a different source
+            # then means different weights, not a different set of prompts the variant still refuses.
+            ref = self._original_selection
+            shared = SharedPrompts(ref.prompts, dirs["directions"]) if ref is not None and ref.prompts else None
+            selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
+                                                fingerprint=json.dumps(key, sort_keys=True), shared=shared)
         out = dict(asr=asr, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model))
         if cfg.zero_shot_limit:
             out["zero_shot"] = zs
@@ -391,7 +396,7 @@ class Comparison:
             cos = row.get("cosine_at_original_source")
             if cos is None or cos >= c.repair_below:
                 continue
-            spec = next(s for s, _ in results.values() if s.text == row["variant"])
+            spec, own = next((s, r) for s, r in results.values() if s.text == row["variant"])
             vdir = self.dir / "variants" / spec.slug
             _log(f"{spec.text}: repairing (cosine at the original's source {cos:.3f})")
             rcfg = RepairConfig(original=c.model, compressed=str(vdir / "model"), out=str(vdir / "repaired"), runs_dir=str(self.dir / "repair"),
@@ -401,7 +406,7 @@ class Comparison:
                                 curve_fractions=tuple(c.repair_curve_fractions), ppl_windows=c.ppl_windows, ppl_seqlen=c.ppl_seqlen,
                                 zero_shot_limit=c.zero_shot_limit, zero_shot_tasks=tuple(c.zero_shot_tasks), batch_size=c.batch_size,
                                 select_compressed=c.select_variants)
-            out[row["variant"]] = Repair(rcfg, original=self.base, selection=ref).run()
+            out[row["variant"]] = Repair(rcfg, original=self.base, selection=ref, own_selection=own.get("selection")).run()
             clock.tick()
         return out
 
@@ -424,7 +429,8 @@ class Comparison:
         figs["cosine_maps"] = cosine_heatmaps_figure(maps, ref.positions, ref.chosen,
                                                      "Cosine of each variant's candidate directions to the original's chosen direction")
         sources = {v["variant"]: (v["source"]["position"], v["source"]["layer"]) if v.get("source") else None for v in report["variants"]}
-        figs["source_shift"] = source_shift_figure(sources, report["n_layers"], "Chosen refusal-direction source per variant")
+        if sum(s is not None for s in sources.values()) > 1:  # the original's source alone shifts nothing
+            figs["source_shift"] = source_shift_figure(sources, report["n_layers"], "Chosen refusal-direction source per variant")
         figs["quality"] = quality_bars_figure([dict(variant=v["variant"], **(v.get("quality") or {})) for v in report["variants"]],
                                               "Direction quality: each variant's own direction vs the original's direction inside it")
         return figs

@@ -108,6 +108,7 @@ class SelectionResult:
     forward_passes: dict = field(default_factory=dict)
     fingerprint: str | None = None
     prompts: dict = field(default_factory=dict)  # the filtered instruction sets actually used
+    shared_prompts: str | None = None  # SharedPrompts.digest() when the sets were given, not sampled
 
     @property
     def n_layers(self) -> int:
@@ -419,6 +420,33 @@ def _search(model, tokenizer, directions, harmful_val, harmless_val, token_ids, 
 
 # --- the pipeline ----------------------------------------------------------------------------
 
+PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+
+
+@dataclass(frozen=True)
+class SharedPrompts:
+    """Prompt sets fixed in advance (another model's filtered sets), instead of sampling and filtering.
+
+    Selecting a compressed variant's direction on the original's filtered prompts keeps the
+    prompts fixed, so a shift of the chosen source comes from the weights and not from which
+    prompts the variant still refuses; it also skips the filtering and, when `directions` (this
+    model's candidates on `prompts["harmful_train"]` / `["harmless_train"]`) are given, the
+    extraction passes.
+    """
+
+    prompts: dict
+    directions: torch.Tensor | None = None
+
+    def __post_init__(self):
+        missing = [k for k in PROMPT_SETS if not self.prompts.get(k)]
+        if missing:
+            raise UserError(f"shared prompt sets missing or empty: {', '.join(missing)}")
+
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps({k: list(self.prompts[k]) for k in PROMPT_SETS}).encode()).hexdigest()
+
 
 def _prompt_sets(cfg: SelectionConfig) -> dict[str, list[str]]:
     return {
@@ -429,13 +457,20 @@ def _prompt_sets(cfg: SelectionConfig) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig()) -> SelectionResult:
-    """Sample, filter by the model's own refusal score, build candidates, score all, choose one."""
+def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig(), shared: SharedPrompts | None = None) -> SelectionResult:
+    """Sample, filter by the model's own refusal score, build candidates, score all, choose one.
+
+    shared: use these prompt sets as they are (no sampling, no filtering) and, if it carries
+    them, these candidate directions.
+    """
     token_ids = refusal_tokens(tokenizer, cfg.refusal_tokens)
-    sets = _prompt_sets(cfg)
+    sets = {k: list(shared.prompts[k]) for k in PROMPT_SETS} if shared is not None else _prompt_sets(cfg)
     counts, passes = {}, Counter()
     for name, insts in sets.items():
         counts[name] = dict(sampled=len(insts))
+        if shared is not None:
+            counts[name]["shared"] = True
+            continue
         if not cfg.filter_by_refusal:
             continue
         scores = refusal_scores(model, tokenizer, insts, token_ids, cfg.batch_size, cfg.system)
@@ -449,8 +484,15 @@ def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig())
             kept = insts
         sets[name] = kept
 
-    directions = candidate_directions(model, tokenizer, sets["harmful_train"], sets["harmless_train"], cfg.batch_size, cfg.system)["directions"]
-    passes["directions"] += sum(math.ceil(len(sets[n]) / cfg.batch_size) for n in ("harmful_train", "harmless_train"))
+    if shared is not None and shared.directions is not None:
+        directions = shared.directions
+    else:
+        directions = candidate_directions(model, tokenizer, sets["harmful_train"], sets["harmless_train"], cfg.batch_size, cfg.system)["directions"]
+        passes["directions"] += sum(math.ceil(len(sets[n]) / cfg.batch_size) for n in ("harmful_train", "harmless_train"))
+    n_positions = len(post_instruction(tokenizer, cfg.system).positions)
+    if tuple(directions.shape[:2]) != (n_positions, len(decoder_layers(model))):
+        raise UserError(f"candidate directions have shape {tuple(directions.shape)}; this model needs "
+                        f"({n_positions}, {len(decoder_layers(model))}, d_model)")
 
     scores, prescreen = _search(model, tokenizer, directions, sets["harmful_val"], sets["harmless_val"], token_ids, cfg)
     counts["baseline_score"] = dict(harmful_val=scores.baseline_harmful, harmless_val=scores.baseline_harmless)
@@ -486,14 +528,18 @@ def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig())
         config=cfg, positions=positions, bypass=scores.bypass, induce=scores.induce, kl=scores.kl,
         reasons=reasons, chosen=chosen, directions=directions.float().cpu(),
         refusal_token_ids=token_ids, counts=counts, forward_passes=forward_passes, prompts=sets,
+        shared_prompts=shared.digest() if shared is not None else None,
     )
 
 
 # --- artifacts -------------------------------------------------------------------------------
 
 
-def _params(cfg: SelectionConfig, fingerprint: str | None) -> dict:
-    return json.loads(json.dumps(dict(config=cfg.cache_key(), fingerprint=fingerprint), sort_keys=True))
+def _params(cfg: SelectionConfig, fingerprint: str | None, shared_prompts: str | None = None) -> dict:
+    params = dict(config=cfg.cache_key(), fingerprint=fingerprint)
+    if shared_prompts is not None:  # given directions follow from the model and the prompts: no key of their own
+        params["shared_prompts"] = shared_prompts
+    return json.loads(json.dumps(params, sort_keys=True))
 
 
 def save_selection(result: SelectionResult, out_dir: Path) -> None:
@@ -503,7 +549,7 @@ def save_selection(result: SelectionResult, out_dir: Path) -> None:
     writes can never pair a selection.json with another run's tensors.
     """
     out_dir = Path(out_dir)
-    params = _params(result.config, result.fingerprint)
+    params = _params(result.config, result.fingerprint, result.shared_prompts)
     tensors = dict(candidates=result.directions, bypass=result.bypass, induce=result.induce, kl=result.kl)
     if result.chosen is not None:
         tensors.update(direction=result.direction, direction_raw=result.direction_raw.clone())
@@ -549,7 +595,7 @@ def load_selection(out_dir: Path) -> SelectionResult:
         reasons=reasons, chosen=None if chosen is None else (chosen["position"], chosen["layer"]),
         directions=tensors["candidates"], refusal_token_ids=meta["refusal_tokens"], counts=meta["counts"],
         forward_passes=meta["forward_passes"], fingerprint=meta["params"].get("fingerprint"),
-        prompts=meta.get("prompts", {}),
+        prompts=meta.get("prompts", {}), shared_prompts=meta["params"].get("shared_prompts"),
     )
 
 
@@ -566,7 +612,8 @@ def _stored_params(out_dir: Path) -> tuple[dict | None, str | None]:
     return stored, tensor_params
 
 
-def select_direction_cached(model, tokenizer, out_dir: Path, cfg: SelectionConfig = SelectionConfig(), fingerprint: str | None = None) -> SelectionResult:
+def select_direction_cached(model, tokenizer, out_dir: Path, cfg: SelectionConfig = SelectionConfig(), fingerprint: str | None = None,
+                            shared: SharedPrompts | None = None) -> SelectionResult:
     """select_direction, reusing out_dir's artifact when its config and model fingerprint match.
 
     fingerprint: identifies the weights (default: lm.loading.model_fingerprint, a hash of every
@@ -577,11 +624,11 @@ def select_direction_cached(model, tokenizer, out_dir: Path, cfg: SelectionConfi
 
         fingerprint = model_fingerprint(model)
     out_dir = Path(out_dir)
-    params = _params(cfg, fingerprint)
+    params = _params(cfg, fingerprint, shared.digest() if shared is not None else None)
     stored, tensor_params = _stored_params(out_dir)
     if stored == params and tensor_params == json.dumps(params, sort_keys=True):
         return load_selection(out_dir)
-    result = select_direction(model, tokenizer, cfg)
+    result = select_direction(model, tokenizer, cfg, shared)
     result.fingerprint = fingerprint
     save_selection(result, out_dir)
     return result

@@ -39,7 +39,7 @@ from refusal.asr import AsrConfig, attack_success
 from refusal.collapse import collapse_verdict
 from refusal.direction import candidate_directions, cosine_map
 from refusal.quality import direction_quality
-from refusal.select import SelectionConfig, select_direction_cached
+from refusal.select import SelectionConfig, SharedPrompts, select_direction_cached
 
 from .aird import AirdConfig, choose_aird_block
 from .derivation import check_derivation, summarise
@@ -147,7 +147,7 @@ class Repair:
     """One compressed checkpoint's repair. `original` (a LoadedModel) and `selection` (the original's
     SelectionResult) may be passed in by a caller that already has them, e.g. the main job."""
 
-    def __init__(self, cfg: RepairConfig, original=None, selection=None):
+    def __init__(self, cfg: RepairConfig, original=None, selection=None, own_selection=None):
         if not cfg.compressed:
             raise UserError("no compressed checkpoint given (--compressed DIR)")
         if not cfg.out:
@@ -160,6 +160,7 @@ class Repair:
         self.cfg = cfg
         self.orig = original if original is not None else load_model(cfg.original, dtype=cfg.dtype)
         self._given_selection = selection
+        self._given_own_selection = own_selection  # the compressed model's own, if the caller has selected it
         self.comp = load_model(cfg.compressed, dtype=cfg.dtype)
         self.original, self.model, self.tok = self.orig.model, self.comp.model, self.orig.tokenizer
         check_same_architecture(self.original, self.model)
@@ -204,9 +205,13 @@ class Repair:
         self.harmful_train, self.harmless_train = p["harmful_train"], p["harmless_train"]
         self.harmful_val, self.harmless_val = p["harmful_val"], p["harmless_val"]
         select_own = self.cfg.select_compressed if self.cfg.select_compressed is not None else self.on_gpu()
-        self.own_selection = None
-        if select_own:
-            self.own_selection = select_direction_cached(self.model, self.tok, self.dir / "selection", self.selection_config(), fingerprint=self.fp_comp)
+        self.own_selection = self._given_own_selection
+        if select_own and self.own_selection is None:
+            # On the original's filtered prompts, as experiments.compare_refusal does: the source
+            # then shifts only because the weights differ.
+            shared = SharedPrompts(self.selection.prompts) if self.selection.prompts else None
+            self.own_selection = select_direction_cached(self.model, self.tok, self.dir / "selection", self.selection_config(),
+                                                         fingerprint=self.fp_comp, shared=shared)
         # Repair is judged on one unfiltered validation sample (the selection's filtered sets can be
         # a handful of prompts: 7 of 32 harmful ones on the embedded model).
         from lm import datasets

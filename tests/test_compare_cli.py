@@ -132,6 +132,7 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     assert again["wall_seconds_all_invocations"] == pytest.approx(sum(e["seconds"] for e in log), abs=0.11)
     assert "over 2 invocations" in (run_dir / "report.md").read_text()
     assert numbers(json.loads((run_dir / "report.json").read_text())) == numbers(stored)
+    assert "source_shift" not in stored["figures"]  # no variant was selected: nothing to show
 
 
 def test_checkpoint_from_other_calibration_is_rebuilt(tiny_dir, tmp_path):
@@ -174,8 +175,13 @@ def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
         assert all(-1.0001 <= c <= 1.0001 for r in cos for c in r)
         assert row["quality"]["original_direction"]["kl"] >= 0
         assert row["asr_original_direction_ablated"]["n_prompts"] == 2
+    original_prompts = json.loads((run_dir / "variants" / "original" / "selection" / "selection.json").read_text())["prompts"]
     for row in report["variants"][1:]:
         assert row["quality"]["own"] is not None and row["quality"]["own_direction_in_original"] is not None
+        # Each variant's own selection ran on the original's filtered prompts, as given.
+        own = json.loads((run_dir / "variants" / row["variant"].replace(":", "-") / "selection" / "selection.json").read_text())
+        assert own["prompts"] == original_prompts and own["params"]["shared_prompts"]
+        assert "filter" not in own["forward_passes"] and "directions" not in own["forward_passes"]
     for name in ("score_maps_original", "cosine_maps", "source_shift", "quality"):
         assert (run_dir / report["figures"][name]).is_file()
     assert "## Refusal direction: source and quality" in (run_dir / "report.md").read_text()
@@ -196,6 +202,7 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     cfg.n_ablation_asr = 2
     cfg.repair = True
     cfg.repair_n_asr, cfg.repair_max_new_tokens, cfg.repair_curve_fractions = 2, 4, (0.5,)
+    cfg.select_variants = True  # the variant's own selection is handed to the repair, not redone there
     report = Comparison(cfg).run()
     run_dir = tmp_path / "runs" / "tiny"
     stored = json.loads((run_dir / "config.json").read_text())
@@ -209,6 +216,9 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     assert (run_dir / "variants" / "wanda-0.5" / "repaired" / "repair.json").is_file()
     assert "## Repair (AIRD and targeted restoration)" in (run_dir / "report.md").read_text()
     assert {"repair_curve", "repair_wanda-0.5"} <= set(report["figures"])
+    source = row["source"]
+    assert source is not None and repaired["compressed_source"] == source
+    assert not list((run_dir / "repair").glob("*/selection")), "the repair selected the variant's direction again"
 
 
 def test_device_defaults_fill_only_unset_fields():

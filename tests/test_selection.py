@@ -22,6 +22,7 @@ from refusal.interventions import activation_addition, directional_ablation, ort
 from refusal.score import filter_by_score, kl_divergence, refusal_score, refusal_scores, refusal_tokens
 from refusal.select import (
     SelectionConfig,
+    SharedPrompts,
     batch_plan,
     choose,
     load_selection,
@@ -411,6 +412,47 @@ def test_artifacts_round_trip_and_reuse(tiny_qwen2, tmp_path, monkeypatch):
     select_direction_cached(model, tokenizer, tmp_path, SelectionConfig(**{**PERMISSIVE, "kl_threshold": 5.0}), fingerprint="fp-2")
     assert len(calls) == 2
     assert json.loads((tmp_path / "selection.json").read_text())["config"]["kl_threshold"] == 5.0
+
+
+def test_shared_prompts_skip_sampling_filtering_and_extraction(tiny_qwen2, tmp_path, monkeypatch):
+    model, tokenizer = tiny_qwen2
+    cfg = SelectionConfig(**PERMISSIVE)
+    own = select_direction(model, tokenizer, cfg)
+    # Another model's sets, deliberately not what this config would sample: they are used as given.
+    prompts = {k: list(reversed(v))[:3] for k, v in own.prompts.items()}
+    dirs = candidate_directions(model, tokenizer, prompts["harmful_train"], prompts["harmless_train"])["directions"]
+
+    def no_filtering(*args, **kwargs):
+        raise AssertionError("shared prompts must not be filtered again")
+
+    monkeypatch.setattr(select_mod, "refusal_scores", no_filtering)
+    monkeypatch.setattr(select_mod, "candidate_directions", no_filtering)
+    shared = select_direction(model, tokenizer, cfg, SharedPrompts(prompts, dirs))
+    assert shared.prompts == prompts
+    assert "filter" not in shared.forward_passes and "directions" not in shared.forward_passes
+    assert all(shared.counts[k]["shared"] for k in prompts)
+    torch.testing.assert_close(shared.directions, dirs)
+    monkeypatch.undo()
+    # Without directions they are extracted from the shared sets: the same scores.
+    extracted = select_direction(model, tokenizer, cfg, SharedPrompts(prompts))
+    torch.testing.assert_close(extracted.bypass, shared.bypass, equal_nan=True, atol=1e-4, rtol=1e-4)
+    assert extracted.chosen == shared.chosen
+
+    # The cached artifact is keyed by the shared sets too.
+    calls = []
+    real = select_mod.select_direction
+    monkeypatch.setattr(select_mod, "select_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp", shared=SharedPrompts(prompts, dirs))
+    assert load_selection(tmp_path).shared_prompts == SharedPrompts(prompts).digest() == first.shared_prompts
+    select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp", shared=SharedPrompts(prompts, dirs))
+    assert len(calls) == 1
+    other = {**prompts, "harmful_val": prompts["harmful_val"][:2]}
+    select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp", shared=SharedPrompts(other))
+    assert len(calls) == 2
+    select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp")
+    assert len(calls) == 3
+    with pytest.raises(UserError, match="harmless_val"):
+        SharedPrompts({**prompts, "harmless_val": []})
 
 
 def test_save_selection_without_a_choice(tiny_llama, tmp_path):
