@@ -75,9 +75,10 @@ class CompareConfig:
     # Refusal-direction selection (Arditi et al.) for the original and, if select_variants, for
     # every variant; see refusal.select.SelectionConfig for search and prescreen.
     select: bool = True
-    # Each selection costs ~10 minutes of CPU for the embedded model; None = on a GPU only. On CPU
-    # variants are scored with the original's direction (cosine map, quality, ablation).
-    select_variants: bool | None = None
+    # Each variant's own selection runs on the original's filtered prompts and candidates
+    # (refusal.select.SharedPrompts), which gives its source shift; off, variants are only scored
+    # with the original's direction (cosine map, quality, ablation).
+    select_variants: bool = True
     n_val: int = 32
     search: str = "lazy"
     prescreen_n_val: int = 8
@@ -110,9 +111,9 @@ class CompareConfig:
         """A copy with every None replaced by its value on this device (recorded in config.json)."""
         from lm.zero_shot import ALL_TASKS, SHORT_TASKS
 
-        gpu = dict(select_variants=True, zero_shot_limit=200, zero_shot_tasks=ALL_TASKS, repair_n_asr=self.n_asr,
+        gpu = dict(zero_shot_limit=200, zero_shot_tasks=ALL_TASKS, repair_n_asr=self.n_asr,
                    repair_max_new_tokens=self.max_new_tokens, repair_adv_suffix=True, repair_curve_fractions=(0.01, 0.03, 0.1, 0.3))
-        cpu = dict(select_variants=False, zero_shot_limit=24, zero_shot_tasks=SHORT_TASKS, repair_n_asr=min(32, self.n_asr),
+        cpu = dict(zero_shot_limit=24, zero_shot_tasks=SHORT_TASKS, repair_n_asr=min(32, self.n_asr),
                    repair_max_new_tokens=min(64, self.max_new_tokens), repair_adv_suffix=False, repair_curve_fractions=(0.03, 0.3))
         fill = {k: v for k, v in (gpu if on_gpu else cpu).items() if getattr(self, k) is None}
         return dataclasses.replace(self, **fill)
@@ -554,7 +555,7 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--figures-dir", help="also export the figures here as HTML and PNG (e.g. figures/)")
     p.add_argument("--no-selection", action="store_true", help="skip refusal-direction selection (and everything built on it)")
     p.add_argument("--select-variants", action=argparse.BooleanOptionalAction, default=None,
-                   help="run selection for every variant too (default: on GPU yes, on CPU no)")
+                   help="select every variant's own direction too, on the original's prompts (default: on)")
     p.add_argument("--n-val", type=int, help="validation prompts per class for selection (default 32)")
     p.add_argument("--search", choices=["exhaustive", "lazy"], help="selection search (default lazy: same choice, fewer passes)")
     p.add_argument("--prescreen", type=int, help="prescreen candidates on this many harmful prompts (0 = off; default 8)")

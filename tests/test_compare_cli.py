@@ -132,7 +132,6 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     assert again["wall_seconds_all_invocations"] == pytest.approx(sum(e["seconds"] for e in log), abs=0.11)
     assert "over 2 invocations" in (run_dir / "report.md").read_text()
     assert numbers(json.loads((run_dir / "report.json").read_text())) == numbers(stored)
-    assert "source_shift" not in stored["figures"]  # no variant was selected: nothing to show
 
 
 def test_checkpoint_from_other_calibration_is_rebuilt(tiny_dir, tmp_path):
@@ -162,7 +161,6 @@ def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(Comparison, "selection_config", lambda self: permissive)
     cfg = tiny_config(tiny_dir, tmp_path / "runs")
     cfg.n_ablation_asr = 2
-    cfg.select_variants = True  # off by default on CPU
     report = Comparison(cfg).run()
     run_dir = tmp_path / "runs" / "tiny"
     original = report["variants"][0]
@@ -190,6 +188,11 @@ def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
     assert "<table>" in page and page.count("plotly.js v") == 1 and 'src="https://cdn' not in page
     assert page.count('class="plotly-graph-div"') == len(report["figures"])
 
+    cfg.select_variants = False  # only the original's source: no shift to draw
+    again = Comparison(cfg).run()
+    assert "source_shift" not in again["figures"] and "cosine_maps" in again["figures"]
+    assert all(row["source"] is None for row in again["variants"][1:])
+
 
 def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     """The main job's last stage: AIRD + targeted repair of a variant whose direction changed, in the report."""
@@ -202,7 +205,6 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     cfg.n_ablation_asr = 2
     cfg.repair = True
     cfg.repair_n_asr, cfg.repair_max_new_tokens, cfg.repair_curve_fractions = 2, 4, (0.5,)
-    cfg.select_variants = True  # the variant's own selection is handed to the repair, not redone there
     report = Comparison(cfg).run()
     run_dir = tmp_path / "runs" / "tiny"
     stored = json.loads((run_dir / "config.json").read_text())
@@ -228,7 +230,6 @@ def test_device_defaults_fill_only_unset_fields():
     cpu, gpu = cfg.resolved(on_gpu=False), cfg.resolved(on_gpu=True)
     assert cpu.zero_shot_limit == gpu.zero_shot_limit == 7  # set by the user: kept on both
     assert (cpu.zero_shot_tasks, gpu.zero_shot_tasks) == (SHORT_TASKS, ALL_TASKS)
-    assert (cpu.select_variants, gpu.select_variants) == (False, True)
     assert (cpu.repair_n_asr, gpu.repair_n_asr) == (32, 50)
     assert (cpu.repair_adv_suffix, gpu.repair_adv_suffix) == (False, True)
     assert CompareConfig.quick().variants == compare.QUICK_VARIANTS and len(CompareConfig().variants) == 9
