@@ -429,9 +429,13 @@ class Comparison:
             return figs
         figs["cosine_maps"] = cosine_heatmaps_figure(maps, ref.positions, ref.chosen,
                                                      "Cosine of each variant's candidate directions to the original's chosen direction")
-        sources = {v["variant"]: (v["source"]["position"], v["source"]["layer"]) if v.get("source") else None for v in report["variants"]}
-        if sum(s is not None for s in sources.values()) > 1:  # the original's source alone shifts nothing
-            figs["source_shift"] = source_shift_figure(sources, report["n_layers"], "Chosen refusal-direction source per variant")
+        # Only variants whose selection ran: a None source then means nothing passed the filters.
+        sources = {v["variant"]: (v["source"]["position"], v["source"]["layer"]) if v.get("source") else None
+                   for v in report["variants"] if v.get("source_shift") is not None}
+        if len(sources) > 1:  # the original's source alone shifts nothing
+            title = ("Chosen refusal-direction source per variant<br><sup>pos: post-instruction token (-1 = the last prompt token); "
+                     "every variant selected on the original's filtered prompts</sup>")
+            figs["source_shift"] = source_shift_figure(sources, report["n_layers"], title, reference=report["variants"][0]["variant"])
         figs["quality"] = quality_bars_figure([dict(variant=v["variant"], **(v.get("quality") or {})) for v in report["variants"]],
                                               "Direction quality: each variant's own direction vs the original's direction inside it")
         return figs

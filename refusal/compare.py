@@ -54,17 +54,31 @@ def cosine_heatmaps_figure(maps: dict[str, torch.Tensor], positions: list[int], 
     return fig
 
 
-def source_shift_figure(sources: dict[str, tuple[int, int] | None], n_layers: int, title: str):
-    """Chosen source layer (marker) and position (label) of each variant."""
+def source_shift_figure(sources: dict[str, tuple[int, int] | None], n_layers: int, title: str, reference: str | None = None):
+    """Chosen source layer (marker) and position (label) of each selected variant.
+
+    None marks a variant whose selection ran and found no candidate passing the filters: it is
+    listed, not dropped, since "refusal has no source left" is the most drastic shift of all.
+    """
     import plotly.graph_objects as go
 
-    names = [n for n, s in sources.items() if s is not None]
+    names = list(sources)
+    chosen = [n for n in names if sources[n] is not None]
     fig = go.Figure(go.Scatter(
-        x=[sources[n][1] for n in names], y=names, mode="markers+text", text=[f"pos {sources[n][0]}" for n in names],
+        x=[sources[n][1] for n in chosen], y=chosen, mode="markers+text", text=[f"pos {sources[n][0]}" for n in chosen],
         textposition="middle right", marker=dict(size=14), name="chosen source",
+        hovertemplate="%{y}<br>layer %{x}, %{text}<extra></extra>",
     ))
-    fig.update_layout(title=title, xaxis=dict(title="source layer", range=[-0.5, n_layers - 0.5], dtick=2), yaxis=dict(title="variant"),
-                      height=120 + 50 * len(names), width=900)
+    for n in names:
+        if sources[n] is None:
+            fig.add_annotation(x=0, y=n, xanchor="left", showarrow=False, text="no candidate passes the selection filters",
+                               font=dict(color="#7f7f7f"))
+    if reference is not None and sources.get(reference) is not None:
+        fig.add_vline(x=sources[reference][1], line_dash="dot", line_color="#7f7f7f",
+                      annotation_text=f"{reference}'s layer", annotation_position="top")
+    fig.update_layout(title=title, xaxis=dict(title="source layer (of %d)" % n_layers, range=[-0.5, n_layers - 0.5], dtick=2),
+                      yaxis=dict(title="variant", categoryorder="array", categoryarray=names[::-1]),
+                      height=160 + 50 * len(names), width=900, showlegend=False)
     return fig
 
 

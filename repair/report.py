@@ -141,7 +141,9 @@ def curve_figure(results: dict[str, dict], title: str = "ASR against restored we
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+    # Ten distinct hues: the default comparison repairs eight checkpoints, and a repeated colour
+    # would make two of them read as one.
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
     for i, (label, r) in enumerate(results.items()):
         for method, points in curve_points(r).items():
             pts = [p for p in points if p["k"] > 0]

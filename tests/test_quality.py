@@ -39,3 +39,13 @@ def test_direction_quality_rejects_bad_input(tiny_qwen2):
         direction_quality(model, tokenizer, torch.zeros(model.config.hidden_size), 1, HARMFUL, HARMLESS, ids)
     with pytest.raises(UserError):
         direction_quality(model, tokenizer, torch.ones(model.config.hidden_size), 1, [], HARMLESS, ids)
+
+
+def test_source_shift_figure_lists_a_variant_without_a_source():
+    from refusal.compare import source_shift_figure
+
+    fig = source_shift_figure({"original": (-2, 17), "wanda:0.5": (-1, 16), "wanda:0.7": None}, 24, "t", reference="original")
+    assert list(fig.data[0].y) == ["original", "wanda:0.5"] and list(fig.data[0].x) == [17, 16]
+    notes = [a.text for a in fig.layout.annotations]
+    assert any("no candidate passes" in t for t in notes) and any("original" in t for t in notes)
+    assert list(fig.layout.yaxis.categoryarray) == ["wanda:0.7", "wanda:0.5", "original"]
