@@ -31,26 +31,35 @@ def source_shift(original: tuple[int, int] | None, variant: tuple[int, int] | No
 
 
 def cosine_heatmaps_figure(maps: dict[str, torch.Tensor], positions: list[int], chosen: tuple[int, int] | None, title: str):
-    """One heatmap per variant (x = layer, y = post-instruction position), shared colour scale [-1, 1]."""
+    """One heatmap per variant (x = layer, y = post-instruction position), shared colour scale [-1, 1].
+
+    Two columns from four variants on: a position x layer map is wide and flat, and one column of
+    ten of them is too tall to read beside a README's text.
+    """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     names = list(maps)
+    cols = 2 if len(names) >= 4 else 1
+    rows = -(-len(names) // cols)
     # Room between rows for each subplot's x-axis title and the next one's name.
-    fig = make_subplots(rows=len(names), cols=1, subplot_titles=names, vertical_spacing=min(0.3, 0.35 / max(1, len(names) - 1)) if len(names) > 1 else 0.1)
-    for row, name in enumerate(names, start=1):
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.08,
+                        vertical_spacing=min(0.3, 0.35 / max(1, rows - 1)) if rows > 1 else 0.1)
+    for i, name in enumerate(names):
+        row, col = i // cols + 1, i % cols + 1
         cos = maps[name]
         fig.add_trace(go.Heatmap(
             z=cos.tolist(), x=list(range(cos.shape[1])), y=[str(p) for p in positions], zmin=-1, zmax=1,
-            colorscale="RdBu", reversescale=True, colorbar=dict(title="cosine", len=0.9), showscale=row == 1,
+            colorscale="RdBu", reversescale=True, colorbar=dict(title="cosine", len=0.9), showscale=i == 0,
             hovertemplate="layer %{x}<br>position %{y}<br>cosine %{z:.3f}<extra></extra>",
-        ), row=row, col=1)
+        ), row=row, col=col)
         if chosen is not None:
             fig.add_trace(go.Scatter(x=[chosen[1]], y=[str(chosen[0])], mode="markers", marker=dict(symbol="x", size=12, color="black"),
-                                     name="original's source", showlegend=row == 1), row=row, col=1)
-        fig.update_xaxes(title_text="layer", row=row, col=1)
-        fig.update_yaxes(title_text="position", row=row, col=1)
-    fig.update_layout(title=title, height=280 * len(names) + 120, width=900)
+                                     name="original's source", showlegend=i == 0), row=row, col=col)
+        fig.update_xaxes(title_text="layer", row=row, col=col)
+        fig.update_yaxes(title_text="position", row=row, col=col)
+    fig.update_layout(title=title, height=280 * rows + 140, width=900 if cols == 1 else 1300,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0 + 40 / (280 * rows + 140), x=1, xanchor="right"))
     return fig
 
 

@@ -129,11 +129,25 @@ def before_after_figure(r: dict, title: str | None = None):
         fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["vanilla"][judge] for s in states.values()], name=f"vanilla ASR, {name} judge"))
         if all("adv_suffix" in s["asr"] for s in states.values()):
             fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["adv_suffix"][judge] for s in states.values()], name=f"adv-suffix ASR, {name} judge"))
-    cost = [f"{100 * s['restored_fraction_of_model']:.2f}% restored" if "restored" in s else "" for s in states.values()]
-    fig.add_trace(go.Scatter(x=names, y=[103] * len(names), mode="text", text=cost, showlegend=False, textfont_size=12))
+    fig.add_trace(go.Scatter(x=names, y=[104] * len(names), mode="text", text=[_density_label(s) for s in states.values()],
+                             showlegend=False, textfont_size=12))
     fig.update_layout(title=title or f"AIRD before/after: {r['compressed']}", barmode="group", xaxis_title="model state",
-                      yaxis_title="attack success rate (%)", yaxis_range=[0, 110], height=450, width=900)
+                      yaxis_title="attack success rate (%)", yaxis_range=[0, 112], height=450, width=900)
     return fig
+
+
+def _density_label(state: dict) -> str:
+    """The density cost over a bar: restored weights as a count and a share, then the decoder's sparsity.
+
+    Counts, since targeted restoration's few thousand weights print as 0.00% of the model.
+    """
+    sparsity = (state.get("sparsity") or {}).get("decoder_linear_sparsity")
+    lines = []
+    if state.get("restored"):
+        lines.append(f"{state['restored']:,} restored ({100 * state['restored_fraction_of_model']:.2g}%)")
+    if sparsity is not None:
+        lines.append(f"decoder sparsity {100 * sparsity:.2f}%")
+    return "<br>".join(lines)
 
 
 def curve_figure(results: dict[str, dict], title: str = "ASR against restored weights: AIRD vs targeted"):

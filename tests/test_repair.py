@@ -337,3 +337,11 @@ def test_cli_rejects_unknown_zero_shot_task_before_loading(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown zero-shot task" in err[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_before_after_labels_give_restored_counts_and_sparsity():
+    from repair.report import _density_label
+
+    targeted = dict(restored=2487, restored_fraction_of_model=2487 / 630_167_424, sparsity=dict(decoder_linear_sparsity=0.5))
+    assert _density_label(targeted) == "2,487 restored (0.00039%)<br>decoder sparsity 50.00%"
+    assert _density_label(dict(sparsity=dict(decoder_linear_sparsity=0.0496))) == "decoder sparsity 4.96%"
