@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 JUDGES = (("wei2024", "Wei"), ("arditi2024", "Arditi"))
 LABELS = {"original": "original", "compressed": "compressed", "aird": "AIRD", "targeted": "targeted"}
 # Curve points whose harmless next-token distribution moved this far are marked broken.
@@ -144,7 +146,9 @@ def _density_label(state: dict) -> str:
     sparsity = (state.get("sparsity") or {}).get("decoder_linear_sparsity")
     lines = []
     if state.get("restored"):
-        lines.append(f"{state['restored']:,} restored ({100 * state['restored_fraction_of_model']:.2g}%)")
+        pct = 100 * state["restored_fraction_of_model"]
+        decimals = max(0, 1 - math.floor(math.log10(pct)))  # two significant digits, never an exponent
+        lines.append(f"{state['restored']:,} restored ({pct:.{decimals}f}%)")
     if sparsity is not None:
         lines.append(f"decoder sparsity {100 * sparsity:.2f}%")
     return "<br>".join(lines)
