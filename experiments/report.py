@@ -6,6 +6,8 @@ report can be re-rendered from report.json without touching a model.
 
 from __future__ import annotations
 
+from repair.report import small_pct
+
 
 def asr_figure(report: dict):
     """ASR under both judges per variant, perplexity in the hover, collapsed variants hatched."""
@@ -165,8 +167,8 @@ def _repair_section(repairs: dict) -> list[str]:
             return "-" if not z else f"{z['average']:.1%}"
 
         t = r.get("targeted") or {}
-        targeted = f"{t['k']:,} ({100 * t['k'] / a['restored']:.3g}% of AIRD)" if t.get("reached") else "target not reached"
-        lines.append(f"| {variant} | {r['aird']['layer']} | {a['restored']:,} ({100 * a['restored_fraction_of_model']:.3g}% of model) | "
+        targeted = f"{t['k']:,} ({small_pct(t['k'] / a['restored'])} of AIRD)" if t.get("reached") else "target not reached"
+        lines.append(f"| {variant} | {r['aird']['layer']} | {a['restored']:,} ({small_pct(a['restored_fraction_of_model'])} of model) | "
                      f"{asr('compressed')} / {asr('aird')} / {asr('targeted')} | {st['compressed']['perplexity']:.2f} / {a['perplexity']:.2f} | "
                      f"{zs('compressed')} / {zs('aird')} | {st['compressed']['cosine_at_source']:.3f} / {a['cosine_at_source']:.3f} | {targeted} |")
     return lines

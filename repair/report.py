@@ -19,8 +19,13 @@ def file_slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in text)
 
 
-def _small_pct(x: float) -> str:
-    return f"{100 * x:.3g}%"
+def small_pct(x: float, digits: int = 3) -> str:
+    """A share as a percentage to `digits` significant digits, in fixed point even when tiny
+    (targeted restoration's few hundred weights are ~4e-05% of a model)."""
+    pct = 100 * x
+    decimals = max(0, digits - 1 - math.floor(math.log10(pct))) if pct > 0 else 0
+    text = f"{pct:.{decimals}f}"
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + "%"  # trailing zeros dropped, as "g" does
 
 
 def _num(x, fmt=".3f") -> str:
@@ -61,7 +66,7 @@ def render_markdown(r: dict) -> str:
     row("original direction: induce score", lambda s: _num(s["quality"]["induce"]))
     row("original direction: KL", lambda s: _num(s["quality"]["kl"]))
     row("harmful refusal score (no intervention)", lambda s: _num(s["quality"]["baseline_harmful"]))
-    row("weights restored", lambda s: f"{s['restored']:,} ({_small_pct(s['restored_fraction_of_model'])} of model)" if "restored" in s else "-")
+    row("weights restored", lambda s: f"{s['restored']:,} ({small_pct(s['restored_fraction_of_model'])} of model)" if "restored" in s else "-")
     row("decoder sparsity", lambda s: _pct(s["sparsity"]["decoder_linear_sparsity"]))
     row("model sparsity", lambda s: _pct(s["sparsity"]["model_sparsity"]))
     row("collapsed", lambda s: "yes: " + s["collapse"]["reason"] if s["collapse"]["collapsed"] else "no")
@@ -81,12 +86,12 @@ def render_markdown(r: dict) -> str:
         lines += ["", "## Targeted restoration", "",
                   f"Target: AIRD's refusal rate on the harmful val prompts (greedy replies judged by Arditi et al.'s judge), "
                   f"{_pct(t['target_refusal_rate'])}; "
-                  + (f"reached with {t['k']:,} weights ({_small_pct(t['k'] / a['restored'])} of AIRD's {a['restored']:,})."
+                  + (f"reached with {t['k']:,} weights ({small_pct(t['k'] / a['restored'])} of AIRD's {a['restored']:,})."
                      if t["reached"] else f"not reached with up to {max(x['k'] for x in t['trials']):,} weights "
                      f"({t['positive_scores']:,} have a positive score)."),
                   "", "| weights | of AIRD | refusal rate | refusal score | KL | projection |", "|---|---|---|---|---|---|"]
         for x in t["trials"]:
-            lines.append(f"| {x['k']:,} | {_small_pct(x['fraction_of_aird'])} | {_pct(x['refusal_rate'])} | {x['refusal_score']:.3f} | "
+            lines.append(f"| {x['k']:,} | {small_pct(x['fraction_of_aird'])} | {_pct(x['refusal_rate'])} | {x['refusal_score']:.3f} | "
                          f"{x['kl']:.4f} | {x['projection']:.2f} |")
     if r.get("curve"):
         lines += ["", "## Vanilla ASR against restored weights", "",
@@ -94,7 +99,7 @@ def render_markdown(r: dict) -> str:
                   "| method | weights | of AIRD | ASR (Wei) | ASR (Arditi) | KL |", "|---|---|---|---|---|---|"]
         for method, points in curve_points(r).items():
             for p in points:
-                lines.append(f"| {method} | {p['k']:,} | {_small_pct(p['fraction_of_aird'])} | {_pct(p['asr']['wei2024'])} | "
+                lines.append(f"| {method} | {p['k']:,} | {small_pct(p['fraction_of_aird'])} | {_pct(p['asr']['wei2024'])} | "
                              f"{_pct(p['asr']['arditi2024'])} | {_num(p.get('kl'), '.4f')} |")
     lines += ["", "## Sample completions (first AdvBench goals)", ""]
     for name, samples in r["samples"].items():
@@ -146,9 +151,7 @@ def _density_label(state: dict) -> str:
     sparsity = (state.get("sparsity") or {}).get("decoder_linear_sparsity")
     lines = []
     if state.get("restored"):
-        pct = 100 * state["restored_fraction_of_model"]
-        decimals = max(0, 1 - math.floor(math.log10(pct)))  # two significant digits, never an exponent
-        lines.append(f"{state['restored']:,} restored ({pct:.{decimals}f}%)")
+        lines.append(f"{state['restored']:,} restored ({small_pct(state['restored_fraction_of_model'], digits=2)})")
     if sparsity is not None:
         lines.append(f"decoder sparsity {100 * sparsity:.2f}%")
     return "<br>".join(lines)
