@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from lm.cache import atomic_write_text
-from lm.errors import UserError
+from lm.errors import UserError, cli
 from lm.loading import resolve
 
 from .suite import GROUPS, SIZES, Settings, settings_for
@@ -147,19 +147,16 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+@cli
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse(argv)
-    try:
-        settings = settings_for(a.size, **{f.name: getattr(a, f.name) for f in fields(Settings)})
-        resolve(settings.model)  # a bad model spec fails here, before any work
-        if settings.small_model != "scaled":
-            resolve(settings.small_model)
-        start, load0 = time.perf_counter(), os.getloadavg()[0]
-        rows = run_groups(list(a.only or GROUPS), settings)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    settings = settings_for(a.size, **{f.name: getattr(a, f.name) for f in fields(Settings)})
+    resolve(settings.model)  # a bad model spec fails here, before any work
+    if settings.small_model != "scaled":
+        resolve(settings.small_model)
+    start, load0 = time.perf_counter(), os.getloadavg()[0]
+    rows = run_groups(list(a.only or GROUPS), settings)
     seconds, load1 = time.perf_counter() - start, os.getloadavg()[0]
     text = section(rows, settings, argv, seconds, (load0, load1))
     print(text.split("\n", 2)[2].rsplit("\n", 1)[0])

@@ -25,7 +25,7 @@ import torch
 
 from lm.chat import format_prompts
 from lm.datasets import advbench_eval
-from lm.errors import UserError
+from lm.errors import UserError, cli
 from lm.generation import VLLM_MISSING, SamplingConfig, generate, vllm_available
 from lm.loading import load_model
 
@@ -165,6 +165,7 @@ def print_table(rows: list[dict], header: str) -> None:
             print(f"  ({NAMES[r['backend']]} engine start, not counted above: {r['startup_s']:.1f} s)")
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded")
@@ -179,12 +180,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
-        rows = run(a.model, a.n_prompts, a.max_new_tokens, a.batch_size, tuple(a.backends) if a.backends else None,
-                   a.baseline_every)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = run(a.model, a.n_prompts, a.max_new_tokens, a.batch_size, tuple(a.backends) if a.backends else None,
+               a.baseline_every)
     print_table(rows, f"# generation, {a.model}: {a.n_prompts} AdvBench goals, greedy, <= {a.max_new_tokens} new tokens; "
                       f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     return 0

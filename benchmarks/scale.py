@@ -35,7 +35,7 @@ from compression.snip import snip_scores_one_pass
 from compression.sparsegpt import prune_sparsegpt
 from compression.sparsity import SparsityPattern
 from compression.wanda import prune_wanda
-from lm.errors import UserError
+from lm.errors import UserError, cli
 from lm.continuous_batching import decode_continuous
 from lm.generation import auto_batch_size, vllm_available
 
@@ -187,6 +187,7 @@ def markdown(rows: list[dict], cfg: ScaleConfig) -> str:
     return "\n".join(lines)
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
     defaults = ScaleConfig()
@@ -199,13 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the rows here")
     p.add_argument("--results", type=Path, help="append the table to this markdown file (e.g. benchmarks/RESULTS.md)")
     a = p.parse_args(argv)
-    try:
-        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cfg = ScaleConfig(**{**{k: v for k, v in vars(a).items() if k not in ("json", "results")}, "device": device})
-        rows = run(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ScaleConfig(**{**{k: v for k, v in vars(a).items() if k not in ("json", "results")}, "device": device})
+    rows = run(cfg)
     text = markdown(rows, cfg)
     print(text)
     if a.json:

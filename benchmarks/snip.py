@@ -19,7 +19,7 @@ from compression.calibration import tokenize_pairs
 from compression.snip import OnePassConfig, snip_scores_one_pass, snip_scores_per_layer
 from lm import datasets
 from lm.chat import format_prompts
-from lm.errors import UserError
+from lm.errors import cli
 from lm.loading import load_model
 
 from .measure import measure
@@ -54,16 +54,13 @@ def rows(settings: Settings) -> list[dict]:
     )]
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.snip", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded")
     p.add_argument("--n-samples", type=int, default=4)
     a = p.parse_args(argv)
-    try:
-        rows = run(a.model, a.n_samples)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = run(a.model, a.n_samples)
     base = rows[0]["seconds"]
     print(f"# SNIP scores, {a.model}, {a.n_samples} samples, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     print(f"{'implementation':<30} {'seconds':>8} {'relative time':>13}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lm.cache import atomic_write_json
-from lm.errors import UserError
+from lm.errors import UserError, cli
 
 
 @dataclass(frozen=True)
@@ -119,18 +119,15 @@ def row(comparison: str, baseline: str, fast: str, base, quick, check: str = "",
     )
 
 
+@cli
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3:
         print("usage: python -m benchmarks.suite GROUP SETTINGS_JSON OUT_JSON", file=sys.stderr)
         return 2
     group, settings_json, out = argv
-    try:
-        settings = Settings(**json.loads(settings_json))
-        rows = run_group(group, settings)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    settings = Settings(**json.loads(settings_json))
+    rows = run_group(group, settings)
     atomic_write_json(Path(out), dict(group=group, settings=asdict(settings), rows=rows))
     return 0
 

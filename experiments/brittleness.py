@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from lm import datasets
 from lm.cache import atomic_write_json, atomic_write_text, cached_json, timed, write_plotlyjs
-from lm.errors import UserError
+from lm.errors import UserError, cli
 from lm.perplexity import perplexity
 from lm.zero_shot import SHORT_TASKS, task_names
 from refusal.asr import SETTINGS, AsrConfig, attack_success
@@ -442,14 +442,11 @@ def validate(cfg: BrittlenessConfig) -> None:
     ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
 
 
+@cli
 def main(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-        validate(cfg)
-        Brittleness(cfg).run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_args(argv)
+    validate(cfg)
+    Brittleness(cfg).run()
     return 0
 
 

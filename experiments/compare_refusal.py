@@ -31,7 +31,7 @@ from compression.variants import VariantSpec, build_variant_with_report, parse_v
 from lm import datasets
 from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json, cached_tensors, timed, write_plotlyjs
 from lm.chat import post_instruction
-from lm.errors import UserError
+from lm.errors import UserError, cli
 from lm.loading import load_model, model_fingerprint
 from lm.perplexity import perplexity
 from lm.zero_shot import task_names
@@ -587,15 +587,12 @@ def parse_args(argv=None) -> CompareConfig:
     return CompareConfig.quick(**overrides) if a.quick else CompareConfig(**overrides)
 
 
+@cli
 def main(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-        for v in cfg.variants:
-            parse_variant(v)  # fail on a bad spec before loading anything
-        Comparison(cfg).run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_args(argv)
+    for v in cfg.variants:
+        parse_variant(v)  # fail on a bad spec before loading anything
+    Comparison(cfg).run()
     return 0
 
 

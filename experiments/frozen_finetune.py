@@ -51,7 +51,7 @@ from compression.calibration import tokenize_pairs
 from compression.weight_groups import SCORED_GROUPS, GroupConfig, agreement, group_drift, group_sizes, scored_groups, weight_groups
 from lm import datasets
 from lm.cache import atomic_dir, atomic_save_tensors, atomic_write_json, atomic_write_text, cached_json
-from lm.errors import UserError
+from lm.errors import UserError, cli
 from lm.loading import load_model, model_fingerprint
 
 from .finetune_lora import TARGETS, LoraTrainConfig, attach_lora, check_targets, decoder_linear_modules, merged, train
@@ -328,13 +328,10 @@ def parse_args(argv=None) -> FrozenFinetuneConfig:
     return FrozenFinetuneConfig.quick(**overrides) if a.quick else FrozenFinetuneConfig(**overrides)
 
 
+@cli
 def main(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-        FrozenFinetune(cfg).run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_args(argv)
+    FrozenFinetune(cfg).run()
     return 0
 
 

@@ -26,7 +26,7 @@ import torch
 from lm import datasets
 from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, write_plotlyjs
 from lm.chat import format_prompts, tokenize_prompts
-from lm.errors import UserError
+from lm.errors import UserError, cli
 from lm.generation import SamplingConfig, generate
 from lm.hooks import intervene
 from lm.loading import load_model, model_fingerprint
@@ -153,6 +153,7 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.refusal_direction", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded")
@@ -167,13 +168,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cfg = DirectionConfig(model=a.model, name=a.name, runs_dir=a.runs_dir, selection_dir=a.selection_dir, n_test=a.n_test,
                           max_new_tokens=a.max_new_tokens, search=a.search, prescreen_n_val=a.prescreen, batch_size=a.batch_size)
-    try:
-        if cfg.selection_dir and not Path(cfg.selection_dir).is_dir():
-            raise UserError(f"selection directory not found: {cfg.selection_dir}")
-        report = run(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if cfg.selection_dir and not Path(cfg.selection_dir).is_dir():
+        raise UserError(f"selection directory not found: {cfg.selection_dir}")
+    report = run(cfg)
     print(render(report))
     return 0
 

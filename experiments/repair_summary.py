@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from lm.errors import UserError
+from lm.errors import UserError, cli
 
 from .report import _repair_section
 
@@ -34,16 +34,13 @@ def load_results(dirs: list[str]) -> dict[str, dict]:
     return out
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.repair_summary", description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", help="output directories of python -m repair")
     p.add_argument("--figures-dir", help="write repair_curve and repair_<checkpoint> figures here (HTML + PNG)")
     a = p.parse_args(argv)
-    try:
-        results = load_results(a.dirs)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = load_results(a.dirs)
     print("\n".join(_repair_section(results)).strip())
     if a.figures_dir:
         from repair.report import before_after_figure, curve_figure, file_slug

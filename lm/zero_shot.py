@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .cache import atomic_dir, cache_root
 from .datasets import DATA
-from .errors import UserError
+from .errors import UserError, cli
 
 ZERO_SHOT_DATA = DATA / "zero_shot"
 ALL_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -319,17 +319,14 @@ def parse_args(argv=None) -> _Args:
     return _Args(model=a.model, cfg=cfg, dtype=a.dtype, output=a.output)
 
 
+@cli
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        _require_lm_eval()  # before spending a minute loading the model
-        from .loading import load_model
+    args = parse_args(argv)
+    _require_lm_eval()  # before spending a minute loading the model
+    from .loading import load_model
 
-        loaded = load_model(args.model, dtype=args.dtype)
-        result = zero_shot_accuracy(loaded.model, loaded.tokenizer, args.cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    loaded = load_model(args.model, dtype=args.dtype)
+    result = zero_shot_accuracy(loaded.model, loaded.tokenizer, args.cfg)
     print(f"{loaded.name}: zero-shot, limit {args.cfg.limit or 'all'}, {result['seconds']:.0f} s")
     print(format_table(result))
     if args.output:

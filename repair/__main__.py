@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lm.errors import UserError
+from lm.errors import UserError, cli
 from lm.zero_shot import task_names
 
 from .aird import AirdConfig
@@ -64,12 +64,9 @@ def parse_args(argv=None) -> RepairConfig:
     )
 
 
+@cli
 def main(argv=None) -> int:
-    try:
-        Repair(parse_args(argv)).run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    Repair(parse_args(argv)).run()
     return 0
 
 

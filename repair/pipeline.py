@@ -19,6 +19,7 @@ figures are written to `out` in one atomic step at the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -218,11 +219,17 @@ class Repair:
 
         self.probe_harmful = datasets.sample(datasets.instructions("harmful", "val"), self.cfg.n_val, self.cfg.seed)
         self.probe_harmless = datasets.sample(datasets.instructions("harmless", "val"), self.cfg.n_val, self.cfg.seed)
-        self.probe = RefusalProbe(self.model, self.tok, self.probe_harmful, self.probe_harmless, self.selection.refusal_token_ids,
-                                  self.direction, self.source, batch_size=min(16, self.cfg.batch_size or 16))
+        self.comp_reading = cached_json(self.dir / "probe.json", self._probe_key(self.fp_comp), lambda: self.probe.baseline.to_json())
         self.orig_reading = cached_json(self.orig_dir / "probe.json", self._probe_key(self.fp_orig),
                                         lambda: RefusalProbe(self.original, self.tok, self.probe_harmful, self.probe_harmless,
                                                              self.selection.refusal_token_ids, self.direction, self.source).baseline.to_json())
+
+    @functools.cached_property
+    def probe(self) -> RefusalProbe:
+        # Built on first use: its construction runs every probe prompt through the compressed
+        # model, which a rerun with every stage cached never needs.
+        return RefusalProbe(self.model, self.tok, self.probe_harmful, self.probe_harmless, self.selection.refusal_token_ids,
+                            self.direction, self.source, batch_size=min(16, self.cfg.batch_size or 16))
 
     def _probe_key(self, fp: str) -> dict:
         return dict(model=fp, source=list(self.source), direction=_key(self.direction.tolist()),
@@ -243,8 +250,9 @@ class Repair:
         scores = cached_tensors(self.dir / "targeted_scores.safetensors", tkey, self.attribution)
         self.scores = scores
         def aird_rate():
+            probe = self.probe  # built before restoring: its baseline is the unrepaired model's
             with restored(self.model, self.original, self.aird_masks):
-                return dict(refusal_rate=self.probe.refusal_rate(self.cfg.targeted_cfg.reply_tokens))
+                return dict(refusal_rate=probe.refusal_rate(self.cfg.targeted_cfg.reply_tokens))
 
         self.aird_reading["refusal_rate"] = cached_json(self.dir / "aird_refusal_rate.json", {**key, "tokens": self.cfg.targeted_cfg.reply_tokens},
                                                         aird_rate)["refusal_rate"]
@@ -265,7 +273,7 @@ class Repair:
                 objective_name = "refusal"
         if objective_name != "own_refusals":
             batches = prompt_batches(self.tok, self.harmful_train, tc.batch_size, device)
-            sign = 1.0 if self.orig_reading["projection"] >= self.probe.baseline.projection else -1.0
+            sign = 1.0 if self.orig_reading["projection"] >= self.comp_reading["projection"] else -1.0
             objective = (refusal_objective(self.selection.refusal_token_ids) if objective_name == "refusal"
                          else projection_objective(self.direction, self.source, sign))
         return first_order_scores(self.model, self.original, self.source[1], batches, objective)
@@ -357,8 +365,7 @@ class Repair:
                 evals[name]["restored"] = count(masks)
         curve = self.curve()
         result = self.summarise(evals, curve, time.perf_counter() - start)
-        self.write(result)
-        return result
+        return self.write(result)
 
     def curve(self) -> dict:
         """Vanilla ASR against restored weights, for AIRD (random parts of its block) and targeted (top-k)."""
@@ -380,11 +387,16 @@ class Repair:
                             default=0)
                 with restored(self.model, self.original, masks):
                     r = self.evaluate(self.model, f"{method}-{k}", self.dir / "curve" / f"{method}-{k}", key, full=False)
-                    reading = cached_json(self.dir / "curve" / f"{method}-{k}" / "probe.json", {**key, **self._probe_key(self.fp_comp)},
-                                          lambda first=first: self.probe.read(first).to_json())
+                reading = cached_json(self.dir / "curve" / f"{method}-{k}" / "probe.json", {**key, **self._probe_key(self.fp_comp)},
+                                      lambda masks=masks, first=first: self._read_restored(masks, first))
                 points.append(dict(k=n, fraction_of_aird=n / total, asr=r["asr_vanilla"]["asr"], **reading))
             out[method] = points
         return out
+
+    def _read_restored(self, masks: dict[str, torch.Tensor], first_layer: int) -> dict:
+        probe = self.probe  # built before restoring: its baseline is the unrepaired model's
+        with restored(self.model, self.original, masks):
+            return probe.read(first_layer).to_json()
 
     # --- output -----------------------------------------------------------------------------
     def summarise(self, evals: dict, curve: dict, seconds: float) -> dict:
@@ -416,7 +428,7 @@ class Repair:
             source=dict(position=self.source[0], layer=self.source[1]),
             compressed_source=(dict(position=self.own_selection.chosen[0], layer=self.own_selection.chosen[1])
                                if self.own_selection is not None and self.own_selection.chosen else None),
-            probe=dict(original=self.orig_reading, compressed=self.probe.baseline.to_json(), aird=self.aird_reading,
+            probe=dict(original=self.orig_reading, compressed=self.comp_reading, aird=self.aird_reading,
                        n_harmful=len(self.probe_harmful), n_harmless=len(self.probe_harmless)),
             aird=self.aird,
             targeted=self.targeted,
@@ -431,10 +443,39 @@ class Repair:
             wall_seconds=round(seconds, 1),
         )
 
-    def write(self, result: dict) -> None:
-        """Checkpoint + updated compression.json + repair.json/md + figures, all or nothing."""
+    def write(self, result: dict) -> dict:
+        """Checkpoint + updated compression.json + repair.json/md + figures, all or nothing.
+
+        Returns what `out` holds: when an earlier run wrote the same repair (same numbers, same
+        manifest), its files are kept as they are, because rewriting an identical multi-GB
+        checkpoint is most of the cost of a rerun that found every stage cached.
+        """
         masks = self.states()[self.cfg.save]
         restore_entries(self.model, self.original, masks)
+        manifest = self._manifest(result, masks)
+        kept = _unchanged(Path(self.cfg.out), _jsonable(manifest), _jsonable(result))
+        if kept is not None:
+            # The readable outputs are redrawn (cheap, and the rendering code may have changed).
+            self._write_readable(Path(self.cfg.out), kept)
+            _log(f"{self.cfg.out} already holds this repair: checkpoint kept, repair.md and figures redrawn")
+            return kept
+        with atomic_dir(Path(self.cfg.out)) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tok.save_pretrained(tmp)
+            atomic_write_json(tmp / MANIFEST, _jsonable(manifest))
+            atomic_write_json(tmp / "repair.json", _jsonable(result))
+            self._write_readable(tmp, result)
+        _log(f"wrote {self.cfg.out} ({self.cfg.save}-repaired checkpoint, repair.md)")
+        return result
+
+    def _write_readable(self, where: Path, result: dict) -> None:
+        figs = {"repair_before_after": before_after_figure(result), "repair_curve": curve_figure({self.dir.name.rsplit("-", 1)[0]: result})}
+        atomic_write_text(where / "repair.md", render_markdown(result))
+        write_plotlyjs(where / "figures")
+        for name, fig in figs.items():
+            atomic_write_text(where / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True))
+
+    def _manifest(self, result: dict, masks: dict[str, torch.Tensor]) -> dict:
         manifest = dict(self.manifest or {})
         manifest.setdefault("base_model", self.cfg.original)
         manifest.setdefault("base_fingerprint", self.fp_orig)
@@ -445,17 +486,20 @@ class Repair:
             compressed_fingerprint=self.fp_comp, original_fingerprint=self.fp_orig,
             sparsity_before=result["states"]["compressed"]["sparsity"],
         )
-        figs = {"repair_before_after": before_after_figure(result), "repair_curve": curve_figure({self.dir.name.rsplit("-", 1)[0]: result})}
-        with atomic_dir(Path(self.cfg.out)) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tok.save_pretrained(tmp)
-            atomic_write_json(tmp / MANIFEST, _jsonable(manifest))
-            atomic_write_json(tmp / "repair.json", _jsonable(result))
-            atomic_write_text(tmp / "repair.md", render_markdown(result))
-            write_plotlyjs(tmp / "figures")
-            for name, fig in figs.items():
-                atomic_write_text(tmp / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True))
-        _log(f"wrote {self.cfg.out} ({self.cfg.save}-repaired checkpoint, repair.md)")
+        return manifest
+
+
+def _unchanged(out: Path, manifest: dict, result: dict) -> dict | None:
+    """The repair.json in `out` if `out` was written with this manifest and these results (wall time aside)."""
+    try:
+        stored = json.loads((out / "repair.json").read_text(encoding="utf-8"))
+        stored_manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not any(out.glob("*.safetensors")) or stored_manifest != manifest:
+        return None
+    strip = lambda r: {k: v for k, v in r.items() if k != "wall_seconds"}
+    return stored if strip(stored) == strip(result) else None
 
 
 def _goals(n: int) -> list[str]:
