@@ -23,14 +23,18 @@ from lm import datasets
 from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
 
-SOURCES = ("harmless", "harmful")
+SOURCES = ("harmless", "harmful")  # instruction sets
+TEXT_SOURCE = "wikitext"
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    source: str = "harmless"  # harmless_train (utility) or harmful_train (safety) instructions
+    # harmless_train (utility) or harmful_train (safety) instructions; or "wikitext": plain text
+    # windows, as the Wanda and SparseGPT papers calibrate (on C4; here the half of the vendored
+    # wikitext-2 test text that perplexity never reads, so in-domain for that perplexity)
+    source: str = "harmless"
     n_samples: int = 128
-    seqlen: int = 256  # longer samples keep their last seqlen tokens (the template end matters most)
+    seqlen: int = 256  # longer samples keep their last seqlen tokens (the template end matters most); text: window length
     batch_size: int = 16
     seed: int = 0
     # Each prompt followed by the model's own greedy reply of at most this many tokens (0: the
@@ -38,15 +42,20 @@ class CalibrationConfig:
     reply_tokens: int = 0
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            raise UserError(f"unknown calibration source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.source not in SOURCES + (TEXT_SOURCE,):
+            raise UserError(f"unknown calibration source {self.source!r}; choose one of {', '.join(SOURCES + (TEXT_SOURCE,))}")
         if self.n_samples <= 0 or self.seqlen <= 0 or self.batch_size <= 0:
             raise UserError("calibration n_samples, seqlen and batch_size must be positive")
         if self.reply_tokens < 0:
             raise UserError(f"calibration reply_tokens must be >= 0, got {self.reply_tokens}")
+        if self.reply_tokens and self.source == TEXT_SOURCE:
+            raise UserError("wikitext calibration is plain text: it has no instructions to reply to (reply_tokens must be 0)")
 
     def describe(self) -> str:
         """One line for manifests: which data, how much of it."""
+        if self.source == TEXT_SOURCE:
+            return (f"{self.n_samples} x {self.seqlen} tokens of wikitext-2 test text from character "
+                    f"{datasets.WIKITEXT_CALIBRATION_FROM:,} on (perplexity reads only the text before it)")
         text = f"own greedy replies (<= {self.reply_tokens} tokens)" if self.reply_tokens else "no replies"
         return f"{self.n_samples} {self.source} train instructions (seed {self.seed}), {text}, last {self.seqlen} tokens"
 
@@ -63,7 +72,11 @@ class Calibration:
 
 
 def calibration_set(tokenizer, cfg: CalibrationConfig = CalibrationConfig(), model=None) -> Calibration:
-    """Sampled instructions, chat-formatted; with cfg.reply_tokens, each followed by `model`'s greedy reply."""
+    """Sampled instructions, chat-formatted; with cfg.reply_tokens, each followed by `model`'s greedy reply.
+    Or, for source "wikitext", consecutive text windows."""
+    if cfg.source == TEXT_SOURCE:
+        return replace(text_calibration(tokenizer, datasets.wikitext2_calibration_text(), cfg.n_samples, cfg.seqlen, cfg.batch_size),
+                       description=cfg.describe())
     if not cfg.reply_tokens:
         pool = datasets.instructions(cfg.source, "train")
         texts = format_prompts(tokenizer, datasets.sample(pool, cfg.n_samples, cfg.seed))
@@ -75,6 +88,16 @@ def calibration_set(tokenizer, cfg: CalibrationConfig = CalibrationConfig(), mod
     # Every token, prompt and reply, is a layer input to fit; the response-only labels are not needed.
     batches = [dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in replies.batches]
     return Calibration(batches=batches, digest=replies.digest, description=cfg.describe())
+
+
+def text_calibration(tokenizer, text: str, n_samples: int, seqlen: int, batch_size: int) -> Calibration:
+    """The first n_samples consecutive windows of seqlen tokens of `text` (no padding, no template)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < n_samples * seqlen:
+        raise UserError(f"calibration text has {len(ids):,} tokens, fewer than {n_samples} x {seqlen}")
+    windows = torch.tensor(ids[: n_samples * seqlen]).view(n_samples, seqlen)
+    batches = [dict(input_ids=w, attention_mask=torch.ones_like(w)) for w in windows.split(batch_size)]
+    return Calibration(batches=batches, digest=hashlib.sha256(windows.numpy().tobytes()).hexdigest())
 
 
 def tokenize_calibration(tokenizer, texts: list[str], seqlen: int, batch_size: int) -> Calibration:

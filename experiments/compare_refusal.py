@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from compression.calibration import CalibrationConfig, ResponseCalibrationConfig, calibration_set, response_calibration_set
+from compression.calibration import TEXT_SOURCE, CalibrationConfig, ResponseCalibrationConfig, calibration_set, response_calibration_set
 from compression.checkpoint import read_manifest, save_variant, sparsity_report
 from compression.variants import VariantSpec, build_variant_with_report, parse_variant, validate_variant
 from lm import datasets
@@ -33,7 +33,7 @@ from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json
 from lm.chat import post_instruction
 from lm.errors import UserError, cli
 from lm.loading import load_model, model_fingerprint
-from lm.perplexity import perplexity
+from lm.perplexity import check_disjoint_from_calibration, perplexity
 from lm.zero_shot import task_names
 from refusal.asr import AsrConfig, attack_success
 from refusal.collapse import collapse_verdict
@@ -68,6 +68,10 @@ class CompareConfig:
     ppl_windows: int = 8
     ppl_seqlen: int = 512
     calib_samples: int = 128
+    # What Wanda, SparseGPT and GPTQ calibrate on: "harmless" train instructions (chat-formatted),
+    # or "wikitext" text windows of calib_seqlen tokens (the papers' kind of calibration).
+    calib_source: str = "harmless"
+    calib_seqlen: int = 256
     batch_size: int | None = None
     seed: int = 0
     dtype: str = "float32"
@@ -99,6 +103,11 @@ class CompareConfig:
     repair_max_new_tokens: int | None = None
     repair_adv_suffix: bool | None = None
     repair_curve_fractions: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        CalibrationConfig(source=self.calib_source, n_samples=self.calib_samples, seqlen=self.calib_seqlen)  # fails on bad values
+        if self.calib_source == TEXT_SOURCE:
+            check_disjoint_from_calibration(self.ppl_windows, self.ppl_seqlen)
 
     @classmethod
     def quick(cls, **overrides) -> "CompareConfig":
@@ -155,7 +164,8 @@ class Comparison:
 
     def calibration(self):
         if self._calibration is None:
-            cfg = CalibrationConfig(n_samples=self.cfg.calib_samples, seed=self.cfg.seed)
+            cfg = CalibrationConfig(source=self.cfg.calib_source, n_samples=self.cfg.calib_samples, seqlen=self.cfg.calib_seqlen,
+                                    seed=self.cfg.seed)
             self._calibration = calibration_set(self.base.tokenizer, cfg, model=self.base.model)  # the model writes replies if cfg asks
         return self._calibration
 
@@ -274,6 +284,9 @@ class Comparison:
         params = dict(spec.params)
         if spec.needs_calibration or spec.needs_responses or spec.needs_safety or spec.needs_utility:
             params.update(calib_samples=self.cfg.calib_samples, seed=self.cfg.seed)
+        if spec.needs_calibration and (self.cfg.calib_source, self.cfg.calib_seqlen) != ("harmless", 256):
+            # Only when not the defaults, so runs cached before these settings existed stay valid.
+            params.update(calib_source=self.cfg.calib_source, calib_seqlen=self.cfg.calib_seqlen)
         if spec.needs_responses or spec.needs_safety or spec.needs_utility:
             params.update(response_tokens=min(64, self.cfg.max_new_tokens))
         return params
@@ -551,7 +564,10 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--n-train", type=int)
     p.add_argument("--ppl-windows", type=int)
     p.add_argument("--ppl-seqlen", type=int)
-    p.add_argument("--calib-samples", type=int)
+    p.add_argument("--calib-samples", type=int, help="calibration samples (default 128)")
+    p.add_argument("--calib-source", choices=["harmless", TEXT_SOURCE],
+                   help="Wanda / SparseGPT / GPTQ calibration: harmless instructions (default) or wikitext text windows")
+    p.add_argument("--calib-seqlen", type=int, help="calibration tokens per sample (default 256)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -573,7 +589,7 @@ def parse_args(argv=None) -> CompareConfig:
     overrides = {k: v for k, v in dict(
         model=a.model, variants=tuple(a.variants) if a.variants else None, name=a.name, runs_dir=a.runs_dir,
         n_asr=a.n_asr, max_new_tokens=a.max_new_tokens, n_train=a.n_train, ppl_windows=a.ppl_windows, ppl_seqlen=a.ppl_seqlen,
-        calib_samples=a.calib_samples, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
+        calib_samples=a.calib_samples, calib_source=a.calib_source, calib_seqlen=a.calib_seqlen, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
         select_variants=a.select_variants, n_val=a.n_val, search=a.search, prescreen_n_val=a.prescreen,
         n_ablation_asr=a.n_ablation_asr, figures_dir=a.figures_dir, zero_shot_limit=a.zero_shot_limit, repair=a.repair,
         zero_shot_tasks=task_names(a.zero_shot_tasks), repair_n_asr=a.repair_n_asr,

@@ -79,3 +79,13 @@ def safety_short() -> list[tuple[str, str]]:
 def wikitext2_test() -> str:
     """The raw wikitext-2 test text, newlines normalised to '\\n'."""
     return (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")
+
+
+# Only the wikitext-2 test split is vendored, so text calibration takes its second half and
+# perplexity must read the first half only (lm.perplexity checks this for calibrated runs).
+WIKITEXT_CALIBRATION_FROM = 640_000  # characters of wikitext2_test()
+
+
+def wikitext2_calibration_text() -> str:
+    """The part of the wikitext-2 test text that text calibration may use (never evaluated on)."""
+    return wikitext2_test()[WIKITEXT_CALIBRATION_FROM:]

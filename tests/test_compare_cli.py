@@ -153,6 +153,29 @@ def test_checkpoint_from_other_calibration_is_rebuilt(tiny_dir, tmp_path):
     assert json.loads(manifest_path.read_text())["calibration_sha256"]["prompts"] == digest
 
 
+def test_wikitext_calibration_builds_from_text_and_is_kept_apart(tiny_dir, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config(tiny_dir, tmp_path / "runs"), variants=("wanda:0.5",), calib_source="wikitext",
+                              calib_samples=4, calib_seqlen=32, select=False, repair=False)
+    Comparison(cfg).run()
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "variants" / "wanda-0.5" / "model" / "compression.json").read_text())
+    assert "wikitext-2 test text" in manifest["calibration"] and manifest["params"]["calib_source"] == "wikitext"
+    # Switching back to instruction calibration rebuilds the variant instead of reusing it.
+    comparison = Comparison(dataclasses.replace(cfg, calib_source="harmless", calib_seqlen=256))
+    built = []
+    original_build = comparison.build
+    comparison.build = lambda spec: built.append(spec.text) or original_build(spec)
+    comparison.variant_model(comparison.specs[1])
+    assert built == ["wanda:0.5"]
+
+
+def test_wikitext_calibration_refuses_overlapping_perplexity(tiny_dir, tmp_path, monkeypatch, capsys):
+    code, err, runs = run_cli(["--model", str(tiny_dir), "--calib-source", "wikitext", "--ppl-windows", "100", "--ppl-seqlen", "2048"],
+                              tmp_path, monkeypatch, capsys)
+    assert_clean_failure(code, err, runs, tmp_path, "overlap the wikitext-2 calibration text")
+
+
 def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
     """With a selection that can pass on a random model, every variant gets source, cosine map and quality."""
     from refusal.select import SelectionConfig

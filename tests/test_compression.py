@@ -291,6 +291,28 @@ def test_calibration_with_replies_adds_the_models_own_tokens():
         CalibrationConfig(reply_tokens=-1)
 
 
+def test_wikitext_calibration_is_consecutive_windows_after_the_evaluated_text():
+    from lm import datasets
+    from lm.perplexity import CHARS_PER_TOKEN_BOUND
+
+    _, tokenizer = fresh()
+    cfg = CalibrationConfig(source="wikitext", n_samples=3, seqlen=16, batch_size=2)
+    calib = calibration_set(tokenizer, cfg)
+    assert [b["input_ids"].shape for b in calib.batches] == [(2, 16), (1, 16)]
+    assert all(bool(b["attention_mask"].all()) for b in calib.batches) and calib.n_tokens == 48
+    expected = tokenizer(datasets.wikitext2_calibration_text(), add_special_tokens=False)["input_ids"][:48]
+    assert torch.cat([b["input_ids"] for b in calib.batches]).flatten().tolist() == expected
+    assert calibration_set(tokenizer, cfg).digest == calib.digest and "wikitext-2 test text" in calib.description
+    # The default perplexity (8 x 512 tokens) reads text that ends well before the calibration's.
+    assert 8 * 512 * CHARS_PER_TOKEN_BOUND < datasets.WIKITEXT_CALIBRATION_FROM
+    with pytest.raises(UserError, match="reply_tokens"):
+        CalibrationConfig(source="wikitext", reply_tokens=8)
+    with pytest.raises(UserError, match="unknown calibration source"):
+        CalibrationConfig(source="c4")
+    with pytest.raises(UserError, match="fewer than"):
+        calibration_set(tokenizer, CalibrationConfig(source="wikitext", n_samples=10**6, seqlen=1024))
+
+
 def test_magnitude_prunes_smallest_weights_per_row():
     model, _ = fresh(layers=1)
     dense = {n: w.clone() for n, w in decoder_linear_weights(model).items()}
