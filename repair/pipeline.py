@@ -162,6 +162,7 @@ class Repair:
         self.orig = original if original is not None else load_model(cfg.original, dtype=cfg.dtype)
         self._given_selection = selection
         self._given_own_selection = own_selection  # the compressed model's own, if the caller has selected it
+        self._top_masks: dict[int, dict[str, torch.Tensor]] = {}
         self.comp = load_model(cfg.compressed, dtype=cfg.dtype)
         self.original, self.model, self.tok = self.orig.model, self.comp.model, self.orig.tokenizer
         check_same_architecture(self.original, self.model)
@@ -279,7 +280,11 @@ class Repair:
         return first_order_scores(self.model, self.original, self.source[1], batches, objective)
 
     def targeted_masks(self, k: int) -> dict[str, torch.Tensor]:
-        return top_masks(self.scores, k)
+        # Memoised: evaluation, curve and output each ask for the same k, and a top-k over every
+        # changed weight costs seconds.
+        if k not in self._top_masks:
+            self._top_masks[k] = top_masks(self.scores, k)
+        return self._top_masks[k]
 
     def aird_partial_masks(self, k: int) -> dict[str, torch.Tensor]:
         """A seeded random k of the AIRD block's restorable entries: AIRD's curve below the whole block."""

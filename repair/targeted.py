@@ -169,12 +169,16 @@ def top_masks(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor
     empty = {n: torch.zeros_like(s, dtype=torch.bool) for n, s in scores.items()}
     if k <= 0:
         return empty
-    # Per-parameter top-k first keeps memory at k per matrix instead of one model-sized vector.
-    candidates = torch.cat([s.flatten().topk(min(k, s.numel())).values for s in scores.values()])
-    candidates = candidates[candidates > 0]
+    # Per-parameter top-k first keeps memory at k per matrix instead of one model-sized vector;
+    # unsorted selection, since only the k-th largest value overall is needed.
+    parts = []
+    for s in scores.values():
+        positive = s.flatten()[s.flatten() > 0]
+        parts.append(positive.topk(k, sorted=False).values if positive.numel() > k else positive)
+    candidates = torch.cat(parts)
     if candidates.numel() == 0:
         return empty
-    threshold = candidates.topk(min(k, candidates.numel())).values[-1]
+    threshold = candidates.kthvalue(candidates.numel() - k + 1).values if candidates.numel() > k else candidates.min()
     return {n: (s >= threshold) & (s > 0) for n, s in scores.items()}
 
 
