@@ -105,9 +105,12 @@ class CompareConfig:
     repair_curve_fractions: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        CalibrationConfig(source=self.calib_source, n_samples=self.calib_samples, seqlen=self.calib_seqlen)  # fails on bad values
+        self.calibration_config()  # fails on bad calibration settings before any work
         if self.calib_source == TEXT_SOURCE:
             check_disjoint_from_calibration(self.ppl_windows, self.ppl_seqlen)
+
+    def calibration_config(self) -> CalibrationConfig:
+        return CalibrationConfig(source=self.calib_source, n_samples=self.calib_samples, seqlen=self.calib_seqlen, seed=self.seed)
 
     @classmethod
     def quick(cls, **overrides) -> "CompareConfig":
@@ -164,9 +167,7 @@ class Comparison:
 
     def calibration(self):
         if self._calibration is None:
-            cfg = CalibrationConfig(source=self.cfg.calib_source, n_samples=self.cfg.calib_samples, seqlen=self.cfg.calib_seqlen,
-                                    seed=self.cfg.seed)
-            self._calibration = calibration_set(self.base.tokenizer, cfg, model=self.base.model)  # the model writes replies if cfg asks
+            self._calibration = calibration_set(self.base.tokenizer, self.cfg.calibration_config(), model=self.base.model)  # the model writes replies if cfg asks
         return self._calibration
 
     def own_replies(self, kind: str):
@@ -284,7 +285,7 @@ class Comparison:
         params = dict(spec.params)
         if spec.needs_calibration or spec.needs_responses or spec.needs_safety or spec.needs_utility:
             params.update(calib_samples=self.cfg.calib_samples, seed=self.cfg.seed)
-        if spec.needs_calibration and (self.cfg.calib_source, self.cfg.calib_seqlen) != ("harmless", 256):
+        if spec.needs_calibration and (self.cfg.calib_source, self.cfg.calib_seqlen) != (CompareConfig.calib_source, CompareConfig.calib_seqlen):
             # Only when not the defaults, so runs cached before these settings existed stay valid.
             params.update(calib_source=self.cfg.calib_source, calib_seqlen=self.cfg.calib_seqlen)
         if spec.needs_responses or spec.needs_safety or spec.needs_utility:

@@ -250,13 +250,10 @@ class Repair:
         tkey = {**key, "train": _key(self.harmful_train), "targeted": dataclasses.asdict(self.cfg.targeted_cfg)}
         scores = cached_tensors(self.dir / "targeted_scores.safetensors", tkey, self.attribution)
         self.scores = scores
-        def aird_rate():
-            probe = self.probe  # built before restoring: its baseline is the unrepaired model's
-            with restored(self.model, self.original, self.aird_masks):
-                return dict(refusal_rate=probe.refusal_rate(self.cfg.targeted_cfg.reply_tokens))
-
-        self.aird_reading["refusal_rate"] = cached_json(self.dir / "aird_refusal_rate.json", {**key, "tokens": self.cfg.targeted_cfg.reply_tokens},
-                                                        aird_rate)["refusal_rate"]
+        reply_tokens = self.cfg.targeted_cfg.reply_tokens
+        self.aird_reading["refusal_rate"] = cached_json(
+            self.dir / "aird_refusal_rate.json", {**key, "tokens": reply_tokens},
+            lambda: self._probe_restored(self.aird_masks, lambda probe: dict(refusal_rate=probe.refusal_rate(reply_tokens))))["refusal_rate"]
         self.targeted = cached_json(self.dir / "targeted_search.json", {**tkey, "target": self.aird_reading["refusal_rate"]},
                                     lambda: timed(lambda: search_budget(self.model, self.original, self.probe, scores, self.aird["restored"],
                                                                          self.aird_reading["refusal_rate"], self.cfg.targeted_cfg)))
@@ -393,15 +390,16 @@ class Repair:
                 with restored(self.model, self.original, masks):
                     r = self.evaluate(self.model, f"{method}-{k}", self.dir / "curve" / f"{method}-{k}", key, full=False)
                 reading = cached_json(self.dir / "curve" / f"{method}-{k}" / "probe.json", {**key, **self._probe_key(self.fp_comp)},
-                                      lambda masks=masks, first=first: self._read_restored(masks, first))
+                                      lambda masks=masks, first=first: self._probe_restored(masks, lambda probe: probe.read(first).to_json()))
                 points.append(dict(k=n, fraction_of_aird=n / total, asr=r["asr_vanilla"]["asr"], **reading))
             out[method] = points
         return out
 
-    def _read_restored(self, masks: dict[str, torch.Tensor], first_layer: int) -> dict:
-        probe = self.probe  # built before restoring: its baseline is the unrepaired model's
+    def _probe_restored(self, masks: dict[str, torch.Tensor], read):
+        """`read(probe)` with `masks` restored; the probe is built first, so its baseline is the unrepaired model's."""
+        probe = self.probe
         with restored(self.model, self.original, masks):
-            return probe.read(first_layer).to_json()
+            return read(probe)
 
     # --- output -----------------------------------------------------------------------------
     def summarise(self, evals: dict, curve: dict, seconds: float) -> dict:

@@ -173,7 +173,8 @@ def top_masks(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor
     # unsorted selection, since only the k-th largest value overall is needed.
     parts = []
     for s in scores.values():
-        positive = s.flatten()[s.flatten() > 0]
+        flat = s.flatten()
+        positive = flat[flat > 0]
         parts.append(positive.topk(k, sorted=False).values if positive.numel() > k else positive)
     candidates = torch.cat(parts)
     if candidates.numel() == 0:
