@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from compression.attribution import is_refusal, own_replies, safety_pairs, scores_cached, utility_pairs
+from compression.attribution import importance_scores, is_refusal, own_replies, safety_pairs, scores_cached, utility_pairs
 from compression.calibration import tokenize_pairs
 from compression.weight_groups import SCORED_GROUPS, GroupConfig, agreement, group_drift, group_sizes, scored_groups, weight_groups
 from lm import datasets
@@ -169,14 +169,34 @@ class FrozenFinetune:
         return cached_json(self.dir / "data.json", params, make)
 
     # --- scores and groups ---------------------------------------------------------------
-    def scores(self, data: dict, label: str, fingerprint: str) -> dict:
-        """Wanda safety and utility scores of the model as it is now (`label` names the files)."""
+    def calibration(self, data: dict) -> dict:
+        """The safety and utility pairs tokenized for scoring."""
         c, tok = self.cfg, self.base.tokenizer
-        out = {}
-        for kind in ("safety", "utility"):
-            cal = tokenize_pairs(tok, [tuple(pair) for pair in data[kind]], c.seqlen, c.score_batch_size)
-            out[kind] = scores_cached(self.base.model, "wanda", cal, self.dir / "scores", fingerprint, name=f"{kind}-{label}")
-        return out
+        return {kind: tokenize_pairs(tok, [tuple(pair) for pair in data[kind]], c.seqlen, c.score_batch_size)
+                for kind in ("safety", "utility")}
+
+    def original_scores(self, data: dict) -> dict:
+        """Wanda safety and utility scores of the original model, cached as safetensors."""
+        return {kind: scores_cached(self.base.model, "wanda", cal, self.dir / "scores", self.fingerprint, name=f"{kind}-original")
+                for kind, cal in self.calibration(data).items()}
+
+    def agreement(self, arm: str, adapter_sha256: str, deltas: dict, data: dict, data_digest: str, groups: dict) -> dict:
+        """Overlap of each scored group before and after the arm's update, cached as JSON.
+
+        The merged model's scores are used once and dropped: stored, they would be two full-size
+        float32 tensors per arm (2.9 GB per arm on the 0.5B model) for a few numbers.
+        """
+        c = self.cfg
+        params = dict(arm=arm, model=self.fingerprint, adapter=adapter_sha256, data=data_digest,
+                      groups=dataclasses.asdict(c.group_config()), seqlen=c.seqlen)
+
+        def make():
+            with merged(self.base.model, deltas):
+                after = {kind: importance_scores(self.base.model, "wanda", cal) for kind, cal in self.calibration(data).items()}
+            new = scored_groups(after["safety"], after["utility"], c.group_config())
+            return {g: agreement(groups[g], new[g]).to_json() for g in SCORED_GROUPS}
+
+        return cached_json(self.dir / f"agreement-{arm}.json", params, make)
 
     # --- fine-tuning arms ----------------------------------------------------------------
     def arm(self, arm: str, data: dict, groups: dict, data_digest: str) -> dict:
@@ -233,7 +253,7 @@ class FrozenFinetune:
         data_digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
         _log(f"data: {len(data['safety'])} refusals, {len(data['utility'])} utility and {len(data['train'])} training pairs")
 
-        original = self.scores(data, "original", self.fingerprint)
+        original = self.original_scores(data)
         groups = weight_groups(original["safety"], original["utility"], c.group_config())
         del original  # on disk; only the masks are needed from here on
         sizes = group_sizes(groups)
@@ -243,20 +263,15 @@ class FrozenFinetune:
         for arm in ARMS:
             result = self.arm(arm, data, groups, data_digest)
             deltas = result["deltas"]
-            label = f"{arm}-{result['log']['adapter_sha256'][:12]}"
-            with merged(self.base.model, deltas):
-                after = self.scores(data, label, hashlib.sha256((self.fingerprint + label).encode()).hexdigest())
-            new = scored_groups(after["safety"], after["utility"], c.group_config())
-            del after
             arms[arm] = dict(
-                agreement={g: agreement(groups[g], new[g]).to_json() for g in SCORED_GROUPS},
+                agreement=self.agreement(arm, result["log"]["adapter_sha256"], deltas, data, data_digest, groups),
                 drift=result["log"]["drift"],
                 final_drift=group_drift(initial, deltas, groups, c.eps_fraction),
                 losses=result["log"]["losses"],
                 train_seconds=result["log"]["train_seconds"],
                 frozen_unchanged=frozen_unchanged(deltas, groups["safety_critical"]) if arm == "frozen" else None,
             )
-            del new, deltas
+            del deltas
         report = dict(
             model=c.model, model_name=self.base.name, base_fingerprint=self.fingerprint, config=dataclasses.asdict(c),
             checkpoint_steps=list(c.checkpoint_steps()), n_pairs={k: len(v) for k, v in data.items()},

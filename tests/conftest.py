@@ -8,6 +8,7 @@ model they then corrupt). Tests marked `slow` use the embedded 0.5B model; desel
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Nothing here may reach the hub; fail fast instead of hanging on a network lookup.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,6 +26,25 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the embedded 0.5B model (minutes on CPU)")
+
+
+BIG_FILE_BYTES = 64 << 20
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test keeps its tmp_path (retention "failed") but not its checkpoints and score files.
+
+    Left behind, one failed embedded-model test's 2 GB files filled CI's disk and failed the next
+    test too; its JSON, logs and reports stay for the post-mortem.
+    """
+    report = yield
+    path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.when == "call" and report.failed and path is not None:
+        for f in Path(path).rglob("*"):
+            if f.is_file() and not f.is_symlink() and f.stat().st_size > BIG_FILE_BYTES:
+                f.unlink()
+    return report
 
 
 @pytest.fixture

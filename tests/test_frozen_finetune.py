@@ -265,6 +265,12 @@ def test_entry_point_end_to_end(tiny_dir, tmp_path, capsys):
     for name in ("frozen_finetune_overlap", "frozen_finetune_drift"):
         assert (runs / "t" / "figures" / f"{name}.html").is_file()
     assert "Jaccard" in (runs / "t" / "report.md").read_text()
+    # Only the original model's scores are stored; each arm keeps its agreement, not its scores.
+    stored = sorted(p.name for p in (runs / "t" / "scores").glob("*.safetensors"))
+    assert [n.split("-")[:3] for n in stored] == [["wanda", "safety", "original"], ["wanda", "utility", "original"]], stored
+    for arm in ("frozen", "unfrozen"):
+        stored = json.loads((runs / "t" / f"agreement-{arm}.json").read_text())["result"]
+        assert stored == report["arms"][arm]["agreement"]
 
     # A rerun reuses every stage and reports the same numbers.
     capsys.readouterr()
