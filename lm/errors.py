@@ -4,6 +4,7 @@ Entry points (decorated with `cli`) turn it into its message on a single line an
 path or an incompatible checkpoint never ends in a traceback or a half-written run directory.
 """
 
+import errno
 import functools
 import sys
 from typing import Callable
@@ -13,9 +14,16 @@ class UserError(Exception):
     """Bad input from the user (path, model, configuration); the message is shown verbatim."""
 
 
+def out_of_space(e: BaseException) -> bool:
+    """A full disk, whether it surfaced as an OSError or as a library's own error (safetensors
+    raises SafetensorError with the OS message inside)."""
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+
+
 def cli(main: Callable[..., int]) -> Callable[..., int]:
     """Decorator for entry points: a UserError raised anywhere in `main` becomes one `error:` line
-    on stderr and exit status 2, the same for every command of the toolkit."""
+    on stderr and exit status 2, the same for every command of the toolkit. So does a full disk:
+    a 7B checkpoint is 14-28 GB, and the atomic writes have already removed their partial files."""
 
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
@@ -23,6 +31,13 @@ def cli(main: Callable[..., int]) -> Callable[..., int]:
             return main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:
+            if not out_of_space(e):
+                raise
+            where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+            print(f"error: no space left on device{where}; finished stages are kept, so free some space "
+                  "(or pick another --runs-dir/--out) and rerun", file=sys.stderr)
             return 2
 
     return wrapped

@@ -3,7 +3,9 @@ drift, and experiments.frozen_finetune end to end (tiny model; the embedded mode
 
 from __future__ import annotations
 
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,6 +291,42 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, ba
     lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip() and "Loading weights" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert not runs.exists()
+
+
+class _SafetensorError(Exception):
+    """Stands in for safetensors' own error type, which wraps the OS message."""
+
+
+@pytest.mark.parametrize("failure", ["oserror", "safetensors"])
+def test_full_disk_is_one_line_and_leaves_no_partial_file(tiny_dir, tmp_path, capsys, monkeypatch, failure):
+    import safetensors.torch
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 4096)  # what a write cut short leaves
+        if failure == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        raise _SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    runs = tmp_path / "runs"
+    assert frozen_finetune.main(["--model", str(tiny_dir), "--runs-dir", str(runs), "--name", "t", *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: no space left on device"), errors
+    assert (runs / "t" / "data.json").is_file()  # the finished stage stays for the rerun
+    assert not [p for p in runs.rglob("*") if p.name.startswith(".") or p.suffix == ".safetensors"]
+
+
+def test_other_errors_still_raise(tiny_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def broken(tensors, filename, metadata=None):
+        raise RuntimeError("a bug, not the user's disk")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        frozen_finetune.main(["--model", str(tiny_dir), "--runs-dir", str(tmp_path / "runs"), "--name", "t", *ARGS])
 
 
 # --- the embedded model ------------------------------------------------------------------------------
