@@ -167,7 +167,8 @@ class Comparison:
 
     def calibration(self):
         if self._calibration is None:
-            self._calibration = calibration_set(self.base.tokenizer, self.cfg.calibration_config(), model=self.base.model)  # the model writes replies if cfg asks
+            # The model writes its own replies when the calibration source asks for them.
+            self._calibration = calibration_set(self.base.tokenizer, self.cfg.calibration_config(), model=self.base.model)
         return self._calibration
 
     def own_replies(self, kind: str):

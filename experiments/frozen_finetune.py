@@ -175,24 +175,24 @@ class FrozenFinetune:
         return {kind: tokenize_pairs(tok, [tuple(pair) for pair in data[kind]], c.seqlen, c.score_batch_size)
                 for kind in ("safety", "utility")}
 
-    def original_scores(self, data: dict) -> dict:
+    def original_scores(self, calibration: dict) -> dict:
         """Wanda safety and utility scores of the original model, cached as safetensors."""
         return {kind: scores_cached(self.base.model, "wanda", cal, self.dir / "scores", self.fingerprint, name=f"{kind}-original")
-                for kind, cal in self.calibration(data).items()}
+                for kind, cal in calibration.items()}
 
-    def agreement(self, arm: str, adapter_sha256: str, deltas: dict, data: dict, data_digest: str, groups: dict) -> dict:
+    def agreement(self, arm: str, adapter_sha256: str, deltas: dict, calibration: dict, groups: dict) -> dict:
         """Overlap of each scored group before and after the arm's update, cached as JSON.
 
         The merged model's scores are used once and dropped: stored, they would be two full-size
         float32 tensors per arm (2.9 GB per arm on the 0.5B model) for a few numbers.
         """
         c = self.cfg
-        params = dict(arm=arm, model=self.fingerprint, adapter=adapter_sha256, data=data_digest,
-                      groups=dataclasses.asdict(c.group_config()), seqlen=c.seqlen)
+        params = dict(arm=arm, model=self.fingerprint, adapter=adapter_sha256, groups=dataclasses.asdict(c.group_config()),
+                      data={kind: cal.digest for kind, cal in calibration.items()})
 
         def make():
             with merged(self.base.model, deltas):
-                after = {kind: importance_scores(self.base.model, "wanda", cal) for kind, cal in self.calibration(data).items()}
+                after = {kind: importance_scores(self.base.model, "wanda", cal) for kind, cal in calibration.items()}
             new = scored_groups(after["safety"], after["utility"], c.group_config())
             return {g: agreement(groups[g], new[g]).to_json() for g in SCORED_GROUPS}
 
@@ -253,7 +253,8 @@ class FrozenFinetune:
         data_digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
         _log(f"data: {len(data['safety'])} refusals, {len(data['utility'])} utility and {len(data['train'])} training pairs")
 
-        original = self.original_scores(data)
+        calibration = self.calibration(data)
+        original = self.original_scores(calibration)
         groups = weight_groups(original["safety"], original["utility"], c.group_config())
         del original  # on disk; only the masks are needed from here on
         sizes = group_sizes(groups)
@@ -264,7 +265,7 @@ class FrozenFinetune:
             result = self.arm(arm, data, groups, data_digest)
             deltas = result["deltas"]
             arms[arm] = dict(
-                agreement=self.agreement(arm, result["log"]["adapter_sha256"], deltas, data, data_digest, groups),
+                agreement=self.agreement(arm, result["log"]["adapter_sha256"], deltas, calibration, groups),
                 drift=result["log"]["drift"],
                 final_drift=group_drift(initial, deltas, groups, c.eps_fraction),
                 losses=result["log"]["losses"],
