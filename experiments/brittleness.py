@@ -10,7 +10,10 @@ setdiff-snip; q = the swept fraction, p = --setdiff-p or q), and random removal 
 Rank methods are swept over the fraction of each matrix's rank removed: ActSVD top-rank removal
 (actsvd) and the orthogonal-projection set difference (actsvd-orth, rs = the swept fraction, ru =
 --orth-ru). Every point gets ASR in the three settings (vanilla, adv-decoding, adv-suffix) under both
-judges, wikitext-2 perplexity, mean zero-shot accuracy and a collapse verdict.
+judges on held-out harmful prompts (refusal.measure; AdvBench and JailbreakBench by default), the
+refusal rate on held-out harmless prompts, wikitext-2 perplexity, mean zero-shot accuracy and a
+collapse verdict; every rate with its 95% interval and every point's ASR with an exact McNemar
+test against the original (Holm over the points, per setting and judge).
 
 The x value of a weight point is the fraction actually removed (a set difference removes less than
 q); of a rank point, the ranks removed summed over all decoder linears over their summed full
@@ -33,13 +36,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lm import datasets
-from lm.cache import atomic_write_json, atomic_write_text, cached_json, timed, write_plotlyjs
+from lm.cache import atomic_write_json, atomic_write_text, cached_json, measured, timed, write_plotlyjs
 from lm.errors import UserError, cli
-from lm.perplexity import perplexity
+from lm.perplexity import PerplexityConfig, measure_perplexity
 from lm.zero_shot import SHORT_TASKS, task_names
-from refusal.asr import SETTINGS, AsrConfig, attack_success
+from refusal.asr import SETTINGS
 from refusal.collapse import collapse_verdict
+from refusal.eval_sets import check_names
+from refusal.measure import (DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, add_eval_arguments, describe_prompts, eval_overrides, measure, paired,
+                             perplexity_rate, zero_shot_rates)
+from refusal.stats import add_holm, fmt_p, fmt_rate, fmt_value_ci
+from repair.report import error_bars
 
 WEIGHT_METHODS = ("top-wanda", "top-snip", "setdiff-wanda", "setdiff-snip", "random")
 RANK_METHODS = ("actsvd", "actsvd-orth")
@@ -62,7 +69,13 @@ class BrittlenessConfig:
     # orthogonal projection that broke refusal while keeping perplexity within 2x on the embedded model.
     orth_ru: int | float = 0.07
     settings: tuple[str, ...] = SETTINGS
-    n_asr: int = 16  # first n AdvBench goals; adv-decoding samples 5 per goal, adv-suffix tries 3 suffixes
+    # Held-out harmful prompts (refusal.eval_sets names or file:PATH), the first n_asr of each;
+    # adv-decoding samples 5 per prompt, adv-suffix tries 3 suffixes. Harmless ones for over-refusal.
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
+    n_asr: int = 16
+    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS
+    n_harmless: int = 32
+    measurements_dir: str | None = None  # the measurement store; None: <runs_dir>/measurements
     max_new_tokens: int = 48
     ppl_windows: int = 4
     ppl_seqlen: int = 512
@@ -91,8 +104,9 @@ class BrittlenessConfig:
         for label, values in (("fraction", self.fractions), ("rank", self.ranks)):
             if len(set(values)) != len(values):
                 raise UserError(f"{label}s listed twice: {values}")
-        if not 0 < self.n_asr <= 100:
-            raise UserError(f"--n-asr must be in 1..100 (the AdvBench eval split), got {self.n_asr}")
+        self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
+        if self.n_asr <= 0 or self.n_harmless <= 0:
+            raise UserError(f"--n-asr and --n-harmless must be positive, got {self.n_asr} and {self.n_harmless}")
         if self.max_new_tokens <= 0 or self.ppl_windows <= 0 or self.ppl_seqlen <= 1 or self.calib_samples <= 0:
             raise UserError("max-new-tokens, ppl-windows, ppl-seqlen and calib-samples must be positive")
         if self.threads is not None and self.threads <= 0:
@@ -100,6 +114,13 @@ class BrittlenessConfig:
 
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    def store(self) -> Path:
+        return Path(self.measurements_dir) if self.measurements_dir else Path(self.runs_dir) / "measurements"
+
+    def eval_config(self, setting: str) -> EvalConfig:
+        return EvalConfig(sets=self.eval_sets, n=self.n_asr, setting=setting, max_new_tokens=self.max_new_tokens,
+                          seed=self.seed, batch_size=self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -209,24 +230,27 @@ class Brittleness:
                         decoder_sparsity=sparsity_report(model)["decoder_linear_sparsity"])
 
         out = dict(build=cached_json(pdir / "build.json", key, built), asr={})
-        goals = datasets.advbench_eval(cfg.n_asr)
+        # The original is keyed by its weights (shared with the other entry points); a sweep point by
+        # its spec on the base model, so a rerun need not build it to find its measurements.
+        mid, store = cmp.fingerprint() if spec.method == "original" else key, cfg.store()
         for setting in cfg.settings:
-            asr_cfg = AsrConfig(setting, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
-            out["asr"][setting] = cached_json(pdir / f"asr_{setting}.json", {**key, **dataclasses.asdict(asr_cfg), "n": cfg.n_asr},
-                                              lambda c=asr_cfg: timed(lambda: attack_success(variant(), tok, goals, c)))
-        out["perplexity"] = cached_json(pdir / "perplexity.json", {**key, "windows": cfg.ppl_windows, "seqlen": cfg.ppl_seqlen},
-                                        lambda: timed(lambda: dict(perplexity=perplexity(variant(), tok, cfg.ppl_windows, cfg.ppl_seqlen))))
-        out["zero_shot"] = cached_json(pdir / "zero_shot.json", {**key, "tasks": list(cfg.zero_shot_tasks), "limit": cfg.zero_shot_limit},
-                                       lambda: self.zero_shot(variant()))
+            out["asr"][setting] = measure(variant, tok, cfg.eval_config(setting), store, mid)
+        out["harmless"] = measure(variant, tok, cfg.eval_config("vanilla").harmless(cfg.harmless_sets, cfg.n_harmless), store, mid)
+        pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
+        out["perplexity"] = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(variant(), tok, pcfg)))
+        from lm.zero_shot import ZeroShotConfig
+
+        zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
+        out["zero_shot"] = measured(store, "zero_shot", mid, [zcfg], lambda: self.zero_shot(variant(), zcfg))
         if variant.model is not None and variant.model is not cmp.base.model:
             variant.model = None
             gc.collect()
         return out
 
-    def zero_shot(self, model) -> dict:
-        from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
+    def zero_shot(self, model, zcfg) -> dict:
+        from lm.zero_shot import zero_shot_accuracy
 
-        result = zero_shot_accuracy(model, self.comparison.base.tokenizer, ZeroShotConfig(tasks=self.cfg.zero_shot_tasks, limit=self.cfg.zero_shot_limit))
+        result = zero_shot_accuracy(model, self.comparison.base.tokenizer, zcfg)
         result["seconds"] = round(result["seconds"], 1)
         return result
 
@@ -263,6 +287,7 @@ class Brittleness:
         ranks_full = full_ranks(base.model)
         ref_ppl = results[0][1]["perplexity"]["perplexity"]
         rows = []
+        original = results[0][1]
         for point, r in results:
             removal = r["build"]["removal"]
             if point.family == "ranks":
@@ -271,22 +296,43 @@ class Brittleness:
                 x = removal.get("removed_fraction", 0.0)
             ppl = r["perplexity"]["perplexity"]
             completions = r["asr"]["vanilla"]["completions"]
+            zs = zero_shot_rates(r["zero_shot"]) or {}
             rows.append(dict(
                 method=point.method, family=point.family, spec=point.spec, requested=point.requested, x=x,
                 decoder_sparsity=r["build"]["decoder_sparsity"],
                 asr={s: a["asr"] for s, a in r["asr"].items()},
+                rates=dict(asr={s: a["rates"]["asr"] for s, a in r["asr"].items()}, over_refusal=r["harmless"]["rates"]["refusal"],
+                           judge_disagreement=r["asr"]["vanilla"]["rates"]["judge_disagreement"]),
+                tests=None if point.method == "original" else dict(
+                    asr={s: {j: paired(a, original["asr"][s], j) for j in JUDGES} for s, a in r["asr"].items()},
+                    over_refusal={j: paired(r["harmless"], original["harmless"], j, "refused") for j in JUDGES}),
                 perplexity=ppl,
-                zero_shot=dict(mean=r["zero_shot"]["average"], per_task={t: e["acc"] for t, e in r["zero_shot"]["per_task"].items()}),
+                perplexity_ci=perplexity_rate(r["perplexity"]),
+                zero_shot=dict(mean=r["zero_shot"]["average"], per_task={t: e["acc"] for t, e in r["zero_shot"]["per_task"].items()},
+                               rate=zs.get("average"), per_task_rates=zs.get("per_task")),
                 collapse=collapse_verdict(completions, ppl, ref_ppl).to_json(),
                 seconds=dict(build=r["build"]["build_seconds"], perplexity=r["perplexity"]["seconds"], zero_shot=r["zero_shot"]["seconds"],
                              **{f"asr_{s}": a["seconds"] for s, a in r["asr"].items()}),
-                sample=dict(goal=datasets.advbench_eval(1)[0], completion=completions[0]),
+                sample=dict(goal=r["asr"]["vanilla"]["records"][0]["prompt"], completion=completions[0]),
             ))
+        _holm(rows, self.cfg.settings)
         return dict(
             model=self.cfg.model, model_name=base.name, base_fingerprint=self.comparison.fingerprint(),
             config=dataclasses.asdict(self.cfg), n_asr=self.cfg.n_asr, settings=list(self.cfg.settings),
+            evaluation=dict(harmful=describe_prompts(original["asr"]["vanilla"], len(rows) - 1),
+                            harmless=describe_prompts(original["harmless"], len(rows) - 1)),
             wall_seconds=round(seconds, 1), points=rows,
         )
+
+
+def _holm(rows: list[dict], settings) -> None:
+    """Holm within each family: one setting (or over-refusal) and one judge, over the sweep points."""
+    for j in JUDGES:
+        families = [[r["tests"]["asr"][s][j] for r in rows if r.get("tests") and r["tests"]["asr"][s][j]] for s in settings]
+        families.append([r["tests"]["over_refusal"][j] for r in rows if r.get("tests") and r["tests"]["over_refusal"][j]])
+        for family in families:
+            if family:
+                add_holm(family)
 
 
 # --- rendering (from the report dict alone, so report.json can be re-rendered without a model) ---
@@ -335,11 +381,19 @@ def brittleness_figure(report: dict):
         style = dict(name=method, legendgroup=method, text=hover, hovertemplate="%{text}<br>y %{y:.1f}<extra>" + method + "</extra>",
                      marker=dict(symbol=symbols, size=[11 if s == "x" else 7 for s in symbols], color=METHOD_COLOURS.get(method, "black")))
         colour = style["marker"]["color"]
-        panels = [(col, [100 * p["asr"][setting][judge] for p in pts], dash)
+        panels = [(col, [100 * p["asr"][setting][judge] for p in pts], dash,
+                   [((p.get("rates") or {}).get("asr", {}).get(setting) or {}).get(judge) for p in pts])
                   for col, setting in enumerate(settings, start=1) for judge, dash in (("wei2024", "solid"), ("arditi2024", "dot"))]
-        panels += [(cols - 1, [100 * p["zero_shot"]["mean"] for p in pts], "solid"), (cols, [p["perplexity"] for p in pts], "solid")]
-        for col, y, dash in panels:
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", showlegend=method not in shown,
+        panels += [(cols - 1, [100 * p["zero_shot"]["mean"] for p in pts], "solid", [p["zero_shot"].get("rate") for p in pts]),
+                   (cols, [p["perplexity"] for p in pts], "solid", None)]
+        for col, y, dash, rates in panels:
+            if rates is None:  # perplexity: its own units
+                cis = [p.get("perplexity_ci") for p in pts]
+                err = dict(type="data", symmetric=False, visible=any(cis), array=[c["ci95"][1] - c["value"] if c else 0 for c in cis],
+                           arrayminus=[c["value"] - c["ci95"][0] if c else 0 for c in cis])
+            else:
+                err = error_bars(rates)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", showlegend=method not in shown, error_y=dict(err, thickness=1),
                                      line=dict(color=colour, dash=dash, width=2), **style), row=row, col=col)
             shown.add(method)
     # Legend keys for the line styles and the collapse marker.
@@ -358,7 +412,8 @@ def brittleness_figure(report: dict):
     fig.update_layout(
         # Two lines: a model name as long as the embedded one's does not fit one line at this width.
         title=f"Brittleness of safety: {report.get('model_name', report['model'])}<br>"
-              f"<sup>{report['n_asr']} AdvBench goals per ASR point; top row: weights removed, bottom row: ranks removed</sup>",
+              f"<sup>{_n_prompts(report)} held-out harmful prompts per ASR point, 95% intervals; top row: weights removed, "
+              "bottom row: ranks removed</sup>",
         width=1250, height=370 * len(families) + 150, font=dict(size=14),
         legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
         margin=dict(l=60, r=20, t=110, b=110),
@@ -366,19 +421,41 @@ def brittleness_figure(report: dict):
     return fig
 
 
+def _n_prompts(report: dict) -> str:
+    ev = report.get("evaluation")
+    return str(ev["harmful"]["n"]) if ev else str(report["n_asr"])
+
+
 def render_markdown(report: dict) -> str:
     settings = report["settings"]
-    head = ["method", "spec", "removed (%)"] + [f"{SETTING_LABELS[s]} ASR Wei / Arditi (%)" for s in settings] + \
-           ["perplexity", "zero-shot mean (%)", "collapsed"]
+    head = ["method", "spec", "removed (%)"] + [f"{SETTING_LABELS[s]} ASR Arditi | p" for s in settings] + \
+           ["vanilla ASR Wei", "over-refusal (Arditi) | p", "perplexity", "zero-shot mean", "collapsed"]
+    ev = report.get("evaluation") or {}
+    what = (f"ASR on {ev['harmful']['n']} held-out harmful prompts ({', '.join(f'{k} {n}' for k, n in ev['harmful']['per_source'].items())}; "
+            f"overlap with any prompt a stage fits on: {ev['harmful']['overlap_with_fitted']}), over-refusal on {ev['harmless']['n']} held-out "
+            f"harmless prompts" if ev else f"ASR on the first {report['n_asr']} AdvBench goals")
     lines = [f"# Brittleness sweep: {report.get('model_name', report['model'])}", "",
-             (f"ASR on the first {report['n_asr']} AdvBench goals; zero-shot tasks {', '.join(report['config']['zero_shot_tasks'])} "
-              f"(limit {report['config']['zero_shot_limit'] or 'all'}); run time {report['wall_seconds']:.0f} s."), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             (f"{what}; zero-shot tasks {', '.join(report['config']['zero_shot_tasks'])} "
+              f"(limit {report['config']['zero_shot_limit'] or 'all'}); run time {report['wall_seconds']:.0f} s. "
+              "95% intervals (Wilson; adv-decoding: bootstrap over prompts; adv-suffix: best suffix; perplexity and zero-shot: "
+              "bootstrap). p: exact McNemar test against the original on the same prompts, Holm over the points per column; "
+              "* = significant at 5% (adv-decoding's 5 samples per prompt have no McNemar test)."), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * (len(head) + len(settings) + 1)]
     for p in report["points"]:
-        asr = [f"{100 * p['asr'][s]['wei2024']:.0f} / {100 * p['asr'][s]['arditi2024']:.0f}" for s in settings]
+        r, t = p.get("rates") or {}, p.get("tests") or {}
+        asr = []
+        for s in settings:
+            rate = r.get("asr", {}).get(s, {}).get("arditi2024")
+            asr += [fmt_rate(rate) if rate else f"{100 * p['asr'][s]['arditi2024']:.0f}%",
+                    fmt_p((t.get("asr", {}).get(s) or {}).get("arditi2024")) if t else ""]
         unit = "ranks" if p["family"] == "ranks" else "weights"
+        wei = r.get("asr", {}).get("vanilla", {}).get("wei2024")
+        zs = p["zero_shot"].get("rate")
         cells = [p["method"], f"`{p['spec']}`", f"{100 * p['x']:.2f} {unit}" if p["method"] != "original" else "0", *asr,
-                 f"{p['perplexity']:.1f}", f"{100 * p['zero_shot']['mean']:.1f}",
+                 fmt_rate(wei) if wei else f"{100 * p['asr']['vanilla']['wei2024']:.0f}%",
+                 fmt_rate(r.get("over_refusal", {}).get("arditi2024")), fmt_p((t.get("over_refusal") or {}).get("arditi2024")) if t else "",
+                 fmt_value_ci(p["perplexity_ci"], ".1f") if p.get("perplexity_ci") else f"{p['perplexity']:.1f}",
+                 fmt_rate(zs) if zs else f"{100 * p['zero_shot']['mean']:.1f}%",
                  ("yes: " + p["collapse"]["reason"]) if p["collapse"]["collapsed"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -405,7 +482,7 @@ def parse_args(argv=None) -> BrittlenessConfig:
     p.add_argument("--setdiff-p", type=float, help="p of the set differences (top-p utility kept); default p = q")
     p.add_argument("--orth-ru", type=_rank_arg, help="rank of the utility projector P_u for actsvd-orth (default 0.07)")
     p.add_argument("--settings", nargs="+", help=f"ASR settings (default: {' '.join(SETTINGS)})")
-    p.add_argument("--n-asr", type=int, help="first n AdvBench goals (default 16; Wei et al. 100)")
+    add_eval_arguments(p, n_asr=BrittlenessConfig.n_asr, n_harmless=BrittlenessConfig.n_harmless)
     p.add_argument("--max-new-tokens", type=int, help="tokens generated per completion (default 48; Wei et al. 256)")
     p.add_argument("--ppl-windows", type=int)
     p.add_argument("--ppl-seqlen", type=int)
@@ -429,6 +506,7 @@ def parse_args(argv=None) -> BrittlenessConfig:
     ).items() if v is not None}
     if a.zero_shot_limit is not None:
         overrides["zero_shot_limit"] = a.zero_shot_limit or None
+    overrides.update(eval_overrides(a))
     return BrittlenessConfig(**overrides)
 
 

@@ -4,8 +4,11 @@
     python -m experiments.compare_refusal --quick         # CI-sized
     python -m experiments.compare_refusal --model Qwen/Qwen2.5-7B-Instruct --variants wanda:0.5 wanda:2:4
 
-For the original and every variant: vanilla ASR on the first AdvBench goals (both judges),
-wikitext-2 perplexity, zero-shot accuracy, a collapse check, difference-of-means directions at
+For the original and every variant: vanilla ASR on held-out harmful prompts (AdvBench and
+JailbreakBench by default, none of them used to fit anything; both judges, per prompt) and the
+refusal rate on held-out harmless prompts (over-refusal), each with a 95% interval and an exact
+McNemar test against the original (Holm-corrected over the variants), wikitext-2 perplexity and
+zero-shot accuracy with bootstrap intervals, a collapse check, difference-of-means directions at
 every layer and post-instruction position and their cosine to the original's, the original's
 selected direction (Arditi et al.) and its quality inside each variant; then AIRD and targeted
 repair of every variant whose direction changed. One report (markdown, self-contained HTML, JSON).
@@ -29,13 +32,17 @@ from compression.calibration import TEXT_SOURCE, CalibrationConfig, ResponseCali
 from compression.checkpoint import read_manifest, save_variant, sparsity_report
 from compression.variants import VariantSpec, build_variant_with_report, parse_variant, validate_variant
 from lm import datasets
-from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json, cached_tensors, timed, write_plotlyjs
+from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json, cached_tensors, measured, timed, write_plotlyjs
 from lm.chat import post_instruction
 from lm.errors import UserError, cli
 from lm.loading import load_model, model_fingerprint
-from lm.perplexity import check_disjoint_from_calibration, perplexity
+from lm.perplexity import PerplexityConfig, check_disjoint_from_calibration, measure_perplexity
 from lm.zero_shot import task_names
-from refusal.asr import AsrConfig, attack_success
+from refusal.eval_sets import check_names
+from refusal.judges import JUDGE_NAMES as JUDGES
+from refusal.measure import (DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, add_eval_arguments, describe_prompts, eval_overrides, measure, paired,
+                             perplexity_rate, zero_shot_rates)
+from refusal.stats import add_holm, describe_change
 from refusal.collapse import collapse_verdict
 from refusal.compare import cosine_heatmaps_figure, cosine_to_direction, quality_bars_figure, source_shift, source_shift_figure
 from refusal.direction import candidate_directions, cosine_map, norm_peak
@@ -62,7 +69,15 @@ class CompareConfig:
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     name: str | None = None  # run directory name under runs_dir
     runs_dir: str = "runs"
-    n_asr: int = 100  # first n AdvBench goals (Wei et al.'s eval split)
+    # Held-out harmful prompts for ASR: refusal.eval_sets names or file:PATH, the first n_asr of each.
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
+    n_asr: int = 50
+    # Held-out harmless prompts for over-refusal (the refusal rate where nothing should be refused).
+    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS
+    n_harmless: int = 50
+    # The measurement store (refusal.measure), shared by every entry point that points at it, so
+    # the same model under the same settings is generated once; None: <runs_dir>/measurements.
+    measurements_dir: str | None = None
     max_new_tokens: int = 128
     n_train: int = 128  # harmful and harmless instructions for the directions, each
     ppl_windows: int = 8
@@ -87,27 +102,41 @@ class CompareConfig:
     search: str = "lazy"
     prescreen_n_val: int = 8
     prescreen_keep: int = 16
-    n_ablation_asr: int = 32  # AdvBench goals generated with the original's direction ablated
+    n_ablation_asr: int = 16  # prompts of each eval set generated with the original's direction ablated
     figures_dir: str | None = None  # also write the figures here as HTML + PNG (the README's figures/)
     # Zero-shot accuracy (lm-eval) per variant: documents per task (0 skips it) and tasks.
     # None = 200 documents of all 7 tasks on a GPU; 24 of the 4 short-document tasks on CPU.
     zero_shot_limit: int | None = None
     zero_shot_tasks: tuple[str, ...] | None = None
     # AIRD + targeted repair (repair/) for every variant whose direction changed (cosine at the
-    # original's source below repair_below). Its evaluation sizes: None = the comparison's own on
-    # a GPU (with adversarial suffixes and a 4-point restoration curve); on CPU 32 goals,
-    # <= 64 tokens, vanilla ASR only, a 2-point curve.
+    # original's source below repair_below). Its evaluation sizes: None = the comparison's own
+    # (so the original's and the compressed model's measurements are reused from the comparison),
+    # on a GPU with adversarial suffixes and a 4-point restoration curve; on CPU vanilla ASR only
+    # and a 2-point curve on 16 prompts per set.
     repair: bool = True
     repair_below: float = 0.99
     repair_n_asr: int | None = None
     repair_max_new_tokens: int | None = None
     repair_adv_suffix: bool | None = None
     repair_curve_fractions: tuple[float, ...] | None = None
+    repair_curve_n_asr: int | None = None
 
     def __post_init__(self):
+        self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
+        self.eval_config()  # bad evaluation settings fail before any model loads
         self.calibration_config()  # fails on bad calibration settings before any work
         if self.calib_source == TEXT_SOURCE:
             check_disjoint_from_calibration(self.ppl_windows, self.ppl_seqlen)
+
+    def eval_config(self, n: int | None = None) -> EvalConfig:
+        return EvalConfig(sets=self.eval_sets, n=n or self.n_asr, setting="vanilla", max_new_tokens=self.max_new_tokens,
+                          seed=self.seed, batch_size=self.batch_size)
+
+    def harmless_config(self) -> EvalConfig:
+        return self.eval_config().harmless(self.harmless_sets, self.n_harmless)
+
+    def store(self) -> Path:
+        return Path(self.measurements_dir) if self.measurements_dir else Path(self.runs_dir) / "measurements"
 
     def calibration_config(self) -> CalibrationConfig:
         return CalibrationConfig(source=self.calib_source, n_samples=self.calib_samples, seqlen=self.calib_seqlen, seed=self.seed)
@@ -115,7 +144,7 @@ class CompareConfig:
     @classmethod
     def quick(cls, **overrides) -> "CompareConfig":
         """CI-sized: the same stages on a handful of prompts and two variants."""
-        small = dict(variants=QUICK_VARIANTS, n_asr=8, max_new_tokens=24, n_train=16, ppl_windows=2, ppl_seqlen=256, calib_samples=16,
+        small = dict(variants=QUICK_VARIANTS, n_asr=8, n_harmless=8, max_new_tokens=24, n_train=16, ppl_windows=2, ppl_seqlen=256, calib_samples=16,
                      n_val=4, prescreen_n_val=2, prescreen_keep=4, n_ablation_asr=4, zero_shot_limit=0, repair=False)
         return cls(**{**small, **overrides})
 
@@ -123,10 +152,10 @@ class CompareConfig:
         """A copy with every None replaced by its value on this device (recorded in config.json)."""
         from lm.zero_shot import ALL_TASKS, SHORT_TASKS
 
-        gpu = dict(zero_shot_limit=200, zero_shot_tasks=ALL_TASKS, repair_n_asr=self.n_asr,
+        gpu = dict(zero_shot_limit=200, zero_shot_tasks=ALL_TASKS, repair_n_asr=self.n_asr, repair_curve_n_asr=self.n_asr,
                    repair_max_new_tokens=self.max_new_tokens, repair_adv_suffix=True, repair_curve_fractions=(0.01, 0.03, 0.1, 0.3))
-        cpu = dict(zero_shot_limit=24, zero_shot_tasks=SHORT_TASKS, repair_n_asr=min(32, self.n_asr),
-                   repair_max_new_tokens=min(64, self.max_new_tokens), repair_adv_suffix=False, repair_curve_fractions=(0.03, 0.3))
+        cpu = dict(zero_shot_limit=24, zero_shot_tasks=SHORT_TASKS, repair_n_asr=self.n_asr, repair_curve_n_asr=min(16, self.n_asr),
+                   repair_max_new_tokens=self.max_new_tokens, repair_adv_suffix=False, repair_curve_fractions=(0.03, 0.3))
         fill = {k: v for k, v in (gpu if on_gpu else cpu).items() if getattr(self, k) is None}
         return dataclasses.replace(self, **fill)
 
@@ -293,21 +322,26 @@ class Comparison:
             params.update(response_tokens=min(64, self.cfg.max_new_tokens))
         return params
 
+    def model_id(self, spec: VariantSpec, model) -> str:
+        """The weight fingerprint that keys the variant's measurements (the same one python -m repair
+        computes for the saved checkpoint, so the repair stage reuses them)."""
+        return self.fingerprint() if spec.method == "original" else model_fingerprint(model)
+
     def evaluate(self, spec: VariantSpec, model) -> dict:
         cfg, tok = self.cfg, self.base.tokenizer
         vdir = self.dir / "variants" / spec.slug
         key = dict(variant=spec.text, params=self.variant_params(spec), base=self.fingerprint())
+        mid, store = self.model_id(spec, model), cfg.store()
 
-        asr_cfg = AsrConfig("vanilla", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
-        asr = cached_json(vdir / "asr_vanilla.json", {**key, **dataclasses.asdict(asr_cfg), "n": cfg.n_asr},
-                          lambda: timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_asr), asr_cfg)))
-        ppl = cached_json(vdir / "perplexity.json", {**key, "windows": cfg.ppl_windows, "seqlen": cfg.ppl_seqlen},
-                          lambda: timed(lambda: dict(perplexity=perplexity(model, tok, cfg.ppl_windows, cfg.ppl_seqlen))))
+        asr = measure(model, tok, cfg.eval_config(), store, mid)
+        over = measure(model, tok, cfg.harmless_config(), store, mid)
+        pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
+        ppl = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))
         if cfg.zero_shot_limit:
             from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
 
             zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
-            zs = cached_json(vdir / "zero_shot.json", {**key, **dataclasses.asdict(zcfg)}, lambda: zero_shot_accuracy(model, tok, zcfg))
+            zs = measured(store, "zero_shot", mid, [zcfg], lambda: zero_shot_accuracy(model, tok, zcfg))
         selection = None
         if cfg.select and spec.method == "original":
             selection = self._original_selection = select_direction_cached(
@@ -322,7 +356,7 @@ class Comparison:
             shared = SharedPrompts(ref.prompts, dirs["directions"]) if ref is not None and ref.prompts else None
             selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
                                                 fingerprint=json.dumps(key, sort_keys=True), shared=shared)
-        out = dict(asr=asr, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model))
+        out = dict(asr=asr, harmless=over, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model), model_id=mid)
         if cfg.zero_shot_limit:
             out["zero_shot"] = zs
         if selection is not None:
@@ -353,16 +387,13 @@ class Comparison:
             out["own_direction_in_original"] = cached_json(vdir / "quality_own_direction_in_original.json", {**key, "source": list(sel.chosen)},
                                                            lambda: quality(self.base.model, sel.direction_raw, sel.chosen[1]))
         if cfg.n_ablation_asr:
-            asr_cfg = AsrConfig("vanilla", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+            from lm.hooks import intervene
 
-            def ablated():
-                from lm.hooks import intervene
-
-                with intervene(model, ablate=ref.direction_raw):
-                    return timed(lambda: attack_success(model, tok, datasets.advbench_eval(cfg.n_ablation_asr), asr_cfg))
-
-            out["asr_original_direction_ablated"] = cached_json(
-                vdir / "asr_original_direction_ablated.json", {**key, **dataclasses.asdict(asr_cfg), "n": cfg.n_ablation_asr}, ablated)
+            # The direction was fitted on train prompts and chosen on val ones: the ASR with it
+            # ablated is measured on the held-out sets like every other ASR.
+            ablated_id = dict(model=own["model_id"], ablate=_digest([repr(ref.direction_raw.tolist())]))
+            with intervene(model, ablate=ref.direction_raw):
+                out["asr_original_direction_ablated"] = measure(model, tok, cfg.eval_config(cfg.n_ablation_asr), cfg.store(), ablated_id)
         return out
 
     # --- the whole job -------------------------------------------------------------------
@@ -418,6 +449,8 @@ class Comparison:
             rcfg = RepairConfig(original=c.model, compressed=str(vdir / "model"), out=str(vdir / "repaired"), runs_dir=str(self.dir / "repair"),
                                 dtype=c.dtype, seed=c.seed, n_train=c.n_train, n_val=c.n_val, search=c.search,
                                 prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, n_asr=c.repair_n_asr,
+                                eval_sets=c.eval_sets, harmless_sets=c.harmless_sets, n_harmless=c.n_harmless,
+                                curve_n_asr=c.repair_curve_n_asr, measurements_dir=str(c.store()),
                                 max_new_tokens=c.repair_max_new_tokens, adv_suffix=c.repair_adv_suffix,
                                 curve_fractions=tuple(c.repair_curve_fractions), ppl_windows=c.ppl_windows, ppl_seqlen=c.ppl_seqlen,
                                 zero_shot_limit=c.zero_shot_limit, zero_shot_tasks=tuple(c.zero_shot_tasks), batch_size=c.batch_size,
@@ -485,6 +518,9 @@ class Comparison:
             asr = r["asr"]
             ppl = r["perplexity"]["perplexity"]
             verdict = collapse_verdict(asr["completions"], ppl, ref_ppl)
+            tests = None if slug == "original" else dict(
+                asr={j: paired(asr, original["asr"], j) for j in JUDGES},
+                over_refusal={j: paired(r["harmless"], original["harmless"], j, "refused") for j in JUDGES})
             peak = norm_peak(dirs)
             ref_peak = norm_peak(ref_dirs)
             rows.append(dict(
@@ -492,23 +528,31 @@ class Comparison:
                 method=spec.method,
                 params=spec.params,
                 decoder_sparsity=r["sparsity"]["decoder_linear_sparsity"],
-                zero_shot=dict(average=r["zero_shot"]["average"], limit=r["zero_shot"].get("limit")) if "zero_shot" in r else None,
+                zero_shot=zero_shot_summary(r["zero_shot"]) if "zero_shot" in r else None,
                 asr=asr["asr"],
                 n_prompts=asr["n_prompts"],
+                rates=dict(asr=asr["rates"]["asr"], over_refusal=r["harmless"]["rates"]["refusal"],
+                           per_source={s: v["asr"] for s, v in asr["rates"]["per_source"].items()},
+                           judge_disagreement=asr["rates"]["judge_disagreement"]),
+                tests=tests,
                 perplexity=ppl,
+                perplexity_ci=perplexity_rate(r["perplexity"]),
                 collapse=verdict.to_json(),
                 norm_peak_layer=peak,
                 cosine_at_original_peak=float(cos[-1, ref_peak]),
                 cosine_per_layer_last_position=[round(float(c), 4) for c in cos[-1]],
                 cosine_map=[[round(float(c), 4) for c in row] for row in cos],
                 direction_norm_last_position=[round(float(n), 3) for n in dirs[-1].norm(dim=-1)],
-                samples=[dict(goal=g, completion=c) for g, c in zip(datasets.advbench_eval(3), asr["completions"][:3])],
-                seconds=dict(asr=r["asr"].get("seconds"), perplexity=r["perplexity"].get("seconds")),
+                samples=[dict(goal=rec["prompt"], source=rec["source"], completion=rec["completions"][0]) for rec in asr["records"][:3]],
+                seconds=dict(asr=r["asr"].get("seconds"), harmless=r["harmless"].get("seconds"), perplexity=r["perplexity"].get("seconds")),
                 **_direction_summary(r, original),
             ))
+        correct_families(rows)
         return dict(
             model=self.cfg.model,
             model_name=self.base.name,
+            evaluation=evaluation_summary(original["asr"], original["harmless"], len(rows) - 1),
+            findings=findings(rows),
             base_fingerprint=self.fingerprint(),
             config=dataclasses.asdict(self.cfg),
             post_instruction_tokens=post.text,
@@ -535,6 +579,7 @@ def _direction_summary(r: dict, original: dict) -> dict:
     i = ref.positions.index(ref.chosen[0])
     own = cross.get("own_direction") if sel is not ref else cross.get("original_direction")
     ablated = cross.get("asr_original_direction_ablated")
+    ref_ablated = original.get("cross", {}).get("asr_original_direction_ablated")
     return dict(
         source=_source(sel),
         source_shift=source_shift(ref.chosen, sel.chosen if sel is not None else None) if sel is not None else None,
@@ -542,8 +587,54 @@ def _direction_summary(r: dict, original: dict) -> dict:
         cosine_to_original_direction=[[round(float(c), 4) for c in row] for row in cos],
         cosine_at_original_source=float(cos[i, ref.chosen[1]]),
         quality=dict(own=own, original_direction=cross.get("original_direction"), own_direction_in_original=cross.get("own_direction_in_original")),
-        asr_original_direction_ablated=None if ablated is None else dict(asr=ablated["asr"], n_prompts=ablated["n_prompts"]),
+        asr_original_direction_ablated=None if ablated is None else dict(
+            asr=ablated["asr"], n_prompts=ablated["n_prompts"], rates=ablated["rates"]["asr"],
+            # Ablation against no ablation in the same model, on the same prompts.
+            test=None if _first_n(r["asr"], ablated) is None else {j: paired(ablated, _first_n(r["asr"], ablated), j) for j in JUDGES},
+            vs_original_ablated=None if ref_ablated is None or r is original else {j: paired(ablated, ref_ablated, j) for j in JUDGES}),
     )
+
+
+def _first_n(full: dict, subset: dict) -> dict:
+    """`full` restricted to the prompts of `subset` (the ablation ASR runs on the first prompts of each set)."""
+    ids = {rec["id"] for rec in subset["records"]}
+    kept = [rec for rec in full["records"] if rec["id"] in ids]
+    return dict(full, records=kept) if len(kept) == len(ids) else None
+
+
+def zero_shot_summary(z: dict) -> dict:
+    rates = zero_shot_rates(z) or {}
+    return dict(average=z["average"], limit=z.get("limit"), rate=rates.get("average"), per_task=rates.get("per_task"))
+
+
+def correct_families(rows: list[dict]) -> None:
+    """Holm within each family: one family per judge and measure (ASR, over-refusal), over the variants."""
+    for measure_name in ("asr", "over_refusal"):
+        for j in JUDGES:
+            family = [row["tests"][measure_name][j] for row in rows if row.get("tests") and row["tests"][measure_name][j]]
+            if family:
+                add_holm(family)
+
+
+def evaluation_summary(harmful: dict, harmless: dict, family_size: int) -> dict:
+    return dict(harmful=describe_prompts(harmful, family_size), harmless=describe_prompts(harmless, family_size), judges=list(JUDGES))
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """The report's sentences, one per variant and measure, each a change only where the test says so."""
+    out, original = [], rows[0]
+    for row in rows[1:]:
+        for measure_name, what in (("asr", "ASR (Arditi judge)"), ("over_refusal", "Over-refusal (Arditi judge)")):
+            test = (row.get("tests") or {}).get(measure_name, {}).get("arditi2024")
+            if test:
+                a, b = original["rates"][measure_name]["arditi2024"], row["rates"][measure_name]["arditi2024"]
+                out.append(f"{row['variant']}: " + describe_change("original", row["variant"], a, b, _flip(test), what))
+    return out
+
+
+def _flip(test: dict) -> dict:
+    """A test of (variant, original) read as (original, variant): b and c swap, p stays."""
+    return dict(test, b=test["c"], c=test["b"])
 
 
 def _digest(texts: list[str]) -> str:
@@ -561,7 +652,7 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--name", default=None, help="run directory name (default compare-<model>)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--quick", action="store_true", help="CI-sized run: few prompts, short generations")
-    p.add_argument("--n-asr", type=int)
+    add_eval_arguments(p, n_asr=CompareConfig.n_asr, n_harmless=CompareConfig.n_harmless)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--n-train", type=int)
     p.add_argument("--ppl-windows", type=int)
@@ -581,12 +672,12 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--n-val", type=int, help="validation prompts per class for selection (default 32)")
     p.add_argument("--search", choices=["exhaustive", "lazy"], help="selection search (default lazy: same choice, fewer passes)")
     p.add_argument("--prescreen", type=int, help="prescreen candidates on this many harmful prompts (0 = off; default 8)")
-    p.add_argument("--n-ablation-asr", type=int, help="AdvBench goals generated with the original's direction ablated (default 32)")
+    p.add_argument("--n-ablation-asr", type=int, help="prompts of each evaluation set generated with the original's direction ablated (default 16)")
     p.add_argument("--zero-shot-limit", type=int, help="zero-shot documents per task (0 = skip; default 200 on GPU, 24 on CPU)")
     p.add_argument("--zero-shot-tasks", nargs="+", help="zero-shot tasks, or 'all' (default: all 7 on GPU, boolq rte winogrande arc_easy on CPU)")
     p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
                    help="AIRD + targeted repair of every variant whose direction changed (default: on)")
-    p.add_argument("--repair-n-asr", type=int, help="AdvBench goals in the repair's evaluation (default: --n-asr on GPU, 32 on CPU)")
+    p.add_argument("--repair-n-asr", type=int, help="prompts of each evaluation set in the repair's evaluation (default: --n-asr)")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in dict(
         model=a.model, variants=tuple(a.variants) if a.variants else None, name=a.name, runs_dir=a.runs_dir,
@@ -596,6 +687,7 @@ def parse_args(argv=None) -> CompareConfig:
         n_ablation_asr=a.n_ablation_asr, figures_dir=a.figures_dir, zero_shot_limit=a.zero_shot_limit, repair=a.repair,
         zero_shot_tasks=task_names(a.zero_shot_tasks), repair_n_asr=a.repair_n_asr,
     ).items() if v is not None}
+    overrides.update(eval_overrides(a))
     if a.no_selection:
         overrides["select"] = False
     if a.no_checkpoints:

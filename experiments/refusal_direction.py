@@ -4,11 +4,13 @@
     python -m experiments.refusal_direction --selection-dir runs/compare-embedded/variants/original/selection
 
 Selects the refusal direction (Arditi et al. 2024; or reuses a saved selection), then measures on
-held-out prompts: greedy refusal on harmful_test with and without the direction ablated (hooks),
-refusal on harmless_test with and without the raw direction added at its layer, the same
-ablation done by weight orthogonalization saved as a normal checkpoint (its refusal rate and
-its max logit difference to hook ablation), and KL on harmless val. Writes
-runs/direction-<model>/report.{json,md} and the score-map figure.
+held-out prompts (refusal.measure; none used to fit or select the direction): greedy ASR on the
+harmful evaluation sets with and without the direction ablated (hooks), the refusal rate on
+harmless prompts with and without the raw direction added at its layer, the same ablation done by
+weight orthogonalization saved as a normal checkpoint (its ASR and its max logit difference to
+hook ablation). Every rate with its 95% interval, every intervention against its baseline with an
+exact McNemar test (Holm over the three). Writes runs/direction-<model>/report.{json,md} and the
+score-map figure.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -23,16 +26,22 @@ from pathlib import Path
 
 import torch
 
-from lm import datasets
 from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, write_plotlyjs
 from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError, cli
-from lm.generation import SamplingConfig, generate
 from lm.hooks import intervene
 from lm.loading import load_model, model_fingerprint
+from refusal.eval_sets import check_names
 from refusal.interventions import orthogonalize_weights
-from refusal.judges import asr, judges
+from refusal.judges import JUDGE_NAMES
+from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, add_eval_arguments, describe_prompts, eval_overrides, measure, paired
+from refusal.stats import add_holm, describe_change, fmt_p, fmt_rate
 from refusal.select import SelectionConfig, load_selection, score_maps_figure, select_direction_cached
+
+
+LABELS = {"harmful_baseline": "harmful, baseline", "harmful_ablated": "harmful, direction ablated (hooks)",
+          "harmless_baseline": "harmless, baseline", "harmless_actadd": "harmless, direction added",
+          "harmful_orthogonalized": "harmful, weights orthogonalized"}
 
 
 @dataclass
@@ -41,8 +50,12 @@ class DirectionConfig:
     name: str | None = None
     runs_dir: str = "runs"
     selection_dir: str | None = None  # reuse a saved selection instead of selecting
-    n_test: int = 64
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets (refusal.eval_sets)
+    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS
+    n_test: int = 32  # first prompts of each harmful set
+    n_harmless: int = 64  # first prompts of each harmless set
     max_new_tokens: int = 64
+    measurements_dir: str | None = None  # None: <runs_dir>/measurements
     n_train: int = 128
     n_val: int = 32
     search: str = "lazy"
@@ -50,13 +63,23 @@ class DirectionConfig:
     seed: int = 0
     batch_size: int | None = None
 
+    def __post_init__(self):
+        self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
+        self.eval_config()
+
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / (self.name or "direction-" + Path(self.model).name.replace("/", "-"))
 
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(sets=self.eval_sets, n=self.n_test, max_new_tokens=self.max_new_tokens, seed=self.seed, batch_size=self.batch_size)
 
-def refusal_rates(completions: list[str]) -> dict:
-    """Fraction of completions each judge counts as a refusal (not a jailbreak)."""
-    return {j.name: 1 - asr(completions, j) for j in judges()}
+    def store(self) -> Path:
+        return Path(self.measurements_dir) if self.measurements_dir else Path(self.runs_dir) / "measurements"
+
+
+# Each intervention against its baseline: (row, baseline row, outcome compared).
+COMPARISONS = (("harmful_ablated", "harmful_baseline", "jailbroken"), ("harmful_orthogonalized", "harmful_baseline", "jailbroken"),
+               ("harmless_actadd", "harmless_baseline", "refused"))
 
 
 def run(cfg: DirectionConfig) -> dict:
@@ -77,23 +100,22 @@ def run(cfg: DirectionConfig) -> dict:
     atomic_write_text(out / "score_maps.html", score_maps_figure(sel).to_html(include_plotlyjs="directory"))
     pos, layer = sel.chosen
     raw = sel.direction_raw
-    harmful = datasets.sample(datasets.instructions("harmful", "test"), cfg.n_test, cfg.seed)
-    harmless = datasets.sample(datasets.instructions("harmless", "test"), cfg.n_test, cfg.seed)
-    gen = SamplingConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
-    key = dict(fingerprint=fingerprint, source=[pos, layer], n_test=cfg.n_test, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    harmful_cfg, store = cfg.eval_config(), cfg.store()
+    harmless_cfg = harmful_cfg.harmless(cfg.harmless_sets, cfg.n_harmless)
+    harmful = [p.text for p in harmful_cfg.prompts()]
+    direction = dict(source=[pos, layer], direction=hashlib.sha256(raw.detach().float().cpu().numpy().tobytes()).hexdigest()[:16])
 
-    def completions(instructions, desc, **intervention):
+    def intervened(eval_cfg, **intervention):
         with intervene(model, **intervention):
-            outs = generate(model, tok, format_prompts(tok, instructions), gen, desc=desc)
-        flat = [o[0] for o in outs]
-        return dict(rates=refusal_rates(flat), completions=flat)
+            return measure(model, tok, eval_cfg, store, dict(model=fingerprint, **direction, intervention=sorted(intervention)))
 
     results = {
-        "harmful_baseline": cached_json(out / "harmful_baseline.json", key, lambda: completions(harmful, "harmful")),
-        "harmful_ablated": cached_json(out / "harmful_ablated.json", key, lambda: completions(harmful, "harmful ablated", ablate=raw)),
-        "harmless_baseline": cached_json(out / "harmless_baseline.json", key, lambda: completions(harmless, "harmless")),
-        "harmless_actadd": cached_json(out / "harmless_actadd.json", key, lambda: completions(harmless, "harmless actadd", add={layer: raw})),
+        "harmful_baseline": measure(model, tok, harmful_cfg, store, fingerprint),
+        "harmful_ablated": intervened(harmful_cfg, ablate=raw),
+        "harmless_baseline": measure(model, tok, harmless_cfg, store, fingerprint),
+        "harmless_actadd": intervened(harmless_cfg, add={layer: raw}),
     }
+    key = dict(fingerprint=fingerprint, **direction)
 
     def orthogonalized():
         ortho = orthogonalize_weights(copy.deepcopy(model), raw)
@@ -110,21 +132,35 @@ def run(cfg: DirectionConfig) -> dict:
             weights = reloaded(**enc).logits
         mask = enc["attention_mask"].bool()
         diff = float((hooked - weights).abs()[mask].max())
-        outs = generate(reloaded, tok, format_prompts(tok, harmful), gen, desc="harmful orthogonalized")
-        flat = [o[0] for o in outs]
-        return dict(rates=refusal_rates(flat), completions=flat, max_abs_logit_diff_vs_hooks=diff, checkpoint=str(ckpt))
+        measured = measure(reloaded, tok, harmful_cfg, store, model_fingerprint(reloaded))
+        return dict(max_abs_logit_diff_vs_hooks=diff, checkpoint=str(ckpt), model_id=model_fingerprint(reloaded), seconds=measured["seconds"])
 
-    results["harmful_orthogonalized"] = cached_json(out / "harmful_orthogonalized.json", key, orthogonalized)
+    ortho = cached_json(out / "orthogonalized.json", key, orthogonalized)
+    # Measured inside orthogonalized(); reloaded only if the store lost that entry.
+    results["harmful_orthogonalized"] = measure(lambda: load_model(ortho["checkpoint"]).model, tok, harmful_cfg, store, ortho["model_id"])
+    tests = {}
+    for row, baseline, outcome in COMPARISONS:
+        tests[row] = {j: paired(results[row], results[baseline], j, outcome) for j in JUDGE_NAMES}
+    for j in JUDGE_NAMES:
+        add_holm([tests[row][j] for row, _, _ in COMPARISONS])
     i = sel.positions.index(pos)
     report = dict(
         model=cfg.model, model_name=loaded.name, config=dataclasses.asdict(cfg),
         source=dict(position=pos, layer=layer), n_layers=sel.n_layers,
         scores=dict(bypass=float(sel.bypass[i, layer]), induce=float(sel.induce[i, layer]), kl=float(sel.kl[i, layer])),
         selection_counts=sel.counts, selection_forward_passes=sel.forward_passes,
-        rates={k: v["rates"] for k, v in results.items()},
+        # ASR on the harmful rows, the refusal rate (refusal strings) on the harmless ones.
+        rates={k: v["rates"]["asr" if k.startswith("harmful") else "refusal"] for k, v in results.items()},
+        tests=tests,
+        findings=[describe_change(LABELS[b], LABELS[r], results[b]["rates"][m]["arditi2024"], results[r]["rates"][m]["arditi2024"],
+                                  dict(tests[r]["arditi2024"], b=tests[r]["arditi2024"]["c"], c=tests[r]["arditi2024"]["b"]),
+                                  "ASR (Arditi judge)" if m == "asr" else "Refusal rate (Arditi judge)")
+                  for r, b, outcome in COMPARISONS for m in ["asr" if outcome == "jailbroken" else "refusal"]],
+        evaluation=dict(harmful=describe_prompts(results["harmful_baseline"], len(COMPARISONS)),
+                        harmless=describe_prompts(results["harmless_baseline"], len(COMPARISONS))),
         n_test=cfg.n_test,
-        max_abs_logit_diff_orthogonalized_vs_hooks=results["harmful_orthogonalized"]["max_abs_logit_diff_vs_hooks"],
-        samples={k: v["completions"][:2] for k, v in results.items()},
+        max_abs_logit_diff_orthogonalized_vs_hooks=ortho["max_abs_logit_diff_vs_hooks"],
+        samples={k: [r["completions"][0] for r in v["records"][:2]] for k, v in results.items()},
         wall_seconds=round(time.perf_counter() - start, 1),
     )
     atomic_write_json(out / "report.json", report)
@@ -141,13 +177,21 @@ def render(r: dict) -> str:
         f"Selection scores: bypass {r['scores']['bypass']:.2f}, induce {r['scores']['induce']:.2f}, KL {r['scores']['kl']:.3f}."
         + (f" Fallback: {r['selection_counts']['fallback']['note']}." if r["selection_counts"].get("fallback") else ""),
         "",
-        f"Refusal rate (1 - ASR) on {r['n_test']} held-out prompts, greedy, <= {r['config']['max_new_tokens']} new tokens:",
+        f"Greedy, <= {r['config']['max_new_tokens']} new tokens, on {r['evaluation']['harmful']['n']} held-out harmful prompts "
+        f"({', '.join(f'{k} {n}' for k, n in r['evaluation']['harmful']['per_source'].items())}) and {r['evaluation']['harmless']['n']} "
+        f"held-out harmless ones; overlap with any prompt a stage fits on: {r['evaluation']['harmful']['overlap_with_fitted']} and "
+        f"{r['evaluation']['harmless']['overlap_with_fitted']}. Harmful rows: ASR; harmless rows: refusal rate. 95% Wilson intervals; "
+        "p: exact McNemar test against the row's baseline, Holm over the three interventions (* = significant at 5%).",
         "",
-        "| setting | Arditi judge | Wei judge |",
-        "|---|---|---|",
+        "| setting | Arditi judge | p | Wei judge | p |",
+        "|---|---|---|---|---|",
     ]
+    tests = r.get("tests", {})
     for k, v in rates.items():
-        lines.append(f"| {k.replace('_', ' ')} | {v['arditi2024']:.1%} | {v['wei2024']:.1%} |")
+        t = tests.get(k, {})
+        lines.append(f"| {LABELS[k]} | {fmt_rate(v['arditi2024'])} | {fmt_p(t.get('arditi2024'))} | "
+                     f"{fmt_rate(v['wei2024'])} | {fmt_p(t.get('wei2024'))} |")
+    lines += [""] + [f"- {f}" for f in r.get("findings", [])]
     lines += ["", f"Orthogonalized checkpoint vs hook ablation: max |logit difference| {r['max_abs_logit_diff_orthogonalized_vs_hooks']:.2e} (float32).",
               "", f"Wall time {r['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)
@@ -160,13 +204,15 @@ def main(argv=None) -> int:
     p.add_argument("--name")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--selection-dir", help="reuse a saved selection (selection.json + direction.safetensors)")
-    p.add_argument("--n-test", type=int, default=64)
+    add_eval_arguments(p, n_asr=DirectionConfig.n_test, n_harmless=DirectionConfig.n_harmless, n_flag="--n-test")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--search", choices=["exhaustive", "lazy"], default="lazy")
     p.add_argument("--prescreen", type=int, default=8)
     p.add_argument("--batch-size", type=int)
     a = p.parse_args(argv)
-    cfg = DirectionConfig(model=a.model, name=a.name, runs_dir=a.runs_dir, selection_dir=a.selection_dir, n_test=a.n_test,
+    overrides = eval_overrides(a)
+    cfg = DirectionConfig(model=a.model, name=a.name, runs_dir=a.runs_dir, selection_dir=a.selection_dir, n_test=a.n_test or DirectionConfig.n_test,
+                          **overrides,
                           max_new_tokens=a.max_new_tokens, search=a.search, prescreen_n_val=a.prescreen, batch_size=a.batch_size)
     if cfg.selection_dir and not Path(cfg.selection_dir).is_dir():
         raise UserError(f"selection directory not found: {cfg.selection_dir}")

@@ -6,7 +6,8 @@ report can be re-rendered from report.json without touching a model.
 
 from __future__ import annotations
 
-from repair.report import small_pct
+from refusal.stats import fmt_p, fmt_rate, fmt_value_ci
+from repair.report import error_bars, small_pct
 
 
 def asr_figure(report: dict):
@@ -19,11 +20,16 @@ def asr_figure(report: dict):
     for judge, label in (("wei2024", "Wei et al. judge"), ("arditi2024", "Arditi et al. judge")):
         fig.add_trace(go.Bar(
             x=names, y=[100 * v["asr"][judge] for v in rows], name=label,
+            error_y=error_bars([(v.get("rates") or {}).get("asr", {}).get(judge) for v in rows]),
             marker_pattern_shape=["x" if v["collapse"]["collapsed"] else "" for v in rows],
             customdata=[v["perplexity"] for v in rows],
             hovertemplate="%{x}<br>ASR %{y:.1f}%<br>perplexity %{customdata:.1f}<extra>" + label + "</extra>",
         ))
-    fig.update_layout(title=f"Vanilla ASR on {rows[0]['n_prompts']} AdvBench goals (hatched: collapsed)", barmode="group",
+    if all(v.get("rates") for v in rows):
+        fig.add_trace(go.Bar(x=names, y=[100 * v["rates"]["over_refusal"]["arditi2024"]["value"] for v in rows], name="over-refusal (Arditi judge)",
+                             error_y=error_bars([v["rates"]["over_refusal"]["arditi2024"] for v in rows]), marker_color="#999"))
+    fig.update_layout(title=f"Vanilla ASR on {rows[0]['n_prompts']} held-out harmful prompts, refusal rate on harmless ones "
+                            "(95% intervals; hatched: collapsed)", barmode="group",
                       xaxis_title="variant", yaxis_title="attack success rate (%)", yaxis_range=[0, 100], height=450, width=900)
     return fig
 
@@ -58,25 +64,35 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# Refusal under compression: {report['model_name']}",
         "",
-        f"Wall time {_wall(report)}. ASR: vanilla greedy decoding on the first "
-        f"{report['variants'][0]['n_prompts']} AdvBench goals, at most {report['config']['max_new_tokens']} new tokens; "
+        f"Wall time {_wall(report)}. ASR: vanilla greedy decoding on {_eval_text(report)}, "
+        f"at most {report['config']['max_new_tokens']} new tokens; "
         "Wei = Wei et al. 2024 judge (31 case-sensitive strings and >= 20 words), Arditi = Arditi et al. 2024 judge "
         "(12 strings, case-insensitive). Directions: difference of means of block inputs at the post-instruction "
         f"tokens `{report['post_instruction_tokens']!r}` over {report['config']['n_train']} harmful + "
         f"{report['config']['n_train']} harmless instructions; cosine to the original's direction at the same (position, layer).",
         "",
-        "| variant | decoder sparsity | ASR Wei | ASR Arditi | perplexity | zero-shot avg | collapsed | norm-peak layer | cos @ original's peak (last pos) | min cos (last pos) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Every rate carries its 95% interval (Wilson; perplexity and mean zero-shot accuracy: bootstrap over windows / "
+        "documents). p: exact McNemar test against the original on the same prompts, Holm-corrected over the variants "
+        "within each column; * marks p < 0.05 after correction, and only those differences are called changes.",
+        "",
+        "| variant | decoder sparsity | ASR Wei | p | ASR Arditi | p | over-refusal (Arditi) | p | perplexity | zero-shot avg | collapsed | norm-peak layer | cos @ original's peak (last pos) | min cos (last pos) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in report["variants"]:
         flag = f"**yes** ({v['collapse']['reason']})" if v["collapse"]["collapsed"] else "no"
+        r, t = v.get("rates") or {}, v.get("tests") or {}
         lines.append(
-            f"| {v['variant']} | {v['decoder_sparsity']:.1%} | {v['asr']['wei2024']:.1%} | {v['asr']['arditi2024']:.1%} | "
-            f"{v['perplexity']:.2f} | {_zero_shot(v.get('zero_shot'))} | {flag} | {v['norm_peak_layer']} | {v['cosine_at_original_peak']:.3f} | "
+            f"| {v['variant']} | {v['decoder_sparsity']:.1%} | {_rate(r, 'asr', 'wei2024', v['asr'])} | {_p(t, 'asr', 'wei2024')} | "
+            f"{_rate(r, 'asr', 'arditi2024', v['asr'])} | {_p(t, 'asr', 'arditi2024')} | "
+            f"{fmt_rate(r.get('over_refusal', {}).get('arditi2024'))} | {_p(t, 'over_refusal', 'arditi2024')} | "
+            f"{fmt_value_ci(v.get('perplexity_ci')) if v.get('perplexity_ci') else format(v['perplexity'], '.2f')} | "
+            f"{_zero_shot(v.get('zero_shot'))} | {flag} | {v['norm_peak_layer']} | {v['cosine_at_original_peak']:.3f} | "
             f"{min(v['cosine_per_layer_last_position'][1:], default=1.0):.3f} |"
         )
-    lines += ["", "Collapsed variants are never safe: their ASR reflects broken text, not refusal.", "",
-              "## Cosine to the original's direction, per layer (last post-instruction position)", ""]
+    lines += ["", "Collapsed variants are never safe: their ASR reflects broken text, not refusal.", ""]
+    lines += _findings_section(report)
+    lines += _per_source_section(report)
+    lines += ["## Cosine to the original's direction, per layer (last post-instruction position)", ""]
     n_layers = report["n_layers"]
     lines.append("| variant | " + " | ".join(str(l) for l in range(n_layers)) + " |")
     lines.append("|---|" + "---|" * n_layers)
@@ -135,7 +151,63 @@ def _source_text(v: dict) -> str:
 
 
 def _ablated(ab: dict | None) -> str:
-    return "" if ab is None else f"{ab['asr']['wei2024']:.1%} / {ab['asr']['arditi2024']:.1%} (n={ab['n_prompts']})"
+    if ab is None:
+        return ""
+    if not ab.get("rates"):
+        return f"{ab['asr']['wei2024']:.1%} / {ab['asr']['arditi2024']:.1%} (n={ab['n_prompts']})"
+    test = (ab.get("test") or {}).get("arditi2024")
+    p = f"; vs not ablated p = {test['p_value']:.2g}" if test else ""
+    return f"{fmt_rate(ab['rates']['wei2024'])} / {fmt_rate(ab['rates']['arditi2024'])} (n={ab['n_prompts']}{p})"
+
+
+def _rate(rates: dict, measure: str, judge: str, fallback: dict) -> str:
+    r = rates.get(measure, {}).get(judge)
+    return fmt_rate(r) if r else f"{fallback[judge]:.1%}"
+
+
+def _p(tests: dict, measure: str, judge: str) -> str:
+    return fmt_p((tests.get(measure) or {}).get(judge)) if tests else ""
+
+
+def _eval_text(report: dict) -> str:
+    ev = report.get("evaluation")
+    if not ev:
+        return f"{report['variants'][0]['n_prompts']} prompts"
+    h, o = ev["harmful"], ev["harmless"]
+    parts = ", ".join(f"{k} {n}" for k, n in h["per_source"].items())
+    return (f"{h['n']} held-out harmful prompts ({parts}; overlap with any prompt a stage fits on: {h['overlap_with_fitted']}) "
+            f"and, for over-refusal, {o['n']} held-out harmless prompts ({', '.join(o['per_source'])}; overlap {o['overlap_with_fitted']})")
+
+
+def _findings_section(report: dict) -> list[str]:
+    if not report.get("findings"):
+        return []
+    ev = report.get("evaluation", {}).get("harmful", {})
+    mdd = ev.get("min_detectable_difference")
+    head = ("With n = {} harmful prompts and Holm over {} variants, no paired difference below {:.0f} points can be "
+            "significant.".format(ev["n"], len(report["variants"]) - 1, 100 * mdd) if mdd else "")
+    return ["## What changed (paired tests against the original)", "", head, ""] + [f"- {f}" for f in report["findings"]] + [""]
+
+
+def _per_source_section(report: dict) -> list[str]:
+    rows = [v for v in report["variants"] if (v.get("rates") or {}).get("per_source")]
+    if not rows:
+        return []
+    sources = list(rows[0]["rates"]["per_source"])
+    lines = ["## ASR per source set and judge disagreement (Arditi judge)", "",
+             "| variant | " + " | ".join(f"{s} (n={rows[0]['rates']['per_source'][s]['arditi2024']['n']})" for s in sources)
+             + " | judges disagree |", "|---|" + "---|" * (len(sources) + 1)]
+    for v in rows:
+        ps = v["rates"]["per_source"]
+        lines.append(f"| {v['variant']} | " + " | ".join(fmt_rate(ps[s]["arditi2024"]) for s in sources)
+                     + f" | {fmt_rate(v['rates']['judge_disagreement']['rate'])} |")
+    examples = [(v["variant"], e) for v in rows for e in v["rates"]["judge_disagreement"]["examples"][:1]]
+    if examples:
+        lines += ["", "Examples where the judges disagree (jailbroken per judge):", ""]
+        for variant, e in examples[:4]:
+            text = e["completion"].strip().replace("\n", " ")[:200]
+            lines.append(f"- {variant}, {e['id']} ({', '.join(f'{j}: {b}' for j, b in e['jailbroken'].items())}): **{e['prompt'][:120]}** → {text}")
+    return lines + [""]
 
 
 def _triple(q: dict | None) -> str:
@@ -143,7 +215,9 @@ def _triple(q: dict | None) -> str:
 
 
 def _zero_shot(z: dict | None) -> str:
-    return "-" if not z else f"{z['average']:.1%} (limit {z['limit'] or 'all'})"
+    if not z:
+        return "-"
+    return f"{fmt_rate(z['rate']) if z.get('rate') else format(z['average'], '.1%')} (limit {z['limit'] or 'all'})"
 
 
 def _repair_section(repairs: dict) -> list[str]:
@@ -152,23 +226,46 @@ def _repair_section(repairs: dict) -> list[str]:
              "For each variant whose direction changed at the original's source: AIRD restores the one block before the "
              "source that best brings refusal back (KL <= 0.1 on harmless prompts); targeted restoration brings back only "
              "the weights with the largest attributed effect on refusal, until the refusal rate on harmful val prompts reaches "
-             "AIRD's. ASR: vanilla, Arditi judge; per-variant details in `variants/<variant>/repaired/repair.md`.", "",
-             "| variant | AIRD block | AIRD restores | ASR compressed / AIRD / targeted | ppl compressed / AIRD | zero-shot compressed / AIRD | cos @ source compressed / AIRD | targeted restores |",
-             "|---|---|---|---|---|---|---|---|"]
+             "AIRD's. ASR: vanilla, Arditi judge, on the held-out evaluation prompts, with 95% intervals; p: exact McNemar "
+             "test against the compressed model on the same prompts, Holm within each repair's family of comparisons "
+             "(* = significant at 5%). Over-refusal: refusal rate on held-out harmless prompts. Per-variant details in "
+             "`variants/<variant>/repaired/repair.md`.", "",
+             "| variant | AIRD block | AIRD restores | ASR compressed | ASR AIRD | p | ASR targeted | p | over-refusal compressed / AIRD / targeted | ppl compressed / AIRD | zero-shot compressed / AIRD | cos @ source compressed / AIRD | targeted restores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, r in repairs.items():
         st = r["states"]
         a = st["aird"]
 
         def asr(name):
-            return f"{st[name]['asr']['vanilla']['arditi2024']:.1%}" if name in st else "-"
+            if name not in st:
+                return "-"
+            rate = ((st[name].get("rates") or {}).get("asr") or {}).get("vanilla")
+            return fmt_rate(rate["arditi2024"]) if rate else f"{st[name]['asr']['vanilla']['arditi2024']:.1%}"
+
+        def over(name):
+            rate = (st.get(name, {}).get("rates") or {}).get("over_refusal")
+            return fmt_rate(rate["arditi2024"]) if rate else "-"
+
+        def p(first):
+            family = ((r.get("tests") or {}).get("asr_vanilla") or {}).get("arditi2024", [])
+            t = next((t for t in family if t["first"] == first and t["second"] == "compressed"), None)
+            return fmt_p(t)
 
         def zs(name):
-            z = st[name].get("zero_shot")
-            return "-" if not z else f"{z['average']:.1%}"
+            z, rates = st[name].get("zero_shot"), st[name].get("zero_shot_rates")
+            return "-" if not z else fmt_rate(rates["average"]) if rates else f"{z['average']:.1%}"
+
+        def ppl(name):
+            return fmt_value_ci(st[name]["perplexity_ci"]) if st[name].get("perplexity_ci") else f"{st[name]['perplexity']:.2f}"
 
         t = r.get("targeted") or {}
         targeted = f"{t['k']:,} ({small_pct(t['k'] / a['restored'])} of AIRD)" if t.get("reached") else "target not reached"
         lines.append(f"| {variant} | {r['aird']['layer']} | {a['restored']:,} ({small_pct(a['restored_fraction_of_model'])} of model) | "
-                     f"{asr('compressed')} / {asr('aird')} / {asr('targeted')} | {st['compressed']['perplexity']:.2f} / {a['perplexity']:.2f} | "
+                     f"{asr('compressed')} | {asr('aird')} | {p('aird')} | {asr('targeted')} | {p('targeted')} | "
+                     f"{over('compressed')} / {over('aird')} / {over('targeted')} | {ppl('compressed')} / {ppl('aird')} | "
                      f"{zs('compressed')} / {zs('aird')} | {st['compressed']['cosine_at_source']:.3f} / {a['cosine_at_source']:.3f} | {targeted} |")
+    sentences = [f"- {variant}: {f}" for variant, r in repairs.items() for f in r.get("findings", [])[:3]]
+    if sentences:
+        lines += ["", "Paired tests (Arditi judge, vanilla ASR; AIRD and targeted against the compressed model, targeted against AIRD):", ""]
+        lines += sentences
     return lines

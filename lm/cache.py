@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -89,6 +91,29 @@ def cached_json(path: Path, params: dict, compute):
     result = compute()
     atomic_write_json(path, {"params": params, "result": result})
     return result
+
+
+# How work is batched or which device runs it does not change what a measurement means, so these
+# fields never enter a key: the same model under the same settings is one cache entry everywhere.
+NOT_IN_KEY = ("batch_size",)
+
+
+def measurement_key(model, *configs) -> dict:
+    """The cache key of one measurement: the model's identity and the settings dataclasses.
+
+    `model` is a weight fingerprint (lm.loading.model_fingerprint) or a JSON-able dict that
+    identifies a model state without hashing its weights (a variant spec on a base fingerprint, a
+    restoration on a checkpoint). Every entry point builds its keys here and nowhere else.
+    """
+    settings = {type(c).__name__: {k: v for k, v in dataclasses.asdict(c).items() if k not in NOT_IN_KEY} for c in configs}
+    return json.loads(json.dumps(dict(model=model, settings=settings), sort_keys=True, default=str))
+
+
+def measured(store: Path, kind: str, model, configs, compute):
+    """`compute()` cached in `store/kind/<sha256 of measurement_key>.json`, shared by every entry point."""
+    params = measurement_key(model, *configs)
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:24]
+    return cached_json(Path(store) / kind / f"{digest}.json", params, compute)
 
 
 def cached_tensors(path: Path, params: dict, compute) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -24,9 +25,19 @@ def check_disjoint_from_calibration(n_windows: int, seqlen: int) -> None:
                         f"keep windows x seqlen <= {limit} with wikitext calibration")
 
 
+@dataclass(frozen=True)
+class PerplexityConfig:
+    windows: int = 8
+    seqlen: int = 512
+    batch_size: int = 4
+
+
 @torch.no_grad()
-def perplexity(model, tokenizer, n_windows: int = 16, seqlen: int = 512, text: str | None = None, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over the first `n_windows` windows of `seqlen` tokens."""
+def window_nll(model, tokenizer, n_windows: int = 16, seqlen: int = 512, text: str | None = None, batch_size: int = 4) -> dict:
+    """Per-window summed next-token NLL and scored-token count over the first `n_windows` windows.
+
+    Kept per window so the perplexity can carry a bootstrap interval over windows.
+    """
     text = wikitext2_test() if text is None else text
     ids = tokenizer(text[: n_windows * seqlen * CHARS_PER_TOKEN_BOUND], return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     available = ids.numel() // seqlen
@@ -35,13 +46,25 @@ def perplexity(model, tokenizer, n_windows: int = 16, seqlen: int = 512, text: s
     n = min(n_windows, available)
     windows = ids[: n * seqlen].view(n, seqlen)
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nll, tokens = [], []
     for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", leave=False):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        nll += loss.item()
-        count += batch[:, 1:].numel()
-    return math.exp(nll / count)
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+        ).view(batch.shape[0], -1)
+        nll.extend(float(x) for x in loss.double().sum(dim=1))
+        tokens.extend([seqlen - 1] * batch.shape[0])
+    return dict(nll=nll, tokens=tokens)
+
+
+def perplexity(model, tokenizer, n_windows: int = 16, seqlen: int = 512, text: str | None = None, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over the first `n_windows` windows of `seqlen` tokens."""
+    w = window_nll(model, tokenizer, n_windows, seqlen, text, batch_size)
+    return math.exp(sum(w["nll"]) / sum(w["tokens"]))
+
+
+def measure_perplexity(model, tokenizer, cfg: PerplexityConfig) -> dict:
+    """The stored perplexity measurement: the value and every window's NLL (for its interval)."""
+    w = window_nll(model, tokenizer, cfg.windows, cfg.seqlen, batch_size=cfg.batch_size)
+    return dict(perplexity=math.exp(sum(w["nll"]) / sum(w["tokens"])), window_nll=w["nll"], window_tokens=w["tokens"])

@@ -245,7 +245,7 @@ def load_tasks(names=ALL_TASKS) -> dict:
 def zero_shot_accuracy(model, tokenizer, cfg: ZeroShotConfig | None = None) -> dict:
     """Zero-shot multiple-choice accuracy per task, scored by lm-eval's HFLM on this model object.
 
-    Returns {"per_task": {task: {"acc", "acc_norm" (where lm-eval reports it), "n"}},
+    Returns {"per_task": {task: {"acc", "acc_norm" (where lm-eval reports it), "n", "per_document"}},
     "average": mean acc over the tasks, "limit", "seconds"}.
     """
     cfg = cfg or ZeroShotConfig()
@@ -263,7 +263,7 @@ def zero_shot_accuracy(model, tokenizer, cfg: ZeroShotConfig | None = None) -> d
             num_fewshot=0,
             limit=cfg.limit,
             bootstrap_iters=0,  # no stderr: bootstrapping costs minutes and we report point estimates
-            log_samples=False,
+            log_samples=True,  # per-document correctness, for the bootstrap interval of the mean
             # None = leave the caller's RNG state alone; scoring is deterministic anyway.
             random_seed=None,
             numpy_random_seed=None,
@@ -275,6 +275,8 @@ def zero_shot_accuracy(model, tokenizer, cfg: ZeroShotConfig | None = None) -> d
         scores = results["results"][name]
         entry = {metric: float(scores[f"{metric},none"]) for metric in TASKS[name].metrics}
         entry["n"] = int(results["n-samples"][name]["effective"])
+        samples = sorted(results["samples"][name], key=lambda d: d["doc_id"])
+        entry["per_document"] = [float(d["acc"]) for d in samples]
         per_task[name] = entry
     return {
         "per_task": per_task,

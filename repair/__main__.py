@@ -7,6 +7,7 @@ import sys
 
 from lm.errors import UserError, cli
 from lm.zero_shot import task_names
+from refusal.measure import add_eval_arguments, eval_overrides
 
 from .aird import AirdConfig
 from .pipeline import Repair, RepairConfig
@@ -33,7 +34,8 @@ def parse_args(argv=None) -> RepairConfig:
     p.add_argument("--save", choices=["aird", "targeted"], default="aird", help="which repaired model to write (default aird)")
     p.add_argument("--curve-fractions", type=float, nargs="*", default=[0.01, 0.03, 0.1, 0.3],
                    help="restored fractions of AIRD's count at which vanilla ASR is measured for the curve")
-    p.add_argument("--n-asr", type=int, default=100, help="first N AdvBench goals (default 100)")
+    add_eval_arguments(p, n_asr=RepairConfig.n_asr, n_harmless=RepairConfig.n_harmless, store_default="runs/measurements, the main job's")
+    p.add_argument("--curve-n-asr", type=int, help="prompts of each set for the restoration curve's points (default --n-asr)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--no-adv-suffix", action="store_true", help="skip the adversarial-suffix ASR")
     p.add_argument("--n-train", type=int, default=128)
@@ -57,7 +59,8 @@ def parse_args(argv=None) -> RepairConfig:
         source=tuple(a.source) if a.source else None,
         aird=AirdConfig(window=a.window, kl_max=a.kl_max, layer=a.layer), targeted=not a.no_targeted,
         targeted_cfg=TargetedConfig(objective=a.targeted_objective),
-        curve_fractions=tuple(a.curve_fractions), save=a.save, n_asr=a.n_asr, max_new_tokens=a.max_new_tokens,
+        curve_fractions=tuple(a.curve_fractions), save=a.save, n_asr=a.n_asr or RepairConfig.n_asr, max_new_tokens=a.max_new_tokens,
+        curve_n_asr=a.curve_n_asr, **{"measurements_dir": "runs/measurements", **eval_overrides(a)},
         adv_suffix=not a.no_adv_suffix, ppl_windows=a.ppl_windows,
         zero_shot_limit=None if a.zero_shot_limit == -1 else a.zero_shot_limit,
         zero_shot_tasks=task_names(a.zero_shot_tasks), batch_size=a.batch_size,

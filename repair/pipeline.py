@@ -9,9 +9,12 @@ Stages (each cached in the run directory, so a rerun only does what is missing):
   aird         every candidate block's refusal score / KL / source projection, and the choice
   targeted     attribution scores of every changed weight before the source, and the smallest
                budget whose refusal score reaches AIRD's
-  evaluation   ASR (vanilla and adversarial-suffix, both judges), perplexity, zero-shot accuracy,
-               direction quality and cosine for: original, compressed, AIRD, targeted; vanilla
-               ASR along the restored-weights curve of both methods
+  evaluation   ASR on held-out harmful prompts (vanilla and adversarial-suffix, both judges, per
+               prompt) and over-refusal on held-out harmless ones, through refusal.measure and
+               its shared store; perplexity, zero-shot accuracy, direction quality and cosine for:
+               original, compressed, AIRD, targeted; exact McNemar tests of AIRD and targeted
+               against the compressed model and of targeted against AIRD (Holm-corrected);
+               vanilla ASR along the restored-weights curve of both methods
 The repaired checkpoint (AIRD's, or targeted's with save="targeted") and repair.json / repair.md /
 figures are written to `out` in one atomic step at the end.
 """
@@ -31,13 +34,15 @@ import torch
 
 from compression.blockwise import block_linears
 from compression.checkpoint import MANIFEST, read_manifest, sparsity_report
-from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, cached_tensors, timed, write_plotlyjs
+from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, cached_tensors, measured, timed, write_plotlyjs
 from lm.errors import UserError
 from lm.hooks import decoder_layers
 from lm.loading import load_model, model_fingerprint
-from lm.perplexity import perplexity
-from refusal.asr import AsrConfig, attack_success
+from lm.perplexity import PerplexityConfig, measure_perplexity
 from refusal.collapse import collapse_verdict
+from refusal.eval_sets import check_names
+from refusal.judges import JUDGE_NAMES
+from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, describe_prompts, measure, paired, perplexity_rate, zero_shot_rates
 from refusal.direction import candidate_directions, cosine_map
 from refusal.quality import direction_quality
 from refusal.select import SelectionConfig, SharedPrompts, select_direction_cached
@@ -83,8 +88,15 @@ class RepairConfig:
     targeted_cfg: TargetedConfig = field(default_factory=TargetedConfig)
     curve_fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # of AIRD's restored count, for the ASR curve
     save: str = "aird"  # which repaired model becomes the output checkpoint
-    # evaluation
-    n_asr: int = 100
+    # evaluation: held-out harmful prompts (refusal.eval_sets names or file:PATH; the first n_asr
+    # of each) and harmless ones for over-refusal; the restoration curve on the first curve_n_asr
+    # of each set (None: n_asr)
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
+    n_asr: int = 50
+    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS
+    n_harmless: int = 50
+    curve_n_asr: int | None = None
+    measurements_dir: str | None = None  # the measurement store; None: <runs_dir>/measurements
     max_new_tokens: int = 128
     adv_suffix: bool = True
     ppl_windows: int = 8
@@ -100,7 +112,8 @@ class RepairConfig:
             raise UserError("save='targeted' needs the targeted repair (do not disable it)")
         if any(not 0 < f <= 1 for f in self.curve_fractions):
             raise UserError(f"curve fractions must lie in (0, 1], got {self.curve_fractions}")
-        for name in ("n_asr", "n_val", "n_train", "max_new_tokens", "ppl_windows"):
+        self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
+        for name in ("n_asr", "n_harmless", "n_val", "n_train", "max_new_tokens", "ppl_windows"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.zero_shot_tasks:
@@ -304,34 +317,39 @@ class Repair:
         return out
 
     # --- evaluation -------------------------------------------------------------------------
-    def asr_cfg(self, setting: str) -> AsrConfig:
-        return AsrConfig(setting, max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+    def eval_config(self, setting: str = "vanilla", n: int | None = None) -> EvalConfig:
+        c = self.cfg
+        return EvalConfig(sets=c.eval_sets, n=n or c.n_asr, setting=setting, max_new_tokens=c.max_new_tokens, seed=c.seed, batch_size=c.batch_size)
 
-    def evaluate(self, model, name: str, where: Path, fp_key: dict, full: bool = True) -> dict:
-        """Behaviour, utility and direction of one model state, every part cached."""
-        from lm import datasets
+    @property
+    def store(self) -> Path:
+        return Path(self.cfg.measurements_dir) if self.cfg.measurements_dir else Path(self.cfg.runs_dir) / "measurements"
 
-        c, tok = self.cfg, self.tok
-        goals = datasets.advbench_eval(c.n_asr)
+    def evaluate(self, model, name: str, where: Path, model_id, full: bool = True) -> dict:
+        """Behaviour, utility and direction of one model state, every part cached.
+
+        `model_id` keys the measurements in the shared store: the weight fingerprint for the
+        original and the compressed checkpoint (so a comparison run's measurements are reused),
+        the restoration for a repaired state.
+        """
+        c, tok, store = self.cfg, self.tok, self.store
+        fp_key = dict(model=model_id)
         out = {}
         # The adversarial suffixes cost three generations each; they are measured for the AIRD
         # table's states (original, compressed, AIRD), vanilla ASR for the rest.
         settings = ("vanilla", "adv_suffix") if (full and c.adv_suffix and name in ("original", "compressed", "aird")) else ("vanilla",)
         for setting in settings:
-            a = self.asr_cfg(setting)
-            r = cached_json(where / f"asr_{setting}.json", {**fp_key, **dataclasses.asdict(a), "n": c.n_asr},
-                            lambda a=a: timed(lambda: attack_success(model, tok, goals, a)))
-            out[f"asr_{setting}"] = r
+            out[f"asr_{setting}"] = measure(model, tok, self.eval_config(setting, None if full else c.curve_n_asr), store, model_id)
         if not full:
             return out
-        out["perplexity"] = cached_json(where / "perplexity.json", {**fp_key, "windows": c.ppl_windows, "seqlen": c.ppl_seqlen},
-                                        lambda: timed(lambda: dict(perplexity=perplexity(model, tok, c.ppl_windows, c.ppl_seqlen))))
+        out["harmless"] = measure(model, tok, self.eval_config().harmless(c.harmless_sets, c.n_harmless), store, model_id)
+        pcfg = PerplexityConfig(windows=c.ppl_windows, seqlen=c.ppl_seqlen)
+        out["perplexity"] = measured(store, "perplexity", model_id, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))
         if c.zero_shot_limit != 0:
             from lm.zero_shot import ALL_TASKS, ZeroShotConfig, zero_shot_accuracy
 
             zcfg = ZeroShotConfig(tasks=c.zero_shot_tasks or ALL_TASKS, limit=c.zero_shot_limit)
-            out["zero_shot"] = cached_json(where / "zero_shot.json", {**fp_key, **dataclasses.asdict(zcfg)},
-                                           lambda: zero_shot_accuracy(model, tok, zcfg))
+            out["zero_shot"] = measured(store, "zero_shot", model_id, [zcfg], lambda: zero_shot_accuracy(model, tok, zcfg))
         dirs = cached_tensors(where / "directions.safetensors", {**fp_key, "prompts": _key([self.harmful_train, self.harmless_train])},
                               lambda: {"directions": candidate_directions(model, tok, self.harmful_train, self.harmless_train)["directions"]})
         cos = cosine_map(dirs["directions"], self.selection.directions)
@@ -357,11 +375,12 @@ class Repair:
         _log(f"AIRD block {self.aird['layer']} ({self.aird['reason']}), {self.aird['restored']} entries")
         evals = {}
         self._ref_ppl = None
-        evals["original"] = self.evaluate(self.original, "original", self.orig_dir / "eval", dict(model=self.fp_orig))
+        evals["original"] = self.evaluate(self.original, "original", self.orig_dir / "eval", self.fp_orig)
         self._ref_ppl = evals["original"]["perplexity"]["perplexity"]
         for name, masks in self.states().items():
             _log(f"evaluating {name}")
-            key = dict(model=self.fp_comp, original=self.fp_orig, restored=_key({n: m.nonzero().tolist() for n, m in masks.items()}))
+            key = self.fp_comp if not masks else dict(
+                checkpoint=self.fp_comp, restored_from=self.fp_orig, restored=_key({n: m.nonzero().tolist() for n, m in masks.items()}))
             with restored(self.model, self.original, masks):
                 evals[name] = self.evaluate(self.model, name, self.dir / "eval" / name, key)
                 evals[name]["restored"] = count(masks)
@@ -383,15 +402,16 @@ class Repair:
             for k in ks:
                 masks = make(k)
                 n = count(masks)
-                key = dict(model=self.fp_comp, original=self.fp_orig, method=method, k=k, seed=self.cfg.seed,
+                key = dict(checkpoint=self.fp_comp, restored_from=self.fp_orig,
                            restored=_key({name: m.nonzero().tolist() for name, m in masks.items()}))
                 first = min((layer for layer in range(self.source[1]) if any(bool(masks[p].any()) for p in masks if p in self._block_names[layer])),
                             default=0)
                 with restored(self.model, self.original, masks):
                     r = self.evaluate(self.model, f"{method}-{k}", self.dir / "curve" / f"{method}-{k}", key, full=False)
-                reading = cached_json(self.dir / "curve" / f"{method}-{k}" / "probe.json", {**key, **self._probe_key(self.fp_comp)},
+                reading = cached_json(self.dir / "curve" / f"{method}-{k}" / "probe.json", {**key, "method": method, **self._probe_key(self.fp_comp)},
                                       lambda masks=masks, first=first: self._probe_restored(masks, lambda probe: probe.read(first).to_json()))
-                points.append(dict(k=n, fraction_of_aird=n / total, asr=r["asr_vanilla"]["asr"], **reading))
+                points.append(dict(k=n, fraction_of_aird=n / total, asr=r["asr_vanilla"]["asr"], rates=r["asr_vanilla"]["rates"]["asr"],
+                                   n_prompts=r["asr_vanilla"]["n_prompts"], **reading))
             out[method] = points
         return out
 
@@ -408,9 +428,15 @@ class Repair:
         for name, e in evals.items():
             row = dict(
                 asr={k.removeprefix("asr_"): v["asr"] for k, v in e.items() if k.startswith("asr_")},
+                rates=dict(asr={k.removeprefix("asr_"): v["rates"]["asr"] for k, v in e.items() if k.startswith("asr_")},
+                           over_refusal=e["harmless"]["rates"]["refusal"],
+                           per_source={s: v["asr"] for s, v in e["asr_vanilla"]["rates"]["per_source"].items()},
+                           judge_disagreement=e["asr_vanilla"]["rates"]["judge_disagreement"]),
                 perplexity=e["perplexity"]["perplexity"],
+                perplexity_ci=perplexity_rate(e["perplexity"]),
                 zero_shot=({t: v["acc"] for t, v in e["zero_shot"]["per_task"].items()} | {"average": e["zero_shot"]["average"]})
                 if "zero_shot" in e else None,
+                zero_shot_rates=zero_shot_rates(e["zero_shot"]) if "zero_shot" in e else None,
                 cosine_at_source=e["direction"]["cosine_at_source"],
                 quality=e["quality"],
                 sparsity=e["sparsity"],
@@ -420,8 +446,9 @@ class Repair:
                 row["restored"] = e["restored"]
                 row["restored_fraction_of_model"] = e["restored"] / model_params
             rows[name] = row
-        samples = {name: [dict(goal=g, completion=c) for g, c in zip(_goals(3), e["asr_vanilla"]["completions"][:3])]
-                   for name, e in evals.items()}
+        samples = {name: [dict(goal=rec["prompt"], source=rec["source"], completion=rec["completions"][0])
+                          for rec in e["asr_vanilla"]["records"][:3]] for name, e in evals.items()}
+        tests = paired_tests(evals)
         return dict(
             original=self.cfg.original,
             original_name=self.orig.name,
@@ -437,10 +464,16 @@ class Repair:
             targeted=self.targeted,
             curve=curve,
             states=rows,
+            tests=tests,
+            findings=findings(rows, tests),
+            evaluation=dict(harmful=describe_prompts(evals["original"]["asr_vanilla"], len(tests["asr_vanilla"]["arditi2024"])),
+                            harmless=describe_prompts(evals["original"]["harmless"], len(tests["over_refusal"]["arditi2024"]))),
             samples=samples,
             model_params=model_params,
             n_layers=len(decoder_layers(self.model)),
-            settings=dict(n_asr=self.cfg.n_asr, max_new_tokens=self.cfg.max_new_tokens, n_val=len(self.harmful_val),
+            settings=dict(n_asr=self.cfg.n_asr, eval_sets=list(self.cfg.eval_sets), harmless_sets=list(self.cfg.harmless_sets),
+                          n_harmless=self.cfg.n_harmless, curve_n_asr=self.cfg.curve_n_asr or self.cfg.n_asr,
+                          max_new_tokens=self.cfg.max_new_tokens, n_val=len(self.harmful_val),
                           zero_shot_limit=self.cfg.zero_shot_limit, ppl_windows=self.cfg.ppl_windows, ppl_seqlen=self.cfg.ppl_seqlen),
             saved=self.cfg.save,
             wall_seconds=round(seconds, 1),
@@ -505,10 +538,47 @@ def _unchanged(out: Path, manifest: dict, result: dict) -> dict | None:
     return stored if strip(stored) == strip(result) else None
 
 
-def _goals(n: int) -> list[str]:
-    from lm import datasets
+# The paired comparisons of the repair table: (first, second), the test asks whether they differ.
+COMPARISONS = (("aird", "compressed"), ("targeted", "compressed"), ("targeted", "aird"), ("compressed", "original"))
 
-    return datasets.advbench_eval(n)
+
+def paired_tests(evals: dict) -> dict:
+    """Exact McNemar tests per measure and judge; Holm within each family (one measure, one judge)."""
+    from refusal.stats import add_holm
+
+    out = {}
+    measures = {f"asr_{s}": ("jailbroken", f"asr_{s}") for s in ("vanilla", "adv_suffix")} | {"over_refusal": ("refused", "harmless")}
+    for name, (outcome, key) in measures.items():
+        by_judge = {}
+        for judge in JUDGE_NAMES:
+            family = []
+            for a, b in COMPARISONS:
+                if a in evals and b in evals and key in evals[a] and key in evals[b]:
+                    t = paired(evals[a][key], evals[b][key], judge, outcome)
+                    if t is not None:
+                        family.append(dict(t, first=a, second=b))
+            if family:
+                by_judge[judge] = add_holm(family)
+        if by_judge:
+            out[name] = by_judge
+    return out
+
+
+def findings(rows: dict, tests: dict) -> list[str]:
+    """The report's sentences on the repairs (Arditi judge), each a change only where the test says so."""
+    from refusal.stats import describe_change
+
+    out = []
+    for name, measure_key, what in (("asr_vanilla", ("asr", "vanilla"), "vanilla ASR"), ("over_refusal", ("over_refusal",), "over-refusal")):
+        for t in tests.get(name, {}).get("arditi2024", []):
+            def rate(state):
+                r = rows[state]["rates"][measure_key[0]]
+                return (r[measure_key[1]] if len(measure_key) > 1 else r)["arditi2024"]
+
+            # Read as a change from the second state to the first: b counts prompts true only in the first.
+            flipped = dict(t, b=t["c"], c=t["b"])
+            out.append(describe_change(t["second"], t["first"], rate(t["second"]), rate(t["first"]), flipped, what))
+    return out
 
 
 def _jsonable(obj):

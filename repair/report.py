@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from refusal.stats import fmt_p, fmt_rate, fmt_value_ci
+
 JUDGES = (("wei2024", "Wei"), ("arditi2024", "Arditi"))
 LABELS = {"original": "original", "compressed": "compressed", "aird": "AIRD", "targeted": "targeted"}
 # Curve points whose harmless next-token distribution moved this far are marked broken.
@@ -28,6 +30,23 @@ def small_pct(x: float, digits: int = 3) -> str:
     return (text.rstrip("0").rstrip(".") if "." in text else text) + "%"  # trailing zeros dropped, as "g" does
 
 
+def error_bars(rates: list[dict | None]) -> dict:
+    """Plotly asymmetric error bars (percentage points) from rate objects; a missing rate gets none."""
+    up = [0 if r is None else 100 * (r["ci95"][1] - r["value"]) for r in rates]
+    down = [0 if r is None else 100 * (r["value"] - r["ci95"][0]) for r in rates]
+    return dict(type="data", symmetric=False, array=up, arrayminus=down, visible=any(r is not None for r in rates))
+
+
+def _rate(state: dict, measure: str, setting: str | None, judge: str) -> str:
+    rates = (state.get("rates") or {}).get(measure)
+    if rates is not None and setting is not None:
+        rates = rates.get(setting)
+    if rates is None:
+        value = state["asr"].get(setting, {}).get(judge) if measure == "asr" else None
+        return _pct(value)
+    return fmt_rate(rates[judge])
+
+
 def _num(x, fmt=".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -43,9 +62,10 @@ def render_markdown(r: dict) -> str:
         f"Original refusal direction: position {r['source']['position']}, layer {r['source']['layer']} of {r['n_layers']}."
         + (f" The compressed model's own selected source: position {r['compressed_source']['position']}, "
            f"layer {r['compressed_source']['layer']}." if r.get("compressed_source") else ""),
-        f"ASR on the first {r['settings']['n_asr']} AdvBench goals, greedy, <= {r['settings']['max_new_tokens']} new tokens; "
+        f"ASR on {_eval_text(r)}, greedy, <= {r['settings']['max_new_tokens']} new tokens; "
         f"adv-suffix = max over the GCG suffixes; perplexity on wikitext-2 ({r['settings']['ppl_windows']} x {r['settings']['ppl_seqlen']} tokens); "
-        f"zero-shot limit {r['settings']['zero_shot_limit'] or 'all'} per task.",
+        f"zero-shot limit {r['settings']['zero_shot_limit'] or 'all'} per task. Rates carry 95% intervals (Wilson; "
+        "perplexity and mean zero-shot accuracy: bootstrap over windows / documents).",
         "",
         "| | " + " | ".join(LABELS[s] for s in states) + " |",
         "|---|" + "---|" * len(states),
@@ -57,10 +77,15 @@ def render_markdown(r: dict) -> str:
     for setting in ("vanilla", "adv_suffix"):
         for judge, name in JUDGES:
             if any(setting in s["asr"] for s in states.values()):
-                row(f"ASR {setting} ({name})", lambda s, setting=setting, judge=judge: _pct(s["asr"].get(setting, {}).get(judge)))
-    row("perplexity", lambda s: _num(s["perplexity"], ".2f"))
+                row(f"ASR {setting} ({name})", lambda s, setting=setting, judge=judge: _rate(s, "asr", setting, judge) if setting in s["asr"] else "-")
+    if all(s.get("rates") for s in states.values()):
+        for judge, name in JUDGES:
+            row(f"over-refusal on harmless prompts ({name})", lambda s, judge=judge: _rate(s, "over_refusal", None, judge))
+        row("judges disagree (vanilla completions)", lambda s: fmt_rate(s["rates"]["judge_disagreement"]["rate"]))
+    row("perplexity", lambda s: fmt_value_ci(s["perplexity_ci"]) if s.get("perplexity_ci") else _num(s["perplexity"], ".2f"))
     if any(s.get("zero_shot") for s in states.values()):
-        row("zero-shot average", lambda s: _pct(s["zero_shot"]["average"]) if s.get("zero_shot") else "-")
+        row("zero-shot average", lambda s: "-" if not s.get("zero_shot") else
+            fmt_rate(s["zero_shot_rates"]["average"]) if s.get("zero_shot_rates") else _pct(s["zero_shot"]["average"]))
     row("cosine to original direction at source", lambda s: _num(s["cosine_at_source"]))
     row("original direction: bypass score", lambda s: _num(s["quality"]["bypass"]))
     row("original direction: induce score", lambda s: _num(s["quality"]["induce"]))
@@ -71,6 +96,7 @@ def render_markdown(r: dict) -> str:
     row("model sparsity", lambda s: _pct(s["sparsity"]["model_sparsity"]))
     row("collapsed", lambda s: "yes: " + s["collapse"]["reason"] if s["collapse"]["collapsed"] else "no")
 
+    lines += _tests_section(r)
     a = r["aird"]
     lines += ["", f"## AIRD block choice ({a['reason']})", "",
               f"Candidates: the blocks before the source layer; mean refusal score on {r['probe'].get('n_harmful', r['settings']['n_val'])} harmful val prompts, "
@@ -96,12 +122,16 @@ def render_markdown(r: dict) -> str:
     if r.get("curve"):
         lines += ["", "## Vanilla ASR against restored weights", "",
                   "KL: from the unrepaired model's next-token distribution on the harmless val prompts (a guard against over-refusal).", "",
-                  "| method | weights | of AIRD | ASR (Wei) | ASR (Arditi) | KL |", "|---|---|---|---|---|---|"]
+                  f"Interior points on the first {r['settings'].get('curve_n_asr', r['settings']['n_asr'])} prompts of each set; "
+                  "end points on the full evaluation set.", "",
+                  "| method | weights | of AIRD | n | ASR (Wei) | ASR (Arditi) | KL |", "|---|---|---|---|---|---|---|"]
         for method, points in curve_points(r).items():
             for p in points:
-                lines.append(f"| {method} | {p['k']:,} | {small_pct(p['fraction_of_aird'])} | {_pct(p['asr']['wei2024'])} | "
-                             f"{_pct(p['asr']['arditi2024'])} | {_num(p.get('kl'), '.4f')} |")
-    lines += ["", "## Sample completions (first AdvBench goals)", ""]
+                rates = p.get("rates") or {}
+                cell = lambda j: fmt_rate(rates[j]) if j in rates else _pct(p["asr"][j])
+                lines.append(f"| {method} | {p['k']:,} | {small_pct(p['fraction_of_aird'])} | {p.get('n_prompts', '-')} | {cell('wei2024')} | "
+                             f"{cell('arditi2024')} | {_num(p.get('kl'), '.4f')} |")
+    lines += ["", "## Sample completions (first evaluation prompts)", ""]
     for name, samples in r["samples"].items():
         for s in samples[:2]:
             lines.append(f"- **{LABELS[name]}** - {s['goal']}: {s['completion'][:200]!r}")
@@ -109,18 +139,56 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _eval_text(r: dict) -> str:
+    ev = r.get("evaluation")
+    if not ev:
+        return f"the first {r['settings']['n_asr']} AdvBench goals"
+    h, o = ev["harmful"], ev["harmless"]
+    return (f"{h['n']} held-out harmful prompts ({', '.join(f'{k} {n}' for k, n in h['per_source'].items())}; overlap with any prompt "
+            f"a stage fits on: {h['overlap_with_fitted']}), over-refusal on {o['n']} held-out harmless prompts "
+            f"(overlap {o['overlap_with_fitted']})")
+
+
+def _tests_section(r: dict) -> list[str]:
+    """The paired tests: exact McNemar per measure and judge, Holm within each family, and the sentences."""
+    tests = r.get("tests")
+    if not tests:
+        return []
+    lines = ["", "## Paired tests (same prompts)", "",
+             "Exact McNemar test on the per-prompt verdicts; b: prompts where only the first state is jailbroken (over-refusal: "
+             "refused), c: only the second; p after Holm within each family (one measure, one judge); * significant at 5%.", "",
+             "| measure | judge | first vs second | b | c | p | p (Holm) |", "|---|---|---|---|---|---|---|"]
+    for measure, by_judge in tests.items():
+        for judge, family in by_judge.items():
+            for t in family:
+                lines.append(f"| {measure} | {judge} | {LABELS[t['first']]} vs {LABELS[t['second']]} | {t['b']} | {t['c']} | "
+                             f"{t['p_value']:.2g} | {fmt_p(t)} |")
+    ev = (r.get("evaluation") or {}).get("harmful", {})
+    if ev.get("min_detectable_difference"):
+        lines += ["", f"With n = {ev['n']} and Holm over {len(next(iter(tests.values()))['arditi2024'])} comparisons, no paired "
+                      f"difference below {100 * ev['min_detectable_difference']:.0f} points can be significant."]
+    if r.get("findings"):
+        lines += [""] + [f"- {f}" for f in r["findings"]]
+    return lines
+
+
 def curve_points(r: dict) -> dict[str, list[dict]]:
     """Both methods' curves with their shared end points: nothing restored (compressed) and, for AIRD, the whole block."""
     states, total = r["states"], r["aird"]["restored"]
-    start = dict(k=0, fraction_of_aird=0.0, asr=states["compressed"]["asr"]["vanilla"], kl=0.0)
+    def vanilla(state):
+        s = states[state]
+        rates = (s.get("rates") or {}).get("asr", {}).get("vanilla")
+        return dict(asr=s["asr"]["vanilla"], **({"rates": rates, "n_prompts": rates["arditi2024"]["n"]} if rates else {}))
+
+    start = dict(k=0, fraction_of_aird=0.0, kl=0.0, **vanilla("compressed"))
     out = {"AIRD": [start, *r["curve"].get("aird", []),
-                    dict(k=total, fraction_of_aird=1.0, asr=states["aird"]["asr"]["vanilla"], kl=r["probe"]["aird"]["kl"])]}
+                    dict(k=total, fraction_of_aird=1.0, kl=r["probe"]["aird"]["kl"], **vanilla("aird"))]}
     if "targeted" in r["curve"]:
         points = [start, *r["curve"]["targeted"]]
         if "targeted" in states:
             k = states["targeted"]["restored"]
             trial = next((x for x in (r.get("targeted") or {}).get("trials", []) if x["k"] == k), {})
-            points.append(dict(k=k, fraction_of_aird=k / total, asr=states["targeted"]["asr"]["vanilla"], kl=trial.get("kl")))
+            points.append(dict(k=k, fraction_of_aird=k / total, kl=trial.get("kl"), **vanilla("targeted")))
         out["targeted"] = sorted(points, key=lambda p: p["k"])
     return out
 
@@ -133,14 +201,24 @@ def before_after_figure(r: dict, title: str | None = None):
     names = [LABELS[s] for s in states]
     fig = go.Figure()
     for judge, name in JUDGES:
-        fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["vanilla"][judge] for s in states.values()], name=f"vanilla ASR, {name} judge"))
+        fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["vanilla"][judge] for s in states.values()], name=f"vanilla ASR, {name} judge",
+                             error_y=error_bars([_rate_obj(s, "asr", "vanilla", judge) for s in states.values()])))
         if all("adv_suffix" in s["asr"] for s in states.values()):
-            fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["adv_suffix"][judge] for s in states.values()], name=f"adv-suffix ASR, {name} judge"))
+            fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["adv_suffix"][judge] for s in states.values()], name=f"adv-suffix ASR, {name} judge",
+                                 error_y=error_bars([_rate_obj(s, "asr", "adv_suffix", judge) for s in states.values()])))
+    if all(s.get("rates") for s in states.values()):
+        fig.add_trace(go.Bar(x=names, y=[100 * s["rates"]["over_refusal"]["arditi2024"]["value"] for s in states.values()],
+                             name="over-refusal on harmless, Arditi judge", marker_color="#999",
+                             error_y=error_bars([s["rates"]["over_refusal"]["arditi2024"] for s in states.values()])))
     fig.add_trace(go.Scatter(x=names, y=[104] * len(names), mode="text", text=[_density_label(s) for s in states.values()],
                              showlegend=False, textfont_size=12))
-    fig.update_layout(title=title or f"AIRD before/after: {r['compressed']}", barmode="group", xaxis_title="model state",
+    fig.update_layout(title=(title or f"AIRD before/after: {r['compressed']}") + "<br><sup>95% intervals</sup>", barmode="group", xaxis_title="model state",
                       yaxis_title="attack success rate (%)", yaxis_range=[0, 112], height=450, width=900)
     return fig
+
+
+def _rate_obj(state: dict, measure: str, setting: str, judge: str) -> dict | None:
+    return (((state.get("rates") or {}).get(measure) or {}).get(setting) or {}).get(judge)
 
 
 def _density_label(state: dict) -> str:
@@ -173,6 +251,7 @@ def curve_figure(results: dict[str, dict], title: str = "ASR against restored we
             broken = [p.get("kl") is not None and p["kl"] > BROKEN_KL for p in pts]
             fig.add_trace(go.Scatter(
                 x=[1] + [p["k"] for p in pts], y=[100 * base] + [100 * p["asr"]["arditi2024"] for p in pts],
+                error_y=error_bars([(p.get("rates") or {}).get("arditi2024") for p in [points[0], *pts]]),
                 mode="lines+markers", name=f"{label}: {method}", line_color=palette[i % len(palette)],
                 line_dash="solid" if method == "AIRD" else "dot",
                 marker_symbol=[symbol] + ["x" if b else symbol for b in broken], marker_size=[8] + [14 if b else 8 for b in broken],

@@ -59,7 +59,8 @@ def test_rank_fraction_counts_rs_for_the_orthogonal_projection():
     (dict(settings=("adv_decoding",)), "vanilla"),
     (dict(settings=("greedy", "vanilla")), "greedy"),
     (dict(fractions=(0.01, 0.01)), "twice"),
-    (dict(n_asr=101), "1..100"),
+    (dict(n_asr=0), "must be positive"),
+    (dict(eval_sets=("advbench", "bogus")), "unknown evaluation set"),
     (dict(threads=0), "threads"),
 ])
 def test_config_validation(kwargs, message):
@@ -113,7 +114,7 @@ def canned_replies(monkeypatch):
 def tiny_config(model_dir, runs_dir, **overrides) -> BrittlenessConfig:
     return BrittlenessConfig(**{**dict(
         model=str(model_dir), runs_dir=str(runs_dir), name="tiny", methods=METHODS, fractions=(0.05, 0.2), ranks=(2, 8), orth_ru=4,
-        n_asr=2, max_new_tokens=4, ppl_windows=1, ppl_seqlen=16, zero_shot_tasks=("rte",), zero_shot_limit=2, calib_samples=3,
+        n_asr=2, n_harmless=2, max_new_tokens=4, ppl_windows=1, ppl_seqlen=16, zero_shot_tasks=("rte",), zero_shot_limit=2, calib_samples=3,
     ), **overrides})
 
 
@@ -142,8 +143,16 @@ def test_tiny_sweep_end_to_end_and_rerun_reuses_every_stage(tiny_dir, tmp_path, 
     full = brittleness.full_ranks(build_model("qwen2", build_tokenizer("chatml"), seed=0, hidden=64, layers=2))
     assert len(full) == 2 * 7 and orth["x"] == pytest.approx(8 * len(full) / sum(full.values()))
     assert orth["decoder_sparsity"] == 0
-    for artifact in ("build.json", "asr_vanilla.json", "asr_adv_decoding.json", "asr_adv_suffix.json", "perplexity.json", "zero_shot.json"):
-        assert (run / "points" / "random-0.05" / artifact).is_file(), artifact
+    assert (run / "points" / "random-0.05" / "build.json").is_file()
+    store = tmp_path / "runs" / "measurements"
+    for kind in ("generations-vanilla", "generations-adv_decoding", "generations-adv_suffix", "perplexity", "zero_shot"):
+        assert len(list((store / kind).glob("*.json"))) == len(rows) * (2 if kind == "generations-vanilla" else 1), kind  # vanilla: + harmless
+    for r in rows:
+        assert r["rates"]["asr"]["adv_decoding"]["arditi2024"]["method"] == "bootstrap-prompts"
+        assert r["rates"]["over_refusal"]["wei2024"]["n"] == cfg.n_harmless
+        if r["method"] != "original":
+            assert r["tests"]["asr"]["adv_decoding"]["wei2024"] is None  # 5 samples per prompt: no McNemar
+            assert r["tests"]["asr"]["vanilla"]["wei2024"]["family_size"] == len(rows) - 1
     assert not (run / "variants").exists()  # built, evaluated, discarded: no checkpoints
     assert sorted(f.name.split("-")[0] + "-" + f.name.split("-")[1] for f in (run / "scores").glob("*.safetensors")) == ["snip-safety", "snip-utility", "wanda-safety"]
     assert (run / "figures" / "brittleness.html").is_file()
@@ -154,8 +163,11 @@ def test_tiny_sweep_end_to_end_and_rerun_reuses_every_stage(tiny_dir, tmp_path, 
 
     for name in ("build", "own_replies", "responses", "calibration"):
         monkeypatch.setattr(Comparison, name, must_not_run)
-    monkeypatch.setattr(brittleness, "attack_success", must_not_run)
-    monkeypatch.setattr(brittleness, "perplexity", must_not_run)
+    import lm.perplexity
+    import refusal.measure
+
+    monkeypatch.setattr(refusal.measure, "attack_success", must_not_run)
+    monkeypatch.setattr(lm.perplexity, "window_nll", must_not_run)
     monkeypatch.setattr(Brittleness, "zero_shot", must_not_run)
     again = Brittleness(cfg).run()
     assert {k: v for k, v in again.items() if k != "wall_seconds"} == {k: v for k, v in report.items() if k != "wall_seconds"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -100,8 +101,16 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     for row in stored["variants"]:
         assert set(row["asr"]) == {"wei2024", "arditi2024"}
         assert all(0.0 <= a <= 1.0 for a in row["asr"].values())
-        assert row["n_prompts"] == 2
+        assert row["n_prompts"] == 4  # 2 of each default evaluation set
         assert row["perplexity"] > 0
+        for judge in ("wei2024", "arditi2024"):
+            rate = row["rates"]["asr"][judge]
+            assert rate["n"] == 4 and rate["value"] == row["asr"][judge] and rate["ci95"][0] <= rate["value"] <= rate["ci95"][1]
+            assert row["rates"]["over_refusal"][judge]["n"] == 8
+            assert set(row["rates"]["per_source"]) == {"advbench", "jailbreakbench"}
+        if row["variant"] != "original":
+            test = row["tests"]["asr"]["arditi2024"]
+            assert test["test"] == "mcnemar-exact" and 0 <= test["p_value"] <= test["p_holm"] <= 1 and test["family_size"] == len(VARIANTS)
         assert f"| {row['variant']} |" in markdown
     sparsity = {v["variant"]: v["decoder_sparsity"] for v in stored["variants"]}
     assert sparsity["original"] == 0.0
@@ -110,11 +119,18 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     original = stored["variants"][0]
     assert original["cosine_at_original_peak"] == pytest.approx(1.0)
     assert stored["n_layers"] == 2
+    assert stored["evaluation"]["harmful"]["overlap_with_fitted"] == 0 and stored["evaluation"]["harmless"]["overlap_with_fitted"] == 0
+    assert "overlap with any prompt a stage fits on: 0" in markdown and "| p |" in markdown
+    assert len(stored["findings"]) == 2 * len(VARIANTS)
     for slug in ("wanda-0.5", "rtn-int8", "wanda-2-4"):
         vdir = run_dir / "variants" / slug
         assert (vdir / "model" / "compression.json").is_file()
-        for artifact in ("asr_vanilla.json", "perplexity.json", "directions.safetensors"):
-            assert (vdir / artifact).is_file(), (slug, artifact)
+        assert (vdir / "directions.safetensors").is_file(), slug
+    # One harmful and one harmless generation per model, one perplexity each, in the shared store.
+    store = tmp_path / "runs" / "measurements"
+    ablated = sum(v.get("asr_original_direction_ablated") is not None for v in stored["variants"])
+    assert len(list((store / "generations-vanilla").glob("*.json"))) == 2 * (1 + len(VARIANTS)) + ablated
+    assert len(list((store / "perplexity").glob("*.json"))) == 1 + len(VARIANTS)
 
     # A rerun with the same settings must rebuild, regenerate and recompute nothing.
     def must_not_run(*args, **kwargs):
@@ -122,8 +138,13 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
 
     # The prompt calibration is tokenized again (its digest decides whether a checkpoint is reused);
     # nothing is generated.
-    for stage in ("attack_success", "perplexity", "candidate_directions", "build_variant_with_report", "response_calibration_set"):
+    import lm.perplexity
+    import refusal.measure
+
+    for stage in ("candidate_directions", "build_variant_with_report", "response_calibration_set"):
         monkeypatch.setattr(compare, stage, must_not_run)
+    monkeypatch.setattr(refusal.measure, "attack_success", must_not_run)
+    monkeypatch.setattr(lm.perplexity, "window_nll", must_not_run)
     again = Comparison(tiny_config(tiny_dir, tmp_path / "runs")).run()
     assert numbers(json.loads(json.dumps(again))) == numbers(stored)
     assert (stored["invocations"], again["invocations"]) == (1, 2)
@@ -195,7 +216,7 @@ def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
         assert len(cos) == len(report["positions"]) and len(cos[0]) == report["n_layers"]
         assert all(-1.0001 <= c <= 1.0001 for r in cos for c in r)
         assert row["quality"]["original_direction"]["kl"] >= 0
-        assert row["asr_original_direction_ablated"]["n_prompts"] == 2
+        assert row["asr_original_direction_ablated"]["n_prompts"] == 4
     original_prompts = json.loads((run_dir / "variants" / "original" / "selection" / "selection.json").read_text())["prompts"]
     for row in report["variants"][1:]:
         assert row["quality"]["own"] is not None and row["quality"]["own_direction_in_original"] is not None
@@ -228,6 +249,17 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     cfg.n_ablation_asr = 2
     cfg.repair = True
     cfg.repair_n_asr, cfg.repair_max_new_tokens, cfg.repair_curve_fractions = 2, 4, (0.5,)
+    import refusal.measure
+
+    computed, real = [], refusal.measure.measured
+
+    def spy(store, kind, model, configs, compute):
+        def logged():
+            computed.append((kind, json.dumps(model, sort_keys=True), json.dumps(dataclasses.asdict(configs[0]), sort_keys=True)))
+            return compute()
+        return real(store, kind, model, configs, logged)
+
+    monkeypatch.setattr(refusal.measure, "measured", spy)
     report = Comparison(cfg).run()
     run_dir = tmp_path / "runs" / "tiny"
     stored = json.loads((run_dir / "config.json").read_text())
@@ -244,6 +276,14 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     source = row["source"]
     assert source is not None and repaired["compressed_source"] == source
     assert not list((run_dir / "repair").glob("*/selection")), "the repair selected the variant's direction again"
+    # Two entry points, one cache entry: the repair's original and compressed measurements are the
+    # comparison's (keyed by the same weight fingerprints), generated once each.
+    assert len(computed) == len(set(computed))
+    by_weights = [c for c in computed if c[0] == "generations-vanilla" and not c[1].startswith("{")]
+    assert len(by_weights) == 4 and len({c[1] for c in by_weights}) == 2  # harmful + harmless of original and wanda
+    for state, variant in (("original", 0), ("compressed", 1)):
+        assert repaired["states"][state]["rates"]["asr"]["vanilla"] == report["variants"][variant]["rates"]["asr"]
+        assert repaired["states"][state]["rates"]["over_refusal"] == report["variants"][variant]["rates"]["over_refusal"]
 
 
 def test_device_defaults_fill_only_unset_fields():
@@ -253,6 +293,8 @@ def test_device_defaults_fill_only_unset_fields():
     cpu, gpu = cfg.resolved(on_gpu=False), cfg.resolved(on_gpu=True)
     assert cpu.zero_shot_limit == gpu.zero_shot_limit == 7  # set by the user: kept on both
     assert (cpu.zero_shot_tasks, gpu.zero_shot_tasks) == (SHORT_TASKS, ALL_TASKS)
-    assert (cpu.repair_n_asr, gpu.repair_n_asr) == (32, 50)
+    # The repair evaluates on the comparison's prompts and settings, so it reuses its measurements.
+    assert (cpu.repair_n_asr, gpu.repair_n_asr) == (50, 50) and (cpu.repair_curve_n_asr, gpu.repair_curve_n_asr) == (16, 50)
+    assert cpu.repair_max_new_tokens == gpu.repair_max_new_tokens == cfg.max_new_tokens
     assert (cpu.repair_adv_suffix, gpu.repair_adv_suffix) == (False, True)
     assert CompareConfig.quick().variants == compare.QUICK_VARIANTS and len(CompareConfig().variants) == 9

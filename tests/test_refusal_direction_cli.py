@@ -25,12 +25,16 @@ def tiny(tmp_path_factory):
 def test_refusal_direction_report(tiny, tmp_path, capsys):
     model_dir, selection = tiny
     code = main(["--model", str(model_dir), "--selection-dir", str(selection), "--runs-dir", str(tmp_path), "--name", "d",
-                 "--n-test", "3", "--max-new-tokens", "3"])
+                 "--n-test", "3", "--n-harmless", "4", "--max-new-tokens", "3"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "d" / "report.json").read_text())
     assert set(report["rates"]) == {"harmful_baseline", "harmful_ablated", "harmless_baseline", "harmless_actadd", "harmful_orthogonalized"}
     for rates in report["rates"].values():
-        assert set(rates) == {"wei2024", "arditi2024"} and all(0 <= r <= 1 for r in rates.values())
+        assert set(rates) == {"wei2024", "arditi2024"}
+        assert all(0 <= r["value"] <= 1 and r["ci95"][0] <= r["value"] <= r["ci95"][1] and r["method"] == "wilson" for r in rates.values())
+    for row in ("harmful_ablated", "harmful_orthogonalized", "harmless_actadd"):
+        assert report["tests"][row]["arditi2024"]["test"] == "mcnemar-exact" and report["tests"][row]["arditi2024"]["family_size"] == 3
+    assert report["evaluation"]["harmful"]["overlap_with_fitted"] == 0
     # Weight orthogonalization must reproduce hook ablation.
     assert report["max_abs_logit_diff_orthogonalized_vs_hooks"] < 1e-3
     assert (tmp_path / "d" / "orthogonalized" / "config.json").is_file()

@@ -225,7 +225,25 @@ def test_top_masks_picks_the_highest_positive_scores():
 
 # --- CLI -----------------------------------------------------------------------------------
 
-SMALL = ["--n-asr", "3", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4", "--ppl-windows", "1", "--zero-shot-limit", "0",
+
+def assert_block_choice_follows_the_scores(result: dict, kl_max: float = 0.1) -> None:
+    """The chosen block is the candidate whose restoration best restores the refusal score within
+    the KL budget (else the lowest KL), and restoring it is what the AIRD state measured."""
+    a, probe = result["aird"], result["probe"]
+    by_layer = {c["layer"]: c for c in a["candidates"]}
+    within = [c for c in a["candidates"] if c["kl"] <= kl_max]
+    if within:
+        assert a["reason"] == "best_refusal_within_kl"
+        assert by_layer[a["layer"]]["refusal_score"] == max(c["refusal_score"] for c in within)
+    else:
+        assert by_layer[a["layer"]]["kl"] == min(c["kl"] for c in a["candidates"])
+    assert probe["aird"]["refusal_score"] == by_layer[a["layer"]]["refusal_score"]
+    # Restoring the block moved the refusal reading away from the unrepaired model's.
+    assert probe["aird"]["refusal_score"] != probe["compressed"]["refusal_score"]
+    assert result["states"]["aird"]["restored"] == by_layer[a["layer"]]["restored"] > 0
+
+
+SMALL = ["--n-asr", "3", "--n-harmless", "3", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4", "--ppl-windows", "2", "--zero-shot-limit", "0",
          "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "3"]
 
 
@@ -254,8 +272,8 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     result = json.loads((out / "repair.json").read_text())
     manifest = json.loads((out / "compression.json").read_text())
     block = result["aird"]["layer"]
-    assert block in (0, 1, 2) and manifest["repair"]["aird_block"] == block
-    assert [c["layer"] for c in result["aird"]["candidates"]] == [0, 1, 2]
+    assert manifest["repair"]["aird_block"] == block
+    assert_block_choice_follows_the_scores(result)
     assert manifest["method"] == "wanda"  # the compressed checkpoint's manifest is carried over
     assert manifest["sparsity"]["decoder_linear_sparsity"] < manifest["repair"]["sparsity_before"]["decoder_linear_sparsity"]
     assert "AIRD" in (out / "repair.md").read_text()
@@ -271,13 +289,20 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     assert result["states"]["aird"]["restored"] == manifest["repair"]["restored"] == sum(
         int((o[n] != c[n]).sum()) for n in inside)
 
-    # The reloaded checkpoint reproduces the reported completions, hence the ASR.
-    from lm import datasets
+    # The reloaded checkpoint reproduces the reported completions.
+    samples = result["samples"]["aird"]
+    again = attack_success(repaired.model, repaired.tokenizer, [s["goal"] for s in samples], AsrConfig("vanilla", max_new_tokens=6))
+    assert again["completions"] == [s["completion"] for s in samples]
 
-    again = attack_success(repaired.model, repaired.tokenizer, datasets.advbench_eval(3), AsrConfig("vanilla", max_new_tokens=6))
-    stored = json.loads(next((tmp_path / "runs").glob("pruned-*/eval/aird/asr_vanilla.json")).read_text())["result"]
-    assert again["completions"] == stored["completions"]
-    assert again["asr"] == result["states"]["aird"]["asr"]["vanilla"]
+    # Every rate carries its interval, every comparison its paired test, on held-out prompts.
+    for state in result["states"].values():
+        rate = state["rates"]["asr"]["vanilla"]["arditi2024"]
+        assert rate["n"] == 6 and rate["k"] == round(rate["value"] * 6) and rate["method"] == "wilson"
+        assert state["rates"]["over_refusal"]["arditi2024"]["n"] > 0 and state["perplexity_ci"]["method"] == "bootstrap-windows"
+    family = result["tests"]["asr_vanilla"]["arditi2024"]
+    assert {(t["first"], t["second"]) for t in family} >= {("aird", "compressed"), ("compressed", "original")}
+    assert all(t["test"] == "mcnemar-exact" and t["family_size"] == len(family) and t["p_holm"] >= t["p_value"] for t in family)
+    assert result["evaluation"]["harmful"]["overlap_with_fitted"] == 0 and result["findings"]
 
     # The main job's report renders the same result as one row of its repair table.
     from experiments.report import _repair_section
@@ -319,13 +344,14 @@ def test_repair_on_the_embedded_model(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
     code = main(["--compressed", str(tmp_path / "int8"), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
-                 "--n-asr", "2", "--max-new-tokens", "8", "--n-train", "8", "--n-val", "2", "--ppl-windows", "1",
-                 "--zero-shot-limit", "0", "--no-adv-suffix", "--no-targeted", "--curve-fractions", "0.5", "--window", "1",
+                 "--n-asr", "2", "--n-harmless", "2", "--max-new-tokens", "8", "--n-train", "8", "--n-val", "2", "--ppl-windows", "1",
+                 "--zero-shot-limit", "0", "--no-adv-suffix", "--no-targeted", "--curve-fractions", "0.5", "--window", "3",
                  "--source", "-1", "14"])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "repair.json").read_text())
     assert result["derivation"]["kind"] == "dense"
-    assert result["aird"]["layer"] == 13
+    assert [c["layer"] for c in result["aird"]["candidates"]] == [11, 12, 13]
+    assert_block_choice_follows_the_scores(result)
     # int8 round-to-nearest barely moves the direction (the paper: quantization preserves it).
     assert result["states"]["compressed"]["cosine_at_source"] > 0.99
     assert result["states"]["aird"]["restored"] > 0
@@ -356,3 +382,4 @@ def test_before_after_labels_give_restored_counts_and_sparsity():
     assert _density_label(dict(sparsity=dict(decoder_linear_sparsity=0.0496))) == "decoder sparsity 4.96%"
     tiny = dict(restored=260, restored_fraction_of_model=260 / 630_167_424)
     assert _density_label(tiny) == "260 restored (0.000041%)"
+

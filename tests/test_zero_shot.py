@@ -167,9 +167,18 @@ def test_tiny_model_accuracy_matches_independent_scoring(tiny_qwen2, tasks):
         assert 0.0 <= entry["acc"] <= 1.0
         assert ("acc_norm" in entry) == (name == "arc_easy")
         assert entry["acc"] == pytest.approx(_manual_accuracy(model, tokenizer, tasks[name], 4)), name
+        # Per-document correctness, in document order: the mean is the accuracy, and the documents
+        # are what the bootstrap interval resamples.
+        assert len(entry["per_document"]) == 4 and set(entry["per_document"]) <= {0.0, 1.0}
+        assert sum(entry["per_document"]) / 4 == pytest.approx(entry["acc"])
     assert 0.0 <= result["per_task"]["arc_easy"]["acc_norm"] <= 1.0
     assert result["average"] == pytest.approx(sum(e["acc"] for e in result["per_task"].values()) / 3)
     assert tokenizer.padding_side == padding_side  # generation elsewhere relies on left padding
+    from refusal.measure import zero_shot_rates
+
+    rates = zero_shot_rates(result)
+    assert rates["average"]["value"] == pytest.approx(result["average"]) and rates["average"]["n"] == 12
+    assert rates["per_task"]["rte"]["k"] == round(4 * result["per_task"]["rte"]["acc"])
 
 
 def test_offline_forces_and_restores_flags(monkeypatch):

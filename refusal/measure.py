@@ -1,0 +1,214 @@
+"""The one place a model's behaviour on an evaluation set is measured, judged per prompt.
+
+Every entry point (experiments.compare_refusal, experiments.brittleness,
+experiments.refusal_direction, python -m repair) evaluates a model through `measure` with an
+EvalConfig. The result is cached by lm.cache.measured under the run's measurement store, keyed by
+the model's identity and the settings dataclasses only, so the same model under the same settings
+is generated once and reused by every entry point that shares the store.
+
+A result keeps, per prompt: its id (`<set>:<row>`), source set, category, the completion(s) and
+both judges' verdicts (jailbroken, refused). `rates` turns it into refusal.stats rate objects
+(overall, per source set, judge disagreement); `paired` compares two models on the same prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from lm.cache import measured, timed
+from lm.errors import UserError
+
+from .asr import SETTINGS, AsrConfig, attack_success
+from .eval_sets import Prompt, check_names, load_prompts
+from .judges import judges
+from .eval_sets import overlap_with_fitted
+from .stats import bootstrap_cluster_mean, bootstrap_perplexity, bootstrap_task_mean, mcnemar_exact, min_detectable_difference, rate_of, wilson
+
+# Held-out harmful prompts (83 AdvBench + 89 JailbreakBench remain after removing fitted and
+# repeated prompts; the first 50 of each by default) and harmless ones for over-refusal.
+DEFAULT_HARMFUL = ("advbench", "jailbreakbench")
+DEFAULT_HARMLESS = ("alpaca",)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    sets: tuple[str, ...] = DEFAULT_HARMFUL  # refusal.eval_sets names or file:PATH
+    n: int | None = 50  # first n prompts of each set (None: all)
+    setting: str = "vanilla"  # refusal.asr.SETTINGS
+    max_new_tokens: int = 128
+    seed: int = 0
+    backend: str = "auto"
+    system: str | None = None
+    batch_size: int | None = None  # not part of the cache key
+
+    def __post_init__(self):
+        object.__setattr__(self, "sets", check_names(self.sets))
+        if self.setting not in SETTINGS:
+            raise UserError(f"unknown ASR setting {self.setting!r}; choose one of {', '.join(SETTINGS)}")
+        if self.n is not None and self.n <= 0:
+            raise UserError(f"prompts per evaluation set must be positive, got {self.n}")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+
+    def asr_config(self) -> AsrConfig:
+        return AsrConfig(self.setting, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed,
+                         backend=self.backend, system=self.system)
+
+    def harmless(self, sets: tuple[str, ...] = DEFAULT_HARMLESS, n: int | None = None) -> "EvalConfig":
+        """The same generation settings on prompts that should not be refused (greedy, no attack)."""
+        return replace(self, sets=tuple(sets), n=self.n if n is None else n, setting="vanilla")
+
+    def prompts(self) -> list[Prompt]:
+        return load_prompts(self.sets, self.n)
+
+
+@dataclass(frozen=True)
+class PromptDigest:
+    """The prompts' ids and texts, so a user file edited in place is a new measurement."""
+
+    sha256: str
+
+
+def _digest(prompts: list[Prompt]) -> PromptDigest:
+    return PromptDigest(hashlib.sha256("\n".join(f"{p.id}\t{p.text}" for p in prompts).encode()).hexdigest())
+
+
+def measure(model, tokenizer, cfg: EvalConfig, store: Path, model_id) -> dict:
+    """Generations of `cfg`'s prompts, judged per prompt, cached; `model` may be a zero-argument
+    callable that builds it (called only when the measurement is not cached). Rates are added on
+    every load, so they follow the current statistics code."""
+    prompts = cfg.prompts()
+
+    def compute():
+        m = model if isinstance(model, torch.nn.Module) else model()
+        return timed(lambda: generate_records(m, tokenizer, prompts, cfg))
+
+    result = measured(store, f"generations-{cfg.setting}", model_id, [cfg, _digest(prompts)], compute)
+    return dict(result, rates=rates(result))
+
+
+def generate_records(model, tokenizer, prompts: list[Prompt], cfg: EvalConfig) -> dict:
+    """Generate and judge: refusal.asr's result plus one record per prompt."""
+    r = attack_success(model, tokenizer, [p.text for p in prompts], cfg.asr_config())
+    if cfg.setting == "vanilla":
+        per_prompt = [[c] for c in r["completions"]]
+    elif cfg.setting == "adv_decoding":
+        per_prompt = [list(c) for c in r["completions"]]
+    else:  # one completion per GCG suffix, in suffix order
+        per_prompt = [[s["completions"][i] for s in r["per_suffix"]] for i in range(len(prompts))]
+    records = []
+    for p, completions in zip(prompts, per_prompt):
+        records.append(dict(
+            id=p.id, source=p.source, category=p.category, prompt=p.text, completions=completions,
+            jailbroken={j.name: [j.jailbroken(c) for c in completions] for j in judges()},
+            refused={j.name: [j.refused(c) for c in completions] for j in judges()},
+        ))
+    return dict(r, records=records)
+
+
+def _best_suffix(records: list[dict], judge: str, field: str) -> int:
+    """The suffix with the most successes: the published adv-suffix ASR is the max over suffixes."""
+    n_suffixes = len(records[0][field][judge])
+    return max(range(n_suffixes), key=lambda s: (sum(r[field][judge][s] for r in records), -s))
+
+
+def outcomes(result: dict, judge: str, field: str = "jailbroken") -> dict[str, bool] | None:
+    """One 0/1 outcome per prompt id (None for adv_decoding, whose 5 samples per prompt are a rate)."""
+    records, setting = result["records"], result["setting"]
+    if setting == "adv_decoding":
+        return None
+    s = 0 if setting == "vanilla" else _best_suffix(records, judge, "jailbroken")
+    return {r["id"]: bool(r[field][judge][s]) for r in records}
+
+
+def _rate(records: list[dict], setting: str, judge: str, field: str) -> dict:
+    if setting == "adv_decoding":
+        return bootstrap_cluster_mean([r[field][judge] for r in records])
+    s = 0 if setting == "vanilla" else _best_suffix(records, judge, "jailbroken")
+    rate = rate_of(r[field][judge][s] for r in records)
+    if setting == "adv_suffix":
+        rate["method"] = "wilson, best of the suffixes (optimistic: the max is chosen on the same prompts)"
+    return rate
+
+
+def rates(result: dict, examples: int = 3) -> dict:
+    """ASR and refusal rate per judge (95% intervals), the same per source set, and judge disagreement."""
+    records, setting = result["records"], result["setting"]
+    names = [j.name for j in judges()]
+
+    def block(rs):
+        return dict(asr={j: _rate(rs, setting, j, "jailbroken") for j in names},
+                    refusal={j: _rate(rs, setting, j, "refused") for j in names}, n=len(rs))
+
+    sources = sorted({r["source"] for r in records}, key=[r["source"] for r in records].index)
+    split = []
+    for r in records:
+        for i, c in enumerate(r["completions"]):
+            verdicts = {j: r["jailbroken"][j][i] for j in names}
+            if len(set(verdicts.values())) > 1:
+                split.append(dict(id=r["id"], prompt=r["prompt"], completion=c[:400], jailbroken=verdicts))
+    n_completions = sum(len(r["completions"]) for r in records)
+    return dict(
+        **block(records),
+        setting=setting,
+        per_source={s: block([r for r in records if r["source"] == s]) for s in sources},
+        # Over completions; with adv_decoding's 5 samples per prompt this interval is too narrow.
+        judge_disagreement=dict(rate=rate_of([True] * len(split) + [False] * (n_completions - len(split))), examples=split[:examples]),
+    )
+
+
+def paired(a: dict, b: dict, judge: str, field: str = "jailbroken") -> dict | None:
+    """Exact McNemar test of model a against model b on the same prompts (matched by id); b counts
+    prompts where only a's outcome is true. None for adv_decoding."""
+    oa, ob = outcomes(a, judge, field), outcomes(b, judge, field)
+    if oa is None or ob is None:
+        return None
+    if oa.keys() != ob.keys():
+        raise ValueError("paired test of measurements on different prompts")
+    ids = list(oa)
+    return mcnemar_exact([oa[i] for i in ids], [ob[i] for i in ids])
+
+
+def describe_prompts(result: dict, family_size: int = 1) -> dict:
+    """What a measurement ran on: n, prompts per source set, the overlap with any prompt a stage fits
+    on (0 for the built-in sets) and the smallest paired difference n can detect after Holm."""
+    prompts = [Prompt(r["id"], r["source"], r["prompt"]) for r in result["records"]]
+    per_source: dict[str, int] = {}
+    for p in prompts:
+        per_source[p.source] = per_source.get(p.source, 0) + 1
+    return dict(n=len(prompts), per_source=per_source, overlap_with_fitted=overlap_with_fitted(prompts),
+                min_detectable_difference=min_detectable_difference(len(prompts), max(1, family_size)))
+
+
+def perplexity_rate(p: dict) -> dict | None:
+    """A perplexity measurement (lm.perplexity.measure_perplexity) with its bootstrap interval over windows."""
+    return bootstrap_perplexity(p["window_nll"], p["window_tokens"]) if "window_nll" in p else None
+
+
+def zero_shot_rates(z: dict) -> dict | None:
+    """Mean zero-shot accuracy over tasks (bootstrap over documents) and each task's Wilson interval."""
+    docs = {t: e.get("per_document") for t, e in z["per_task"].items()}
+    if not docs or any(d is None for d in docs.values()):
+        return None
+    return dict(average=bootstrap_task_mean(docs), per_task={t: wilson(round(sum(d)), len(d)) for t, d in docs.items()})
+
+
+def add_eval_arguments(parser, n_asr: int, n_harmless: int, n_flag: str = "--n-asr", store_default: str = "<runs-dir>/measurements") -> None:
+    """The evaluation flags every entry point shares; each defaults to None (the config's default)."""
+    parser.add_argument("--eval-sets", nargs="+", help="held-out harmful prompt sets: advbench jailbreakbench harmbench strongreject, "
+                        "or file:PATH (.txt lines, JSON list, CSV 'prompt' column); default advbench jailbreakbench")
+    parser.add_argument(n_flag, type=int, help=f"first prompts of each evaluation set (default {n_asr})")
+    parser.add_argument("--harmless-sets", nargs="+", help="prompts that should not be refused, for over-refusal: alpaca or file:PATH (default alpaca)")
+    parser.add_argument("--n-harmless", type=int, help=f"first prompts of each harmless set (default {n_harmless})")
+    parser.add_argument("--measurements-dir", help=f"the measurement store, shared with the other entry points (default {store_default})")
+
+
+def eval_overrides(args) -> dict:
+    """The config fields those flags set (only the ones given)."""
+    out = dict(eval_sets=tuple(args.eval_sets) if args.eval_sets else None, harmless_sets=tuple(args.harmless_sets) if args.harmless_sets else None,
+               n_harmless=args.n_harmless, measurements_dir=args.measurements_dir)
+    return {k: v for k, v in out.items() if v is not None}
