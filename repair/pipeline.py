@@ -50,7 +50,7 @@ from refusal.select import SelectionConfig, SharedPrompts, select_direction_cach
 from .aird import AirdConfig, choose_aird_block
 from .derivation import check_derivation, summarise
 from .refusal_probe import RefusalProbe
-from .report import before_after_figure, curve_figure, file_slug, render_markdown
+from .report import LABELS, before_after_figure, curve_figure, file_slug, render_markdown
 from .restore import block_masks, block_params, count, restore_entries, restored
 from .targeted import (
     TargetedConfig,
@@ -577,7 +577,7 @@ def findings(rows: dict, tests: dict) -> list[str]:
 
             # Read as a change from the second state to the first: b counts prompts true only in the first.
             flipped = dict(t, b=t["c"], c=t["b"])
-            out.append(describe_change(t["second"], t["first"], rate(t["second"]), rate(t["first"]), flipped, what))
+            out.append(describe_change(LABELS[t["second"]], LABELS[t["first"]], rate(t["second"]), rate(t["first"]), flipped, what))
     return out
 
 
