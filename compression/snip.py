@@ -23,7 +23,6 @@ layers are already pruned, so a layer's scores reflect the inputs it will actual
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -33,6 +32,7 @@ from torch import nn
 
 from lm.errors import UserError
 from lm.hooks import decoder_layers, hooks_registered
+from lm.trainable import gradients_only_for
 
 from .blockwise import block_linears
 from .sparsity import SparsityPattern, prune_mask
@@ -60,25 +60,6 @@ def response_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 def snip_score(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """|W * dL/dW|: the first-order change in loss from zeroing each weight, sign dropped."""
     return (weight.detach().float() * grad.float()).abs_()
-
-
-@contextmanager
-def gradients_only_for(model: nn.Module, params: list[nn.Parameter]):
-    """Eval mode, and requires_grad on `params` alone; flags and mode are restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def accumulate_snip(model: nn.Module, weights: dict[str, nn.Parameter], batches: list[Batch]) -> dict[str, torch.Tensor]:

@@ -204,6 +204,21 @@ class CandidateScores:
     evaluated: torch.Tensor | None = None  # [n_pos, n_layers] bool: all three scores computed
 
 
+def bypass_score(ablated_logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """Per harmful prompt: the refusal score with the direction ablated everywhere (low: ablating it stops refusal)."""
+    return refusal_score(ablated_logits, token_ids)
+
+
+def induce_score(added_logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """Per harmless prompt: the refusal score with the raw vector added at its layer (high: adding it causes refusal)."""
+    return refusal_score(added_logits, token_ids)
+
+
+def kl_score(baseline_logits: torch.Tensor, ablated_logits: torch.Tensor) -> torch.Tensor:
+    """Per harmless prompt: KL(baseline || ablated) at the last position (low: ablation leaves harmless replies alone)."""
+    return kl_divergence(baseline_logits, ablated_logits)
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -254,7 +269,7 @@ def score_candidates(
     subset: list[int] | None = None,
     which: tuple[str, ...] = ("bypass", "kl", "induce"),
 ) -> CandidateScores:
-    """Bypass, induce and KL scores of every candidate in `directions` [n_pos, n_layers, d].
+    """Mean bypass_score, induce_score and kl_score of every candidate in `directions` [n_pos, n_layers, d].
 
     reuse_prefix: resume induce passes from cached baseline block inputs (default: whenever the
     model's blocks share their keyword arguments, see lm.resume.uniform_layers).
@@ -300,10 +315,10 @@ def score_candidates(
 
     nothing = torch.full((n_cand,), float("nan"), dtype=torch.float64)
     bypass = _ablated_means(
-        model, harmful, flat, ablatable, k_h, lambda logits, bi, k: refusal_score(logits, token_ids),
+        model, harmful, flat, ablatable, k_h, lambda logits, bi, k: bypass_score(logits, token_ids),
         len(harmful_val), passes, "bypass") if "bypass" in which else nothing.clone()
     kl = _ablated_means(
-        model, harmless, flat, ablatable, k_s, lambda logits, bi, k: kl_divergence(base_logits[bi].repeat(k, 1), logits),
+        model, harmless, flat, ablatable, k_s, lambda logits, bi, k: kl_score(base_logits[bi].repeat(k, 1), logits),
         len(harmless_val), passes, "kl") if "kl" in which else nothing.clone()
 
     # Grouping candidates by layer keeps each group's earliest layer, where resuming starts, late.
@@ -332,7 +347,7 @@ def score_candidates(
                 with intervene(model, add=adds):
                     logits = last_logits(model, ids, mask)
                 blocks_run += n_layers
-            induce[group] += refusal_score(logits, token_ids).view(len(group), p).sum(dim=1).cpu()
+            induce[group] += induce_score(logits, token_ids).view(len(group), p).sum(dim=1).cpu()
             passes["induce"] += 1
     induce /= max(1, len(harmless_val))
 

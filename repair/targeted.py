@@ -45,6 +45,7 @@ from lm.hooks import (
     decoder_layers,
     hooks_registered,
 )
+from lm.trainable import gradients_only_for
 
 from refusal.score import refusal_score
 
@@ -87,17 +88,11 @@ def first_order_scores(compressed: nn.Module, original: nn.Module, layer: int, b
     params = changed_params(compressed, original, layer)
     o_params = dict(original.named_parameters())
     grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    flags = {n: p.requires_grad for n, p in compressed.named_parameters()}
-    try:
-        for n, p in compressed.named_parameters():
-            p.requires_grad_(n in params)
+    with gradients_only_for(compressed, list(params.values())):
         for batch in tqdm(batches, desc="targeted attribution", unit="batch", leave=False):
             j = objective(compressed, batch)
             for n, g in zip(params, torch.autograd.grad(j, list(params.values()))):
                 grads[n] += g.float()
-    finally:
-        for n, p in compressed.named_parameters():
-            p.requires_grad_(flags[n])
     return {n: ((o_params[n].detach().to(p.device, torch.float32) - p.detach().float()) * grads[n]).cpu() for n, p in params.items()}
 
 
