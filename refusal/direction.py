@@ -16,16 +16,15 @@ from lm.hooks import capture, decoder_layers
 from lm.prefix import SharedPrefix
 
 
-@torch.no_grad()
-def mean_activations(model, tokenizer, instructions: list[str], batch_size: int = 16, system: str | None = None, desc: str = "activations") -> torch.Tensor:
-    """Mean resid_pre over `instructions`: [n_positions, n_layers, d_model], float32 (summed in float64).
+def _batched_activations(model, tokenizer, instructions: list[str], batch_size: int, system: str | None, desc: str):
+    """(prompt indices, resid_pre [batch, n_positions, n_layers, d_model] float32) per batch.
 
     The chat template's prefix shared by every prompt (system prompt, user-turn header) runs once
     and is reused from a KV cache (lm.prefix); prompts are batched in order of length so batches
     pad little. Both change the result only by float rounding.
     """
     if not instructions:
-        raise UserError("cannot compute mean activations of an empty instruction set")
+        raise UserError("cannot compute activations of an empty instruction set")
     positions = post_instruction(tokenizer, system).positions
     prompts = format_prompts(tokenizer, instructions, system)
     sequences = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -33,19 +32,36 @@ def mean_activations(model, tokenizer, instructions: list[str], batch_size: int 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
     device = next(model.parameters()).device
-    total = None
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = [sequences[i] for i in order[start : start + batch_size]]
+        idx = order[start : start + batch_size]
         if prefix is None:
-            enc = tokenize_prompts(tokenizer, [prompts[i] for i in order[start : start + batch_size]]).to(device)
-            acts = capture(model, enc["input_ids"], enc["attention_mask"], positions)["resid_pre"]
+            enc = tokenize_prompts(tokenizer, [prompts[i] for i in idx]).to(device)
+            yield idx, capture(model, enc["input_ids"], enc["attention_mask"], positions)["resid_pre"]
         else:
-            kwargs = prefix.batch(model, chunk, pad_id)
+            kwargs = prefix.batch(model, [sequences[i] for i in idx], pad_id)
             ids, mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
-            acts = capture(model, ids, mask, positions, forward_kwargs=kwargs)["resid_pre"]
+            yield idx, capture(model, ids, mask, positions, forward_kwargs=kwargs)["resid_pre"]
+
+
+@torch.no_grad()
+def mean_activations(model, tokenizer, instructions: list[str], batch_size: int = 16, system: str | None = None, desc: str = "activations") -> torch.Tensor:
+    """Mean resid_pre over `instructions`: [n_positions, n_layers, d_model], float32 (summed in float64)."""
+    total = None
+    for _, acts in _batched_activations(model, tokenizer, instructions, batch_size, system, desc):
         batch_sum = acts.double().sum(dim=0)
         total = batch_sum if total is None else total + batch_sum
-    return (total / len(prompts)).float()
+    return (total / len(instructions)).float()
+
+
+@torch.no_grad()
+def prompt_activations(model, tokenizer, instructions: list[str], batch_size: int = 16, system: str | None = None, desc: str = "activations") -> torch.Tensor:
+    """resid_pre of each instruction, in input order: [n, n_positions, n_layers, d_model], float32."""
+    out = None
+    for idx, acts in _batched_activations(model, tokenizer, instructions, batch_size, system, desc):
+        if out is None:
+            out = torch.empty((len(instructions), *acts.shape[1:]), dtype=torch.float32)
+        out[idx] = acts
+    return out
 
 
 def diff_of_means(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
