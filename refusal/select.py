@@ -9,7 +9,7 @@ induce  mean refusal score on harmless val after adding the raw vector to its ow
 kl      KL(baseline || ablated) of the next-token distribution on harmless val: ablating a good
         direction should barely change harmless behaviour.
 
-Candidates with a NaN score, in the last 20% of layers, with KL > 0.1 or induce < 0 are rejected;
+Candidates with a NaN or infinite score, in the last 20% of layers, with KL > 0.1 or induce < 0 are rejected;
 the lowest bypass among the rest wins.
 
 Scoring one candidate per forward pass costs 3 passes per candidate (hundreds for a real model).
@@ -168,6 +168,8 @@ def rejection_reasons(bypass: torch.Tensor, induce: torch.Tensor, kl: torch.Tens
             b, s, k = float(bypass[i, layer]), float(induce[i, layer]), float(kl[i, layer])
             if any(math.isnan(v) for v in (b, s, k)):
                 row.append("nan")
+            elif any(math.isinf(v) for v in (b, s, k)):
+                row.append("infinite")  # e.g. a refusal log-odds of -inf would otherwise win the argmin
             elif layer >= last_allowed:
                 row.append("late_layer")
             elif k > cfg.kl_threshold:

@@ -158,6 +158,12 @@ def test_filter_rejects_by_each_rule():
     induce[1, 9] = -5.0
     reasons = rejection_reasons(bypass, induce, kl, cfg)
     assert reasons[0][9] == "nan" and reasons[1][9] == "late_layer"
+    # An infinite score is never chosen, however low its bypass.
+    bypass[0, 4] = float("-inf")
+    kl[0, 5] = float("inf")
+    reasons = rejection_reasons(bypass, induce, kl, cfg)
+    assert reasons[0][4] == reasons[0][5] == "infinite"
+    assert choose(bypass, reasons, [-2, -1]) != (-2, 4)
 
 
 def test_layer_rule_follows_the_fraction():
