@@ -45,12 +45,15 @@ from refusal.measure import (DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, add_
 from refusal.stats import add_holm, describe_change
 from refusal.collapse import collapse_verdict
 from refusal.compare import cosine_heatmaps_figure, cosine_to_direction, quality_bars_figure, source_shift, source_shift_figure
-from refusal.direction import candidate_directions, cosine_map, norm_peak
+from refusal.direction import candidate_directions, cosine_map, norm_peak, prompt_activations
+from refusal.probes import PARAMETERS as PROBE_PARAMETERS
+from refusal.probes import ProbeConfig, correct, fit_probe_grid, probe_parameters
+from refusal.probes import summarise as summarise_probes
 from refusal.quality import direction_quality
 from refusal.score import refusal_tokens
 from refusal.select import SelectionConfig, SharedPrompts, score_maps_figure, select_direction_cached
 
-from .report import asr_figure, cosine_per_layer_figure, render_html, render_markdown
+from .report import asr_figure, cosine_per_layer_figure, probe_transfer_figure, render_html, render_markdown
 
 # The issue-sized comparison: Wanda at three sparsities and 2:4, SNIP, SparseGPT, Wei et al.'s set
 # difference, GPTQ and RTN. Set difference at p = q = 1%: on the embedded model it broke refusal
@@ -103,6 +106,9 @@ class CompareConfig:
     prescreen_n_val: int = 8
     prescreen_keep: int = 16
     n_ablation_asr: int = 16  # prompts of each eval set generated with the original's direction ablated
+    # Harmfulness probes (refusal.probes) per (position, layer): fitted on the direction prompts,
+    # scored on the held-out ASR and over-refusal prompts; the original's also on each variant.
+    probes: bool = True
     figures_dir: str | None = None  # also write the figures here as HTML + PNG (the README's figures/)
     # Zero-shot accuracy (lm-eval) per variant: documents per task (0 skips it) and tasks.
     # None = 200 documents of all 7 tasks on a GPU; 24 of the 4 short-document tasks on CPU.
@@ -187,6 +193,7 @@ class Comparison:
         self._responses = None
         self._original_selection = None
         self._own_replies: dict = {}
+        self._original_probes: dict | None = None
 
     # --- shared inputs -------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -357,11 +364,38 @@ class Comparison:
             selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
                                                 fingerprint=json.dumps(key, sort_keys=True), shared=shared)
         out = dict(asr=asr, harmless=over, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model), model_id=mid)
+        if cfg.probes:
+            out["probes"] = self.probes(spec, model, key, harmful, harmless)
         if cfg.zero_shot_limit:
             out["zero_shot"] = zs
         if selection is not None:
             out["selection"] = selection
         return out
+
+    def probes(self, spec: VariantSpec, model, key: dict, harmful: list[str], harmless: list[str]) -> dict[str, torch.Tensor]:
+        """Harmfulness probes fitted on the direction prompts, per-prompt correctness on the held-out
+        ASR / over-refusal prompts, and the original's probes on this model's activations (transfer)."""
+        cfg, tok = self.cfg, self.base.tokenizer
+        test = [[p.text for p in c.prompts()] for c in (cfg.eval_config(), cfg.harmless_config())]
+        pcfg = ProbeConfig(seed=cfg.seed)
+        ref = self._original_probes
+        pkey = {**key, "train": _digest(harmful + ["\0"] + harmless), "test": _digest(test[0] + ["\0"] + test[1]),
+                "probe": dataclasses.asdict(pcfg), "original_probes": None if ref is None else ref["key"]}
+
+        def compute():
+            sets = dict(harmful_train=harmful, harmless_train=harmless, harmful_test=test[0], harmless_test=test[1])
+            acts = {name: prompt_activations(model, tok, texts, cfg.batch_size or 16, desc=f"probe activations ({name})")
+                    for name, texts in sets.items()}
+            params = probe_parameters(fit_probe_grid(acts["harmful_train"], acts["harmless_train"], pcfg))
+            out = dict(params, own_correct=correct(params, acts["harmful_test"], acts["harmless_test"]))
+            if ref is not None:
+                out["transfer_correct"] = correct(ref["params"], acts["harmful_test"], acts["harmless_test"])
+            return out
+
+        result = cached_tensors(self.dir / "variants" / spec.slug / "probes.safetensors", pkey, compute)
+        if spec.method == "original":
+            self._original_probes = dict(params={k: result[k] for k in PROBE_PARAMETERS}, key=_digest([json.dumps(pkey, sort_keys=True)]))
+        return result
 
     def cross_evaluate(self, spec: VariantSpec, model, own: dict, original: dict) -> dict:
         """The original's direction inside the variant and the variant's inside the original."""
@@ -462,6 +496,8 @@ class Comparison:
     def make_figures(self, results: dict, report: dict) -> dict:
         """Plotly figures of the comparison: behaviour, per-layer cosines and, with selection, the direction."""
         figs = {"asr": asr_figure(report), "cosine_per_layer": cosine_per_layer_figure(report)}
+        if any(v.get("probes") for v in report["variants"]):
+            figs["probe_transfer"] = probe_transfer_figure(report)
         if report.get("repairs"):
             from repair.report import before_after_figure, curve_figure, file_slug
 
@@ -511,6 +547,11 @@ class Comparison:
         ref_dirs = original["directions"]["directions"]
         ref_ppl = original["perplexity"]["perplexity"]
         post = post_instruction(self.base.tokenizer)
+        ref_sel = original.get("selection")
+        if ref_sel is not None and ref_sel.chosen is not None:
+            cell, cell_kind = (list(post.positions).index(ref_sel.chosen[0]), ref_sel.chosen[1]), "the original's selected source"
+        else:
+            cell, cell_kind = (len(post.positions) - 1, norm_peak(ref_dirs)), "the original's norm-peak layer at the last position (no selected source)"
         rows = []
         for slug, (spec, r) in results.items():
             dirs = r["directions"]["directions"]
@@ -545,6 +586,7 @@ class Comparison:
                 direction_norm_last_position=[round(float(n), 3) for n in dirs[-1].norm(dim=-1)],
                 samples=[dict(goal=rec["prompt"], source=rec["source"], completion=rec["completions"][0]) for rec in asr["records"][:3]],
                 seconds=dict(asr=r["asr"].get("seconds"), harmless=r["harmless"].get("seconds"), perplexity=r["perplexity"].get("seconds")),
+                probes=summarise_probes(r["probes"], original["probes"], dirs, cell) if "probes" in r else None,
                 **_direction_summary(r, original),
             ))
         correct_families(rows)
@@ -558,6 +600,7 @@ class Comparison:
             post_instruction_tokens=post.text,
             positions=post.positions,
             n_layers=int(ref_dirs.shape[1]),
+            probe_cell=dict(position=post.positions[cell[0]], layer=cell[1], kind=cell_kind),
             wall_seconds=round(seconds, 1),
             variants=rows,
         )
@@ -614,6 +657,10 @@ def correct_families(rows: list[dict]) -> None:
             family = [row["tests"][measure_name][j] for row in rows if row.get("tests") and row["tests"][measure_name][j]]
             if family:
                 add_holm(family)
+    for name in ("own", "transfer"):
+        family = [row["probes"]["tests"][name] for row in rows if (row.get("probes") or {}).get("tests")]
+        if family:
+            add_holm(family)
 
 
 def evaluation_summary(harmful: dict, harmless: dict, family_size: int) -> dict:
@@ -629,6 +676,11 @@ def findings(rows: list[dict]) -> list[str]:
             if test:
                 a, b = original["rates"][measure_name]["arditi2024"], row["rates"][measure_name]["arditi2024"]
                 out.append(f"{row['variant']}: " + describe_change("original", row["variant"], a, b, _flip(test), what))
+        probes = row.get("probes") or {}
+        if probes.get("tests"):
+            base = original["probes"]["own"]
+            out.append(f"{row['variant']}: " + describe_change("original", row["variant"], base, probes["transfer"], _flip(probes["tests"]["transfer"]),
+                                                               "held-out accuracy of the original's harmfulness probe"))
     return out
 
 
@@ -675,6 +727,8 @@ def parse_args(argv=None) -> CompareConfig:
     p.add_argument("--n-ablation-asr", type=int, help="prompts of each evaluation set generated with the original's direction ablated (default 16)")
     p.add_argument("--zero-shot-limit", type=int, help="zero-shot documents per task (0 = skip; default 200 on GPU, 24 on CPU)")
     p.add_argument("--zero-shot-tasks", nargs="+", help="zero-shot tasks, or 'all' (default: all 7 on GPU, boolq rte winogrande arc_easy on CPU)")
+    p.add_argument("--probes", action=argparse.BooleanOptionalAction, default=None,
+                   help="harmfulness probes per (position, layer) with transfer of the original's to each variant (default: on)")
     p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
                    help="AIRD + targeted repair of every variant whose direction changed (default: on)")
     p.add_argument("--repair-n-asr", type=int, help="prompts of each evaluation set in the repair's evaluation (default: --n-asr)")
@@ -685,7 +739,7 @@ def parse_args(argv=None) -> CompareConfig:
         calib_samples=a.calib_samples, calib_source=a.calib_source, calib_seqlen=a.calib_seqlen, batch_size=a.batch_size, seed=a.seed, dtype=a.dtype,
         select_variants=a.select_variants, n_val=a.n_val, search=a.search, prescreen_n_val=a.prescreen,
         n_ablation_asr=a.n_ablation_asr, figures_dir=a.figures_dir, zero_shot_limit=a.zero_shot_limit, repair=a.repair,
-        zero_shot_tasks=task_names(a.zero_shot_tasks), repair_n_asr=a.repair_n_asr,
+        zero_shot_tasks=task_names(a.zero_shot_tasks), repair_n_asr=a.repair_n_asr, probes=a.probes,
     ).items() if v is not None}
     overrides.update(eval_overrides(a))
     if a.no_selection:

@@ -39,7 +39,8 @@ class ProbeConfig:
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig = ProbeConfig()):
-    """Standardise, then logistic regression with C chosen by stratified k-fold log-loss on (x, y)."""
+    """Standardise, then logistic regression with C chosen by stratified k-fold log-loss on (x, y)
+    (k = cfg.folds, or the smaller class's size when that is smaller)."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -47,9 +48,10 @@ def fit_probe(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig = ProbeConfig()):
 
     y = np.asarray(y, dtype=int)
     counts = np.bincount(y, minlength=2)
-    if len(counts) != 2 or counts.min() < cfg.folds:
-        raise UserError(f"a probe needs at least {cfg.folds} examples of each class to cross-validate, got {counts.tolist()}")
-    folds = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed)
+    if len(counts) != 2 or counts.min() < 2:
+        raise UserError(f"a probe needs at least 2 examples of each class to cross-validate, got {counts.tolist()}")
+    # Fewer folds than cfg.folds only when a class has fewer examples (tiny test runs).
+    folds = StratifiedKFold(min(cfg.folds, int(counts.min())), shuffle=True, random_state=cfg.seed)
     model = LogisticRegressionCV(Cs=list(cfg.cs), cv=folds, l1_ratios=(0.0,), scoring="neg_log_loss", max_iter=cfg.max_iter,
                                  random_state=cfg.seed, use_legacy_attributes=False)
     return make_pipeline(StandardScaler(), model).fit(np.asarray(x, dtype=np.float64), y)
@@ -76,23 +78,47 @@ def fit_probe_grid(harmful: torch.Tensor, harmless: torch.Tensor, cfg: ProbeConf
     return [[fit_probe(x[:, p, layer].numpy(), y, cfg) for layer in range(n_layers)] for p in range(n_pos)]
 
 
-def grid_accuracy(probes: list[list], harmful: torch.Tensor, harmless: torch.Tensor) -> list[list[dict]]:
-    """Held-out accuracy of each probe (Wilson interval over the prompts), as probes[position][layer]."""
+def probe_parameters(probes: list[list]) -> dict[str, torch.Tensor]:
+    """The fitted grid as tensors (safetensors-storable): standardisation mean / scale, weights
+    [P, L, d], intercept and the chosen C [P, L]. A probe predicts harmful where
+    ((x - mean) / scale) @ coef + intercept > 0."""
+    def stack(get):
+        return torch.tensor(np.array([[get(probe) for probe in row] for row in probes]), dtype=torch.float64)
+    return dict(mean=stack(lambda p: p[0].mean_), scale=stack(lambda p: p[0].scale_), coef=stack(lambda p: p[-1].coef_.ravel()),
+                intercept=stack(lambda p: p[-1].intercept_[0]), c=stack(lambda p: float(np.ravel(p[-1].C_)[0])))
+
+
+def correct(params: dict[str, torch.Tensor], harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """Per prompt and (position, layer), whether the probes in `params` classify it right: bool
+    [n_harmful + n_harmless, P, L]. Applying one model's parameters to another model's
+    activations is the transfer test."""
     x, y = _labelled(harmful, harmless)
-    if len(probes) != x.shape[1] or len(probes[0]) != x.shape[2]:
-        raise UserError(f"{len(probes)}x{len(probes[0])} probes for activations of {x.shape[1]} positions x {x.shape[2]} layers")
-    return [[rate_of(probe.predict(x[:, p, layer].numpy()) == y) for layer, probe in enumerate(row)] for p, row in enumerate(probes)]
+    if x.shape[1:] != params["coef"].shape:
+        raise UserError(f"probes of shape {tuple(params['coef'].shape)} for activations of shape {tuple(x.shape[1:])}")
+    logit = (((x - params["mean"]) / params["scale"]) * params["coef"]).sum(-1) + params["intercept"]
+    return (logit > 0) == torch.from_numpy(y).bool()[:, None, None]
+
+
+def accuracy_grid(correctness: torch.Tensor) -> list[list[dict]]:
+    """Wilson accuracy over the prompts of each (position, layer) cell of `correct`'s output."""
+    return [[rate_of(correctness[:, p, layer].tolist()) for layer in range(correctness.shape[2])] for p in range(correctness.shape[1])]
+
+
+def grid_accuracy(probes: list[list], harmful: torch.Tensor, harmless: torch.Tensor) -> list[list[dict]]:
+    """Held-out accuracy of each fitted probe (Wilson interval over the prompts), as [position][layer]."""
+    return accuracy_grid(correct(probe_parameters(probes), harmful, harmless))
+
+
+def weight_cosines(params: dict[str, torch.Tensor], directions: torch.Tensor) -> torch.Tensor:
+    """Cosine between each probe's residual-basis weights (coef / scale) and the direction at its
+    (position, layer): [P, L] float64, NaN where the direction is zero."""
+    w = params["coef"] / params["scale"]
+    d = directions.double()
+    return torch.nn.functional.cosine_similarity(w, d, dim=-1).masked_fill(d.norm(dim=-1) == 0, float("nan"))
 
 
 def direction_cosines(probes: list[list], directions: torch.Tensor) -> torch.Tensor:
-    """Cosine between each probe's residual-basis weight vector and the direction at its (position, layer)."""
-    out = torch.empty(directions.shape[:2], dtype=torch.float64)
-    for p, row in enumerate(probes):
-        for layer, probe in enumerate(row):
-            d = directions[p, layer].double().numpy()
-            norm = np.linalg.norm(d)
-            out[p, layer] = float(probe_direction(probe) @ d / norm) if norm > 0 else float("nan")
-    return out
+    return weight_cosines(probe_parameters(probes), directions)
 
 
 def best_cell(accuracy: list[list[dict]]) -> tuple[int, int]:
@@ -100,3 +126,39 @@ def best_cell(accuracy: list[list[dict]]) -> tuple[int, int]:
     cells = [(a["value"], -layer, -p) for p, row in enumerate(accuracy) for layer, a in enumerate(row)]
     _, neg_l, neg_p = max(cells)
     return -neg_p, -neg_l
+
+
+PARAMETERS = ("mean", "scale", "coef", "intercept", "c")
+
+
+def summarise(own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], directions: torch.Tensor, cell: tuple[int, int]) -> dict:
+    """One model's probe results for the report, at `cell` = (position index, layer) (the original's
+    source) and per layer at that position: its own probes' held-out accuracy, the original's
+    probes on its activations (transfer), each with the exact McNemar test against the original's
+    own probes on the original's activations (the same held-out prompts), and the cosine of its
+    probes' weights with its own difference-of-means directions."""
+    from .stats import mcnemar_exact
+
+    p, layer = cell
+    own_grid = accuracy_grid(own["own_correct"])
+    best = best_cell(own_grid)
+    out = dict(
+        cell=dict(position_index=p, layer=layer),
+        own=own_grid[p][layer],
+        best=dict(position_index=best[0], layer=best[1], accuracy=own_grid[best[0]][best[1]]),
+        own_per_layer=own_grid[p],
+        cosine=float(weight_cosines(own, directions)[p, layer]),
+        cosine_per_layer=[None if c != c else round(float(c), 4) for c in weight_cosines(own, directions)[p].tolist()],
+        chosen_c=float(own["c"][p, layer]),
+        n_test=int(own["own_correct"].shape[0]),
+    )
+    if "transfer_correct" in own:
+        transfer = accuracy_grid(own["transfer_correct"])
+        base = original["own_correct"][:, p, layer].tolist()
+        out.update(
+            transfer=transfer[p][layer],
+            transfer_per_layer=transfer[p],
+            tests=dict(own=mcnemar_exact(own["own_correct"][:, p, layer].tolist(), base),
+                       transfer=mcnemar_exact(own["transfer_correct"][:, p, layer].tolist(), base)),
+        )
+    return out

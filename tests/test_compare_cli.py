@@ -121,11 +121,26 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     assert stored["n_layers"] == 2
     assert stored["evaluation"]["harmful"]["overlap_with_fitted"] == 0 and stored["evaluation"]["harmless"]["overlap_with_fitted"] == 0
     assert "overlap with any prompt a stage fits on: 0" in markdown and "| p |" in markdown
-    assert len(stored["findings"]) == 2 * len(VARIANTS)
+    assert len(stored["findings"]) == 3 * len(VARIANTS)  # ASR, over-refusal, probe transfer
+    # Harmfulness probes: own accuracy on the 4 + 8 held-out prompts for every model; the
+    # original's probes on each variant (transfer) with McNemar against the original, Holm over the variants.
+    assert stored["probe_cell"]["layer"] in (0, 1)
+    for row in stored["variants"]:
+        p = row["probes"]
+        assert p["own"]["n"] == 12 and p["own"]["method"] == "wilson" and len(p["own_per_layer"]) == 2
+        if row["variant"] == "original":
+            assert "transfer" not in p
+        else:
+            assert p["transfer"]["n"] == 12 and len(p["transfer_per_layer"]) == 2
+            for name in ("own", "transfer"):
+                t = p["tests"][name]
+                assert t["test"] == "mcnemar-exact" and t["n"] == 12 and t["family_size"] == len(VARIANTS)
+    assert "## Harmfulness probes" in markdown and "probe_transfer" in stored["figures"]
     for slug in ("wanda-0.5", "rtn-int8", "wanda-2-4"):
         vdir = run_dir / "variants" / slug
         assert (vdir / "model" / "compression.json").is_file()
         assert (vdir / "directions.safetensors").is_file(), slug
+        assert (vdir / "probes.safetensors").is_file(), slug
     # One harmful and one harmless generation per model, one perplexity each, in the shared store.
     store = tmp_path / "runs" / "measurements"
     ablated = sum(v.get("asr_original_direction_ablated") is not None for v in stored["variants"])
@@ -141,7 +156,7 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     import lm.perplexity
     import refusal.measure
 
-    for stage in ("candidate_directions", "build_variant_with_report", "response_calibration_set"):
+    for stage in ("candidate_directions", "build_variant_with_report", "response_calibration_set", "prompt_activations"):
         monkeypatch.setattr(compare, stage, must_not_run)
     monkeypatch.setattr(refusal.measure, "attack_success", must_not_run)
     monkeypatch.setattr(lm.perplexity, "window_nll", must_not_run)

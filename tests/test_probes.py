@@ -84,8 +84,8 @@ def test_best_cell_prefers_accuracy_then_the_earliest_layer():
 
 def test_bad_probe_input_is_a_user_error():
     v = _planted()
-    with pytest.raises(UserError, match="at least 5 examples of each class"):
-        fit_probe(np.zeros((6, D)), np.r_[np.ones(3, dtype=int), np.zeros(3, dtype=int)])
+    with pytest.raises(UserError, match="at least 2 examples of each class"):
+        fit_probe(np.zeros((6, D)), np.r_[np.ones(5, dtype=int), np.zeros(1, dtype=int)])
     with pytest.raises(UserError, match="differ in shape"):
         fit_probe_grid(_acts(10, 1, 1, v, (1, 2)), _acts(10, -1, 2, v, (1, 3)))
     with pytest.raises(UserError, match="positive"):
@@ -132,3 +132,28 @@ def test_harmfulness_probe_at_the_embedded_models_source_generalises_to_held_out
     assert accuracy["n"] == 100 and accuracy["ci95"][0] > 0.8, accuracy
     cosine = float(direction_cosines(probes, (harmful.double().mean(0) - harmless.double().mean(0))[None, None])[0, 0])
     assert cosine > 0.2, cosine  # aligned with the refusal direction, though far from identical
+
+
+def test_stored_parameters_predict_like_the_fitted_pipelines():
+    """The tensors a run directory keeps give the sklearn pipelines' own predictions, so the
+    original's probes can be applied to a variant's activations without refitting."""
+    from refusal.probes import accuracy_grid, correct, probe_parameters
+
+    rng = np.random.default_rng(3)
+    v = _planted()
+    scales = torch.tensor(np.exp(rng.uniform(-2, 2, D)), dtype=torch.float32)
+    train_h, train_s = _acts(40, 0.7, 1, v) * scales, _acts(40, -0.7, 2, v) * scales
+    test_h, test_s = _acts(30, 0.7, 3, v) * scales, _acts(30, -0.7, 4, v) * scales
+    probes = fit_probe_grid(train_h, train_s)
+    params = probe_parameters(probes)
+    assert params["coef"].shape == (2, 3, D) and params["intercept"].shape == params["c"].shape == (2, 3)
+    ok = correct(params, test_h, test_s)
+    assert ok.shape == (60, 2, 3)
+    x = torch.cat([test_h, test_s]).double().numpy()
+    truth = np.r_[np.ones(30, dtype=int), np.zeros(30, dtype=int)]
+    for p in range(2):
+        for layer in range(3):
+            np.testing.assert_array_equal(ok[:, p, layer].numpy(), probes[p][layer].predict(x[:, p, layer]) == truth)
+    assert accuracy_grid(ok) == grid_accuracy(probes, test_h, test_s)
+    with pytest.raises(UserError, match="probes of shape"):
+        correct(params, test_h[:, :1], test_s[:, :1])
