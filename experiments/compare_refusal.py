@@ -498,6 +498,13 @@ class Comparison:
         figs = {"asr": asr_figure(report), "cosine_per_layer": cosine_per_layer_figure(report)}
         if any(v.get("probes") for v in report["variants"]):
             figs["probe_transfer"] = probe_transfer_figure(report)
+            cell = report["probe_cell"]
+            accuracy = {v["variant"]: torch.tensor([[a["value"] for a in row] for row in v["probes"]["own_map"]])
+                        for v in report["variants"] if v.get("probes")}
+            figs["probe_accuracy_maps"] = cosine_heatmaps_figure(
+                accuracy, report["positions"], (cell["position"], cell["layer"]),
+                "Held-out accuracy of each model's own harmfulness probes (x: the probe cell)", value="accuracy", zrange=(0.5, 1),
+                colorscale="Viridis", reverse=False)
         if report.get("repairs"):
             from repair.report import before_after_figure, curve_figure, file_slug
 

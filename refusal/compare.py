@@ -30,8 +30,10 @@ def source_shift(original: tuple[int, int] | None, variant: tuple[int, int] | No
     return dict(same=tuple(original) == tuple(variant), d_layer=variant[1] - original[1], d_position=variant[0] - original[0])
 
 
-def cosine_heatmaps_figure(maps: dict[str, torch.Tensor], positions: list[int], chosen: tuple[int, int] | None, title: str):
-    """One heatmap per variant (x = layer, y = post-instruction position), shared colour scale [-1, 1].
+def cosine_heatmaps_figure(maps: dict[str, torch.Tensor], positions: list[int], chosen: tuple[int, int] | None, title: str,
+                           value: str = "cosine", zrange: tuple[float, float] = (-1, 1), colorscale: str = "RdBu", reverse: bool = True):
+    """One heatmap per variant (x = layer, y = post-instruction position), shared colour scale
+    (`zrange`; cosines by default, any per-candidate value with `value` naming it).
 
     Two columns from four variants on: a position x layer map is wide and flat, and one column of
     ten of them is too tall to read beside a README's text.
@@ -49,9 +51,9 @@ def cosine_heatmaps_figure(maps: dict[str, torch.Tensor], positions: list[int], 
         row, col = i // cols + 1, i % cols + 1
         cos = maps[name]
         fig.add_trace(go.Heatmap(
-            z=cos.tolist(), x=list(range(cos.shape[1])), y=[str(p) for p in positions], zmin=-1, zmax=1,
-            colorscale="RdBu", reversescale=True, colorbar=dict(title="cosine", len=0.9), showscale=i == 0,
-            hovertemplate="layer %{x}<br>position %{y}<br>cosine %{z:.3f}<extra></extra>",
+            z=cos.tolist(), x=list(range(cos.shape[1])), y=[str(p) for p in positions], zmin=zrange[0], zmax=zrange[1],
+            colorscale=colorscale, reversescale=reverse, colorbar=dict(title=value, len=0.9), showscale=i == 0,
+            hovertemplate="layer %{x}<br>position %{y}<br>" + value + " %{z:.3f}<extra></extra>",
         ), row=row, col=col)
         if chosen is not None:
             fig.add_trace(go.Scatter(x=[chosen[1]], y=[str(chosen[0])], mode="markers", marker=dict(symbol="x", size=12, color="black"),

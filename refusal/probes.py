@@ -147,6 +147,7 @@ def summarise(own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], d
         own=own_grid[p][layer],
         best=dict(position_index=best[0], layer=best[1], accuracy=own_grid[best[0]][best[1]]),
         own_per_layer=own_grid[p],
+        own_map=own_grid,
         cosine=float(weight_cosines(own, directions)[p, layer]),
         cosine_per_layer=[None if c != c else round(float(c), 4) for c in weight_cosines(own, directions)[p].tolist()],
         chosen_c=float(own["c"][p, layer]),

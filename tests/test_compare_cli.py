@@ -135,7 +135,9 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
             for name in ("own", "transfer"):
                 t = p["tests"][name]
                 assert t["test"] == "mcnemar-exact" and t["n"] == 12 and t["family_size"] == len(VARIANTS)
-    assert "## Harmfulness probes" in markdown and "probe_transfer" in stored["figures"]
+        assert len(p["own_map"]) == len(stored["positions"]) and all(len(r) == 2 for r in p["own_map"])
+        assert p["own_map"][stored["positions"].index(stored["probe_cell"]["position"])][stored["probe_cell"]["layer"]] == p["own"]
+    assert "## Harmfulness probes" in markdown and {"probe_transfer", "probe_accuracy_maps"} <= set(stored["figures"])
     for slug in ("wanda-0.5", "rtn-int8", "wanda-2-4"):
         vdir = run_dir / "variants" / slug
         assert (vdir / "model" / "compression.json").is_file()
