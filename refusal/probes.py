@@ -14,6 +14,7 @@ refusal.direction.prompt_activations); rates come back as refusal.stats objects.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,14 +143,15 @@ def summarise(own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], d
     p, layer = cell
     own_grid = accuracy_grid(own["own_correct"])
     best = best_cell(own_grid)
+    cosines = weight_cosines(own, directions)
     out = dict(
         cell=dict(position_index=p, layer=layer),
         own=own_grid[p][layer],
         best=dict(position_index=best[0], layer=best[1], accuracy=own_grid[best[0]][best[1]]),
         own_per_layer=own_grid[p],
         own_map=own_grid,
-        cosine=float(weight_cosines(own, directions)[p, layer]),
-        cosine_per_layer=[None if c != c else round(float(c), 4) for c in weight_cosines(own, directions)[p].tolist()],
+        cosine=float(cosines[p, layer]),
+        cosine_per_layer=[None if math.isnan(c) else round(c, 4) for c in cosines[p].tolist()],
         chosen_c=float(own["c"][p, layer]),
         n_test=int(own["own_correct"].shape[0]),
     )
