@@ -40,6 +40,7 @@ class Settings:
     snip_samples: int = 4
     direction_prompts: int = 128  # harmful and harmless each
     direction_batch: int = 16  # candidate_directions' default
+    probe_test: int = 50  # held-out harmful and harmless instructions each for the probes row (train: direction_prompts)
     prune_samples: int = 16  # calibration instructions (the variants use 128)
     select_candidates: int = 8  # (position -1, layer) candidates scored both ways
     select_val: int = 8  # harmful and harmless validation instructions each
@@ -60,10 +61,10 @@ SIZES = {
                      select_candidates=24, select_val=32),
     # Seconds on tiny models: what the tests run.
     "tiny": Settings(gen_prompts=3, gen_new_tokens=6, gen_batch=3, gen_baseline_every=1, snip_samples=2, direction_prompts=4,
-                     direction_batch=2, prune_samples=4, select_candidates=3, select_val=2),
+                     direction_batch=2, probe_test=2, prune_samples=4, select_candidates=3, select_val=2),
 }
 
-GROUPS = ("generation", "snip", "pruning", "direction", "selection")
+GROUPS = ("generation", "snip", "pruning", "direction", "selection", "probes")
 
 
 def settings_for(size: str, **overrides) -> Settings:
@@ -86,6 +87,8 @@ def run_group(group: str, settings: Settings) -> list[dict]:
         from .direction import rows
     elif group == "selection":
         from .selection import rows
+    elif group == "probes":
+        from .probes import rows
     else:
         raise UserError(f"unknown benchmark group {group!r}; choose from {', '.join(GROUPS)}")
     return rows(settings)

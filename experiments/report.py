@@ -9,6 +9,8 @@ from __future__ import annotations
 from refusal.stats import fmt_p, fmt_rate, fmt_value_ci
 from repair.report import error_bars, small_pct
 
+from .probe_report import probe_sections
+
 
 def asr_figure(report: dict):
     """ASR under both judges per variant, perplexity in the hover, collapsed variants hatched."""
@@ -44,52 +46,6 @@ def cosine_per_layer_figure(report: dict):
     fig.update_layout(title="Cosine to the original's direction at the same layer (last post-instruction token)",
                       xaxis_title="layer (block input)", yaxis_title="cosine similarity", height=450, width=900, legend_title="variant")
     return fig
-
-
-def probe_transfer_figure(report: dict):
-    """Held-out accuracy per layer of the original's harmfulness probes on each model's activations
-    (at the probe cell's position), with 95% intervals; the original's line is its own probes."""
-    import plotly.graph_objects as go
-
-    cell = report["probe_cell"]
-    fig = go.Figure()
-    for v in report["variants"]:
-        probes = v.get("probes")
-        if not probes:
-            continue
-        per_layer = probes.get("transfer_per_layer") or probes["own_per_layer"]
-        fig.add_trace(go.Scatter(x=list(range(len(per_layer))), y=[100 * r["value"] for r in per_layer], mode="lines+markers",
-                                 name=v["variant"], error_y=error_bars(per_layer)))
-    fig.update_layout(title=f"The original's harmfulness probes on each model's activations (held-out accuracy, position {cell['position']}, 95% intervals)",
-                      xaxis_title="layer (block input)", yaxis_title="accuracy (%)", yaxis_range=[40, 101], height=450, width=900,
-                      legend_title="activations of")
-    return fig
-
-
-def _probe_section(report: dict) -> list[str]:
-    rows = [v for v in report["variants"] if v.get("probes")]
-    if not rows:
-        return []
-    cell, first = report["probe_cell"], rows[0]["probes"]
-    lines = ["", "## Harmfulness probes", "",
-             f"L2-regularised logistic regression per (position, layer) on the {report['config']['n_train']} + "
-             f"{report['config']['n_train']} direction prompts (features standardised, C chosen by stratified 5-fold CV on them; "
-             "fewer folds only where a class has under 5 prompts), "
-             f"scored on the {first['n_test']} held-out ASR and over-refusal prompts, at {cell['kind']} "
-             f"(position {cell['position']}, layer {cell['layer']}). *own*: the model's own probe; *original's*: the "
-             "original's probe on this model's activations (transfer). p: exact McNemar against the original's probe on "
-             "the original, on the same prompts, Holm over the variants. Transfer falling while the own probe stays "
-             "accurate means the representation of harm moved; both falling means it is gone.", "",
-             "| variant | own probe | p | original's probe | p | best own cell (pos, layer) | cos(probe weights, direction) |",
-             "|---|---|---|---|---|---|---|"]
-    for v in rows:
-        p = v["probes"]
-        t = p.get("tests") or {}
-        best = p["best"]
-        lines.append(f"| {v['variant']} | {fmt_rate(p['own'])} | {fmt_p(t.get('own'))} | {fmt_rate(p.get('transfer'))} | "
-                     f"{fmt_p(t.get('transfer'))} | ({report['positions'][best['position_index']]}, {best['layer']}): {fmt_rate(best['accuracy'])} | "
-                     f"{p['cosine']:.2f} |")
-    return lines + [""]
 
 
 def render_html(markdown_text: str, figs: dict, title: str) -> str:
@@ -138,7 +94,7 @@ def render_markdown(report: dict) -> str:
     lines += ["", "Collapsed variants are never safe: their ASR reflects broken text, not refusal.", ""]
     lines += _findings_section(report)
     lines += _per_source_section(report)
-    lines += _probe_section(report)
+    lines += probe_sections(report)
     lines += ["## Cosine to the original's direction, per layer (last post-instruction position)", ""]
     n_layers = report["n_layers"]
     lines.append("| variant | " + " | ".join(str(l) for l in range(n_layers)) + " |")

@@ -91,6 +91,17 @@ def measure(model, tokenizer, cfg: EvalConfig, store: Path, model_id) -> dict:
     return dict(result, rates=rates(result))
 
 
+def measure_prompts(model, tokenizer, prompts: list[Prompt], cfg: EvalConfig, store: Path, model_id) -> dict:
+    """`measure` on prompts that are not an evaluation set (e.g. the training instructions a
+    refusal-prediction probe is fitted on): keyed by the prompts and the generation settings only,
+    so a change of evaluation sets does not regenerate them."""
+    if not prompts:
+        raise UserError("no prompts to measure")
+    result = measured(store, f"generations-{cfg.setting}", model_id, [cfg.asr_config(), _digest(prompts)],
+                      lambda: timed(lambda: generate_records(model, tokenizer, prompts, cfg)))
+    return dict(result, rates=rates(result))
+
+
 def generate_records(model, tokenizer, prompts: list[Prompt], cfg: EvalConfig) -> dict:
     """Generate and judge: refusal.asr's result plus one record per prompt."""
     r = attack_success(model, tokenizer, [p.text for p in prompts], cfg.asr_config())

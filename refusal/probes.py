@@ -74,7 +74,12 @@ def _labelled(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[torch.Tens
 
 def fit_probe_grid(harmful: torch.Tensor, harmless: torch.Tensor, cfg: ProbeConfig = ProbeConfig()) -> list[list]:
     """One harmful-vs-harmless probe per (position, layer): probes[position][layer]."""
-    x, y = _labelled(harmful, harmless)
+    return fit_grid(*_labelled(harmful, harmless), cfg)
+
+
+def fit_grid(x: torch.Tensor, y: np.ndarray, cfg: ProbeConfig = ProbeConfig()) -> list[list]:
+    """One probe of the 0/1 labels `y` per (position, layer) of x [n, P, L, d]: probes[position][layer]."""
+    x = x.double()
     _, n_pos, n_layers, _ = x.shape
     return [[fit_probe(x[:, p, layer].numpy(), y, cfg) for layer in range(n_layers)] for p in range(n_pos)]
 
@@ -94,10 +99,15 @@ def correct(params: dict[str, torch.Tensor], harmful: torch.Tensor, harmless: to
     [n_harmful + n_harmless, P, L]. Applying one model's parameters to another model's
     activations is the transfer test."""
     x, y = _labelled(harmful, harmless)
+    return predict(params, x) == torch.from_numpy(y).bool()[:, None, None]
+
+
+def predict(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The positive class (label 1) predicted by each probe in `params` for activations x [n, P, L, d]: bool [n, P, L]."""
+    x = x.double()
     if x.shape[1:] != params["coef"].shape:
         raise UserError(f"probes of shape {tuple(params['coef'].shape)} for activations of shape {tuple(x.shape[1:])}")
-    logit = (((x - params["mean"]) / params["scale"]) * params["coef"]).sum(-1) + params["intercept"]
-    return (logit > 0) == torch.from_numpy(y).bool()[:, None, None]
+    return (((x - params["mean"]) / params["scale"]) * params["coef"]).sum(-1) + params["intercept"] > 0
 
 
 def accuracy_grid(correctness: torch.Tensor) -> list[list[dict]]:

@@ -45,6 +45,10 @@ def parse_args(argv=None) -> RepairConfig:
     p.add_argument("--zero-shot-tasks", nargs="+", help="subset of boolq rte hellaswag winogrande arc_easy arc_challenge openbookqa, or all (default all)")
     p.add_argument("--select-compressed", action=argparse.BooleanOptionalAction, default=None,
                    help="also select the compressed model's own direction (source shift); default: on GPU only")
+    p.add_argument("--probes", action=argparse.BooleanOptionalAction, default=RepairConfig.probes,
+                   help="harmfulness and refusal-prediction probes of every state, before and after repair (default: on)")
+    p.add_argument("--n-refusal-probe", type=int, default=RepairConfig.n_refusal_probe,
+                   help=f"harmful training prompts the original generates to fit its refusal-prediction probe (0 = skip; default {RepairConfig.n_refusal_probe})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -63,7 +67,7 @@ def parse_args(argv=None) -> RepairConfig:
         curve_n_asr=a.curve_n_asr, **{"measurements_dir": "runs/measurements", **eval_overrides(a)},
         adv_suffix=not a.no_adv_suffix, ppl_windows=a.ppl_windows,
         zero_shot_limit=None if a.zero_shot_limit == -1 else a.zero_shot_limit,
-        zero_shot_tasks=task_names(a.zero_shot_tasks), batch_size=a.batch_size,
+        zero_shot_tasks=task_names(a.zero_shot_tasks), batch_size=a.batch_size, probes=a.probes, n_refusal_probe=a.n_refusal_probe,
     )
 
 

@@ -44,11 +44,15 @@ from refusal.eval_sets import check_names
 from refusal.judges import JUDGE_NAMES
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, describe_prompts, measure, paired, perplexity_rate, zero_shot_rates
 from refusal.direction import candidate_directions, cosine_map
+from refusal.probes import ProbeConfig
+from refusal.probing import harmfulness_probes, refusal_prediction_probes, training_prompts
+from refusal.probing import parameters as probe_params
 from refusal.quality import direction_quality
 from refusal.select import SelectionConfig, SharedPrompts, select_direction_cached
 
 from .aird import AirdConfig, choose_aird_block
 from .derivation import check_derivation, summarise
+from .probes import summarise_states
 from .refusal_probe import RefusalProbe
 from .report import LABELS, before_after_figure, curve_figure, file_slug, render_markdown
 from .restore import block_masks, block_params, count, restore_entries, restored
@@ -104,6 +108,12 @@ class RepairConfig:
     zero_shot_limit: int | None = 200  # None: the full splits; 0: skip zero-shot
     zero_shot_tasks: tuple[str, ...] | None = None  # None: all seven
     batch_size: int | None = None
+    # Probes of every evaluated state (refusal.probing): harmfulness probes fitted on the direction
+    # prompts (own, and the original's applied unchanged: transfer), and the original's
+    # refusal-prediction probe, fitted on its own verdicts on this many harmful training prompts
+    # (0: no refusal-prediction probe), against each state's held-out verdicts.
+    probes: bool = True
+    n_refusal_probe: int = 128
 
     def __post_init__(self):
         if self.save not in ("aird", "targeted"):
@@ -116,6 +126,8 @@ class RepairConfig:
         for name in ("n_asr", "n_harmless", "n_val", "n_train", "max_new_tokens", "ppl_windows"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_refusal_probe < 0:
+            raise UserError(f"n_refusal_probe must be 0 (off) or positive, got {self.n_refusal_probe}")
         if self.zero_shot_tasks:
             from lm.zero_shot import ZeroShotConfig
 
@@ -176,6 +188,7 @@ class Repair:
         self._given_selection = selection
         self._given_own_selection = own_selection  # the compressed model's own, if the caller has selected it
         self._top_masks: dict[int, dict[str, torch.Tensor]] = {}
+        self._original_probes: dict | None = None  # the original's fitted probes, set by its probes stage
         self.comp = load_model(cfg.compressed, dtype=cfg.dtype)
         self.original, self.model, self.tok = self.orig.model, self.comp.model, self.orig.tokenizer
         check_same_architecture(self.original, self.model)
@@ -356,12 +369,40 @@ class Repair:
         pos_index = self.selection.positions.index(self.source[0])
         own = cosine_map(dirs["directions"][pos_index, self.source[1]], self.direction)
         out["direction"] = dict(cosine_at_source=float(own), cosine_map=[[round(float(x), 4) for x in row] for row in cos])
+        out["directions_tensor"] = dirs["directions"]
         out["quality"] = cached_json(where / "quality_original_direction.json", {**fp_key, "source": list(self.source)},
                                      lambda: direction_quality(model, tok, self.direction, self.source[1], self.harmful_val, self.harmless_val,
                                                                self.selection.refusal_token_ids, self.cfg.batch_size or 32).to_json())
+        if c.probes:
+            out.update(self.probes(model, name, where, model_id, out["asr_vanilla"]))
         out["sparsity"] = {k: v for k, v in sparsity_report(model).items() if k != "per_matrix"}
         out["collapse"] = collapse_verdict(out["asr_vanilla"]["completions"], out["perplexity"]["perplexity"],
                                            self._ref_ppl if name != "original" else None).to_json()
+        return out
+
+    def probes(self, model, name: str, where: Path, model_id, asr: dict) -> dict:
+        """Harmfulness probes (own and the original's) and the original's refusal-prediction probe
+        on this state; the original's are fitted first and applied to every later state."""
+        c, tok = self.cfg, self.tok
+        pcfg, batch = ProbeConfig(seed=c.seed), c.batch_size or 16
+        test = [[p.text for p in cfg.prompts()] for cfg in (self.eval_config(), self.eval_config().harmless(c.harmless_sets, c.n_harmless))]
+        ref = self._original_probes if name != "original" else None
+        key = dict(model=model_id, train=_key([self.harmful_train, self.harmless_train]), test=_key(test), probe=dataclasses.asdict(pcfg),
+                   original_probes=None if ref is None else ref["key"])
+        out = dict(probes=cached_tensors(where / "probes.safetensors", key, lambda: harmfulness_probes(
+            model, tok, (self.harmful_train, self.harmless_train), (test[0], test[1]), pcfg, None if ref is None else ref["harmfulness"], batch)))
+        if c.n_refusal_probe:
+            train = training_prompts(c.n_refusal_probe, c.seed)
+            rkey = dict(key, train=_key([p.id for p in train]), test=_key([r["id"] for r in asr["records"]]),
+                        generation=dataclasses.asdict(self.eval_config().asr_config()))
+            # Only the original's probe is fitted (its training generations are the main job's, in the
+            # shared store); each repaired state is read with it, which needs no generation beyond its ASR.
+            out["refusal_probes"] = cached_tensors(where / "refusal_probes.safetensors", rkey, lambda: refusal_prediction_probes(
+                model, tok, train, self.eval_config(), self.store, model_id, asr, pcfg, None if ref is None else ref["refusal"], batch,
+                fit=name == "original"))
+        if name == "original":
+            self._original_probes = dict(harmfulness=probe_params(out["probes"]), key=_key(key),
+                                         refusal=probe_params(out["refusal_probes"]) if "refusal_probes" in out else None)
         return out
 
     def run(self) -> dict:
@@ -449,6 +490,7 @@ class Repair:
         samples = {name: [dict(goal=rec["prompt"], source=rec["source"], completion=rec["completions"][0])
                           for rec in e["asr_vanilla"]["records"][:3]] for name, e in evals.items()}
         tests = paired_tests(evals)
+        cell = (self.selection.positions.index(self.source[0]), self.source[1])
         return dict(
             original=self.cfg.original,
             original_name=self.orig.name,
@@ -466,6 +508,7 @@ class Repair:
             states=rows,
             tests=tests,
             findings=findings(rows, tests),
+            probes=summarise_states(evals, cell),
             evaluation=dict(harmful=describe_prompts(evals["original"]["asr_vanilla"], len(tests["asr_vanilla"]["arditi2024"])),
                             harmless=describe_prompts(evals["original"]["harmless"], len(tests["over_refusal"]["arditi2024"]))),
             samples=samples,

@@ -97,6 +97,7 @@ def render_markdown(r: dict) -> str:
     row("collapsed", lambda s: "yes: " + s["collapse"]["reason"] if s["collapse"]["collapsed"] else "no")
 
     lines += _tests_section(r)
+    lines += _probe_section(r)
     a = r["aird"]
     lines += ["", f"## AIRD block choice ({a['reason']})", "",
               f"Candidates: the blocks before the source layer; mean refusal score on {r['probe'].get('n_harmful', r['settings']['n_val'])} harmful val prompts, "
@@ -263,3 +264,28 @@ def curve_figure(results: dict[str, dict], title: str = "ASR against restored we
                       yaxis_title="vanilla ASR, Arditi judge (%)", yaxis_range=[0, 102], height=600, width=900, legend_title="checkpoint: method",
                       legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
     return fig
+
+
+def _probe_section(r: dict) -> list[str]:
+    """repair.md's probe section."""
+    probes = r.get("probes")
+    if not probes:
+        return []
+    src = r["source"]
+    lines = ["", "## Probes: recognition of harm and the step to refusal", "",
+             f"At the original's source (position {src['position']}, layer {src['layer']}). Harmfulness: L2 logistic regression fitted "
+             "on the direction prompts, scored on the held-out ASR and over-refusal prompts; *own*: the state's own probe, "
+             "*original's*: the original's probe on the state's activations; p: exact McNemar against the original's probe on the "
+             "original, Holm over the states. Refusal prediction: the original's probe of its own refusals (fitted on its verdicts on "
+             "harmful training prompts) read on each state's activations against the state's own verdicts; *flips*: prompts the "
+             "original refused and the state answers; *flagged*: of those, predicted as answered by the original's probe.", "",
+             "| state | own harm probe | p | original's harm probe | p | original's refusal probe | flips | flagged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in probes.items():
+        h, t = row["harmfulness"], row["harmfulness"].get("tests") or {}
+        ref = row.get("refusal") or {}
+        flips = ref.get("flips") or {}
+        refusal_acc = ref.get("own") if name == "original" else ref.get("transfer")
+        lines.append(f"| {LABELS[name]} | {fmt_rate(h['own'])} | {fmt_p(t.get('own'))} | {fmt_rate(h.get('transfer'))} | {fmt_p(t.get('transfer'))} | "
+                     f"{fmt_rate(refusal_acc)} | {flips.get('refused_to_answered', '-')} | {fmt_rate(flips.get('flagged_on_variant'))} |")
+    return lines + [""]

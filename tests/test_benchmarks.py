@@ -42,6 +42,8 @@ def test_tiny_run_prints_every_row_and_updates_results(tiny_dir, tmp_path, capsy
         assert r["check"] == "100% same text"  # greedy, batched or not: the same completions
     snip, = by_group["snip"]
     assert snip["check"].startswith("max rel. diff") and float(snip["check"].split()[-1]) < 1e-4
+    acts, fit = by_group["probes"]
+    assert acts["baseline_s"] is None and fit["check"].startswith("held-out accuracy at (-1, ") and "forward passes' time" in fit["note"]
     for r in by_group["direction"] + by_group["selection"]:
         assert float(r["check"].split()[-1]) < 1e-3, r
     text = results.read_text()

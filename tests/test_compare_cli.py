@@ -8,6 +8,7 @@ import json
 import pytest
 
 import experiments.compare_refusal as compare
+import experiments.comparison as stages
 from experiments.compare_refusal import CompareConfig, Comparison, main
 from tests.tiny import build_model, build_tokenizer, save_tiny
 
@@ -54,7 +55,7 @@ def test_bad_variant_spec(tiny_dir, tmp_path, monkeypatch, capsys, variant, frag
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the variant specs were checked")
 
-    monkeypatch.setattr(compare, "load_model", no_loading)
+    monkeypatch.setattr(stages, "load_model", no_loading)
     code, err, runs = run_cli(["--model", str(tiny_dir), "--variants", "wanda:0.5", variant], tmp_path, monkeypatch, capsys)
     assert_clean_failure(code, err, runs, tmp_path, fragment)
 
@@ -138,15 +139,27 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
         assert len(p["own_map"]) == len(stored["positions"]) and all(len(r) == 2 for r in p["own_map"])
         assert p["own_map"][stored["positions"].index(stored["probe_cell"]["position"])][stored["probe_cell"]["layer"]] == p["own"]
     assert "## Harmfulness probes" in markdown and {"probe_transfer", "probe_accuracy_maps"} <= set(stored["figures"])
+    # Refusal-prediction probes: labels from each model's own 16 training generations and its
+    # 4 held-out ASR verdicts. A random tiny model never writes a refusal string, so no probe can be
+    # fitted and the report says why; the flips against the original are still counted.
+    for row in stored["variants"]:
+        r = row["refusal_probes"]
+        assert r["n_train"] == 16 and r["n_test"] == 4 and r["train_refused"]["n"] == 16
+        assert r["fitted"] is False and "not fitted: the model refused 0 of 16" in r["reason"]
+        if row["variant"] != "original":
+            assert r["flips"]["refused_to_answered"] == 0 and r["flips"]["flagged_on_variant"] is None
+    assert "## Refusal-prediction probes" in markdown and "refusal_probes" not in stored["figures"]
     for slug in ("wanda-0.5", "rtn-int8", "wanda-2-4"):
         vdir = run_dir / "variants" / slug
         assert (vdir / "model" / "compression.json").is_file()
         assert (vdir / "directions.safetensors").is_file(), slug
         assert (vdir / "probes.safetensors").is_file(), slug
-    # One harmful and one harmless generation per model, one perplexity each, in the shared store.
+        assert (vdir / "refusal_probes.safetensors").is_file(), slug
+    # One harmful, one harmless and one refusal-probe training generation per model, one perplexity
+    # each, in the shared store.
     store = tmp_path / "runs" / "measurements"
     ablated = sum(v.get("asr_original_direction_ablated") is not None for v in stored["variants"])
-    assert len(list((store / "generations-vanilla").glob("*.json"))) == 2 * (1 + len(VARIANTS)) + ablated
+    assert len(list((store / "generations-vanilla").glob("*.json"))) == 3 * (1 + len(VARIANTS)) + ablated
     assert len(list((store / "perplexity").glob("*.json"))) == 1 + len(VARIANTS)
 
     # A rerun with the same settings must rebuild, regenerate and recompute nothing.
@@ -158,8 +171,11 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     import lm.perplexity
     import refusal.measure
 
-    for stage in ("candidate_directions", "build_variant_with_report", "response_calibration_set", "prompt_activations"):
-        monkeypatch.setattr(compare, stage, must_not_run)
+    import refusal.probing
+
+    for stage in ("candidate_directions", "build_variant_with_report", "response_calibration_set"):
+        monkeypatch.setattr(stages, stage, must_not_run)
+    monkeypatch.setattr(refusal.probing, "prompt_activations", must_not_run)
     monkeypatch.setattr(refusal.measure, "attack_success", must_not_run)
     monkeypatch.setattr(lm.perplexity, "window_nll", must_not_run)
     again = Comparison(tiny_config(tiny_dir, tmp_path / "runs")).run()
@@ -297,7 +313,8 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     # comparison's (keyed by the same weight fingerprints), generated once each.
     assert len(computed) == len(set(computed))
     by_weights = [c for c in computed if c[0] == "generations-vanilla" and not c[1].startswith("{")]
-    assert len(by_weights) == 4 and len({c[1] for c in by_weights}) == 2  # harmful + harmless of original and wanda
+    # harmful, harmless and refusal-probe training prompts of original and wanda
+    assert len(by_weights) == 6 and len({c[1] for c in by_weights}) == 2
     for state, variant in (("original", 0), ("compressed", 1)):
         assert repaired["states"][state]["rates"]["asr"]["vanilla"] == report["variants"][variant]["rates"]["asr"]
         assert repaired["states"][state]["rates"]["over_refusal"] == report["variants"][variant]["rates"]["over_refusal"]

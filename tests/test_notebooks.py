@@ -235,3 +235,46 @@ def test_probing_notebooks_execute(tmp_path, monkeypatch):
     assert tl_proj["harmful"].shape == tl_proj["harmless"].shape == (4, 24)
     # The direction separates the classes where it was read (harmful projects higher).
     assert tl_proj["harmful"][:, 14].mean() > tl_proj["harmless"][:, 14].mean()
+
+
+def test_linear_probe_notebook_is_clean_and_parameterised():
+    nbformat = pytest.importorskip("nbformat", reason="the probing extra is not installed (pip install -e '.[test]')")
+    nb = nbformat.read(REPO / "notebooks" / "linear_probe.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", []) and 'MODEL = "embedded"' in code[0].source
+    assert "PROBE_N_TRAIN" in code[1].source and "PROBE_N_TEST" in code[1].source
+
+
+@pytest.mark.slow
+def test_linear_probe_notebook_executes(tmp_path, monkeypatch):
+    """The scikit-learn probe notebook on the embedded model: 16 + 16 train, 16 + 16 held-out prompts."""
+    missing = [m for m in ("nbclient", "nbformat", "ipykernel") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the probing extra is not installed (missing {', '.join(missing)}); pip install -e '.[test]'")
+    import nbformat
+    from nbclient import NotebookClient
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("JUPYTER_PATH", str(_write_kernelspec(tmp_path / "jupyter")))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("PROBE_N_TRAIN", "16")
+    monkeypatch.setenv("PROBE_N_TEST", "16")
+    monkeypatch.delenv("PROBE_RUN_DIR", raising=False)
+    nb = nbformat.read(REPO / "notebooks" / "linear_probe.ipynb", as_version=4)
+    try:
+        NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}}).execute()
+    finally:
+        nbformat.write(nb, work / "linear_probe.ipynb")
+    text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
+    assert "fitted 24 probes" in text and "the probe is above chance at the direction's layer" in text
+
+    from safetensors.torch import load_file
+
+    saved = load_file(str(work / "runs" / "probe" / "linear_probe.safetensors"))
+    assert saved["coef"].shape == (1, 24, 896) and saved["cosine"].shape == (24,)
+    # Where the direction is read the probe's weights agree with it in sign (both point towards harm).
+    assert saved["cosine"][14] > 0
+    assert (work / "runs" / "probe" / "linear_probe.html").is_file()

@@ -243,7 +243,7 @@ def assert_block_choice_follows_the_scores(result: dict, kl_max: float = 0.1) ->
     assert result["states"]["aird"]["restored"] == by_layer[a["layer"]]["restored"] > 0
 
 
-SMALL = ["--n-asr", "3", "--n-harmless", "3", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4", "--ppl-windows", "2", "--zero-shot-limit", "0",
+SMALL = ["--n-asr", "3", "--n-harmless", "3", "--n-refusal-probe", "8", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4", "--ppl-windows", "2", "--zero-shot-limit", "0",
          "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "3"]
 
 
@@ -304,6 +304,24 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     assert all(t["test"] == "mcnemar-exact" and t["family_size"] == len(family) and t["p_holm"] >= t["p_value"] for t in family)
     assert result["evaluation"]["harmful"]["overlap_with_fitted"] == 0 and result["findings"]
 
+    # Probes before and after repair: each state's own harmfulness probe and the original's, tested
+    # against the original's on the original (Holm over the states); the original's
+    # refusal-prediction probe read on every state against the state's own verdicts.
+    probes = result["probes"]
+    assert set(probes) == set(result["states"])
+    n_test = 6 + result["states"]["original"]["rates"]["over_refusal"]["arditi2024"]["n"]
+    for name, row in probes.items():
+        h = row["harmfulness"]
+        assert h["own"]["n"] == n_test and h["cell"] == dict(position_index=h["cell"]["position_index"], layer=result["source"]["layer"])
+        if name == "original":
+            assert "tests" not in h and row["refusal"]["n_train"] == 8
+        else:
+            assert h["transfer"]["n"] == n_test and row["refusal"]["n_train"] == 0 and "flips" in row["refusal"]
+            for t in h["tests"].values():
+                assert t["test"] == "mcnemar-exact" and t["family_size"] == len(probes) - 1
+        assert row["refusal"]["test_refused"]["n"] == 6
+    assert "## Probes: recognition of harm and the step to refusal" in (out / "repair.md").read_text()
+
     # The main job's report renders the same result as one row of its repair table.
     from experiments.report import _repair_section
 
@@ -325,6 +343,9 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     written = weights.stat().st_mtime_ns
     (out / "repair.md").unlink()
     monkeypatch.setattr(pipeline, "RefusalProbe", lambda *a, **k: pytest.fail("a fully cached rerun built the refusal probe"))
+    import refusal.probing
+
+    monkeypatch.setattr(refusal.probing, "prompt_activations", lambda *a, **k: pytest.fail("a fully cached rerun ran the probes again"))
     code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
     assert code == 0, err
     assert "checkpoint kept" in err

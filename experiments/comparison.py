@@ -1,0 +1,376 @@
+"""The main job's stages for one base model (experiments.compare_refusal): build or reuse each
+variant, evaluate it through refusal.measure, extract and select its directions, probe it,
+cross-apply the original's direction, then report and repair. Every stage is cached in the run
+directory, so an interrupted run resumes where it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+from compression.calibration import ResponseCalibrationConfig, calibration_set, response_calibration_set
+from compression.checkpoint import read_manifest, save_variant, sparsity_report
+from compression.variants import VariantSpec, build_variant_with_report, parse_variant, validate_variant
+from lm import datasets
+from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json, cached_tensors, measured, timed
+from lm.errors import UserError
+from lm.loading import load_model, model_fingerprint
+from lm.perplexity import PerplexityConfig, measure_perplexity
+from refusal.measure import measure
+from refusal.direction import candidate_directions
+from refusal.probes import ProbeConfig
+from refusal.probing import harmfulness_probes, refusal_prediction_probes, training_prompts
+from refusal.probing import parameters as probe_params
+from refusal.quality import direction_quality
+from refusal.score import refusal_tokens
+from refusal.select import SelectionConfig, SharedPrompts, select_direction_cached
+
+from .compare_config import CompareConfig
+from .compare_figures import export_figures, make_figures, save_figures
+from .compare_summary import summarise
+from .report import render_html, render_markdown
+
+
+def _log(msg: str) -> None:
+    print(f"[compare_refusal] {msg}", file=sys.stderr, flush=True)
+
+
+class Comparison:
+    """Runs the stages for one base model; every stage is cached in the run directory."""
+
+    def __init__(self, cfg: CompareConfig):
+        self.cfg = cfg
+        self.specs = [parse_variant("original")] + [parse_variant(v) for v in cfg.variants]
+        slugs = [s.slug for s in self.specs]
+        if len(set(slugs)) != len(slugs):
+            raise UserError(f"duplicate variants in {list(cfg.variants)}")
+        self.dir = cfg.run_dir()
+        self.base = load_model(cfg.model, dtype=cfg.dtype)
+        self.cfg = cfg = cfg.resolved(on_gpu=next(self.base.model.parameters()).device.type == "cuda")
+        for spec in self.specs:
+            validate_variant(spec, self.base.model)
+        self._fingerprint: str | None = None
+        self._calibration = None
+        self._responses = None
+        self._original_selection = None
+        self._own_replies: dict = {}
+        self._original_probes: dict | None = None
+        self._original_refusal_probes: dict | None = None
+
+    # --- shared inputs -------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.base.model)
+        return self._fingerprint
+
+    def calibration(self):
+        if self._calibration is None:
+            # The model writes its own replies when the calibration source asks for them.
+            self._calibration = calibration_set(self.base.tokenizer, self.cfg.calibration_config(), model=self.base.model)
+        return self._calibration
+
+    def own_replies(self, kind: str):
+        """The base model's own refusals (safety) or helpful replies (utility), generated once (Wei et al.)."""
+        from compression.attribution import OwnRepliesConfig, safety_calibration, utility_calibration
+
+        if kind not in self._own_replies:
+            cfg = OwnRepliesConfig(n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed)
+            make = safety_calibration if kind == "safety" else utility_calibration
+            self._own_replies[kind] = make(self.base.model, self.base.tokenizer, cfg)
+        return self._own_replies[kind]
+
+    def responses(self):
+        """(instruction, own greedy response) pairs for gradient-based scores (SNIP), generated once."""
+        if self._responses is None:
+            cfg = ResponseCalibrationConfig(n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed)
+            self._responses = response_calibration_set(self.base.model, self.base.tokenizer, cfg)
+        return self._responses
+
+    def direction_prompts(self) -> tuple[list[str], list[str]]:
+        """The instructions every model's candidate directions are computed on.
+
+        With selection on, these are the original's filtered train sets, so the original's
+        candidates are exactly the ones its selection chose from and every variant is compared on
+        the same prompts; otherwise a seeded unfiltered sample.
+        """
+        if self._original_selection is not None:
+            p = self._original_selection.prompts
+            return p["harmful_train"], p["harmless_train"]
+        n, seed = self.cfg.n_train, self.cfg.seed
+        return (
+            datasets.sample(datasets.instructions("harmful", "train"), n, seed),
+            datasets.sample(datasets.instructions("harmless", "train"), n, seed),
+        )
+
+    def selection_config(self) -> SelectionConfig:
+        c = self.cfg
+        return SelectionConfig(n_train=c.n_train, n_val=c.n_val, seed=c.seed, search=c.search,
+                               prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, batch_size=c.batch_size or 32)
+
+    def val_prompts(self) -> tuple[list[str], list[str]]:
+        """One unfiltered validation sample, shared by every variant so quality numbers compare."""
+        n, seed = self.cfg.n_val, self.cfg.seed
+        return (datasets.sample(datasets.instructions("harmful", "val"), n, seed),
+                datasets.sample(datasets.instructions("harmless", "val"), n, seed))
+
+    # --- per-variant stages --------------------------------------------------------------
+    def variant_model(self, spec: VariantSpec):
+        """The variant's model: built once, saved as a checkpoint, reloaded on later runs."""
+        if spec.method == "original":
+            return self.base.model
+        ckpt = self.dir / "variants" / spec.slug / "model"
+        params = self.variant_params(spec)
+        manifest = read_manifest(ckpt)
+        if self.reusable(spec, manifest, params):
+            _log(f"{spec.text}: reusing checkpoint {ckpt}")
+            return load_model(str(ckpt), dtype=self.cfg.dtype).model
+        _log(f"{spec.text}: building")
+        model, removal, seconds = self.build(spec)
+        if self.cfg.save_checkpoints:
+            save_variant(model, self.base.tokenizer, ckpt, dict(
+                method=spec.method, spec=spec.text, params=params, build_seconds=seconds, removal=removal,
+                calibration_sha256=self.calibration_digests(spec),
+                calibration=self.calibration().description if spec.needs_calibration else None,
+                base_model=self.cfg.model, base_fingerprint=self.fingerprint(),
+            ))
+        return model
+
+    def reusable(self, spec: VariantSpec, manifest: dict | None, params: dict) -> bool:
+        """Whether a saved variant was built by the same method from the same base and calibration.
+
+        The prompt calibration is cheap to rebuild, so its digest is compared, which also catches a
+        change in how it is made; the model's own replies (SNIP, set difference) would cost minutes
+        of generation, so for them the settings in `params` stand in.
+        """
+        if manifest is None or manifest.get("params") != params or manifest.get("base_fingerprint") != self.fingerprint():
+            return False
+        if spec.needs_calibration:
+            cal = self.calibration()
+            if manifest.get("calibration_sha256", {}).get("prompts") != cal.digest or manifest.get("calibration") != cal.description:
+                return False
+        return True
+
+    def build(self, spec: VariantSpec):
+        """(variant model, what the method removed, seconds): built from the base model, never saved.
+
+        Calibration and own replies are generated once per run; importance scores are cached in
+        <run>/scores. experiments.brittleness builds its sweep points through this too.
+        """
+        start = time.perf_counter()
+        model, removal = build_variant_with_report(
+            self.base.model, spec,
+            self.calibration() if spec.needs_calibration else None,
+            responses=self.responses() if spec.needs_responses else None,
+            safety=self.own_replies("safety") if spec.needs_safety else None,
+            utility=self.own_replies("utility") if spec.needs_utility else None,
+            scores_dir=self.dir / "scores",
+        )
+        return model, removal, time.perf_counter() - start
+
+    def calibration_digests(self, spec: VariantSpec) -> dict:
+        """SHA-256 of every calibration set the variant was built from, by role."""
+        out = {}
+        if spec.needs_calibration:
+            out["prompts"] = self.calibration().digest
+        if spec.needs_responses:
+            out["responses"] = self.responses().digest
+        if spec.needs_safety:
+            out["safety"] = self.own_replies("safety").digest
+        if spec.needs_utility:
+            out["utility"] = self.own_replies("utility").digest
+        return out
+
+    def variant_params(self, spec: VariantSpec) -> dict:
+        params = dict(spec.params)
+        if spec.needs_calibration or spec.needs_responses or spec.needs_safety or spec.needs_utility:
+            params.update(calib_samples=self.cfg.calib_samples, seed=self.cfg.seed)
+        if spec.needs_calibration and (self.cfg.calib_source, self.cfg.calib_seqlen) != (CompareConfig.calib_source, CompareConfig.calib_seqlen):
+            # Only when not the defaults, so runs cached before these settings existed stay valid.
+            params.update(calib_source=self.cfg.calib_source, calib_seqlen=self.cfg.calib_seqlen)
+        if spec.needs_responses or spec.needs_safety or spec.needs_utility:
+            params.update(response_tokens=min(64, self.cfg.max_new_tokens))
+        return params
+
+    def model_id(self, spec: VariantSpec, model) -> str:
+        """The weight fingerprint that keys the variant's measurements (the same one python -m repair
+        computes for the saved checkpoint, so the repair stage reuses them)."""
+        return self.fingerprint() if spec.method == "original" else model_fingerprint(model)
+
+    def evaluate(self, spec: VariantSpec, model) -> dict:
+        cfg, tok = self.cfg, self.base.tokenizer
+        vdir = self.dir / "variants" / spec.slug
+        key = dict(variant=spec.text, params=self.variant_params(spec), base=self.fingerprint())
+        mid, store = self.model_id(spec, model), cfg.store()
+
+        asr = measure(model, tok, cfg.eval_config(), store, mid)
+        over = measure(model, tok, cfg.harmless_config(), store, mid)
+        pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
+        ppl = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))
+        if cfg.zero_shot_limit:
+            from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
+
+            zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
+            zs = measured(store, "zero_shot", mid, [zcfg], lambda: zero_shot_accuracy(model, tok, zcfg))
+        selection = None
+        if cfg.select and spec.method == "original":
+            selection = self._original_selection = select_direction_cached(
+                model, tok, vdir / "selection", self.selection_config(), fingerprint=json.dumps(key, sort_keys=True))
+        harmful, harmless = self.direction_prompts()
+        dirs = cached_tensors(vdir / "directions.safetensors", {**key, "prompts": _digest(harmful + ["\0"] + harmless)},
+                              lambda: candidate_directions(model, tok, harmful, harmless))
+        if cfg.select and spec.method != "original" and cfg.select_variants:
+            # On the original's filtered prompts (whose candidates are `dirs`): a different source
+            # then means different weights, not a different set of prompts the variant still refuses.
+            ref = self._original_selection
+            shared = SharedPrompts(ref.prompts, dirs["directions"]) if ref is not None and ref.prompts else None
+            selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
+                                                fingerprint=json.dumps(key, sort_keys=True), shared=shared)
+        out = dict(asr=asr, harmless=over, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model), model_id=mid)
+        if cfg.probes:
+            out["probes"] = self.probes(spec, model, key, harmful, harmless)
+            if cfg.n_refusal_probe:
+                out["refusal_probes"] = self.refusal_probes(spec, model, key, asr, mid)
+        if cfg.zero_shot_limit:
+            out["zero_shot"] = zs
+        if selection is not None:
+            out["selection"] = selection
+        return out
+
+    def probes(self, spec: VariantSpec, model, key: dict, harmful: list[str], harmless: list[str]) -> dict[str, torch.Tensor]:
+        """Harmfulness probes fitted on the direction prompts, per-prompt correctness on the held-out
+        ASR / over-refusal prompts, and the original's probes on this model's activations (transfer)."""
+        cfg, tok = self.cfg, self.base.tokenizer
+        test = [[p.text for p in c.prompts()] for c in (cfg.eval_config(), cfg.harmless_config())]
+        pcfg = ProbeConfig(seed=cfg.seed)
+        ref = self._original_probes
+        pkey = {**key, "train": _digest(harmful + ["\0"] + harmless), "test": _digest(test[0] + ["\0"] + test[1]),
+                "probe": dataclasses.asdict(pcfg), "original_probes": None if ref is None else ref["key"]}
+
+        result = cached_tensors(self.dir / "variants" / spec.slug / "probes.safetensors", pkey, lambda: harmfulness_probes(
+            model, tok, (harmful, harmless), (test[0], test[1]), pcfg, None if ref is None else ref["params"], cfg.batch_size or 16))
+        if spec.method == "original":
+            self._original_probes = dict(params=probe_params(result), key=_digest([json.dumps(pkey, sort_keys=True)]))
+        return result
+
+    def refusal_probes(self, spec: VariantSpec, model, key: dict, asr: dict, model_id) -> dict[str, torch.Tensor]:
+        """The refusal-prediction probe (refusal.probing): fitted on this model's own verdicts on
+        harmful training prompts, scored against its verdicts on the held-out ASR prompts."""
+        cfg, tok = self.cfg, self.base.tokenizer
+        train = training_prompts(cfg.n_refusal_probe, cfg.seed)
+        pcfg = ProbeConfig(seed=cfg.seed)
+        ref = self._original_refusal_probes
+        rkey = {**key, "model_id": model_id, "train": _digest([p.id for p in train]), "test": _digest([r["id"] for r in asr["records"]]),
+                "generation": dataclasses.asdict(cfg.eval_config().asr_config()), "probe": dataclasses.asdict(pcfg),
+                "original_probes": None if ref is None else ref["key"]}
+        result = cached_tensors(self.dir / "variants" / spec.slug / "refusal_probes.safetensors", rkey, lambda: refusal_prediction_probes(
+            model, tok, train, cfg.eval_config(), cfg.store(), model_id, asr, pcfg, None if ref is None else ref["params"], cfg.batch_size or 16))
+        if spec.method == "original":
+            self._original_refusal_probes = dict(params=probe_params(result), key=_digest([json.dumps(rkey, sort_keys=True)]))
+        return result
+
+    def cross_evaluate(self, spec: VariantSpec, model, own: dict, original: dict) -> dict:
+        """The original's direction inside the variant and the variant's inside the original."""
+        cfg, tok = self.cfg, self.base.tokenizer
+        vdir = self.dir / "variants" / spec.slug
+        ref = original["selection"]
+        if ref.chosen is None:
+            return {}
+        harmful, harmless = self.val_prompts()
+        ids = refusal_tokens(tok)
+        key = dict(variant=spec.text, params=self.variant_params(spec), base=self.fingerprint(), n_val=cfg.n_val,
+                   seed=cfg.seed, original_source=list(ref.chosen))
+
+        def quality(m, vec, layer):
+            return direction_quality(m, tok, vec, layer, harmful, harmless, ids, cfg.batch_size or 32).to_json()
+
+        out = dict(original_direction=cached_json(vdir / "quality_original_direction.json", key,
+                                                  lambda: quality(model, ref.direction_raw, ref.chosen[1])))
+        sel = own.get("selection")
+        if spec.method != "original" and sel is not None and sel.chosen is not None:
+            out["own_direction"] = cached_json(vdir / "quality_own_direction.json", {**key, "source": list(sel.chosen)},
+                                               lambda: quality(model, sel.direction_raw, sel.chosen[1]))
+            out["own_direction_in_original"] = cached_json(vdir / "quality_own_direction_in_original.json", {**key, "source": list(sel.chosen)},
+                                                           lambda: quality(self.base.model, sel.direction_raw, sel.chosen[1]))
+        if cfg.n_ablation_asr:
+            from lm.hooks import intervene
+
+            # The direction was fitted on train prompts and chosen on val ones: the ASR with it
+            # ablated is measured on the held-out sets like every other ASR.
+            ablated_id = dict(model=own["model_id"], ablate=_digest([repr(ref.direction_raw.tolist())]))
+            with intervene(model, ablate=ref.direction_raw):
+                out["asr_original_direction_ablated"] = measure(model, tok, cfg.eval_config(cfg.n_ablation_asr), cfg.store(), ablated_id)
+        return out
+
+    # --- the whole job -------------------------------------------------------------------
+    def run(self) -> dict:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        clock = RunClock(self.dir / "invocations.json")
+        atomic_write_json(self.dir / "config.json", dataclasses.asdict(self.cfg))
+        results = {}
+        for spec in self.specs:
+            model = self.variant_model(spec)
+            _log(f"{spec.text}: evaluating")
+            r = self.evaluate(spec, model)
+            if self.cfg.select:
+                r["cross"] = self.cross_evaluate(spec, model, r, results.get("original", (None, r))[1])
+            results[spec.slug] = (spec, r)
+            if model is not self.base.model:
+                del model
+            clock.tick()
+        report = summarise(results, self.cfg, self.base.tokenizer, self.base.name, self.fingerprint(), clock.seconds)
+        if self.cfg.repair:
+            report["repairs"] = self.repair(results, report, clock)
+            report["wall_seconds"] = clock.seconds
+        clock.tick(finished=True)
+        report.update(clock.summary())
+        figs = make_figures(results, report)
+        report["figures"] = save_figures(self.dir, figs)
+        atomic_write_json(self.dir / "report.json", report)
+        markdown_text = render_markdown(report)
+        atomic_write_text(self.dir / "report.md", markdown_text)
+        atomic_write_text(self.dir / "report.html", render_html(markdown_text, figs, report["model_name"]))
+        if self.cfg.figures_dir:
+            for line in export_figures(figs, self.cfg.figures_dir):
+                _log(line)
+        _log(f"report: {self.dir / 'report.md'}")
+        return report
+
+    def repair(self, results: dict, report: dict, clock: RunClock) -> dict:
+        """AIRD + targeted repair of every saved variant whose direction changed at the original's source."""
+        from repair.pipeline import Repair, RepairConfig
+
+        ref = results["original"][1].get("selection")
+        if ref is None or ref.chosen is None or not self.cfg.save_checkpoints:
+            _log("repair skipped: it needs the original's selected direction and saved variant checkpoints")
+            return {}
+        c, out = self.cfg, {}
+        for row in report["variants"][1:]:
+            cos = row.get("cosine_at_original_source")
+            if cos is None or cos >= c.repair_below:
+                continue
+            spec, own = next((s, r) for s, r in results.values() if s.text == row["variant"])
+            vdir = self.dir / "variants" / spec.slug
+            _log(f"{spec.text}: repairing (cosine at the original's source {cos:.3f})")
+            rcfg = RepairConfig(original=c.model, compressed=str(vdir / "model"), out=str(vdir / "repaired"), runs_dir=str(self.dir / "repair"),
+                                dtype=c.dtype, seed=c.seed, n_train=c.n_train, n_val=c.n_val, search=c.search,
+                                prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, n_asr=c.repair_n_asr,
+                                eval_sets=c.eval_sets, harmless_sets=c.harmless_sets, n_harmless=c.n_harmless,
+                                curve_n_asr=c.repair_curve_n_asr, measurements_dir=str(c.store()),
+                                max_new_tokens=c.repair_max_new_tokens, adv_suffix=c.repair_adv_suffix,
+                                curve_fractions=tuple(c.repair_curve_fractions), ppl_windows=c.ppl_windows, ppl_seqlen=c.ppl_seqlen,
+                                zero_shot_limit=c.zero_shot_limit, zero_shot_tasks=tuple(c.zero_shot_tasks), batch_size=c.batch_size,
+                                select_compressed=c.select_variants, probes=c.probes, n_refusal_probe=c.n_refusal_probe)
+
+            out[row["variant"]] = Repair(rcfg, original=self.base, selection=ref, own_selection=own.get("selection")).run()
+            clock.tick()
+        return out
+
+
+def _digest(texts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
