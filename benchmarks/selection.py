@@ -2,7 +2,7 @@
 
 Arditi et al. score each (position, layer) candidate with its own forward passes: bypass (harmful
 val, direction ablated), KL (harmless val, ablated, against the unablated logits) and induce
-(harmless val, direction added at its layer). refusal.select.score_candidates puts several
+(harmless val, direction added at its layer). refusal.candidate_scores.score_candidates puts several
 candidates into one pass (each row carries its own direction) and resumes induce passes from
 cached block inputs. Both run here on the same candidates (position -1, layers spread over the
 model) and validation prompts; the scores must agree up to float rounding.
@@ -24,7 +24,7 @@ from refusal.score import (
     refusal_score,
     refusal_tokens,
 )
-from refusal.select import score_candidates
+from refusal.candidate_scores import score_candidates
 
 from .measure import measure
 from .suite import Settings, row

@@ -9,7 +9,7 @@ import torch
 
 from lm.cache import atomic_write_text, write_plotlyjs
 from refusal.compare import cosine_heatmaps_figure, quality_bars_figure, source_shift_figure
-from refusal.select import score_maps_figure
+from refusal.selection_artifacts import score_maps_figure
 
 from .probe_report import probe_transfer_figure, refusal_probe_figure
 from .report import asr_figure, cosine_per_layer_figure

@@ -27,7 +27,8 @@ from refusal.probing import harmfulness_probes, refusal_prediction_probes, train
 from refusal.probing import parameters as probe_params
 from refusal.quality import direction_quality
 from refusal.score import refusal_tokens
-from refusal.select import SelectionConfig, SharedPrompts, select_direction_cached
+from refusal.select import SelectionConfig, SharedPrompts
+from refusal.selection_artifacts import select_direction_cached
 
 from .compare_config import CompareConfig
 from .compare_figures import export_figures, make_figures, save_figures

@@ -36,7 +36,8 @@ from refusal.interventions import orthogonalize_weights
 from refusal.judges import JUDGE_NAMES
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, add_eval_arguments, describe_prompts, eval_overrides, measure, paired
 from refusal.stats import add_holm, describe_change, fmt_p, fmt_rate
-from refusal.select import SelectionConfig, load_selection, score_maps_figure, select_direction_cached
+from refusal.select import SelectionConfig
+from refusal.selection_artifacts import load_selection, score_maps_figure, select_direction_cached
 
 
 LABELS = {"harmful_baseline": "harmful, baseline", "harmful_ablated": "harmful, direction ablated (hooks)",

@@ -7,7 +7,7 @@ token) point along the refusal direction, for harmful versus harmless chat promp
 The direction always comes from a saved artifact:
 
 * a selection directory (selection.json + direction.safetensors, written by
-  refusal.select.select_direction_cached) is read with refusal.select.load_selection and its
+  refusal.selection_artifacts.select_direction_cached) is read with refusal.selection_artifacts.load_selection and its
   chosen (position, layer) is used;
 * otherwise difference-of-means candidates (refusal.direction.candidate_directions) on a small
   seeded train sample are saved to <run_dir>/direction.safetensors (reused while the model and
@@ -31,7 +31,8 @@ from lm.errors import UserError
 from lm.hooks import capture, decoder_layers
 
 from .direction import candidate_directions
-from .select import DIRECTION_FILE, SELECTION_JSON, load_selection
+from .select import DIRECTION_FILE, SELECTION_JSON
+from .selection_artifacts import load_selection
 
 DEFAULT_LAYER_FRACTION = 0.58
 PROBE_DIRECTION_FILE = "direction.safetensors"

@@ -4,17 +4,23 @@ Repair copies original weights into the compressed model, which is only meaningf
 share a base. Pruning keeps every surviving weight exactly (up to the checkpoint's float format),
 so a surviving weight that differs from the original's means another model; quantization and
 low-rank edits change every weight a little, so a small relative error per matrix is required
-instead. Parameters outside the decoder linears (embeddings, norms, LM head) must match.
+instead. Parameters outside the decoder linears (embeddings, norms, LM head) must match. Before
+that, the two must share an architecture (`check_same_architecture`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from compression.blockwise import block_linears
 from lm.errors import UserError
+from lm.hooks import decoder_layers
+
+from .report import file_slug
 
 # bfloat16 keeps 8 significant bits: a surviving weight saved in bf16 may differ from its float32
 # original by up to half a unit in the last place, 2**-8 relative.
@@ -91,3 +97,28 @@ def summarise(records: list[MatrixDerivation]) -> dict:
         changed=sum(r.changed for r in records),
         per_matrix=[asdict(r) for r in records if r.kind != "identical"],
     )
+
+
+def check_same_architecture(original, compressed) -> None:
+    a, b = original.config, compressed.config
+    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
+    for name in fields:
+        if getattr(a, name, None) != getattr(b, name, None):
+            raise UserError(f"architecture mismatch: {name} is {getattr(a, name, None)} in the original but "
+                            f"{getattr(b, name, None)} in the compressed checkpoint")
+
+
+def decoder_linear_names(model) -> set[str]:
+    names = set()
+    for index, block in enumerate(decoder_layers(model)):
+        for name, linear in block_linears(block).items():
+            names.update(n for n, p in model.named_parameters() if p is linear.weight)
+    return names
+
+
+def checkpoint_name(path: Path, manifest: dict | None) -> str:
+    """A readable run-directory name: the variant spec from compression.json, else the directory name."""
+    spec = (manifest or {}).get("spec")
+    if spec:
+        return file_slug(spec)
+    return path.resolve().name

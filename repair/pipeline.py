@@ -27,12 +27,10 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from compression.blockwise import block_linears
 from compression.checkpoint import MANIFEST, read_manifest, sparsity_report
 from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, cached_tensors, measured, timed, write_plotlyjs
 from lm.errors import UserError
@@ -40,24 +38,25 @@ from lm.hooks import decoder_layers
 from lm.loading import load_model, model_fingerprint
 from lm.perplexity import PerplexityConfig, measure_perplexity
 from refusal.collapse import collapse_verdict
-from refusal.eval_sets import check_names
-from refusal.judges import JUDGE_NAMES
-from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, describe_prompts, measure, paired, perplexity_rate, zero_shot_rates
+from refusal.measure import EvalConfig, describe_prompts, measure, perplexity_rate, zero_shot_rates
 from refusal.direction import candidate_directions, cosine_map
 from refusal.probes import ProbeConfig
 from refusal.probing import harmfulness_probes, refusal_prediction_probes, training_prompts
 from refusal.probing import parameters as probe_params
 from refusal.quality import direction_quality
-from refusal.select import SelectionConfig, SharedPrompts, select_direction_cached
+from refusal.select import SelectionConfig, SharedPrompts
+from refusal.selection_artifacts import select_direction_cached
 
-from .aird import AirdConfig, choose_aird_block
-from .derivation import check_derivation, summarise
+from .aird import choose_aird_block
+from .comparisons import findings, paired_tests
+from .config import RepairConfig
+from .derivation import check_derivation, check_same_architecture, checkpoint_name, decoder_linear_names, summarise
+from .output import jsonable, unchanged_output
 from .probes import summarise_states
 from .refusal_probe import RefusalProbe
-from .report import LABELS, before_after_figure, curve_figure, file_slug, render_markdown
+from .report import before_after_figure, curve_figure, render_markdown
 from .restore import block_masks, block_params, count, restore_entries, restored
 from .targeted import (
-    TargetedConfig,
     first_order_scores,
     own_refusal_batches,
     own_refusal_objective,
@@ -68,105 +67,13 @@ from .targeted import (
     top_masks,
 )
 
-STATES = ("original", "compressed", "aird", "targeted")
-
-
-@dataclass
-class RepairConfig:
-    original: str = "embedded"
-    compressed: str = ""
-    out: str = ""
-    runs_dir: str = "runs/repair"
-    dtype: str = "float32"
-    seed: int = 0
-    # the original's direction (Arditi et al. selection; see refusal.select.SelectionConfig)
-    n_train: int = 128
-    n_val: int = 32
-    search: str = "lazy"
-    prescreen_n_val: int = 8
-    prescreen_keep: int = 16
-    select_compressed: bool | None = None  # the compressed model's own selection (source shift); None = on GPU only
-    source: tuple[int, int] | None = None  # (position, layer) to use instead of the original's selected source
-    aird: AirdConfig = field(default_factory=AirdConfig)
-    targeted: bool = True
-    targeted_cfg: TargetedConfig = field(default_factory=TargetedConfig)
-    curve_fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # of AIRD's restored count, for the ASR curve
-    save: str = "aird"  # which repaired model becomes the output checkpoint
-    # evaluation: held-out harmful prompts (refusal.eval_sets names or file:PATH; the first n_asr
-    # of each) and harmless ones for over-refusal; the restoration curve on the first curve_n_asr
-    # of each set (None: n_asr)
-    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
-    n_asr: int = 50
-    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS
-    n_harmless: int = 50
-    curve_n_asr: int | None = None
-    measurements_dir: str | None = None  # the measurement store; None: <runs_dir>/measurements
-    max_new_tokens: int = 128
-    adv_suffix: bool = True
-    ppl_windows: int = 8
-    ppl_seqlen: int = 512
-    zero_shot_limit: int | None = 200  # None: the full splits; 0: skip zero-shot
-    zero_shot_tasks: tuple[str, ...] | None = None  # None: all seven
-    batch_size: int | None = None
-    # Probes of every evaluated state (refusal.probing): harmfulness probes fitted on the direction
-    # prompts (own, and the original's applied unchanged: transfer), and the original's
-    # refusal-prediction probe, fitted on its own verdicts on this many harmful training prompts
-    # (0: no refusal-prediction probe), against each state's held-out verdicts.
-    probes: bool = True
-    n_refusal_probe: int = 128
-
-    def __post_init__(self):
-        if self.save not in ("aird", "targeted"):
-            raise UserError(f"save must be 'aird' or 'targeted', got {self.save!r}")
-        if self.save == "targeted" and not self.targeted:
-            raise UserError("save='targeted' needs the targeted repair (do not disable it)")
-        if any(not 0 < f <= 1 for f in self.curve_fractions):
-            raise UserError(f"curve fractions must lie in (0, 1], got {self.curve_fractions}")
-        self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
-        for name in ("n_asr", "n_harmless", "n_val", "n_train", "max_new_tokens", "ppl_windows"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_refusal_probe < 0:
-            raise UserError(f"n_refusal_probe must be 0 (off) or positive, got {self.n_refusal_probe}")
-        if self.zero_shot_tasks:
-            from lm.zero_shot import ZeroShotConfig
-
-            ZeroShotConfig(tasks=self.zero_shot_tasks)  # an unknown task fails here, not after hours of work
-
 
 def _log(msg: str) -> None:
     print(f"[repair] {msg}", file=sys.stderr, flush=True)
 
 
-
-
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def check_same_architecture(original, compressed) -> None:
-    a, b = original.config, compressed.config
-    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
-    for name in fields:
-        if getattr(a, name, None) != getattr(b, name, None):
-            raise UserError(f"architecture mismatch: {name} is {getattr(a, name, None)} in the original but "
-                            f"{getattr(b, name, None)} in the compressed checkpoint")
-
-
-def decoder_linear_names(model) -> set[str]:
-    names = set()
-    for index, block in enumerate(decoder_layers(model)):
-        for name, linear in block_linears(block).items():
-            names.update(n for n, p in model.named_parameters() if p is linear.weight)
-    return names
-
-
-def checkpoint_name(path: Path, manifest: dict | None) -> str:
-    """A readable run-directory name: the variant spec from compression.json, else the directory name."""
-    spec = (manifest or {}).get("spec")
-    if spec:
-        return file_slug(spec)
-    return path.resolve().name
 
 
 class Repair:
@@ -408,7 +315,7 @@ class Repair:
     def run(self) -> dict:
         start = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.dir / "config.json", _jsonable(dataclasses.asdict(self.cfg)))
+        atomic_write_json(self.dir / "config.json", jsonable(dataclasses.asdict(self.cfg)))
         _log(f"original {self.orig.name}: selecting its refusal direction")
         self.diagnose()
         _log(f"source: position {self.source[0]}, layer {self.source[1]}; choosing the AIRD block")
@@ -532,7 +439,7 @@ class Repair:
         masks = self.states()[self.cfg.save]
         restore_entries(self.model, self.original, masks)
         manifest = self._manifest(result, masks)
-        kept = _unchanged(Path(self.cfg.out), _jsonable(manifest), _jsonable(result))
+        kept = unchanged_output(Path(self.cfg.out), jsonable(manifest), jsonable(result))
         if kept is not None:
             # The readable outputs are redrawn (cheap, and the rendering code may have changed).
             self._write_readable(Path(self.cfg.out), kept)
@@ -541,8 +448,8 @@ class Repair:
         with atomic_dir(Path(self.cfg.out)) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tok.save_pretrained(tmp)
-            atomic_write_json(tmp / MANIFEST, _jsonable(manifest))
-            atomic_write_json(tmp / "repair.json", _jsonable(result))
+            atomic_write_json(tmp / MANIFEST, jsonable(manifest))
+            atomic_write_json(tmp / "repair.json", jsonable(result))
             self._write_readable(tmp, result)
         _log(f"wrote {self.cfg.out} ({self.cfg.save}-repaired checkpoint, repair.md)")
         return result
@@ -566,63 +473,3 @@ class Repair:
             sparsity_before=result["states"]["compressed"]["sparsity"],
         )
         return manifest
-
-
-def _unchanged(out: Path, manifest: dict, result: dict) -> dict | None:
-    """The repair.json in `out` if `out` was written with this manifest and these results (wall time aside)."""
-    try:
-        stored = json.loads((out / "repair.json").read_text(encoding="utf-8"))
-        stored_manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not any(out.glob("*.safetensors")) or stored_manifest != manifest:
-        return None
-    strip = lambda r: {k: v for k, v in r.items() if k != "wall_seconds"}
-    return stored if strip(stored) == strip(result) else None
-
-
-# The paired comparisons of the repair table: (first, second), the test asks whether they differ.
-COMPARISONS = (("aird", "compressed"), ("targeted", "compressed"), ("targeted", "aird"), ("compressed", "original"))
-
-
-def paired_tests(evals: dict) -> dict:
-    """Exact McNemar tests per measure and judge; Holm within each family (one measure, one judge)."""
-    from refusal.stats import add_holm
-
-    out = {}
-    measures = {f"asr_{s}": ("jailbroken", f"asr_{s}") for s in ("vanilla", "adv_suffix")} | {"over_refusal": ("refused", "harmless")}
-    for name, (outcome, key) in measures.items():
-        by_judge = {}
-        for judge in JUDGE_NAMES:
-            family = []
-            for a, b in COMPARISONS:
-                if a in evals and b in evals and key in evals[a] and key in evals[b]:
-                    t = paired(evals[a][key], evals[b][key], judge, outcome)
-                    if t is not None:
-                        family.append(dict(t, first=a, second=b))
-            if family:
-                by_judge[judge] = add_holm(family)
-        if by_judge:
-            out[name] = by_judge
-    return out
-
-
-def findings(rows: dict, tests: dict) -> list[str]:
-    """The report's sentences on the repairs (Arditi judge), each a change only where the test says so."""
-    from refusal.stats import describe_change
-
-    out = []
-    for name, measure_key, what in (("asr_vanilla", ("asr", "vanilla"), "vanilla ASR"), ("over_refusal", ("over_refusal",), "over-refusal")):
-        for t in tests.get(name, {}).get("arditi2024", []):
-            def rate(state):
-                r = rows[state]["rates"][measure_key[0]]
-                return (r[measure_key[1]] if len(measure_key) > 1 else r)["arditi2024"]
-
-            # Read as a change from the second state to the first: b counts prompts true only in the first.
-            flipped = dict(t, b=t["c"], c=t["b"])
-            out.append(describe_change(LABELS[t["second"]], LABELS[t["first"]], rate(t["second"]), rate(t["first"]), flipped, what))
-    return out
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))

@@ -21,7 +21,8 @@ import torch
 from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
 from refusal import probe
-from refusal.select import SelectionConfig, SelectionResult, save_selection
+from refusal.select import SelectionConfig, SelectionResult
+from refusal.selection_artifacts import save_selection
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("probe_transformerlens.ipynb", "probe_nnsight.ipynb")  # in this order: the second checks the first
@@ -185,18 +186,24 @@ def _write_kernelspec(root: Path) -> Path:
     return root
 
 
-@pytest.mark.slow
-def test_probing_notebooks_execute(tmp_path, monkeypatch):
-    missing = [m for m in PROBING_MODULES if importlib.util.find_spec(m) is None]
+def _notebook_workdir(tmp_path: Path, monkeypatch, modules) -> Path:
+    """A working directory for executed notebooks and a kernel on this interpreter; skips without `modules`."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"the probing extra is not installed (missing {', '.join(missing)}); pip install -e '.[test]'")
-    import nbformat
-    from nbclient import NotebookClient
-
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.setenv("JUPYTER_PATH", str(_write_kernelspec(tmp_path / "jupyter")))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return work
+
+
+@pytest.mark.slow
+def test_probing_notebooks_execute(tmp_path, monkeypatch):
+    work = _notebook_workdir(tmp_path, monkeypatch, PROBING_MODULES)
+    import nbformat
+    from nbclient import NotebookClient
+
     monkeypatch.setenv("PROBE_N_PROMPTS", "4")
     monkeypatch.setenv("PROBE_N_DIRECTION", "8")
     monkeypatch.delenv("PROBE_DIRECTION_DIR", raising=False)
@@ -250,16 +257,10 @@ def test_linear_probe_notebook_is_clean_and_parameterised():
 @pytest.mark.slow
 def test_linear_probe_notebook_executes(tmp_path, monkeypatch):
     """The scikit-learn probe notebook on the embedded model: 16 + 16 train, 16 + 16 held-out prompts."""
-    missing = [m for m in ("nbclient", "nbformat", "ipykernel") if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"the probing extra is not installed (missing {', '.join(missing)}); pip install -e '.[test]'")
+    work = _notebook_workdir(tmp_path, monkeypatch, ("nbclient", "nbformat", "ipykernel"))
     import nbformat
     from nbclient import NotebookClient
 
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.setenv("JUPYTER_PATH", str(_write_kernelspec(tmp_path / "jupyter")))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setenv("PROBE_N_TRAIN", "16")
     monkeypatch.setenv("PROBE_N_TEST", "16")
     monkeypatch.delenv("PROBE_RUN_DIR", raising=False)

@@ -9,7 +9,7 @@ from lm.errors import UserError
 from refusal.direction import candidate_directions
 from refusal.quality import direction_quality
 from refusal.score import refusal_tokens
-from refusal.select import batch_plan, score_candidates
+from refusal.candidate_scores import batch_plan, score_candidates
 from tests.test_selection import HARMFUL, HARMLESS
 
 

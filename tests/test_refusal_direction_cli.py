@@ -7,7 +7,8 @@ import json
 import pytest
 
 from experiments.refusal_direction import main
-from refusal.select import SelectionConfig, select_direction_cached
+from refusal.select import SelectionConfig
+from refusal.selection_artifacts import select_direction_cached
 from tests.tiny import build_model, build_tokenizer, save_tiny
 
 

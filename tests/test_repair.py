@@ -17,7 +17,7 @@ from refusal.asr import AsrConfig, attack_success
 from repair.__main__ import main
 from repair.aird import candidate_layers, choose_block
 from repair.derivation import check_derivation
-from repair.pipeline import decoder_linear_names
+from repair.derivation import decoder_linear_names
 from repair.refusal_probe import ProbeReading
 from repair.restore import block_masks, block_params, count, restore_entries, restored
 from repair.targeted import (

@@ -20,19 +20,10 @@ from refusal import select as select_mod
 from refusal.direction import candidate_directions
 from refusal.interventions import activation_addition, directional_ablation, orthogonalize_weights
 from refusal.score import filter_by_score, kl_divergence, refusal_score, refusal_scores, refusal_tokens
-from refusal.select import (
-    SelectionConfig,
-    SharedPrompts,
-    batch_plan,
-    choose,
-    load_selection,
-    rejection_reasons,
-    save_selection,
-    score_candidates,
-    score_maps_figure,
-    select_direction,
-    select_direction_cached,
-)
+from refusal import selection_artifacts
+from refusal.candidate_scores import batch_plan, score_candidates
+from refusal.select import SelectionConfig, SharedPrompts, choose, rejection_reasons, select_direction
+from refusal.selection_artifacts import load_selection, save_selection, score_maps_figure, select_direction_cached
 from tests.tiny import build_model, build_tokenizer, template_for
 
 HARMFUL = [
@@ -405,8 +396,8 @@ def test_artifacts_round_trip_and_reuse(tiny_qwen2, tmp_path, monkeypatch):
     torch.testing.assert_close(loaded.direction, first.direction)
 
     calls = []
-    real = select_mod.select_direction
-    monkeypatch.setattr(select_mod, "select_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = selection_artifacts.select_direction
+    monkeypatch.setattr(selection_artifacts, "select_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp-1")
     assert not calls and again.chosen == first.chosen
     # Batching settings do not invalidate the artifact ...
@@ -446,8 +437,8 @@ def test_shared_prompts_skip_sampling_filtering_and_extraction(tiny_qwen2, tmp_p
 
     # The cached artifact is keyed by the shared sets too.
     calls = []
-    real = select_mod.select_direction
-    monkeypatch.setattr(select_mod, "select_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = selection_artifacts.select_direction
+    monkeypatch.setattr(selection_artifacts, "select_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp", shared=SharedPrompts(prompts, dirs))
     assert load_selection(tmp_path).shared_prompts == SharedPrompts(prompts).digest() == first.shared_prompts
     select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp", shared=SharedPrompts(prompts, dirs))

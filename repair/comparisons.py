@@ -1,0 +1,53 @@
+"""The repair table's paired comparisons: exact McNemar tests of AIRD and targeted repair against
+the compressed model, of targeted against AIRD and of the compressed model against the original,
+Holm-corrected within each measure and judge; and the sentences read from them."""
+
+from __future__ import annotations
+
+from refusal.judges import JUDGE_NAMES
+from refusal.measure import paired
+
+from .report import LABELS
+
+
+# The paired comparisons of the repair table: (first, second), the test asks whether they differ.
+COMPARISONS = (("aird", "compressed"), ("targeted", "compressed"), ("targeted", "aird"), ("compressed", "original"))
+
+
+def paired_tests(evals: dict) -> dict:
+    """Exact McNemar tests per measure and judge; Holm within each family (one measure, one judge)."""
+    from refusal.stats import add_holm
+
+    out = {}
+    measures = {f"asr_{s}": ("jailbroken", f"asr_{s}") for s in ("vanilla", "adv_suffix")} | {"over_refusal": ("refused", "harmless")}
+    for name, (outcome, key) in measures.items():
+        by_judge = {}
+        for judge in JUDGE_NAMES:
+            family = []
+            for a, b in COMPARISONS:
+                if a in evals and b in evals and key in evals[a] and key in evals[b]:
+                    t = paired(evals[a][key], evals[b][key], judge, outcome)
+                    if t is not None:
+                        family.append(dict(t, first=a, second=b))
+            if family:
+                by_judge[judge] = add_holm(family)
+        if by_judge:
+            out[name] = by_judge
+    return out
+
+
+def findings(rows: dict, tests: dict) -> list[str]:
+    """The report's sentences on the repairs (Arditi judge), each a change only where the test says so."""
+    from refusal.stats import describe_change
+
+    out = []
+    for name, measure_key, what in (("asr_vanilla", ("asr", "vanilla"), "vanilla ASR"), ("over_refusal", ("over_refusal",), "over-refusal")):
+        for t in tests.get(name, {}).get("arditi2024", []):
+            def rate(state):
+                r = rows[state]["rates"][measure_key[0]]
+                return (r[measure_key[1]] if len(measure_key) > 1 else r)["arditi2024"]
+
+            # Read as a change from the second state to the first: b counts prompts true only in the first.
+            flipped = dict(t, b=t["c"], c=t["b"])
+            out.append(describe_change(LABELS[t["second"]], LABELS[t["first"]], rate(t["second"]), rate(t["first"]), flipped, what))
+    return out
