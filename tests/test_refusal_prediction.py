@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import refusal.probing as probing
+from lm.errors import UserError
 from refusal.eval_sets import fitted_prompts, load_prompts
 from refusal.probes import ProbeConfig, fit_grid, predict, probe_parameters
 from refusal.refusal_prediction import summarise
@@ -112,3 +113,26 @@ def tiny_qwen2():
 
     tok = build_tokenizer("chatml")
     return build_model("qwen2", tok, seed=0, hidden=64, layers=2), tok
+
+
+def test_training_generations_are_keyed_by_prompts_and_generation_settings_only(tiny_qwen2, tmp_path, monkeypatch):
+    import refusal.measure as measure_mod
+    from refusal.measure import EvalConfig, measure_prompts
+
+    model, tok = tiny_qwen2
+    train = probing.training_prompts(3, seed=0)
+    first = measure_prompts(model, tok, train, EvalConfig(sets=("advbench",), max_new_tokens=3), tmp_path, "fp")
+    assert [r["id"] for r in first["records"]] == [p.id for p in train] and first["rates"]["n"] == 3
+    class Regenerated(Exception):
+        pass
+
+    def regenerate(*args, **kwargs):
+        raise Regenerated
+
+    monkeypatch.setattr(measure_mod, "attack_success", regenerate)
+    again = measure_prompts(model, tok, train, EvalConfig(sets=("jailbreakbench",), n=7, max_new_tokens=3, batch_size=2), tmp_path, "fp")
+    assert again["records"] == first["records"]
+    with pytest.raises(Regenerated):  # other generation settings are another measurement
+        measure_prompts(model, tok, train, EvalConfig(max_new_tokens=4), tmp_path, "fp")
+    with pytest.raises(UserError, match="no prompts"):
+        measure_prompts(model, tok, [], EvalConfig(), tmp_path, "fp")
