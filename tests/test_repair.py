@@ -367,7 +367,7 @@ def test_repair_on_the_embedded_model(tmp_path, monkeypatch, capsys):
     code = main(["--compressed", str(tmp_path / "int8"), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
                  "--n-asr", "2", "--n-harmless", "2", "--max-new-tokens", "8", "--n-train", "8", "--n-val", "2", "--ppl-windows", "1",
                  "--zero-shot-limit", "0", "--no-adv-suffix", "--no-targeted", "--curve-fractions", "0.5", "--window", "3",
-                 "--source", "-1", "14"])
+                 "--source", "-1", "14", "--n-refusal-probe", "16"])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "repair.json").read_text())
     assert result["derivation"]["kind"] == "dense"
@@ -376,6 +376,10 @@ def test_repair_on_the_embedded_model(tmp_path, monkeypatch, capsys):
     # int8 round-to-nearest barely moves the direction (the paper: quantization preserves it).
     assert result["states"]["compressed"]["cosine_at_source"] > 0.99
     assert result["states"]["aird"]["restored"] > 0
+    # Probes on the real model: the original's harmfulness probe at the source is read on every state.
+    assert set(result["probes"]) == {"original", "compressed", "aird"}
+    assert result["probes"]["original"]["refusal"]["n_train"] == 16
+    assert all(row["harmfulness"]["own"]["n"] == 4 + 2 for row in result["probes"].values())  # harmful + harmless held-out
 
 
 def test_cli_refuses_to_overwrite_a_foreign_directory(dirs, tmp_path, monkeypatch, capsys):
