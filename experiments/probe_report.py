@@ -93,7 +93,8 @@ def _refusal_probe_section(report: dict) -> list[str]:
              "held-out ASR prompts, whose verdicts the ASR measurement holds. *majority*: always predicting the model's more common "
              "training label; p: exact McNemar of the probe against it on the same prompts, Holm over the models. "
              "*flips*: prompts the original refused and this model answers; *flagged*: of those, how many the original's probe "
-             "predicts as answered on this model's activations / on the original's own.", "",
+             "predicts as answered on this model's activations / on the original's own, and in brackets the share of all held-out "
+             "prompts it predicts as answered there (the base rate to read the flagged share against).", "",
              "| model | refused (train) | refused (held-out) | own probe | majority | p | best own cell (pos, layer) | original's probe on this model | flips | flagged (this model) | flagged (original) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in rows:
@@ -107,5 +108,14 @@ def _refusal_probe_section(report: dict) -> list[str]:
             own = f"{r['reason']} | - | - | -"
         flip_text = (f"{flips['refused_to_answered']} (and {flips['answered_to_refused']} the other way)" if flips else "-")
         lines.append(f"| {v['variant']} | {fmt_rate(r['train_refused'])} | {fmt_rate(r['test_refused'])} | {own} | {fmt_rate(r.get('transfer'))} | "
-                     f"{flip_text} | {fmt_rate(flips.get('flagged_on_variant'))} | {fmt_rate(flips.get('flagged_on_original'))} |")
+                     f"{flip_text} | {_flagged(flips, 'variant')} | {_flagged(flips, 'original')} |")
     return lines + [""]
+
+
+def _flagged(flips: dict, on: str) -> str:
+    flagged = flips.get(f"flagged_on_{on}")
+    if not flagged:
+        return "-"
+    base = flips.get(f"answered_on_{on}_all")
+    return f"{flagged['k']}/{flagged['n']}" + (f" (all: {100 * base['value']:.0f}%)" if base else "")
+

@@ -51,9 +51,12 @@ def summarise(own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], c
         transfer = accuracy_grid(own["transfer_pred"] == y_test[:, None, None])
         out.update(transfer=transfer[p][layer], transfer_per_layer=transfer[p])
     if flips.any():
-        # Flagged: the original's probe predicts an answer (no refusal) for the flipped prompt.
+        # Flagged: the original's probe predicts an answer (no refusal) for the flipped prompt. The
+        # same share over all held-out prompts is the base rate a flagged share must be read against.
         if "transfer_pred" in own:
             out["flips"]["flagged_on_variant"] = rate_of((~own["transfer_pred"][flips, p, layer]).tolist())
+            out["flips"]["answered_on_variant_all"] = rate_of((~own["transfer_pred"][:, p, layer]).tolist())
         if "own_pred" in original:
             out["flips"]["flagged_on_original"] = rate_of((~original["own_pred"][flips, p, layer]).tolist())
+            out["flips"]["answered_on_original_all"] = rate_of((~original["own_pred"][:, p, layer]).tolist())
     return out

@@ -99,6 +99,7 @@ def test_summary_against_the_majority_baseline_and_the_flips():
     assert v["flips"]["refused_to_answered"] == 3 and v["flips"]["answered_to_refused"] == 1
     assert v["flips"]["flagged_on_variant"]["k"] == 2 and v["flips"]["flagged_on_variant"]["n"] == 3
     assert v["flips"]["flagged_on_original"]["k"] == 0  # the original's probe had them all as refusals
+    assert v["flips"]["answered_on_variant_all"]["k"] == 4 and v["flips"]["answered_on_original_all"]["k"] == 3
     assert v["transfer"]["k"] == sum(a == b for a, b in zip(transfer, var_test))
 
     unfit = summarise(_result([True] * 13 + [False], var_test), original, (0, 0), is_original=False)
