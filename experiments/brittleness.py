@@ -2,7 +2,7 @@
 
     python -m experiments.brittleness                    # embedded model, CPU-sized sweep
     python -m experiments.brittleness --fractions 0.005 0.01 0.02 0.03 0.05 --ranks 0.005 0.01 0.025 0.05 \\
-        --n-asr 100 --max-new-tokens 256 --zero-shot-limit 0 --zero-shot-tasks all     # paper-sized (GPU)
+        --n-asr 100 --max-new-tokens 256 --zero-shot-limit None --zero-shot-tasks all     # paper-sized (GPU)
 
 Weight methods are swept over the fraction of decoder-linear weights removed: Wanda and SNIP "top"
 safety pruning (top-wanda, top-snip), the set difference of safety and utility scores (setdiff-wanda,
@@ -26,24 +26,25 @@ point's stages are cached in <run>/points/<variant>/ and reused by a rerun with 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tqdm.auto import tqdm
 
 from lm.cache import atomic_write_json, atomic_write_text, cached_json, measured, timed, write_plotlyjs
+from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.perplexity import PerplexityConfig, measure_perplexity
 from lm.zero_shot import SHORT_TASKS, task_names
 from refusal.asr import SETTINGS
 from refusal.collapse import collapse_verdict
 from refusal.eval_sets import check_names
-from refusal.measure import (DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, add_eval_arguments, describe_prompts, eval_overrides, measure, paired,
+from refusal.measure import (DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, describe_prompts, measure, paired,
                              perplexity_rate, zero_shot_rates)
 from refusal.stats import add_holm, fmt_p, fmt_rate, fmt_value_ci
 from repair.report import error_bars
@@ -56,43 +57,43 @@ JUDGES = ("wei2024", "arditi2024")
 
 @dataclass
 class BrittlenessConfig:
-    model: str = "embedded"
-    name: str = "brittleness"
-    runs_dir: str = "runs"
-    methods: tuple[str, ...] = METHODS
+    model: str = "embedded"  # 'embedded', a hub id, a local safetensors directory, or a .gguf file
+    name: str = "brittleness"  # run directory name under runs_dir
+    runs_dir: str = "runs"  # where run directories and the measurement store live
+    methods: tuple[str, ...] = METHODS  # removal methods swept (default all)
     fractions: tuple[float, ...] = (0.01, 0.03)  # weight methods: fraction removed (q for set differences)
-    # Rank methods: int ranks or fractions of min(out, in). One value by default: on CPU each ActSVD
-    # point costs 10-20 minutes (an SVD per decoder linear and calibration set); sweep more on a GPU.
+    #: Rank methods: int ranks or fractions of min(out, in). One value by default: on CPU each ActSVD
+    #: point costs 10-20 minutes (an SVD per decoder linear and calibration set); sweep more on a GPU.
     ranks: tuple[int | float, ...] = (0.025,)
     setdiff_p: float | None = None  # top-p utility scores kept out of a set difference; None: p = q
-    # Rank of P_u. Wei et al.'s 1096 of 4096 (27%) was tuned on Llama-2-7B; 7% of the rank is the
-    # orthogonal projection that broke refusal while keeping perplexity within 2x on the embedded model.
+    #: Rank of P_u for actsvd-orth (int, or fraction of the rank). Wei et al.'s 1096 of 4096 (27%) was
+    #: tuned on Llama-2-7B; 7% of the rank is the orthogonal projection that broke refusal while
+    #: keeping perplexity within 2x on the embedded model.
     orth_ru: int | float = 0.07
-    settings: tuple[str, ...] = SETTINGS
-    # Held-out harmful prompts (refusal.eval_sets names or file:PATH), the first n_asr of each;
-    # adv-decoding samples 5 per prompt, adv-suffix tries 3 suffixes. Harmless ones for over-refusal.
-    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
-    n_asr: int = 16
-    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS
-    n_harmless: int = 32
+    settings: tuple[str, ...] = SETTINGS  # ASR settings (adv-decoding samples 5 per prompt, adv-suffix tries 3 suffixes)
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
+    n_asr: int = 16  # first prompts of each harmful evaluation set
+    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets for over-refusal: alpaca or file:PATH
+    n_harmless: int = 32  # first prompts of each harmless set
     measurements_dir: str | None = None  # the measurement store; None: <runs_dir>/measurements
-    max_new_tokens: int = 48
-    ppl_windows: int = 4
-    ppl_seqlen: int = 512
-    zero_shot_tasks: tuple[str, ...] = SHORT_TASKS
-    zero_shot_limit: int | None = 24  # first N documents per task; None = the full split
+    max_new_tokens: int = 48  # tokens generated per completion (Wei et al.: 256)
+    ppl_windows: int = 4  # wikitext-2 windows for perplexity
+    ppl_seqlen: int = 512  # tokens per perplexity window
+    zero_shot_tasks: tuple[str, ...] = SHORT_TASKS  # zero-shot tasks, or 'all'
+    zero_shot_limit: int | None = 24  # first N documents per zero-shot task; None = the full split
     calib_samples: int = 64  # instructions for the own refusals / own helpful replies (Wei et al.: 128)
-    batch_size: int | None = None
-    seed: int = 0
-    dtype: str = "float32"
+    batch_size: int | None = None  # prompts per forward pass (None: chosen by device)
+    seed: int = 0  # every sample, split and random choice
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and activations
     figures_dir: str | None = None  # also export the figure here as HTML + PNG (the README's figures/)
-    # torch intra-op threads (None: torch's default). On a CPU shared with other jobs one thread
-    # generated 5-7x faster than two here: the second thread waits at every barrier.
+    #: torch intra-op threads (None: torch's default). On a CPU shared with other jobs one thread
+    #: generated 5-7x faster than two here: the second thread waits at every barrier.
     threads: int | None = None
 
     def __post_init__(self):
-        for name in ("methods", "fractions", "ranks", "settings", "zero_shot_tasks"):
+        for name in ("methods", "fractions", "ranks", "settings"):
             setattr(self, name, tuple(getattr(self, name)))
+        self.zero_shot_tasks = task_names(self.zero_shot_tasks)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise UserError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
@@ -464,50 +465,9 @@ def render_markdown(report: dict) -> str:
 # --- CLI -------------------------------------------------------------------------------------
 
 
-def _rank_arg(text: str) -> int | float:
-    try:
-        return int(text) if text.isdigit() else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rank (an int) or a fraction of the rank") from None
-
-
 def parse_args(argv=None) -> BrittlenessConfig:
-    p = argparse.ArgumentParser(prog="python -m experiments.brittleness", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="embedded", help="'embedded', a hub id, a local safetensors directory, or a .gguf file")
-    p.add_argument("--name", default="brittleness", help="run directory name under --runs-dir (default brittleness)")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--methods", nargs="+", help=f"subset of: {' '.join(METHODS)} (default all)")
-    p.add_argument("--fractions", nargs="+", type=float, help="fractions of weights to remove (default 0.01 0.03)")
-    p.add_argument("--ranks", nargs="+", type=_rank_arg, help="ranks to remove: ints, or fractions of min(out, in) (default 0.025)")
-    p.add_argument("--setdiff-p", type=float, help="p of the set differences (top-p utility kept); default p = q")
-    p.add_argument("--orth-ru", type=_rank_arg, help="rank of the utility projector P_u for actsvd-orth (default 0.07)")
-    p.add_argument("--settings", nargs="+", help=f"ASR settings (default: {' '.join(SETTINGS)})")
-    add_eval_arguments(p, n_asr=BrittlenessConfig.n_asr, n_harmless=BrittlenessConfig.n_harmless)
-    p.add_argument("--max-new-tokens", type=int, help="tokens generated per completion (default 48; Wei et al. 256)")
-    p.add_argument("--ppl-windows", type=int)
-    p.add_argument("--ppl-seqlen", type=int)
-    p.add_argument("--zero-shot-tasks", nargs="+", help=f"zero-shot tasks, or 'all' (default: {' '.join(SHORT_TASKS)})")
-    p.add_argument("--zero-shot-limit", type=int, help="documents per zero-shot task; 0 = the full split (default 24)")
-    p.add_argument("--calib-samples", type=int, help="instructions for the own refusals / helpful replies (default 64; Wei et al. 128)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy shared CPU)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--figures-dir", help="also export the figure here as HTML and PNG (e.g. figures/)")
-    a = p.parse_args(argv)
-    tasks = task_names(a.zero_shot_tasks)
-    if a.zero_shot_limit is not None and a.zero_shot_limit < 0:
-        raise UserError(f"--zero-shot-limit must be >= 0, got {a.zero_shot_limit}")
-    overrides = {k: v for k, v in dict(
-        model=a.model, name=a.name, runs_dir=a.runs_dir, methods=a.methods, fractions=a.fractions, ranks=a.ranks,
-        setdiff_p=a.setdiff_p, orth_ru=a.orth_ru, settings=a.settings, n_asr=a.n_asr, max_new_tokens=a.max_new_tokens,
-        ppl_windows=a.ppl_windows, ppl_seqlen=a.ppl_seqlen, zero_shot_tasks=tasks, calib_samples=a.calib_samples,
-        batch_size=a.batch_size, seed=a.seed, dtype=a.dtype, figures_dir=a.figures_dir, threads=a.threads,
-    ).items() if v is not None}
-    if a.zero_shot_limit is not None:
-        overrides["zero_shot_limit"] = a.zero_shot_limit or None
-    overrides.update(eval_overrides(a))
-    return BrittlenessConfig(**overrides)
+    """Flags generated from BrittlenessConfig's fields (lm.cli)."""
+    return parse_config(BrittlenessConfig, argv, prog="python -m experiments.brittleness", description=__doc__.split("\n\n")[0])[0]
 
 
 def validate(cfg: BrittlenessConfig) -> None:

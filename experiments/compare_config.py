@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from compression.calibration import TEXT_SOURCE, CalibrationConfig
 from lm.errors import UserError
@@ -26,69 +27,71 @@ class CompareConfig:
     """Settings of the main job. Fields left None take a device-dependent value (see `resolved`):
     the paper-sized one on a GPU, a smaller one on CPU, where the same stages would take days."""
 
-    model: str = "embedded"
-    variants: tuple[str, ...] = DEFAULT_VARIANTS
-    name: str | None = None  # run directory name under runs_dir
-    runs_dir: str = "runs"
-    # Held-out harmful prompts for ASR: refusal.eval_sets names or file:PATH, the first n_asr of each.
-    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
-    n_asr: int = 50
-    # Held-out harmless prompts for over-refusal (the refusal rate where nothing should be refused).
-    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS
-    n_harmless: int = 50
-    # The measurement store (refusal.measure), shared by every entry point that points at it, so
-    # the same model under the same settings is generated once; None: <runs_dir>/measurements.
+    model: str = "embedded"  # 'embedded', a hub id, a local safetensors directory, or a .gguf file
+    variants: tuple[str, ...] = DEFAULT_VARIANTS  # variant specs, e.g. wanda:0.6 wanda:2:4 magnitude:0.5 rtn:int4:g32
+    name: str | None = None  # run directory name under runs_dir (None: compare-<model>, quick-<model> with --quick)
+    runs_dir: str = "runs"  # where run directories and the measurement store live
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
+    n_asr: int = 50  # first prompts of each harmful evaluation set
+    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets for over-refusal: alpaca or file:PATH
+    n_harmless: int = 50  # first prompts of each harmless set
+    #: The measurement store (refusal.measure), shared by every entry point that points at it, so the
+    #: same model under the same settings is generated once; None: <runs_dir>/measurements.
     measurements_dir: str | None = None
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # tokens generated per completion
     n_train: int = 128  # harmful and harmless instructions for the directions, each
-    ppl_windows: int = 8
-    ppl_seqlen: int = 512
-    calib_samples: int = 128
-    # What Wanda, SparseGPT and GPTQ calibrate on: "harmless" train instructions (chat-formatted),
-    # or "wikitext" text windows of calib_seqlen tokens (the papers' kind of calibration).
-    calib_source: str = "harmless"
-    calib_seqlen: int = 256
-    batch_size: int | None = None
-    seed: int = 0
-    dtype: str = "float32"
-    save_checkpoints: bool = True
-    # Refusal-direction selection (Arditi et al.) for the original and, if select_variants, for
-    # every variant; see refusal.select.SelectionConfig for search and prescreen.
+    ppl_windows: int = 8  # wikitext-2 windows for perplexity
+    ppl_seqlen: int = 512  # tokens per perplexity window
+    calib_samples: int = 128  # calibration samples (Wanda, SparseGPT, GPTQ)
+    #: What Wanda, SparseGPT and GPTQ calibrate on: "harmless" train instructions (chat-formatted),
+    #: or "wikitext" text windows of calib_seqlen tokens (the papers' kind of calibration).
+    calib_source: Literal["harmless", "wikitext"] = "harmless"
+    calib_seqlen: int = 256  # calibration tokens per sample
+    batch_size: int | None = None  # prompts per forward pass (None: chosen by device)
+    seed: int = 0  # every sample, split and random choice
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and activations
+    save_checkpoints: bool = True  # save every variant as a safetensors checkpoint
+    #: Refusal-direction selection (Arditi et al.) for the original and, if select_variants, for every
+    #: variant (and everything built on it: quality, ablation, repair).
     select: bool = True
-    # Each variant's own selection runs on the original's filtered prompts and candidates
-    # (refusal.select.SharedPrompts), which gives its source shift; off, variants are only scored
-    # with the original's direction (cosine map, quality, ablation).
+    #: Each variant's own selection, on the original's filtered prompts and candidates
+    #: (refusal.select.SharedPrompts), which gives its source shift; off, variants are only scored with
+    #: the original's direction (cosine map, quality, ablation).
     select_variants: bool = True
-    n_val: int = 32
-    search: str = "lazy"
-    prescreen_n_val: int = 8
-    prescreen_keep: int = 16
+    n_val: int = 32  # validation prompts per class for selection
+    search: Literal["lazy", "exhaustive"] = "lazy"  # selection search (lazy: the same choice in fewer passes)
+    prescreen_n_val: int = 8  # prescreen candidates on this many harmful prompts (0: off)
+    prescreen_keep: int = 16  # candidates the prescreen keeps
     n_ablation_asr: int = 16  # prompts of each eval set generated with the original's direction ablated
-    # Harmfulness probes (refusal.probes) per (position, layer): fitted on the direction prompts,
-    # scored on the held-out ASR and over-refusal prompts; the original's also on each variant.
+    #: Harmfulness probes (refusal.probes) per (position, layer): fitted on the direction prompts,
+    #: scored on the held-out ASR and over-refusal prompts; the original's also on each variant.
     probes: bool = True
-    # The refusal-prediction probe (refusal.probing): this many harmful training instructions are
-    # generated by each model (judged as in the ASR) to fit it; 0 skips it.
+    #: The refusal-prediction probe (refusal.probing): this many harmful training instructions are
+    #: generated by each model (judged as in the ASR) to fit it; 0 skips it.
     n_refusal_probe: int = 128
     figures_dir: str | None = None  # also write the figures here as HTML + PNG (the README's figures/)
-    # Zero-shot accuracy (lm-eval) per variant: documents per task (0 skips it) and tasks.
-    # None = 200 documents of all 7 tasks on a GPU; 24 of the 4 short-document tasks on CPU.
+    #: Zero-shot documents per task (lm-eval); 0 skips zero-shot. None: 200 on a GPU, 24 on CPU.
     zero_shot_limit: int | None = None
+    #: Zero-shot tasks, or 'all'. None: all 7 on a GPU; boolq rte winogrande arc_easy on CPU.
     zero_shot_tasks: tuple[str, ...] | None = None
-    # AIRD + targeted repair (repair/) for every variant whose direction changed (cosine at the
-    # original's source below repair_below). Its evaluation sizes: None = the comparison's own
-    # (so the original's and the compressed model's measurements are reused from the comparison),
-    # on a GPU with adversarial suffixes and a 4-point restoration curve; on CPU vanilla ASR only
-    # and a 2-point curve on 16 prompts per set.
+    #: AIRD + targeted repair (repair/) of every variant whose direction changed (cosine at the
+    #: original's source below repair_below).
     repair: bool = True
-    repair_below: float = 0.99
+    repair_below: float = 0.99  # repair a variant whose direction's cosine at the original's source is below this
+    #: The repair's evaluation sizes (the repair_* fields): None = the comparison's own (so the
+    #: original's and the compressed model's measurements are reused), on a GPU with adversarial
+    #: suffixes and a 4-point restoration curve; on CPU vanilla ASR only and a 2-point curve on 16
+    #: prompts per set.
     repair_n_asr: int | None = None
-    repair_max_new_tokens: int | None = None
-    repair_adv_suffix: bool | None = None
-    repair_curve_fractions: tuple[float, ...] | None = None
-    repair_curve_n_asr: int | None = None
+    repair_max_new_tokens: int | None = None  # tokens per completion in the repair's evaluation (None: max_new_tokens)
+    repair_adv_suffix: bool | None = None  # adversarial-suffix ASR in the repair (None: on a GPU only)
+    repair_curve_fractions: tuple[float, ...] | None = None  # restored fractions of AIRD's count on the repair curve
+    repair_curve_n_asr: int | None = None  # prompts of each set per repair-curve point
 
     def __post_init__(self):
+        from lm.zero_shot import task_names
+
+        self.variants, self.zero_shot_tasks = tuple(self.variants), task_names(self.zero_shot_tasks)
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
         self.eval_config()  # bad evaluation settings fail before any model loads
         if self.n_refusal_probe < 0:

@@ -35,7 +35,6 @@ Every stage is cached in runs/<name>/ and reused by a rerun with the same settin
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -43,6 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -51,6 +51,7 @@ from compression.calibration import tokenize_pairs
 from compression.weight_groups import SCORED_GROUPS, GroupConfig, agreement, group_drift, group_sizes, scored_groups, weight_groups
 from lm import datasets
 from lm.cache import atomic_dir, atomic_save_tensors, atomic_write_json, atomic_write_text, cached_json
+from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.loading import load_model, model_fingerprint
 
@@ -64,32 +65,29 @@ PUBLISHED_JACCARD = {"safety_critical": 0.15, "top_safety": 0.24, "top_utility":
 
 @dataclass
 class FrozenFinetuneConfig:
-    model: str = "embedded"
-    name: str | None = None  # run directory name under runs_dir
-    runs_dir: str = "runs"
-    dtype: str = "float32"
-    seed: int = 0
-    # data: the model's own greedy replies
-    n_safety: int = 32  # harmful instructions sampled; the refusals among them are the safety data
-    n_utility: int = 32  # harmless instructions for the utility scores
+    model: str = "embedded"  # 'embedded', a hub id, a local safetensors directory, or a .gguf file
+    name: str | None = None  # run directory name under runs_dir (None: frozen-finetune[-quick][-<model>])
+    runs_dir: str = "runs"  # where run directories live
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and activations
+    seed: int = 0  # every sample, split and random choice
+    n_safety: int = 32  # harmful instructions sampled; the model's own refusals among them are the safety data
+    n_utility: int = 32  # harmless instructions for the utility scores (the model's own greedy replies)
     n_train: int = 48  # harmless instructions (disjoint from the utility ones) for fine-tuning
-    max_new_tokens: int = 40
+    max_new_tokens: int = 40  # reply length
     seqlen: int = 160  # prompt + reply tokens per sequence
-    score_batch_size: int = 8
-    # groups
-    p: float = 0.03
-    q: float = 0.03
-    per: str = "matrix"
-    # LoRA
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = TARGETS
-    # CPU-sized: 20 AdamW steps at 1e-3 move the adapter about as far as 100 at 2e-4 (a usual LoRA
-    # rate); at GPU scale use e.g. --lr 2e-4 --steps 500.
+    score_batch_size: int = 8  # sequences per Wanda-scoring pass
+    p: float = 0.03  # top-p utility fraction spared by the set difference
+    q: float = 0.03  # top-q safety fraction
+    per: Literal["matrix", "row"] = "matrix"  # rank scores per matrix or per output row
+    rank: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA alpha
+    dropout: float = 0.0  # LoRA dropout
+    targets: tuple[str, ...] = TARGETS  # LoRA target module names
+    #: AdamW learning rate. CPU-sized: 20 steps at 1e-3 move the adapter about as far as 100 at 2e-4
+    #: (a usual LoRA rate); at GPU scale use e.g. --lr 2e-4 --steps 500.
     lr: float = 1e-3
-    steps: int = 20
-    batch_size: int = 4
+    steps: int = 20  # optimizer steps per arm
+    batch_size: int = 4  # sequences per step
     checkpoints: int = 4  # drift is measured at this many evenly spaced steps (and step 0)
     eps_fraction: float = 0.1  # relative-drift guard: eps = eps_fraction * mean |W0| of each matrix
     figures_dir: str | None = None  # also export the figures here as HTML + PNG (e.g. figures/)
@@ -306,42 +304,12 @@ def chance_jaccard(sizes: dict[str, dict]) -> dict[str, float]:
 
 
 def parse_args(argv=None) -> FrozenFinetuneConfig:
-    d = FrozenFinetuneConfig
-    p = argparse.ArgumentParser(prog="python -m experiments.frozen_finetune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="embedded", help="'embedded', a hub id, a local safetensors directory, or a .gguf file")
-    p.add_argument("--name", help="run directory name (default frozen-finetune[-<model>])")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--quick", action="store_true", help="CI-sized run: a handful of short sequences, 2 steps")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--n-safety", type=int, help=f"harmful instructions for the safety data (default {d.n_safety}; refusals kept)")
-    p.add_argument("--n-utility", type=int, help=f"harmless instructions for the utility scores (default {d.n_utility})")
-    p.add_argument("--n-train", type=int, help=f"harmless instructions for fine-tuning (default {d.n_train})")
-    p.add_argument("--max-new-tokens", type=int, help=f"reply length (default {d.max_new_tokens})")
-    p.add_argument("--seqlen", type=int, help=f"tokens per sequence (default {d.seqlen})")
-    p.add_argument("-p", "--p", type=float, dest="p", help=f"top-p utility fraction spared by the set difference (default {d.p})")
-    p.add_argument("-q", "--q", type=float, dest="q", help=f"top-q safety fraction (default {d.q})")
-    p.add_argument("--per", choices=["matrix", "row"], help="rank scores per matrix (default) or per output row")
-    p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.rank})")
-    p.add_argument("--alpha", type=float, help=f"LoRA alpha (default {d.alpha})")
-    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
-    p.add_argument("--targets", nargs="+", help=f"LoRA target module names (default: {' '.join(TARGETS)})")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr})")
-    p.add_argument("--steps", type=int, help=f"optimizer steps per arm (default {d.steps})")
-    p.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
-    p.add_argument("--checkpoints", type=int, help=f"drift checkpoints, evenly spaced (default {d.checkpoints})")
-    p.add_argument("--eps-fraction", type=float, help=f"relative-drift guard as a fraction of each matrix's mean |W0| (default {d.eps_fraction})")
-    p.add_argument("--figures-dir", help="also export the figures here as HTML and PNG (e.g. figures/)")
-    a = p.parse_args(argv)
-    overrides = {k: v for k, v in dict(
-        model=a.model, name=a.name, runs_dir=a.runs_dir, dtype=a.dtype, seed=a.seed, n_safety=a.n_safety, n_utility=a.n_utility,
-        n_train=a.n_train, max_new_tokens=a.max_new_tokens, seqlen=a.seqlen, p=a.p, q=a.q, per=a.per, rank=a.rank, alpha=a.alpha,
-        dropout=a.dropout, targets=tuple(a.targets) if a.targets else None, lr=a.lr, steps=a.steps, batch_size=a.batch_size,
-        checkpoints=a.checkpoints, eps_fraction=a.eps_fraction, figures_dir=a.figures_dir,
-    ).items() if v is not None}
-    if a.quick and "name" not in overrides:
-        overrides["name"] = "frozen-finetune-quick" + ("" if a.model == "embedded" else "-" + Path(a.model).name.replace("/", "-"))
-    return FrozenFinetuneConfig.quick(**overrides) if a.quick else FrozenFinetuneConfig(**overrides)
+    """Flags generated from FrozenFinetuneConfig's fields (lm.cli); --quick starts from FrozenFinetuneConfig.quick()."""
+    cfg, presets = parse_config(FrozenFinetuneConfig, argv, prog="python -m experiments.frozen_finetune", description=__doc__.split("\n\n")[0],
+                                presets={"quick": (FrozenFinetuneConfig.quick, "CI-sized run: a handful of short sequences, 2 steps")})
+    if presets and cfg.name is None:
+        cfg = dataclasses.replace(cfg, name="frozen-finetune-quick" + ("" if cfg.model == "embedded" else "-" + Path(cfg.model).name.replace("/", "-")))
+    return cfg
 
 
 @cli

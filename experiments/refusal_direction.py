@@ -15,7 +15,6 @@ score-map figure.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -23,18 +22,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, write_plotlyjs
 from lm.chat import format_prompts, tokenize_prompts
+from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.hooks import intervene
 from lm.loading import load_model, model_fingerprint
 from refusal.eval_sets import check_names
 from refusal.interventions import orthogonalize_weights
 from refusal.judges import JUDGE_NAMES
-from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, add_eval_arguments, describe_prompts, eval_overrides, measure, paired
+from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, describe_prompts, measure, paired
 from refusal.stats import add_holm, describe_change, fmt_p, fmt_rate
 from refusal.select import SelectionConfig
 from refusal.selection_artifacts import load_selection, score_maps_figure, select_direction_cached
@@ -47,22 +48,22 @@ LABELS = {"harmful_baseline": "harmful, baseline", "harmful_ablated": "harmful, 
 
 @dataclass
 class DirectionConfig:
-    model: str = "embedded"
-    name: str | None = None
-    runs_dir: str = "runs"
-    selection_dir: str | None = None  # reuse a saved selection instead of selecting
-    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets (refusal.eval_sets)
-    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS
+    model: str = "embedded"  # 'embedded', a hub id, a local safetensors directory, or a .gguf file
+    name: str | None = None  # run directory name under runs_dir (None: direction-<model>)
+    runs_dir: str = "runs"  # where run directories and the measurement store live
+    selection_dir: str | None = None  # reuse a saved selection (selection.json + direction.safetensors) instead of selecting
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets: advbench jailbreakbench harmbench strongreject, or file:PATH
+    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets: alpaca or file:PATH
     n_test: int = 32  # first prompts of each harmful set
     n_harmless: int = 64  # first prompts of each harmless set
-    max_new_tokens: int = 64
-    measurements_dir: str | None = None  # None: <runs_dir>/measurements
-    n_train: int = 128
-    n_val: int = 32
-    search: str = "lazy"
-    prescreen_n_val: int = 8
-    seed: int = 0
-    batch_size: int | None = None
+    max_new_tokens: int = 64  # tokens generated per completion
+    measurements_dir: str | None = None  # the measurement store; None: <runs_dir>/measurements
+    n_train: int = 128  # harmful and harmless instructions for the directions, each
+    n_val: int = 32  # validation prompts per class for selection
+    search: Literal["lazy", "exhaustive"] = "lazy"  # selection search (lazy: the same choice in fewer passes)
+    prescreen_n_val: int = 8  # prescreen candidates on this many harmful prompts (0: off)
+    seed: int = 0  # every sample, split and random choice
+    batch_size: int | None = None  # prompts per forward pass (None: chosen by device)
 
     def __post_init__(self):
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
@@ -200,21 +201,7 @@ def render(r: dict) -> str:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.refusal_direction", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="embedded")
-    p.add_argument("--name")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--selection-dir", help="reuse a saved selection (selection.json + direction.safetensors)")
-    add_eval_arguments(p, n_asr=DirectionConfig.n_test, n_harmless=DirectionConfig.n_harmless, n_flag="--n-test")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--search", choices=["exhaustive", "lazy"], default="lazy")
-    p.add_argument("--prescreen", type=int, default=8)
-    p.add_argument("--batch-size", type=int)
-    a = p.parse_args(argv)
-    overrides = eval_overrides(a)
-    cfg = DirectionConfig(model=a.model, name=a.name, runs_dir=a.runs_dir, selection_dir=a.selection_dir, n_test=a.n_test or DirectionConfig.n_test,
-                          **overrides,
-                          max_new_tokens=a.max_new_tokens, search=a.search, prescreen_n_val=a.prescreen, batch_size=a.batch_size)
+    cfg, _ = parse_config(DirectionConfig, argv, prog="python -m experiments.refusal_direction", description=__doc__.split("\n\n")[0])
     if cfg.selection_dir and not Path(cfg.selection_dir).is_dir():
         raise UserError(f"selection directory not found: {cfg.selection_dir}")
     report = run(cfg)

@@ -12,7 +12,6 @@ where a file format cannot reproduce lm-eval's text exactly are listed in lm/dat
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -22,6 +21,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
 
 from .cache import atomic_dir, cache_root
 from .datasets import DATA
@@ -79,9 +81,9 @@ TASKS: dict[str, _Task] = {
 
 @dataclass(frozen=True)
 class ZeroShotConfig:
-    tasks: tuple[str, ...] = ALL_TASKS
+    tasks: tuple[str, ...] = ALL_TASKS  # subset of boolq rte hellaswag winogrande arc_easy arc_challenge openbookqa
     limit: int | None = 200  # first N documents per task (lm-eval's --limit); None = the full split
-    batch_size: int = 8
+    batch_size: int = 8  # documents per forward pass
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -300,25 +302,16 @@ def format_table(result: dict) -> str:
 
 @dataclass
 class _Args:
-    model: str
-    cfg: ZeroShotConfig = field(default_factory=ZeroShotConfig)
-    dtype: str = "float32"
-    output: str | None = None
+    model: str = "embedded"  # 'embedded', a hub id, a local safetensors directory, or a .gguf file
+    cfg: Annotated[ZeroShotConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ZeroShotConfig)  # what is evaluated
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and activations
+    output: str | None = None  # also write the result as JSON to this path
 
 
 def parse_args(argv=None) -> _Args:
-    p = argparse.ArgumentParser(prog="python -m lm.zero_shot", description="Zero-shot utility accuracy with lm-eval, offline.")
-    p.add_argument("--model", default="embedded", help="'embedded', a hub id, a local safetensors directory, or a .gguf file")
-    p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), help=f"subset of: {' '.join(ALL_TASKS)}")
-    p.add_argument("--limit", type=int, default=200, help="first N documents per task; 0 = the full split (default 200)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--output", help="also write the result as JSON to this path")
-    a = p.parse_args(argv)
-    if a.limit < 0:
-        raise UserError(f"--limit must be >= 0, got {a.limit}")
-    cfg = ZeroShotConfig(tasks=tuple(a.tasks), limit=a.limit or None, batch_size=a.batch_size)
-    return _Args(model=a.model, cfg=cfg, dtype=a.dtype, output=a.output)
+    from .cli import parse_config
+
+    return parse_config(_Args, argv, prog="python -m lm.zero_shot", description="Zero-shot utility accuracy with lm-eval, offline.")[0]
 
 
 @cli

@@ -206,20 +206,3 @@ def zero_shot_rates(z: dict) -> dict | None:
     if not docs or any(d is None for d in docs.values()):
         return None
     return dict(average=bootstrap_task_mean(docs), per_task={t: wilson(round(sum(d)), len(d)) for t, d in docs.items()})
-
-
-def add_eval_arguments(parser, n_asr: int, n_harmless: int, n_flag: str = "--n-asr", store_default: str = "<runs-dir>/measurements") -> None:
-    """The evaluation flags every entry point shares; each defaults to None (the config's default)."""
-    parser.add_argument("--eval-sets", nargs="+", help="held-out harmful prompt sets: advbench jailbreakbench harmbench strongreject, "
-                        "or file:PATH (.txt lines, JSON list, CSV 'prompt' column); default advbench jailbreakbench")
-    parser.add_argument(n_flag, type=int, help=f"first prompts of each evaluation set (default {n_asr})")
-    parser.add_argument("--harmless-sets", nargs="+", help="prompts that should not be refused, for over-refusal: alpaca or file:PATH (default alpaca)")
-    parser.add_argument("--n-harmless", type=int, help=f"first prompts of each harmless set (default {n_harmless})")
-    parser.add_argument("--measurements-dir", help=f"the measurement store, shared with the other entry points (default {store_default})")
-
-
-def eval_overrides(args) -> dict:
-    """The config fields those flags set (only the ones given)."""
-    out = dict(eval_sets=tuple(args.eval_sets) if args.eval_sets else None, harmless_sets=tuple(args.harmless_sets) if args.harmless_sets else None,
-               n_harmless=args.n_harmless, measurements_dir=args.measurements_dir)
-    return {k: v for k, v in out.items() if v is not None}

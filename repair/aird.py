@@ -24,9 +24,9 @@ from .restore import block_masks, count, restored
 
 @dataclass(frozen=True)
 class AirdConfig:
-    window: int = 4  # candidate blocks: the `window` blocks before the source layer
-    kl_max: float = 0.1
-    layer: int | None = None  # force this block instead of choosing
+    window: int = 4  # candidate blocks: this many before the source layer
+    kl_max: float = 0.1  # largest KL on harmless prompts a chosen block may cause
+    layer: int | None = None  # restore this block instead of choosing one
 
     def __post_init__(self):
         if self.window < 1:

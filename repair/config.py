@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import tyro
 
 from lm.errors import UserError
 from refusal.eval_sets import check_names
@@ -14,47 +17,44 @@ from .targeted import TargetedConfig
 
 @dataclass
 class RepairConfig:
-    original: str = "embedded"
-    compressed: str = ""
-    out: str = ""
-    runs_dir: str = "runs/repair"
-    dtype: str = "float32"
-    seed: int = 0
-    # the original's direction (Arditi et al. selection; see refusal.select.SelectionConfig)
-    n_train: int = 128
-    n_val: int = 32
-    search: str = "lazy"
-    prescreen_n_val: int = 8
-    prescreen_keep: int = 16
-    select_compressed: bool | None = None  # the compressed model's own selection (source shift); None = on GPU only
-    source: tuple[int, int] | None = None  # (position, layer) to use instead of the original's selected source
-    aird: AirdConfig = field(default_factory=AirdConfig)
-    targeted: bool = True
-    targeted_cfg: TargetedConfig = field(default_factory=TargetedConfig)
-    curve_fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # of AIRD's restored count, for the ASR curve
-    save: str = "aird"  # which repaired model becomes the output checkpoint
-    # evaluation: held-out harmful prompts (refusal.eval_sets names or file:PATH; the first n_asr
-    # of each) and harmless ones for over-refusal; the restoration curve on the first curve_n_asr
-    # of each set (None: n_asr)
-    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
-    n_asr: int = 50
-    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS
-    n_harmless: int = 50
-    curve_n_asr: int | None = None
-    measurements_dir: str | None = None  # the measurement store; None: <runs_dir>/measurements
-    max_new_tokens: int = 128
-    adv_suffix: bool = True
-    ppl_windows: int = 8
-    ppl_seqlen: int = 512
-    zero_shot_limit: int | None = 200  # None: the full splits; 0: skip zero-shot
-    zero_shot_tasks: tuple[str, ...] | None = None  # None: all seven
-    batch_size: int | None = None
-    # Probes of every evaluated state (refusal.probing): harmfulness probes fitted on the direction
-    # prompts (own, and the original's applied unchanged: transfer), and the original's
-    # refusal-prediction probe, fitted on its own verdicts on this many harmful training prompts
-    # (0: no refusal-prediction probe), against each state's held-out verdicts.
+    original: str = "embedded"  # the uncompressed model: 'embedded', a hub id, a local directory or a .gguf file
+    compressed: str = ""  # the compressed checkpoint (a Hugging Face directory with safetensors); required
+    out: str = ""  # output directory: the repaired checkpoint, repair.json, repair.md, figures/; required
+    runs_dir: str = "runs/repair"  # where stage artifacts are cached
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and activations
+    seed: int = 0  # every sample, split and random choice
+    n_train: int = 128  # harmful and harmless instructions for the original's directions, each
+    n_val: int = 32  # validation prompts per class for the original's selection (Arditi et al.)
+    search: Literal["lazy", "exhaustive"] = "lazy"  # selection search (lazy: the same choice in fewer passes)
+    prescreen_n_val: int = 8  # prescreen candidates on this many harmful prompts (0: off)
+    prescreen_keep: int = 16  # candidates the prescreen keeps
+    select_compressed: bool | None = None  # also select the compressed model's own direction (source shift); None: on a GPU only
+    #: Use the original's difference-of-means direction at this (negative position, layer) instead of
+    #: its selected one.
+    source: tuple[int, int] | None = None
+    aird: Annotated[AirdConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=AirdConfig)  # AIRD's block choice
+    targeted: bool = True  # also run the targeted restoration (far fewer weights than AIRD)
+    targeted_cfg: Annotated[TargetedConfig, tyro.conf.arg(name="targeted")] = field(default_factory=TargetedConfig)  # targeted restoration
+    curve_fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # restored fractions of AIRD's count at which ASR is measured for the curve
+    save: Literal["aird", "targeted"] = "aird"  # which repaired model becomes the output checkpoint
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
+    n_asr: int = 50  # first prompts of each harmful evaluation set
+    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets for over-refusal: alpaca or file:PATH
+    n_harmless: int = 50  # first prompts of each harmless set
+    curve_n_asr: int | None = None  # prompts of each set for the restoration curve's points (None: n_asr)
+    measurements_dir: str | None = None  # the measurement store, shared with the other entry points; None: <runs_dir>/measurements
+    max_new_tokens: int = 128  # tokens generated per completion
+    adv_suffix: bool = True  # also measure the adversarial-suffix ASR
+    ppl_windows: int = 8  # wikitext-2 windows for perplexity
+    ppl_seqlen: int = 512  # tokens per perplexity window
+    zero_shot_limit: int | None = 200  # zero-shot documents per task; 0 skips zero-shot, None: the full splits
+    zero_shot_tasks: tuple[str, ...] | None = None  # zero-shot tasks, or 'all'; None: all seven
+    batch_size: int | None = None  # prompts per forward pass (None: chosen by device)
+    #: Probes of every evaluated state (refusal.probing): harmfulness probes fitted on the direction
+    #: prompts (own, and the original's applied unchanged: transfer), and the original's
+    #: refusal-prediction probe against each state's held-out verdicts.
     probes: bool = True
-    n_refusal_probe: int = 128
+    n_refusal_probe: int = 128  # harmful training prompts the original generates to fit its refusal-prediction probe (0: none)
 
     def __post_init__(self):
         if self.save not in ("aird", "targeted"):
@@ -69,7 +69,10 @@ class RepairConfig:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_refusal_probe < 0:
             raise UserError(f"n_refusal_probe must be 0 (off) or positive, got {self.n_refusal_probe}")
-        if self.zero_shot_tasks:
-            from lm.zero_shot import ZeroShotConfig
+        if self.zero_shot_limit is not None and self.zero_shot_limit < 0:
+            raise UserError(f"zero_shot_limit must be 0 (skip), positive or None (the full splits), got {self.zero_shot_limit}")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+        from lm.zero_shot import task_names
 
-            ZeroShotConfig(tasks=self.zero_shot_tasks)  # an unknown task fails here, not after hours of work
+        self.zero_shot_tasks = task_names(self.zero_shot_tasks)  # an unknown task fails here, not after hours of work

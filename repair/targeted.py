@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -56,12 +57,15 @@ OBJECTIVES = ("own_refusals", "refusal", "projection")
 
 @dataclass(frozen=True)
 class TargetedConfig:
-    # Budgets tried, as fractions of AIRD's restored count, smallest first; the first whose harmful
-    # refusal rate reaches AIRD's is refined by bisection.
+    #: Budgets tried, as fractions of AIRD's restored count, smallest first; the first whose harmful
+    #: refusal rate reaches AIRD's is refined by bisection.
     fractions: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-    bisect_steps: int = 3
-    batch_size: int = 8
-    objective: str = "own_refusals"  # what the attribution scores measure; see the module docstring
+    bisect_steps: int = 3  # bisection steps between the last budget short of AIRD's refusal rate and the first reaching it
+    batch_size: int = 8  # prompts per attribution pass
+    #: What the attribution scores measure: the likelihood of the original's own refusals
+    #: (own_refusals), the first-token refusal score (refusal), or the projection onto the direction
+    #: at its source (projection); see the module docstring.
+    objective: Literal["own_refusals", "refusal", "projection"] = "own_refusals"
     reply_tokens: int = 32  # length of the original's own refusals (own_refusals) and of the judged replies
 
     def __post_init__(self):

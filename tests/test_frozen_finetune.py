@@ -245,7 +245,7 @@ def tiny_dir(tmp_path, monkeypatch):
     return path
 
 
-ARGS = ["--quick", "--n-train", "6", "--steps", "4", "--checkpoints", "2", "--lr", "5e-2", "-p", "0.1", "-q", "0.1"]
+ARGS = ["--quick", "--n-train", "6", "--steps", "4", "--checkpoints", "2", "--lr", "5e-2", "--p", "0.1", "--q", "0.1"]
 
 
 def test_entry_point_end_to_end(tiny_dir, tmp_path, capsys):
@@ -283,7 +283,7 @@ def test_entry_point_end_to_end(tiny_dir, tmp_path, capsys):
     assert again["arms"]["unfrozen"]["drift"] == unfrozen["drift"]
 
 
-@pytest.mark.parametrize("bad", [["--targets", "q_proj", "nope_proj"], ["-q", "1.5"], ["--steps", "0"], ["--eps-fraction", "0"]])
+@pytest.mark.parametrize("bad", [["--targets", "q_proj", "nope_proj"], ["--q", "1.5"], ["--steps", "0"], ["--eps-fraction", "0"]])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, bad):
     runs = tmp_path / "runs"
     assert frozen_finetune.main(["--model", str(tiny_dir), "--runs-dir", str(runs), *ARGS, *bad]) == 2
