@@ -24,3 +24,56 @@ def unchanged_output(out: Path, manifest: dict, result: dict) -> dict | None:
 
 def jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
+
+
+def repair_manifest(cfg, base_manifest: dict | None, model, result: dict, aird_block: int, masks: dict, fingerprints: tuple[str, str]) -> dict:
+    """The compressed checkpoint's compression.json, with the repair recorded in it."""
+    from compression.checkpoint import sparsity_report
+
+    from .restore import count
+
+    fp_orig, fp_comp = fingerprints
+    manifest = dict(base_manifest or {})
+    manifest.setdefault("base_model", cfg.original)
+    manifest.setdefault("base_fingerprint", fp_orig)
+    manifest["sparsity"] = sparsity_report(model)
+    manifest["repair"] = dict(
+        method=cfg.save, source=result["source"], aird_block=aird_block, restored=count(masks),
+        restored_fraction_of_model=count(masks) / result["model_params"], compressed_checkpoint=str(cfg.compressed),
+        compressed_fingerprint=fp_comp, original_fingerprint=fp_orig,
+        sparsity_before=result["states"]["compressed"]["sparsity"],
+    )
+    return manifest
+
+
+def write_readable(where: Path, result: dict, label: str) -> None:
+    """repair.md and the figures (cheap; redrawn even when the checkpoint is kept)."""
+    from lm.cache import atomic_write_text, write_plotlyjs
+
+    from .report import before_after_figure, curve_figure, render_markdown
+
+    figs = {"repair_before_after": before_after_figure(result), "repair_curve": curve_figure({label: result})}
+    atomic_write_text(where / "repair.md", render_markdown(result))
+    write_plotlyjs(where / "figures")
+    for name, fig in figs.items():
+        atomic_write_text(where / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True))
+
+
+def write_output(out: Path, model, tokenizer, manifest: dict, result: dict, label: str) -> tuple[dict, bool]:
+    """Checkpoint + compression.json + repair.json/md + figures, all or nothing: (what `out` holds,
+    whether it was written). When an earlier run wrote the same repair (same numbers, same
+    manifest), its files are kept as they are: rewriting an identical multi-GB checkpoint is most
+    of the cost of a rerun that found every stage cached."""
+    from lm.cache import atomic_dir, atomic_write_json
+
+    kept = unchanged_output(out, jsonable(manifest), jsonable(result))
+    if kept is not None:
+        write_readable(out, kept, label)
+        return kept, False
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MANIFEST, jsonable(manifest))
+        atomic_write_json(tmp / "repair.json", jsonable(result))
+        write_readable(tmp, result, label)
+    return result, True
