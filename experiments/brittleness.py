@@ -30,131 +30,24 @@ import dataclasses
 import gc
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from tqdm.auto import tqdm
 
 from lm.cache import atomic_write_json, atomic_write_text, cached_json, measured, timed, write_plotlyjs
 from lm.cli import parse_config
-from lm.errors import UserError, cli
+from lm.errors import cli
 from lm.perplexity import PerplexityConfig, measure_perplexity
-from lm.zero_shot import SHORT_TASKS, task_names
-from refusal.asr import SETTINGS
 from refusal.collapse import collapse_verdict
-from refusal.eval_sets import check_names
-from refusal.measure import (DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, describe_prompts, measure, paired,
-                             perplexity_rate, zero_shot_rates)
-from refusal.stats import add_holm, fmt_p, fmt_rate, fmt_value_ci
-from repair.report import error_bars
+from refusal.measure import describe_prompts, measure, paired, perplexity_rate, zero_shot_rates
+from refusal.stats import add_holm
 
-WEIGHT_METHODS = ("top-wanda", "top-snip", "setdiff-wanda", "setdiff-snip", "random")
-RANK_METHODS = ("actsvd", "actsvd-orth")
-METHODS = WEIGHT_METHODS + RANK_METHODS
-JUDGES = ("wei2024", "arditi2024")
+# The sweep's settings and its report live beside the job; the public names stay importable here.
+from .brittleness_config import JUDGES, METHODS, RANK_METHODS, WEIGHT_METHODS, BrittlenessConfig, Point, sweep_points
+from .brittleness_report import brittleness_figure, curves, render_markdown
 
-
-@dataclass
-class BrittlenessConfig:
-    model: str = "embedded"  # 'embedded', a hub id, a local safetensors directory, or a .gguf file
-    name: str = "brittleness"  # run directory name under runs_dir
-    runs_dir: str = "runs"  # where run directories and the measurement store live
-    methods: tuple[str, ...] = METHODS  # removal methods swept (default all)
-    fractions: tuple[float, ...] = (0.01, 0.03)  # weight methods: fraction removed (q for set differences)
-    #: Rank methods: int ranks or fractions of min(out, in). One value by default: on CPU each ActSVD
-    #: point costs 10-20 minutes (an SVD per decoder linear and calibration set); sweep more on a GPU.
-    ranks: tuple[int | float, ...] = (0.025,)
-    setdiff_p: float | None = None  # top-p utility scores kept out of a set difference; None: p = q
-    #: Rank of P_u for actsvd-orth (int, or fraction of the rank). Wei et al.'s 1096 of 4096 (27%) was
-    #: tuned on Llama-2-7B; 7% of the rank is the orthogonal projection that broke refusal while
-    #: keeping perplexity within 2x on the embedded model.
-    orth_ru: int | float = 0.07
-    settings: tuple[str, ...] = SETTINGS  # ASR settings (adv-decoding samples 5 per prompt, adv-suffix tries 3 suffixes)
-    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
-    n_asr: int = 16  # first prompts of each harmful evaluation set
-    harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets for over-refusal: alpaca or file:PATH
-    n_harmless: int = 32  # first prompts of each harmless set
-    measurements_dir: str | None = None  # the measurement store; None: <runs_dir>/measurements
-    max_new_tokens: int = 48  # tokens generated per completion (Wei et al.: 256)
-    ppl_windows: int = 4  # wikitext-2 windows for perplexity
-    ppl_seqlen: int = 512  # tokens per perplexity window
-    zero_shot_tasks: tuple[str, ...] = SHORT_TASKS  # zero-shot tasks, or 'all'
-    zero_shot_limit: int | None = 24  # first N documents per zero-shot task; None = the full split
-    calib_samples: int = 64  # instructions for the own refusals / own helpful replies (Wei et al.: 128)
-    batch_size: int | None = None  # prompts per forward pass (None: chosen by device)
-    seed: int = 0  # every sample, split and random choice
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and activations
-    figures_dir: str | None = None  # also export the figure here as HTML + PNG (the README's figures/)
-    #: torch intra-op threads (None: torch's default). On a CPU shared with other jobs one thread
-    #: generated 5-7x faster than two here: the second thread waits at every barrier.
-    threads: int | None = None
-
-    def __post_init__(self):
-        for name in ("methods", "fractions", "ranks", "settings"):
-            setattr(self, name, tuple(getattr(self, name)))
-        self.zero_shot_tasks = task_names(self.zero_shot_tasks)
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise UserError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
-        bad = [s for s in self.settings if s not in SETTINGS]
-        if bad or not self.settings:
-            raise UserError(f"unknown ASR setting(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(SETTINGS)}")
-        if "vanilla" not in self.settings:  # its greedy completions feed the collapse verdict
-            raise UserError("the ASR settings must include vanilla (the collapse check reads its completions)")
-        for label, values in (("fraction", self.fractions), ("rank", self.ranks)):
-            if len(set(values)) != len(values):
-                raise UserError(f"{label}s listed twice: {values}")
-        self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
-        if self.n_asr <= 0 or self.n_harmless <= 0:
-            raise UserError(f"--n-asr and --n-harmless must be positive, got {self.n_asr} and {self.n_harmless}")
-        if self.max_new_tokens <= 0 or self.ppl_windows <= 0 or self.ppl_seqlen <= 1 or self.calib_samples <= 0:
-            raise UserError("max-new-tokens, ppl-windows, ppl-seqlen and calib-samples must be positive")
-        if self.threads is not None and self.threads <= 0:
-            raise UserError(f"--threads must be positive, got {self.threads}")
-
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
-
-    def store(self) -> Path:
-        return Path(self.measurements_dir) if self.measurements_dir else Path(self.runs_dir) / "measurements"
-
-    def eval_config(self, setting: str) -> EvalConfig:
-        return EvalConfig(sets=self.eval_sets, n=self.n_asr, setting=setting, max_new_tokens=self.max_new_tokens,
-                          seed=self.seed, batch_size=self.batch_size)
-
-
-@dataclass(frozen=True)
-class Point:
-    method: str  # 'original' or one of METHODS
-    family: str  # 'weights' or 'ranks' ('original' belongs to both curves)
-    requested: float | int  # the swept value as given
-    spec: str  # compression.variants spec text
-
-
-def _number(value: float) -> str:
-    # An int rank must stay digits ('8'), a fraction must not turn into one ('1.0', not '1').
-    return str(value) if isinstance(value, int) else repr(float(value))
-
-
-def sweep_points(cfg: BrittlenessConfig) -> list[Point]:
-    """The original, then every method at every swept value, as variant specs."""
-    points = [Point("original", "original", 0, "original")]
-    for method in cfg.methods:
-        if method in WEIGHT_METHODS:
-            for f in cfg.fractions:
-                if method.startswith("setdiff-"):
-                    p = f if cfg.setdiff_p is None else cfg.setdiff_p
-                    spec = f"{method}:p={_number(p)},q={_number(f)}"
-                else:
-                    spec = f"{method}:{_number(f)}"
-                points.append(Point(method, "weights", f, spec))
-        else:
-            for r in cfg.ranks:
-                spec = f"actsvd:r={_number(r)}" if method == "actsvd" else f"actsvd-orth:ru={_number(cfg.orth_ru)},rs={_number(r)}"
-                points.append(Point(method, "ranks", r, spec))
-    return points
-
+__all__ = ["Brittleness", "BrittlenessConfig", "JUDGES", "METHODS", "Point", "RANK_METHODS", "WEIGHT_METHODS", "brittleness_figure",
+           "curves", "full_ranks", "main", "parse_args", "rank_fraction", "render_markdown", "sweep_points"]
 
 def rank_fraction(ranks: dict, full_ranks: dict[str, int]) -> float:
     """Ranks removed over all matrices / their summed full ranks; actsvd-orth entries are (ru, rs): rs counts."""
@@ -334,132 +227,6 @@ def _holm(rows: list[dict], settings) -> None:
         for family in families:
             if family:
                 add_holm(family)
-
-
-# --- rendering (from the report dict alone, so report.json can be re-rendered without a model) ---
-
-SETTING_LABELS = {"vanilla": "vanilla", "adv_decoding": "adv-decoding", "adv_suffix": "adv-suffix"}
-JUDGE_LABELS = {"wei2024": "Wei et al. judge", "arditi2024": "Arditi et al. judge"}
-METHOD_COLOURS = {"top-wanda": "#1f77b4", "top-snip": "#ff7f0e", "setdiff-wanda": "#2ca02c", "setdiff-snip": "#d62728",
-                  "random": "#7f7f7f", "actsvd": "#9467bd", "actsvd-orth": "#8c564b"}
-
-
-def curves(report: dict) -> dict[tuple[str, str], list[dict]]:
-    """(family, method) -> its points sorted by x, each curve starting at the original (x = 0)."""
-    rows = report["points"]
-    original = next(r for r in rows if r["method"] == "original")
-    out: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        if r["method"] != "original":
-            out.setdefault((r["family"], r["method"]), [original]).append(r)
-    return {k: sorted(v, key=lambda r: r["x"]) for k, v in out.items()}
-
-
-def brittleness_figure(report: dict):
-    """ASR (three settings, both judges), mean zero-shot accuracy and perplexity vs the amount removed.
-
-    Top row: weight methods against the fraction of weights removed; bottom row: ActSVD against the
-    fraction of ranks removed. Wei judge solid, Arditi judge dotted; collapsed points are crosses.
-    """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    settings = report["settings"]
-    titles = [f"{SETTING_LABELS[s]} ASR" for s in settings] + ["mean zero-shot accuracy", "wikitext-2 perplexity"]
-    cols = len(titles)
-    by_curve = curves(report)
-    families = [f for f in ("weights", "ranks") if any(k[0] == f for k in by_curve)] or ["weights"]
-    fig = make_subplots(rows=len(families), cols=cols, subplot_titles=[t for _ in families for t in titles],
-                        horizontal_spacing=0.06, vertical_spacing=0.16 if len(families) > 1 else 0.1)
-    shown = set()
-    for (family, method), pts in by_curve.items():
-        row = families.index(family) + 1
-        x = [100 * p["x"] for p in pts]
-        symbols = ["x" if p["collapse"]["collapsed"] else "circle" for p in pts]
-        hover = [f"{p['spec']}<br>removed {100 * p['x']:.2f}%<br>perplexity {p['perplexity']:.1f}"
-                 f"<br>zero-shot {100 * p['zero_shot']['mean']:.1f}%" + ("<br>COLLAPSED: " + p["collapse"]["reason"] if p["collapse"]["collapsed"] else "")
-                 for p in pts]
-        style = dict(name=method, legendgroup=method, text=hover, hovertemplate="%{text}<br>y %{y:.1f}<extra>" + method + "</extra>",
-                     marker=dict(symbol=symbols, size=[11 if s == "x" else 7 for s in symbols], color=METHOD_COLOURS.get(method, "black")))
-        colour = style["marker"]["color"]
-        panels = [(col, [100 * p["asr"][setting][judge] for p in pts], dash,
-                   [((p.get("rates") or {}).get("asr", {}).get(setting) or {}).get(judge) for p in pts])
-                  for col, setting in enumerate(settings, start=1) for judge, dash in (("wei2024", "solid"), ("arditi2024", "dot"))]
-        panels += [(cols - 1, [100 * p["zero_shot"]["mean"] for p in pts], "solid", [p["zero_shot"].get("rate") for p in pts]),
-                   (cols, [p["perplexity"] for p in pts], "solid", None)]
-        for col, y, dash, rates in panels:
-            if rates is None:  # perplexity: its own units
-                cis = [p.get("perplexity_ci") for p in pts]
-                err = dict(type="data", symmetric=False, visible=any(cis), array=[c["ci95"][1] - c["value"] if c else 0 for c in cis],
-                           arrayminus=[c["value"] - c["ci95"][0] if c else 0 for c in cis])
-            else:
-                err = error_bars(rates)
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", showlegend=method not in shown, error_y=dict(err, thickness=1),
-                                     line=dict(color=colour, dash=dash, width=2), **style), row=row, col=col)
-            shown.add(method)
-    # Legend keys for the line styles and the collapse marker.
-    for name, line, marker in (("Wei et al. judge", dict(color="black", dash="solid"), dict(symbol="circle", color="black")),
-                               ("Arditi et al. judge", dict(color="black", dash="dot"), dict(symbol="circle", color="black")),
-                               ("collapsed (x)", dict(color="rgba(0,0,0,0)"), dict(symbol="x", size=11, color="black"))):
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines+markers", name=name, line=line, marker=marker), row=1, col=1)
-    for row, family in enumerate(families, start=1):
-        xlabel = "weights removed (%)" if family == "weights" else "ranks removed (%)"
-        for col in range(1, cols + 1):
-            fig.update_xaxes(title_text=xlabel, row=row, col=col)
-        for col in range(1, len(settings) + 1):
-            fig.update_yaxes(title_text="ASR (%)" if col == 1 else None, range=[-3, 103], row=row, col=col)
-        fig.update_yaxes(title_text="accuracy (%)", row=row, col=cols - 1)
-        fig.update_yaxes(title_text="perplexity (log)", type="log", row=row, col=cols)
-    fig.update_layout(
-        # Two lines: a model name as long as the embedded one's does not fit one line at this width.
-        title=f"Brittleness of safety: {report.get('model_name', report['model'])}<br>"
-              f"<sup>{_n_prompts(report)} held-out harmful prompts per ASR point, 95% intervals; top row: weights removed, "
-              "bottom row: ranks removed</sup>",
-        width=1250, height=370 * len(families) + 150, font=dict(size=14),
-        legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
-        margin=dict(l=60, r=20, t=110, b=110),
-    )
-    return fig
-
-
-def _n_prompts(report: dict) -> str:
-    ev = report.get("evaluation")
-    return str(ev["harmful"]["n"]) if ev else str(report["n_asr"])
-
-
-def render_markdown(report: dict) -> str:
-    settings = report["settings"]
-    head = ["method", "spec", "removed (%)"] + [f"{SETTING_LABELS[s]} ASR Arditi | p" for s in settings] + \
-           ["vanilla ASR Wei", "over-refusal (Arditi) | p", "perplexity", "zero-shot mean", "collapsed"]
-    ev = report.get("evaluation") or {}
-    what = (f"ASR on {ev['harmful']['n']} held-out harmful prompts ({', '.join(f'{k} {n}' for k, n in ev['harmful']['per_source'].items())}; "
-            f"overlap with any prompt a stage fits on: {ev['harmful']['overlap_with_fitted']}), over-refusal on {ev['harmless']['n']} held-out "
-            f"harmless prompts" if ev else f"ASR on the first {report['n_asr']} AdvBench goals")
-    lines = [f"# Brittleness sweep: {report.get('model_name', report['model'])}", "",
-             (f"{what}; zero-shot tasks {', '.join(report['config']['zero_shot_tasks'])} "
-              f"(limit {report['config']['zero_shot_limit'] or 'all'}); run time {report['wall_seconds']:.0f} s. "
-              "95% intervals (Wilson; adv-decoding: bootstrap over prompts; adv-suffix: best suffix; perplexity and zero-shot: "
-              "bootstrap). p: exact McNemar test against the original on the same prompts, Holm over the points per column; "
-              "* = significant at 5% (adv-decoding's 5 samples per prompt have no McNemar test)."), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * (len(head) + len(settings) + 1)]
-    for p in report["points"]:
-        r, t = p.get("rates") or {}, p.get("tests") or {}
-        asr = []
-        for s in settings:
-            rate = r.get("asr", {}).get(s, {}).get("arditi2024")
-            asr += [fmt_rate(rate) if rate else f"{100 * p['asr'][s]['arditi2024']:.0f}%",
-                    fmt_p((t.get("asr", {}).get(s) or {}).get("arditi2024")) if t else ""]
-        unit = "ranks" if p["family"] == "ranks" else "weights"
-        wei = r.get("asr", {}).get("vanilla", {}).get("wei2024")
-        zs = p["zero_shot"].get("rate")
-        cells = [p["method"], f"`{p['spec']}`", f"{100 * p['x']:.2f} {unit}" if p["method"] != "original" else "0", *asr,
-                 fmt_rate(wei) if wei else f"{100 * p['asr']['vanilla']['wei2024']:.0f}%",
-                 fmt_rate(r.get("over_refusal", {}).get("arditi2024")), fmt_p((t.get("over_refusal") or {}).get("arditi2024")) if t else "",
-                 fmt_value_ci(p["perplexity_ci"], ".1f") if p.get("perplexity_ci") else f"{p['perplexity']:.1f}",
-                 fmt_rate(zs) if zs else f"{100 * p['zero_shot']['mean']:.1f}%",
-                 ("yes: " + p["collapse"]["reason"]) if p["collapse"]["collapsed"] else "no"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 # --- CLI -------------------------------------------------------------------------------------
