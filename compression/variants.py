@@ -11,12 +11,17 @@ in compression/attribution_variants.py) take `safety=` (the model's own refusals
 differences and orthogonal projection, `utility=` data, both ResponseCalibration
 (compression.attribution.safety_calibration / utility_calibration). `scores_dir=` caches their
 importance scores per (model fingerprint, method, data set, data digest).
+
+Every method is one line of `REGISTRY`: its spec grammar (spec text -> params), what data it needs
+and how it compresses a copy of the model; the algorithm itself lives in its own module. Adding a
+compression method is a module and a line here.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lm.errors import UserError
@@ -32,11 +37,38 @@ from .sparsegpt import SparseGPTConfig, prune_sparsegpt
 from .sparsity import SparsityPattern
 from .wanda import prune_wanda
 
-METHODS = ("original", "wanda", "sparsegpt", "snip", "magnitude", "rtn", "gptq", "torchao")
-PRUNERS = ("wanda", "sparsegpt", "snip", "magnitude")
-NEEDS_CALIBRATION = ("wanda", "sparsegpt", "gptq")  # prompt calibration (`calibration=`)
-NEEDS_RESPONSES = ("snip",)  # (prompt, response) calibration (`responses=`)
-METHODS += attribution_variants.METHODS  # safety attribution (`safety=`, `utility=`)
+DATA_KINDS = ("calibration", "responses", "safety", "utility")
+_DATA_HELP = {
+    "calibration": "calibration data",
+    "responses": "(prompt, response) calibration: pass responses=response_calibration_set(...)",
+    "safety": "safety data (the model's own refusals): pass safety=attribution.safety_calibration(...)",
+    "utility": "utility data (the model's own helpful replies): pass utility=attribution.utility_calibration(...)",
+}
+
+
+@dataclass(frozen=True)
+class VariantData:
+    """What a method may read besides the model: prompt calibration (Wanda, SparseGPT, GPTQ),
+    (prompt, response) pairs (SNIP), the model's own refusals and helpful replies (Wei et al.)."""
+
+    calibration: Calibration | None = None
+    responses: ResponseCalibration | None = None
+    safety: ResponseCalibration | None = None
+    utility: ResponseCalibration | None = None
+    scores_dir: object = None  # where attribution importance scores are cached (None: not cached)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compression method: `parse(arg, text)` turns the part of the spec after 'method:' into
+    JSON-able params (recorded in manifests and cache keys); `build(variant, original, spec, data)`
+    compresses `variant`, a deep copy of `original`, in place and returns what it removed ({} if
+    nothing to report); `needs` names the VariantData fields it reads."""
+
+    name: str
+    parse: Callable[[str, str], dict]
+    build: Callable[..., dict | None]
+    needs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,53 +82,108 @@ class VariantSpec:
         return re.sub(r"[^A-Za-z0-9._-]+", "-", self.text).strip("-") or self.method
 
     @property
+    def needs(self) -> tuple[str, ...]:
+        return REGISTRY[self.method].needs
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.method in NEEDS_CALIBRATION
+        return "calibration" in self.needs
 
     @property
     def needs_responses(self) -> bool:
-        return self.method in NEEDS_RESPONSES
+        return "responses" in self.needs
 
     @property
     def needs_safety(self) -> bool:
-        return self.method in attribution_variants.NEEDS_SAFETY
+        return "safety" in self.needs
 
     @property
     def needs_utility(self) -> bool:
-        return self.method in attribution_variants.NEEDS_UTILITY
+        return "utility" in self.needs
 
     @property
     def pattern(self) -> SparsityPattern:
         return SparsityPattern(self.params["ratio"], self.params["n"], self.params["m"])
 
 
-def parse_variant(text: str) -> VariantSpec:
-    text = text.strip()
-    method, _, arg = text.partition(":")
-    if method == "original":
-        return VariantSpec("original", {}, "original")
-    if method in PRUNERS:
+# --- spec grammars ------------------------------------------------------------------------------
+
+def _pruning(method: str, check: Callable[[SparsityPattern], None] | None = None) -> Callable[[str, str], dict]:
+    """'<method>:0.5' (unstructured) or '<method>:2:4' (N:M)."""
+
+    def parse(arg: str, text: str) -> dict:
         if not arg:
             raise UserError(f"variant {text!r}: give a sparsity, e.g. {method}:0.5 or {method}:2:4")
         pattern = SparsityPattern.parse(arg)
-        if method == "sparsegpt":
-            SparseGPTConfig().validate_for(pattern)  # e.g. 2:3 does not tile 128-column blocks
-        return VariantSpec(method, {"sparsity": str(pattern), "ratio": pattern.ratio, "n": pattern.n, "m": pattern.m}, text)
-    if method in ("rtn", "gptq"):  # one grammar, so GPTQ and RTN variants name the same grids
+        if check is not None:
+            check(pattern)
+        return {"sparsity": str(pattern), "ratio": pattern.ratio, "n": pattern.n, "m": pattern.m}
+
+    return parse
+
+
+def _quantization(method: str) -> Callable[[str, str], dict]:
+    """'<method>:int8', '<method>:int4' (group 128), '<method>:int4:g32', '<method>:int4:grow' (per row);
+    one grammar, so GPTQ and RTN variants name the same grids."""
+
+    def parse(arg: str, text: str) -> dict:
         m = re.fullmatch(r"int([2-8])(?::g(\d+|row))?", arg)
         if not m:
             raise UserError(f"variant {text!r}: use {method}:int8, {method}:int4 or {method}:int4:g32 (group size, or g'row')")
         group = None if m.group(2) == "row" else int(m.group(2) or 128)
         QuantConfig(int(m.group(1)), group)  # e.g. g0: fail here, not after the run has started
-        return VariantSpec(method, {"bits": int(m.group(1)), "group_size": group}, text)
-    if method == "torchao":  # real int8 weights at evaluation time; only int8 has a CPU kernel in torchao
-        if arg != "int8":
-            raise UserError(f"variant {text!r}: use torchao:int8 (int8 weight-only, one scale per output row)")
-        torchao_quantization()  # missing extra: fail before the run starts
-        return VariantSpec(method, {"bits": 8, "group_size": None, "backend": "torchao-int8-weight-only"}, text)
-    if method in attribution_variants.METHODS:
-        return VariantSpec(method, attribution_variants.parse_params(method, arg, text), text)
-    raise UserError(f"unknown variant {text!r}; methods: {', '.join(METHODS)}")
+        return {"bits": int(m.group(1)), "group_size": group}
+
+    return parse
+
+
+def _torchao(arg: str, text: str) -> dict:
+    # Real int8 weights at evaluation time; only int8 has a CPU kernel in torchao.
+    if arg != "int8":
+        raise UserError(f"variant {text!r}: use torchao:int8 (int8 weight-only, one scale per output row)")
+    torchao_quantization()  # missing extra: fail before the run starts
+    return {"bits": 8, "group_size": None, "backend": "torchao-int8-weight-only"}
+
+
+def _no_arguments(arg: str, text: str) -> dict:
+    if arg:
+        raise UserError(f"variant {text!r}: 'original' takes no arguments")
+    return {}
+
+
+def _attribution(method: str) -> Method:
+    return Method(method, lambda arg, text: attribution_variants.parse_params(method, arg, text),
+                  lambda v, o, s, d: attribution_variants.apply_variant(v, o, s.method, s.params, d.safety, d.utility, d.scores_dir),
+                  ("safety",) + (("utility",) if method in attribution_variants.NEEDS_UTILITY else ())
+                  if method in attribution_variants.NEEDS_SAFETY else ())
+
+
+# --- the registry: one line per method ----------------------------------------------------------
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("original", _no_arguments, lambda v, o, s, d: {}),
+    Method("wanda", _pruning("wanda"), lambda v, o, s, d: prune_wanda(v, d.calibration, s.pattern), ("calibration",)),
+    # SparseGPT checks the pattern tiles its 128-column blocks (2:3 does not).
+    Method("sparsegpt", _pruning("sparsegpt", SparseGPTConfig().validate_for), lambda v, o, s, d: prune_sparsegpt(v, d.calibration, s.pattern),
+           ("calibration",)),
+    # All layers at once from the original model's scores, as Wei et al. prune.
+    Method("snip", _pruning("snip"), lambda v, o, s, d: prune_snip(v, snip_scores_one_pass(v, d.responses.batches), s.pattern), ("responses",)),
+    Method("magnitude", _pruning("magnitude"), lambda v, o, s, d: prune_magnitude(v, s.pattern)),
+    Method("rtn", _quantization("rtn"), lambda v, o, s, d: quantize_model_rtn(v, QuantConfig(s.params["bits"], s.params["group_size"]))),
+    Method("gptq", _quantization("gptq"),
+           lambda v, o, s, d: quantize_gptq(v, d.calibration, GPTQConfig(s.params["bits"], s.params["group_size"])), ("calibration",)),
+    Method("torchao", _torchao, lambda v, o, s, d: quantize_int8_weight_only(v)),
+    *(_attribution(m) for m in attribution_variants.METHODS),
+)}
+METHODS = tuple(REGISTRY)
+
+
+def parse_variant(text: str) -> VariantSpec:
+    text = text.strip()
+    name, _, arg = text.partition(":")
+    if name not in REGISTRY:
+        raise UserError(f"unknown variant {text!r}; methods: {', '.join(METHODS)}")
+    return VariantSpec(name, REGISTRY[name].parse(arg, text), text)
 
 
 def validate_variant(spec: VariantSpec, model) -> None:
@@ -107,7 +194,7 @@ def validate_variant(spec: VariantSpec, model) -> None:
 
     widths = {lin.in_features for lin in block_linears(decoder_layers(model)[0]).values()}
     try:
-        if spec.method in PRUNERS:
+        if "ratio" in spec.params:  # a sparsity pattern (the pruners' grammar): N:M must tile the rows
             spec.pattern.validate_for(model)
         group = spec.params.get("group_size")
         if group and any(w % group for w in widths):
@@ -122,7 +209,7 @@ def build_variant(model, spec: VariantSpec, calibration: Calibration | None = No
 
 
 def build_variant_with_report(model, spec: VariantSpec, calibration: Calibration | None = None, *, responses: ResponseCalibration | None = None,
-                  safety: ResponseCalibration | None = None, utility: ResponseCalibration | None = None, scores_dir=None):
+                              safety: ResponseCalibration | None = None, utility: ResponseCalibration | None = None, scores_dir=None):
     """(compressed deep copy of `model`, report of what was removed); the original is left untouched.
 
     The report holds what a method measures while compressing (e.g. the realised fraction a set
@@ -130,30 +217,10 @@ def build_variant_with_report(model, spec: VariantSpec, calibration: Calibration
     """
     if spec.method == "original":
         return model, {}
-    if spec.needs_calibration and calibration is None:
-        raise UserError(f"{spec.text} needs calibration data")
-    if spec.needs_responses and responses is None:
-        raise UserError(f"{spec.text} needs (prompt, response) calibration: pass responses=response_calibration_set(...)")
-    if spec.needs_safety and safety is None:
-        raise UserError(f"{spec.text} needs safety data (the model's own refusals): pass safety=attribution.safety_calibration(...)")
-    if spec.needs_utility and utility is None:
-        raise UserError(f"{spec.text} needs utility data (the model's own helpful replies): pass utility=attribution.utility_calibration(...)")
+    data = VariantData(calibration, responses, safety, utility, scores_dir)
+    for kind in spec.needs:
+        if getattr(data, kind) is None:
+            raise UserError(f"{spec.text} needs {_DATA_HELP[kind]}")
     variant = copy.deepcopy(model)
-    if spec.method in attribution_variants.METHODS:
-        return variant, attribution_variants.apply_variant(variant, model, spec.method, spec.params, safety, utility, scores_dir)
-    if spec.method == "wanda":
-        prune_wanda(variant, calibration, spec.pattern)
-    elif spec.method == "sparsegpt":
-        prune_sparsegpt(variant, calibration, spec.pattern)
-    elif spec.method == "snip":
-        # All layers at once from the original model's scores, as Wei et al. prune.
-        prune_snip(variant, snip_scores_one_pass(variant, responses.batches), spec.pattern)
-    elif spec.method == "magnitude":
-        prune_magnitude(variant, spec.pattern)
-    elif spec.method == "rtn":
-        quantize_model_rtn(variant, QuantConfig(spec.params["bits"], spec.params["group_size"]))
-    elif spec.method == "gptq":
-        quantize_gptq(variant, calibration, GPTQConfig(spec.params["bits"], spec.params["group_size"]))
-    elif spec.method == "torchao":
-        quantize_int8_weight_only(variant)
-    return variant, {}
+    report = REGISTRY[spec.method].build(variant, model, spec, data)
+    return variant, report if isinstance(report, dict) else {}

@@ -33,6 +33,7 @@ from refusal.selection_artifacts import select_direction_cached
 from .compare_config import CompareConfig
 from .compare_figures import export_figures, make_figures, save_figures
 from .compare_summary import summarise
+from .compare_repair import repair_variants
 from .report import render_html, render_markdown
 
 
@@ -324,7 +325,7 @@ class Comparison:
             clock.tick()
         report = summarise(results, self.cfg, self.base.tokenizer, self.base.name, self.fingerprint(), clock.seconds)
         if self.cfg.repair:
-            report["repairs"] = self.repair(results, report, clock)
+            report["repairs"] = repair_variants(self.cfg, self.base, self.dir, results, report, clock)
             report["wall_seconds"] = clock.seconds
         clock.tick(finished=True)
         report.update(clock.summary())
@@ -339,36 +340,6 @@ class Comparison:
                 _log(line)
         _log(f"report: {self.dir / 'report.md'}")
         return report
-
-    def repair(self, results: dict, report: dict, clock: RunClock) -> dict:
-        """AIRD + targeted repair of every saved variant whose direction changed at the original's source."""
-        from repair.pipeline import Repair, RepairConfig
-
-        ref = results["original"][1].get("selection")
-        if ref is None or ref.chosen is None or not self.cfg.save_checkpoints:
-            _log("repair skipped: it needs the original's selected direction and saved variant checkpoints")
-            return {}
-        c, out = self.cfg, {}
-        for row in report["variants"][1:]:
-            cos = row.get("cosine_at_original_source")
-            if cos is None or cos >= c.repair_below:
-                continue
-            spec, own = next((s, r) for s, r in results.values() if s.text == row["variant"])
-            vdir = self.dir / "variants" / spec.slug
-            _log(f"{spec.text}: repairing (cosine at the original's source {cos:.3f})")
-            rcfg = RepairConfig(original=c.model, compressed=str(vdir / "model"), out=str(vdir / "repaired"), runs_dir=str(self.dir / "repair"),
-                                dtype=c.dtype, seed=c.seed, n_train=c.n_train, n_val=c.n_val, search=c.search,
-                                prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, n_asr=c.repair_n_asr,
-                                eval_sets=c.eval_sets, harmless_sets=c.harmless_sets, n_harmless=c.n_harmless,
-                                curve_n_asr=c.repair_curve_n_asr, measurements_dir=str(c.store()),
-                                max_new_tokens=c.repair_max_new_tokens, adv_suffix=c.repair_adv_suffix,
-                                curve_fractions=tuple(c.repair_curve_fractions), ppl_windows=c.ppl_windows, ppl_seqlen=c.ppl_seqlen,
-                                zero_shot_limit=c.zero_shot_limit, zero_shot_tasks=tuple(c.zero_shot_tasks), batch_size=c.batch_size,
-                                select_compressed=c.select_variants, probes=c.probes, n_refusal_probe=c.n_refusal_probe)
-
-            out[row["variant"]] = Repair(rcfg, original=self.base, selection=ref, own_selection=own.get("selection")).run()
-            clock.tick()
-        return out
 
 
 def _digest(texts: list[str]) -> str:

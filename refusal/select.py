@@ -14,7 +14,7 @@ the lowest bypass among the rest wins.
 
 Scoring one candidate per forward pass costs 3 passes per candidate (hundreds for a real model);
 refusal.candidate_scores puts several candidates in one pass. The scores' artifacts and the
-cached entry point are in refusal.selection_artifacts.
+cached entry point are in refusal.selection_artifacts, the filter and the choice in refusal.selection_filter.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from lm.hooks import decoder_layers
 from .candidate_scores import CandidateScores, batch_plan, chunks, score_candidates
 from .direction import candidate_directions
 from .score import filter_by_score, refusal_scores, refusal_tokens
+from .selection_filter import choose, finite_or_none, rejection_reasons
 
 SELECTION_JSON = "selection.json"
 DIRECTION_FILE = "direction.safetensors"
@@ -141,50 +142,6 @@ class SelectionResult:
                     reason=self.reasons[i][layer],
                 ))
         return out
-
-
-def finite_or_none(x: torch.Tensor) -> float | None:
-    # JSON has no NaN; a missing score reads as null.
-    value = float(x)
-    return value if math.isfinite(value) else None
-
-
-# --- the filter and the choice (pure) --------------------------------------------------------
-
-
-def rejection_reasons(bypass: torch.Tensor, induce: torch.Tensor, kl: torch.Tensor, cfg: SelectionConfig) -> list[list[str | None]]:
-    """Arditi et al.'s filter per candidate, first failing rule in their order; None = passes."""
-    n_pos, n_layers = bypass.shape
-    last_allowed = int(cfg.max_layer_fraction * n_layers)
-    reasons = []
-    for i in range(n_pos):
-        row = []
-        for layer in range(n_layers):
-            b, s, k = float(bypass[i, layer]), float(induce[i, layer]), float(kl[i, layer])
-            if any(math.isnan(v) for v in (b, s, k)):
-                row.append("nan")
-            elif any(math.isinf(v) for v in (b, s, k)):
-                row.append("infinite")  # e.g. a refusal log-odds of -inf would otherwise win the argmin
-            elif layer >= last_allowed:
-                row.append("late_layer")
-            elif k > cfg.kl_threshold:
-                row.append("kl")
-            elif s < cfg.induce_threshold:
-                row.append("induce")
-            else:
-                row.append(None)
-        reasons.append(row)
-    return reasons
-
-
-def choose(bypass: torch.Tensor, reasons: list[list[str | None]], positions: list[int]) -> tuple[int, int] | None:
-    """(position, layer) with the lowest bypass score among passing candidates; ties go to the first."""
-    best = None
-    for i, pos in enumerate(positions):
-        for layer, reason in enumerate(reasons[i]):
-            if reason is None and (best is None or float(bypass[i, layer]) < best[0]):
-                best = (float(bypass[i, layer]), pos, layer)
-    return None if best is None else (best[1], best[2])
 
 
 # --- batched candidate scoring ---------------------------------------------------------------

@@ -11,7 +11,8 @@ from pathlib import Path
 from lm.cache import atomic_save_tensors, atomic_write_json
 from lm.errors import UserError
 
-from .select import DIRECTION_FILE, SELECTION_JSON, SelectionConfig, SelectionResult, SharedPrompts, finite_or_none, select_direction
+from .select import DIRECTION_FILE, SELECTION_JSON, SelectionConfig, SelectionResult, SharedPrompts, select_direction
+from .selection_filter import finite_or_none
 
 
 def _params(cfg: SelectionConfig, fingerprint: str | None, shared_prompts: str | None = None) -> dict:

@@ -407,6 +407,34 @@ def test_parse_variant_accepts(text, method, params):
     assert spec.slug and "/" not in spec.slug and ":" not in spec.slug
 
 
+def test_a_method_is_one_registry_line(monkeypatch):
+    """Adding a compression method: its grammar and builder in one REGISTRY entry, nothing else."""
+    from compression.variants import REGISTRY, Method, build_variant_with_report
+
+    def scale(variant, original, spec, data):
+        with torch.no_grad():
+            for lin in block_linears(decoder_layers(variant)[0]).values():
+                lin.weight.mul_(spec.params["factor"])
+        return {"scaled": spec.params["factor"]}
+
+    monkeypatch.setitem(REGISTRY, "scale", Method("scale", lambda arg, text: {"factor": float(arg)}, scale))
+    model = build_model("llama", build_tokenizer())
+    spec = parse_variant("scale:0.5")
+    variant, report = build_variant_with_report(model, spec)
+    assert report == {"scaled": 0.5} and spec.needs == ()
+    before, after = block_linears(decoder_layers(model)[0]), block_linears(decoder_layers(variant)[0])
+    assert all(torch.equal(after[n].weight, before[n].weight * 0.5) for n in before)  # the copy changed, the original did not
+    with pytest.raises(UserError, match="unknown variant"):
+        parse_variant("scales:0.5")
+
+
+def test_every_registered_method_declares_only_known_data():
+    from compression.variants import DATA_KINDS, REGISTRY
+
+    assert all(set(m.needs) <= set(DATA_KINDS) for m in REGISTRY.values())
+    assert {n for n, m in REGISTRY.items() if "calibration" in m.needs} == {"wanda", "sparsegpt", "gptq"}
+
+
 def test_variant_slugs_are_distinct_paths():
     slugs = [parse_variant(t).slug for t in ("original", "wanda:0.5", "wanda:2:4", "rtn:int8", "rtn:int4:g32")]
     assert len(set(slugs)) == len(slugs)
