@@ -27,12 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+import tyro
 
 from lm.cache import atomic_write_text
+from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.loading import resolve
 
@@ -132,26 +135,30 @@ def write_results(path: Path, text: str) -> None:
     atomic_write_text(path, new)
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description="\n\n".join(__doc__.split("\n\n")[:2]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="default", choices=sorted(SIZES), help="preset sizes (individual flags override)")
-    p.add_argument("--only", nargs="+", choices=GROUPS, help="run only these groups")
-    p.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update (default benchmarks/RESULTS.md)")
-    p.add_argument("--no-write", action="store_true", help="print the table only")
-    p.add_argument("--json", type=Path, help="also write the raw rows here")
-    defaults = Settings()
-    for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, type=type(getattr(defaults, f.name)), default=None, help=f"default size: {getattr(defaults, f.name)}")
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class BenchmarkRun:
+    settings: Annotated[Settings, tyro.conf.OmitArgPrefixes] = Settings()  # the sizes (from --size, then the flags)
+    size: Literal[tuple(SIZES)] = "default"  # preset sizes (individual flags override)
+    only: tuple[Literal[GROUPS], ...] | None = None  # run only these groups
+    results: str = str(RESULTS)  # markdown file to update
+    write: bool = True  # write the table into --results (--no-write: print it only)
+    json: str | None = None  # also write the raw rows here
+
+
+def parse(argv) -> BenchmarkRun:
+    """Flags generated from Settings (lm.cli); --size picks the preset the flags start from."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--size", default="default")
+    size = pre.parse_known_args(argv)[0].size
+    base = BenchmarkRun(settings=settings_for(size), size=size)
+    return parse_config(BenchmarkRun, argv, prog="python -m benchmarks", description="\n\n".join(__doc__.split("\n\n")[:2]), defaults=base)[0]
 
 
 @cli
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse(argv)
-    settings = settings_for(a.size, **{f.name: getattr(a, f.name) for f in fields(Settings)})
+    settings = a.settings
     resolve(settings.model)  # a bad model spec fails here, before any work
     if settings.small_model != "scaled":
         resolve(settings.small_model)
@@ -162,9 +169,9 @@ def main(argv=None) -> int:
     print(text.split("\n", 2)[2].rsplit("\n", 1)[0])
     if a.json:
         from lm.cache import atomic_write_json
-        atomic_write_json(a.json, dict(settings=asdict(settings), rows=rows))
-    if not a.no_write:
-        write_results(a.results, text)
+        atomic_write_json(Path(a.json), dict(settings=asdict(settings), rows=rows))
+    if a.write:
+        write_results(Path(a.results), text)
     return 0
 
 

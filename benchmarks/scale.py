@@ -19,21 +19,23 @@ suffix, like AdvBench goals in a chat template. Goals on one H100: Wanda 50% und
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+import tyro
 
 from compression.calibration import Calibration
 from compression.snip import snip_scores_one_pass
 from compression.sparsegpt import prune_sparsegpt
 from compression.sparsity import SparsityPattern
 from compression.wanda import prune_wanda
+from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.continuous_batching import decode_continuous
 from lm.generation import auto_batch_size, vllm_available
@@ -51,19 +53,19 @@ PREFIX, SUFFIX, OWN = 24, 5, (10, 35)  # chat-template tokens shared by every pr
 
 @dataclass(frozen=True)
 class ScaleConfig:
-    shape: str = "llama-2-7b"
-    device: str = "cuda"
-    dtype: str = "bfloat16"
-    calib_samples: int = 128
-    calib_seqlen: int = 256
-    calib_batch: int = 8
-    snip_samples: int = 128
-    snip_seqlen: int = 256
-    gen_prompts: int = 520
-    gen_new_tokens: int = 256
-    gen_batch: int = 0  # 0: lm.generation.auto_batch_size
-    vllm: bool = False
-    seed: int = 0
+    shape: Literal["llama-2-7b", "tiny"] = "llama-2-7b"  # the random model's shape
+    device: str = "cuda"  # where the model is built and run
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # weights and activations
+    calib_samples: int = 128  # Wanda / SparseGPT calibration sequences
+    calib_seqlen: int = 256  # tokens per calibration sequence
+    calib_batch: int = 8  # calibration sequences per forward pass
+    snip_samples: int = 128  # SNIP (prompt, response) samples
+    snip_seqlen: int = 256  # tokens per SNIP sample
+    gen_prompts: int = 520  # prompts generated (AdvBench's 520)
+    gen_new_tokens: int = 256  # new tokens per prompt
+    gen_batch: int = 0  # prompts per decoder batch (0: lm.generation.auto_batch_size)
+    vllm: bool = False  # also generate with vLLM (must be installed)
+    seed: int = 0  # the random weights and prompts
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -71,6 +73,13 @@ class ScaleConfig:
         if min(self.calib_samples, self.calib_seqlen, self.calib_batch, self.snip_samples, self.snip_seqlen,
                self.gen_prompts, self.gen_new_tokens) <= 0 or self.gen_batch < 0:
             raise UserError("benchmark sizes must be positive")
+
+
+@dataclass(frozen=True)
+class ScaleRun:
+    cfg: Annotated[ScaleConfig, tyro.conf.OmitArgPrefixes] = ScaleConfig(device="cuda" if torch.cuda.is_available() else "cpu")  # the run
+    json: str | None = None  # write the rows here
+    results: str | None = None  # append the table to this markdown file (e.g. benchmarks/RESULTS.md)
 
 
 def random_model(cfg: ScaleConfig):
@@ -186,31 +195,25 @@ def markdown(rows: list[dict], cfg: ScaleConfig) -> str:
     return "\n".join(lines)
 
 
+def parse_args(argv=None) -> ScaleRun:
+    return parse_config(ScaleRun, argv, prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])[0]
+
+
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
-    defaults = ScaleConfig()
-    p.add_argument("--shape", default=defaults.shape, choices=sorted(SHAPES))
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", default=defaults.dtype, choices=["bfloat16", "float16", "float32"])
-    for name in ("calib_samples", "calib_seqlen", "calib_batch", "snip_samples", "snip_seqlen", "gen_prompts", "gen_new_tokens", "gen_batch"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    p.add_argument("--vllm", action="store_true", help="also generate with vLLM (must be installed)")
-    p.add_argument("--json", type=Path, help="write the rows here")
-    p.add_argument("--results", type=Path, help="append the table to this markdown file (e.g. benchmarks/RESULTS.md)")
-    a = p.parse_args(argv)
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = ScaleConfig(**{**{k: v for k, v in vars(a).items() if k not in ("json", "results")}, "device": device})
+    run_args = parse_args(argv)
+    cfg = run_args.cfg
     rows = run(cfg)
     text = markdown(rows, cfg)
     print(text)
-    if a.json:
+    if run_args.json:
         from lm.cache import atomic_write_json
-        atomic_write_json(a.json, dict(config=asdict(cfg), device=device_name(cfg.device), rows=rows))
-    if a.results:
+        atomic_write_json(Path(run_args.json), dict(config=asdict(cfg), device=device_name(cfg.device), rows=rows))
+    if run_args.results:
         from lm.cache import atomic_write_text
-        old = a.results.read_text() if a.results.is_file() else "# Benchmark results\n"
-        atomic_write_text(a.results, old.rstrip("\n") + "\n\n" + text + "\n")
+        results = Path(run_args.results)
+        old = results.read_text() if results.is_file() else "# Benchmark results\n"
+        atomic_write_text(results, old.rstrip("\n") + "\n\n" + text + "\n")
     return 0
 
 

@@ -27,23 +27,23 @@ from lm.errors import UserError, cli
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = "embedded"
-    # A second, smaller model for "pruning time and memory vs model size": "scaled" builds a
-    # seeded random model of the main model's architecture and tokenizer, 4 layers of width 128.
+    model: str = "embedded"  # the main model: 'embedded', a hub id, a local directory or a .gguf file
+    #: A second, smaller model for "pruning time and memory vs model size": "scaled" builds a
+    #: seeded random model of the main model's architecture and tokenizer, 4 layers of width 128.
     small_model: str = "scaled"
-    # More goals than batch rows, as in an ASR run (100-520 goals, batches of up to 64), so the
-    # decoder's continuous batching has prompts to admit as refusals finish.
-    gen_prompts: int = 64  # AdvBench goals
-    gen_new_tokens: int = 128  # the ASR setting is 256 (--size full)
-    gen_batch: int = 32
-    gen_baseline_every: int = 4  # one-prompt-at-a-time decodes every 4th goal: a rate, and the slow row
-    snip_samples: int = 4
-    direction_prompts: int = 128  # harmful and harmless each
-    direction_batch: int = 16  # candidate_directions' default
+    #: AdvBench goals generated: more than the batch rows, as in an ASR run (100-520 goals, batches
+    #: of up to 64), so the decoder's continuous batching has prompts to admit as refusals finish.
+    gen_prompts: int = 64
+    gen_new_tokens: int = 128  # new tokens per goal (the ASR setting is 256: --size full)
+    gen_batch: int = 32  # goals per batch
+    gen_baseline_every: int = 4  # one-prompt-at-a-time decodes every k-th goal: a rate, and the slow row
+    snip_samples: int = 4  # SNIP (prompt, response) samples
+    direction_prompts: int = 128  # harmful and harmless instructions each for direction extraction
+    direction_batch: int = 16  # prompts per extraction pass (candidate_directions' default)
     probe_test: int = 50  # held-out harmful and harmless instructions each for the probes row (train: direction_prompts)
-    prune_samples: int = 16  # calibration instructions (the variants use 128)
+    prune_samples: int = 16  # calibration instructions for pruning (the variants use 128)
     select_candidates: int = 8  # (position -1, layer) candidates scored both ways
-    select_val: int = 8  # harmful and harmless validation instructions each
+    select_val: int = 8  # harmful and harmless validation instructions each for selection
     threads: int = 0  # torch intra-op threads in the workers; 0 leaves torch's default
 
     def __post_init__(self):

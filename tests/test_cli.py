@@ -10,6 +10,8 @@ import typing
 import pytest
 import tyro._docstrings
 
+from benchmarks import __main__ as benchmarks_cli
+from benchmarks import scale
 from experiments import brittleness, compare_refusal, frozen_finetune, refusal_direction
 from lm import zero_shot
 from lm.cli import from_mapping, parse_config
@@ -27,13 +29,15 @@ ENTRY_POINTS = [
     ("frozen_finetune", frozen_finetune.parse_args, frozen_finetune.FrozenFinetuneConfig, [], {}),
     ("refusal_direction", None, refusal_direction.DirectionConfig, [], {}),
     ("zero_shot", zero_shot.parse_args, zero_shot._Args, [], {"cfg": ""}),
+    ("benchmarks", benchmarks_cli.parse, benchmarks_cli.BenchmarkRun, [], {"settings": ""}),
+    ("benchmarks.scale", scale.parse_args, scale.ScaleRun, [], {"cfg": ""}),
 ]
 
 # Fields whose values are checked against a vocabulary: a valid non-default value for each.
 VALID = {
     "variants": ("wanda:0.6",), "eval_sets": ("harmbench",), "methods": ("actsvd",), "settings": ("vanilla",),
     "zero_shot_tasks": ("rte",), "tasks": ("rte", "boolq"), "targets": ("q_proj",), "source": (-1, 3), "ranks": (4, 0.5),
-    "fractions": (0.02,), "curve_fractions": (0.5,), "repair_curve_fractions": (0.5,), "compressed": "other/compressed", "out": "other/out",
+    "fractions": (0.02,), "curve_fractions": (0.5,), "repair_curve_fractions": (0.5,), "compressed": "other/compressed", "out": "other/out", "only": ("snip",),
 }
 
 
@@ -131,16 +135,20 @@ def test_every_config_field_has_its_own_help_line(entry):
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS, ids=[e[0] for e in ENTRY_POINTS])
 def test_a_runs_config_json_given_back_reproduces_its_settings(entry, tmp_path):
-    _, parse, cls, required, _ = entry
+    _, parse, cls, required, prefixes = entry
     parse = parse or _direction_parse
-    cfg = parse(required + (["--seed", "7"] if "seed" in {f.name for f in dataclasses.fields(cls)} else ["--dtype", "bfloat16"]))
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(dataclasses.asdict(cfg)))  # JSON: tuples come back as lists
-    assert parse(["--config", str(path)]) == cfg
-    # flags next to --config win
-    name = "model" if hasattr(cfg, "model") else "original"
-    again = parse(["--config", str(path), f"--{name}", "other"])
-    assert getattr(again, name) == "other" and dataclasses.replace(again, **{name: getattr(cfg, name)}) == cfg
+    path, flag, _, _ = next(leaf for leaf in _leaves(cls, prefixes) if leaf[2] is str and leaf[0][-1] not in ("compressed", "out"))
+    cfg = parse(required)
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps(dataclasses.asdict(cfg)))  # JSON: tuples come back as lists
+    assert parse(["--config", str(file)]) == cfg
+    # a flag next to --config wins, and changes nothing else
+    expected = dataclasses.asdict(cfg)
+    target = expected
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = "other"
+    assert dataclasses.asdict(parse(["--config", str(file), flag, "other"])) == expected
 
 
 def test_yaml_config_with_nested_settings_and_the_quick_preset(tmp_path):
