@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lm.architecture import block_prefix
 from lm.errors import UserError
 from lm.hooks import decoder_layers
 
@@ -150,8 +151,9 @@ def edit_blockwise(model: nn.Module, datas: list, edit: Edit, cfg: ActSVDConfig 
         grams = [collect(block, s, InputGram) for s in streams]
         if not cfg.sequential:
             streams = [run_block(block, s) for s in streams]  # before the edit: the original block feeds the next
+        prefix = block_prefix(model, index)
         for name, linear in block_linears(block).items():
-            edit(f"model.layers.{index}.{name}", linear, [g[name].gram for g in grams])
+            edit(prefix + name, linear, [g[name].gram for g in grams])
         if cfg.sequential:
             streams = [run_block(block, s) for s in streams]
 

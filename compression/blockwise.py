@@ -19,9 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lm.architecture import block_linears, block_prefix
+from lm.errors import UserError
 from lm.hooks import _first, decoder_layers, hooks_registered
 from lm.placement import compute_device, resident
-from lm.resume import block0_input
+from lm.resume import block0_input, uniform_layers
 
 from .calibration import Calibration
 
@@ -31,15 +33,21 @@ class Collector(Protocol):
         """x: [tokens, in_features] float32 inputs of one linear layer, padding removed."""
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every linear layer of a decoder block (7 in Llama/Qwen2: q, k, v, o, gate, up, down)."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
 @torch.no_grad()
 def block0_inputs(model: nn.Module, calibration: Calibration) -> list[tuple[torch.Tensor, dict, torch.Tensor]]:
-    """(hidden_states, keyword arguments, token mask) entering block 0, one triple per batch."""
+    """(hidden_states, keyword arguments, token mask) entering block 0, one triple per batch.
+
+    Every block is then run with block 0's keyword arguments. Where layers take different masks
+    (Gemma 2's sliding-window and global layers) those are the same only while a sequence fits
+    the window, which is checked here.
+    """
     device = compute_device(model)
+    if not uniform_layers(model):
+        window = getattr(model.config.get_text_config(), "sliding_window", None)
+        longest = max(int(b["input_ids"].shape[1]) for b in calibration.batches)
+        if window is None or longest > window:
+            raise UserError(f"this model's layers use different attention masks; block-by-block compression needs calibration "
+                            f"sequences within its sliding window ({window} tokens), got {longest}")
     states = []
     for batch in calibration.batches:
         mask = batch["attention_mask"].to(device)
@@ -103,6 +111,7 @@ def compress_blockwise(
     for index, block in enumerate(tqdm(decoder_layers(model), desc=desc, unit="block", leave=False)):
         with resident(block, device):
             collectors = collect(block, states, make_collector)
+            prefix = block_prefix(model, index)
             for name, lin in block_linears(block).items():
-                compress_linear(f"model.layers.{index}.{name}", lin, collectors[name])
+                compress_linear(prefix + name, lin, collectors[name])
             states = run_block(block, states)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lm.architecture import linear_weight_name
 from lm.cache import atomic_dir, atomic_write_json
 from lm.hooks import decoder_layers
 
@@ -23,7 +24,7 @@ def sparsity_report(model: nn.Module) -> dict:
         for name, linear in block_linears(block).items():
             z = int((dense(linear.weight) == 0).sum())
             n = linear.weight.numel()
-            per_matrix[f"model.layers.{index}.{name}.weight"] = z / n
+            per_matrix[linear_weight_name(model, index, name)] = z / n
             zeros += z
             total += n
     model_params = sum(p.numel() for p in model.parameters())

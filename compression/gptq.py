@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lm.architecture import block_prefix
 from lm.errors import UserError
 from lm.hooks import decoder_layers
 
@@ -159,7 +160,7 @@ def check_group_fits(model: nn.Module, group_size: int | None) -> None:
         for name, linear in block_linears(block).items():
             if group_size is not None and linear.in_features % group_size:
                 raise UserError(
-                    f"group size {group_size} does not divide input width {linear.in_features} of model.layers.{index}.{name}"
+                    f"group size {group_size} does not divide input width {linear.in_features} of {block_prefix(model, index)}{name}"
                 )
 
 

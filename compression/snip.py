@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm.architecture import decoder_linears
 from lm.errors import UserError
 from lm.hooks import decoder_layers, hooks_registered
 from lm.trainable import gradients_only_for
 
-from .blockwise import block_linears
 from .sparsity import SparsityPattern, prune_mask
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels (see calibration.tokenize_pairs)
@@ -42,9 +42,7 @@ Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels (see calibr
 
 def decoder_linear_weights(model: nn.Module, layers: Iterable[int] | None = None) -> dict[str, nn.Parameter]:
     """{'model.layers.{i}.{name}.weight': weight} for the chosen decoder layers (all by default)."""
-    blocks = decoder_layers(model)
-    indices = range(len(blocks)) if layers is None else layers
-    return {f"model.layers.{i}.{name}.weight": lin.weight for i in indices for name, lin in block_linears(blocks[i]).items()}
+    return {name: lin.weight for name, lin in decoder_linears(model, layers).items()}
 
 
 def response_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -190,7 +188,7 @@ def snip_scores_one_pass(model: nn.Module, batches: list[Batch], cfg: OnePassCon
     """
     if not batches:
         raise UserError("SNIP needs at least one calibration batch")
-    linears = {f"model.layers.{i}.{name}.weight": lin for i, block in enumerate(decoder_layers(model)) for name, lin in block_linears(block).items()}
+    linears = decoder_linears(model)
     scores = {name: torch.zeros(lin.weight.shape, dtype=torch.float32) for name, lin in linears.items()}
     # Backward visits one linear at a time: one scratch per device serves them all.
     scratch: dict[torch.device, torch.Tensor] = {}

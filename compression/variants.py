@@ -187,11 +187,13 @@ def parse_variant(text: str) -> VariantSpec:
 
 
 def validate_variant(spec: VariantSpec, model) -> None:
-    """Check a spec against the model's layer widths before any work starts (N:M, group size)."""
+    """Check a spec against the model before any work starts: N:M and group size against the layer
+    widths, and no expert tensors a method would skip."""
+    from lm.architecture import block_linears, check_dense
     from lm.hooks import decoder_layers
 
-    from .blockwise import block_linears
-
+    if spec.method != "original":
+        check_dense(model, f"variant {spec.text!r}")
     widths = {lin.in_features for lin in block_linears(decoder_layers(model)[0]).values()}
     try:
         if "ratio" in spec.params:  # a sparsity pattern (the pruners' grammar): N:M must tile the rows
@@ -217,6 +219,9 @@ def build_variant_with_report(model, spec: VariantSpec, calibration: Calibration
     """
     if spec.method == "original":
         return model, {}
+    from lm.architecture import check_dense
+
+    check_dense(model, f"variant {spec.text!r}")
     data = VariantData(calibration, responses, safety, utility, scores_dir)
     for kind in spec.needs:
         if getattr(data, kind) is None:

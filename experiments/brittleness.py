@@ -58,11 +58,9 @@ def rank_fraction(ranks: dict, full_ranks: dict[str, int]) -> float:
 
 def full_ranks(model) -> dict[str, int]:
     """min(out, in) of every decoder linear, keyed as ActSVD reports its ranks."""
-    from compression.blockwise import block_linears
-    from lm.hooks import decoder_layers
+    from lm.architecture import decoder_linears
 
-    return {f"model.layers.{i}.{name}.weight": min(lin.out_features, lin.in_features)
-            for i, block in enumerate(decoder_layers(model)) for name, lin in block_linears(block).items()}
+    return {name: min(lin.out_features, lin.in_features) for name, lin in decoder_linears(model).items()}
 
 
 def _log(msg: str) -> None:

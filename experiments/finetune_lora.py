@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.blockwise import block_linears
+from lm.architecture import decoder_linears
 from compression.snip import response_loss
 from lm.errors import UserError
-from lm.hooks import decoder_layers
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER = "default"
@@ -57,7 +56,7 @@ class LoraTrainConfig:
 
 def decoder_linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     """{'model.layers.{i}.{name}.weight': linear}, the naming of compression.snip.decoder_linear_weights."""
-    return {f"model.layers.{i}.{name}.weight": lin for i, block in enumerate(decoder_layers(model)) for name, lin in block_linears(block).items()}
+    return decoder_linears(model)
 
 
 def check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:

@@ -13,24 +13,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .errors import UserError
+from .architecture import backbone, decoder_layers, residual_contributions
 
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a Llama/Qwen2/Mistral/Gemma-style causal LM."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise UserError(f"cannot find decoder layers (model.model.layers) in {type(model).__name__}")
-    return layers
-
-
-def block_parts(block: nn.Module) -> tuple[nn.Module, nn.Module]:
-    attn = getattr(block, "self_attn", None)
-    mlp = getattr(block, "mlp", None)
-    if attn is None or mlp is None:
-        raise UserError(f"decoder block {type(block).__name__} has no self_attn/mlp submodules")
-    return attn, mlp
+__all__ = ["capture", "decoder_layers", "foreign_hooks", "hooks_registered", "intervene", "project_out"]
 
 
 def _first(output):
@@ -111,7 +96,7 @@ def capture(
     handles = []
     for layer in layers:
         block = blocks[layer]
-        attn, mlp = block_parts(block)
+        attn, mlp = residual_contributions(model, block)
         if "resid_pre" in sites:
             def pre(module, args, kwargs, layer=layer):
                 store["resid_pre"][layer] = take(_hidden_from_pre_hook(args, kwargs))
@@ -129,9 +114,8 @@ def capture(
                 raise _StopForward
             handles.append(block.register_forward_hook(post))
     with hooks_registered(handles):
-        base = getattr(model, "model", model)
         try:
-            base(**{"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **(forward_kwargs or {})})
+            backbone(model)(**{"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **(forward_kwargs or {})})
         except _StopForward:
             pass
     return {site: torch.stack([store[site][l] for l in layers], dim=2) for site in sites}
@@ -182,7 +166,7 @@ def intervene(
     handles = []
     add = add or {}
     for index, block in enumerate(blocks):
-        attn, mlp = block_parts(block)
+        attn, mlp = residual_contributions(model, block)
         vector = add.get(index)
         if ablate is not None or vector is not None:
             def pre(module, args, kwargs, vector=vector):

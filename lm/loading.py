@@ -13,7 +13,6 @@ from safetensors import SafetensorError
 from .embedded import EMBEDDED_NAME, converted_gguf_dir, embedded_model_dir
 from .errors import UserError
 
-SUPPORTED_LAYOUT = "model.model.layers (Llama, Qwen2, Mistral, Gemma families)"
 # transformers 5 silently builds an empty tokenizer when a directory has none of these.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,12 +104,12 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def check_model(model: torch.nn.Module, spec: str) -> None:
-    from .hooks import decoder_layers
+    from .architecture import decoder_layers
 
     try:
         decoder_layers(model)
-    except UserError:
-        raise UserError(f"unsupported architecture for {spec!r} ({type(model).__name__}); expected {SUPPORTED_LAYOUT}") from None
+    except UserError as e:
+        raise UserError(f"{spec!r}: {e}") from None
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             raise UserError(f"model {spec!r} has non-finite (NaN/inf) weights in {name}")

@@ -46,7 +46,9 @@ class SharedPrefix:
             return None
         from transformers import DynamicCache
 
-        base = getattr(model, "model", model)
+        from .architecture import backbone
+
+        base = backbone(model)
         device = next(model.parameters()).device
         cache = DynamicCache(config=model.config)
         ids = torch.tensor([sequences[0][:length]], device=device)

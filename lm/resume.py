@@ -13,17 +13,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .architecture import backbone, final_norm, logits_from_normed
 from .hooks import _first, _hidden_from_pre_hook, _StopForward, decoder_layers, hooks_registered
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return getattr(model, "model", model)
-
-
-def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    # Gemma-2 style caps are applied by the causal-LM head after lm_head; a resumed pass must too.
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 @torch.no_grad()
@@ -56,7 +47,7 @@ def block0_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
     with hooks_registered([decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)]):
         try:
-            _base(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
     return found["hidden"], found["kwargs"]
@@ -96,11 +87,8 @@ def run_from_layer(model: nn.Module, hidden: torch.Tensor, kwargs: dict, layer: 
     blocks = decoder_layers(model)
     if not 0 <= layer < len(blocks):
         raise UserError(f"layer {layer} out of range for a model with {len(blocks)} blocks")
-    norm = getattr(_base(model), "norm", None)
-    head = model.get_output_embeddings()
-    if norm is None or head is None:
-        raise UserError(f"cannot find the final norm / LM head of {type(model).__name__}")
+    norm = final_norm(model)
     for block in blocks[layer:]:
         hidden = _first(block(hidden, **kwargs))
     # The norm is per position, so normalising only the last one gives the same values.
-    return _softcap(model, head(norm(hidden[:, -1:])))[:, -1]
+    return logits_from_normed(model, norm(hidden[:, -1:]))[:, -1]

@@ -13,8 +13,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lm.architecture import layout, residual_writers
 from lm.errors import UserError
-from lm.hooks import block_parts, decoder_layers, intervene
+from lm.hooks import decoder_layers, intervene
 
 
 def _unit(direction: torch.Tensor) -> torch.Tensor:
@@ -25,22 +26,22 @@ def _unit(direction: torch.Tensor) -> torch.Tensor:
     return direction / norm
 
 
-def _writer(module: nn.Module, name: str) -> nn.Linear:
-    linear = getattr(module, name, None)
-    if not isinstance(linear, nn.Linear):
-        raise UserError(f"{type(module).__name__} has no {name} linear layer writing into the residual stream")
-    return linear
-
-
-def _project_output_rows(linear: nn.Linear, unit: torch.Tensor) -> None:
-    # weight [d_model, in]: W <- W - r (r^T W), so every output is orthogonal to r; float32 math.
-    w = linear.weight.data
+def _project_output_rows(writer: nn.Module, unit: torch.Tensor, expert_weight: str) -> None:
+    """W <- W - r (r^T W) for a linear's weight [d_model, in], so every output is orthogonal to r
+    (float32 math); for fused experts, the same for each expert's [d_model, in] slice of the
+    3-D `expert_weight` tensor [experts, d_model, in]."""
+    if isinstance(writer, nn.Linear):
+        w, bias = writer.weight.data, writer.bias
+    else:
+        w, bias = getattr(writer, expert_weight).data, None
+        if w.dim() != 3 or w.shape[1] != unit.shape[0]:
+            raise UserError(f"{type(writer).__name__}.{expert_weight} is not an [experts, {unit.shape[0]}, in] tensor")
     w32 = w.to(torch.float32)
     r = unit.to(w.device)
-    w.copy_(w32 - torch.outer(r, r @ w32))
-    if linear.bias is not None:
-        b32 = linear.bias.data.to(torch.float32)
-        linear.bias.data.copy_(b32 - (b32 @ r) * r)
+    w.copy_(w32 - r.view(-1, 1) * (r @ w32).unsqueeze(-2))
+    if bias is not None:
+        b32 = bias.data.to(torch.float32)
+        bias.data.copy_(b32 - (b32 @ r) * r)
 
 
 def _untie_output_embeddings(model: nn.Module) -> None:
@@ -63,10 +64,14 @@ def _untie_output_embeddings(model: nn.Module) -> None:
 def orthogonalize_weights(model: nn.Module, direction: torch.Tensor) -> nn.Module:
     """Project `direction` out of every matrix writing into the residual stream, in place.
 
-    Embedding rows (W <- W - (W r) r^T), every attention o_proj and MLP down_proj (and their
-    biases). Tied input/output embeddings are untied first (see _untie_output_embeddings).
+    Embedding rows (W <- W - (W r) r^T), every attention output projection and MLP down projection
+    (every expert's, in a mixture of experts) and their biases, as lm.architecture.residual_writers
+    names them. Tied input/output embeddings are untied first (see _untie_output_embeddings).
+    A post-norm family (Gemma 2 / 3, OLMo 2) is refused: a norm sits between those weights and the
+    stream, so no weight edit matches hook ablation.
     """
     unit = _unit(direction)
+    residual_writers(model, decoder_layers(model)[0])  # a post-norm family fails before anything is edited
     embed = model.get_input_embeddings()
     if embed is None or embed.weight.shape[-1] != unit.shape[0]:
         raise UserError(f"direction has {unit.shape[0]} dims; the model's embeddings do not match")
@@ -75,10 +80,10 @@ def orthogonalize_weights(model: nn.Module, direction: torch.Tensor) -> nn.Modul
     w32 = w.to(torch.float32)
     r = unit.to(w.device)
     w.copy_(w32 - torch.outer(w32 @ r, r))
+    expert_weight = layout(model).mlp_writer
     for block in decoder_layers(model):
-        attn, mlp = block_parts(block)
-        _project_output_rows(_writer(attn, "o_proj"), unit)
-        _project_output_rows(_writer(mlp, "down_proj"), unit)
+        for writer in residual_writers(model, block):
+            _project_output_rows(writer, unit, expert_weight)
     return model
 
 

@@ -11,16 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lm.hooks import decoder_layers
-
-
-def block_prefix(model: nn.Module, layer: int) -> str:
-    """Parameter-name prefix of decoder block `layer` (e.g. 'model.layers.17.')."""
-    block = decoder_layers(model)[layer]
-    for name, module in model.named_modules():
-        if module is block:
-            return name + "."
-    raise ValueError(f"block {layer} is not a submodule of the model")
+from lm.architecture import block_prefix
 
 
 def block_params(model: nn.Module, layer: int) -> dict[str, nn.Parameter]:

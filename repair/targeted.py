@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lm.architecture import backbone
 from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
 from lm.hooks import (
@@ -130,7 +131,7 @@ def projection_objective(direction: torch.Tensor, source: tuple[int, int], sign:
 
         with hooks_registered([decoder_layers(model)[layer].register_forward_pre_hook(stop, with_kwargs=True)]):
             try:
-                getattr(model, "model", model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                backbone(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             except _StopForward:
                 pass
         return sign * (grabbed[0].float() @ unit.to(grabbed[0].device)).sum() / batch["n"]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from compression.blockwise import block_linears
-from lm.hooks import decoder_layers, hooks_registered
+from lm.architecture import decoder_linears
+from lm.hooks import hooks_registered
 
 
 @torch.no_grad()
 def linear_inputs(model, batches, positions=lambda batch: batch["attention_mask"].bool()) -> dict[str, torch.Tensor]:
     """{'model.layers.{i}.{name}.weight': X [tokens, in] float64} over all batches."""
-    linears = {f"model.layers.{i}.{name}.weight": lin for i, block in enumerate(decoder_layers(model)) for name, lin in block_linears(block).items()}
+    linears = decoder_linears(model)
     rows: dict[str, list] = {name: [] for name in linears}
     current = {}
 
