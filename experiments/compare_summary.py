@@ -72,7 +72,7 @@ def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, 
         model=cfg.model,
         model_name=model_name,
         evaluation=evaluation_summary(original["asr"], original["harmless"], len(rows) - 1),
-        findings=findings(rows),
+        findings=no_direction_note(ref_sel) + findings(rows),
         base_fingerprint=fingerprint,
         config=dataclasses.asdict(cfg),
         post_instruction_tokens=post.text,
@@ -146,6 +146,17 @@ def correct_families(rows: list[dict]) -> None:
 
 def evaluation_summary(harmful: dict, harmless: dict, family_size: int) -> dict:
     return dict(harmful=describe_prompts(harmful, family_size), harmless=describe_prompts(harmless, family_size), judges=list(JUDGES))
+
+
+def no_direction_note(selection) -> list[str]:
+    """The sentence that says why the direction stages are missing when the original has no direction."""
+    if selection is None or selection.chosen is not None:
+        return []
+    score = (selection.counts.get("baseline_score") or {}).get("harmful_val")
+    said = f" (its mean refusal score on the harmful validation prompts is {score:.2f})" if isinstance(score, float) else ""
+    return [f"The original model has no refusal direction: no candidate passed Arditi et al.'s selection filters{said}. "
+            "A model that does not refuse has none to compare, so the direction's quality and ablation in the variants and the "
+            "repair were skipped; the ASR, over-refusal and utility comparisons do not depend on it."]
 
 
 def findings(rows: list[dict]) -> list[str]:

@@ -332,3 +332,14 @@ def test_device_defaults_fill_only_unset_fields():
     assert cpu.repair_max_new_tokens == gpu.repair_max_new_tokens == cfg.max_new_tokens
     assert (cpu.repair_adv_suffix, gpu.repair_adv_suffix) == (False, True)
     assert CompareConfig.quick().variants == compare.QUICK_VARIANTS and len(CompareConfig().variants) == 9
+
+
+def test_a_model_without_a_refusal_direction_is_said_in_the_findings():
+    from types import SimpleNamespace
+
+    from experiments.compare_summary import no_direction_note
+
+    none = SimpleNamespace(chosen=None, counts={"baseline_score": {"harmful_val": -3.25}})
+    [note] = no_direction_note(none)
+    assert "no refusal direction" in note and "-3.25" in note and "skipped" in note
+    assert no_direction_note(SimpleNamespace(chosen=(-1, 3), counts={})) == [] and no_direction_note(None) == []
