@@ -147,7 +147,7 @@ class BenchmarkRun:
 
 def parse(argv) -> BenchmarkRun:
     """Flags generated from Settings (lm.cli); --size picks the preset the flags start from."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--size", default="default")
     size = pre.parse_known_args(argv)[0].size
     base = BenchmarkRun(settings=settings_for(size), size=size)

@@ -79,7 +79,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, descrip
 
     argv = list(sys.argv[1:] if argv is None else argv)
     presets = dict(presets or {})
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--q` (a field) must not read as `--quick`
     pre.add_argument("--config")
     for name in presets:
         pre.add_argument("--" + name, action="store_true")

@@ -180,3 +180,8 @@ def test_a_bad_config_file_is_one_clear_error(tmp_path, capsys, text, message):
 def test_from_mapping_checks_nested_keys():
     with pytest.raises(UserError, match="aird: unknown setting"):
         from_mapping(repair_cli.RepairConfig(), {"aird": {"width": 3}})
+
+
+def test_a_field_flag_is_never_read_as_an_abbreviated_preset():
+    cfg = frozen_finetune.parse_args(["--q", "0.1"])  # `--q` is a prefix of `--quick`
+    assert cfg.q == 0.1 and cfg == dataclasses.replace(frozen_finetune.FrozenFinetuneConfig(), q=0.1)
