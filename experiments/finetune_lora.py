@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.architecture import decoder_linears
+from lm.architecture import block_linears, decoder_layers, decoder_linears
 from compression.snip import response_loss
 from lm.errors import UserError
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER = "default"
 
 
@@ -39,7 +38,7 @@ class LoraTrainConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] | None = None  # linear names (e.g. q_proj down_proj); None: every linear of the decoder blocks
     lr: float = 2e-4
     weight_decay: float = 0.0
     steps: int = 20
@@ -50,13 +49,18 @@ class LoraTrainConfig:
             raise UserError("LoRA rank, steps and learning rate must be positive")
         if not 0 <= self.dropout < 1:
             raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             raise UserError("no LoRA target modules")
 
 
 def decoder_linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     """{'model.layers.{i}.{name}.weight': linear}, the naming of compression.snip.decoder_linear_weights."""
     return decoder_linears(model)
+
+
+def linear_kinds(model: nn.Module) -> tuple[str, ...]:
+    """The decoder blocks' linear names in block order (Llama: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)."""
+    return tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name in block_linears(decoder_layers(model)[0])))
 
 
 def check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
@@ -134,7 +138,8 @@ def attach_lora(model: nn.Module, cfg: LoraTrainConfig, frozen: dict[str, torch.
     modules = decoder_linear_modules(model)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     names_by_module = {id(m): n for n, m in modules.items()}
-    check_targets(model, cfg.targets)
+    targets = cfg.targets if cfg.targets is not None else linear_kinds(model)
+    check_targets(model, targets)
     frozen = dict(frozen or {})
     for name, mask in frozen.items():
         if name not in modules:
@@ -144,7 +149,7 @@ def attach_lora(model: nn.Module, cfg: LoraTrainConfig, frozen: dict[str, torch.
     torch.manual_seed(cfg.seed)  # peft's A initialisation
     # layers_pattern/to_transform are not needed: target names are matched within decoder blocks
     # only, because the lm_head and embeddings carry other names.
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none")
+    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets), bias="none")
     peft_model = get_peft_model(model, config)
     layers = {}
     for module in peft_model.modules():
@@ -153,7 +158,7 @@ def attach_lora(model: nn.Module, cfg: LoraTrainConfig, frozen: dict[str, torch.
             if name is None:
                 continue  # a target name outside the decoder blocks: stays an ordinary (unmasked) adapter
             layers[name] = module
-    targeted = {n for n in modules if n.removesuffix(".weight").rsplit(".", 1)[-1] in cfg.targets}
+    targeted = {n for n in modules if n.removesuffix(".weight").rsplit(".", 1)[-1] in targets}
     if set(layers) != targeted:
         raise UserError(f"peft wrapped {len(layers)} of {len(targeted)} targeted decoder linears")
     kept = {}

@@ -55,7 +55,7 @@ from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.loading import load_model, model_fingerprint
 
-from .finetune_lora import TARGETS, LoraTrainConfig, attach_lora, check_targets, decoder_linear_modules, merged, train
+from .finetune_lora import LoraTrainConfig, attach_lora, check_targets, decoder_linear_modules, linear_kinds, merged, train
 from .frozen_finetune_report import drift_figure, overlap_figure, render_markdown
 
 ARMS = ("frozen", "unfrozen")
@@ -82,7 +82,7 @@ class FrozenFinetuneConfig:
     rank: int = 8  # LoRA rank
     alpha: float = 16.0  # LoRA alpha
     dropout: float = 0.0  # LoRA dropout
-    targets: tuple[str, ...] = TARGETS  # LoRA target module names
+    targets: tuple[str, ...] | None = None  # LoRA target linear names (e.g. q_proj down_proj); None: every linear of the decoder blocks
     #: AdamW learning rate. CPU-sized: 20 steps at 1e-3 move the adapter about as far as 100 at 2e-4
     #: (a usual LoRA rate); at GPU scale use e.g. --lr 2e-4 --steps 500.
     lr: float = 1e-3
@@ -111,7 +111,7 @@ class FrozenFinetuneConfig:
         return GroupConfig(p=self.p, q=self.q, per=self.per, seed=self.seed)
 
     def train_config(self) -> LoraTrainConfig:
-        return LoraTrainConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=tuple(self.targets), lr=self.lr,
+        return LoraTrainConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=None if self.targets is None else tuple(self.targets), lr=self.lr,
                                steps=self.steps, seed=self.seed)
 
     def checkpoint_steps(self) -> tuple[int, ...]:
@@ -139,10 +139,11 @@ def _digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
 
 class FrozenFinetune:
     def __init__(self, cfg: FrozenFinetuneConfig):
-        self.cfg = cfg
-        self.dir = cfg.run_dir()
         self.base = load_model(cfg.model, dtype=cfg.dtype)
-        check_targets(self.base.model, tuple(cfg.targets))
+        # Resolved before anything is keyed or recorded, so config.json names the linears trained.
+        self.cfg = cfg = dataclasses.replace(cfg, targets=tuple(cfg.targets) if cfg.targets is not None else linear_kinds(self.base.model))
+        self.dir = cfg.run_dir()
+        check_targets(self.base.model, cfg.targets)
         self.fingerprint = model_fingerprint(self.base.model)
 
     # --- data ----------------------------------------------------------------------------

@@ -191,3 +191,17 @@ def test_blockwise_compression_refuses_sequences_longer_than_a_sliding_window():
     narrow.config.get_text_config().sliding_window = 4
     with pytest.raises(UserError, match="sliding window"):
         build_variant(narrow, parse_variant("wanda:0.5"), _data(tok)["calibration"])
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_lora_wraps_every_decoder_linear_by_default(name):
+    from experiments.finetune_lora import LoraTrainConfig, attach_lora
+
+    model, _ = family(name)
+    copy_ = copy.deepcopy(model)
+    names = set(decoder_linears(copy_))
+    run = attach_lora(copy_, LoraTrainConfig(steps=1), None)
+    try:
+        assert set(run.layers) == names
+    finally:
+        run.detach()

@@ -15,10 +15,13 @@ from compression.attribution import random_mask, set_difference_mask, top_mask
 from compression.calibration import tokenize_pairs
 from compression.weight_groups import GroupConfig, agreement, group_drift, group_sizes, weight_groups
 from experiments import frozen_finetune
-from experiments.finetune_lora import TARGETS, LoraTrainConfig, attach_lora, decoder_linear_modules, merged, train, training_order
+from experiments.finetune_lora import LoraTrainConfig, attach_lora, decoder_linear_modules, linear_kinds, merged, train, training_order
 from lm.chat import format_prompt
 from lm.errors import UserError
 from tests.tiny import build_model, build_tokenizer, save_tiny
+
+# The seven linears of a Llama / Qwen2 block, which the default (every linear) targets.
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 PAIRS = [("Write a short poem about the sea.", "The sea and the wind, a poem about the sea."),
          ("How do I bake bread at home?", "Mix flour, water and yeast, then bake it."),
@@ -49,6 +52,7 @@ def distinct_masks(model, seed: int = 1) -> dict[str, torch.Tensor]:
 def test_lora_covers_all_seven_linear_types_of_every_block():
     model, _ = tiny(layers=3)
     names = set(decoder_linear_modules(model))
+    assert linear_kinds(model) == TARGETS
     run = attach_lora(model, LoraTrainConfig(steps=1), None)
     try:
         assert set(run.layers) == names
