@@ -154,9 +154,9 @@ def no_direction_note(selection) -> list[str]:
         return []
     score = (selection.counts.get("baseline_score") or {}).get("harmful_val")
     said = f" (its mean refusal score on the harmful validation prompts is {score:.2f})" if isinstance(score, float) else ""
-    return [f"The original model has no refusal direction: no candidate passed Arditi et al.'s selection filters{said}. "
-            "A model that does not refuse has none to compare, so the direction's quality and ablation in the variants and the "
-            "repair were skipped; the ASR, over-refusal and utility comparisons do not depend on it."]
+    return [f"The original model has no selected refusal direction: no candidate passed Arditi et al.'s selection filters{said}, "
+            "which happens to a model that does not refuse and to small validation sets. The direction's quality and ablation in the "
+            "variants and the repair were skipped; the ASR, over-refusal and utility comparisons do not depend on it."]
 
 
 def findings(rows: list[dict]) -> list[str]:

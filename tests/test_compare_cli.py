@@ -341,5 +341,5 @@ def test_a_model_without_a_refusal_direction_is_said_in_the_findings():
 
     none = SimpleNamespace(chosen=None, counts={"baseline_score": {"harmful_val": -3.25}})
     [note] = no_direction_note(none)
-    assert "no refusal direction" in note and "-3.25" in note and "skipped" in note
+    assert "no selected refusal direction" in note and "-3.25" in note and "skipped" in note
     assert no_direction_note(SimpleNamespace(chosen=(-1, 3), counts={})) == [] and no_direction_note(None) == []
