@@ -7,10 +7,14 @@ refusal direction's source that best brings refusal back) and a targeted restora
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from compression.checkpoint import read_manifest
 from lm.cli import parse_config
 from lm.errors import UserError, cli
+from lm.loading import load_model
 
+from .derivation import check_derivation, check_same_architecture, decoder_linear_names, module_groups
 from .pipeline import Repair, RepairConfig
 
 
@@ -18,15 +22,35 @@ def parse_args(argv=None) -> RepairConfig:
     """Flags generated from RepairConfig's fields (lm.cli); the measurement store defaults to the main job's."""
     cfg, _ = parse_config(RepairConfig, argv, prog="python -m repair", description=__doc__.strip().split("\n\n")[1],
                           defaults=RepairConfig(measurements_dir="runs/measurements"))
-    for name in ("compressed", "out"):
+    for name in ("compressed",) if cfg.check else ("compressed", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
     return cfg
 
 
+def check(cfg: RepairConfig) -> str:
+    """The derivation check alone, as a table per module group; a UserError when it does not derive."""
+    original, compressed = load_model(cfg.original, dtype=cfg.dtype), load_model(cfg.compressed, dtype=cfg.dtype)
+    check_same_architecture(original.model, compressed.model)
+    if compressed.tokenizer.get_vocab() != original.tokenizer.get_vocab():
+        raise UserError("the compressed checkpoint's tokenizer differs from the original's")
+    records = check_derivation(original.model, compressed.model, decoder_linear_names(original.model))
+    manifest = read_manifest(Path(compressed.path)) or {}
+    made = (f"compression.json: {manifest.get('spec') or manifest.get('method')}" if manifest else "no compression.json")
+    lines = [f"{cfg.compressed} derives from {cfg.original} (float weights, compared in {cfg.dtype}; {made})", "",
+             "| module group | matrices | change | zero weights | max relative error |", "| --- | --- | --- | --- | --- |"]
+    for g in module_groups(compressed.model, records):
+        lines.append(f"| {g['group']} | {g['matrices']} | {g['change']} | {100 * g['sparsity']:.1f}% | {g['max_relative_error']:.3g} |")
+    return "\n".join(lines)
+
+
 @cli
 def main(argv=None) -> int:
-    Repair(parse_args(argv)).run()
+    cfg = parse_args(argv)
+    if cfg.check:
+        print(check(cfg))
+        return 0
+    Repair(cfg).run()
     return 0
 
 

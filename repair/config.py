@@ -19,7 +19,8 @@ from .targeted import TargetedConfig
 class RepairConfig:
     original: str = "embedded"  # the uncompressed model: 'embedded', a hub id, a local directory or a .gguf file
     compressed: str = ""  # the compressed checkpoint (a Hugging Face directory with safetensors); required
-    out: str = ""  # output directory: the repaired checkpoint, repair.json, repair.md, figures/; required
+    out: str = ""  # output directory: the repaired checkpoint, repair.json, repair.md, figures/; required unless --check
+    check: bool = False  # only check that the checkpoint derives from the original, per module group; exit 0 if it does, 2 if not; writes nothing
     runs_dir: str = "runs/repair"  # where stage artifacts are cached
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and activations
     seed: int = 0  # every sample, split and random choice

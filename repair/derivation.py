@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compression.blockwise import block_linears
+from lm.architecture import block_linears, decoder_layers, decoder_linears, linear_weight_name
 from lm.errors import UserError
-from lm.hooks import decoder_layers
 
 from .report import file_slug
 
@@ -109,11 +108,27 @@ def check_same_architecture(original, compressed) -> None:
 
 
 def decoder_linear_names(model) -> set[str]:
-    names = set()
-    for index, block in enumerate(decoder_layers(model)):
-        for name, linear in block_linears(block).items():
-            names.update(n for n, p in model.named_parameters() if p is linear.weight)
-    return names
+    return set(decoder_linears(model))
+
+
+def module_groups(compressed: nn.Module, records: list[MatrixDerivation]) -> list[dict]:
+    """The derivation per module group: each decoder linear kind (e.g. self_attn.q_proj) over all
+    blocks, then every other parameter (embeddings, norms, head) together; with the group's
+    kinds of change, share of zero weights and largest relative error."""
+    by_name = {r.name: r for r in records}
+    params = dict(compressed.named_parameters())
+    kinds = list(block_linears(decoder_layers(compressed)[0]))
+    members = {kind: [linear_weight_name(compressed, i, kind) for i in range(len(decoder_layers(compressed)))] for kind in kinds}
+    grouped = {n for names in members.values() for n in names}
+    members["other parameters"] = [n for n in params if n not in grouped]
+    out = []
+    for group, names in members.items():
+        recs = [by_name[n] for n in names if n in by_name]
+        zeros = sum(int((params[n] == 0).sum()) for n in names)
+        total = sum(params[n].numel() for n in names)
+        out.append(dict(group=group, matrices=len(names), change="+".join(sorted({r.kind for r in recs} - {"identical"})) or "identical",
+                        sparsity=zeros / total if total else 0.0, max_relative_error=max((r.relative_error for r in recs), default=0.0)))
+    return out
 
 
 def checkpoint_name(path: Path, manifest: dict | None) -> str:

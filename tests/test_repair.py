@@ -265,6 +265,22 @@ def test_cli_rejects_bad_checkpoints_without_output(dirs, tmp_path, monkeypatch,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("which, fragment", [(None, None), ("other", "does not derive"), ("shallow", "architecture mismatch")])
+def test_check_prints_the_derivation_per_module_group_and_writes_nothing(dirs, tmp_path, monkeypatch, capsys, which, fragment):
+    monkeypatch.chdir(tmp_path)
+    code = main(["--check", "--original", str(dirs / "original"), "--compressed", str(dirs / (which or "pruned"))])
+    out, err = capsys.readouterr()
+    assert list(tmp_path.iterdir()) == []
+    if which is not None:
+        assert code == 2 and [line for line in err.splitlines() if line.startswith("error:")][0].count(fragment) == 1
+        return
+    assert code == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["self_attn.q_proj"][1:4] == ["4", "pruned", "50.0%"]  # 4 blocks, half the weights zero
+    assert rows["other parameters"][2] == "identical"
+    assert "compression.json: wanda" in out
+
+
 def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
