@@ -122,7 +122,9 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     assert stored["n_layers"] == 2
     assert stored["evaluation"]["harmful"]["overlap_with_fitted"] == 0 and stored["evaluation"]["harmless"]["overlap_with_fitted"] == 0
     assert "overlap with any prompt a stage fits on: 0" in markdown and "| p |" in markdown
-    assert len(stored["findings"]) == 3 * len(VARIANTS)  # ASR, over-refusal, probe transfer
+    # ASR, over-refusal, probe transfer per variant; first, this random model's missing direction is said
+    no_direction = [f for f in stored["findings"] if f.startswith("The original model has no selected refusal direction")]
+    assert len(no_direction) == (original.get("source") is None) and len(stored["findings"]) == 3 * len(VARIANTS) + len(no_direction)
     # Harmfulness probes: own accuracy on the 4 + 8 held-out prompts for every model; the
     # original's probes on each variant (transfer) with McNemar against the original, Holm over the variants.
     assert stored["probe_cell"]["layer"] in (0, 1)
