@@ -159,7 +159,8 @@ def decoder_linears(model: nn.Module, layers=None) -> dict[str, nn.Linear]:
     """{weight parameter name: linear} for every linear of the chosen blocks (all by default)."""
     blocks = decoder_layers(model)
     indices = range(len(blocks)) if layers is None else layers
-    return {linear_weight_name(model, i, name): lin for i in indices for name, lin in block_linears(blocks[i]).items()}
+    prefixes = {i: block_prefix(model, i) for i in indices}  # one walk over the modules per block, not per linear
+    return {f"{prefixes[i]}{name}.weight": lin for i in indices for name, lin in block_linears(blocks[i]).items()}
 
 
 def expert_weights(model: nn.Module) -> list[str]:

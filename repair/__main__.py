@@ -14,7 +14,7 @@ from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.loading import load_model
 
-from .derivation import check_derivation, check_same_architecture, decoder_linear_names, module_groups
+from .derivation import derivation_records, module_groups
 from .pipeline import Repair, RepairConfig
 
 
@@ -31,10 +31,7 @@ def parse_args(argv=None) -> RepairConfig:
 def check(cfg: RepairConfig) -> str:
     """The derivation check alone, as a table per module group; a UserError when it does not derive."""
     original, compressed = load_model(cfg.original, dtype=cfg.dtype), load_model(cfg.compressed, dtype=cfg.dtype)
-    check_same_architecture(original.model, compressed.model)
-    if compressed.tokenizer.get_vocab() != original.tokenizer.get_vocab():
-        raise UserError("the compressed checkpoint's tokenizer differs from the original's")
-    records = check_derivation(original.model, compressed.model, decoder_linear_names(original.model))
+    records = derivation_records(original, compressed)
     manifest = read_manifest(Path(compressed.path)) or {}
     made = (f"compression.json: {manifest.get('spec') or manifest.get('method')}" if manifest else "no compression.json")
     lines = [f"{cfg.compressed} derives from {cfg.original} (float weights, compared in {cfg.dtype}; {made})", "",

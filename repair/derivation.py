@@ -107,6 +107,15 @@ def check_same_architecture(original, compressed) -> None:
                             f"{getattr(b, name, None)} in the compressed checkpoint")
 
 
+def derivation_records(original, compressed) -> list[MatrixDerivation]:
+    """The checks a repair starts with, on two LoadedModels: same architecture, same tokenizer, and
+    every parameter derived from the original's (else a UserError naming the first that is not)."""
+    check_same_architecture(original.model, compressed.model)
+    if compressed.tokenizer.get_vocab() != original.tokenizer.get_vocab():
+        raise UserError("the compressed checkpoint's tokenizer differs from the original's")
+    return check_derivation(original.model, compressed.model, decoder_linear_names(original.model))
+
+
 def decoder_linear_names(model) -> set[str]:
     return set(decoder_linears(model))
 

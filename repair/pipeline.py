@@ -37,7 +37,7 @@ from refusal.selection_artifacts import select_direction_cached
 
 from .aird import choose_aird_block
 from .config import RepairConfig
-from .derivation import check_derivation, check_same_architecture, checkpoint_name, decoder_linear_names, summarise
+from .derivation import checkpoint_name, derivation_records, summarise
 from .evaluation import StateEvaluation
 from .output import jsonable, repair_manifest, write_output
 from .refusal_probe import RefusalProbe
@@ -87,11 +87,8 @@ class Repair:
         self._top_masks: dict[int, dict[str, torch.Tensor]] = {}
         self.comp = load_model(cfg.compressed, dtype=cfg.dtype)
         self.original, self.model, self.tok = self.orig.model, self.comp.model, self.orig.tokenizer
-        check_same_architecture(self.original, self.model)
-        if self.comp.tokenizer.get_vocab() != self.tok.get_vocab():
-            raise UserError("the compressed checkpoint's tokenizer differs from the original's")
         _log("checking that the checkpoint derives from the original")
-        self.derivation = summarise(check_derivation(self.original, self.model, decoder_linear_names(self.original)))
+        self.derivation = summarise(derivation_records(self.orig, self.comp))
         if self.derivation["kind"] == "identical":
             raise UserError("the compressed checkpoint is identical to the original; there is nothing to repair")
         self.fp_orig = model_fingerprint(self.original)
