@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lm.architecture import block_prefix
+from lm.architecture import block_prefix, fused_parts
 from lm.errors import UserError
 from lm.hooks import decoder_layers
 
@@ -158,14 +158,26 @@ def edit_blockwise(model: nn.Module, datas: list, edit: Edit, cfg: ActSVDConfig 
             streams = [run_block(block, s) for s in streams]
 
 
+def _parts(model: nn.Module, name: str, linear: nn.Linear) -> list[tuple[str, torch.Tensor]]:
+    """(report key, output rows) of each projection in the linear: a fused one (Phi-3 qkv_proj,
+    GPT-NeoX query_key_value, gate_up_proj) gets its ranks per projection, as the unfused
+    q_proj / k_proj / v_proj of a Llama would."""
+    parts = fused_parts(model, f"{name}.weight", linear.out_features)
+    if len(parts) == 1:
+        return [(f"{name}.weight", next(iter(parts.values())))]
+    return [(f"{name}.weight[{part}]", rows) for part, rows in parts.items()]
+
+
 def actsvd_remove_top(model: nn.Module, data, rank: Rank, cfg: ActSVDConfig = ActSVDConfig()) -> dict[str, int]:
     """Remove each decoder linear's top-r output directions on `data` (safety data); returns r per weight."""
     removed = {}
 
     def edit(name, linear, grams):
-        r = resolve_rank(rank, linear.out_features, linear.in_features)
-        linear.weight.copy_(remove_top_ranks(linear.weight, top_output_directions(linear.weight, grams[0], r)))
-        removed[f"{name}.weight"] = r
+        for key, rows in _parts(model, name, linear):
+            w = linear.weight[rows]
+            r = resolve_rank(rank, *w.shape)
+            linear.weight[rows] = remove_top_ranks(w, top_output_directions(w, grams[0], r))
+            removed[key] = r
 
     edit_blockwise(model, [data], edit, cfg, desc=f"ActSVD r={rank}")
     return removed
@@ -176,12 +188,11 @@ def actsvd_orthogonal(model: nn.Module, utility, safety, rank_utility: Rank, ran
     ranks = {}
 
     def edit(name, linear, grams):
-        ru = resolve_rank(rank_utility, linear.out_features, linear.in_features)
-        rs = resolve_rank(rank_safety, linear.out_features, linear.in_features)
-        u_u = top_output_directions(linear.weight, grams[0], ru)
-        u_s = top_output_directions(linear.weight, grams[1], rs)
-        linear.weight.copy_(orthogonal_projection_difference(linear.weight, u_u, u_s))
-        ranks[f"{name}.weight"] = (ru, rs)
+        for key, rows in _parts(model, name, linear):
+            w = linear.weight[rows]
+            ru, rs = resolve_rank(rank_utility, *w.shape), resolve_rank(rank_safety, *w.shape)
+            linear.weight[rows] = orthogonal_projection_difference(w, top_output_directions(w, grams[0], ru), top_output_directions(w, grams[1], rs))
+            ranks[key] = (ru, rs)
 
     edit_blockwise(model, [utility, safety], edit, cfg, desc=f"ActSVD ru={rank_utility} rs={rank_safety}")
     return ranks

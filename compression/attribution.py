@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from lm import datasets
+from lm.architecture import fused_parts
 from lm.cache import cached_tensors
 from lm.chat import format_prompt
 from lm.errors import UserError
@@ -278,23 +279,41 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> Removal:
     return Removal(selected={n: int(m.sum()) for n, m in masks.items()}, sizes={n: w.numel() for n, w in weights.items()})
 
 
+def _per_projection(model: nn.Module, shapes: dict[str, torch.Size], select, per: str) -> dict[str, torch.Tensor]:
+    """{name: mask}, `select(name, rows)` giving the mask of those output rows. Ranked per matrix,
+    a fused matrix (Phi-3 qkv_proj, GPT-NeoX query_key_value, gate_up_proj) is ranked per
+    projection, as the unfused q / k / v matrices of a Llama are; per row it makes no difference."""
+    masks = {}
+    for name, shape in shapes.items():
+        every = torch.arange(shape[0])
+        parts = fused_parts(model, name, shape[0]).values() if per == "matrix" else [every]
+        mask = None
+        for rows in parts:
+            part = select(name, rows)
+            mask = torch.zeros(shape, dtype=torch.bool, device=part.device) if mask is None else mask
+            mask[rows.to(part.device)] = part
+        masks[name] = mask
+    return masks
+
+
 def prune_top(model: nn.Module, scores: Scores, fraction: float, per: str = "row") -> Removal:
-    return apply_masks(model, {name: top_mask(s, fraction, per) for name, s in scores.items()})
+    return apply_masks(model, _per_projection(model, {n: s.shape for n, s in scores.items()}, lambda n, rows: top_mask(scores[n][rows], fraction, per), per))
 
 
 def prune_bottom(model: nn.Module, scores: Scores, fraction: float, per: str = "row") -> Removal:
-    return apply_masks(model, {name: bottom_mask(s, fraction, per) for name, s in scores.items()})
+    return apply_masks(model, _per_projection(model, {n: s.shape for n, s in scores.items()}, lambda n, rows: bottom_mask(scores[n][rows], fraction, per), per))
 
 
 def prune_random(model: nn.Module, fraction: float, seed: int = 0, per: str = "matrix") -> Removal:
     # One CPU generator walked in model order: the same seed picks the same weights on any device.
     generator = torch.Generator().manual_seed(seed)
-    return apply_masks(model, {name: random_mask(w.shape, fraction, generator, per) for name, w in decoder_linear_weights(model).items()})
+    shapes = {name: w.shape for name, w in decoder_linear_weights(model).items()}
+    return apply_masks(model, _per_projection(model, shapes, lambda n, rows: random_mask((len(rows), shapes[n][1]), fraction, generator, per), per))
 
 
 def prune_set_difference(model: nn.Module, safety: Scores, utility: Scores, p: float, q: float, per: str = "matrix") -> Removal:
     """Zero S(p, q) in every matrix scored by both; the realised fraction is at most q."""
     if set(safety) != set(utility):
         raise UserError("safety and utility scores cover different weights")
-    return apply_masks(model, {name: set_difference_mask(safety[name], utility[name], p, q, per) for name in safety})
-
+    return apply_masks(model, _per_projection(model, {n: s.shape for n, s in safety.items()},
+                                              lambda n, rows: set_difference_mask(safety[n][rows], utility[n][rows], p, q, per), per))

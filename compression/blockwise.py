@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lm.architecture import block_linears, block_prefix
 from lm.errors import UserError
+from lm.experts import token_mask
 from lm.hooks import _first, decoder_layers, hooks_registered
 from lm.placement import compute_device, resident
 from lm.resume import block0_input, uniform_layers
@@ -63,21 +64,37 @@ def run_block(block: nn.Module, states) -> list:
 
 @torch.no_grad()
 def collect(block: nn.Module, states, make_collector: Callable[[nn.Linear], Collector]) -> dict[str, Collector]:
-    """Run the block on every batch and feed each linear's (unpadded) inputs to its collector."""
+    """Run the block on every batch and feed each linear's (unpadded) inputs to its collector.
+
+    An expert the router sent no calibration token gets the rows of the identity instead: with
+    no data every input feature counts the same, so Wanda falls back to magnitude and GPTQ /
+    SparseGPT to an identity Hessian, rather than ranking by nothing or zeroing the expert.
+    """
     linears = block_linears(block)
     collectors = {name: make_collector(lin) for name, lin in linears.items()}
-    current_mask = {}
+    current_mask, rows = {}, dict.fromkeys(linears, 0)
 
     def hook(name):
         def fn(module, args, output):
-            x = args[0][current_mask["m"]]
+            x = args[0][token_mask(module, args[0], current_mask["m"])]
             collectors[name].add(x.reshape(-1, x.shape[-1]).float())
+            rows[name] += x.reshape(-1, x.shape[-1]).shape[0]
         return fn
 
     with hooks_registered([lin.register_forward_hook(hook(name)) for name, lin in linears.items()]):
         for hidden, kwargs, mask in states:
             current_mask["m"] = mask
             block(hidden, **kwargs)
+    unreached = [name for name, n in rows.items() if n == 0]
+    for name in unreached:
+        width, device = linears[name].in_features, linears[name].weight.device
+        for start in range(0, width, 1024):  # the identity in slabs: a 14k-wide expert would need 0.8 GB at once
+            slab = torch.zeros(min(1024, width - start), width, device=device)
+            slab[:, start:start + slab.shape[0]].fill_diagonal_(1.0)
+            collectors[name].add(slab)
+    if unreached:
+        tqdm.write(f"note: {len(unreached)} linear(s) of this block got no calibration token ({unreached[0]}, ...); "
+                   "compressed as if every input feature mattered equally")
     return collectors
 
 

@@ -7,26 +7,22 @@ from pathlib import Path
 
 from torch import nn
 
-from lm.architecture import linear_weight_name
+from lm.architecture import decoder_matrices
 from lm.cache import atomic_dir, atomic_write_json
-from lm.hooks import decoder_layers
-
-from .blockwise import block_linears
 from .int8_weight_only import dense, dense_state_dict, is_quantized
 
 MANIFEST = "compression.json"
 
 
 def sparsity_report(model: nn.Module) -> dict:
-    """Fraction of exact zeros in every decoder linear weight, and overall / whole-model figures."""
+    """Fraction of exact zeros in every matrix compression may change (decoder linears, fused
+    expert tensors), and overall / whole-model figures."""
     per_matrix, zeros, total = {}, 0, 0
-    for index, block in enumerate(decoder_layers(model)):
-        for name, linear in block_linears(block).items():
-            z = int((dense(linear.weight) == 0).sum())
-            n = linear.weight.numel()
-            per_matrix[linear_weight_name(model, index, name)] = z / n
-            zeros += z
-            total += n
+    for name, weight in decoder_matrices(model).items():
+        z = int((dense(weight) == 0).sum())
+        per_matrix[name] = z / weight.numel()
+        zeros += z
+        total += weight.numel()
     model_params = sum(p.numel() for p in model.parameters())
     return dict(
         decoder_linear_sparsity=zeros / total,

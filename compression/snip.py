@@ -32,6 +32,7 @@ from torch import nn
 
 from lm.architecture import decoder_linears
 from lm.errors import UserError
+from lm.experts import token_grid
 from lm.hooks import decoder_layers, hooks_registered
 from lm.trainable import gradients_only_for
 
@@ -203,16 +204,18 @@ def snip_scores_one_pass(model: nn.Module, batches: list[Batch], cfg: OnePassCon
         buffer = scratch[weight.device]
 
         def hook(module, args, out):
-            x, groups = args[0], current["groups"]
+            groups, grid = current["groups"], token_grid(module, current["shape"])  # an expert's routed rows back on the grid
+            x = grid(args[0])
             if not out.requires_grad:  # nothing before it is scored: the backward graph starts here
                 out.requires_grad_()
                 leaves.append(out)
-            out.register_hook(lambda dy: add_snip_from_activations(scores[name], weight, x, dy, groups, buffer))
+            out.register_hook(lambda dy: add_snip_from_activations(scores[name], weight, x, grid(dy), groups, buffer))
         return hook
 
     with gradients_only_for(model, []), hooks_registered([lin.register_forward_hook(on_forward(n, lin)) for n, lin in linears.items()]):
         for start in range(0, len(batches), cfg.batches_per_pass):
             batch, current["groups"] = pack(batches[start : start + cfg.batches_per_pass])
+            current["shape"] = tuple(batch["input_ids"].shape)
             try:
                 loss = packed_response_loss(model, batch, current["groups"])
                 # Gradients w.r.t. the first scored outputs: backward goes exactly that far down,

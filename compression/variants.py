@@ -188,21 +188,23 @@ def parse_variant(text: str) -> VariantSpec:
 
 def validate_variant(spec: VariantSpec, model) -> None:
     """Check a spec against the model before any work starts: N:M and group size against the layer
-    widths, and no expert tensors a method would skip."""
+    widths (experts' included), and that the method can reach a mixture of experts' tensors."""
     from lm.architecture import block_linears, check_dense
+    from lm.experts import experts_as_linears
     from lm.hooks import decoder_layers
 
-    if spec.method != "original":
+    if spec.method == "torchao":  # torchao swaps nn.Linear weights for its own tensors, which cannot live in a fused 3-D tensor
         check_dense(model, f"variant {spec.text!r}")
-    widths = {lin.in_features for lin in block_linears(decoder_layers(model)[0]).values()}
-    try:
-        if "ratio" in spec.params:  # a sparsity pattern (the pruners' grammar): N:M must tile the rows
-            spec.pattern.validate_for(model)
-        group = spec.params.get("group_size")
-        if group and any(w % group for w in widths):
-            raise UserError(f"group size {group} does not divide the layer widths {sorted(widths)}")
-    except UserError as e:
-        raise UserError(f"variant {spec.text!r}: {e}") from None
+    with experts_as_linears(model):
+        widths = {lin.in_features for lin in block_linears(decoder_layers(model)[0]).values()}
+        try:
+            if "ratio" in spec.params:  # a sparsity pattern (the pruners' grammar): N:M must tile the rows
+                spec.pattern.validate_for(model)
+            group = spec.params.get("group_size")
+            if group and any(w % group for w in widths):
+                raise UserError(f"group size {group} does not divide the layer widths {sorted(widths)}")
+        except UserError as e:
+            raise UserError(f"variant {spec.text!r}: {e}") from None
 
 
 def build_variant(model, spec: VariantSpec, calibration: Calibration | None = None, **data):
@@ -219,13 +221,15 @@ def build_variant_with_report(model, spec: VariantSpec, calibration: Calibration
     """
     if spec.method == "original":
         return model, {}
-    from lm.architecture import check_dense
+    from lm.experts import experts_as_linears
 
-    check_dense(model, f"variant {spec.text!r}")
+    validate_variant(spec, model)
     data = VariantData(calibration, responses, safety, utility, scores_dir)
     for kind in spec.needs:
         if getattr(data, kind) is None:
             raise UserError(f"{spec.text} needs {_DATA_HELP[kind]}")
     variant = copy.deepcopy(model)
-    report = REGISTRY[spec.method].build(variant, model, spec, data)
+    # Experts are compressed, scored and reported like any linear (the original too: some methods score it).
+    with experts_as_linears(variant, model):
+        report = REGISTRY[spec.method].build(variant, model, spec, data)
     return variant, report if isinstance(report, dict) else {}

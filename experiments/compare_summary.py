@@ -149,14 +149,19 @@ def evaluation_summary(harmful: dict, harmless: dict, family_size: int) -> dict:
 
 
 def no_direction_note(selection) -> list[str]:
-    """The sentence that says why the direction stages are missing when the original has no direction."""
-    if selection is None or selection.chosen is not None:
+    """The sentences that say why the direction stages are missing when the original has no
+    direction, and that NaN / infinite scores were excluded when there were any."""
+    if selection is None:
         return []
+    notes = [f"Direction selection: {selection.non_finite_note()}."] if selection.non_finite_note() else []
+    if selection.chosen is not None:
+        return notes
     score = (selection.counts.get("baseline_score") or {}).get("harmful_val")
     said = f" (its mean refusal score on the harmful validation prompts is {score:.2f})" if isinstance(score, float) else ""
     return [f"The original model has no selected refusal direction: no candidate passed Arditi et al.'s selection filters{said}, "
             "which happens to a model that does not refuse and to small validation sets. The direction's quality and ablation in the "
-            "variants and the repair were skipped; the ASR, over-refusal and utility comparisons do not depend on it."]
+            "variants and the repair were skipped; the ASR, over-refusal and utility comparisons do not depend on it.",
+            f"Why: {selection.no_direction_reason()}."] + notes
 
 
 def findings(rows: list[dict]) -> list[str]:

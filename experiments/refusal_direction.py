@@ -97,7 +97,9 @@ def run(cfg: DirectionConfig) -> dict:
         sel = select_direction_cached(model, tok, out / "selection", SelectionConfig(
             n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed, search=cfg.search, prescreen_n_val=cfg.prescreen_n_val), fingerprint)
     if sel.chosen is None:
-        raise UserError("no candidate direction passed selection; see the score maps in selection.json")
+        raise UserError(f"{sel.no_direction_reason()}; see the score maps in selection.json")
+    if sel.non_finite_note():
+        print(f"note: {sel.non_finite_note()}", file=sys.stderr)
     write_plotlyjs(out)
     atomic_write_text(out / "score_maps.html", score_maps_figure(sel).to_html(include_plotlyjs="directory"))
     pos, layer = sel.chosen

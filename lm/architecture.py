@@ -11,9 +11,14 @@ Families differ where it changes a formula:
   there, and no weight edit removes a direction exactly (a norm sits between the last linear and
   the residual add): weight orthogonalization refuses these families;
 - the logits: Gemma 2's final soft-capping and Granite's `logits_scaling` are applied after the head;
-- mixture-of-experts blocks store experts as 3-D tensors (Mixtral, Qwen-MoE in transformers 5):
-  `expert_weights` lists them, orthogonalization projects each expert's output rows, and the
-  compression methods, which read nn.Linear layers, refuse such models rather than skip experts.
+- mixture-of-experts blocks store experts as 3-D tensors (Mixtral, Qwen-MoE, OLMoE in transformers 5):
+  the stages that read nn.Linear layers run inside lm.experts.experts_as_linears, where every
+  expert's projections are linears; `decoder_matrices` lists the fused tensors with the linears.
+  Routers (the MoE block's `gate` / `router` / `shared_expert_gate`) are never among the linears.
+- fused projections (Phi-3 qkv_proj and gate_up_proj, GPT-NeoX query_key_value) are one matrix
+  whose rows belong to several projections; `fused_parts` says which rows are whose, for the
+  methods that treat each projection as a unit (ActSVD's ranks, per-matrix ranking).
+- GPT-2's Conv1D layers (weights stored [in, out]) are not linears: that family is refused.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ LAYOUTS = {
     "gemma3_text": Layout("gemma3", "model", "layers", "norm", "self_attn", "mlp", "o_proj", "down_proj", post_norm=True),
     "olmo2": Layout("olmo2", "model", "layers", "norm", "self_attn", "mlp", "o_proj", "down_proj", post_norm=True),
     "gpt_neox": Layout("gpt_neox", "gpt_neox", "layers", "final_layer_norm", "attention", "mlp", "dense", "dense_4h_to_h"),
+    # Found so that check_linears can name why it is refused (Conv1D), not "no decoder blocks".
+    "gpt2": Layout("gpt2", "transformer", "h", "ln_f", "attn", "mlp", "c_proj", "c_proj"),
 }
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # what a post-norm block adds, attention then MLP
 
@@ -136,9 +143,14 @@ def logits_from_normed(model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+ROUTERS = ("gate", "router", "shared_expert_gate")  # children of a mixture-of-experts MLP that route tokens
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear of a decoder block by its path inside the block (e.g. 'self_attn.q_proj')."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """Every nn.Linear of a decoder block by its path inside the block (e.g. 'self_attn.q_proj'),
+    routers excepted; experts' linears appear only inside lm.experts.experts_as_linears."""
+    routers = {f"{name}.{r}" if name else r for name, m in block.named_modules() if hasattr(m, "experts") for r in ROUTERS}
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and name not in routers}
 
 
 def block_prefix(model: nn.Module, layer: int) -> str:
@@ -169,9 +181,52 @@ def expert_weights(model: nn.Module) -> list[str]:
             for n, p in block.named_parameters() if p.dim() > 2]
 
 
+def decoder_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name: weight} of every matrix compression may change: the decoder blocks'
+    linears (routers excepted) and their fused expert tensors."""
+    params = dict(model.named_parameters())
+    out = {name: lin.weight for name, lin in decoder_linears(model).items()}
+    out.update({name: params[name] for name in expert_weights(model)})
+    return out
+
+
 def check_dense(model: nn.Module, what: str) -> None:
-    """A UserError when `what` (a stage reading nn.Linear layers) would silently skip expert tensors."""
+    """A UserError when `what`, which cannot run on expert tensors, would silently skip them."""
     experts = expert_weights(model)
     if experts:
-        raise UserError(f"{what} reads nn.Linear layers and would skip this mixture-of-experts model's expert tensors "
-                        f"({experts[0]}, {len(experts)} in all); mixture-of-experts compression is not supported yet")
+        raise UserError(f"{what} does not support this mixture-of-experts model's expert tensors "
+                        f"({experts[0]}, {len(experts)} in all)")
+
+
+def check_linears(model: nn.Module) -> None:
+    """A UserError for a family whose projections are not nn.Linear (GPT-2's Conv1D)."""
+    block = decoder_layers(model)[0]
+    conv = [name for name, m in block.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv:
+        raise UserError(f"unsupported architecture {type(model).__name__}: its projections ({conv[0]}, ...) are Conv1D layers "
+                        "with transposed [in, out] weights, which no stage of this toolkit reads")
+
+
+def fused_parts(model: nn.Module, name: str, rows: int) -> dict[str, torch.Tensor]:
+    """{projection: row indices} of the decoder linear with weight parameter `name` and `rows`
+    output rows, where those rows belong to several projections (qkv_proj, query_key_value,
+    gate_up_proj); {its own kind: all rows} for any other linear."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    path = name.removesuffix(".weight")
+    kind = path.rsplit(".", 1)[-1]
+    every = torch.arange(rows)
+    heads = getattr(config, "num_attention_heads", None)
+    if kind == "qkv_proj" and heads:  # Phi-3: [q; k; v] stacked
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        q, kv = heads * head_dim, getattr(config, "num_key_value_heads", heads) * head_dim
+        if q + 2 * kv == rows:
+            return {"q": every[:q], "k": every[q:q + kv], "v": every[q + kv:]}
+    if kind == "query_key_value" and heads and rows % (3 * heads) == 0:  # GPT-NeoX: per head [q; k; v]
+        per_head = every.view(heads, 3, rows // (3 * heads))
+        return {p: per_head[:, i].reshape(-1) for i, p in enumerate("qkv")}
+    if kind == "gate_up_proj" and rows % 2 == 0:  # Phi-3 and most experts: [gate; up]; gpt-oss interleaves them
+        owner = model.get_submodule(path.rsplit(".", 2)[0]) if path.count(".") >= 2 else None
+        if owner is not None and getattr(owner, "is_concatenated", True) is False:
+            return {"gate": every[0::2], "up": every[1::2]}
+        return {"gate": every[: rows // 2], "up": every[rows // 2:]}
+    return {kind: every}

@@ -104,10 +104,10 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def check_model(model: torch.nn.Module, spec: str) -> None:
-    from .architecture import decoder_layers
+    from .architecture import check_linears
 
     try:
-        decoder_layers(model)
+        check_linears(model)
     except UserError as e:
         raise UserError(f"{spec!r}: {e}") from None
     for name, param in model.named_parameters():

@@ -13,8 +13,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lm.architecture import layout, residual_writers
+from lm.architecture import residual_writers
 from lm.errors import UserError
+from lm.experts import expert_linears, experts_as_linears
 from lm.hooks import decoder_layers, intervene
 
 
@@ -26,22 +27,12 @@ def _unit(direction: torch.Tensor) -> torch.Tensor:
     return direction / norm
 
 
-def _project_output_rows(writer: nn.Module, unit: torch.Tensor, expert_weight: str) -> None:
-    """W <- W - r (r^T W) for a linear's weight [d_model, in], so every output is orthogonal to r
-    (float32 math); for fused experts, the same for each expert's [d_model, in] slice of the
-    3-D `expert_weight` tensor [experts, d_model, in]."""
-    if isinstance(writer, nn.Linear):
-        w, bias = writer.weight.data, writer.bias
-    else:
-        w, bias = getattr(writer, expert_weight).data, None
-        if w.dim() != 3 or w.shape[1] != unit.shape[0]:
-            raise UserError(f"{type(writer).__name__}.{expert_weight} is not an [experts, {unit.shape[0]}, in] tensor")
-    w32 = w.to(torch.float32)
-    r = unit.to(w.device)
-    w.copy_(w32 - r.view(-1, 1) * (r @ w32).unsqueeze(-2))
-    if bias is not None:
-        b32 = bias.data.to(torch.float32)
-        bias.data.copy_(b32 - (b32 @ r) * r)
+def _project_output_rows(writer: nn.Linear, unit: torch.Tensor) -> None:
+    """W <- W - r (r^T W) for a linear's weight [d_model, in], and b <- b - (b . r) r, so every
+    output is orthogonal to r (float32 math)."""
+    for param, edit in ((writer.weight, lambda w: w - unit.view(-1, 1) * (unit @ w)), (writer.bias, lambda b: b - (b @ unit) * unit)):
+        if param is not None:
+            param.data.copy_(edit(param.data.to(torch.float32)))
 
 
 def _untie_output_embeddings(model: nn.Module) -> None:
@@ -80,10 +71,13 @@ def orthogonalize_weights(model: nn.Module, direction: torch.Tensor) -> nn.Modul
     w32 = w.to(torch.float32)
     r = unit.to(w.device)
     w.copy_(w32 - torch.outer(w32 @ r, r))
-    expert_weight = layout(model).mlp_writer
-    for block in decoder_layers(model):
-        for writer in residual_writers(model, block):
-            _project_output_rows(writer, unit, expert_weight)
+    with experts_as_linears(model):  # each expert's down projection (and bias) is then a linear like any other
+        for block in decoder_layers(model):
+            for writer in residual_writers(model, block):
+                for linear in [writer] if isinstance(writer, nn.Linear) else expert_linears(writer, "down_proj"):
+                    if linear.out_features != unit.shape[0]:
+                        raise UserError(f"{type(writer).__name__} writes {linear.out_features} dims into a {unit.shape[0]}-dim stream")
+                    _project_output_rows(linear, unit.to(linear.weight.device))
     return model
 
 

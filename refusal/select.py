@@ -34,7 +34,7 @@ from lm.hooks import decoder_layers
 from .candidate_scores import CandidateScores, batch_plan, chunks, score_candidates
 from .direction import candidate_directions
 from .score import filter_by_score, refusal_scores, refusal_tokens
-from .selection_filter import choose, finite_or_none, rejection_reasons
+from .selection_filter import choose, finite_or_none, no_direction_reason, non_finite_note, rejection_reasons
 
 SELECTION_JSON = "selection.json"
 DIRECTION_FILE = "direction.safetensors"
@@ -125,6 +125,13 @@ class SelectionResult:
     def direction(self) -> torch.Tensor:
         raw = self.direction_raw
         return raw / raw.norm()
+
+    def no_direction_reason(self) -> str:
+        """One line: why nothing was chosen, and whether the model refuses at all."""
+        return no_direction_reason(self.reasons, (self.counts.get("baseline_score") or {}).get("harmful_val"))
+
+    def non_finite_note(self) -> str | None:
+        return non_finite_note(self.reasons)
 
     def records(self) -> list[dict]:
         """One entry per candidate, like Arditi et al.'s direction_evaluations.json."""

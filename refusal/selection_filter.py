@@ -52,3 +52,33 @@ def choose(bypass: torch.Tensor, reasons: list[list[str | None]], positions: lis
             if reason is None and (best is None or float(bypass[i, layer]) < best[0]):
                 best = (float(bypass[i, layer]), pos, layer)
     return None if best is None else (best[1], best[2])
+
+
+def reason_counts(reasons: list[list[str | None]]) -> dict[str, int]:
+    """How many candidates each rule rejected ('passed' for the rest)."""
+    counts: dict[str, int] = {}
+    for row in reasons:
+        for reason in row:
+            counts[reason or "passed"] = counts.get(reason or "passed", 0) + 1
+    return counts
+
+
+def non_finite_note(reasons: list[list[str | None]]) -> str | None:
+    """The sentence a report gives when scores were NaN or infinite (they are excluded, never chosen)."""
+    counts = reason_counts(reasons)
+    bad = counts.get("nan", 0) + counts.get("infinite", 0)
+    if not bad:
+        return None
+    return (f"{bad} candidate direction(s) had a NaN or infinite bypass / induce / KL score (e.g. a zero difference of means, "
+            "or a refusal probability of exactly 0 or 1 in low precision) and were excluded from the choice")
+
+
+def no_direction_reason(reasons: list[list[str | None]], baseline_harmful: float | None) -> str:
+    """Why no candidate was chosen, in one line: the rules that rejected them, and whether the model
+    refuses at all (the mean refusal score, log-odds of its refusal tokens, on harmful prompts)."""
+    counts = ", ".join(f"{n} {reason}" for reason, n in sorted(reason_counts(reasons).items()))
+    line = f"no candidate direction passed selection (rejections: {counts})"
+    if baseline_harmful is not None and math.isfinite(baseline_harmful) and baseline_harmful <= 0:
+        line += (f"; the model does not appear to refuse: its mean refusal score on the harmful validation prompts is "
+                 f"{baseline_harmful:.2f} (log-odds of its refusal tokens; a refusing model scores above 0), so it has no refusal direction to find")
+    return line

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lm.architecture import block_linears, decoder_layers, decoder_linears, linear_weight_name
+from lm.architecture import block_prefix, decoder_layers, decoder_matrices
 from lm.errors import UserError
 
 from .report import file_slug
@@ -66,7 +66,7 @@ def classify_matrix(name: str, w_orig: torch.Tensor, w_comp: torch.Tensor) -> Ma
 def check_derivation(original: nn.Module, compressed: nn.Module, decoder_linears: set[str]) -> list[MatrixDerivation]:
     """Per-parameter derivation record; raises UserError when `compressed` is not from `original`.
 
-    decoder_linears: names of the parameters compression may change (decoder linear weights);
+    decoder_linears: names of the parameters compression may change (decoder linear weights, fused expert tensors);
     every other parameter must be identical up to float format.
     """
     o_params = dict(original.named_parameters())
@@ -117,7 +117,7 @@ def derivation_records(original, compressed) -> list[MatrixDerivation]:
 
 
 def decoder_linear_names(model) -> set[str]:
-    return set(decoder_linears(model))
+    return set(decoder_matrices(model))
 
 
 def module_groups(compressed: nn.Module, records: list[MatrixDerivation]) -> list[dict]:
@@ -126,8 +126,11 @@ def module_groups(compressed: nn.Module, records: list[MatrixDerivation]) -> lis
     kinds of change, share of zero weights and largest relative error."""
     by_name = {r.name: r for r in records}
     params = dict(compressed.named_parameters())
-    kinds = list(block_linears(decoder_layers(compressed)[0]))
-    members = {kind: [linear_weight_name(compressed, i, kind) for i in range(len(decoder_layers(compressed)))] for kind in kinds}
+    prefixes = [block_prefix(compressed, i) for i in range(len(decoder_layers(compressed)))]
+    members: dict[str, list[str]] = {}
+    for name in decoder_matrices(compressed):
+        prefix = next(p for p in prefixes if name.startswith(p))
+        members.setdefault(name[len(prefix):].removesuffix(".weight"), []).append(name)
     grouped = {n for names in members.values() for n in names}
     members["other parameters"] = [n for n in params if n not in grouped]
     out = []

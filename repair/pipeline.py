@@ -115,7 +115,7 @@ class Repair:
                                 f"layers 0..{selection.n_layers - 1}")
             return position, layer
         if selection.chosen is None:
-            raise UserError("the original model has no selected refusal direction (no candidate passed selection); "
+            raise UserError(f"the original model has no selected refusal direction: {selection.no_direction_reason()}; "
                             "AIRD needs one (or give --source POSITION LAYER)")
         return selection.chosen
 

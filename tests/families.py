@@ -30,11 +30,13 @@ def _config(family: str, tokenizer):
         "granite": lambda: t.GraniteConfig(**llama_like, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0),
         "gpt_neox": lambda: t.GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, **ids),
         "mixtral": lambda: t.MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: t.Qwen2MoeConfig(**llama_like, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                              shared_expert_intermediate_size=64),
     }
     return configs[family]()
 
 
-FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite", "gpt_neox", "mixtral")
+FAMILIES = ("llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "granite", "gpt_neox", "mixtral", "qwen2_moe")
 
 
 def build_family(family: str, seed: int = 0):

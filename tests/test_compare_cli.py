@@ -124,7 +124,8 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     assert "overlap with any prompt a stage fits on: 0" in markdown and "| p |" in markdown
     # ASR, over-refusal, probe transfer per variant; first, this random model's missing direction is said
     no_direction = [f for f in stored["findings"] if f.startswith("The original model has no selected refusal direction")]
-    assert len(no_direction) == (original.get("source") is None) and len(stored["findings"]) == 3 * len(VARIANTS) + len(no_direction)
+    selection_notes = [f for f in stored["findings"] if f.startswith(("The original model has no", "Why: ", "Direction selection: "))]
+    assert len(no_direction) == (original.get("source") is None) and len(stored["findings"]) == 3 * len(VARIANTS) + len(selection_notes)
     # Harmfulness probes: own accuracy on the 4 + 8 held-out prompts for every model; the
     # original's probes on each variant (transfer) with McNemar against the original, Holm over the variants.
     assert stored["probe_cell"]["layer"] in (0, 1)
@@ -341,7 +342,19 @@ def test_a_model_without_a_refusal_direction_is_said_in_the_findings():
 
     from experiments.compare_summary import no_direction_note
 
-    none = SimpleNamespace(chosen=None, counts={"baseline_score": {"harmful_val": -3.25}})
-    [note] = no_direction_note(none)
+    from refusal.selection_filter import no_direction_reason, non_finite_note
+
+    def selection(chosen, reasons, baseline):
+        return SimpleNamespace(chosen=chosen, counts={"baseline_score": {"harmful_val": baseline}},
+                               no_direction_reason=lambda: no_direction_reason(reasons, baseline), non_finite_note=lambda: non_finite_note(reasons))
+
+    note, why = no_direction_note(selection(None, [["kl", "induce"], ["induce", "late_layer"]], -3.25))
     assert "no selected refusal direction" in note and "-3.25" in note and "skipped" in note
-    assert no_direction_note(SimpleNamespace(chosen=(-1, 3), counts={})) == [] and no_direction_note(None) == []
+    assert "2 induce, 1 kl, 1 late_layer" in why and "does not appear to refuse" in why
+    # A refusing model whose candidates all failed: the rules are named, no claim that it does not refuse.
+    _, why = no_direction_note(selection(None, [["kl", "induce"]], 2.5))
+    assert "does not appear to refuse" not in why
+    # NaN scores are said even when a direction was chosen; nothing is said when all is well.
+    [nan_note] = no_direction_note(selection((-1, 1), [["nan", None]], 2.5))
+    assert nan_note.startswith("Direction selection: 1 candidate") and "excluded" in nan_note
+    assert no_direction_note(selection((-1, 1), [["kl", None]], 2.5)) == [] and no_direction_note(None) == []

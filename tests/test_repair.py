@@ -502,3 +502,18 @@ def test_targeted_scores_close_the_refusal_gap_of_wanda_60_on_the_embedded_model
         assert t["test"] == "mcnemar-exact" and t["n"] == len(held_out) == 100
         assert t["b"] - t["c"] == refused[0] - refused[1]
         assert t["b"] > t["c"] and t["p_value"] < 0.05, f"{judge}: repaired refuses {refused[0]}, compressed {refused[1]}: {t}"
+
+
+def test_a_model_without_a_refusal_direction_stops_the_repair_with_the_reason():
+    from types import SimpleNamespace
+
+    from refusal.selection_filter import no_direction_reason
+    from repair.pipeline import Repair
+
+    reasons = [["induce", "kl"], ["induce", "late_layer"]]
+    selection = SimpleNamespace(chosen=None, no_direction_reason=lambda: no_direction_reason(reasons, -1.5))
+    with pytest.raises(UserError) as info:
+        Repair._source(SimpleNamespace(cfg=SimpleNamespace(source=None)), selection)
+    message = str(info.value)
+    assert "no selected refusal direction" in message and "2 induce" in message and "does not appear to refuse" in message
+    assert "--source" in message and "\n" not in message
