@@ -158,7 +158,7 @@ def edit_blockwise(model: nn.Module, datas: list, edit: Edit, cfg: ActSVDConfig 
             streams = [run_block(block, s) for s in streams]
 
 
-def _parts(model: nn.Module, name: str, linear: nn.Linear) -> list[tuple[str, torch.Tensor]]:
+def projection_rows(model: nn.Module, name: str, linear: nn.Linear) -> list[tuple[str, torch.Tensor]]:
     """(report key, output rows) of each projection in the linear: a fused one (Phi-3 qkv_proj,
     GPT-NeoX query_key_value, gate_up_proj) gets its ranks per projection, as the unfused
     q_proj / k_proj / v_proj of a Llama would."""
@@ -173,7 +173,7 @@ def actsvd_remove_top(model: nn.Module, data, rank: Rank, cfg: ActSVDConfig = Ac
     removed = {}
 
     def edit(name, linear, grams):
-        for key, rows in _parts(model, name, linear):
+        for key, rows in projection_rows(model, name, linear):
             w = linear.weight[rows]
             r = resolve_rank(rank, *w.shape)
             linear.weight[rows] = remove_top_ranks(w, top_output_directions(w, grams[0], r))
@@ -188,7 +188,7 @@ def actsvd_orthogonal(model: nn.Module, utility, safety, rank_utility: Rank, ran
     ranks = {}
 
     def edit(name, linear, grams):
-        for key, rows in _parts(model, name, linear):
+        for key, rows in projection_rows(model, name, linear):
             w = linear.weight[rows]
             ru, rs = resolve_rank(rank_utility, *w.shape), resolve_rank(rank_safety, *w.shape)
             linear.weight[rows] = orthogonal_projection_difference(w, top_output_directions(w, grams[0], ru), top_output_directions(w, grams[1], rs))

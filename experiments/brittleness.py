@@ -57,10 +57,15 @@ def rank_fraction(ranks: dict, full_ranks: dict[str, int]) -> float:
 
 
 def full_ranks(model) -> dict[str, int]:
-    """min(out, in) of every decoder linear, keyed as ActSVD reports its ranks."""
+    """min(out, in) of every matrix ActSVD edits, keyed as it reports its ranks (each expert's, and
+    each projection of a fused matrix, on its own)."""
+    from compression.actsvd import projection_rows
     from lm.architecture import decoder_linears
+    from lm.experts import experts_as_linears
 
-    return {name: min(lin.out_features, lin.in_features) for name, lin in decoder_linears(model).items()}
+    with experts_as_linears(model):
+        return {key: min(len(rows), lin.in_features) for name, lin in decoder_linears(model).items()
+                for key, rows in projection_rows(model, name.removesuffix(".weight"), lin)}
 
 
 def _log(msg: str) -> None:

@@ -50,6 +50,7 @@ from compression.attribution import importance_scores, is_refusal, own_replies, 
 from compression.calibration import tokenize_pairs
 from compression.weight_groups import SCORED_GROUPS, GroupConfig, agreement, group_drift, group_sizes, scored_groups, weight_groups
 from lm import datasets
+from lm.architecture import check_dense
 from lm.cache import atomic_dir, atomic_save_tensors, atomic_write_json, atomic_write_text, cached_json
 from lm.cli import parse_config
 from lm.errors import UserError, cli
@@ -140,6 +141,7 @@ def _digest_tensors(tensors: dict[str, torch.Tensor]) -> str:
 class FrozenFinetune:
     def __init__(self, cfg: FrozenFinetuneConfig):
         self.base = load_model(cfg.model, dtype=cfg.dtype)
+        check_dense(self.base.model, "the frozen fine-tuning experiment (LoRA and weight groups on nn.Linear layers)")
         # Resolved before anything is keyed or recorded, so config.json names the linears trained.
         self.cfg = cfg = dataclasses.replace(cfg, targets=tuple(cfg.targets) if cfg.targets is not None else linear_kinds(self.base.model))
         self.dir = cfg.run_dir()

@@ -269,3 +269,15 @@ def test_matrix_ranking_of_a_fused_matrix_is_per_projection():
     prune_top(model, {name: scores}, 0.25, per="matrix")
     for rows in parts.values():
         assert int((weight[rows] == 0).sum()) == int(0.25 * weight[rows].numel())
+
+
+@pytest.mark.parametrize("name", ["phi3", "mixtral"])
+def test_brittleness_full_ranks_cover_every_matrix_actsvd_reports(name):
+    from experiments.brittleness import full_ranks, rank_fraction
+
+    model, tok = family(name)
+    pairs = tokenize_pairs(tok, [(format_prompt(tok, p), "I cannot help with that.") for p in PROMPTS], seqlen=64)
+    _, report = build_variant_with_report(model, parse_variant("actsvd:r=2"), safety=pairs)
+    full = full_ranks(model)
+    assert set(report["ranks"]) == set(full)
+    assert rank_fraction(report["ranks"], full) == pytest.approx(2 * len(full) / sum(full.values()))

@@ -350,3 +350,15 @@ def test_embedded_quick_run(tmp_path):
     for arm in (frozen, unfrozen):
         for a in arm["agreement"].values():
             assert 0 < a["jaccard"] <= 1
+
+
+def test_a_mixture_of_experts_model_is_refused_in_one_line(tmp_path, capsys):
+    """LoRA and the weight groups read nn.Linear layers; the experts' 3-D tensors would be silently left out."""
+    from tests.families import build_family
+
+    model, tok = build_family("mixtral")
+    runs = tmp_path / "runs"
+    assert frozen_finetune.main(["--model", str(save_tiny(tmp_path / "moe", model, tok)), "--runs-dir", str(runs), *ARGS]) == 2
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "mixture-of-experts" in lines[0]
+    assert not runs.exists()
