@@ -1,5 +1,6 @@
 """Variant specs ('wanda:0.5', 'wanda:2:4', 'sparsegpt:0.5', 'sparsegpt:2:4', 'snip:0.5', 'magnitude:0.5',
-'rtn:int8', 'rtn:int4:g32', 'gptq:int4', 'gptq:int8', 'gptq:int4:g32', 'torchao:int8') and building them.
+'rtn:int8', 'rtn:int4:g32', 'gptq:int4', 'gptq:int8', 'gptq:int4:g32', 'torchao:int8', and 'path:DIR' for a
+checkpoint compressed elsewhere, float or packed) and building them.
 
 Two kinds of calibration: Wanda and SparseGPT read layer inputs on chat-formatted prompts
 (`Calibration`); SNIP needs gradients of a loss on responses, so it takes (prompt, response) pairs
@@ -20,9 +21,12 @@ compression method is a module and a line here.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lm.errors import UserError
 
@@ -145,6 +149,30 @@ def _torchao(arg: str, text: str) -> dict:
     return {"bits": 8, "group_size": None, "backend": "torchao-int8-weight-only"}
 
 
+def _checkpoint(arg: str, text: str) -> dict:
+    """'path:DIR', a checkpoint compressed elsewhere (float, or packed: GPTQ, bitsandbytes). Its files'
+    names, sizes and modification times stand in for its content in the params (cache keys)."""
+    from lm.loading import resolve
+
+    if not arg:
+        raise UserError(f"variant {text!r}: give the checkpoint directory, e.g. path:./my-gptq-model")
+    path, _ = resolve(arg)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(path).iterdir() if f.is_file())
+    return {"path": str(Path(path).resolve()), "files_sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+
+
+def _load_checkpoint(variant, spec: VariantSpec) -> dict:
+    """The checkpoint's (dequantized) weights copied into `variant`; the report says how it is stored."""
+    from lm.loading import load_model
+
+    loaded = load_model(spec.params["path"], dtype=next(variant.parameters()).dtype)
+    try:
+        variant.load_state_dict(loaded.model.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"variant {spec.text!r}: its weights do not fit the base model ({str(e).splitlines()[1].strip()})") from None
+    return {"stored": loaded.packed.describe() if loaded.packed is not None else "float"}
+
+
 def _no_arguments(arg: str, text: str) -> dict:
     if arg:
         raise UserError(f"variant {text!r}: 'original' takes no arguments")
@@ -173,6 +201,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("gptq", _quantization("gptq"),
            lambda v, o, s, d: quantize_gptq(v, d.calibration, GPTQConfig(s.params["bits"], s.params["group_size"])), ("calibration",)),
     Method("torchao", _torchao, lambda v, o, s, d: quantize_int8_weight_only(v)),
+    # A user's own compressed checkpoint, compared like the toolkit's variants (the main job checks it derives from the base first).
+    Method("path", _checkpoint, lambda v, o, s, d: _load_checkpoint(v, s)),
     *(_attribution(m) for m in attribution_variants.METHODS),
 )}
 METHODS = tuple(REGISTRY)

@@ -14,11 +14,12 @@ def _log(msg: str) -> None:
     print(f"[compare_refusal] {msg}", file=sys.stderr, flush=True)
 
 
-def repair_config(c: CompareConfig, variant_dir, run_dir):
-    """The repair's settings for one variant: the comparison's own, its repair_* sizes resolved."""
+def repair_config(c: CompareConfig, variant_dir, run_dir, checkpoint=None):
+    """The repair's settings for one variant: the comparison's own, its repair_* sizes resolved.
+    checkpoint: where the variant is stored when it is not the run's own copy (a path: variant)."""
     from repair.config import RepairConfig
 
-    return RepairConfig(original=c.model, compressed=str(variant_dir / "model"), out=str(variant_dir / "repaired"), runs_dir=str(run_dir / "repair"),
+    return RepairConfig(original=c.model, compressed=str(checkpoint or variant_dir / "model"), out=str(variant_dir / "repaired"), runs_dir=str(run_dir / "repair"),
                         dtype=c.dtype, seed=c.seed, n_train=c.n_train, n_val=c.n_val, search=c.search,
                         prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, n_asr=c.repair_n_asr,
                         eval_sets=c.eval_sets, harmless_sets=c.harmless_sets, n_harmless=c.n_harmless,
@@ -46,6 +47,6 @@ def repair_variants(c: CompareConfig, base, run_dir, results: dict, report: dict
         spec, own = next((s, r) for s, r in results.values() if s.text == row["variant"])
         vdir = run_dir / "variants" / spec.slug
         _log(f"{spec.text}: repairing (cosine at the original's source {cos:.3f})")
-        out[row["variant"]] = Repair(repair_config(c, vdir, run_dir), original=base, selection=ref, own_selection=own.get("selection")).run()
+        out[row["variant"]] = Repair(repair_config(c, vdir, run_dir, spec.params.get("path") if spec.method == "path" else None), original=base, selection=ref, own_selection=own.get("selection")).run()
         clock.tick()
     return out

@@ -55,6 +55,8 @@ class Comparison:
         self.cfg = cfg = cfg.resolved(on_gpu=next(self.base.model.parameters()).device.type == "cuda")
         for spec in self.specs:
             validate_variant(spec, self.base.model)
+            if spec.method == "path":  # a checkpoint made elsewhere must come from this base model, as the repair demands
+                self.check_derives(spec)
         self._fingerprint: str | None = None
         self._calibration = None
         self._responses = None
@@ -62,6 +64,14 @@ class Comparison:
         self._own_replies: dict = {}
         self._original_probes: dict | None = None
         self._original_refusal_probes: dict | None = None
+
+    def check_derives(self, spec: VariantSpec) -> None:
+        from repair.derivation import derivation_records
+
+        try:
+            derivation_records(self.base, load_model(spec.params["path"], dtype=self.cfg.dtype))
+        except UserError as e:
+            raise UserError(f"variant {spec.text!r}: {e}") from None
 
     # --- shared inputs -------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -132,7 +142,7 @@ class Comparison:
             return load_model(str(ckpt), dtype=self.cfg.dtype).model
         _log(f"{spec.text}: building")
         model, removal, seconds = self.build(spec)
-        if self.cfg.save_checkpoints:
+        if self.cfg.save_checkpoints and spec.method != "path":  # a user's checkpoint already is one
             save_variant(model, self.base.tokenizer, ckpt, dict(
                 method=spec.method, spec=spec.text, params=params, build_seconds=seconds, removal=removal,
                 calibration_sha256=self.calibration_digests(spec),

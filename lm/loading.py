@@ -25,6 +25,7 @@ class LoadedModel:
     spec: str  # what the user asked for
     path: str  # local directory (or hub id) the weights came from
     name: str  # human-readable name for reports
+    packed: object = None  # lm.packed.PackedFormat when the checkpoint is stored quantized (read dequantized)
 
 
 def resolve(spec: str) -> tuple[str, str]:
@@ -72,8 +73,14 @@ def load_model(
         raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
         raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+    packed = None
+    if Path(path).is_dir():
+        from .packed import load_packed, packed_format
+
+        if packed_format(Path(path)) is not None:
+            model, packed = load_packed(path, spec, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model if packed is not None else AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             device_map=device_map,
@@ -93,7 +100,7 @@ def load_model(
     model.eval()
     check_model(model, spec)
     prepare_tokenizer(tokenizer)
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path, name=name)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path, name=name, packed=packed)
 
 
 def prepare_tokenizer(tokenizer) -> None:

@@ -34,10 +34,13 @@ def check(cfg: RepairConfig) -> str:
     records = derivation_records(original, compressed)
     manifest = read_manifest(Path(compressed.path)) or {}
     made = (f"compression.json: {manifest.get('spec') or manifest.get('method')}" if manifest else "no compression.json")
-    lines = [f"{cfg.compressed} derives from {cfg.original} (float weights, compared in {cfg.dtype}; {made})", "",
-             "| module group | matrices | change | zero weights | max relative error |", "| --- | --- | --- | --- | --- |"]
-    for g in module_groups(compressed.model, records):
-        lines.append(f"| {g['group']} | {g['matrices']} | {g['change']} | {100 * g['sparsity']:.1f}% | {g['max_relative_error']:.3g} |")
+    fmt = compressed.packed
+    stored = (f"packed {fmt.describe()}, {len(fmt.quantized)} modules dequantized by its library; a matrix may differ by up to "
+              f"{fmt.error_bound:.3g} relative" if fmt is not None else "float weights")
+    lines = [f"{cfg.compressed} derives from {cfg.original} ({stored}, compared in {cfg.dtype}; {made})", "",
+             "| module group | matrices | stored | change | zero weights | max relative error |", "| --- | --- | --- | --- | --- | --- |"]
+    for g in module_groups(compressed.model, records, fmt):
+        lines.append(f"| {g['group']} | {g['matrices']} | {g['stored']} | {g['change']} | {100 * g['sparsity']:.1f}% | {g['max_relative_error']:.3g} |")
     return "\n".join(lines)
 
 

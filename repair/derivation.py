@@ -63,7 +63,8 @@ def classify_matrix(name: str, w_orig: torch.Tensor, w_comp: torch.Tensor) -> Ma
     return MatrixDerivation(name, "dense", rel, removed, changed)
 
 
-def check_derivation(original: nn.Module, compressed: nn.Module, decoder_linears: set[str]) -> list[MatrixDerivation]:
+def check_derivation(original: nn.Module, compressed: nn.Module, decoder_linears: set[str], dense_rtol: float = DENSE_RTOL,
+                     bound_note: str = "") -> list[MatrixDerivation]:
     """Per-parameter derivation record; raises UserError when `compressed` is not from `original`.
 
     decoder_linears: names of the parameters compression may change (decoder linear weights, fused expert tensors);
@@ -79,8 +80,8 @@ def check_derivation(original: nn.Module, compressed: nn.Module, decoder_linears
             if rec.kind == "dense" and rec.relative_error > SURVIVOR_RTOL:
                 raise UserError(f"{name} differs from the original's (relative error {rec.relative_error:.3g}); "
                                 "the compressed checkpoint does not derive from this original model")
-        elif rec.kind == "dense" and rec.relative_error > DENSE_RTOL:
-            raise UserError(f"{name} is far from the original's (relative error {rec.relative_error:.3g} > {DENSE_RTOL}); "
+        elif rec.kind == "dense" and rec.relative_error > dense_rtol:
+            raise UserError(f"{name} is far from the original's (relative error {rec.relative_error:.3g} > {dense_rtol:.3g}{bound_note}); "
                             "the compressed checkpoint does not derive from this original model")
         records.append(rec)
     return records
@@ -113,19 +114,25 @@ def derivation_records(original, compressed) -> list[MatrixDerivation]:
     check_same_architecture(original.model, compressed.model)
     if compressed.tokenizer.get_vocab() != original.tokenizer.get_vocab():
         raise UserError("the compressed checkpoint's tokenizer differs from the original's")
-    return check_derivation(original.model, compressed.model, decoder_linear_names(original.model))
+    packed = getattr(compressed, "packed", None)
+    if packed is None:
+        return check_derivation(original.model, compressed.model, decoder_linear_names(original.model))
+    return check_derivation(original.model, compressed.model, decoder_linear_names(original.model), packed.error_bound,
+                            f", the bound for {packed.describe()}")
 
 
 def decoder_linear_names(model) -> set[str]:
     return set(decoder_matrices(model))
 
 
-def module_groups(compressed: nn.Module, records: list[MatrixDerivation]) -> list[dict]:
+def module_groups(compressed: nn.Module, records: list[MatrixDerivation], packed=None) -> list[dict]:
     """The derivation per module group: each decoder linear kind (e.g. self_attn.q_proj) over all
-    blocks, then every other parameter (embeddings, norms, head) together; with the group's
-    kinds of change, share of zero weights and largest relative error."""
+    blocks, then every other parameter (embeddings, norms, head) together; with how the checkpoint
+    stores it (float, or its packed format), the group's kinds of change, share of zero weights
+    and largest relative error."""
     by_name = {r.name: r for r in records}
     params = dict(compressed.named_parameters())
+    quantized = set(packed.quantized) if packed is not None else set()
     prefixes = [block_prefix(compressed, i) for i in range(len(decoder_layers(compressed)))]
     members: dict[str, list[str]] = {}
     for name in decoder_matrices(compressed):
@@ -138,7 +145,9 @@ def module_groups(compressed: nn.Module, records: list[MatrixDerivation]) -> lis
         recs = [by_name[n] for n in names if n in by_name]
         zeros = sum(int((params[n] == 0).sum()) for n in names)
         total = sum(params[n].numel() for n in names)
-        out.append(dict(group=group, matrices=len(names), change="+".join(sorted({r.kind for r in recs} - {"identical"})) or "identical",
+        packed_here = sum(n.removesuffix(".weight") in quantized for n in names)
+        stored = "float" if not packed_here else packed.describe() if packed_here == len(names) else f"{packed.describe()} ({packed_here} of {len(names)})"
+        out.append(dict(group=group, matrices=len(names), stored=stored, change="+".join(sorted({r.kind for r in recs} - {"identical"})) or "identical",
                         sparsity=zeros / total if total else 0.0, max_relative_error=max((r.relative_error for r in recs), default=0.0)))
     return out
 

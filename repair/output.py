@@ -59,11 +59,20 @@ def write_readable(where: Path, result: dict, label: str) -> None:
         atomic_write_text(where / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True))
 
 
-def write_output(out: Path, model, tokenizer, manifest: dict, result: dict, label: str) -> tuple[dict, bool]:
+def packed_weights(model, masks: dict) -> dict:
+    """{module name: weight} of every matrix the repair touched: what a packed output stores at full precision."""
+    params = dict(model.named_parameters())
+    return {name.removesuffix(".weight"): params[name] for name, mask in masks.items() if bool(mask.any())}
+
+
+def write_output(out: Path, model, tokenizer, manifest: dict, result: dict, label: str, packed_from=None) -> tuple[dict, bool]:
     """Checkpoint + compression.json + repair.json/md + figures, all or nothing: (what `out` holds,
     whether it was written). When an earlier run wrote the same repair (same numbers, same
     manifest), its files are kept as they are: rewriting an identical multi-GB checkpoint is most
-    of the cost of a rerun that found every stage cached."""
+    of the cost of a rerun that found every stage cached.
+
+    packed_from: (source directory, PackedFormat, {module: weight}) for a packed input, which is
+    written in its own format (lm.packed.writer) instead of as a float checkpoint."""
     from lm.cache import atomic_dir, atomic_write_json
 
     kept = unchanged_output(out, jsonable(manifest), jsonable(result))
@@ -71,8 +80,14 @@ def write_output(out: Path, model, tokenizer, manifest: dict, result: dict, labe
         write_readable(out, kept, label)
         return kept, False
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if packed_from is not None:
+            from lm.packed.writer import write_packed
+
+            source, fmt, weights = packed_from
+            write_packed(source, tmp, fmt, weights)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MANIFEST, jsonable(manifest))
         atomic_write_json(tmp / "repair.json", jsonable(result))
         write_readable(tmp, result, label)

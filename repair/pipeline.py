@@ -32,6 +32,7 @@ from compression.checkpoint import read_manifest
 from lm.cache import atomic_write_json, cached_json, cached_tensors, timed
 from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
+from lm.packed.writer import full_precision_cost
 from refusal.select import SelectionConfig, SharedPrompts
 from refusal.selection_artifacts import select_direction_cached
 
@@ -39,7 +40,7 @@ from .aird import choose_aird_block
 from .config import RepairConfig
 from .derivation import checkpoint_name, derivation_records, summarise
 from .evaluation import StateEvaluation
-from .output import jsonable, repair_manifest, write_output
+from .output import jsonable, packed_weights, repair_manifest, write_output
 from .refusal_probe import RefusalProbe
 from .restore import block_masks, block_params, count, restore_entries, restored
 from .stages import Choice, Diagnosis, digest
@@ -280,7 +281,13 @@ class Repair:
         masks = self.states(ch)[self.cfg.save]
         restore_entries(self.model, self.original, masks)
         manifest = repair_manifest(self.cfg, self.manifest, self.model, result, ch.aird["layer"], masks, (self.fp_orig, self.fp_comp))
-        held, written = write_output(Path(self.cfg.out), self.model, self.tok, manifest, result, self.dir.name.rsplit("-", 1)[0])
+        packed_from = None
+        if self.comp.packed is not None:  # written in the input's format, the touched matrices at full precision
+            weights = packed_weights(self.model, masks)
+            stored = full_precision_cost(Path(self.comp.path), self.comp.packed, {m: tuple(w.shape) for m, w in weights.items()})
+            manifest["repair"]["stored"], result = stored, {**result, "stored": stored}
+            packed_from = (Path(self.comp.path), self.comp.packed, weights)
+        held, written = write_output(Path(self.cfg.out), self.model, self.tok, manifest, result, self.dir.name.rsplit("-", 1)[0], packed_from)
         _log(f"wrote {self.cfg.out} ({self.cfg.save}-repaired checkpoint, repair.md)" if written else
              f"{self.cfg.out} already holds this repair: checkpoint kept, repair.md and figures redrawn")
         return held

@@ -51,6 +51,14 @@ def _num(x, fmt=".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _stored_text(stored: dict) -> str:
+    """How a packed input's repair is written: its format, the matrices kept at full precision, their size."""
+    return (f"Written as the input is stored ({stored['format']}): the {len(stored['full_precision_modules'])} matrices the repair touched "
+            f"({stored['weights']:,} weights) at full precision ({stored['dtype']}), excluded from quantization in the format's config; "
+            f"that adds {stored['bytes_added']:,} bytes and drops their {stored['bytes_removed']:,} packed bytes "
+            f"(net {stored['bytes_added_net']:+,} bytes); every other tensor is copied unchanged.")
+
+
 def render_markdown(r: dict) -> str:
     states = r["states"]
     lines = [
@@ -59,6 +67,7 @@ def render_markdown(r: dict) -> str:
         f"Original: {r['original_name']} (`{r['original']}`). Checkpoint kind: {r['derivation']['kind']} "
         f"({r['derivation']['removed']:,} original weights zeroed, {r['derivation']['changed']:,} entries changed, "
         f"max relative error per matrix {r['derivation']['max_relative_error']:.3g}).",
+        *([_stored_text(r["stored"])] if r.get("stored") else []),
         f"Original refusal direction: position {r['source']['position']}, layer {r['source']['layer']} of {r['n_layers']}."
         + (f" The compressed model's own selected source: position {r['compressed_source']['position']}, "
            f"layer {r['compressed_source']['layer']}." if r.get("compressed_source") else ""),

@@ -276,8 +276,8 @@ def test_check_prints_the_derivation_per_module_group_and_writes_nothing(dirs, t
         return
     assert code == 0
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
-    assert rows["self_attn.q_proj"][1:4] == ["4", "pruned", "50.0%"]  # 4 blocks, half the weights zero
-    assert rows["other parameters"][2] == "identical"
+    assert rows["self_attn.q_proj"][1:5] == ["4", "float", "pruned", "50.0%"]  # 4 blocks, half the weights zero
+    assert rows["other parameters"][3] == "identical"
     assert "compression.json: wanda" in out
 
 

@@ -1,0 +1,201 @@
+"""Packed checkpoints made by their own libraries (GPTQModel; transformers + bitsandbytes): read
+dense through that library, checked against the original, repaired, written back in their own
+format and reloaded by the same library."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lm.errors import UserError
+from lm.loading import load_model
+from repair.__main__ import main
+from tests.tiny import build_model, build_tokenizer, save_tiny
+
+pytest.importorskip("gptqmodel", reason="the gptq extra (pip install -e '.[gptq]') is not installed")
+pytest.importorskip("bitsandbytes", reason="the bnb extra (pip install -e '.[bnb]') is not installed")
+
+FORMATS = ("gptq", "bnb-nf4", "bnb-int8")
+CALIBRATION = ["Write a poem about the sea and the sky over it.", "How do I bake bread at home with flour?",
+               "Name three fruits that are red.", "Describe a water molecule in detail."] * 4
+SMALL = ["--n-asr", "3", "--n-harmless", "3", "--n-refusal-probe", "8", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4",
+         "--ppl-windows", "2", "--zero-shot-limit", "0", "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "2"]
+
+
+def _gptq(src: Path, out: Path) -> None:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    model = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=32, desc_act=False), device="cpu")
+    model.quantize(CALIBRATION, batch_size=4)
+    model.save(str(out))
+
+
+def _bnb(src: Path, out: Path, tokenizer, four: bool) -> None:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32) if four \
+        else BitsAndBytesConfig(load_in_8bit=True)
+    AutoModelForCausalLM.from_pretrained(str(src), quantization_config=config, device_map="cpu", dtype=torch.float32).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packed")
+    tok = build_tokenizer("chatml")
+    save_tiny(root / "original", build_model("qwen2", tok, seed=0, hidden=64, layers=3), tok)
+    save_tiny(root / "other-base", build_model("qwen2", tok, seed=1, hidden=64, layers=3), tok)
+    _gptq(root / "original", root / "gptq")
+    _gptq(root / "other-base", root / "gptq-other-base")
+    _bnb(root / "original", root / "bnb-nf4", tok, four=True)
+    _bnb(root / "original", root / "bnb-int8", tok, four=False)
+    return root
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _library_model(fmt: str, path: Path):
+    """The checkpoint as its own library serves it (packed layers and kernels)."""
+    if fmt == "gptq":
+        from gptqmodel import GPTQModel
+
+        return GPTQModel.load(str(path), device="cpu", dtype=torch.float32).model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_checkpoints_read_dense_give_the_librarys_own_logits(ckpts, fmt):
+    loaded = load_model(str(ckpts / fmt))
+    assert loaded.packed is not None and loaded.packed.bits == (8 if fmt == "bnb-int8" else 4)
+    assert len(loaded.packed.quantized) == 3 * 7 and "lm_head" in loaded.packed.float_linears
+    assert all(type(m).__name__ == "Linear" for n, m in loaded.model.named_modules() if n in loaded.packed.quantized)
+    assert not hasattr(loaded.model.config, "quantization_config")
+    # Each dequantized matrix computes what the library's own packed layer computes (its CPU kernels
+    # run in reduced precision, GPTQModel's in bf16 and LLM.int8 with int8 activations: hence the tolerance;
+    # a wrong zero point or scale would be off by a whole quantization step on every output).
+    served, ours = _library_model(fmt, ckpts / fmt), dict(loaded.model.named_modules())
+    for name in loaded.packed.quantized:
+        x = torch.randn(6, ours[name].in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            theirs, mine = served.get_submodule(name)(x).float(), ours[name](x)
+        torch.testing.assert_close(mine, theirs, atol=0.02 * float(theirs.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_check_reports_the_format_per_module_group_and_writes_nothing(ckpts, fmt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--check", "--original", str(ckpts / "original"), "--compressed", str(ckpts / fmt)]) == 0
+    out = capsys.readouterr().out
+    described = "gptq int4 g32" if fmt == "gptq" else f"bitsandbytes int{8 if fmt == 'bnb-int8' else 4}"
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["self_attn.q_proj"][1:4] == ["3", described, "dense"]
+    assert rows["other parameters"][2] == "float"
+    assert f"packed {described}" in out and list(tmp_path.iterdir()) == []
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_packed_checkpoint_of_another_base_is_refused(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--check", "--original", str(ckpts / "original"), "--compressed", str(ckpts / "gptq-other-base")]) == 2
+    line = _error_line(capsys)
+    assert "does not derive" in line
+
+
+def test_a_missing_extra_is_named(ckpts, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--check", "--original", str(ckpts / "original"), "--compressed", str(ckpts / "gptq")]) == 2
+    assert "pip install -e '.[gptq]'" in _error_line(capsys)
+
+
+def test_truncated_and_unknown_formats_are_one_line_errors(ckpts, tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "truncated"
+    shutil.copytree(ckpts / "gptq", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match="cannot read the gptq checkpoint"):
+        load_model(str(broken))
+    awq = tmp_path / "awq"
+    shutil.copytree(ckpts / "gptq", awq)
+    config = json.loads((awq / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "awq"
+    (awq / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="'awq', which is not supported"):
+        load_model(str(awq))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "bnb-nf4"])
+def test_repair_writes_the_inputs_format_and_its_library_reloads_it(ckpts, fmt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    code = main(["--original", str(ckpts / "original"), "--compressed", str(ckpts / fmt), "--out", str(out), "--runs-dir", str(tmp_path / "runs"), *SMALL])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "compression.json").read_text())
+    stored = manifest["repair"]["stored"]
+    block = manifest["repair"]["aird_block"]
+    touched = set(stored["full_precision_modules"])
+    assert touched == {f"model.layers.{block}.{kind}" for kind in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert stored["weights"] >= manifest["repair"]["restored"] > 0 and stored["bytes_added"] > stored["bytes_removed"] > 0
+    assert "Written as the input is stored" in (out / "repair.md").read_text()
+
+    # Every tensor of the input that is not part of a touched module's packed form is copied byte for byte.
+    before, after = _tensors(ckpts / fmt), _tensors(out)
+    kept = {k for k in before if not any(k.startswith(m + ".") and not k.endswith(".bias") for m in touched)}
+    assert kept and all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in kept)
+    assert set(after) == kept | {f"{m}.weight" for m in touched}
+
+    # The format's own library reloads it: touched modules as float linears holding the original's weights, the rest packed.
+    served = _library_model(fmt, out)
+    original = dict(load_model(str(ckpts / "original")).model.named_parameters())
+    for name, module in served.named_modules():
+        if name in touched:
+            assert type(module).__name__ == "Linear"
+            torch.testing.assert_close(module.weight.float(), original[f"{name}.weight"], atol=0, rtol=2.0**-7)
+        elif name.startswith("model.layers.") and name.count(".") == 4:
+            assert type(module).__name__ != "Linear", name
+    reread = load_model(str(out))
+    assert set(reread.packed.quantized) == set(load_model(str(ckpts / fmt)).packed.quantized) - touched
+
+
+def test_the_main_job_compares_packed_checkpoints_as_variants(ckpts, tmp_path, monkeypatch, capsys):
+    from experiments.compare_config import CompareConfig
+    from experiments.compare_refusal import main as compare
+    from experiments.comparison import Comparison
+
+    monkeypatch.chdir(tmp_path)
+    variants = [f"path:{ckpts / 'gptq'}", f"path:{ckpts / 'bnb-int8'}"]
+    cfg = CompareConfig.quick(model=str(ckpts / "original"), runs_dir=str(tmp_path / "runs"), name="packed", variants=tuple(variants),
+                              n_asr=2, max_new_tokens=4, n_train=4, ppl_windows=1, ppl_seqlen=16, calib_samples=4)
+    report = Comparison(cfg).run()
+    rows = {row["variant"]: row for row in report["variants"]}
+    assert set(rows) == {"original", *variants}
+    for spec in variants:
+        assert set(rows[spec]["asr"]) == {"wei2024", "arditi2024"}
+    assert not list((tmp_path / "runs" / "packed" / "variants").glob("*/model/*.safetensors"))  # the user's checkpoint is not copied
+    # A packed checkpoint of another base model stops the job before anything is written.
+    code = compare(["--model", str(ckpts / "original"), "--variants", f"path:{ckpts / 'gptq-other-base'}", "--runs-dir", str(tmp_path / "r2"), "--quick"])
+    assert code == 2 and "does not derive" in _error_line(capsys) and not (tmp_path / "r2").exists()
