@@ -20,8 +20,9 @@ from tests.tiny import build_model, build_tokenizer, save_tiny
 
 pytest.importorskip("gptqmodel", reason="the gptq extra (pip install -e '.[gptq]') is not installed")
 pytest.importorskip("bitsandbytes", reason="the bnb extra (pip install -e '.[bnb]') is not installed")
+pytest.importorskip("compressed_tensors", reason="the compressed-tensors extra (pip install -e '.[compressed-tensors]') is not installed")
 
-FORMATS = ("gptq", "bnb-nf4", "bnb-int8")
+FORMATS = ("gptq", "bnb-nf4", "bnb-int8", "ct-w4a16")
 CALIBRATION = ["Write a poem about the sea and the sky over it.", "How do I bake bread at home with flour?",
                "Name three fruits that are red.", "Describe a water molecule in detail."] * 4
 SMALL = ["--n-asr", "3", "--n-harmless", "3", "--n-refusal-probe", "8", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4",
@@ -46,6 +47,33 @@ def _bnb(src: Path, out: Path, tokenizer, four: bool) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _compressed_tensors(src: Path, out: Path, tokenizer) -> None:
+    """W4A16 (int4, group 32, symmetric) pack-quantized, written by compressed-tensors' own API: the
+    calls llm-compressor makes when saving, with min-max scales as its default observer computes
+    them (llm-compressor itself pins transformers <= 5.17, below this project's)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            groups = module.weight.data.reshape(module.weight.shape[0], -1, 32)
+            scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+            module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(str(out))
+    tokenizer.save_pretrained(out)
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("packed")
@@ -56,6 +84,7 @@ def ckpts(tmp_path_factory):
     _gptq(root / "other-base", root / "gptq-other-base")
     _bnb(root / "original", root / "bnb-nf4", tok, four=True)
     _bnb(root / "original", root / "bnb-int8", tok, four=False)
+    _compressed_tensors(root / "original", root / "ct-w4a16", tok)
     return root
 
 
@@ -68,7 +97,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _library_model(fmt: str, path: Path):
-    """The checkpoint as its own library serves it (packed layers and kernels)."""
+    """The checkpoint as its own library serves it (packed layers and kernels; compressed-tensors
+    layers stay compressed until a first forward pass decompresses them)."""
     if fmt == "gptq":
         from gptqmodel import GPTQModel
 
@@ -76,6 +106,10 @@ def _library_model(fmt: str, path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float32)
+
+
+def _is_packed_layer(fmt: str, module) -> bool:
+    return hasattr(module, "weight_packed") if fmt.startswith("ct-") else type(module).__name__ != "Linear"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -89,6 +123,9 @@ def test_packed_checkpoints_read_dense_give_the_librarys_own_logits(ckpts, fmt):
     # run in reduced precision, GPTQModel's in bf16 and LLM.int8 with int8 activations: hence the tolerance;
     # a wrong zero point or scale would be off by a whole quantization step on every output).
     served, ours = _library_model(fmt, ckpts / fmt), dict(loaded.model.named_modules())
+    if fmt.startswith("ct-"):
+        with torch.no_grad():
+            served(input_ids=torch.tensor([[1, 2, 3]]))  # compressed-tensors decompresses on the first forward pass
     for name in loaded.packed.quantized:
         x = torch.randn(6, ours[name].in_features, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -101,7 +138,7 @@ def test_check_reports_the_format_per_module_group_and_writes_nothing(ckpts, fmt
     monkeypatch.chdir(tmp_path)
     assert main(["--check", "--original", str(ckpts / "original"), "--compressed", str(ckpts / fmt)]) == 0
     out = capsys.readouterr().out
-    described = "gptq int4 g32" if fmt == "gptq" else f"bitsandbytes int{8 if fmt == 'bnb-int8' else 4}"
+    described = {"gptq": "gptq int4 g32", "bnb-nf4": "bitsandbytes int4", "bnb-int8": "bitsandbytes int8", "ct-w4a16": "compressed-tensors int4 g32"}[fmt]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
     assert rows["self_attn.q_proj"][1:4] == ["3", described, "dense"]
     assert rows["other parameters"][2] == "float"
@@ -147,7 +184,7 @@ def test_truncated_and_unknown_formats_are_one_line_errors(ckpts, tmp_path, monk
         load_model(str(awq))
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "bnb-nf4"])
+@pytest.mark.parametrize("fmt", ["gptq", "bnb-nf4", "ct-w4a16"])
 def test_repair_writes_the_inputs_format_and_its_library_reloads_it(ckpts, fmt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
@@ -171,14 +208,14 @@ def test_repair_writes_the_inputs_format_and_its_library_reloads_it(ckpts, fmt, 
     # The format's own library reloads it: touched modules as float linears holding the original's weights, the rest packed.
     served = _library_model(fmt, out)
     original = dict(load_model(str(ckpts / "original")).model.named_parameters())
-    for name, module in served.named_modules():
-        if name in touched:
-            assert type(module).__name__ == "Linear"
-            torch.testing.assert_close(module.weight.float(), original[f"{name}.weight"], atol=0, rtol=2.0**-7)
-        elif name.startswith("model.layers.") and name.count(".") == 4:
-            assert type(module).__name__ != "Linear", name
-    reread = load_model(str(out))
-    assert set(reread.packed.quantized) == set(load_model(str(ckpts / fmt)).packed.quantized) - touched
+    packed_before = set(load_model(str(ckpts / fmt)).packed.quantized)
+    assert touched < packed_before
+    for name in touched:
+        module = served.get_submodule(name)
+        assert not _is_packed_layer(fmt, module)
+        torch.testing.assert_close(module.weight.float(), original[f"{name}.weight"], atol=0, rtol=2.0**-7)
+    assert all(_is_packed_layer(fmt, served.get_submodule(name)) for name in packed_before - touched)
+    assert set(load_model(str(out)).packed.quantized) == packed_before - touched
 
 
 def test_the_main_job_compares_packed_checkpoints_as_variants(ckpts, tmp_path, monkeypatch, capsys):

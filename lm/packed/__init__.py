@@ -1,8 +1,9 @@
 """Packed (quantized) checkpoints as users hold them: GPTQ (GPTQModel / AutoGPTQ), bitsandbytes
-4- and 8-bit, and compressed-tensors (llm-compressor).
+4- and 8-bit, and compressed-tensors (llm-compressor's pack-quantized / int-quantized).
 
 Reading goes through the format's own library, which dequantizes every packed linear into a
-plain nn.Linear, so the rest of the toolkit sees a dense float model. Writing keeps the format:
+plain nn.Linear (each format module's `load` returns the model and those linears' names), so the
+rest of the toolkit sees a dense float model. Writing keeps the format:
 every tensor of the input is copied as it is, except the modules a repair changed, which are
 stored as float weights and listed in the format's own exclusion mechanism so that the same
 library (and the servers built on it) loads them at full precision.
@@ -44,9 +45,9 @@ class PackedFormat:
 
 
 def _formats() -> dict:
-    from . import bnb, gptq
+    from . import bnb, compressed_tensors, gptq
 
-    return {m.QUANT_METHOD: m for m in (gptq, bnb)}
+    return {m.QUANT_METHOD: m for m in (gptq, bnb, compressed_tensors)}
 
 
 def quantization_config(path: Path) -> dict | None:
@@ -85,14 +86,13 @@ def load_packed(path: str, spec: str, dtype: torch.dtype) -> tuple[nn.Module, Pa
     fmt = packed_format(Path(path))
     module = require(fmt)
     try:
-        model = module.load(path, dtype)
+        model, quantized = module.load(path, dtype)
     except UserError:
         raise
     except Exception as e:  # the libraries raise anything from OSError to RuntimeError on a bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read the {fmt.name} checkpoint {spec!r} with {module.LIBRARIES[0]}: {first}") from None
-    float_linears = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not module.is_packed(m))
-    quantized = dense_in_place(model, module.is_packed, module.dequantize)
+    float_linears = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
     if not quantized:
         raise UserError(f"{spec!r} says it is a {fmt.name} checkpoint but {module.LIBRARIES[0]} found no packed layer in it")
     _forget_quantization(model)

@@ -17,10 +17,13 @@ def read_format(qc: dict):
     return PackedFormat(QUANT_METHOD, 4 if four else 8, None, qc)
 
 
-def load(path: str, dtype: torch.dtype) -> nn.Module:
+def load(path: str, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", use_safetensors=True)
+    from . import dense_in_place
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", use_safetensors=True)
+    return model, dense_in_place(model, is_packed, dequantize)
 
 
 def is_packed(module: nn.Module) -> bool:

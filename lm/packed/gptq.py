@@ -21,7 +21,9 @@ def read_format(qc: dict):
     return PackedFormat(QUANT_METHOD, int(qc.get("bits", 4)), qc.get("group_size"), qc)
 
 
-def load(path: str, dtype: torch.dtype) -> nn.Module:
+def load(path: str, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
+    from . import dense_in_place
+
     # GPTQModel sizes its CPU worker pool from the cores; on 2 cores its default asks for more than exist.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
     from logbar import LogBar
@@ -29,7 +31,8 @@ def load(path: str, dtype: torch.dtype) -> nn.Module:
     LogBar.shared().setLevel(logging.WARNING)  # its INFO tables would bury the toolkit's own output
     from gptqmodel import GPTQModel
 
-    return GPTQModel.load(path, device="cpu", dtype=dtype).model
+    model = GPTQModel.load(path, device="cpu", dtype=dtype).model
+    return model, dense_in_place(model, is_packed, dequantize)
 
 
 def is_packed(module: nn.Module) -> bool:
