@@ -102,7 +102,7 @@ def _library_model(fmt: str, path: Path):
     if fmt == "gptq":
         from gptqmodel import GPTQModel
 
-        return GPTQModel.load(str(path), device="cpu", dtype=torch.float32).model
+        return GPTQModel.load(str(path), device="cpu", dtype=torch.float16).model  # its CPU kernels for 8 bits take no float32
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float32)
@@ -129,7 +129,7 @@ def test_packed_checkpoints_read_dense_give_the_librarys_own_logits(ckpts, fmt):
     for name in loaded.packed.quantized:
         x = torch.randn(6, ours[name].in_features, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            theirs, mine = served.get_submodule(name)(x).float(), ours[name](x)
+            theirs, mine = served.get_submodule(name)(x.to(served.dtype)).float(), ours[name](x)
         torch.testing.assert_close(mine, theirs, atol=0.02 * float(theirs.abs().max()), rtol=0)
 
 
@@ -236,3 +236,75 @@ def test_the_main_job_compares_packed_checkpoints_as_variants(ckpts, tmp_path, m
     # A packed checkpoint of another base model stops the job before anything is written.
     code = compare(["--model", str(ckpts / "original"), "--variants", f"path:{ckpts / 'gptq-other-base'}", "--runs-dir", str(tmp_path / "r2"), "--quick"])
     assert code == 2 and "does not derive" in _error_line(capsys) and not (tmp_path / "r2").exists()
+
+
+@pytest.mark.slow
+def test_a_gptqmodel_checkpoint_of_the_embedded_model_is_repaired_in_its_format(tmp_path, monkeypatch, capsys):
+    """The embedded model quantized by GPTQModel itself (int4 g128), checked, repaired by AIRD and
+    written back as GPTQ that GPTQModel loads, at a tiny evaluation size."""
+    from compression.calibration import CalibrationConfig, calibration_set
+    from lm.embedded import embedded_model_dir
+    from lm.packed.gptq import quantize_with_gptqmodel
+
+    torch.set_num_threads(2)
+    tok = load_model("embedded").tokenizer
+    quantize_with_gptqmodel(str(embedded_model_dir()), str(tmp_path / "gptq"), calibration_set(tok, CalibrationConfig(n_samples=16)).batches)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--check", "--compressed", str(tmp_path / "gptq")]) == 0
+    assert "| self_attn.q_proj | 24 | gptq int4 g128 | dense |" in capsys.readouterr().out
+    out = tmp_path / "out"
+    code = main(["--compressed", str(tmp_path / "gptq"), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+                 "--n-asr", "2", "--n-harmless", "2", "--max-new-tokens", "8", "--n-train", "8", "--n-val", "2", "--ppl-windows", "1",
+                 "--zero-shot-limit", "0", "--no-adv-suffix", "--no-targeted", "--curve-fractions", "0.5", "--window", "3",
+                 "--source", "-1", "14", "--no-probes"])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "compression.json").read_text())
+    block = manifest["repair"]["aird_block"]
+    assert block in (11, 12, 13) and len(manifest["repair"]["stored"]["full_precision_modules"]) == 7
+    assert manifest["repair"]["stored"]["bytes_added"] > manifest["repair"]["stored"]["bytes_removed"] > 0
+    served = _library_model("gptq", out)
+    assert type(served.get_submodule(f"model.layers.{block}.mlp.down_proj")).__name__ == "Linear"
+    assert type(served.get_submodule(f"model.layers.{(block + 1) % 24}.mlp.down_proj")).__name__ != "Linear"
+
+
+@pytest.mark.parametrize("spec", ["rtn:int4:g32", "gptq:int4:g32", "rtn:int8:g32"])
+def test_toolkit_variants_export_as_gptq_that_gptqmodel_serves(ckpts, spec, tmp_path, capsys):
+    from compression.calibration import Calibration
+    from compression.checkpoint import save_variant
+    from compression.export import main as export
+    from compression.variants import build_variant, parse_variant
+    from lm.chat import format_prompts, tokenize_prompts
+
+    original = load_model(str(ckpts / "original"))
+    batch = tokenize_prompts(original.tokenizer, format_prompts(original.tokenizer, CALIBRATION[:4]))
+    variant = build_variant(original.model, parse_variant(spec), Calibration(batches=[dict(batch)], digest="t"))
+    parsed = parse_variant(spec)
+    save_variant(variant, original.tokenizer, tmp_path / "variant", dict(method=parsed.method, spec=spec, params=parsed.params))
+    assert export(["--variant", str(tmp_path / "variant"), "--out", str(tmp_path / "packed")]) == 0
+    assert "linears packed as GPTQ" in capsys.readouterr().out
+    packed = load_model(str(tmp_path / "packed"))
+    assert packed.packed.describe() == f"gptq int{parsed.params['bits']} g32" and len(packed.packed.quantized) == 3 * 7
+    ours = dict(variant.named_parameters())
+    for name, param in packed.model.named_parameters():
+        if name.removesuffix(".weight") in packed.packed.quantized:  # float16 scales: within 2^-9 of the largest weight
+            torch.testing.assert_close(param, ours[name], atol=2.0**-9 * float(ours[name].abs().max()), rtol=0)
+    served = _library_model("gptq", tmp_path / "packed")  # GPTQModel's own kernels run it
+    ids = original.tokenizer(["Name three fruits."], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(served(**ids).logits).all()
+
+
+def test_export_refuses_what_is_not_a_quantized_variant(ckpts, tmp_path, capsys):
+    from compression.checkpoint import save_variant
+    from compression.export import main as export
+    from compression.variants import build_variant, parse_variant
+
+    original = load_model(str(ckpts / "original"))
+    save_variant(build_variant(original.model, parse_variant("magnitude:0.5")), original.tokenizer, tmp_path / "pruned",
+                 dict(method="magnitude", spec="magnitude:0.5", params={}))
+    assert export(["--variant", str(tmp_path / "pruned"), "--out", str(tmp_path / "packed")]) == 2
+    assert "not a toolkit gptq / rtn variant" in _error_line(capsys) and not (tmp_path / "packed").exists()
+    # A float checkpoint that claims to be RTN int4 but is not on the grid.
+    save_variant(original.model, original.tokenizer, tmp_path / "liar", dict(method="rtn", spec="rtn:int4:g32", params={"bits": 4, "group_size": 32}))
+    assert export(["--variant", str(tmp_path / "liar"), "--out", str(tmp_path / "packed")]) == 2
+    assert "not on a 4-bit grid" in _error_line(capsys) and not (tmp_path / "packed").exists()
