@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from lm.architecture import decoder_linears
 from lm.cache import atomic_dir
 from lm.cli import parse_config
