@@ -59,10 +59,13 @@ def write_readable(where: Path, result: dict, label: str) -> None:
         atomic_write_text(where / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True))
 
 
-def packed_weights(model, masks: dict) -> dict:
-    """{module name: weight} of every matrix the repair touched: what a packed output stores at full precision."""
-    params = dict(model.named_parameters())
-    return {name.removesuffix(".weight"): params[name] for name, mask in masks.items() if bool(mask.any())}
+def packed_weights(model, masks: dict, packed_modules) -> dict:
+    """{module name: weight} of every packed matrix the repair touched: what a packed output stores
+    at full precision. Other touched tensors (biases, norms) are stored unquantized in the input
+    already, rounded from the original's, which is what restoring them gives at that precision."""
+    params, packed = dict(model.named_parameters()), set(packed_modules)
+    return {name.removesuffix(".weight"): params[name] for name, mask in masks.items()
+            if name.endswith(".weight") and name.removesuffix(".weight") in packed and bool(mask.any())}
 
 
 def write_output(out: Path, model, tokenizer, manifest: dict, result: dict, label: str, packed_from=None) -> tuple[dict, bool]:

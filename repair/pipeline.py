@@ -283,7 +283,7 @@ class Repair:
         manifest = repair_manifest(self.cfg, self.manifest, self.model, result, ch.aird["layer"], masks, (self.fp_orig, self.fp_comp))
         packed_from = None
         if self.comp.packed is not None:  # written in the input's format, the touched matrices at full precision
-            weights = packed_weights(self.model, masks)
+            weights = packed_weights(self.model, masks, self.comp.packed.quantized)
             stored = full_precision_cost(Path(self.comp.path), self.comp.packed, {m: tuple(w.shape) for m, w in weights.items()})
             manifest["repair"]["stored"], result = stored, {**result, "stored": stored}
             packed_from = (Path(self.comp.path), self.comp.packed, weights)

@@ -51,6 +51,12 @@ def _num(x, fmt=".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _zero_shot_text(limit) -> str:
+    if limit == 0:
+        return "zero-shot accuracy not measured."
+    return f"zero-shot limit {'all' if limit is None else limit} documents per task."
+
+
 def _stored_text(stored: dict) -> str:
     """How a packed input's repair is written: its format, the matrices kept at full precision, their size."""
     return (f"Written as the input is stored ({stored['format']}): the {len(stored['full_precision_modules'])} matrices the repair touched "
@@ -72,8 +78,9 @@ def render_markdown(r: dict) -> str:
         + (f" The compressed model's own selected source: position {r['compressed_source']['position']}, "
            f"layer {r['compressed_source']['layer']}." if r.get("compressed_source") else ""),
         f"ASR on {_eval_text(r)}, greedy, <= {r['settings']['max_new_tokens']} new tokens; "
-        f"adv-suffix = max over the GCG suffixes; perplexity on wikitext-2 ({r['settings']['ppl_windows']} x {r['settings']['ppl_seqlen']} tokens); "
-        f"zero-shot limit {r['settings']['zero_shot_limit'] or 'all'} per task. Rates carry 95% intervals (Wilson; "
+        + ("adv-suffix = max over the GCG suffixes; " if any("adv_suffix" in st["asr"] for st in states.values()) else "")
+        + f"perplexity on wikitext-2 ({r['settings']['ppl_windows']} x {r['settings']['ppl_seqlen']} tokens); "
+        + _zero_shot_text(r["settings"].get("zero_shot_limit")) + " Rates carry 95% intervals (Wilson; "
         "perplexity and mean zero-shot accuracy: bootstrap over windows / documents).",
         "",
         "| | " + " | ".join(LABELS[s] for s in states) + " |",

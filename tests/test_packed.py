@@ -308,3 +308,14 @@ def test_export_refuses_what_is_not_a_quantized_variant(ckpts, tmp_path, capsys)
     save_variant(original.model, original.tokenizer, tmp_path / "liar", dict(method="rtn", spec="rtn:int4:g32", params={"bits": 4, "group_size": 32}))
     assert export(["--variant", str(tmp_path / "liar"), "--out", str(tmp_path / "packed")]) == 2
     assert "not on a 4-bit grid" in _error_line(capsys) and not (tmp_path / "packed").exists()
+
+
+def test_only_packed_matrices_are_stored_at_full_precision():
+    """AIRD restores a whole block, biases and norms included; those are unquantized in the input already."""
+    from repair.output import packed_weights
+
+    model = build_model("qwen2", build_tokenizer("chatml"), seed=0, hidden=64, layers=1)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n.startswith("model.layers.0.")}
+    masks["model.layers.0.mlp.up_proj.weight"][:] = False  # untouched
+    packed = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    assert set(packed_weights(model, masks, packed)) == {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"}
