@@ -120,6 +120,26 @@ def _bootstrap(data: np.ndarray, statistic, seed: int, resamples: int) -> tuple[
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def paired_perplexity_ratio(nll_a, nll_b, token_counts, seed: int = 0, resamples: int = 2000) -> dict:
+    """Perplexity of model a over model b on the same windows, exp((NLL_a - NLL_b) / tokens), with
+    a percentile bootstrap that resamples windows jointly (so what the windows share cancels) and
+    the exact two-sided Wilcoxon signed-rank test of the per-token NLL differences per window."""
+    from scipy.stats import wilcoxon
+
+    a, b = np.asarray(nll_a, dtype=float), np.asarray(nll_b, dtype=float)
+    t = np.asarray(token_counts, dtype=float)
+    if not (a.size == b.size == t.size) or a.size == 0:
+        raise ValueError("paired perplexity needs the same non-empty windows for both models")
+    value = math.exp((a.sum() - b.sum()) / t.sum())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(resamples, a.size))
+    ratios = np.exp((a[idx].sum(axis=1) - b[idx].sum(axis=1)) / t[idx].sum(axis=1))
+    lo, hi = np.percentile(ratios, [2.5, 97.5]) if a.size > 1 else (value, value)
+    diff = (a - b) / t
+    p = 1.0 if np.all(diff == 0) or a.size < 2 else float(wilcoxon(diff, alternative="two-sided", method="exact").pvalue)
+    return dict(test="wilcoxon-signed-rank-exact", ratio=value, ci95=[float(lo), float(hi)], n=int(a.size), p_value=p)
+
+
 def mcnemar_exact(a, b) -> dict:
     """Exact two-sided McNemar test of paired 0/1 outcomes of two models on the same prompts.
 

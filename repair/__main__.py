@@ -36,11 +36,13 @@ def check(cfg: RepairConfig) -> str:
     made = (f"compression.json: {manifest.get('spec') or manifest.get('method')}" if manifest else "no compression.json")
     fmt = compressed.packed
     stored = (f"packed {fmt.describe()}, {len(fmt.quantized)} modules dequantized by its library; a matrix may differ by up to "
-              f"{fmt.error_bound:.3g} relative" if fmt is not None else "float weights")
+              f"{fmt.error_bound:.3g} relative on the weights it keeps" if fmt is not None else "float weights")
     lines = [f"{cfg.compressed} derives from {cfg.original} ({stored}, compared in {cfg.dtype}; {made})", "",
-             "| module group | matrices | stored | change | zero weights | max relative error |", "| --- | --- | --- | --- | --- | --- |"]
+             "| module group | matrices | stored | change | zero weights | max relative error | on kept weights |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for g in module_groups(compressed.model, records, fmt):
-        lines.append(f"| {g['group']} | {g['matrices']} | {g['stored']} | {g['change']} | {100 * g['sparsity']:.1f}% | {g['max_relative_error']:.3g} |")
+        lines.append(f"| {g['group']} | {g['matrices']} | {g['stored']} | {g['change']} | {100 * g['sparsity']:.1f}% "
+                     f"| {g['max_relative_error']:.3g} | {g['max_kept_error']:.3g} |")
     return "\n".join(lines)
 
 

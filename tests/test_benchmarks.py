@@ -99,3 +99,41 @@ def test_benchmarks_on_the_embedded_model(tmp_path):
     for r in rows:
         if r["group"] == "direction":
             assert float(r["check"].split()[-1]) < 1e-4
+
+
+@pytest.mark.slow  # minutes: it makes llm-compressor's own environment on first use (pip), then compresses 9 times
+def test_the_toolkits_compressors_against_the_maintained_ones_on_a_tiny_model(tmp_path, capsys):
+    from benchmarks import maintained
+
+    from tests.tiny import build_model, build_tokenizer, template_for
+
+    tokenizer = build_tokenizer(template_for("qwen2"))
+    tiny = save_tiny(tmp_path / "tiny", build_model("qwen2", tokenizer, seed=3, hidden=128, layers=2), tokenizer)  # group 128 must divide the widths
+    results = tmp_path / "RESULTS.md"
+    results.write_text(EXISTING)
+    argv = ["--model", str(tiny), "--calibration-samples", "8", "--n-per-set", "2", "--max-new-tokens", "4", "--ppl-windows", "3",
+            "--run-dir", str(tmp_path / "run"), "--measurements-dir", str(tmp_path / "measurements"), "--results", str(results)]
+    assert maintained.main(argv) == 0
+    rows = json.loads((tmp_path / "run" / "maintained.json").read_text())["rows"]
+    assert [(r["row"], r["implementation"]) for r in rows] == [(row, impl.name) for row, impls in maintained.ROWS.values() for impl in impls]
+    for r in rows:
+        pruned = not r["row"].startswith("GPTQ")
+        assert (r["sparsity"] > 0.49) == pruned  # llm-compressor's pruners really prune (targets="Linear" made them prune nothing)
+        if r["implementation"] != "toolkit":
+            # Same algorithm, same tokens, same windows. Wanda has no freedom: the same weights go.
+            # SparseGPT and GPTQ differ in float order and, for GPTQModel, precision (float16);
+            # a random model's perplexity is touchy (quantizing it moved its perplexity by 7% one way
+            # for the toolkit and 8% the other way for GPTQModel), so GPTQ gets a wide band: it
+            # still catches a wrong group size or scale, which multiply the perplexity.
+            ratio = r["ppl_vs_toolkit"]["ratio"]
+            band = {"Wanda 50%": 1e-3, "SparseGPT 50%": 0.05, "SparseGPT 2:4": 0.05}.get(r["row"], 0.3)
+            assert abs(ratio - 1) < band, r
+            assert r["asr_vs_toolkit"]["test"] == "mcnemar-exact" and "p_holm" in r["asr_vs_toolkit"]
+    # Every maintained checkpoint passed the derivation check (a pruned LM head would have stopped the run).
+    assert len(list((tmp_path / "run" / "models").glob("*/benchmark_fingerprint.json"))) == 5
+    text = results.read_text()
+    assert maintained.BEGIN in text and "Older hand-written section" in text and text.count("| SparseGPT 2:4 |") == 2
+    # A rerun reuses every checkpoint and measurement.
+    stamps = {p: p.stat().st_mtime for p in (tmp_path / "run").rglob("*.json")}
+    assert maintained.main(argv + ["--no-write"]) == 0
+    assert all(p.stat().st_mtime == t for p, t in stamps.items() if p.name != "maintained.json")

@@ -22,7 +22,7 @@ pytest.importorskip("gptqmodel", reason="the gptq extra (pip install -e '.[gptq]
 pytest.importorskip("bitsandbytes", reason="the bnb extra (pip install -e '.[bnb]') is not installed")
 pytest.importorskip("compressed_tensors", reason="the compressed-tensors extra (pip install -e '.[compressed-tensors]') is not installed")
 
-FORMATS = ("gptq", "bnb-nf4", "bnb-int8", "ct-w4a16")
+FORMATS = ("gptq", "bnb-nf4", "bnb-int8", "ct-w4a16", "ct-2:4-w4a16")
 CALIBRATION = ["Write a poem about the sea and the sky over it.", "How do I bake bread at home with flour?",
                "Name three fruits that are red.", "Describe a water molecule in detail."] * 4
 SMALL = ["--n-asr", "3", "--n-harmless", "3", "--n-refusal-probe", "8", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4",
@@ -47,10 +47,12 @@ def _bnb(src: Path, out: Path, tokenizer, four: bool) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _compressed_tensors(src: Path, out: Path, tokenizer) -> None:
+def _compressed_tensors(src: Path, out: Path, tokenizer, prune_24: bool = False) -> None:
     """W4A16 (int4, group 32, symmetric) pack-quantized, written by compressed-tensors' own API: the
     calls llm-compressor makes when saving, with min-max scales as its default observer computes
-    them (llm-compressor itself pins transformers <= 5.17, below this project's)."""
+    them (llm-compressor itself pins transformers <= 5.17, below this project's). prune_24: 2:4
+    magnitude pruning first, as llm-compressor's sparse W4A16 recipes prune before they quantize
+    (compressed-tensors stores the result as W4A16: it has no sparse format any more)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus,
                                                  apply_quantization_config)
@@ -58,6 +60,11 @@ def _compressed_tensors(src: Path, out: Path, tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    if prune_24:
+        from compression.magnitude import prune_magnitude
+        from compression.sparsity import SparsityPattern
+
+        prune_magnitude(model, SparsityPattern(n=2, m=4))
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
     apply_quantization_config(model, QuantizationConfig(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
     for module in model.modules():
@@ -85,6 +92,7 @@ def ckpts(tmp_path_factory):
     _bnb(root / "original", root / "bnb-nf4", tok, four=True)
     _bnb(root / "original", root / "bnb-int8", tok, four=False)
     _compressed_tensors(root / "original", root / "ct-w4a16", tok)
+    _compressed_tensors(root / "original", root / "ct-2:4-w4a16", tok, prune_24=True)
     return root
 
 
@@ -138,10 +146,12 @@ def test_check_reports_the_format_per_module_group_and_writes_nothing(ckpts, fmt
     monkeypatch.chdir(tmp_path)
     assert main(["--check", "--original", str(ckpts / "original"), "--compressed", str(ckpts / fmt)]) == 0
     out = capsys.readouterr().out
-    described = {"gptq": "gptq int4 g32", "bnb-nf4": "bitsandbytes int4", "bnb-int8": "bitsandbytes int8", "ct-w4a16": "compressed-tensors int4 g32"}[fmt]
+    described = {"gptq": "gptq int4 g32", "bnb-nf4": "bitsandbytes int4", "bnb-int8": "bitsandbytes int8"}.get(fmt, "compressed-tensors int4 g32")
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
     assert rows["self_attn.q_proj"][1:4] == ["3", described, "dense"]
     assert rows["other parameters"][2] == "float"
+    zeros = float(rows["mlp.down_proj"][4].rstrip("%")) / 100
+    assert (zeros >= 0.5) == fmt.startswith("ct-2:4")  # 2:4 pruned: at least half zeros (quantization adds a few)
     assert f"packed {described}" in out and list(tmp_path.iterdir()) == []
 
 
@@ -182,9 +192,35 @@ def test_truncated_and_unknown_formats_are_one_line_errors(ckpts, tmp_path, monk
     (awq / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="'awq', which is not supported"):
         load_model(str(awq))
+    legacy = tmp_path / "sparse-24-bitmask"  # what llm-compressor wrote for 2:4 models before compressed-tensors 0.17
+    shutil.copytree(ckpts / "ct-2:4-w4a16", legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    config["quantization_config"]["sparsity_config"] = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"]}
+    (legacy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="sparse-24-bitmask format, which compressed-tensors dropped"):
+        load_model(str(legacy))
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "bnb-nf4", "ct-w4a16"])
+def test_a_pruned_and_quantized_checkpoint_is_held_to_the_bound_on_the_weights_it_keeps(ckpts):
+    from repair.derivation import check_derivation, derivation_records
+
+    original = load_model(str(ckpts / "original"))
+    for fmt in ("ct-w4a16", "ct-2:4-w4a16"):
+        recs = [r for r in derivation_records(original, load_model(str(ckpts / fmt))) if r.kind == "dense"]
+        assert len(recs) == 3 * 7
+        if fmt == "ct-2:4-w4a16":  # the zeros are the pruning; what quantizing the rest cost is the kept error
+            assert all(r.removed >= 0.5 * original.model.get_parameter(r.name).numel() for r in recs)
+            assert all(r.kept_error < 0.6 * r.relative_error for r in recs)
+        else:
+            assert all(r.kept_error <= r.relative_error + 1e-6 for r in recs)
+    # Another base's matrices are ~1.4 off on the weights they keep too (every parameter counted as
+    # changeable here, so that a linear, not the embedding, is the one refused).
+    other = load_model(str(ckpts / "gptq-other-base"))
+    with pytest.raises(UserError, match="on the weights it keeps"):
+        check_derivation(original.model, other.model, {n for n, _ in original.model.named_parameters()}, 0.5, on_kept=True)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "bnb-nf4", "ct-w4a16", "ct-2:4-w4a16"])
 def test_repair_writes_the_inputs_format_and_its_library_reloads_it(ckpts, fmt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)

@@ -100,3 +100,20 @@ def test_formatting():
     assert stats.fmt_rate(None) == "-"
     assert stats.fmt_p(dict(p_value=0.001, p_holm=0.003, significant=True)) == "0.003*"
     assert stats.fmt_value_ci(dict(value=1.0, ci95=[0.5, 2.0])) == "1.00 [0.50, 2.00]"
+
+
+def test_paired_perplexity_ratio_against_a_direct_computation():
+    from scipy.stats import wilcoxon
+
+    from refusal.stats import paired_perplexity_ratio
+
+    a, b, t = [700.0, 650.0, 720.0, 690.0, 705.0], [690.0, 652.0, 700.0, 680.0, 690.0], [511] * 5
+    r = paired_perplexity_ratio(a, b, t)
+    assert r["ratio"] == pytest.approx(math.exp((sum(a) - sum(b)) / sum(t)))
+    assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] and r["n"] == 5
+    assert r["p_value"] == pytest.approx(wilcoxon([(x - y) / 511 for x, y in zip(a, b)], method="exact").pvalue)
+    assert r["p_value"] == pytest.approx(2 * 2 / 32)  # one negative difference of rank 1 of 5: P(W <= 1) * 2 = 4/32
+    same = paired_perplexity_ratio(a, a, t)
+    assert same["ratio"] == 1.0 and same["ci95"] == [1.0, 1.0] and same["p_value"] == 1.0
+    with pytest.raises(ValueError):
+        paired_perplexity_ratio(a, b[:3], t)

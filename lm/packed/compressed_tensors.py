@@ -3,8 +3,12 @@ weight quantization, packed ('pack-quantized': W4A16, W8A16, ...) or not ('int-q
 through transformers, which decompresses them with the compressed-tensors library. Modules kept at
 full precision go in the config's `ignore` list.
 
-compressed-tensors 0.20 has no sparsity compressors (it writes `sparsity_config: {}`), so a 2:4 or
-bitmask-sparse checkpoint of an older version is refused, as are float formats (FP8, NVFP4)."""
+Sparse models: compressed-tensors dropped its sparsity compressors after 0.16, so llm-compressor
+0.14 stores a 2:4-pruned model as plain float weights (read like any float checkpoint) and a 2:4
+model quantized W4A16 as pack-quantized weights with the zeros inside (`sparsity_config: {}`), read
+here like any W4A16 one. Checkpoints written in the old sparse formats (`sparsity_config` with
+sparse-24-bitmask / sparse-bitmask) are refused: no compressed-tensors that transformers 5 accepts
+reads them. So are float formats (FP8, NVFP4)."""
 
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ def read_format(qc: dict):
     from . import PackedFormat
 
     if qc.get("sparsity_config"):
-        raise UserError("sparse compressed-tensors checkpoints (2:4, bitmask) are not supported: compressed-tensors 0.20 no longer reads them")
+        fmt = qc["sparsity_config"].get("format", "sparse") if isinstance(qc["sparsity_config"], dict) else "sparse"
+        raise UserError(f"this compressed-tensors checkpoint stores its weights in the {fmt} format, which compressed-tensors "
+                        "dropped after 0.16; re-save it with llm-compressor >= 0.14 (2:4 weights stored dense) to repair it")
     weights = [g["weights"] for g in (qc.get("config_groups") or {}).values() if g.get("weights")]
     if not weights:
         raise UserError("this compressed-tensors checkpoint quantizes no weights; only weight quantization is supported")
