@@ -123,14 +123,15 @@ def section(rows: list[dict], settings: Settings, argv: list[str], seconds: floa
     ])
 
 
-def write_results(path: Path, text: str) -> None:
-    """Replace the generated section of RESULTS.md (or insert it after the introduction)."""
+def write_results(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section of RESULTS.md between `begin` and `end` with `text` (which carries the
+    two markers), or insert it after the introduction."""
     old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + text + old[old.index(end) + len(end) :]
     else:
-        # After the title and the introductory paragraph, before the hand-written sections.
-        cut = old.find("\n## ")
+        # After the title and the introductory paragraph, before the other sections (and their markers).
+        cut = min((i for i in (old.find("\n## "), old.find("\n<!-- ")) if i >= 0), default=-1)
         new = (old.rstrip("\n") + "\n\n" + text + "\n") if cut < 0 else old[: cut + 1] + text + "\n\n" + old[cut + 1 :]
     atomic_write_text(path, new)
 

@@ -265,17 +265,6 @@ def section(table_text: str, a: MaintainedRun, argv: list[str], n_tokens: int, n
     ])
 
 
-def write_results(path: Path, text: str) -> None:
-    from lm.cache import atomic_write_text
-
-    old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    atomic_write_text(path, new)
-
-
 @cli
 def main(argv=None) -> int:
     from compression.calibration import CalibrationConfig, calibration_set
@@ -299,7 +288,9 @@ def main(argv=None) -> int:
     keep = ("row", "implementation", "method", "where", "seconds", "sparsity", "ppl", "asr_rate", "ppl_vs_toolkit", "asr_vs_toolkit", "vs_original_asr")
     atomic_write_json(Path(a.run_dir) / "maintained.json", dict(settings=asdict(a), rows=[{k: r.get(k) for k in keep} for r in results]))
     if a.write:
-        write_results(Path(a.results), text)
+        from .__main__ import write_results
+
+        write_results(Path(a.results), text, BEGIN, END)
     return 0
 
 
