@@ -75,6 +75,7 @@ ROWS = {
 class MaintainedRun:
     model: str = "embedded"
     rows: tuple[Literal[tuple(ROWS)], ...] = tuple(ROWS)  # which comparisons
+    libraries: tuple[Literal["gptqmodel", "llmcompressor"], ...] = ("gptqmodel", "llmcompressor")  # maintained implementations to run
     calibration_samples: int = 128  # harmless train instructions (the toolkit's default calibration)
     n_per_set: int = 50  # held-out harmful prompts per evaluation set (AdvBench, JailbreakBench)
     max_new_tokens: int = 64
@@ -156,6 +157,8 @@ def run_row(key: str, a: MaintainedRun, base, calibration, fingerprint: str, env
 
     out = []
     for impl in ROWS[key][1]:
+        if impl.kind != "toolkit" and impl.kind not in a.libraries:
+            continue
         built = {}
         if impl.kind == "toolkit":
             model_id = dict(base=fingerprint, variant=impl.method, calibration=calibration.digest)

@@ -133,7 +133,9 @@ def test_the_toolkits_compressors_against_the_maintained_ones_on_a_tiny_model(tm
     assert len(list((tmp_path / "run" / "models").glob("*/benchmark_fingerprint.json"))) == 5
     text = results.read_text()
     assert maintained.BEGIN in text and "Older hand-written section" in text and text.count("| SparseGPT 2:4 |") == 2
-    # A rerun reuses every checkpoint and measurement.
+    # A rerun reuses every checkpoint and measurement; --libraries leaves a library's rows out.
     stamps = {p: p.stat().st_mtime for p in (tmp_path / "run").rglob("*.json")}
-    assert maintained.main(argv + ["--no-write"]) == 0
+    assert maintained.main(argv + ["--no-write", "--rows", "gptq", "--libraries", "llmcompressor"]) == 0
     assert all(p.stat().st_mtime == t for p, t in stamps.items() if p.name != "maintained.json")
+    rows = json.loads((tmp_path / "run" / "maintained.json").read_text())["rows"]
+    assert [r["implementation"] for r in rows] == ["toolkit", "llm-compressor 0.14"]
