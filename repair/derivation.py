@@ -5,8 +5,9 @@ share a base. Pruning keeps every surviving weight exactly (up to the checkpoint
 so a surviving weight that differs from the original's means another model; quantization and
 low-rank edits change every weight a little, so a small relative error per matrix is required
 instead. A packed checkpoint may be pruned and then quantized (llm-compressor's 2:4 + W4A16): there
-the zeros are the pruning and the quantization error is measured on the weights it kept. Parameters outside the decoder linears (embeddings, norms, LM head) must match. Before
-that, the two must share an architecture (`check_same_architecture`).
+the zeros are the pruning and the quantization error is measured on the weights it kept.
+Parameters outside the decoder linears (embeddings, norms, LM head) must match. Before that, the
+two must share an architecture (`check_same_architecture`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def read_format(qc: dict):
     if qc.get("sparsity_config"):
         fmt = qc["sparsity_config"].get("format", "sparse") if isinstance(qc["sparsity_config"], dict) else "sparse"
         raise UserError(f"this compressed-tensors checkpoint stores its weights in the {fmt} format, which compressed-tensors "
-                        "dropped after 0.16; re-save it with llm-compressor >= 0.14 (2:4 weights stored dense) to repair it")
+                        "dropped after 0.16; decompress it with compressed-tensors <= 0.16 (in its own environment) and save the dense weights to repair it")
     weights = [g["weights"] for g in (qc.get("config_groups") or {}).values() if g.get("weights")]
     if not weights:
         raise UserError("this compressed-tensors checkpoint quantizes no weights; only weight quantization is supported")
