@@ -91,11 +91,6 @@ class MaintainedRun:
             raise UserError("calibration samples, prompts per set, new tokens and windows must be positive")
 
 
-def calibration_rows(batches: list[dict]) -> list[list[int]]:
-    """The calibration batches as the token ids each row really holds (left padding dropped)."""
-    return [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
-
-
 def llmcompressor_python(env: Path) -> Path:
     """The Python of llm-compressor's environment, made (venv + pip) when it is not there yet."""
     python = env / "bin" / "python"
@@ -122,8 +117,7 @@ def compress_external(impl: Implementation, model_dir: str, rows: list[list[int]
             from lm.packed.gptq import quantize_with_gptqmodel
 
             require(PackedFormat("gptq", 4, 128, {}))  # a missing extra is one line, before any work
-            quantize_with_gptqmodel(model_dir, str(tmp), [dict(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r)))
-                                                          for r in rows], bits=4, group_size=128)
+            quantize_with_gptqmodel(model_dir, str(tmp), rows, bits=4, group_size=128)
         else:
             calibration = tmp / "calibration_tokens.json"
             calibration.write_text(json.dumps(rows))
@@ -176,7 +170,7 @@ def run_row(key: str, a: MaintainedRun, base, calibration, fingerprint: str, env
             where = "in memory"
         else:
             path = Path(a.run_dir) / "models" / f"{impl.kind}-{impl.method.replace(':', '-')}"
-            timing = compress_external(impl, base.path, calibration_rows(calibration.batches), path, env)
+            timing = compress_external(impl, base.path, calibration.rows(), path, env)
             fp_file = path / "benchmark_fingerprint.json"  # the checkpoint never changes once written
             if fp_file.is_file():
                 model_id = json.loads(fp_file.read_text())["fingerprint"]

@@ -66,6 +66,10 @@ class Calibration:
     digest: str  # SHA-256 of the token ids: recorded in every manifest
     description: str = ""  # CalibrationConfig.describe() of the config that made it
 
+    def rows(self) -> list[list[int]]:
+        """Each calibration row's real token ids (padding dropped): how other libraries take calibration data."""
+        return [ids[mask.bool()].tolist() for b in self.batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+
     @property
     def n_tokens(self) -> int:
         return int(sum(b["attention_mask"].sum() for b in self.batches))

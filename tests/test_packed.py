@@ -284,7 +284,7 @@ def test_a_gptqmodel_checkpoint_of_the_embedded_model_is_repaired_in_its_format(
 
     torch.set_num_threads(2)
     tok = load_model("embedded").tokenizer
-    quantize_with_gptqmodel(str(embedded_model_dir()), str(tmp_path / "gptq"), calibration_set(tok, CalibrationConfig(n_samples=16)).batches)
+    quantize_with_gptqmodel(str(embedded_model_dir()), str(tmp_path / "gptq"), calibration_set(tok, CalibrationConfig(n_samples=16)).rows())
     monkeypatch.chdir(tmp_path)
     assert main(["--check", "--compressed", str(tmp_path / "gptq")]) == 0
     assert "| self_attn.q_proj | 24 | gptq int4 g128 | dense |" in capsys.readouterr().out

@@ -63,9 +63,9 @@ def exclude(qc: dict, modules: list[str], float_linears: tuple[str, ...] = ()) -
 SIDE_CONFIGS = ("quantize_config.json",)  # GPTQModel also writes the quantization config here
 
 
-def quantize_with_gptqmodel(model_dir: str, out_dir: str, batches: list[dict], bits: int = 4, group_size: int = 128) -> None:
+def quantize_with_gptqmodel(model_dir: str, out_dir: str, rows: list[list[int]], bits: int = 4, group_size: int = 128) -> None:
     """A GPTQ checkpoint of `model_dir` made by GPTQModel itself (the maintained implementation), on
-    the given calibration batches (input_ids / attention_mask, padding dropped row by row), so it
+    the given calibration rows of token ids (compression.calibration.Calibration.rows), so it
     can be compared with the toolkit's own GPTQ on the same tokens. Symmetric, no act-order, as the
     toolkit's default."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
@@ -74,10 +74,8 @@ def quantize_with_gptqmodel(model_dir: str, out_dir: str, batches: list[dict], b
     LogBar.shared().setLevel(logging.WARNING)
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    rows = [dict(input_ids=ids[mask.bool()].tolist(), attention_mask=[1] * int(mask.sum()))
-            for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
     model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=True), device="cpu")
-    model.quantize(rows, batch_size=1)
+    model.quantize([dict(input_ids=r, attention_mask=[1] * len(r)) for r in rows], batch_size=1)
     model.save(out_dir)
 
 
