@@ -6,7 +6,9 @@ path or an incompatible checkpoint never ends in a traceback or a half-written r
 
 import errno
 import functools
+import signal
 import sys
+import threading
 from typing import Callable
 
 
@@ -27,6 +29,11 @@ def cli(main: Callable[..., int]) -> Callable[..., int]:
 
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            # SIGTERM (a scheduler's stop, `kill`, a CI timeout) would otherwise end the process without
+            # unwinding, leaving the temporary directories of atomic writes behind.
+            previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             return main(argv)
         except UserError as e:
@@ -39,5 +46,12 @@ def cli(main: Callable[..., int]) -> Callable[..., int]:
             print(f"error: no space left on device{where}; finished stages are kept, so free some space "
                   "(or pick another --runs-dir/--out) and rerun", file=sys.stderr)
             return 2
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapped
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
