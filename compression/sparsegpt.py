@@ -17,6 +17,7 @@ For N:M the choice is made per row within each group of M columns, when the swee
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -32,12 +33,18 @@ from .sparsity import SparsityPattern
 class SparseGPTConfig:
     blocksize: int = 128  # columns per lazy-update block and per mask-selection block (paper: 128)
     percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
+    # Precision of the Hessian's inversion. float32 is llm-compressor's (SGPT_PRECISION); on 2:4 the
+    # mask choices cascade from block to block, and float32 rounding alone moved the embedded model's
+    # perplexity by 10% (benchmarks/sparsegpt_precision.py).
+    precision: Literal["float64", "float32"] = "float64"
 
     def __post_init__(self):
         if self.blocksize <= 0:
             raise UserError(f"SparseGPT blocksize must be positive, got {self.blocksize}")
         if self.percdamp < 0:
             raise UserError(f"SparseGPT percdamp must be >= 0, got {self.percdamp}")
+        if self.precision not in ("float64", "float32"):
+            raise UserError(f"SparseGPT precision must be float64 or float32, got {self.precision!r}")
 
     def validate_for(self, pattern: SparsityPattern) -> None:
         # An M-group straddling two blocks would be chosen before its second half had received the
@@ -49,12 +56,12 @@ class SparseGPTConfig:
 class Hessian:
     """Running X^T X over calibration tokens, in float64 so many small batches add up exactly."""
 
-    def __init__(self, linear: nn.Linear):
-        self.xtx = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float64):
+        self.xtx = torch.zeros(linear.in_features, linear.in_features, dtype=dtype, device=linear.weight.device)
         self.n_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.double()
+        x = x.to(self.xtx.dtype)
         self.xtx.addmm_(x.T, x)
         self.n_tokens += x.shape[0]
 
@@ -63,13 +70,13 @@ class Hessian:
         return 2 * self.xtx / max(self.n_tokens, 1)
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead): U the upper Cholesky factor of (H + damp I)^-1 in float64; dead the inputs that were always 0.
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead): U the upper Cholesky factor of (H + damp I)^-1 in `dtype`; dead the inputs that were always 0.
 
     A dead input's row and column of H are zero, so it is decoupled from every other input; a unit
     diagonal there keeps H invertible without affecting the rest (its weights are zeroed anyway).
     """
-    h = hessian.double().clone()
+    h = hessian.to(dtype).clone()
     diag = h.diagonal()
     dead = diag == 0
     live_mean = diag[~dead].mean() if (~dead).any() else h.new_tensor(1.0)
@@ -105,8 +112,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Sparsi
     cfg.validate_for(pattern)
     if pattern.structured and weight.shape[1] % pattern.m:
         raise UserError(f"N:M sparsity {pattern}: M={pattern.m} does not divide input width {weight.shape[1]}")
-    u64, dead = inverse_hessian_factor(hessian, cfg.percdamp)
-    u = u64.float().to(weight.device)
+    u, dead = inverse_hessian_factor(hessian, cfg.percdamp, getattr(torch, cfg.precision))
+    u = u.float().to(weight.device)
     w = weight.detach().float().clone()
     w[:, dead.to(w.device)] = 0
     pruned = torch.zeros_like(w, dtype=torch.bool)
@@ -133,13 +140,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Sparsi
     return w
 
 
-def prune_sparsegpt(model: nn.Module, calibration: Calibration, pattern: SparsityPattern, blocksize: int = 128, percdamp: float = 0.01) -> None:
+def prune_sparsegpt(model: nn.Module, calibration: Calibration, pattern: SparsityPattern, blocksize: int = 128, percdamp: float = 0.01,
+                    precision: str = "float64") -> None:
     """Block-sequential SparseGPT pruning of every decoder linear layer, in place."""
     pattern.validate_for(model)
-    cfg = SparseGPTConfig(blocksize, percdamp)
+    cfg = SparseGPTConfig(blocksize, percdamp, precision)
     cfg.validate_for(pattern)
 
     def prune(name, linear, hessian: Hessian):
         linear.weight.copy_(sparsegpt_prune(linear.weight, hessian.matrix(), pattern, cfg).to(linear.weight.dtype))
 
-    compress_blockwise(model, calibration, Hessian, prune, desc=f"SparseGPT {pattern}")
+    dtype = getattr(torch, cfg.precision)
+    compress_blockwise(model, calibration, lambda linear: Hessian(linear, dtype), prune, desc=f"SparseGPT {pattern}")

@@ -139,3 +139,16 @@ def test_the_toolkits_compressors_against_the_maintained_ones_on_a_tiny_model(tm
     assert all(p.stat().st_mtime == t for p, t in stamps.items() if p.name != "maintained.json")
     rows = json.loads((tmp_path / "run" / "maintained.json").read_text())["rows"]
     assert [r["implementation"] for r in rows] == ["toolkit", "llm-compressor 0.14"]
+
+    # The precision study on these checkpoints: given llm-compressor's block 0, the toolkit's
+    # SparseGPT picks llm-compressor's block-1 masks (a different algorithm would not).
+    from benchmarks import sparsegpt_precision
+
+    capsys.readouterr()
+    assert sparsegpt_precision.main(["--model", str(tiny), "--maintained", str(tmp_path / "run" / "models" / "llmcompressor-sparsegpt-2-4"),
+                                     "--calibration-samples", "8", "--ppl-windows", "3", "--measurements-dir", str(tmp_path / "measurements"),
+                                     "--results", str(results)]) == 0
+    table = capsys.readouterr().out
+    agreements = [float(line.split("|")[3].strip().rstrip("%")) for line in table.splitlines() if "on llm-compressor's block 0" in line]
+    assert len(agreements) == 7 and min(agreements) >= 99.0, table
+    assert "toolkit float32 / toolkit float64" in table and sparsegpt_precision.BEGIN in results.read_text()

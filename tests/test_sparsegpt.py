@@ -168,3 +168,18 @@ def test_sparsegpt_variant(tiny_llama):
     for text in ("sparsegpt:0.5", "sparsegpt:2:4"):
         variant = build_variant(model, parse_variant(text), calibration)
         assert sparsity_report(variant)["decoder_linear_sparsity"] == 0.5
+
+
+def test_float32_precision_is_llm_compressors_numerics_and_validated():
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    w = torch.randn(8, 32)
+    h = 2 * x.T @ x / x.shape[0]
+    f64 = sparsegpt_prune(w, h, TWO_FOUR, SparseGPTConfig(blocksize=16))
+    f32 = sparsegpt_prune(w, h, TWO_FOUR, SparseGPTConfig(blocksize=16, precision="float32"))
+    # A well-conditioned Hessian: the same masks, weights equal to float32 rounding, and not bit-identical
+    # (the option really changes the arithmetic).
+    assert torch.equal(f64 == 0, f32 == 0)
+    assert torch.allclose(f64, f32, atol=1e-4) and not torch.equal(f64, f32)
+    with pytest.raises(UserError, match="precision"):
+        SparseGPTConfig(precision="float16")
