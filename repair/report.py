@@ -65,12 +65,20 @@ def _stored_text(stored: dict) -> str:
             f"(net {stored['bytes_added_net']:+,} bytes); every other tensor is copied unchanged.")
 
 
+KIND_TEXT = {"pruned": "pruned (weights only zeroed)", "dense": "dense (kept weights changed too: quantized or edited)",
+             "dense+pruned": "pruned and dense (some matrices only zeroed, others with their kept weights changed)"}
+
+
+def _kind_text(kind: str) -> str:
+    return KIND_TEXT.get(kind, kind)
+
+
 def render_markdown(r: dict) -> str:
     states = r["states"]
     lines = [
         f"# Repair of `{r['compressed']}`",
         "",
-        f"Original: {r['original_name']} (`{r['original']}`). Checkpoint kind: {r['derivation']['kind']} "
+        f"Original: {r['original_name']} (`{r['original']}`). Checkpoint kind: {_kind_text(r['derivation']['kind'])} "
         f"({r['derivation']['removed']:,} original weights zeroed, {r['derivation']['changed']:,} entries changed, "
         f"max relative error per matrix {r['derivation']['max_relative_error']:.3g}).",
         *([_stored_text(r["stored"])] if r.get("stored") else []),

@@ -234,6 +234,7 @@ def test_repair_writes_the_inputs_format_and_its_library_reloads_it(ckpts, fmt, 
                                                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     assert stored["weights"] >= manifest["repair"]["restored"] > 0 and stored["bytes_added"] > stored["bytes_removed"] > 0
     assert "Written as the input is stored" in (out / "repair.md").read_text()
+    assert "kept weights changed" in (out / "repair.md").read_text()  # quantized: not "pruned"
 
     # Every tensor of the input that is not part of a touched module's packed form is copied byte for byte.
     before, after = _tensors(ckpts / fmt), _tensors(out)

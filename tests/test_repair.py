@@ -293,6 +293,7 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     assert manifest["method"] == "wanda"  # the compressed checkpoint's manifest is carried over
     assert manifest["sparsity"]["decoder_linear_sparsity"] < manifest["repair"]["sparsity_before"]["decoder_linear_sparsity"]
     assert "AIRD" in (out / "repair.md").read_text()
+    assert "Checkpoint kind: pruned (weights only zeroed)" in (out / "repair.md").read_text()
     assert (out / "figures" / "repair_curve.html").is_file()
 
     repaired = load_model(str(out))
