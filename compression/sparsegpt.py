@@ -33,9 +33,9 @@ from .sparsity import SparsityPattern
 class SparseGPTConfig:
     blocksize: int = 128  # columns per lazy-update block and per mask-selection block (paper: 128)
     percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
-    # Precision of the Hessian's inversion. float32 is llm-compressor's (SGPT_PRECISION); on 2:4 the
+    # Precision of the Hessian, accumulated and inverted. float32 is llm-compressor's (SGPT_PRECISION); on 2:4 the
     # mask choices cascade from block to block, and float32 rounding alone moved the embedded model's
-    # perplexity by 10% (benchmarks/sparsegpt_precision.py).
+    # perplexity by 6-10% (benchmarks/sparsegpt_precision.py).
     precision: Literal["float64", "float32"] = "float64"
 
     def __post_init__(self):
