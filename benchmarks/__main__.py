@@ -101,13 +101,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def heading(command: str, argv: list[str]) -> str:
+    """A results section's title: the command as it was run, and when."""
+    return f"## `{' '.join([command, *argv])}`: {utc_now()}"
+
+
 def section(rows: list[dict], settings: Settings, argv: list[str], seconds: float, loads: tuple[float, float]) -> str:
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python -m benchmarks", *argv])
     sizes = ", ".join(f"{f.name}={getattr(settings, f.name)}" for f in fields(settings))
     return "\n".join([
         BEGIN,
-        f"## `{command}`: {today}",
+        heading("python -m benchmarks", argv),
         "",
         f"Machine: {machine()}. Load average (1 min) {loads[0]:.1f} at the start, {loads[1]:.1f} at the end "
         f"(other jobs share this machine: wall-clock times are noisy; with one thread, CPU times are not). "

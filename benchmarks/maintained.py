@@ -240,14 +240,11 @@ def table(results: list[dict], original: dict) -> str:
 
 
 def section(table_text: str, a: MaintainedRun, argv: list[str], n_tokens: int, n_prompts: int, seconds: float) -> str:
-    import datetime
+    from .__main__ import heading, machine
 
-    from .__main__ import machine
-
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
         BEGIN,
-        f"## `{' '.join(['python -m benchmarks.maintained', *argv])}`: {today}",
+        heading("python -m benchmarks.maintained", argv),
         "",
         f"Machine: {machine()}. Wall time {seconds / 60:.0f} min (reused checkpoints and measurements count zero). "
         f"Model {a.model}; calibration: {a.calibration_samples} harmless train instructions, {n_tokens:,} tokens, the same "

@@ -19,7 +19,6 @@ suffix, like AdvBench goals in a chat template. Goals on one H100: Wanda 50% und
 
 from __future__ import annotations
 
-import datetime
 import sys
 import tempfile
 import time
@@ -185,9 +184,10 @@ def device_name(device: str) -> str:
 
 
 def markdown(rows: list[dict], cfg: ScaleConfig) -> str:
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    from .__main__ import utc_now
+
     lines = [f"### `python -m benchmarks.scale` ({cfg.shape}, {rows[0]['model_params'] / 1e9:.2f}B params, {cfg.dtype}): "
-             f"{device_name(cfg.device)}, torch {torch.__version__}, {today}", "",
+             f"{device_name(cfg.device)}, torch {torch.__version__}, {utc_now()}", "",
              "| stage | seconds | peak extra MiB | tokens/s |", "|---|---|---|---|"]
     for r in rows:
         tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"

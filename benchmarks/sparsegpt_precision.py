@@ -130,12 +130,9 @@ def main(argv=None) -> int:
              ("llm-compressor / toolkit float32", theirs, float32)]
     tests = [paired_perplexity_ratio(x["window_nll"], y["window_nll"], t) for _, x, y in pairs]
     add_holm(tests)
-    import datetime
+    from .__main__ import heading, machine
 
-    from .__main__ import machine
-
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [BEGIN, f"## `{' '.join(['python -m benchmarks.sparsegpt_precision', *argv])}`: {today}",
+    lines = [BEGIN, heading("python -m benchmarks.sparsegpt_precision", argv),
              "", f"Machine: {machine()}. SparseGPT {a.pattern} of {a.model} on {calibration.n_tokens:,} calibration tokens; "
              f"llm-compressor's checkpoint: `{a.maintained}`. Perplexity: wikitext-2, {a.ppl_windows} windows of 512 tokens; "
              "ratios with a paired bootstrap over windows and the exact Wilcoxon signed-rank test.",

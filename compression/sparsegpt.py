@@ -46,6 +46,10 @@ class SparseGPTConfig:
         if self.precision not in ("float64", "float32"):
             raise UserError(f"SparseGPT precision must be float64 or float32, got {self.precision!r}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.precision)
+
     def validate_for(self, pattern: SparsityPattern) -> None:
         # An M-group straddling two blocks would be chosen before its second half had received the
         # first block's updates.
@@ -54,7 +58,7 @@ class SparseGPTConfig:
 
 
 class Hessian:
-    """Running X^T X over calibration tokens, in float64 so many small batches add up exactly."""
+    """Running X^T X over calibration tokens, in float64 by default so many small batches add up exactly."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float64):
         self.xtx = torch.zeros(linear.in_features, linear.in_features, dtype=dtype, device=linear.weight.device)
@@ -112,7 +116,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Sparsi
     cfg.validate_for(pattern)
     if pattern.structured and weight.shape[1] % pattern.m:
         raise UserError(f"N:M sparsity {pattern}: M={pattern.m} does not divide input width {weight.shape[1]}")
-    u, dead = inverse_hessian_factor(hessian, cfg.percdamp, getattr(torch, cfg.precision))
+    u, dead = inverse_hessian_factor(hessian, cfg.percdamp, cfg.dtype)
     u = u.float().to(weight.device)
     w = weight.detach().float().clone()
     w[:, dead.to(w.device)] = 0
@@ -150,5 +154,4 @@ def prune_sparsegpt(model: nn.Module, calibration: Calibration, pattern: Sparsit
     def prune(name, linear, hessian: Hessian):
         linear.weight.copy_(sparsegpt_prune(linear.weight, hessian.matrix(), pattern, cfg).to(linear.weight.dtype))
 
-    dtype = getattr(torch, cfg.precision)
-    compress_blockwise(model, calibration, lambda linear: Hessian(linear, dtype), prune, desc=f"SparseGPT {pattern}")
+    compress_blockwise(model, calibration, lambda linear: Hessian(linear, cfg.dtype), prune, desc=f"SparseGPT {pattern}")
