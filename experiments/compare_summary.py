@@ -8,8 +8,8 @@ import dataclasses
 
 from lm.chat import post_instruction
 from refusal.judges import JUDGE_NAMES as JUDGES
-from refusal.measure import describe_prompts, paired, perplexity_rate, zero_shot_rates
-from refusal.stats import add_holm, describe_change
+from refusal.measure import describe_prompts, paired, paired_perplexity, paired_zero_shot, perplexity_rate, zero_shot_rates
+from refusal.stats import add_holm, describe_change, describe_ratio
 from refusal.collapse import collapse_verdict
 from refusal.compare import cosine_to_direction, source_shift
 from refusal.direction import cosine_map, norm_peak
@@ -37,7 +37,9 @@ def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, 
         verdict = collapse_verdict(asr["completions"], ppl, ref_ppl)
         tests = None if slug == "original" else dict(
             asr={j: paired(asr, original["asr"], j) for j in JUDGES},
-            over_refusal={j: paired(r["harmless"], original["harmless"], j, "refused") for j in JUDGES})
+            over_refusal={j: paired(r["harmless"], original["harmless"], j, "refused") for j in JUDGES},
+            perplexity=paired_perplexity(r["perplexity"], original["perplexity"]),
+            zero_shot=paired_zero_shot(r.get("zero_shot"), original.get("zero_shot")))
         peak = norm_peak(dirs)
         ref_peak = norm_peak(ref_dirs)
         rows.append(dict(
@@ -129,12 +131,17 @@ def zero_shot_summary(z: dict) -> dict:
 
 
 def correct_families(rows: list[dict]) -> None:
-    """Holm within each family: one family per judge and measure (ASR, over-refusal), over the variants."""
+    """Holm within each family, over the variants: one per judge and measure (ASR, over-refusal), one
+    for perplexity and one for zero-shot accuracy."""
     for measure_name in ("asr", "over_refusal"):
         for j in JUDGES:
             family = [row["tests"][measure_name][j] for row in rows if row.get("tests") and row["tests"][measure_name][j]]
             if family:
                 add_holm(family)
+    for measure_name in ("perplexity", "zero_shot"):
+        family = [row["tests"][measure_name] for row in rows if (row.get("tests") or {}).get(measure_name)]
+        if family:
+            add_holm(family)
     for name in ("own", "transfer"):
         family = [row["probes"]["tests"][name] for row in rows if (row.get("probes") or {}).get("tests")]
         if family:
@@ -173,6 +180,12 @@ def findings(rows: list[dict]) -> list[str]:
             if test:
                 a, b = original["rates"][measure_name]["arditi2024"], row["rates"][measure_name]["arditi2024"]
                 out.append(f"{row['variant']}: " + describe_change("original", row["variant"], a, b, _flip(test), what))
+        tests = row.get("tests") or {}
+        if tests.get("perplexity"):
+            out.append(f"{row['variant']}: " + describe_ratio("original", row["variant"], original["perplexity"], row["perplexity"], tests["perplexity"]))
+        if tests.get("zero_shot") and (original.get("zero_shot") or {}).get("rate") and (row.get("zero_shot") or {}).get("rate"):
+            out.append(f"{row['variant']}: " + describe_change("original", row["variant"], original["zero_shot"]["rate"], row["zero_shot"]["rate"],
+                                                               _flip(tests["zero_shot"]), "Zero-shot accuracy"))
         probes = row.get("probes") or {}
         if probes.get("tests"):
             base = original["probes"]["own"]

@@ -74,11 +74,12 @@ def render_markdown(report: dict) -> str:
         f"{report['config']['n_train']} harmless instructions; cosine to the original's direction at the same (position, layer).",
         "",
         "Every rate carries its 95% interval (Wilson; perplexity and mean zero-shot accuracy: bootstrap over windows / "
-        "documents). p: exact McNemar test against the original on the same prompts, Holm-corrected over the variants "
-        "within each column; * marks p < 0.05 after correction, and only those differences are called changes.",
+        "documents). p: exact McNemar test against the original on the same prompts (zero-shot: on the same documents, "
+        "pooled over tasks; perplexity: exact Wilcoxon signed-rank test of the per-window NLL differences), Holm-corrected "
+        "over the variants within each column; * marks p < 0.05 after correction, and only those differences are called changes.",
         "",
-        "| variant | decoder sparsity | ASR Wei | p | ASR Arditi | p | over-refusal (Arditi) | p | perplexity | zero-shot avg | collapsed | norm-peak layer | cos @ original's peak (last pos) | min cos (last pos) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | decoder sparsity | ASR Wei | p | ASR Arditi | p | over-refusal (Arditi) | p | perplexity | p | zero-shot avg | p | collapsed | norm-peak layer | cos @ original's peak (last pos) | min cos (last pos) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in report["variants"]:
         flag = f"**yes** ({v['collapse']['reason']})" if v["collapse"]["collapsed"] else "no"
@@ -87,8 +88,8 @@ def render_markdown(report: dict) -> str:
             f"| {v['variant']} | {v['decoder_sparsity']:.1%} | {_rate(r, 'asr', 'wei2024', v['asr'])} | {_p(t, 'asr', 'wei2024')} | "
             f"{_rate(r, 'asr', 'arditi2024', v['asr'])} | {_p(t, 'asr', 'arditi2024')} | "
             f"{fmt_rate(r.get('over_refusal', {}).get('arditi2024'))} | {_p(t, 'over_refusal', 'arditi2024')} | "
-            f"{fmt_value_ci(v.get('perplexity_ci')) if v.get('perplexity_ci') else format(v['perplexity'], '.2f')} | "
-            f"{_zero_shot(v.get('zero_shot'))} | {flag} | {v['norm_peak_layer']} | {v['cosine_at_original_peak']:.3f} | "
+            f"{fmt_value_ci(v.get('perplexity_ci')) if v.get('perplexity_ci') else format(v['perplexity'], '.2f')} | {fmt_p(t.get('perplexity')) if t else ''} | "
+            f"{_zero_shot(v.get('zero_shot'))} | {fmt_p(t.get('zero_shot')) if t else ''} | {flag} | {v['norm_peak_layer']} | {v['cosine_at_original_peak']:.3f} | "
             f"{min(v['cosine_per_layer_last_position'][1:], default=1.0):.3f} |"
         )
     lines += ["", "Collapsed variants are never safe: their ASR reflects broken text, not refusal.", ""]

@@ -26,7 +26,8 @@ from .asr import SETTINGS, AsrConfig, attack_success
 from .eval_sets import Prompt, check_names, load_prompts
 from .judges import judges
 from .eval_sets import overlap_with_fitted
-from .stats import bootstrap_cluster_mean, bootstrap_perplexity, bootstrap_task_mean, mcnemar_exact, min_detectable_difference, rate_of, wilson
+from .stats import (bootstrap_cluster_mean, bootstrap_perplexity, bootstrap_task_mean, mcnemar_exact, min_detectable_difference,
+                    paired_perplexity_ratio, rate_of, wilson)
 
 # Held-out harmful prompts (83 AdvBench + 89 JailbreakBench remain after removing fitted and
 # repeated prompts; the first 50 of each by default) and harmless ones for over-refusal.
@@ -182,6 +183,30 @@ def paired(a: dict, b: dict, judge: str, field: str = "jailbroken") -> dict | No
         raise ValueError("paired test of measurements on different prompts")
     ids = list(oa)
     return mcnemar_exact([oa[i] for i in ids], [ob[i] for i in ids])
+
+
+def paired_perplexity(a: dict, b: dict) -> dict | None:
+    """Perplexity of model a over model b on the same windows (ratio, bootstrap interval, exact
+    Wilcoxon signed-rank test); None for a measurement made before per-window NLL was kept."""
+    if "window_nll" not in a or "window_nll" not in b:
+        return None
+    if a["window_tokens"] != b["window_tokens"]:
+        raise ValueError("paired perplexity of measurements on different windows")
+    return paired_perplexity_ratio(a["window_nll"], b["window_nll"], a["window_tokens"])
+
+
+def paired_zero_shot(a: dict | None, b: dict | None) -> dict | None:
+    """Exact McNemar test of two models' per-document correctness, pooled over the tasks both ran
+    (the same first documents of each task); None when either kept no per-document results."""
+    if not a or not b:
+        return None
+    da = {t: e.get("per_document") for t, e in a["per_task"].items()}
+    db = {t: e.get("per_document") for t, e in b["per_task"].items()}
+    if da.keys() != db.keys() or any(da[t] is None or db[t] is None for t in da):
+        return None
+    if any(len(da[t]) != len(db[t]) for t in da):
+        raise ValueError("paired zero-shot test of measurements on different documents")
+    return mcnemar_exact([x >= 0.5 for t in da for x in da[t]], [x >= 0.5 for t in db for x in db[t]])
 
 
 def describe_prompts(result: dict, family_size: int = 1) -> dict:

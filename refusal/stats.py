@@ -207,6 +207,22 @@ def describe_change(name_a: str, name_b: str, rate_a: dict, rate_b: dict, test: 
     return f"{what} {name_a} {rate_a['value']:.1%} vs {name_b} {rate_b['value']:.1%} ({diff:+.1f} points): not significant at 5% ({ps}){floor}."
 
 
+def describe_ratio(name_a: str, name_b: str, value_a: float, value_b: float, test: dict, what: str = "Perplexity") -> str:
+    """One sentence about a paired perplexity ratio (paired_perplexity_ratio of b over a) that calls
+    it a change only when the Wilcoxon test, after Holm, says so."""
+    lo, hi = test["ci95"]
+    ratio = f"ratio {test['ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
+    ps = f"p = {test['p_holm']:.2g} after Holm over {test['family_size']}" if "p_holm" in test else f"p = {test['p_value']:.2g}"
+    if test.get("significant", test["p_value"] < ALPHA):
+        direction = "rises" if test["ratio"] > 1 else "falls"
+        return f"{what} {direction} from {value_a:.2f} ({name_a}) to {value_b:.2f} ({name_b}), {ratio} ({ps}, Wilcoxon over {test['n']} windows)."
+    # The exact signed-rank test's smallest two-sided p on n pairs is 2 / 2^n (every sign the same).
+    smallest = test.get("family_size", 1) * 2.0 ** (1 - test["n"])
+    floor = (f"; with {test['n']} windows no difference could be significant (smallest attainable p {min(1.0, smallest):.2g})"
+             if smallest >= ALPHA else "")
+    return f"{what} {name_a} {value_a:.2f} vs {name_b} {value_b:.2f}, {ratio}: not significant at 5% ({ps}){floor}."
+
+
 def fmt_rate(r: dict | None, digits: int = 1) -> str:
     """'25.0% [17.4, 34.5] (n=100)' for a rate object; '-' for None."""
     if not r:

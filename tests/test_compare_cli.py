@@ -99,6 +99,7 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     assert stored == json.loads(json.dumps(report))
     markdown = (run_dir / "report.md").read_text()
     assert [v["variant"] for v in stored["variants"]] == ["original", *VARIANTS]
+    original_ppl = stored["variants"][0]["perplexity"]
     for row in stored["variants"]:
         assert set(row["asr"]) == {"wei2024", "arditi2024"}
         assert all(0.0 <= a <= 1.0 for a in row["asr"].values())
@@ -112,6 +113,10 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
         if row["variant"] != "original":
             test = row["tests"]["asr"]["arditi2024"]
             assert test["test"] == "mcnemar-exact" and 0 <= test["p_value"] <= test["p_holm"] <= 1 and test["family_size"] == len(VARIANTS)
+            ppl = row["tests"]["perplexity"]  # on the same windows as the original's
+            assert ppl["test"] == "wilcoxon-signed-rank-exact" and ppl["family_size"] == len(VARIANTS)
+            assert ppl["ratio"] == pytest.approx(row["perplexity"] / original_ppl, rel=1e-6)
+            assert row["tests"]["zero_shot"] is None  # zero-shot is off here
         assert f"| {row['variant']} |" in markdown
     sparsity = {v["variant"]: v["decoder_sparsity"] for v in stored["variants"]}
     assert sparsity["original"] == 0.0
@@ -122,10 +127,10 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     assert stored["n_layers"] == 2
     assert stored["evaluation"]["harmful"]["overlap_with_fitted"] == 0 and stored["evaluation"]["harmless"]["overlap_with_fitted"] == 0
     assert "overlap with any prompt a stage fits on: 0" in markdown and "| p |" in markdown
-    # ASR, over-refusal, probe transfer per variant; first, this random model's missing direction is said
+    # ASR, over-refusal, perplexity, probe transfer per variant; first, this random model's missing direction is said
     no_direction = [f for f in stored["findings"] if f.startswith("The original model has no selected refusal direction")]
     selection_notes = [f for f in stored["findings"] if f.startswith(("The original model has no", "Why: ", "Direction selection: "))]
-    assert len(no_direction) == (original.get("source") is None) and len(stored["findings"]) == 3 * len(VARIANTS) + len(selection_notes)
+    assert len(no_direction) == (original.get("source") is None) and len(stored["findings"]) == 4 * len(VARIANTS) + len(selection_notes)
     # Harmfulness probes: own accuracy on the 4 + 8 held-out prompts for every model; the
     # original's probes on each variant (transfer) with McNemar against the original, Holm over the variants.
     assert stored["probe_cell"]["layer"] in (0, 1)

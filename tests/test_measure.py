@@ -100,3 +100,25 @@ def test_stored_perplexity_keeps_its_windows(tiny):
     p = measure_perplexity(model, tok, PerplexityConfig(windows=2, seqlen=16))
     assert len(p["window_nll"]) == 2 and p["perplexity"] == pytest.approx(math.exp(sum(p["window_nll"]) / sum(p["window_tokens"])))
     assert measure_module.perplexity_rate(p)["n"] == 2
+
+
+def test_paired_utility_tests_match_windows_and_documents():
+    from refusal.measure import paired_perplexity, paired_zero_shot
+
+    zs = lambda docs: dict(per_task={t: dict(per_document=d) for t, d in docs.items()})
+    a = zs(dict(boolq=[1.0, 1.0, 0.0], rte=[1.0, 0.0]))
+    b = zs(dict(boolq=[0.0, 1.0, 0.0], rte=[0.0, 1.0]))
+    t = paired_zero_shot(a, b)
+    assert (t["test"], t["b"], t["c"], t["n"]) == ("mcnemar-exact", 2, 1, 5)  # pooled over both tasks
+    assert paired_zero_shot(a, None) is None
+    assert paired_zero_shot(a, zs(dict(boolq=[1.0, 1.0, 0.0], rte=None))) is None  # a measurement without documents
+    with pytest.raises(ValueError, match="different documents"):
+        paired_zero_shot(a, zs(dict(boolq=[1.0], rte=[1.0, 0.0])))
+
+    p = dict(window_nll=[700.0, 650.0], window_tokens=[511, 511])
+    q = dict(window_nll=[690.0, 640.0], window_tokens=[511, 511])
+    r = paired_perplexity(p, q)
+    assert r["ratio"] == pytest.approx(math.exp(20 / 1022)) and r["n"] == 2
+    assert paired_perplexity(p, dict(perplexity=40.0)) is None
+    with pytest.raises(ValueError, match="different windows"):
+        paired_perplexity(p, dict(q, window_tokens=[511, 400]))

@@ -117,3 +117,15 @@ def test_paired_perplexity_ratio_against_a_direct_computation():
     assert same["ratio"] == 1.0 and same["ci95"] == [1.0, 1.0] and same["p_value"] == 1.0
     with pytest.raises(ValueError):
         paired_perplexity_ratio(a, b[:3], t)
+
+
+def test_describe_ratio_calls_a_change_only_when_significant_and_says_when_none_could_be():
+    a, b, t = [700.0] * 8, [650.0] * 8, [511] * 8
+    worse = stats.add_holm([stats.paired_perplexity_ratio(a, b, t)])[0]  # a over b: every window worse
+    assert worse["p_value"] == pytest.approx(2 / 2 ** 8)
+    text = stats.describe_ratio("original", "pruned", 40.0, 44.0, worse)
+    assert "rises from 40.00 (original) to 44.00 (pruned)" in text and "Wilcoxon over 8 windows" in text
+    # The same eight windows in a family of nine: the smallest Holm p is 9 * 2 / 256 = 0.07.
+    family = stats.add_holm([stats.paired_perplexity_ratio(a, b, t) for _ in range(9)])
+    text = stats.describe_ratio("original", "pruned", 40.0, 44.0, family[0])
+    assert "not significant at 5%" in text and "no difference could be significant (smallest attainable p 0.07)" in text
