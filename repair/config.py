@@ -46,7 +46,7 @@ class RepairConfig:
     measurements_dir: str | None = None  # the measurement store, shared with the other entry points; None: <runs_dir>/measurements
     max_new_tokens: int = 128  # tokens generated per completion
     adv_suffix: bool = True  # also measure the adversarial-suffix ASR
-    ppl_windows: int = 8  # wikitext-2 windows for perplexity
+    ppl_windows: int = 16  # wikitext-2 windows for perplexity (the main job's, so its measurements are reused)
     ppl_seqlen: int = 512  # tokens per perplexity window
     zero_shot_limit: int | None = 200  # zero-shot documents per task; 0 skips zero-shot, None: the full splits
     zero_shot_tasks: tuple[str, ...] | None = None  # zero-shot tasks, or 'all'; None: all seven
