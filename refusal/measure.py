@@ -200,8 +200,7 @@ def paired_zero_shot(a: dict | None, b: dict | None) -> dict | None:
     (the same first documents of each task); None when either kept no per-document results."""
     if not a or not b:
         return None
-    da = {t: e.get("per_document") for t, e in a["per_task"].items()}
-    db = {t: e.get("per_document") for t, e in b["per_task"].items()}
+    da, db = _per_document(a), _per_document(b)
     if da.keys() != db.keys() or any(da[t] is None or db[t] is None for t in da):
         return None
     if any(len(da[t]) != len(db[t]) for t in da):
@@ -225,9 +224,14 @@ def perplexity_rate(p: dict) -> dict | None:
     return bootstrap_perplexity(p["window_nll"], p["window_tokens"]) if "window_nll" in p else None
 
 
+def _per_document(z: dict) -> dict:
+    """Each task's per-document correctness (None for a task measured before it was kept)."""
+    return {t: e.get("per_document") for t, e in z["per_task"].items()}
+
+
 def zero_shot_rates(z: dict) -> dict | None:
     """Mean zero-shot accuracy over tasks (bootstrap over documents) and each task's Wilson interval."""
-    docs = {t: e.get("per_document") for t, e in z["per_task"].items()}
+    docs = _per_document(z)
     if not docs or any(d is None for d in docs.values()):
         return None
     return dict(average=bootstrap_task_mean(docs), per_task={t: wilson(round(sum(d)), len(d)) for t, d in docs.items()})

@@ -193,10 +193,14 @@ def min_detectable_difference(n: int, family_size: int = 1) -> float | None:
     return None
 
 
+def _p_text(test: dict) -> str:
+    return f"p = {test['p_holm']:.2g} after Holm over {test['family_size']}" if "p_holm" in test else f"p = {test['p_value']:.2g}"
+
+
 def describe_change(name_a: str, name_b: str, rate_a: dict, rate_b: dict, test: dict, what: str = "ASR") -> str:
     """One sentence about a paired difference that calls it a change only when the test says so."""
     diff = 100 * (rate_b["value"] - rate_a["value"])
-    ps = f"p = {test['p_holm']:.2g} after Holm over {test['family_size']}" if "p_holm" in test else f"p = {test['p_value']:.2g}"
+    ps = _p_text(test)
     if test.get("significant", test["p_value"] < ALPHA):
         direction = "rises" if diff > 0 else "falls"
         return (f"{what} {direction} from {rate_a['value']:.1%} ({name_a}) to {rate_b['value']:.1%} ({name_b}), "
@@ -212,7 +216,7 @@ def describe_ratio(name_a: str, name_b: str, value_a: float, value_b: float, tes
     it a change only when the Wilcoxon test, after Holm, says so."""
     lo, hi = test["ci95"]
     ratio = f"ratio {test['ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
-    ps = f"p = {test['p_holm']:.2g} after Holm over {test['family_size']}" if "p_holm" in test else f"p = {test['p_value']:.2g}"
+    ps = _p_text(test)
     if test.get("significant", test["p_value"] < ALPHA):
         direction = "rises" if test["ratio"] > 1 else "falls"
         return f"{what} {direction} from {value_a:.2f} ({name_a}) to {value_b:.2f} ({name_b}), {ratio} ({ps}, Wilcoxon over {test['n']} windows)."
