@@ -6,7 +6,7 @@ report can be re-rendered from report.json without touching a model.
 
 from __future__ import annotations
 
-from refusal.stats import fmt_p, fmt_rate, fmt_value_ci
+from refusal.stats import detectable_sentence, fmt_p, fmt_rate, fmt_value_ci
 from repair.report import error_bars, small_pct
 
 from .probe_report import probe_sections
@@ -187,9 +187,7 @@ def _findings_section(report: dict) -> list[str]:
     if not report.get("findings"):
         return []
     ev = report.get("evaluation", {}).get("harmful", {})
-    mdd = ev.get("min_detectable_difference")
-    head = ("With n = {} harmful prompts and Holm over {} variants, no paired difference below {:.0f} points can be "
-            "significant.".format(ev["n"], len(report["variants"]) - 1, 100 * mdd) if mdd else "")
+    head = detectable_sentence(ev, len(report["variants"]) - 1, "variants")
     return ["## What changed (paired tests against the original)", "", head, ""] + [f"- {f}" for f in report["findings"]] + [""]
 
 

@@ -210,13 +210,15 @@ def paired_zero_shot(a: dict | None, b: dict | None) -> dict | None:
 
 def describe_prompts(result: dict, family_size: int = 1) -> dict:
     """What a measurement ran on: n, prompts per source set, the overlap with any prompt a stage fits
-    on (0 for the built-in sets) and the smallest paired difference n can detect after Holm."""
+    on (0 for the built-in sets) and the smallest paired difference n can detect after Holm over
+    `family_size`: as the family's smallest p (Holm's first step) and at best (its last step)."""
     prompts = [Prompt(r["id"], r["source"], r["prompt"]) for r in result["records"]]
     per_source: dict[str, int] = {}
     for p in prompts:
         per_source[p.source] = per_source.get(p.source, 0) + 1
     return dict(n=len(prompts), per_source=per_source, overlap_with_fitted=overlap_with_fitted(prompts),
-                min_detectable_difference=min_detectable_difference(len(prompts), max(1, family_size)))
+                min_detectable_difference=min_detectable_difference(len(prompts), max(1, family_size)),
+                min_detectable_difference_last_step=min_detectable_difference(len(prompts)))
 
 
 def perplexity_rate(p: dict) -> dict | None:

@@ -174,23 +174,45 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def add_holm(tests: list[dict]) -> list[dict]:
-    """Each test dict gains p_holm (adjusted within this family) and significant (p_holm < 0.05)."""
+    """Each test dict gains p_holm (adjusted within this family), significant (p_holm < 0.05) and
+    holm_factor: the smallest multiplier Holm could apply to its p given the family's other results,
+    the family size less the other significant tests (only those can precede it: a non-significant
+    test with a smaller p stops the step-down before it)."""
     adjusted = holm([t["p_value"] for t in tests])
-    for t, p in zip(tests, adjusted):
+    significant = [p < ALPHA for p in adjusted]
+    for t, p, sig in zip(tests, adjusted, significant):
         t["p_holm"] = p
         t["family_size"] = len(tests)
-        t["significant"] = p < ALPHA
+        t["significant"] = sig
+        t["holm_factor"] = len(tests) - (sum(significant) - sig)
     return tests
 
 
-def min_detectable_difference(n: int, family_size: int = 1) -> float | None:
+def min_detectable_difference(n: int, holm_factor: int = 1) -> float | None:
     """Smallest paired difference in a rate that an exact McNemar test on n prompts could call
-    significant after Holm over `family_size` tests: all discordant pairs in one direction, the
-    first (strictest) step of Holm. None when no difference of n prompts could reach it."""
+    significant at a Holm step that multiplies p by `holm_factor` (the family size at the first,
+    strictest step; 1 at the last): all discordant pairs in one direction. None when no difference
+    of n prompts could reach it."""
     for d in range(1, n + 1):
-        if family_size * _mcnemar_p(d, 0) < ALPHA:
+        if holm_factor * _mcnemar_p(d, 0) < ALPHA:
             return d / n
     return None
+
+
+def detectable_sentence(evaluation: dict, family_size: int, what: str) -> str:
+    """What the evaluation's n can detect (describe_prompts' floors), as one sentence; '' without them."""
+    first, last = evaluation.get("min_detectable_difference"), evaluation.get("min_detectable_difference_last_step")
+    if not first:
+        return ""
+    sentence = (f"With n = {evaluation['n']} and Holm over {family_size} {what}, a paired difference must be at least "
+                f"{100 * first:.0f} points to be significant as the family's smallest p-value")
+    if last and last < first:  # later Holm steps multiply p by less, so smaller differences can pass there
+        sentence += f", and at least {100 * last:.0f} points at Holm's last step"
+    return sentence + "."
+
+
+def _holm_factor(test: dict) -> int:
+    return test.get("holm_factor", test.get("family_size", 1))
 
 
 def _p_text(test: dict) -> str:
@@ -205,7 +227,7 @@ def describe_change(name_a: str, name_b: str, rate_a: dict, rate_b: dict, test: 
         direction = "rises" if diff > 0 else "falls"
         return (f"{what} {direction} from {rate_a['value']:.1%} ({name_a}) to {rate_b['value']:.1%} ({name_b}), "
                 f"{diff:+.1f} points ({ps}, McNemar b={test['b']}, c={test['c']}).")
-    mdd = min_detectable_difference(test["n"], test.get("family_size", 1))
+    mdd = min_detectable_difference(test["n"], _holm_factor(test))
     floor = (f"; with n = {test['n']} only a difference of at least {100 * mdd:.0f} points could be significant" if mdd
              else f"; with n = {test['n']} no difference could be significant")
     return f"{what} {name_a} {rate_a['value']:.1%} vs {name_b} {rate_b['value']:.1%} ({diff:+.1f} points): not significant at 5% ({ps}){floor}."
@@ -221,7 +243,7 @@ def describe_ratio(name_a: str, name_b: str, value_a: float, value_b: float, tes
         direction = "rises" if test["ratio"] > 1 else "falls"
         return f"{what} {direction} from {value_a:.2f} ({name_a}) to {value_b:.2f} ({name_b}), {ratio} ({ps}, Wilcoxon over {test['n']} windows)."
     # The exact signed-rank test's smallest two-sided p on n pairs is 2 / 2^n (every sign the same).
-    smallest = test.get("family_size", 1) * 2.0 ** (1 - test["n"])
+    smallest = _holm_factor(test) * 2.0 ** (1 - test["n"])
     floor = (f"; with {test['n']} windows no difference could be significant (smallest attainable p {min(1.0, smallest):.2g})"
              if smallest >= ALPHA else "")
     return f"{what} {name_a} {value_a:.2f} vs {name_b} {value_b:.2f}, {ratio}: not significant at 5% ({ps}){floor}."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from refusal.stats import fmt_p, fmt_rate, fmt_value_ci
+from refusal.stats import detectable_sentence, fmt_p, fmt_rate, fmt_value_ci
 
 JUDGES = (("wei2024", "Wei"), ("arditi2024", "Arditi"))
 LABELS = {"original": "original", "compressed": "compressed", "aird": "AIRD", "targeted": "targeted"}
@@ -189,9 +189,9 @@ def _tests_section(r: dict) -> list[str]:
                 lines.append(f"| {measure} | {judge} | {LABELS[t['first']]} vs {LABELS[t['second']]} | {t['b']} | {t['c']} | "
                              f"{t['p_value']:.2g} | {fmt_p(t)} |")
     ev = (r.get("evaluation") or {}).get("harmful", {})
-    if ev.get("min_detectable_difference"):
-        lines += ["", f"With n = {ev['n']} and Holm over {len(next(iter(tests.values()))['arditi2024'])} comparisons, no paired "
-                      f"difference below {100 * ev['min_detectable_difference']:.0f} points can be significant."]
+    floor = detectable_sentence(ev, len(next(iter(tests.values()))["arditi2024"]), "comparisons")
+    if floor:
+        lines += ["", floor]
     if r.get("findings"):
         lines += [""] + [f"- {f}" for f in r["findings"]]
     return lines
@@ -235,10 +235,11 @@ def before_after_figure(r: dict, title: str | None = None):
         fig.add_trace(go.Bar(x=names, y=[100 * s["rates"]["over_refusal"]["arditi2024"]["value"] for s in states.values()],
                              name="over-refusal on harmless, Arditi judge", marker_color="#999",
                              error_y=error_bars([s["rates"]["over_refusal"]["arditi2024"] for s in states.values()])))
-    fig.add_trace(go.Scatter(x=names, y=[104] * len(names), mode="text", text=[_density_label(s) for s in states.values()],
+    fig.add_trace(go.Scatter(x=names, y=[110] * len(names), mode="text", text=[_density_label(s) for s in states.values()],
                              showlegend=False, textfont_size=12))
     fig.update_layout(title=(title or f"AIRD before/after: {r['compressed']}") + "<br><sup>95% intervals</sup>", barmode="group", xaxis_title="model state",
-                      yaxis_title="attack success rate (%)", yaxis_range=[0, 112], height=450, width=900)
+                      yaxis_title="attack success rate (%)", yaxis_range=[0, 124],
+                      yaxis_tickvals=list(range(0, 101, 20)), height=450, width=900)
     return fig
 
 
@@ -254,7 +255,8 @@ def _density_label(state: dict) -> str:
     sparsity = (state.get("sparsity") or {}).get("decoder_linear_sparsity")
     lines = []
     if state.get("restored"):
-        lines.append(f"{state['restored']:,} restored ({small_pct(state['restored_fraction_of_model'], digits=2)})")
+        # Two lines: on one, neighbouring states' labels run into each other.
+        lines += [f"{state['restored']:,} restored", f"({small_pct(state['restored_fraction_of_model'], digits=2)} of the model)"]
     if sparsity is not None:
         lines.append(f"decoder sparsity {100 * sparsity:.2f}%")
     return "<br>".join(lines)

@@ -56,8 +56,31 @@ def test_holm_by_hand():
 def test_min_detectable_difference():
     # All discordant pairs one way: p = 2^(1-d); 2^-5 < 0.05 at d = 6, and 3 * 2^-6 < 0.05 at d = 7.
     assert stats.min_detectable_difference(100) == pytest.approx(0.06)
-    assert stats.min_detectable_difference(100, family_size=3) == pytest.approx(0.07)
+    assert stats.min_detectable_difference(100, holm_factor=3) == pytest.approx(0.07)
     assert stats.min_detectable_difference(4) is None
+
+
+def test_holm_factor_counts_the_significant_tests_that_can_precede_a_test():
+    # Holm over 4: 3e-15 passes the first step (x4), 0.0156 the second (x3); 0.0625 then faces x2.
+    tests = stats.add_holm([dict(p_value=3e-15), dict(p_value=2 * 0.5 ** 7), dict(p_value=0.0625), dict(p_value=0.5)])
+    assert [t["significant"] for t in tests] == [True, True, False, False]
+    assert [t["holm_factor"] for t in tests] == [3, 3, 2, 2]
+    # The repair run of 2026-12-06: 0 / 7 discordant pairs on 100 prompts was significant in that
+    # family (p_holm 0.047), below the 8 points Holm's first step over 4 needs, so a sentence about a
+    # non-significant neighbour must not claim 8 points as its floor.
+    assert tests[1]["p_holm"] == pytest.approx(0.046875)
+    neighbour = dict(tests[2], n=100, b=3, c=8)
+    text = stats.describe_change("compressed", "targeted", dict(value=0.9), dict(value=0.85), neighbour)
+    assert "only a difference of at least 7 points could be significant" in text  # 2 * 2^-6 = 0.031 < 0.05
+    assert stats.min_detectable_difference(100, 4) == pytest.approx(0.08)
+
+
+def test_detectable_sentence_gives_the_first_and_last_holm_step():
+    ev = dict(n=100, min_detectable_difference=0.08, min_detectable_difference_last_step=0.06)
+    text = stats.detectable_sentence(ev, 4, "comparisons")
+    assert text == ("With n = 100 and Holm over 4 comparisons, a paired difference must be at least 8 points to be "
+                    "significant as the family's smallest p-value, and at least 6 points at Holm's last step.")
+    assert stats.detectable_sentence({}, 4, "comparisons") == ""
 
 
 def test_bootstraps_are_seeded_and_cover_the_estimate():
