@@ -81,8 +81,8 @@ def brittleness_figure(report: dict):
     fig.update_layout(
         # Two lines: a model name as long as the embedded one's does not fit one line at this width.
         title=f"Brittleness of safety: {report.get('model_name', report['model'])}<br>"
-              f"<sup>{_n_prompts(report)} held-out harmful prompts per ASR point, 95% intervals; top row: weights removed, "
-              "bottom row: ranks removed</sup>",
+              f"<sup>{_n_prompts(report)} held-out harmful prompts per ASR point, 95% intervals"
+              + ("; top row: weights removed, bottom row: ranks removed" if len(families) == 2 else "") + "</sup>",
         width=1250, height=370 * len(families) + 150, font=dict(size=14),
         legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
         margin=dict(l=60, r=20, t=110, b=110),
