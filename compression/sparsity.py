@@ -27,7 +27,9 @@ class SparsityPattern:
 
     @property
     def structured(self) -> bool:
-        return self.m > 0
+        # Any N or M given makes the pattern N:M, so '2:0' or '-1:-2' fails the check above
+        # instead of silently running the default unstructured ratio under an N:M label.
+        return self.m != 0 or self.n != 0
 
     @property
     def target(self) -> float:
@@ -42,8 +44,10 @@ class SparsityPattern:
         text = text.strip()
         try:
             if ":" in text:
-                n, m = text.split(":")
-                return cls(n=int(n), m=int(m))
+                n, m = (int(x) for x in text.split(":"))
+                if not 0 < n < m:  # '0:0' would otherwise read as the default unstructured ratio
+                    raise UserError(f"N:M sparsity needs 0 < N < M, got {n}:{m}")
+                return cls(n=n, m=m)
             return cls(ratio=float(text.rstrip("%")) / (100 if text.endswith("%") else 1))
         except ValueError:
             raise UserError(f"cannot parse sparsity {text!r}; use e.g. 0.5, 50% or 2:4") from None

@@ -118,7 +118,10 @@ def _pruning(method: str, check: Callable[[SparsityPattern], None] | None = None
     def parse(arg: str, text: str) -> dict:
         if not arg:
             raise UserError(f"variant {text!r}: give a sparsity, e.g. {method}:0.5 or {method}:2:4")
-        pattern = SparsityPattern.parse(arg)
+        try:
+            pattern = SparsityPattern.parse(arg)
+        except UserError as e:
+            raise UserError(f"variant {text!r}: {e}") from None
         if check is not None:
             check(pattern)
         return {"sparsity": str(pattern), "ratio": pattern.ratio, "n": pattern.n, "m": pattern.m}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lm.cache import atomic_write_json, atomic_write_text, cached_json, measured, timed, write_plotlyjs
+from lm.cache import atomic_write_json, atomic_write_text, cached_json, measured, sweep_temporaries, timed, write_plotlyjs
 from lm.cli import parse_config
 from lm.errors import cli
 from lm.perplexity import PerplexityConfig, measure_perplexity
@@ -157,6 +157,8 @@ class Brittleness:
 
             torch.set_num_threads(self.cfg.threads)
         start = time.perf_counter()
+        sweep_temporaries(self.dir)  # what a killed earlier invocation left half-written
+        sweep_temporaries(self.cfg.store())
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / "config.json", dataclasses.asdict(self.cfg))
         results = []
@@ -243,8 +245,10 @@ def parse_args(argv=None) -> BrittlenessConfig:
 def validate(cfg: BrittlenessConfig) -> None:
     """Every spec and the zero-shot config, before the model loads: bad input writes nothing."""
     from compression.variants import parse_variant
+    from lm.loading import check_model_spec
     from lm.zero_shot import ZeroShotConfig
 
+    check_model_spec(cfg.model)
     for point in sweep_points(cfg):
         parse_variant(point.spec)
     ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)

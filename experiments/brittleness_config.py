@@ -8,15 +8,19 @@ from pathlib import Path
 from typing import Literal
 
 from lm.errors import UserError
+from lm.validation import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges, plain_name
 from lm.zero_shot import SHORT_TASKS, task_names
 from refusal.asr import SETTINGS
-from refusal.eval_sets import check_names
+from refusal.eval_sets import check_names, check_roles
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig
 
 WEIGHT_METHODS = ("top-wanda", "top-snip", "setdiff-wanda", "setdiff-snip", "random")
 RANK_METHODS = ("actsvd", "actsvd-orth")
 METHODS = WEIGHT_METHODS + RANK_METHODS
 JUDGES = ("wei2024", "arditi2024")
+# Where the numeric settings not checked by name below may lie (None is always fine).
+RANGES = dict(fractions=FRACTION, ranks=Range(0, low_open=True), setdiff_p=FRACTION, orth_ru=Range(0, low_open=True),
+              ppl_seqlen=Range(2), zero_shot_limit=POSITIVE, batch_size=POSITIVE, seed=NON_NEGATIVE)
 
 
 @dataclass
@@ -69,13 +73,16 @@ class BrittlenessConfig:
         for label, values in (("fraction", self.fractions), ("rank", self.ranks)):
             if len(set(values)) != len(values):
                 raise UserError(f"{label}s listed twice: {values}")
+        plain_name(self.name)
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
+        check_roles(self.eval_sets, self.harmless_sets)
         if self.n_asr <= 0 or self.n_harmless <= 0:
             raise UserError(f"--n-asr and --n-harmless must be positive, got {self.n_asr} and {self.n_harmless}")
         if self.max_new_tokens <= 0 or self.ppl_windows <= 0 or self.ppl_seqlen <= 1 or self.calib_samples <= 0:
             raise UserError("max-new-tokens, ppl-windows, ppl-seqlen and calib-samples must be positive")
         if self.threads is not None and self.threads <= 0:
             raise UserError(f"--threads must be positive, got {self.threads}")
+        check_ranges(self, RANGES)
 
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name

@@ -11,7 +11,8 @@ from typing import Literal
 from compression.calibration import TEXT_SOURCE, CalibrationConfig
 from lm.errors import UserError
 from lm.perplexity import check_disjoint_from_calibration
-from refusal.eval_sets import check_names
+from lm.validation import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges, plain_name
+from refusal.eval_sets import check_names, check_roles
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig
 
 # The issue-sized comparison: Wanda at three sparsities and 2:4, SNIP, SparseGPT, Wei et al.'s set
@@ -20,6 +21,15 @@ from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig
 DEFAULT_VARIANTS = ("wanda:0.5", "wanda:0.6", "wanda:0.7", "wanda:2:4", "snip:0.5", "sparsegpt:0.5",
                     "setdiff-wanda:p=0.01,q=0.01", "gptq:int4", "rtn:int8")
 QUICK_VARIANTS = ("wanda:0.5", "rtn:int8")
+
+# Where each numeric setting may lie (None, where a field allows it, is always fine).
+RANGES = dict(
+    n_asr=POSITIVE, n_harmless=POSITIVE, max_new_tokens=POSITIVE, n_train=POSITIVE, ppl_windows=POSITIVE, ppl_seqlen=Range(2),
+    calib_samples=POSITIVE, calib_seqlen=Range(2), batch_size=POSITIVE, seed=NON_NEGATIVE, n_val=POSITIVE, prescreen_n_val=NON_NEGATIVE,
+    prescreen_keep=POSITIVE, n_ablation_asr=NON_NEGATIVE, n_refusal_probe=NON_NEGATIVE, zero_shot_limit=NON_NEGATIVE,
+    repair_below=Range(-1, 1), repair_n_asr=POSITIVE, repair_max_new_tokens=POSITIVE, repair_curve_fractions=FRACTION,
+    repair_curve_n_asr=POSITIVE,
+)
 
 
 @dataclass
@@ -92,10 +102,13 @@ class CompareConfig:
         from lm.zero_shot import task_names
 
         self.variants, self.zero_shot_tasks = tuple(self.variants), task_names(self.zero_shot_tasks)
+        if not self.variants:
+            raise UserError("variants (--variants): give at least one variant spec to compare with the original, e.g. wanda:0.5")
+        plain_name(self.name)
+        check_ranges(self, RANGES)
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
+        check_roles(self.eval_sets, self.harmless_sets)
         self.eval_config()  # bad evaluation settings fail before any model loads
-        if self.n_refusal_probe < 0:
-            raise UserError(f"n_refusal_probe must be 0 (off) or positive, got {self.n_refusal_probe}")
         self.calibration_config()  # fails on bad calibration settings before any work
         if self.calib_source == TEXT_SOURCE:
             check_disjoint_from_calibration(self.ppl_windows, self.ppl_seqlen)

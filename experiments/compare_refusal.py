@@ -25,14 +25,15 @@ from pathlib import Path
 
 from compression.variants import parse_variant
 from lm.cli import parse_config
-from lm.errors import cli
+from lm.errors import UserError, cli
+from lm.loading import check_model_spec
 
 from .compare_config import DEFAULT_VARIANTS, QUICK_VARIANTS, CompareConfig
 from .comparison import Comparison
 
 # The job's public names; the stages live in comparison.py, the report's content in compare_summary.py
 # and its figures in compare_figures.py.
-__all__ = ["CompareConfig", "Comparison", "DEFAULT_VARIANTS", "QUICK_VARIANTS", "main", "parse_args"]
+__all__ = ["CompareConfig", "Comparison", "DEFAULT_VARIANTS", "QUICK_VARIANTS", "main", "parse_args", "validate"]
 
 
 def parse_args(argv=None) -> CompareConfig:
@@ -44,11 +45,19 @@ def parse_args(argv=None) -> CompareConfig:
     return cfg
 
 
+def validate(cfg: CompareConfig) -> None:
+    """What can be checked without the model, before it loads or anything is written (the config
+    checked its own values): the model path and every variant spec."""
+    check_model_spec(cfg.model)
+    slugs = [parse_variant(v).slug for v in cfg.variants]
+    if len(set(slugs)) != len(slugs) or "original" in slugs:
+        raise UserError(f"duplicate variants in {list(cfg.variants)}")
+
+
 @cli
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    for v in cfg.variants:
-        parse_variant(v)  # fail on a bad spec before loading anything
+    validate(cfg)
     Comparison(cfg).run()
     return 0
 

@@ -13,10 +13,10 @@ import time
 import torch
 
 from compression.calibration import ResponseCalibrationConfig, calibration_set, response_calibration_set
-from compression.checkpoint import read_manifest, save_variant, sparsity_report
+from compression.checkpoint import read_manifest, save_variant, sparsity_report, weights_verified
 from compression.variants import VariantSpec, build_variant_with_report, parse_variant, validate_variant
 from lm import datasets
-from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json, cached_tensors, measured, timed
+from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json, cached_tensors, measured, sweep_temporaries, timed
 from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
 from lm.perplexity import PerplexityConfig, measure_perplexity
@@ -137,7 +137,7 @@ class Comparison:
         ckpt = self.dir / "variants" / spec.slug / "model"
         params = self.variant_params(spec)
         manifest = read_manifest(ckpt)
-        if self.reusable(spec, manifest, params):
+        if self.reusable(spec, manifest, params) and weights_verified(ckpt, manifest):
             _log(f"{spec.text}: reusing checkpoint {ckpt}")
             return load_model(str(ckpt), dtype=self.cfg.dtype).model
         _log(f"{spec.text}: building")
@@ -319,32 +319,35 @@ class Comparison:
 
     # --- the whole job -------------------------------------------------------------------
     def run(self) -> dict:
+        # What a killed earlier invocation left half-written goes first (a live one's is kept).
+        sweep_temporaries(self.dir)
+        sweep_temporaries(self.cfg.store())
         self.dir.mkdir(parents=True, exist_ok=True)
-        clock = RunClock(self.dir / "invocations.json")
-        atomic_write_json(self.dir / "config.json", dataclasses.asdict(self.cfg))
-        results = {}
-        for spec in self.specs:
-            model = self.variant_model(spec)
-            _log(f"{spec.text}: evaluating")
-            r = self.evaluate(spec, model)
-            if self.cfg.select:
-                r["cross"] = self.cross_evaluate(spec, model, r, results.get("original", (None, r))[1])
-            results[spec.slug] = (spec, r)
-            if model is not self.base.model:
-                del model
-            clock.tick()
-        report = summarise(results, self.cfg, self.base.tokenizer, self.base.name, self.fingerprint(), clock.seconds)
-        if self.cfg.repair:
-            report["repairs"] = repair_variants(self.cfg, self.base, self.dir, results, report, clock)
-            report["wall_seconds"] = clock.seconds
-        clock.tick(finished=True)
-        report.update(clock.summary())
-        figs = make_figures(results, report)
-        report["figures"] = save_figures(self.dir, figs)
-        atomic_write_json(self.dir / "report.json", report)
-        markdown_text = render_markdown(report)
-        atomic_write_text(self.dir / "report.md", markdown_text)
-        atomic_write_text(self.dir / "report.html", render_html(markdown_text, figs, report["model_name"]))
+        with RunClock(self.dir / "invocations.json") as clock:
+            atomic_write_json(self.dir / "config.json", dataclasses.asdict(self.cfg))
+            results = {}
+            for spec in self.specs:
+                model = self.variant_model(spec)
+                _log(f"{spec.text}: evaluating")
+                r = self.evaluate(spec, model)
+                if self.cfg.select:
+                    r["cross"] = self.cross_evaluate(spec, model, r, results.get("original", (None, r))[1])
+                results[spec.slug] = (spec, r)
+                if model is not self.base.model:
+                    del model
+                clock.tick()
+            report = summarise(results, self.cfg, self.base.tokenizer, self.base.name, self.fingerprint(), clock.seconds)
+            if self.cfg.repair:
+                report["repairs"] = repair_variants(self.cfg, self.base, self.dir, results, report, clock)
+                report["wall_seconds"] = clock.seconds
+            clock.tick(finished=True)
+            report.update(clock.summary())
+            figs = make_figures(results, report)
+            report["figures"] = save_figures(self.dir, figs)
+            atomic_write_json(self.dir / "report.json", report)
+            markdown_text = render_markdown(report)
+            atomic_write_text(self.dir / "report.md", markdown_text)
+            atomic_write_text(self.dir / "report.html", render_html(markdown_text, figs, report["model_name"]))
         if self.cfg.figures_dir:
             for line in export_figures(figs, self.cfg.figures_dir):
                 _log(line)

@@ -26,13 +26,14 @@ from typing import Literal
 
 import torch
 
-from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, write_plotlyjs
+from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, sweep_temporaries, warn, write_plotlyjs
 from lm.chat import format_prompts, tokenize_prompts
 from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.hooks import intervene
-from lm.loading import load_model, model_fingerprint
-from refusal.eval_sets import check_names
+from lm.loading import check_model_spec, load_model, model_fingerprint
+from lm.validation import NON_NEGATIVE, POSITIVE, check_ranges, plain_name
+from refusal.eval_sets import check_names, check_roles
 from refusal.interventions import orthogonalize_weights
 from refusal.judges import JUDGE_NAMES
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, describe_prompts, measure, paired
@@ -66,7 +67,11 @@ class DirectionConfig:
     batch_size: int | None = None  # prompts per forward pass (None: chosen by device)
 
     def __post_init__(self):
+        plain_name(self.name)
+        check_ranges(self, dict(n_test=POSITIVE, n_harmless=POSITIVE, max_new_tokens=POSITIVE, n_train=POSITIVE, n_val=POSITIVE,
+                                prescreen_n_val=NON_NEGATIVE, seed=NON_NEGATIVE, batch_size=POSITIVE))
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
+        check_roles(self.eval_sets, self.harmless_sets)
         self.eval_config()
 
     def run_dir(self) -> Path:
@@ -89,6 +94,8 @@ def run(cfg: DirectionConfig) -> dict:
     loaded = load_model(cfg.model)
     model, tok = loaded.model, loaded.tokenizer
     out = cfg.run_dir()
+    sweep_temporaries(out)  # what a killed earlier invocation left half-written
+    sweep_temporaries(cfg.store())
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = model_fingerprint(model)
     if cfg.selection_dir:
@@ -140,8 +147,21 @@ def run(cfg: DirectionConfig) -> dict:
         return dict(max_abs_logit_diff_vs_hooks=diff, checkpoint=str(ckpt), model_id=model_fingerprint(reloaded), seconds=measured["seconds"])
 
     ortho = cached_json(out / "orthogonalized.json", key, orthogonalized)
+
+    def reloaded():
+        """The saved checkpoint if its weights are still the ones measured, else orthogonalized again
+        (deterministic: the same weights)."""
+        try:
+            reloaded = load_model(ortho["checkpoint"]).model
+            if model_fingerprint(reloaded) == ortho["model_id"]:
+                return reloaded
+        except UserError:
+            pass
+        warn(f"{ortho['checkpoint']} is not the checkpoint that was measured (damaged or replaced); orthogonalizing again")
+        return orthogonalize_weights(copy.deepcopy(model), raw)
+
     # Measured inside orthogonalized(); reloaded only if the store lost that entry.
-    results["harmful_orthogonalized"] = measure(lambda: load_model(ortho["checkpoint"]).model, tok, harmful_cfg, store, ortho["model_id"])
+    results["harmful_orthogonalized"] = measure(reloaded, tok, harmful_cfg, store, ortho["model_id"])
     tests = {}
     for row, baseline, outcome in COMPARISONS:
         tests[row] = {j: paired(results[row], results[baseline], j, outcome) for j in JUDGE_NAMES}
@@ -204,8 +224,11 @@ def render(r: dict) -> str:
 @cli
 def main(argv=None) -> int:
     cfg, _ = parse_config(DirectionConfig, argv, prog="python -m experiments.refusal_direction", description=__doc__.split("\n\n")[0])
-    if cfg.selection_dir and not Path(cfg.selection_dir).is_dir():
-        raise UserError(f"selection directory not found: {cfg.selection_dir}")
+    check_model_spec(cfg.model)
+    if cfg.selection_dir:
+        if not Path(cfg.selection_dir).is_dir():
+            raise UserError(f"selection directory not found: {cfg.selection_dir}")
+        load_selection(Path(cfg.selection_dir))  # unreadable or altered: fails before the model loads
     report = run(cfg)
     print(render(report))
     return 0

@@ -14,8 +14,11 @@ Two flags come with every entry point:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
+import re
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -23,31 +26,30 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from .errors import UserError
+from .validation import typed
 
 T = TypeVar("T")
 
 
 def from_mapping(base: T, values: Mapping[str, Any], where: str = "config") -> T:
     """`base` with the given fields replaced; nested dataclass fields take nested mappings, lists
-    become tuples (JSON has no tuples). An unknown key is a UserError naming it."""
+    become tuples (JSON has no tuples). An unknown key, or a value not of its field's type, is a
+    UserError naming it (lm.validation)."""
     names = {f.name: f for f in dataclasses.fields(base)}
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)} for {type(base).__name__}; known: {', '.join(names)}")
+    hints = typing.get_type_hints(type(base), include_extras=True)
     changes = {}
     for key, value in values.items():
         current = getattr(base, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise UserError(f"{where}: {key} = {value!r} is not a mapping of {type(current).__name__} settings")
             changes[key] = from_mapping(current, value, f"{where}.{key}")
         else:
-            changes[key] = _tuples(value)
+            changes[key] = typed(value, hints[key], key, where)
     return dataclasses.replace(base, **changes)
-
-
-def _tuples(value):
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
 
 
 def read_config_file(path: str) -> dict:
@@ -79,7 +81,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, descrip
 
     argv = list(sys.argv[1:] if argv is None else argv)
     presets = dict(presets or {})
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--q` (a field) must not read as `--quick`
+    pre = _PreParser(add_help=False, allow_abbrev=False)  # `--q` (a field) must not read as `--quick`
     pre.add_argument("--config")
     for name in presets:
         pre.add_argument("--" + name, action="store_true")
@@ -102,5 +104,48 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, descrip
     ])
     # A preset flag defaults to off here although it may have been given: it has already been
     # applied to `base`, and a default of on would turn the flag into --no-<preset>.
-    out = tyro.cli(wrapper, args=argv, default=wrapper(job=base, config=known.config), prog=prog, description=description)
+    default = wrapper(job=base, config=known.config)
+    if "-h" in argv or "--help" in argv:  # tyro's help text as it is
+        return tyro.cli(wrapper, args=argv, default=default, prog=prog, description=description).job, chosen
+    # A parse error is one `error:` line like every other bad input, not tyro's multi-line box.
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box), contextlib.redirect_stdout(box):
+            out = tyro.cli(wrapper, args=argv, default=default, prog=prog, description=description)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise UserError(f"{_box_message(box.getvalue())} (see {prog} --help)") from None
+    sys.stderr.write(box.getvalue())  # a warning tyro printed on success is still shown
     return out.job, chosen
+
+
+class _PreParser(argparse.ArgumentParser):
+    """The pre-pass over --config and the presets: its errors (`--config` without a file) are
+    UserErrors, not argparse's usage text and exit."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def _box_message(text: str) -> str:
+    """The first section of tyro's error box on one line, with its "Perhaps you meant" flags."""
+    rows = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip().strip("│╭╮╰╯").strip() for line in text.splitlines()]
+    rows = [row for row in rows if row]
+    sections, current = [], []
+    for row in rows[1:]:  # rows[0]: the box's title (drawn in ASCII when stderr is not a terminal)
+        if set(row) <= set("─-╭╮╰╯ "):  # a rule between sections, or the bottom edge
+            sections.append(current)
+            current = []
+        else:
+            current.append(row)
+    sections = [s for s in sections + [current] if s]
+    if not sections:
+        return "cannot parse the arguments"
+    message = " ".join(sections[0])
+    for section in sections[1:]:
+        if section[0].startswith("Perhaps you meant"):
+            flags = [row.split()[0] for row in section[1:] if row.startswith("-")]
+            if flags:
+                message += f"; perhaps you meant {', '.join(flags[:3])}"
+    return message

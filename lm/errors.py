@@ -39,6 +39,9 @@ def cli(main: Callable[..., int]) -> Callable[..., int]:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C: the atomic writes have removed their temporaries while unwinding
+            print("error: interrupted; finished stages are kept, so the same command continues where it stopped", file=sys.stderr)
+            return 128 + signal.SIGINT
         except Exception as e:
             if not out_of_space(e):
                 raise

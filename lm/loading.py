@@ -30,13 +30,41 @@ class LoadedModel:
 
 def resolve(spec: str) -> tuple[str, str]:
     """Map a model spec to (local dir or hub id, display name), converting embedded/GGUF once."""
+    check_model_spec(spec)
     if spec == "embedded":
         return str(embedded_model_dir()), EMBEDDED_NAME
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
+        return str(converted_gguf_dir(path)), path.name
+    if path.exists():
+        return str(path), path.name
+    return spec, spec  # hub id
+
+
+# Path prefixes of huggingface.co itself, so no hub user or organisation has these names.
+HUB_RESERVED = ("models", "datasets", "spaces")
+
+
+def path_like(spec: str) -> bool:
+    """Whether a model spec names a local path rather than a hub id ('org/name'): it starts with
+    '.', '/' or '~', has more than one '/', a backslash or a .gguf suffix, or its first part is a
+    local directory or a name no hub account can have (models/x)."""
+    if spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1 or spec.endswith(".gguf"):
+        return True
+    first = spec.split("/")[0]
+    return "/" in spec and (first in HUB_RESERVED or Path(first).is_dir())
+
+
+def check_model_spec(spec: str) -> None:
+    """The checks of a model spec that need no model: a local path exists and holds a loadable
+    checkpoint. A path-like spec that does not exist is an error here, never a hub lookup."""
+    if spec == "embedded":
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file not found: {spec}")
-        return str(converted_gguf_dir(path)), path.name
+        return
     if path.exists():
         if not path.is_dir():
             raise UserError(f"not a model directory: {spec} (expected a directory with config.json and *.safetensors, or a .gguf file)")
@@ -46,10 +74,9 @@ def resolve(spec: str) -> tuple[str, str]:
             raise UserError(f"no *.safetensors weights in {spec}; only safetensors checkpoints are loaded (never pickles)")
         if not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"no tokenizer in {spec} (expected one of {', '.join(TOKENIZER_FILES)}); save the tokenizer with the model")
-        return str(path), path.name
-    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        return
+    if path_like(spec) or os.sep in spec.strip("/").replace("/", "", 1):
         raise UserError(f"model path not found: {spec}")
-    return spec, spec  # hub id
 
 
 def load_model(
@@ -70,7 +97,8 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+        where = "" if Path(path).exists() else " (no such local directory; looked up as a Hugging Face hub id)"
+        raise UserError(f"cannot load model {spec!r}{where}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
         raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
     packed = None

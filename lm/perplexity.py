@@ -38,10 +38,12 @@ def window_nll(model, tokenizer, n_windows: int = 16, seqlen: int = 512, text: s
 
     Kept per window so the perplexity can carry a bootstrap interval over windows.
     """
+    if n_windows <= 0 or seqlen <= 1:
+        raise UserError(f"perplexity needs at least one window of at least 2 tokens, got {n_windows} x {seqlen}")
     text = wikitext2_test() if text is None else text
     ids = tokenizer(text[: n_windows * seqlen * CHARS_PER_TOKEN_BOUND], return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     available = ids.numel() // seqlen
-    if available == 0 or n_windows <= 0:
+    if available == 0:
         raise UserError(f"perplexity text too short for one window of {seqlen} tokens")
     n = min(n_windows, available)
     windows = ids[: n * seqlen].view(n, seqlen)

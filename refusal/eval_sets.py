@@ -137,14 +137,28 @@ def load_prompts(names: tuple[str, ...], n: int | None = None) -> list[Prompt]:
 
 
 def check_names(names) -> tuple[str, ...]:
-    """A CLI's set names, checked before any model loads (a user file is read and parsed here)."""
+    """A CLI's set names, checked before any model loads (a user file is read and parsed here, and
+    must hold at least one prompt that no stage fits on)."""
     names = tuple(names)
     for name in names:
         if name.startswith("file:"):
-            user_file(name.removeprefix("file:"))
+            path = name.removeprefix("file:")
+            if not held_out(user_file(path)):
+                raise UserError(f"{path}: every prompt in the file is one a stage fits on (direction, selection or calibration "
+                                "prompts); evaluation prompts must be held out")
         elif name not in HARMFUL_SETS + HARMLESS_SETS:
             raise UserError(f"unknown evaluation set {name!r}; choose from {', '.join(HARMFUL_SETS + HARMLESS_SETS)} or file:PATH")
     return names
+
+
+def check_roles(harmful: tuple[str, ...], harmless: tuple[str, ...]) -> None:
+    """ASR is measured on harmful sets and over-refusal on harmless ones: a built-in set given in the
+    other role would report a refusal rate on harmful prompts as over-refusal (or the reverse)."""
+    for names, role, allowed, flag in ((harmful, "harmful", HARMFUL_SETS, "eval_sets"), (harmless, "harmless", HARMLESS_SETS, "harmless_sets")):
+        wrong = [n for n in names if not n.startswith("file:") and n not in allowed]
+        if wrong:
+            raise UserError(f"{flag} (--{flag.replace('_', '-')}) takes {role} sets ({', '.join(allowed)} or file:PATH), "
+                            f"got {', '.join(wrong)}")
 
 
 def overlap_with_fitted(prompts: list[Prompt]) -> int:

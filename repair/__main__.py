@@ -6,26 +6,41 @@ refusal direction's source that best brings refusal back) and a targeted restora
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from compression.checkpoint import read_manifest
+from lm.cache import sweep_temporaries
 from lm.cli import parse_config
 from lm.errors import UserError, cli
-from lm.loading import load_model
+from lm.loading import check_model_spec, load_model
+from refusal.eval_sets import check_roles
 
 from .derivation import derivation_records, module_groups
 from .pipeline import Repair, RepairConfig
 
 
 def parse_args(argv=None) -> RepairConfig:
-    """Flags generated from RepairConfig's fields (lm.cli); the measurement store defaults to the main job's."""
-    cfg, _ = parse_config(RepairConfig, argv, prog="python -m repair", description=__doc__.strip().split("\n\n")[1],
-                          defaults=RepairConfig(measurements_dir="runs/measurements"))
+    """Flags generated from RepairConfig's fields (lm.cli). The measurement store defaults to the main
+    job's (runs/measurements) under the default --runs-dir, to <runs-dir>/measurements under another."""
+    cfg, _ = parse_config(RepairConfig, argv, prog="python -m repair", description=__doc__.strip().split("\n\n")[1])
     for name in ("compressed",) if cfg.check else ("compressed", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
+    if cfg.measurements_dir is None:
+        store = "runs/measurements" if cfg.runs_dir == RepairConfig.runs_dir else str(Path(cfg.runs_dir) / "measurements")
+        cfg = dataclasses.replace(cfg, measurements_dir=store)
     return cfg
+
+
+def validate(cfg: RepairConfig) -> None:
+    """What can be checked before either model loads: both model paths, the sets' roles, --out."""
+    check_model_spec(cfg.original)
+    check_model_spec(cfg.compressed)
+    check_roles(cfg.eval_sets, cfg.harmless_sets)
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} exists and is not a directory")
 
 
 def check(cfg: RepairConfig) -> str:
@@ -49,9 +64,12 @@ def check(cfg: RepairConfig) -> str:
 @cli
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    validate(cfg)
     if cfg.check:
         print(check(cfg))
         return 0
+    for root in (cfg.runs_dir, cfg.measurements_dir):  # what a killed earlier invocation left half-written
+        sweep_temporaries(Path(root))
     Repair(cfg).run()
     return 0
 
