@@ -4,9 +4,11 @@ the values that depend on the device (`CompareConfig.resolved`)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 from compression.calibration import TEXT_SOURCE, CalibrationConfig
 from lm.errors import UserError
@@ -14,6 +16,7 @@ from lm.perplexity import check_disjoint_from_calibration
 from lm.validation import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges, plain_name
 from refusal.eval_sets import check_names, check_roles
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig
+from repair.anchored import AnchoredConfig
 
 # The issue-sized comparison: Wanda at three sparsities and 2:4, SNIP, SparseGPT, Wei et al.'s set
 # difference, GPTQ and RTN. Set difference at p = q = 1%: on the embedded model it broke refusal
@@ -44,7 +47,7 @@ class CompareConfig:
     eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
     n_asr: int = 50  # first prompts of each harmful evaluation set
     harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets for over-refusal: alpaca or file:PATH
-    n_harmless: int = 50  # first prompts of each harmless set
+    n_harmless: int = 100  # first prompts of each harmless set (100: what a repair's over-refusal claim needs; 50 detects 16 points)
     #: The measurement store (refusal.measure), shared by every entry point that points at it, so the
     #: same model under the same settings is generated once; None: <runs_dir>/measurements.
     measurements_dir: str | None = None
@@ -84,10 +87,15 @@ class CompareConfig:
     zero_shot_limit: int | None = None
     #: Zero-shot tasks, or 'all'. None: all 7 on a GPU; boolq rte winogrande arc_easy on CPU.
     zero_shot_tasks: tuple[str, ...] | None = None
-    #: AIRD + targeted repair (repair/) of every variant whose direction changed (cosine at the
-    #: original's source below repair_below).
+    #: Repair (repair/: anchored restoration, AIRD and the static baseline) of the variants that need
+    #: it: with repair_when="evidence", those whose held-out ASR rose significantly against the
+    #: original (exact McNemar, Arditi judge, Holm over the variants) and did not collapse; with
+    #: "direction", those whose direction's cosine at the original's source is below repair_below.
     repair: bool = True
-    repair_below: float = 0.99  # repair a variant whose direction's cosine at the original's source is below this
+    repair_when: Literal["evidence", "direction"] = "evidence"  # which variants are repaired: ASR rose significantly, or the direction moved
+    repair_below: float = 0.99  # with repair_when="direction": repair a variant whose cosine at the original's source is below this
+    #: The anchored restoration's settings (the same flags as python -m repair's --anchored.*).
+    anchored: Annotated[AnchoredConfig, tyro.conf.arg(name="anchored")] = field(default_factory=AnchoredConfig)
     #: The repair's evaluation sizes (the repair_* fields): None = the comparison's own (so the
     #: original's and the compressed model's measurements are reused), on a GPU with adversarial
     #: suffixes and a 4-point restoration curve; on CPU vanilla ASR only and a 2-point curve on 16

@@ -30,11 +30,15 @@ def make_figures(results: dict, report: dict) -> dict:
             "Held-out accuracy of each model's own harmfulness probes (x: the probe cell)", value="accuracy", zrange=(0.5, 1),
             colorscale="Viridis", reverse=False)
     if report.get("repairs"):
+        from repair.front_report import front_figure
         from repair.report import before_after_figure, curve_figure, file_slug
 
         for variant, r in report["repairs"].items():
-            figs[f"repair_{file_slug(variant)}"] = before_after_figure(r, f"AIRD before/after: {variant}")
-        figs["repair_curve"] = curve_figure(report["repairs"])
+            figs[f"repair_{file_slug(variant)}"] = before_after_figure(r, f"Repair before/after: {variant}")
+            if r.get("front"):
+                figs[f"repair_front_{file_slug(variant)}"] = front_figure(r, f"Repair front: {variant}")
+        if any(r.get("curve") for r in report["repairs"].values()):
+            figs["repair_curve"] = curve_figure({v: r for v, r in report["repairs"].items() if r.get("curve")})
     ref = results["original"][1].get("selection")
     if ref is None:
         return figs

@@ -1,5 +1,7 @@
-"""The main job's repair stage: AIRD + targeted repair (repair/) of every saved variant whose
-refusal direction changed at the original's source, with the comparison's settings."""
+"""The main job's repair stage: the repair (repair/) of every saved variant that needs it, with the
+comparison's settings. A variant needs repair when its held-out ASR rose significantly against the
+original and it did not collapse (the evidence criterion, the default), or, with
+repair_when="direction", when its refusal direction moved at the original's source."""
 
 from __future__ import annotations
 
@@ -27,7 +29,27 @@ def repair_config(c: CompareConfig, variant_dir, run_dir, checkpoint=None):
                         max_new_tokens=c.repair_max_new_tokens, adv_suffix=c.repair_adv_suffix,
                         curve_fractions=tuple(c.repair_curve_fractions), ppl_windows=c.ppl_windows, ppl_seqlen=c.ppl_seqlen,
                         zero_shot_limit=c.zero_shot_limit, zero_shot_tasks=tuple(c.zero_shot_tasks), batch_size=c.batch_size,
-                        select_compressed=c.select_variants, probes=c.probes, n_refusal_probe=c.n_refusal_probe)
+                        select_compressed=c.select_variants, probes=c.probes, n_refusal_probe=c.n_refusal_probe,
+                        anchored_cfg=c.anchored)
+
+
+def repair_reason(row: dict, c: CompareConfig) -> tuple[bool, str]:
+    """(repair it?, why): the evidence criterion reads the main table's ASR test against the original."""
+    if c.repair_when == "direction":
+        cos = row.get("cosine_at_original_source")
+        if cos is None:
+            return False, "no cosine at the original's source"
+        return cos < c.repair_below, f"cosine at the original's source {cos:.3f} ({'below' if cos < c.repair_below else 'not below'} {c.repair_below})"
+    test = ((row.get("tests") or {}).get("asr") or {}).get("arditi2024")
+    if test is None:
+        return False, "no paired ASR test against the original"
+    rose = bool(test.get("significant")) and test["b"] > test["c"]
+    p = f"p = {test.get('p_holm', test['p_value']):.2g} after Holm"
+    if not rose:
+        return False, f"ASR did not rise significantly ({p})"
+    if (row.get("collapse") or {}).get("collapsed"):
+        return False, f"ASR rose ({p}) but the model collapsed: its completions are broken text, not compliance"
+    return True, f"ASR rose significantly against the original ({p})"
 
 
 def repair_variants(c: CompareConfig, base, run_dir, results: dict, report: dict, clock: RunClock) -> dict:
@@ -41,12 +63,13 @@ def repair_variants(c: CompareConfig, base, run_dir, results: dict, report: dict
         return {}
     out = {}
     for row in report["variants"][1:]:
-        cos = row.get("cosine_at_original_source")
-        if cos is None or cos >= c.repair_below:
+        needed, why = repair_reason(row, c)
+        if not needed:
+            _log(f"{row['variant']}: not repaired ({why})")
             continue
         spec, own = next((s, r) for s, r in results.values() if s.text == row["variant"])
         vdir = run_dir / "variants" / spec.slug
-        _log(f"{spec.text}: repairing (cosine at the original's source {cos:.3f})")
+        _log(f"{spec.text}: repairing ({why})")
         out[row["variant"]] = Repair(repair_config(c, vdir, run_dir, spec.params.get("path") if spec.method == "path" else None), original=base, selection=ref, own_selection=own.get("selection")).run()
         clock.tick()
     return out

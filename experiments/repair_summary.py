@@ -4,7 +4,7 @@
 
 Reads each directory's repair.json (no model is loaded) and prints the markdown table of the main
 job's repair section; with --figures-dir, writes the AIRD-vs-targeted curve of all checkpoints and
-each checkpoint's before/after bars there as HTML + PNG.
+each checkpoint's before/after bars and cost-benefit front there as HTML + PNG.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lm.errors import UserError, cli
 
-from .report import _repair_section
+from .report import repair_section
 
 
 def load_results(dirs: list[str]) -> dict[str, dict]:
@@ -41,15 +41,19 @@ def main(argv=None) -> int:
     p.add_argument("--figures-dir", help="write repair_curve and repair_<checkpoint> figures here (HTML + PNG)")
     a = p.parse_args(argv)
     results = load_results(a.dirs)
-    print("\n".join(_repair_section(results)).strip())
+    print("\n".join(repair_section(results)).strip())
     if a.figures_dir:
+        from repair.front_report import front_figure
         from repair.report import before_after_figure, curve_figure, file_slug
 
         from .figures import export
 
-        figs = {"repair_curve": curve_figure(results)}
+        curves = {name: r for name, r in results.items() if r.get("curve")}
+        figs = {"repair_curve": curve_figure(curves)} if curves else {}
         for name, r in results.items():
-            figs[f"repair_{file_slug(name)}"] = before_after_figure(r, f"AIRD and targeted repair: {name}")
+            figs[f"repair_{file_slug(name)}"] = before_after_figure(r, f"Repair before/after: {name}")
+            if r.get("front"):
+                figs[f"repair_front_{file_slug(name)}"] = front_figure(r, f"Repair front: {name}")
         for line in export(figs, Path(a.figures_dir)):
             print(line, file=sys.stderr)
     return 0

@@ -126,7 +126,7 @@ def render_markdown(report: dict) -> str:
         if report.get("figures"):
             lines += ["", "Figures: " + ", ".join(f"[{k}]({p})" for k, p in report["figures"].items())]
     if report.get("repairs"):
-        lines += _repair_section(report["repairs"])
+        lines += repair_section(report["repairs"])
     lines += ["", "## Sample completions", ""]
     for v in report["variants"]:
         lines.append(f"### {v['variant']}")
@@ -222,21 +222,24 @@ def _zero_shot(z: dict | None) -> str:
     return f"{fmt_rate(z['rate']) if z.get('rate') else format(z['average'], '.1%')} (limit {z['limit'] or 'all'})"
 
 
-def _repair_section(repairs: dict) -> list[str]:
-    """One row per repaired variant: AIRD's block and cost, and what it and targeted restoration changed."""
-    lines = ["", "## Repair (AIRD and targeted restoration)", "",
-             "For each variant whose direction changed at the original's source: AIRD restores the one block before the "
-             "source that best brings refusal back (KL <= 0.1 on harmless prompts); targeted restoration brings back only "
-             "the weights with the largest attributed effect on refusal, until the refusal rate on harmful val prompts reaches "
-             "AIRD's. ASR: vanilla, Arditi judge, on the held-out evaluation prompts, with 95% intervals; p: exact McNemar "
-             "test against the compressed model on the same prompts, Holm within each repair's family of comparisons "
-             "(* = significant at 5%). Over-refusal: refusal rate on held-out harmless prompts. Per-variant details in "
+def repair_section(repairs: dict) -> list[str]:
+    """One row per repaired variant: the anchored repair against AIRD, the static baseline at the
+    same cost, the compressed model and the original, each with its paired test."""
+    lines = ["", "## Repair", "",
+             "For each variant that needed it (see the log line per variant): anchored restoration (repair.anchored) restores, "
+             "step by step and re-scored each step, the changed weights that bring the model's replies and residual stream closest to "
+             "the original's, and stops where refusal on validation prompts reaches the original's; AIRD restores the one block "
+             "before the source; the static baseline restores as many weights as the anchored repair by the original's Wanda "
+             "safety score within each matrix. ASR: vanilla, Arditi judge, on the held-out evaluation prompts, with 95% intervals; "
+             "p: exact McNemar test on the same prompts, Holm within each repair's family of comparisons (* = significant at 5%). "
+             "Over-refusal: on held-out harmless prompts. Per-variant details and the front in "
              "`variants/<variant>/repaired/repair.md`.", "",
-             "| variant | AIRD block | AIRD restores | ASR compressed | ASR AIRD | p | ASR targeted | p | over-refusal compressed / AIRD / targeted | ppl compressed / AIRD | zero-shot compressed / AIRD | cos @ source compressed / AIRD | targeted restores |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | ASR original | ASR compressed | AIRD: restores, ASR | anchored: restores (of changed), ASR | p vs compressed | p vs AIRD | "
+             "p vs original | static at the same cost: ASR, p vs anchored | over-refusal original / compressed / anchored | ppl compressed / anchored |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, r in repairs.items():
         st = r["states"]
-        a = st["aird"]
+        family = ((r.get("tests") or {}).get("asr_vanilla") or {}).get("arditi2024", [])
 
         def asr(name):
             if name not in st:
@@ -248,26 +251,26 @@ def _repair_section(repairs: dict) -> list[str]:
             rate = (st.get(name, {}).get("rates") or {}).get("over_refusal")
             return fmt_rate(rate["arditi2024"]) if rate else "-"
 
-        def p(first):
-            family = ((r.get("tests") or {}).get("asr_vanilla") or {}).get("arditi2024", [])
-            t = next((t for t in family if t["first"] == first and t["second"] == "compressed"), None)
-            return fmt_p(t)
-
-        def zs(name):
-            z, rates = st[name].get("zero_shot"), st[name].get("zero_shot_rates")
-            return "-" if not z else fmt_rate(rates["average"]) if rates else f"{z['average']:.1%}"
+        def p(first, second):
+            return fmt_p(next((t for t in family if t["first"] == first and t["second"] == second), None))
 
         def ppl(name):
+            if name not in st:
+                return "-"
             return fmt_value_ci(st[name]["perplexity_ci"]) if st[name].get("perplexity_ci") else f"{st[name]['perplexity']:.2f}"
 
-        t = r.get("targeted") or {}
-        targeted = f"{t['k']:,} ({small_pct(t['k'] / a['restored'])} of AIRD)" if t.get("reached") else "target not reached"
-        lines.append(f"| {variant} | {r['aird']['layer']} | {a['restored']:,} ({small_pct(a['restored_fraction_of_model'])} of model) | "
-                     f"{asr('compressed')} | {asr('aird')} | {p('aird')} | {asr('targeted')} | {p('targeted')} | "
-                     f"{over('compressed')} / {over('aird')} / {over('targeted')} | {ppl('compressed')} / {ppl('aird')} | "
-                     f"{zs('compressed')} / {zs('aird')} | {st['compressed']['cosine_at_source']:.3f} / {a['cosine_at_source']:.3f} | {targeted} |")
-    sentences = [f"- {variant}: {f}" for variant, r in repairs.items() for f in r.get("findings", [])[:3]]
+        def restores(name):
+            return f"{st[name]['restored']:,}" if name in st else "-"
+
+        front = r.get("front") or {}
+        changed = (front.get("anchored") or {}).get("changed")
+        share = f" ({small_pct(st['anchored']['restored'] / changed)})" if "anchored" in st and changed else ""
+        lines.append(f"| {variant} | {asr('original')} | {asr('compressed')} | {restores('aird')}, {asr('aird')} | "
+                     f"{restores('anchored')}{share}, {asr('anchored')} | {p('anchored', 'compressed')} | {p('anchored', 'aird')} | "
+                     f"{p('anchored', 'original')} | {asr('static')}, {p('static', 'anchored')} | "
+                     f"{over('original')} / {over('compressed')} / {over('anchored')} | {ppl('compressed')} / {ppl('anchored')} |")
+    sentences = [f"- {variant}: {f}" for variant, r in repairs.items() for f in r.get("findings", [])]
     if sentences:
-        lines += ["", "Paired tests (Arditi judge, vanilla ASR; AIRD and targeted against the compressed model, targeted against AIRD):", ""]
+        lines += ["", "Paired tests (Arditi judge):", ""]
         lines += sentences
     return lines

@@ -1,17 +1,20 @@
-"""The repair table's paired comparisons: exact McNemar tests of AIRD and targeted repair against
-the compressed model, of targeted against AIRD and of the compressed model against the original,
-Holm-corrected within each measure and judge; and the sentences read from them."""
+"""The repair table's paired comparisons: exact McNemar tests of each repair against the compressed
+model, of the anchored repair against AIRD, the original and the static baseline at the same cost,
+and of the compressed model against the original, Holm-corrected within each measure and judge;
+perplexity by the exact Wilcoxon test of the per-window differences (Holm over the same pairs); and
+the sentences read from them."""
 
 from __future__ import annotations
 
 from refusal.judges import JUDGE_NAMES
-from refusal.measure import paired
+from refusal.measure import paired, paired_perplexity
 
 from .report import LABELS
 
 
 # The paired comparisons of the repair table: (first, second), the test asks whether they differ.
-COMPARISONS = (("aird", "compressed"), ("targeted", "compressed"), ("targeted", "aird"), ("compressed", "original"))
+COMPARISONS = (("aird", "compressed"), ("anchored", "compressed"), ("anchored", "aird"), ("anchored", "original"), ("static", "anchored"),
+               ("anchored_at_aird", "aird"), ("targeted", "compressed"), ("targeted", "aird"), ("compressed", "original"))
 
 
 def paired_tests(evals: dict) -> dict:
@@ -33,12 +36,20 @@ def paired_tests(evals: dict) -> dict:
                 by_judge[judge] = add_holm(family)
         if by_judge:
             out[name] = by_judge
+    family = []
+    for a, b in COMPARISONS:
+        if a in evals and b in evals and "perplexity" in evals[a] and "perplexity" in evals[b]:
+            t = paired_perplexity(evals[a]["perplexity"], evals[b]["perplexity"])
+            if t is not None:
+                family.append(dict(t, first=a, second=b))
+    if family:
+        out["perplexity"] = {"wilcoxon": add_holm(family)}
     return out
 
 
 def findings(rows: dict, tests: dict) -> list[str]:
     """The report's sentences on the repairs (Arditi judge), each a change only where the test says so."""
-    from refusal.stats import describe_change
+    from refusal.stats import describe_change, describe_ratio
 
     out = []
     for name, measure_key, what in (("asr_vanilla", ("asr", "vanilla"), "vanilla ASR"), ("over_refusal", ("over_refusal",), "over-refusal")):
@@ -50,4 +61,7 @@ def findings(rows: dict, tests: dict) -> list[str]:
             # Read as a change from the second state to the first: b counts prompts true only in the first.
             flipped = dict(t, b=t["c"], c=t["b"])
             out.append(describe_change(LABELS[t["second"]], LABELS[t["first"]], rate(t["second"]), rate(t["first"]), flipped, what))
+    for t in tests.get("perplexity", {}).get("wilcoxon", []):
+        # The test's ratio is the first state's perplexity over the second's.
+        out.append(describe_ratio(LABELS[t["second"]], LABELS[t["first"]], rows[t["second"]]["perplexity"], rows[t["first"]]["perplexity"], t))
     return out

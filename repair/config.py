@@ -12,7 +12,10 @@ from refusal.eval_sets import check_names
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS
 
 from .aird import AirdConfig
+from .anchored import AnchoredConfig
 from .targeted import TargetedConfig
+
+METHODS = ("anchored", "aird", "targeted", "static")
 
 
 @dataclass
@@ -34,14 +37,26 @@ class RepairConfig:
     #: its selected one.
     source: tuple[int, int] | None = None
     aird: Annotated[AirdConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=AirdConfig)  # AIRD's block choice
-    targeted: bool = True  # also run the targeted restoration (far fewer weights than AIRD)
+    anchored: bool = True  # run the anchored restoration (repair.anchored; the default repair)
+    #: Anchored restoration: iterative, re-scored restoration towards the original's replies and
+    #: residual stream, stopped where refusal on validation prompts reaches the original's.
+    anchored_cfg: Annotated[AnchoredConfig, tyro.conf.arg(name="anchored")] = field(default_factory=AnchoredConfig)
+    #: The static baseline (repair.static_ranking): the original's Wanda safety score ranked within
+    #: each matrix; read on the validation prompts at these fractions of the changed weights (and
+    #: at the anchored repair's count, where it is also evaluated on the held-out prompts).
+    static_fractions: tuple[float, ...] = (0.03, 0.1, 0.3)
+    targeted: bool = False  # also run the one-shot first-order targeted restoration (repair.targeted; a baseline)
     targeted_cfg: Annotated[TargetedConfig, tyro.conf.arg(name="targeted")] = field(default_factory=TargetedConfig)  # targeted restoration
-    curve_fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # restored fractions of AIRD's count at which ASR is measured for the curve
-    save: Literal["aird", "targeted"] = "aird"  # which repaired model becomes the output checkpoint
+    #: Restored fractions of AIRD's count at which vanilla ASR is measured on held-out prompts for
+    #: the AIRD / targeted curve (empty: none; the front on validation prompts replaces it).
+    curve_fractions: tuple[float, ...] = ()
+    #: Which repaired model becomes the output checkpoint; None: the anchored repair's, or AIRD's
+    #: when the anchored repair is off.
+    save: Literal["anchored", "aird", "targeted", "static"] | None = None
     eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
     n_asr: int = 50  # first prompts of each harmful evaluation set
     harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets for over-refusal: alpaca or file:PATH
-    n_harmless: int = 50  # first prompts of each harmless set
+    n_harmless: int = 100  # first prompts of each harmless set (100: n = 50 could only detect 16 points)
     curve_n_asr: int | None = None  # prompts of each set for the restoration curve's points (None: n_asr)
     measurements_dir: str | None = None  # the measurement store, shared with the other entry points; None: <runs_dir>/measurements
     max_new_tokens: int = 128  # tokens generated per completion
@@ -58,12 +73,17 @@ class RepairConfig:
     n_refusal_probe: int = 128  # harmful training prompts the original generates to fit its refusal-prediction probe (0: none)
 
     def __post_init__(self):
-        if self.save not in ("aird", "targeted"):
-            raise UserError(f"save must be 'aird' or 'targeted', got {self.save!r}")
-        if self.save == "targeted" and not self.targeted:
-            raise UserError("save='targeted' needs the targeted repair (do not disable it)")
+        if self.save is not None and self.save not in METHODS:
+            raise UserError(f"save must be one of {', '.join(METHODS)}, got {self.save!r}")
+        for method in ("anchored", "targeted"):
+            if self.save == method and not getattr(self, method):
+                raise UserError(f"--save {method} needs the {method} repair (do not disable it)")
+        if self.save == "static" and not self.anchored:
+            raise UserError("--save static needs the anchored repair (the static baseline is evaluated at its cost)")
         if any(not 0 < f <= 1 for f in self.curve_fractions):
             raise UserError(f"curve fractions must lie in (0, 1], got {self.curve_fractions}")
+        if any(not 0 < f <= 1 for f in self.static_fractions):
+            raise UserError(f"static fractions must lie in (0, 1], got {self.static_fractions}")
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
         for name in ("n_asr", "n_harmless", "n_val", "n_train", "max_new_tokens", "ppl_windows"):
             if getattr(self, name) <= 0:
@@ -77,3 +97,8 @@ class RepairConfig:
         from lm.zero_shot import task_names
 
         self.zero_shot_tasks = task_names(self.zero_shot_tasks)  # an unknown task fails here, not after hours of work
+
+    @property
+    def saved_method(self) -> str:
+        """The repair whose checkpoint is written: --save, else anchored (AIRD when anchored is off)."""
+        return self.save or ("anchored" if self.anchored else "aird")

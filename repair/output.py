@@ -38,7 +38,7 @@ def repair_manifest(cfg, base_manifest: dict | None, model, result: dict, aird_b
     manifest.setdefault("base_fingerprint", fp_orig)
     manifest["sparsity"] = sparsity_report(model)
     manifest["repair"] = dict(
-        method=cfg.save, source=result["source"], aird_block=aird_block, restored=count(masks),
+        method=cfg.saved_method, source=result["source"], aird_block=aird_block, restored=count(masks),
         restored_fraction_of_model=count(masks) / result["model_params"], compressed_checkpoint=str(cfg.compressed),
         compressed_fingerprint=fp_comp, original_fingerprint=fp_orig,
         sparsity_before=result["states"]["compressed"]["sparsity"],
@@ -52,8 +52,14 @@ def write_readable(where: Path, result: dict, label: str) -> None:
 
     from .report import before_after_figure, curve_figure, render_markdown
 
-    figs = {"repair_before_after": before_after_figure(result), "repair_curve": curve_figure({label: result})}
-    atomic_write_text(where / "repair.md", render_markdown(result))
+    from .front_report import front_figure, front_section
+
+    figs = {"repair_before_after": before_after_figure(result)}
+    if result.get("curve"):
+        figs["repair_curve"] = curve_figure({label: result})
+    if result.get("front"):
+        figs["repair_front"] = front_figure(result)
+    atomic_write_text(where / "repair.md", render_markdown(result, middle=front_section(result)))
     write_plotlyjs(where / "figures")
     for name, fig in figs.items():
         atomic_write_text(where / "figures" / f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True))

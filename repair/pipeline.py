@@ -40,6 +40,7 @@ from .aird import choose_aird_block
 from .config import RepairConfig
 from .derivation import checkpoint_name, derivation_records, summarise
 from .evaluation import StateEvaluation
+from .front import FrontStage
 from .output import jsonable, packed_weights, repair_manifest, write_output
 from .refusal_probe import RefusalProbe
 from .restore import block_masks, block_params, count, restore_entries, restored
@@ -161,8 +162,32 @@ class Repair:
         aird_masks = block_masks(self.model, self.original, aird["layer"])
         chosen = next(c for c in aird["candidates"] if c["layer"] == aird["layer"])
         aird_reading = {k: chosen[k] for k in ("refusal_score", "kl", "projection")}
-        if not self.cfg.targeted:
-            return Choice(aird, aird_masks, aird_reading)
+        targeted, scores = (self.choose_targeted(d, key, aird, aird_masks, aird_reading) if self.cfg.targeted else (None, None))
+        front = None
+        if self.cfg.anchored:
+            stage = FrontStage(self.model, self.original, self.tok, self.cfg.anchored_cfg, self.cfg.seed, d.source[1], self.dir, self.orig_dir,
+                               keys=dict(original=self.fp_orig, compressed=self.fp_comp), matrix_bytes=self.matrix_bytes(), log=_log)
+            reached = targeted is not None and targeted["reached"]
+            front = stage.run(aird_masks, self.cfg.static_fractions, top_masks(scores, targeted["k"]) if reached else None)
+            a = front.search
+            _log(f"anchored restoration: {a['points'][a['chosen']]['restored']:,} of {a['changed']:,} changed weights ({a['reason']})")
+        return Choice(aird, aird_masks, aird_reading, targeted, scores, front)
+
+    def matrix_bytes(self) -> dict[str, int] | None:
+        """Net bytes each packed matrix adds to the output when stored at full precision (None: not packed)."""
+        if self.comp.packed is None:
+            return None
+        params = dict(self.model.named_parameters())
+        out = {}
+        for module in self.comp.packed.quantized:
+            name = f"{module}.weight"
+            if name in params:
+                cost = full_precision_cost(Path(self.comp.path), self.comp.packed, {module: tuple(params[name].shape)})
+                out[name] = max(0, cost["bytes_added_net"])
+        return out
+
+    def choose_targeted(self, d: Diagnosis, key: dict, aird: dict, aird_masks, aird_reading: dict):
+        """The one-shot first-order targeted restoration (a baseline): its scores and budget search."""
         tkey = {**key, "train": digest(d.prompts["harmful_train"]), "targeted": dataclasses.asdict(self.cfg.targeted_cfg)}
         scores = cached_tensors(self.dir / "targeted_scores.safetensors", tkey, lambda: self.attribution(d))
         reply_tokens = self.cfg.targeted_cfg.reply_tokens
@@ -172,7 +197,7 @@ class Repair:
         targeted = cached_json(self.dir / "targeted_search.json", {**tkey, "target": aird_reading["refusal_rate"]},
                                lambda: timed(lambda: search_budget(self.model, self.original, self.probe(d), scores, aird["restored"],
                                                                     aird_reading["refusal_rate"], self.cfg.targeted_cfg)))
-        return Choice(aird, aird_masks, aird_reading, targeted, scores)
+        return targeted, scores
 
     def attribution(self, d: Diagnosis) -> dict[str, torch.Tensor]:
         """First-order restoration scores of every changed weight before the source (repair.targeted)."""
@@ -214,6 +239,8 @@ class Repair:
     def states(self, ch: Choice) -> dict[str, dict[str, torch.Tensor] | None]:
         """Restoration masks applied to the compressed model for each evaluated state."""
         out = {"compressed": {}, "aird": ch.aird_masks}
+        if ch.front is not None:
+            out.update(ch.front.masks)
         if ch.targeted is not None and ch.targeted["reached"]:
             out["targeted"] = self.targeted_masks(ch, ch.targeted["k"])
         return out
@@ -246,6 +273,8 @@ class Repair:
 
     def curve(self, d: Diagnosis, ch: Choice, ev: StateEvaluation) -> dict:
         """Vanilla ASR against restored weights, for AIRD (random parts of its block) and targeted (top-k)."""
+        if not self.cfg.curve_fractions:
+            return {}
         total = ch.aird["restored"]
         ks = sorted({max(1, round(f * total)) for f in self.cfg.curve_fractions if f < 1})
         methods = {"aird": lambda k: self.aird_partial_masks(ch, k)}
@@ -278,7 +307,7 @@ class Repair:
 
     def write(self, ch: Choice, result: dict) -> dict:
         """The chosen repair applied for good, and `out` written (or kept, when it already holds it)."""
-        masks = self.states(ch)[self.cfg.save]
+        masks = self.states(ch)[self.cfg.saved_method]
         restore_entries(self.model, self.original, masks)
         manifest = repair_manifest(self.cfg, self.manifest, self.model, result, ch.aird["layer"], masks, (self.fp_orig, self.fp_comp))
         packed_from = None
@@ -288,6 +317,6 @@ class Repair:
             manifest["repair"]["stored"], result = stored, {**result, "stored": stored}
             packed_from = (Path(self.comp.path), self.comp.packed, weights)
         held, written = write_output(Path(self.cfg.out), self.model, self.tok, manifest, result, self.dir.name.rsplit("-", 1)[0], packed_from)
-        _log(f"wrote {self.cfg.out} ({self.cfg.save}-repaired checkpoint, repair.md)" if written else
+        _log(f"wrote {self.cfg.out} ({self.cfg.saved_method}-repaired checkpoint, repair.md)" if written else
              f"{self.cfg.out} already holds this repair: checkpoint kept, repair.md and figures redrawn")
         return held

@@ -7,7 +7,8 @@ import math
 from refusal.stats import detectable_sentence, fmt_p, fmt_rate, fmt_value_ci
 
 JUDGES = (("wei2024", "Wei"), ("arditi2024", "Arditi"))
-LABELS = {"original": "original", "compressed": "compressed", "aird": "AIRD", "targeted": "targeted"}
+LABELS = {"original": "original", "compressed": "compressed", "aird": "AIRD", "anchored": "anchored", "anchored_at_aird": "anchored at AIRD's cost",
+          "static": "static ranking", "targeted": "targeted"}
 # Curve points whose harmless next-token distribution moved this far are marked broken.
 BROKEN_KL = 1.0
 
@@ -73,7 +74,8 @@ def _kind_text(kind: str) -> str:
     return KIND_TEXT.get(kind, kind)
 
 
-def render_markdown(r: dict) -> str:
+def render_markdown(r: dict, middle: list[str] | None = None) -> str:
+    """repair.md; `middle`: sections placed after the paired tests (the front, repair.front_report)."""
     states = r["states"]
     lines = [
         f"# Repair of `{r['compressed']}`",
@@ -121,6 +123,7 @@ def render_markdown(r: dict) -> str:
     row("collapsed", lambda s: "yes: " + s["collapse"]["reason"] if s["collapse"]["collapsed"] else "no")
 
     lines += _tests_section(r)
+    lines += middle or []
     lines += _probe_section(r)
     a = r["aird"]
     lines += ["", f"## AIRD block choice ({a['reason']})", "",
@@ -184,12 +187,19 @@ def _tests_section(r: dict) -> list[str]:
              "refused), c: only the second; p after Holm within each family (one measure, one judge); * significant at 5%.", "",
              "| measure | judge | first vs second | b | c | p | p (Holm) |", "|---|---|---|---|---|---|---|"]
     for measure, by_judge in tests.items():
+        if measure == "perplexity":
+            continue
         for judge, family in by_judge.items():
             for t in family:
                 lines.append(f"| {measure} | {judge} | {LABELS[t['first']]} vs {LABELS[t['second']]} | {t['b']} | {t['c']} | "
                              f"{t['p_value']:.2g} | {fmt_p(t)} |")
     ev = (r.get("evaluation") or {}).get("harmful", {})
-    floor = detectable_sentence(ev, len(next(iter(tests.values()))["arditi2024"]), "comparisons")
+    floor = detectable_sentence(ev, len(tests["asr_vanilla"]["arditi2024"]), "comparisons") if "asr_vanilla" in tests else ""
+    ppl = tests.get("perplexity", {}).get("wilcoxon", [])
+    if ppl:
+        lines += ["", "| perplexity | first vs second | ratio (first / second) | p | p (Holm) |", "|---|---|---|---|---|"]
+        lines += [f"| Wilcoxon, {t['n']} windows | {LABELS[t['first']]} vs {LABELS[t['second']]} | {fmt_value_ci(dict(value=t['ratio'], ci95=t['ci95']), '.3f')} | "
+                  f"{t['p_value']:.2g} | {fmt_p(t)} |" for t in ppl]
     if floor:
         lines += ["", floor]
     if r.get("findings"):
@@ -237,7 +247,7 @@ def before_after_figure(r: dict, title: str | None = None):
                              error_y=error_bars([s["rates"]["over_refusal"]["arditi2024"] for s in states.values()])))
     fig.add_trace(go.Scatter(x=names, y=[110] * len(names), mode="text", text=[_density_label(s) for s in states.values()],
                              showlegend=False, textfont_size=12))
-    fig.update_layout(title=(title or f"AIRD before/after: {r['compressed']}") + "<br><sup>95% intervals</sup>", barmode="group", xaxis_title="model state",
+    fig.update_layout(title=(title or f"Repair before/after: {r['compressed']}") + "<br><sup>95% intervals</sup>", barmode="group", xaxis_title="model state",
                       yaxis_title="attack success rate (%)", yaxis_range=[0, 124],
                       yaxis_tickvals=list(range(0, 101, 20)), height=450, width=900)
     return fig

@@ -47,10 +47,11 @@ class Diagnosis:
 @dataclass(frozen=True)
 class Choice:
     """AIRD's chosen block (its candidates and reading) and, when run, targeted restoration's
-    attribution scores and budget search."""
+    attribution scores and budget search, and the front (anchored restoration and the static baseline)."""
 
     aird: dict
     aird_masks: dict[str, torch.Tensor]
     aird_reading: dict
     targeted: dict | None = None
     scores: dict[str, torch.Tensor] | None = None
+    front: object | None = None  # repair.front.Front: the anchored search, the static baseline, the masks of their states

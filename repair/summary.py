@@ -56,6 +56,7 @@ def summarise(cfg: RepairConfig, checkpoint: dict, d: Diagnosis, ch: Choice, eva
                    n_harmful=len(d.probe_harmful), n_harmless=len(d.probe_harmless)),
         aird=ch.aird,
         targeted=ch.targeted,
+        front=ch.front.to_json() if ch.front is not None else None,
         curve=curve,
         states=rows,
         tests=tests,
@@ -70,6 +71,6 @@ def summarise(cfg: RepairConfig, checkpoint: dict, d: Diagnosis, ch: Choice, eva
                       n_harmless=cfg.n_harmless, curve_n_asr=cfg.curve_n_asr or cfg.n_asr,
                       max_new_tokens=cfg.max_new_tokens, n_val=len(d.prompts["harmful_val"]),
                       zero_shot_limit=cfg.zero_shot_limit, ppl_windows=cfg.ppl_windows, ppl_seqlen=cfg.ppl_seqlen),
-        saved=cfg.save,
+        saved=cfg.saved_method,
         wall_seconds=round(seconds, 1),
     )

@@ -23,8 +23,8 @@ REPAIR_REQUIRED = ["--compressed", "some/compressed", "--out", "some/out"]
 # (name, parse_args, config class, argv every call needs, flag prefix of each nested config field:
 # "" when its fields are flat)
 ENTRY_POINTS = [
-    ("compare_refusal", compare_refusal.parse_args, compare_refusal.CompareConfig, [], {}),
-    ("repair", repair_cli.parse_args, repair_cli.RepairConfig, REPAIR_REQUIRED, {"aird": "", "targeted_cfg": "targeted."}),
+    ("compare_refusal", compare_refusal.parse_args, compare_refusal.CompareConfig, [], {"anchored": "anchored."}),
+    ("repair", repair_cli.parse_args, repair_cli.RepairConfig, REPAIR_REQUIRED, {"aird": "", "targeted_cfg": "targeted.", "anchored_cfg": "anchored."}),
     ("brittleness", brittleness.parse_args, brittleness.BrittlenessConfig, [], {}),
     ("frozen_finetune", frozen_finetune.parse_args, frozen_finetune.FrozenFinetuneConfig, [], {}),
     ("refusal_direction", None, refusal_direction.DirectionConfig, [], {}),
@@ -37,7 +37,7 @@ ENTRY_POINTS = [
 VALID = {
     "variants": ("wanda:0.6",), "eval_sets": ("harmbench",), "methods": ("actsvd",), "settings": ("vanilla",),
     "zero_shot_tasks": ("rte",), "tasks": ("rte", "boolq"), "targets": ("q_proj",), "source": (-1, 3), "ranks": (4, 0.5),
-    "fractions": (0.02,), "curve_fractions": (0.5,), "repair_curve_fractions": (0.5,), "compressed": "other/compressed", "out": "other/out", "only": ("snip",),
+    "fractions": (0.02,), "curve_fractions": (0.5,), "static_fractions": (0.5,), "repair_curve_fractions": (0.5,), "compressed": "other/compressed", "out": "other/out", "only": ("snip",),
 }
 
 

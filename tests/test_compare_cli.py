@@ -288,7 +288,10 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_dir, tmp_path / "runs")
     cfg.variants = ("wanda:0.5",)
     cfg.n_ablation_asr = 2
-    cfg.repair = True
+    cfg.repair, cfg.repair_when = True, "direction"
+    from repair.anchored import AnchoredConfig
+
+    cfg.anchored = AnchoredConfig(n_harmful=4, n_harmless=4, val_harmful=4, val_harmless=4, reply_tokens=4, val_tokens=4, max_steps=2, step=0.05)
     cfg.repair_n_asr, cfg.repair_max_new_tokens, cfg.repair_curve_fractions = 2, 4, (0.5,)
     import refusal.measure
 
@@ -312,8 +315,8 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     assert set(repaired["states"]) >= {"original", "compressed", "aird"}
     assert repaired["settings"]["n_asr"] == 2 and repaired["settings"]["max_new_tokens"] == 4
     assert (run_dir / "variants" / "wanda-0.5" / "repaired" / "repair.json").is_file()
-    assert "## Repair (AIRD and targeted restoration)" in (run_dir / "report.md").read_text()
-    assert {"repair_curve", "repair_wanda-0.5"} <= set(report["figures"])
+    assert "## Repair" in (run_dir / "report.md").read_text()
+    assert {"repair_curve", "repair_wanda-0.5", "repair_front_wanda-0.5"} <= set(report["figures"])
     source = row["source"]
     assert source is not None and repaired["compressed_source"] == source
     assert not list((run_dir / "repair").glob("*/selection")), "the repair selected the variant's direction again"
@@ -363,3 +366,20 @@ def test_a_model_without_a_refusal_direction_is_said_in_the_findings():
     [nan_note] = no_direction_note(selection((-1, 1), [["nan", None]], 2.5))
     assert nan_note.startswith("Direction selection: 1 candidate") and "excluded" in nan_note
     assert no_direction_note(selection((-1, 1), [["kl", None]], 2.5)) == [] and no_direction_note(None) == []
+
+
+def test_repair_is_for_variants_whose_asr_rose_and_that_did_not_collapse():
+    from experiments.compare_repair import repair_reason
+
+    cfg = CompareConfig()
+    rose = dict(test="mcnemar-exact", b=20, c=2, p_value=1e-5, p_holm=1e-4, significant=True)
+    row = lambda test, collapsed=False, cos=0.9: dict(tests=dict(asr=dict(arditi2024=test)), collapse=dict(collapsed=collapsed),
+                                                      cosine_at_original_source=cos)
+    assert repair_reason(row(rose), cfg)[0]
+    assert not repair_reason(row(rose, collapsed=True), cfg)[0] and "collapsed" in repair_reason(row(rose, collapsed=True), cfg)[1]
+    assert not repair_reason(row(dict(rose, significant=False, p_holm=0.2)), cfg)[0]
+    assert not repair_reason(row(dict(rose, b=2, c=20)), cfg)[0]  # a significant fall in ASR needs no repair
+    assert not repair_reason(dict(tests=None, collapse={}), cfg)[0]
+    moved = CompareConfig(repair_when="direction")
+    assert repair_reason(row(dict(rose, significant=False), cos=0.9), moved)[0]
+    assert not repair_reason(row(rose, cos=0.995), moved)[0]

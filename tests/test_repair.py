@@ -244,7 +244,10 @@ def assert_block_choice_follows_the_scores(result: dict, kl_max: float = 0.1) ->
 
 
 SMALL = ["--n-asr", "3", "--n-harmless", "3", "--n-refusal-probe", "8", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4", "--ppl-windows", "2", "--zero-shot-limit", "0",
-         "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "3"]
+         "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "3", "--targeted", "--save", "aird",
+         "--anchored.n-harmful", "4", "--anchored.n-harmless", "4", "--anchored.val-harmful", "4", "--anchored.val-harmless", "4",
+         "--anchored.reply-tokens", "4", "--anchored.val-tokens", "4", "--anchored.max-steps", "2", "--anchored.step", "0.05",
+         "--static-fractions", "0.1"]
 
 
 def _run(argv, tmp_path, monkeypatch, capsys):
@@ -294,7 +297,9 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     assert manifest["sparsity"]["decoder_linear_sparsity"] < manifest["repair"]["sparsity_before"]["decoder_linear_sparsity"]
     assert "AIRD" in (out / "repair.md").read_text()
     assert "Checkpoint kind: pruned (weights only zeroed)" in (out / "repair.md").read_text()
-    assert (out / "figures" / "repair_curve.html").is_file()
+    assert (out / "figures" / "repair_curve.html").is_file() and (out / "figures" / "repair_front.html").is_file()
+    assert "## Anchored restoration: the cost-benefit front" in (out / "repair.md").read_text()
+    assert {"anchored", "static", "aird", "targeted"} <= set(result["states"])
 
     repaired = load_model(str(out))
     original = load_model(str(dirs / "original"))
@@ -340,16 +345,17 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     assert "## Probes: recognition of harm and the step to refusal" in (out / "repair.md").read_text()
 
     # The main job's report renders the same result as one row of its repair table.
-    from experiments.report import _repair_section
+    from experiments.report import repair_section
 
-    table = "\n".join(_repair_section({"wanda:0.5": result}))
-    assert f"| wanda:0.5 | {block} |" in table
+    table = "\n".join(repair_section({"wanda:0.5": result}))
+    aird = result["states"]["aird"]["restored"]
+    assert f"| wanda:0.5 | " in table and f"{aird:,}, " in table
     from experiments.repair_summary import main as summary
 
     capsys.readouterr()
     assert summary([str(out), "--figures-dir", str(tmp_path / "figs")]) == 0
-    assert f"| out | {block} |" in capsys.readouterr().out
-    assert (tmp_path / "figs" / "repair_curve.html").is_file()
+    assert "| out | " in capsys.readouterr().out
+    assert (tmp_path / "figs" / "repair_curve.html").is_file() and (tmp_path / "figs" / "repair_front_out.html").is_file()
     assert summary([str(tmp_path)]) == 2
 
     # A rerun reuses every stage: no probe pass, the identical checkpoint is kept, not rewritten,
