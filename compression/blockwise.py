@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from lm.architecture import block_linears, block_prefix
 from lm.errors import UserError
 from lm.experts import token_mask
-from lm.hooks import _first, decoder_layers, hooks_registered
+from lm.hooks import block_output, decoder_layers, hooks_registered
 from lm.placement import compute_device, resident
-from lm.resume import block0_input, uniform_layers
+from lm.partial_forward import block0_input, uniform_layers
 
 from .calibration import Calibration
 
@@ -59,7 +59,7 @@ def block0_inputs(model: nn.Module, calibration: Calibration) -> list[tuple[torc
 
 @torch.no_grad()
 def run_block(block: nn.Module, states) -> list:
-    return [(_first(block(hidden, **kwargs)), kwargs, mask) for hidden, kwargs, mask in states]
+    return [(block_output(block(hidden, **kwargs)), kwargs, mask) for hidden, kwargs, mask in states]
 
 
 @torch.no_grad()

@@ -15,10 +15,12 @@ from torch import nn
 
 from .architecture import backbone, decoder_layers, residual_contributions
 
-__all__ = ["capture", "decoder_layers", "foreign_hooks", "hooks_registered", "intervene", "project_out"]
+__all__ = ["block_input", "block_output", "capture", "decoder_layers", "foreign_hooks", "hooks_registered", "intervene", "project_out",
+           "StopForward"]
 
 
-def _first(output):
+def block_output(output):
+    """The hidden states a decoder block returns (blocks return a tuple in some families)."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -26,7 +28,8 @@ def _replace_first(output, new):
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
-def _hidden_from_pre_hook(args, kwargs):
+def block_input(args, kwargs):
+    """The hidden states a decoder block receives, from a forward pre-hook's (args, kwargs)."""
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -36,8 +39,8 @@ def _pre_hook_replace(args, kwargs, new):
     return args, {**kwargs, "hidden_states": new}
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs (lm.partial_forward)."""
 
 
 @contextmanager
@@ -99,24 +102,24 @@ def capture(
         attn, mlp = residual_contributions(model, block)
         if "resid_pre" in sites:
             def pre(module, args, kwargs, layer=layer):
-                store["resid_pre"][layer] = take(_hidden_from_pre_hook(args, kwargs))
+                store["resid_pre"][layer] = take(block_input(args, kwargs))
                 if layer == last_layer and not needs_outputs:
-                    raise _StopForward
+                    raise StopForward
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         if "attn_out" in sites:
             handles.append(attn.register_forward_hook(
-                lambda m, a, out, layer=layer: store["attn_out"].__setitem__(layer, take(_first(out)))))
+                lambda m, a, out, layer=layer: store["attn_out"].__setitem__(layer, take(block_output(out)))))
         if "mlp_out" in sites:
             handles.append(mlp.register_forward_hook(
-                lambda m, a, out, layer=layer: store["mlp_out"].__setitem__(layer, take(_first(out)))))
+                lambda m, a, out, layer=layer: store["mlp_out"].__setitem__(layer, take(block_output(out)))))
         if needs_outputs and layer == last_layer:
             def post(module, args, output):
-                raise _StopForward
+                raise StopForward
             handles.append(block.register_forward_hook(post))
     with hooks_registered(handles):
         try:
             backbone(model)(**{"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **(forward_kwargs or {})})
-        except _StopForward:
+        except StopForward:
             pass
     return {site: torch.stack([store[site][l] for l in layers], dim=2) for site in sites}
 
@@ -170,7 +173,7 @@ def intervene(
         vector = add.get(index)
         if ablate is not None or vector is not None:
             def pre(module, args, kwargs, vector=vector):
-                h = _hidden_from_pre_hook(args, kwargs)
+                h = block_input(args, kwargs)
                 if vector is not None:
                     h = h + _per_row(vector, h)
                 if ablate is not None:
@@ -179,7 +182,7 @@ def intervene(
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         if ablate is not None:
             def post(module, args, output):
-                return _replace_first(output, project_out(_first(output), ablate))
+                return _replace_first(output, project_out(block_output(output), ablate))
             handles.append(attn.register_forward_hook(post))
             handles.append(mlp.register_forward_hook(post))
     with hooks_registered(handles):

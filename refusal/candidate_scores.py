@@ -6,7 +6,7 @@ induce  mean refusal score on harmless val with the raw vector added at its own 
 kl      KL(baseline || ablated) of the next-token distribution on harmless val.
 
 The prompt batch is repeated once per candidate and each row carries its own direction (per-row
-hooks in lm.hooks.intervene); induce passes resume from a cached baseline block input (lm.resume)
+hooks in lm.hooks.intervene); induce passes resume from a cached baseline block input (lm.partial_forward)
 instead of recomputing the unchanged prefix.
 """
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from lm.errors import UserError
 from lm.chat import format_prompts, tokenize_prompts
 from lm.hooks import decoder_layers, intervene
-from lm.resume import block_kwargs, last_logits, layer_inputs, run_from_layer, uniform_layers
+from lm.partial_forward import block_kwargs, last_logits, layer_inputs, run_from_layer, uniform_layers
 
 from .score import kl_divergence, refusal_score
 
@@ -105,7 +105,7 @@ def score_candidates(
     """Mean bypass_score, induce_score and kl_score of every candidate in `directions` [n_pos, n_layers, d].
 
     reuse_prefix: resume induce passes from cached baseline block inputs (default: whenever the
-    model's blocks share their keyword arguments, see lm.resume.uniform_layers).
+    model's blocks share their keyword arguments, see lm.partial_forward.uniform_layers).
     subset / which: score only these flat candidate indices (position_index * n_layers + layer)
     and only these scores; everything else is NaN.
     """

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from lm.chat import format_prompt, format_prompts, tokenize_prompts
 from lm.errors import UserError
 from lm.hooks import intervene
-from lm.resume import last_logits
+from lm.partial_forward import last_logits
 
 # Openings of refusals whose first token is what the score measures.
 REFUSAL_STARTS = ("I'm sorry", "I cannot", "As an AI")

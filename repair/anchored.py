@@ -209,8 +209,10 @@ class AnchoredSearch:
         self.set_state()
 
     def point(self, reading: dict, kind: str, step: int, through: int, **extra) -> dict:
+        # A packed checkpoint's point names the matrices it stores at full precision (what its bytes are).
+        where = dict(full_precision=sorted(self.touched)) if self.matrix_bytes is not None else {}
         return dict(kind=kind, step=step, through=through, restored=self.restored_count(),
-                    fraction_of_changed=self.restored_count() / self.total, bytes=self.stored_bytes(), **reading, **extra)
+                    fraction_of_changed=self.restored_count() / self.total, bytes=self.stored_bytes(), **where, **reading, **extra)
 
     # --- the search -----------------------------------------------------------------------------
     def run(self, original_reading: dict, compressed_reading: dict) -> dict:

@@ -46,6 +46,23 @@ class Front:
                     restored={name: count(m) for name, m in self.masks.items()})
 
 
+def packed_matrix_bytes(loaded) -> dict[str, int] | None:
+    """Net bytes each packed matrix of a LoadedModel adds to the output when it is stored at full
+    precision (the float weight added, its packed tensors dropped); None for a float checkpoint."""
+    from lm.packed.writer import full_precision_cost
+
+    if loaded.packed is None:
+        return None
+    params = dict(loaded.model.named_parameters())
+    out = {}
+    for module in loaded.packed.quantized:
+        name = f"{module}.weight"
+        if name in params:
+            cost = full_precision_cost(Path(loaded.path), loaded.packed, {module: tuple(params[name].shape)})
+            out[name] = max(0, cost["bytes_added_net"])
+    return out
+
+
 def head_dim(model: nn.Module) -> int | None:
     cfg = model.config
     return getattr(cfg, "head_dim", None) or (cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None)

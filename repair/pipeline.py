@@ -31,7 +31,7 @@ import torch
 from compression.checkpoint import read_manifest
 from lm.cache import atomic_write_json, cached_json, cached_tensors, timed
 from lm.errors import UserError
-from lm.loading import load_model, model_fingerprint
+from lm.loading import load_model, model_fingerprint, stored_dtype
 from lm.packed.writer import full_precision_cost
 from refusal.select import SelectionConfig, SharedPrompts
 from refusal.selection_artifacts import select_direction_cached
@@ -40,7 +40,7 @@ from .aird import choose_aird_block
 from .config import RepairConfig
 from .derivation import checkpoint_name, derivation_records, summarise
 from .evaluation import StateEvaluation
-from .front import FrontStage
+from .front import FrontStage, packed_matrix_bytes
 from .output import jsonable, packed_weights, repair_manifest, write_output
 from .refusal_probe import RefusalProbe
 from .restore import block_masks, block_params, count, restore_entries, restored
@@ -174,17 +174,7 @@ class Repair:
         return Choice(aird, aird_masks, aird_reading, targeted, scores, front)
 
     def matrix_bytes(self) -> dict[str, int] | None:
-        """Net bytes each packed matrix adds to the output when stored at full precision (None: not packed)."""
-        if self.comp.packed is None:
-            return None
-        params = dict(self.model.named_parameters())
-        out = {}
-        for module in self.comp.packed.quantized:
-            name = f"{module}.weight"
-            if name in params:
-                cost = full_precision_cost(Path(self.comp.path), self.comp.packed, {module: tuple(params[name].shape)})
-                out[name] = max(0, cost["bytes_added_net"])
-        return out
+        return packed_matrix_bytes(self.comp)
 
     def choose_targeted(self, d: Diagnosis, key: dict, aird: dict, aird_masks, aird_reading: dict):
         """The one-shot first-order targeted restoration (a baseline): its scores and budget search."""
@@ -316,7 +306,11 @@ class Repair:
             stored = full_precision_cost(Path(self.comp.path), self.comp.packed, {m: tuple(w.shape) for m, w in weights.items()})
             manifest["repair"]["stored"], result = stored, {**result, "stored": stored}
             packed_from = (Path(self.comp.path), self.comp.packed, weights)
-        held, written = write_output(Path(self.cfg.out), self.model, self.tok, manifest, result, self.dir.name.rsplit("-", 1)[0], packed_from)
+        dtype = stored_dtype(Path(self.comp.path)) if packed_from is None else None
+        if dtype is not None:
+            manifest["repair"]["stored_dtype"] = str(dtype).removeprefix("torch.")
+        held, written = write_output(Path(self.cfg.out), self.model, self.tok, manifest, result, self.dir.name.rsplit("-", 1)[0], packed_from,
+                                     dtype)
         _log(f"wrote {self.cfg.out} ({self.cfg.saved_method}-repaired checkpoint, repair.md)" if written else
              f"{self.cfg.out} already holds this repair: checkpoint kept, repair.md and figures redrawn")
         return held

@@ -17,8 +17,8 @@ from torch import nn
 
 from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
-from lm.hooks import _hidden_from_pre_hook, decoder_layers, hooks_registered
-from lm.resume import block_kwargs, layer_inputs, run_from_layer, uniform_layers
+from lm.hooks import block_input, decoder_layers, hooks_registered
+from lm.partial_forward import block_kwargs, layer_inputs, run_from_layer, uniform_layers
 from refusal.score import kl_divergence, refusal_score
 
 
@@ -66,7 +66,7 @@ class RefusalProbe:
         block = decoder_layers(self.model)[self.layer]
 
         def pre(module, args, kwargs):
-            grab.append(_hidden_from_pre_hook(args, kwargs)[:, self.position].float().cpu())
+            grab.append(block_input(args, kwargs)[:, self.position].float().cpu())
 
         with hooks_registered([block.register_forward_pre_hook(pre, with_kwargs=True)]):
             if self.resumable:

@@ -38,15 +38,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lm.architecture import backbone
 from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
-from lm.hooks import (
-    _hidden_from_pre_hook,
-    _StopForward,
-    decoder_layers,
-    hooks_registered,
-)
+from lm.hooks import decoder_layers
+from lm.partial_forward import input_of_block
 from lm.trainable import gradients_only_for
 
 from refusal.score import refusal_score
@@ -123,18 +118,8 @@ def projection_objective(direction: torch.Tensor, source: tuple[int, int], sign:
     unit = direction.float() / direction.float().norm()
 
     def objective(model, batch):
-        grabbed = []
-
-        def stop(module, args, kwargs):
-            grabbed.append(_hidden_from_pre_hook(args, kwargs)[:, position])
-            raise _StopForward
-
-        with hooks_registered([decoder_layers(model)[layer].register_forward_pre_hook(stop, with_kwargs=True)]):
-            try:
-                backbone(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            except _StopForward:
-                pass
-        return sign * (grabbed[0].float() @ unit.to(grabbed[0].device)).sum() / batch["n"]
+        hidden = input_of_block(model, layer, batch["input_ids"], batch["attention_mask"])[0][:, position]
+        return sign * (hidden.float() @ unit.to(hidden.device)).sum() / batch["n"]
     return objective
 
 

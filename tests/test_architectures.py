@@ -19,7 +19,7 @@ from lm.chat import format_prompt, format_prompts, tokenize_prompts
 from lm.errors import UserError
 from lm.hooks import decoder_layers, hooks_registered, intervene
 from lm.loading import load_model
-from lm.resume import block_kwargs, layer_inputs, run_from_layer, uniform_layers
+from lm.partial_forward import block_kwargs, layer_inputs, run_from_layer, uniform_layers
 from refusal.direction import candidate_directions
 from refusal.interventions import orthogonalize_weights
 from refusal.select import SelectionConfig, select_direction

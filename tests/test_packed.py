@@ -26,7 +26,10 @@ FORMATS = ("gptq", "bnb-nf4", "bnb-int8", "ct-w4a16", "ct-2:4-w4a16")
 CALIBRATION = ["Write a poem about the sea and the sky over it.", "How do I bake bread at home with flour?",
                "Name three fruits that are red.", "Describe a water molecule in detail."] * 4
 SMALL = ["--n-asr", "3", "--n-harmless", "3", "--n-refusal-probe", "8", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4",
-         "--ppl-windows", "2", "--zero-shot-limit", "0", "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "2"]
+         "--ppl-windows", "2", "--zero-shot-limit", "0", "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "2",
+         "--save", "aird", "--anchored.n-harmful", "4", "--anchored.n-harmless", "4", "--anchored.val-harmful", "4", "--anchored.val-harmless", "4",
+         "--anchored.reply-tokens", "4", "--anchored.val-tokens", "4", "--anchored.max-steps", "2", "--anchored.step", "0.02",
+         "--static-fractions", "0.1"]
 
 
 def _gptq(src: Path, out: Path) -> None:
@@ -255,6 +258,7 @@ def test_repair_writes_the_inputs_format_and_its_library_reloads_it(ckpts, fmt, 
     assert set(load_model(str(out)).packed.quantized) == packed_before - touched
 
 
+
 def test_the_main_job_compares_packed_checkpoints_as_variants(ckpts, tmp_path, monkeypatch, capsys):
     from experiments.compare_config import CompareConfig
     from experiments.compare_refusal import main as compare
@@ -263,7 +267,8 @@ def test_the_main_job_compares_packed_checkpoints_as_variants(ckpts, tmp_path, m
     monkeypatch.chdir(tmp_path)
     variants = [f"path:{ckpts / 'gptq'}", f"path:{ckpts / 'bnb-int8'}"]
     cfg = CompareConfig.quick(model=str(ckpts / "original"), runs_dir=str(tmp_path / "runs"), name="packed", variants=tuple(variants),
-                              n_asr=2, max_new_tokens=4, n_train=4, ppl_windows=1, ppl_seqlen=16, calib_samples=4)
+                              n_asr=2, max_new_tokens=4, n_train=4, n_val=4, prescreen_keep=4, ppl_windows=1, ppl_seqlen=16,
+                              calib_samples=4, zero_shot_limit=0, repair=False)
     report = Comparison(cfg).run()
     rows = {row["variant"]: row for row in report["variants"]}
     assert set(rows) == {"original", *variants}
@@ -356,3 +361,41 @@ def test_only_packed_matrices_are_stored_at_full_precision():
     masks["model.layers.0.mlp.up_proj.weight"][:] = False  # untouched
     packed = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
     assert set(packed_weights(model, masks, packed)) == {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"}
+
+
+def test_anchored_search_counts_the_bytes_of_packed_matrices(ckpts):
+    """On a packed checkpoint each point's cost in bytes is the net bytes of the matrices it stores at
+    full precision, by the format's own accounting, and units in a matrix already paid for come first."""
+    from lm.architecture import decoder_matrices
+    from lm.packed.writer import full_precision_cost
+    from repair.anchor import AnchorConfig, build_anchor
+    from repair.anchored import AnchoredConfig, AnchoredSearch
+    from repair.front import packed_matrix_bytes
+    from repair.units import layout_for
+    from refusal.stats import wilson
+
+    original, packed = load_model(str(ckpts / "original")), load_model(str(ckpts / "gptq"))
+    costs = packed_matrix_bytes(packed)
+    assert costs and all(v > 0 for v in costs.values())
+    name = next(iter(costs))
+    shape = tuple(packed.model.get_parameter(name).shape)
+    assert costs[name] == full_precision_cost(ckpts / "gptq", packed.packed, {name.removesuffix(".weight"): shape})["bytes_added_net"]
+
+    anchor = build_anchor(original.model, original.tokenizer, AnchorConfig(n_harmful=4, n_harmless=4, reply_tokens=4, batch_size=4), source_layer=1)
+    reading = lambda k: dict(refusal_harmful=wilson(k, 10), refusal_harmless=wilson(0, 10), kl_original=0.1, kl_compressed=0.0)
+
+    class Never:  # never reaches the original (10 of 10 refused), never hurts the harmless side
+        def read(self, model):
+            return type("R", (), {"to_json": lambda self: reading(0)})()
+
+    cfg = AnchoredConfig(unit="weight", step=0.01, max_steps=2, rollback=0)
+    params = dict(packed.model.named_parameters())
+    layouts = {n: layout_for(n, tuple(params[n].shape), cfg.unit, 16) for n in decoder_matrices(packed.model)}
+    search = AnchoredSearch(packed.model, original.model, anchor, Never(), cfg, layouts, costs)
+    result = search.run(reading(10), reading(0))
+    steps = [p for p in result["points"] if p["kind"] == "step"]
+    assert len(steps) == 2 and steps[0]["restored"] > 0
+    for p in steps:
+        assert p["bytes"] == sum(costs[n] for n in p["full_precision"]) > 0
+    # Byte costs: the second step prefers the matrices the first already stores at full precision.
+    assert len(steps[1]["full_precision"]) < len(costs)

@@ -15,7 +15,7 @@ import torch
 from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
 from lm.hooks import capture, intervene, project_out
-from lm.resume import block_kwargs, last_logits, layer_inputs, run_from_layer
+from lm.partial_forward import block_kwargs, last_logits, layer_inputs, run_from_layer
 from refusal import select as select_mod
 from refusal.direction import candidate_directions
 from refusal.interventions import activation_addition, directional_ablation, orthogonalize_weights

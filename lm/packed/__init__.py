@@ -46,7 +46,8 @@ class PackedFormat:
         return f"{self.name} int{self.bits}{group}"
 
 
-def _formats() -> dict:
+def format_modules() -> dict:
+    """The module of each packed format, by the quant_method name its config carries."""
     from . import bnb, compressed_tensors, gptq
 
     return {m.QUANT_METHOD: m for m in (gptq, bnb, compressed_tensors)}
@@ -68,7 +69,7 @@ def packed_format(path: Path) -> PackedFormat | None:
     if qc is None:
         return None
     method = qc.get("quant_method")
-    formats = _formats()
+    formats = format_modules()
     if method not in formats:
         raise UserError(f"{path}: quantized with {method!r}, which is not supported (supported: {', '.join(formats)})")
     return formats[method].read_format(qc)
@@ -76,7 +77,7 @@ def packed_format(path: Path) -> PackedFormat | None:
 
 def require(fmt: PackedFormat) -> object:
     """The format's module, once its library is importable; else a UserError naming the extra."""
-    module = _formats()[fmt.name]
+    module = format_modules()[fmt.name]
     missing = [lib for lib in module.LIBRARIES if importlib.util.find_spec(lib) is None]
     if missing:
         raise UserError(f"this is a {fmt.name} checkpoint; reading it needs {', '.join(missing)}: pip install -e '.[{module.EXTRA}]'")

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from . import PackedFormat, _formats
+from . import PackedFormat, format_modules
 
 INDEX = "model.safetensors.index.json"
 
@@ -34,7 +34,7 @@ _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
 def full_precision_cost(src: Path, fmt: PackedFormat, modules: dict[str, tuple[int, int]]) -> dict:
     """What storing `modules` ({name: (out, in)}) at full precision costs in `src`'s files: the
     packed tensors dropped, the float weights added (in the dtype of its unquantized tensors)."""
-    format_module = _formats()[fmt.name]
+    format_module = format_modules()[fmt.name]
     dtype = _float_dtype(Path(src))
     removed = 0
     for shard in sorted(Path(src).glob("*.safetensors")):
@@ -54,7 +54,7 @@ def write_packed(src: Path, dst: Path, fmt: PackedFormat, weights: dict[str, tor
     ({module name: [out, in] float weight}) stored at full precision in place of their packed
     tensors, and excluded from quantization in its config."""
     src, dst = Path(src), Path(dst)
-    module = _formats()[fmt.name]
+    module = format_modules()[fmt.name]
     unknown = sorted(set(weights) - set(fmt.quantized))
     if unknown:
         raise UserError(f"cannot store {unknown[0]} at full precision: it is not a packed module of this {fmt.name} checkpoint")

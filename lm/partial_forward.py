@@ -1,5 +1,7 @@
-"""Forward passes that only need the next-token logits, optionally resumed from a layer's input.
+"""Partial forward passes: up to a block's input, or from a block's input to the next-token logits.
 
+`input_of_block` runs the model only as far as block l and returns what it receives (the residual
+stream at that depth and the keyword arguments every block gets), stopping the pass there.
 Scoring an intervention that first acts at layer l does not need blocks 0..l-1 again: their
 outputs equal an unmodified run's. `layer_inputs` keeps those block inputs from one baseline pass,
 and `run_from_layer` continues from any of them through the remaining blocks, the final norm and
@@ -14,7 +16,7 @@ from torch import nn
 
 from .errors import UserError
 from .architecture import backbone, final_norm, logits_from_normed
-from .hooks import _first, _hidden_from_pre_hook, _StopForward, decoder_layers, hooks_registered
+from .hooks import StopForward, block_input, block_output, decoder_layers, hooks_registered
 
 
 @torch.no_grad()
@@ -34,23 +36,32 @@ def uniform_layers(model: nn.Module) -> bool:
     return types is None or len(set(types)) <= 1
 
 
-@torch.no_grad()
-def block0_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """Block 0's hidden-state input and the keyword arguments (mask, rotary embeddings, position
-    ids) a normal forward gives the blocks; the pass stops there, costing only the embedding lookup."""
+def input_of_block(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """Block `layer`'s hidden-state input ([batch, seq, d]) and the keyword arguments (mask, rotary
+    embeddings, position ids) a normal forward gives the blocks; the pass stops there. Gradients flow
+    when enabled by the caller (an objective read at a source layer)."""
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise UserError(f"layer {layer} out of range for a model with {len(blocks)} blocks")
     found = {}
 
     def grab(module, args, kwargs):
-        found["hidden"] = args[0] if args else kwargs["hidden_states"]
+        found["hidden"] = block_input(args, kwargs)
         found["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+        raise StopForward
 
-    with hooks_registered([decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)]):
+    with hooks_registered([blocks[layer].register_forward_pre_hook(grab, with_kwargs=True)]):
         try:
             backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
     return found["hidden"], found["kwargs"]
+
+
+@torch.no_grad()
+def block0_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """`input_of_block` at block 0: costs only the embedding lookup."""
+    return input_of_block(model, 0, input_ids, attention_mask)
 
 
 def block_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
@@ -70,7 +81,7 @@ def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     handles = []
     for index, block in enumerate(decoder_layers(model)):
         def pre(module, args, kwargs, index=index):
-            stored[index] = _hidden_from_pre_hook(args, kwargs)
+            stored[index] = block_input(args, kwargs)
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
     with hooks_registered(handles):
         logits = last_logits(model, input_ids, attention_mask)
@@ -89,6 +100,6 @@ def run_from_layer(model: nn.Module, hidden: torch.Tensor, kwargs: dict, layer: 
         raise UserError(f"layer {layer} out of range for a model with {len(blocks)} blocks")
     norm = final_norm(model)
     for block in blocks[layer:]:
-        hidden = _first(block(hidden, **kwargs))
+        hidden = block_output(block(hidden, **kwargs))
     # The norm is per position, so normalising only the last one gives the same values.
     return logits_from_normed(model, norm(hidden[:, -1:]))[:, -1]
