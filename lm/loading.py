@@ -131,6 +131,29 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path, name=name, packed=packed)
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(path) -> torch.dtype | None:
+    """The floating dtype most of a checkpoint directory's stored weights have (read from the
+    safetensors headers, no tensor data): what an output derived from it should be saved in, so a
+    bfloat16 model is not written back at twice its size. None: no floating safetensors weights."""
+    from safetensors import safe_open
+
+    counts: dict[torch.dtype, int] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is not None:
+                    n = 1
+                    for d in piece.get_shape():
+                        n *= d
+                    counts[dtype] = counts.get(dtype, 0) + n
+    return max(counts, key=counts.get) if counts else None
+
+
 def prepare_tokenizer(tokenizer) -> None:
     """Left padding for batched generation; fall back to EOS as pad token where none is defined."""
     tokenizer.padding_side = "left"

@@ -74,14 +74,16 @@ def packed_weights(model, masks: dict, packed_modules) -> dict:
             if name.endswith(".weight") and name.removesuffix(".weight") in packed and bool(mask.any())}
 
 
-def write_output(out: Path, model, tokenizer, manifest: dict, result: dict, label: str, packed_from=None) -> tuple[dict, bool]:
+def write_output(out: Path, model, tokenizer, manifest: dict, result: dict, label: str, packed_from=None, dtype=None) -> tuple[dict, bool]:
     """Checkpoint + compression.json + repair.json/md + figures, all or nothing: (what `out` holds,
     whether it was written). When an earlier run wrote the same repair (same numbers, same
     manifest), its files are kept as they are: rewriting an identical multi-GB checkpoint is most
     of the cost of a rerun that found every stage cached.
 
     packed_from: (source directory, PackedFormat, {module: weight}) for a packed input, which is
-    written in its own format (lm.packed.writer) instead of as a float checkpoint."""
+    written in its own format (lm.packed.writer) instead of as a float checkpoint. dtype: the
+    precision a float checkpoint is written in (the compressed input's, lm.loading.stored_dtype),
+    whatever precision the repair computed in; `model` is cast to it."""
     from lm.cache import atomic_dir, atomic_write_json
 
     kept = unchanged_output(out, jsonable(manifest), jsonable(result))
@@ -95,6 +97,11 @@ def write_output(out: Path, model, tokenizer, manifest: dict, result: dict, labe
             source, fmt, weights = packed_from
             write_packed(source, tmp, fmt, weights)
         else:
+            if dtype is not None and next(model.parameters()).dtype != dtype:
+                # Restored and kept weights both come from checkpoints stored in this dtype, so
+                # casting back loses nothing; the repair's float32 copy would be twice a bf16 file.
+                model.to(dtype)
+                model.config.dtype = dtype
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MANIFEST, jsonable(manifest))
