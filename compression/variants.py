@@ -86,6 +86,27 @@ class VariantSpec:
         return re.sub(r"[^A-Za-z0-9._-]+", "-", self.text).strip("-") or self.method
 
     @property
+    def label(self) -> str:
+        """A name for readers ("Wanda 50%", "GPTQ int4 g128", "set difference (Wanda) p = q = 1%");
+        reports show it beside the spec, which stays the variant's id."""
+        name, p = _DISPLAY.get(self.method, self.method), self.params
+        if self.method == "original":
+            return "original"
+        if "ratio" in p:
+            return f"{name} {p['n']}:{p['m']}" if p.get("n") else f"{name} {p['ratio']:.0%}"
+        if "bits" in p:
+            return f"{name} int{p['bits']}" + (" per row" if p.get("group_size") is None else f" g{p['group_size']}")
+        if self.method == "path":
+            return f"checkpoint {Path(p['path']).name}"
+        if "p" in p and "q" in p:
+            share = f"p = q = {p['p']:.0%}" if p["p"] == p["q"] else f"p = {p['p']:.0%}, q = {p['q']:.0%}"
+            return f"{name} ({p['scores'].replace('wanda', 'Wanda').replace('snip', 'SNIP')}) {share}"
+        if "fraction" in p:
+            return f"{name} {p['fraction']:.0%}"
+        ranks = ", ".join(f"{k} = {p[k]}" for k in ("r", "ru", "rs") if k in p)
+        return f"{name} {ranks}".strip()
+
+    @property
     def needs(self) -> tuple[str, ...]:
         return REGISTRY[self.method].needs
 
@@ -108,6 +129,12 @@ class VariantSpec:
     @property
     def pattern(self) -> SparsityPattern:
         return SparsityPattern(self.params["ratio"], self.params["n"], self.params["m"])
+
+
+# How reports name each method (VariantSpec.label).
+_DISPLAY = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "snip": "SNIP", "magnitude": "magnitude", "rtn": "RTN", "gptq": "GPTQ",
+            "torchao": "torchao", "setdiff-wanda": "set difference", "setdiff-snip": "set difference", "top-wanda": "top Wanda",
+            "top-snip": "top SNIP", "random": "random", "actsvd": "ActSVD", "actsvd-orth": "ActSVD (orthogonal)"}
 
 
 # --- spec grammars ------------------------------------------------------------------------------

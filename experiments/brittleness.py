@@ -132,7 +132,7 @@ class Brittleness:
         mid, store = cmp.fingerprint() if spec.method == "original" else key, cfg.store()
         for setting in cfg.settings:
             out["asr"][setting] = measure(variant, tok, cfg.eval_config(setting), store, mid)
-        out["harmless"] = measure(variant, tok, cfg.eval_config("vanilla").harmless(cfg.harmless_sets, cfg.n_harmless), store, mid)
+        out["harmless"] = measure(variant, tok, cfg.eval_config("vanilla").harmless(cfg.harmless_sets, cfg.n_harmless), store, mid, "over-refusal")
         pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
         out["perplexity"] = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(variant(), tok, pcfg)))
         from lm.zero_shot import ZeroShotConfig

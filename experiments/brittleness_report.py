@@ -83,9 +83,11 @@ def brittleness_figure(report: dict):
         title=f"Brittleness of safety: {report.get('model_name', report['model'])}<br>"
               f"<sup>{_n_prompts(report)} held-out harmful prompts per ASR point, 95% intervals"
               + ("; top row: weights removed, bottom row: ranks removed" if len(families) == 2 else "") + "</sup>",
-        width=1250, height=370 * len(families) + 150, font=dict(size=14),
-        legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="center", x=0.5),
-        margin=dict(l=60, r=20, t=110, b=110),
+        width=1250, height=370 * len(families) + 190, font=dict(size=14),
+        # Below the x-axis titles whatever the number of rows: anchored to the bottom of the page
+        # (a plot-relative y put it on the titles of a one-row figure).
+        legend=dict(orientation="h", yanchor="bottom", y=0, yref="container", xanchor="center", x=0.5),
+        margin=dict(l=60, r=20, t=110, b=150),
     )
     return fig
 

@@ -55,7 +55,7 @@ def make_figures(results: dict, report: dict) -> dict:
         title = ("Chosen refusal-direction source per variant<br><sup>pos: post-instruction token (-1 = the last prompt token); "
                  "every variant selected on the original's filtered prompts</sup>")
         figs["source_shift"] = source_shift_figure(sources, report["n_layers"], title, reference=report["variants"][0]["variant"])
-    figs["quality"] = quality_bars_figure([dict(variant=v["variant"], **(v.get("quality") or {})) for v in report["variants"]],
+    figs["quality"] = quality_bars_figure([dict(variant=v["variant"], label=v.get("label"), **(v.get("quality") or {})) for v in report["variants"]],
                                           "Direction quality: each variant's own direction vs the original's direction inside it")
     return figs
 

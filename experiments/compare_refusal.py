@@ -1,7 +1,7 @@
 """The main job: how compression changes a chat model's refusal behaviour and refusal directions.
 
     python -m experiments.compare_refusal                 # embedded model, default variants
-    python -m experiments.compare_refusal --quick         # CI-sized
+    python -m experiments.compare_refusal --quick         # every stage in minutes (--size quick)
     python -m experiments.compare_refusal --model Qwen/Qwen2.5-7B-Instruct --variants wanda:0.5 wanda:2:4
 
 For the original and every variant: vanilla ASR on held-out harmful prompts (AdvBench and
@@ -37,10 +37,11 @@ __all__ = ["CompareConfig", "Comparison", "DEFAULT_VARIANTS", "QUICK_VARIANTS", 
 
 
 def parse_args(argv=None) -> CompareConfig:
-    """Flags generated from CompareConfig's fields (lm.cli); --quick starts from CompareConfig.quick()."""
-    cfg, presets = parse_config(CompareConfig, argv, prog="python -m experiments.compare_refusal", description=__doc__.split("\n\n")[0],
-                                presets={"quick": (CompareConfig.quick, "CI-sized run: few prompts, short generations, two variants")})
-    if presets and cfg.name is None:
+    """Flags generated from CompareConfig's fields (lm.cli), over the size's values (--size, by device
+    when not given; --quick is --size quick)."""
+    cfg, _ = parse_config(CompareConfig, argv, prog="python -m experiments.compare_refusal", description=__doc__.split("\n\n")[0],
+                          sized=CompareConfig.sized)
+    if cfg.size == "quick" and cfg.name is None:
         cfg = dataclasses.replace(cfg, name="quick-" + Path(cfg.model).name.replace("/", "-"))
     return cfg
 

@@ -44,6 +44,7 @@ def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, 
         ref_peak = norm_peak(ref_dirs)
         rows.append(dict(
             variant=spec.text,
+            label=spec.label,
             method=spec.method,
             params=spec.params,
             decoder_sparsity=r["sparsity"]["decoder_linear_sparsity"],

@@ -20,6 +20,7 @@ from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json
 from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
 from lm.perplexity import PerplexityConfig, measure_perplexity
+from lm.progress import JobProgress
 from refusal.measure import measure
 from refusal.direction import candidate_directions
 from refusal.probes import ProbeConfig
@@ -52,7 +53,6 @@ class Comparison:
             raise UserError(f"duplicate variants in {list(cfg.variants)}")
         self.dir = cfg.run_dir()
         self.base = load_model(cfg.model, dtype=cfg.dtype)
-        self.cfg = cfg = cfg.resolved(on_gpu=next(self.base.model.parameters()).device.type == "cuda")
         for spec in self.specs:
             validate_variant(spec, self.base.model)
             if spec.method == "path":  # a checkpoint made elsewhere must come from this base model, as the repair demands
@@ -64,6 +64,7 @@ class Comparison:
         self._own_replies: dict = {}
         self._original_probes: dict | None = None
         self._original_refusal_probes: dict | None = None
+        self.progress = JobProgress("compare_refusal", [], [])  # run() replaces it with the job's plan
 
     def check_derives(self, spec: VariantSpec) -> None:
         from repair.derivation import derivation_records
@@ -218,34 +219,45 @@ class Comparison:
         key = dict(variant=spec.text, params=self.variant_params(spec), base=self.fingerprint())
         mid, store = self.model_id(spec, model), cfg.store()
 
-        asr = measure(model, tok, cfg.eval_config(), store, mid)
-        over = measure(model, tok, cfg.harmless_config(), store, mid)
-        pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
-        ppl = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))
+        step = lambda kind: self.progress.stage(spec.text, kind)  # noqa: E731 - one line per stage (lm.progress)
+
+        with step("ASR"):
+            asr = measure(model, tok, cfg.eval_config(), store, mid)
+        with step("over-refusal"):
+            over = measure(model, tok, cfg.harmless_config(), store, mid, "over-refusal")
+        with step("perplexity"):
+            pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
+            ppl = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))
         if cfg.zero_shot_limit:
             from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
 
-            zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
-            zs = measured(store, "zero_shot", mid, [zcfg], lambda: zero_shot_accuracy(model, tok, zcfg))
+            with step("zero-shot"):
+                zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
+                zs = measured(store, "zero_shot", mid, [zcfg], lambda: zero_shot_accuracy(model, tok, zcfg))
         selection = None
         if cfg.select and spec.method == "original":
-            selection = self._original_selection = select_direction_cached(
-                model, tok, vdir / "selection", self.selection_config(), fingerprint=json.dumps(key, sort_keys=True))
+            with step("selection"):
+                selection = self._original_selection = select_direction_cached(
+                    model, tok, vdir / "selection", self.selection_config(), fingerprint=json.dumps(key, sort_keys=True))
         harmful, harmless = self.direction_prompts()
-        dirs = cached_tensors(vdir / "directions.safetensors", {**key, "prompts": _digest(harmful + ["\0"] + harmless)},
-                              lambda: candidate_directions(model, tok, harmful, harmless))
+        with step("directions"):
+            dirs = cached_tensors(vdir / "directions.safetensors", {**key, "prompts": _digest(harmful + ["\0"] + harmless)},
+                                  lambda: candidate_directions(model, tok, harmful, harmless))
         if cfg.select and spec.method != "original" and cfg.select_variants:
             # On the original's filtered prompts (whose candidates are `dirs`): a different source
             # then means different weights, not a different set of prompts the variant still refuses.
             ref = self._original_selection
             shared = SharedPrompts(ref.prompts, dirs["directions"]) if ref is not None and ref.prompts else None
-            selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
-                                                fingerprint=json.dumps(key, sort_keys=True), shared=shared)
+            with step("selection"):
+                selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
+                                                    fingerprint=json.dumps(key, sort_keys=True), shared=shared)
         out = dict(asr=asr, harmless=over, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model), model_id=mid)
         if cfg.probes:
-            out["probes"] = self.probes(spec, model, key, harmful, harmless)
+            with step("harmfulness probes"):
+                out["probes"] = self.probes(spec, model, key, harmful, harmless)
             if cfg.n_refusal_probe:
-                out["refusal_probes"] = self.refusal_probes(spec, model, key, asr, mid)
+                with step("refusal-prediction probe"):
+                    out["refusal_probes"] = self.refusal_probes(spec, model, key, asr, mid)
         if cfg.zero_shot_limit:
             out["zero_shot"] = zs
         if selection is not None:
@@ -318,41 +330,77 @@ class Comparison:
         return out
 
     # --- the whole job -------------------------------------------------------------------
+    def stage_plan(self) -> list[tuple[str, str]]:
+        """(model, stage kind) of every stage the comparison runs, in order (lm.progress); the
+        repairs are added once the comparison has said which variants need one."""
+        c, plan = self.cfg, []
+        for spec in self.specs:
+            kinds = [] if spec.method == "original" else ["model"]
+            kinds += ["ASR", "over-refusal", "perplexity"] + (["zero-shot"] if c.zero_shot_limit else [])
+            kinds += ["selection"] if c.select and spec.method == "original" else []
+            kinds += ["directions"] + (["selection"] if c.select and spec.method != "original" and c.select_variants else [])
+            kinds += (["harmfulness probes"] + (["refusal-prediction probe"] if c.n_refusal_probe else [])) if c.probes else []
+            kinds += (["quality and ablation"] if c.select else []) + ["report"]
+            plan += [(spec.text, kind) for kind in kinds]
+        return plan + [("the job", "report")]
+
     def run(self) -> dict:
         # What a killed earlier invocation left half-written goes first (a live one's is kept).
         sweep_temporaries(self.dir)
         sweep_temporaries(self.cfg.store())
         self.dir.mkdir(parents=True, exist_ok=True)
-        with RunClock(self.dir / "invocations.json") as clock:
+        models = [s.text for s in self.specs]
+        with RunClock(self.dir / "invocations.json") as clock, JobProgress("compare_refusal", self.stage_plan(), models) as self.progress:
             atomic_write_json(self.dir / "config.json", dataclasses.asdict(self.cfg))
+            self.progress.log(f"{len(models)} models at the {self.cfg.size} size, {len(self.progress.plan)} stages before the repairs; "
+                              f"the report ({self.dir / 'report.md'}) is rewritten after each model")
             results = {}
             for spec in self.specs:
-                model = self.variant_model(spec)
-                _log(f"{spec.text}: evaluating")
+                if spec.method == "original":
+                    model = self.variant_model(spec)
+                else:
+                    with self.progress.stage(spec.text, "model"):
+                        model = self.variant_model(spec)
                 r = self.evaluate(spec, model)
                 if self.cfg.select:
-                    r["cross"] = self.cross_evaluate(spec, model, r, results.get("original", (None, r))[1])
+                    with self.progress.stage(spec.text, "quality and ablation"):
+                        r["cross"] = self.cross_evaluate(spec, model, r, results.get("original", (None, r))[1])
                 results[spec.slug] = (spec, r)
                 if model is not self.base.model:
                     del model
                 clock.tick()
-            report = summarise(results, self.cfg, self.base.tokenizer, self.base.name, self.fingerprint(), clock.seconds)
+                with self.progress.stage(spec.text, "report", "partial"):
+                    self.write_report(self.summary(results, clock), results, partial=True)
+            report = self.summary(results, clock)
             if self.cfg.repair:
-                report["repairs"] = repair_variants(self.cfg, self.base, self.dir, results, report, clock)
+                report["repairs"] = repair_variants(self.cfg, self.base, self.dir, results, report, clock, self.progress)
                 report["wall_seconds"] = clock.seconds
-            clock.tick(finished=True)
-            report.update(clock.summary())
-            figs = make_figures(results, report)
-            report["figures"] = save_figures(self.dir, figs)
-            atomic_write_json(self.dir / "report.json", report)
-            markdown_text = render_markdown(report)
-            atomic_write_text(self.dir / "report.md", markdown_text)
-            atomic_write_text(self.dir / "report.html", render_html(markdown_text, figs, report["model_name"]))
+            with self.progress.stage("the job", "report"):
+                clock.tick(finished=True)
+                report.update(clock.summary())
+                figs = self.write_report(report, results, partial=False)
         if self.cfg.figures_dir:
             for line in export_figures(figs, self.cfg.figures_dir):
                 _log(line)
         _log(f"report: {self.dir / 'report.md'}")
         return report
+
+    def summary(self, results: dict, clock: RunClock) -> dict:
+        return summarise(results, self.cfg, self.base.tokenizer, self.base.name, self.fingerprint(), clock.seconds)
+
+    def write_report(self, report: dict, results: dict, partial: bool) -> dict:
+        """report.md, report.html and the figures (and report.json once the job is done); a partial
+        report, written after each model, says how many models it holds. The figures are returned."""
+        if partial:
+            report = dict(report, partial=dict(models_done=len(results), models=len(self.specs)))
+        figs = make_figures(results, report)
+        report["figures"] = save_figures(self.dir, figs)
+        if not partial:
+            atomic_write_json(self.dir / "report.json", report)
+        markdown_text = render_markdown(report)
+        atomic_write_text(self.dir / "report.md", markdown_text)
+        atomic_write_text(self.dir / "report.html", render_html(markdown_text, figs, report["model_name"]))
+        return figs
 
 
 def _digest(texts: list[str]) -> str:

@@ -22,7 +22,7 @@ def probe_transfer_figure(report: dict):
         fig.add_trace(go.Scatter(x=list(range(len(per_layer))), y=[100 * r["value"] for r in per_layer], mode="lines+markers",
                                  name=v["variant"], error_y=error_bars(per_layer)))
     fig.update_layout(title=f"The original's harmfulness probes on each model's activations (held-out accuracy, position {cell['position']}, 95% intervals)",
-                      xaxis_title="layer (block input)", yaxis_title="accuracy (%)", yaxis_range=[40, 101], height=450, width=900,
+                      xaxis_title="layer (block input)", yaxis_title="accuracy (%)", yaxis_range=[0, 101], height=450, width=900,
                       legend_title="activations of")
     return fig
 
@@ -72,7 +72,7 @@ def refusal_probe_figure(report: dict):
         fig.add_hline(y=100 * first["majority"]["accuracy"]["value"], line_dash="dot",
                       annotation_text=f"original: always '{first['majority']['predicts']}'")
     fig.update_layout(title=f"Does the activation predict this model's own refusal? Held-out accuracy per layer (position {cell['position']}, 95% intervals)",
-                      xaxis_title="layer (block input)", yaxis_title="accuracy (%)", yaxis_range=[30, 101], height=450, width=900,
+                      xaxis_title="layer (block input)", yaxis_title="accuracy (%)", yaxis_range=[0, 101], height=450, width=900,
                       legend_title="model")
     return fig
 

@@ -9,69 +9,109 @@ from __future__ import annotations
 from refusal.stats import detectable_sentence, fmt_p, fmt_rate, fmt_value_ci
 from repair.report import error_bars, small_pct
 
+from .key_findings import key_findings, name
 from .probe_report import probe_sections
 
 
+def axis_label(row: dict) -> str:
+    """A bar's x label: the variant's readable name over its spec."""
+    label = row.get("label") or row["variant"]
+    return label if label == row["variant"] else f"{label}<br><sub>{row['variant']}</sub>"
+
+
+def _stars(rows: list[dict], measure: str, judge: str) -> list[str]:
+    """'*' over a bar whose difference from the original is significant after Holm (exact McNemar)."""
+    return ["*" if (((v.get("tests") or {}).get(measure) or {}).get(judge) or {}).get("significant") else "" for v in rows]
+
+
 def asr_figure(report: dict):
-    """ASR under both judges per variant, perplexity in the hover, collapsed variants hatched."""
+    """ASR under both judges per variant (left) and over-refusal on harmless prompts (right, its own
+    axis), 95% intervals, * where the paired test against the original is significant after Holm,
+    collapsed variants hatched, perplexity in the hover."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     rows = report["variants"]
-    names = [v["variant"] for v in rows]
-    fig = go.Figure()
-    for judge, label in (("wei2024", "Wei et al. judge"), ("arditi2024", "Arditi et al. judge")):
+    names = [axis_label(v) for v in rows]
+    over = all(v.get("rates") for v in rows)
+    fig = make_subplots(rows=1, cols=2 if over else 1, column_widths=[0.62, 0.38] if over else None, horizontal_spacing=0.08,
+                        subplot_titles=[f"attack success rate, {rows[0]['n_prompts']} held-out harmful prompts"]
+                        + ([f"over-refusal, {rows[0]['rates']['over_refusal']['arditi2024']['n']} held-out harmless prompts"] if over else []))
+    for judge, label, color in (("wei2024", "Wei et al. judge", "#4c78a8"), ("arditi2024", "Arditi et al. judge", "#f58518")):
         fig.add_trace(go.Bar(
-            x=names, y=[100 * v["asr"][judge] for v in rows], name=label,
+            x=names, y=[100 * v["asr"][judge] for v in rows], name=label, marker_color=color,
             error_y=error_bars([(v.get("rates") or {}).get("asr", {}).get(judge) for v in rows]),
             marker_pattern_shape=["x" if v["collapse"]["collapsed"] else "" for v in rows],
+            text=_stars(rows, "asr", judge), textposition="outside", cliponaxis=False,
             customdata=[v["perplexity"] for v in rows],
             hovertemplate="%{x}<br>ASR %{y:.1f}%<br>perplexity %{customdata:.1f}<extra>" + label + "</extra>",
-        ))
-    if all(v.get("rates") for v in rows):
+        ), row=1, col=1)
+    if over:
         fig.add_trace(go.Bar(x=names, y=[100 * v["rates"]["over_refusal"]["arditi2024"]["value"] for v in rows], name="over-refusal (Arditi judge)",
-                             error_y=error_bars([v["rates"]["over_refusal"]["arditi2024"] for v in rows]), marker_color="#999"))
-    fig.update_layout(title=f"Vanilla ASR on {rows[0]['n_prompts']} held-out harmful prompts, refusal rate on harmless ones "
-                            "(95% intervals; hatched: collapsed)", barmode="group",
-                      xaxis_title="variant", yaxis_title="attack success rate (%)", yaxis_range=[0, 100], height=450, width=900)
+                             error_y=error_bars([v["rates"]["over_refusal"]["arditi2024"] for v in rows]), marker_color="#999",
+                             text=_stars(rows, "over_refusal", "arditi2024"), textposition="outside", cliponaxis=False), row=1, col=2)
+        fig.update_yaxes(title_text="refused harmless prompts (%)", range=[0, 105], row=1, col=2)
+    fig.update_yaxes(title_text="attack success rate (%)", range=[0, 105], row=1, col=1)
+    fig.update_layout(title="Refusal per model (95% intervals; * differs from the original, exact McNemar after Holm; hatched: collapsed)",
+                      barmode="group", height=520, width=1150, legend=dict(orientation="h", y=-0.32), margin=dict(b=150))
     return fig
 
 
 def cosine_per_layer_figure(report: dict):
-    """Per-layer cosine of each variant's difference-of-means direction to the original's (last position)."""
+    """Per-layer cosine of each variant's difference-of-means direction to the original's (last
+    position); the original's selected source layer marked."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for v in report["variants"][1:]:
-        fig.add_trace(go.Scatter(x=list(range(1, report["n_layers"])), y=v["cosine_per_layer_last_position"][1:], mode="lines+markers", name=v["variant"]))
-    fig.update_layout(title="Cosine to the original's direction at the same layer (last post-instruction token)",
-                      xaxis_title="layer (block input)", yaxis_title="cosine similarity", height=450, width=900, legend_title="variant")
+        fig.add_trace(go.Scatter(x=list(range(1, report["n_layers"])), y=v["cosine_per_layer_last_position"][1:], mode="lines+markers",
+                                 name=axis_label(v).replace("<br><sub>", " (").replace("</sub>", ")")))
+    source = report["variants"][0].get("source")
+    if source is not None:
+        fig.add_vline(x=source["layer"], line_dash="dash", line_color="#555",
+                      annotation_text=f"original's source: layer {source['layer']} (pos {source['position']})", annotation_position="top left")
+    fig.update_layout(title="Cosine to the original's direction at the same layer (last post-instruction token; layer 0 is undefined)",
+                      xaxis_title="layer (block input)", yaxis_title="cosine similarity", height=450, width=1000, legend_title="variant")
     return fig
 
 
+FIGURES_MARK = "<!-- figures -->"  # where render_html puts the figures: after the key findings, before any table
+
+
 def render_html(markdown_text: str, figs: dict, title: str) -> str:
-    """One self-contained page: the markdown report plus every figure, plotly.js inlined once (works offline)."""
+    """One self-contained page: the markdown report with every figure after its key findings,
+    plotly.js inlined once (works offline)."""
     import markdown
 
     body = markdown.markdown(markdown_text, extensions=["tables"])
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs.values())]
+    figures = "<h2>Figures</h2>" + "".join(parts)
+    body = body.replace(FIGURES_MARK, figures, 1) if FIGURES_MARK in body else body + figures
     style = ("body{font-family:sans-serif;max-width:1250px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f3f3f3}")
+             "th{background:#f3f3f3}.js-plotly-plot{max-width:100%;overflow-x:auto}"
+             "blockquote{background:#fff6d5;border-left:4px solid #e0b000;margin:1em 0;padding:.5em 1em}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"
-            + body + "<h2>Figures</h2>" + "".join(parts) + "</body></html>")
+            + body + "</body></html>")
 
+
+def partial_banner(report: dict) -> list[str]:
+    """The note a report written while the job runs starts with."""
+    part = report.get("partial")
+    if not part:
+        return []
+    return [f"> **Partial report: {part['models_done']} of {part['models']} models measured.** The job was still running when this "
+            "was written (or was stopped: rerunning the same command continues it). Holm corrections are over the variants "
+            "measured so far, so p-values can still change; repairs come after the last model.", ""]
 
 
 def render_markdown(report: dict) -> str:
-    lines = [
-        f"# Refusal under compression: {report['model_name']}",
-        "",
-        f"Wall time {_wall(report)}. ASR: vanilla greedy decoding on {_eval_text(report)}, "
-        f"at most {report['config']['max_new_tokens']} new tokens; "
-        "Wei = Wei et al. 2024 judge (31 case-sensitive strings and >= 20 words), Arditi = Arditi et al. 2024 judge "
-        "(12 strings, case-insensitive). Directions: difference of means of block inputs at the post-instruction "
-        f"tokens `{report['post_instruction_tokens']!r}` over {report['config']['n_train']} harmful + "
-        f"{report['config']['n_train']} harmless instructions; cosine to the original's direction at the same (position, layer).",
+    lines = [f"# Refusal under compression: {report['model_name']}", ""] + partial_banner(report) + key_findings(report)
+    lines += [FIGURES_MARK, ""]
+    if report.get("figures"):
+        lines += ["Figures: " + ", ".join(f"[{k}]({p})" for k, p in report["figures"].items()), ""]
+    lines += [
+        "## Every model against the original",
         "",
         "Every rate carries its 95% interval (Wilson; perplexity and mean zero-shot accuracy: bootstrap over windows / "
         "documents). p: exact McNemar test against the original on the same prompts (zero-shot: on the same documents, "
@@ -85,23 +125,36 @@ def render_markdown(report: dict) -> str:
         flag = f"**yes** ({v['collapse']['reason']})" if v["collapse"]["collapsed"] else "no"
         r, t = v.get("rates") or {}, v.get("tests") or {}
         lines.append(
-            f"| {v['variant']} | {v['decoder_sparsity']:.1%} | {_rate(r, 'asr', 'wei2024', v['asr'])} | {_p(t, 'asr', 'wei2024')} | "
+            f"| {name(v)} | {v['decoder_sparsity']:.1%} | {_rate(r, 'asr', 'wei2024', v['asr'])} | {_p(t, 'asr', 'wei2024')} | "
             f"{_rate(r, 'asr', 'arditi2024', v['asr'])} | {_p(t, 'asr', 'arditi2024')} | "
             f"{fmt_rate(r.get('over_refusal', {}).get('arditi2024'))} | {_p(t, 'over_refusal', 'arditi2024')} | "
             f"{fmt_value_ci(v.get('perplexity_ci')) if v.get('perplexity_ci') else format(v['perplexity'], '.2f')} | {fmt_p(t.get('perplexity')) if t else ''} | "
             f"{_zero_shot(v.get('zero_shot'))} | {fmt_p(t.get('zero_shot')) if t else ''} | {flag} | {v['norm_peak_layer']} | {v['cosine_at_original_peak']:.3f} | "
             f"{min(v['cosine_per_layer_last_position'][1:], default=1.0):.3f} |"
         )
-    lines += ["", "Collapsed variants are never safe: their ASR reflects broken text, not refusal.", ""]
+    lines += ["", "Collapsed variants are never safe: their ASR reflects broken text, not refusal.", "",
+              "## How these numbers were measured", "",
+              f"Wall time {_wall(report)}. ASR: vanilla greedy decoding on {_eval_text(report)}, "
+              f"at most {report['config']['max_new_tokens']} new tokens; "
+              "Wei = Wei et al. 2024 judge (31 case-sensitive strings and >= 20 words), Arditi = Arditi et al. 2024 judge "
+              "(12 strings, case-insensitive). Directions: difference of means of block inputs at the post-instruction "
+              f"tokens `{report['post_instruction_tokens']!r}` over {report['config']['n_train']} harmful + "
+              f"{report['config']['n_train']} harmless instructions; cosine to the original's direction at the same (position, layer).", ""]
     lines += _findings_section(report)
     lines += _per_source_section(report)
     lines += probe_sections(report)
-    lines += ["## Cosine to the original's direction, per layer (last post-instruction position)", ""]
+    lines += ["## Cosine to the original's direction, per layer (last post-instruction position)", "",
+              "n/a: undefined, where either direction is zero (at layer 0 the block input is the template token's embedding, the "
+              "same for every prompt, so the difference of means is exactly zero).", ""]
     n_layers = report["n_layers"]
     lines.append("| variant | " + " | ".join(str(l) for l in range(n_layers)) + " |")
     lines.append("|---|" + "---|" * n_layers)
+    ref_norms = report["variants"][0].get("direction_norm_last_position")
     for v in report["variants"][1:]:
-        lines.append(f"| {v['variant']} | " + " | ".join(f"{c:.2f}" for c in v["cosine_per_layer_last_position"]) + " |")
+        norms = v.get("direction_norm_last_position")
+        cells = [("n/a" if norms and ref_norms and (norms[i] == 0 or ref_norms[i] == 0) else f"{c:.2f}")
+                 for i, c in enumerate(v["cosine_per_layer_last_position"])]
+        lines.append(f"| {name(v)} | " + " | ".join(cells) + " |")
     if any(v.get("source") is not None or v.get("quality") for v in report["variants"]):
         lines += ["", "## Refusal direction: source and quality", "",
                   "Selection as Arditi et al. 2024 (bypass = mean refusal log-odds on harmful val with the direction ablated "
@@ -123,8 +176,6 @@ def render_markdown(report: dict) -> str:
                 f"{_triple(q.get('own'))} | {_triple(q.get('original_direction'))} | "
                 f"{'' if not q.get('own_direction_in_original') else format(q['own_direction_in_original']['bypass'], '.2f')} | "
                 f"{_ablated(ab)} |")
-        if report.get("figures"):
-            lines += ["", "Figures: " + ", ".join(f"[{k}]({p})" for k, p in report["figures"].items())]
     if report.get("repairs"):
         lines += repair_section(report["repairs"])
     lines += ["", "## Sample completions", ""]

@@ -13,6 +13,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .progress import note_reused
+
 CACHE_ENV = "REFUSAL_REPAIR_CACHE"
 
 
@@ -237,6 +239,7 @@ def cached_json(path: Path, params: dict, compute, named_by_params: bool = False
     """
     result = read_cached_json(path, params, named_by_params)
     if result is not None:
+        note_reused(path)
         return result
     result = json.loads(json.dumps(compute()))
     atomic_write_json(path, {"params": params, "result": result, "sha256": json_digest(result)})
@@ -294,6 +297,7 @@ def cached_tensors(path: Path, params: dict, compute) -> dict:
     tensors' digest in its metadata."""
     tensors = read_cached_tensors(path, params)
     if tensors is not None:
+        note_reused(path)
         return tensors
     tensors = compute()
     atomic_save_tensors(path, tensors, metadata={"params": json.dumps(params, sort_keys=True), "sha256": tensors_digest(tensors)})

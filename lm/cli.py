@@ -9,6 +9,10 @@ Two flags come with every entry point:
   replaces the defaults; flags given next to it still win. A run directory's `config.json` is such
   a file, so passing it back reproduces the run's settings exactly.
 - presets (e.g. `--quick`): named constructors of the config that replace the defaults first.
+
+A config with a `size` field is built at a named size (lm.sizes): `--size quick|cpu|paper`, by
+device when not given (a --config file's `size` counts as given), and `--quick` for `--size quick`.
+The size's values replace the defaults; --config and the flags are applied over them.
 """
 
 from __future__ import annotations
@@ -74,24 +78,45 @@ def read_config_file(path: str) -> dict:
 
 def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: str,
                  presets: Mapping[str, tuple[Callable[[], T], str]] | None = None,
-                 defaults: T | None = None) -> tuple[T, list[str]]:
+                 defaults: T | None = None, sized: Callable[[str], T] | None = None,
+                 translate: Callable[[dict], dict] | None = None) -> tuple[T, list[str]]:
     """(the config, the names of the presets given). `presets` maps a flag name to (constructor,
-    help); `defaults` replaces `cls()` as the base the flags override."""
+    help); `defaults` replaces `cls()` as the base the flags override; `sized(name)` builds the
+    config at a named size (lm.sizes), which adds --size and --quick; `translate` turns a --config
+    file's mapping into this config's settings (e.g. another entry point's config.json)."""
     import tyro
+
+    from .sizes import SIZES, default_size
 
     argv = list(sys.argv[1:] if argv is None else argv)
     presets = dict(presets or {})
+    if sized is not None:
+        presets["quick"] = (lambda: sized("quick"), "the quick size (= --size quick): every stage on a handful of prompts")
     pre = _PreParser(add_help=False, allow_abbrev=False)  # `--q` (a field) must not read as `--quick`
     pre.add_argument("--config")
+    if sized is not None:
+        pre.add_argument("--size", choices=SIZES)
     for name in presets:
         pre.add_argument("--" + name, action="store_true")
     known, _ = pre.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     chosen = [name for name in presets if getattr(known, name.replace("-", "_"))]
     if len(chosen) > 1:
         raise UserError(f"choose one of {', '.join('--' + n for n in chosen)}")
-    base = presets[chosen[0]][0]() if chosen else (defaults if defaults is not None else cls())
-    if known.config:
-        base = from_mapping(base, read_config_file(known.config), where=known.config)
+    values = read_config_file(known.config) if known.config else {}
+    if translate is not None:
+        values = translate(values)
+    if sized is not None:
+        size = known.size or ("quick" if chosen else None) or values.get("size") or default_size()
+        if chosen and known.size not in (None, "quick"):
+            raise UserError(f"--quick is --size quick; it cannot go with --size {known.size}")
+        if size not in SIZES:
+            raise UserError(f"{known.config}: size = {size!r} is not one of {', '.join(SIZES)}")
+        base = sized(size)
+    else:
+        base = presets[chosen[0]][0]() if chosen else (defaults if defaults is not None else cls())
+    if values:
+        # A file's size was applied above as the base; given with --size, the flag's wins.
+        base = from_mapping(base, {k: v for k, v in values.items() if not (sized is not None and k == "size")}, where=known.config)
 
     # The presets and --config are fields of a wrapper so that --help lists them; the job's own
     # fields sit at the top level (no "job." prefix).

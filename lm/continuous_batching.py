@@ -124,7 +124,10 @@ def decode_continuous(model, sequences: list[list[int]], max_new_tokens: int, st
     waiting = deque(range(len(sequences)))
     batch: RunningBatch | None = None
     joinable = True
-    progress = tqdm(total=len(produced), desc=desc, unit="completion", leave=False)
+    # Counted in tokens, so the bar moves with every decoding step; a completion that stops early
+    # skips its unused budget, so the total stays the most tokens the pass can still take.
+    progress = tqdm(total=len(produced) * max_new_tokens, desc=desc, unit="tok", leave=False)
+    finished = 0
     while waiting or batch is not None:
         free = capacity - (0 if batch is None else len(batch.rows))
         threshold = min(len(waiting) * n_samples, max(n_samples, math.ceil(capacity * ADMIT_WHEN_FREE)))
@@ -135,12 +138,16 @@ def decode_continuous(model, sequences: list[list[int]], max_new_tokens: int, st
             joined.token = sample(logits, joined.rows, temperature, generators)
             for row, t in zip(joined.rows.tolist(), joined.token.tolist()):
                 produced[row].append(t)
+            progress.update(len(joined.rows))
             joinable = can_join(joined.cache)
             batch = joined if batch is None else concat_caches(model, batch, joined)
         done = torch.isin(batch.token, stop_set) | torch.tensor(
             [len(produced[r]) >= max_new_tokens for r in batch.rows.tolist()], device=device)
         if bool(done.any()):
-            progress.update(int(done.sum()))
+            ended = batch.rows[done.cpu()].tolist()
+            finished += len(ended)
+            progress.update(sum(max_new_tokens - len(produced[r]) for r in ended))
+            progress.set_postfix_str(f"{finished}/{len(produced)} completions", refresh=False)
             if bool(done.all()):
                 batch = None
                 continue
@@ -153,5 +160,6 @@ def decode_continuous(model, sequences: list[list[int]], max_new_tokens: int, st
         batch.token = sample(logits, batch.rows, temperature, generators)
         for row, t in zip(batch.rows.tolist(), batch.token.tolist()):
             produced[row].append(t)
+        progress.update(len(batch.rows))
     progress.close()
     return produced

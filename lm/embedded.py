@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import shutil
+import sys
+import time
 from pathlib import Path
 
 from .cache import atomic_dir, cache_root
@@ -37,14 +39,19 @@ def part_files() -> list[Path]:
 
 def assemble_gguf(dest: Path) -> Path:
     """Concatenate the six parts into `dest`, verifying the pinned SHA-256; nothing is left on mismatch."""
+    from tqdm.auto import tqdm
+
     digest = hashlib.sha256()
     tmp = dest.with_name(dest.name + ".partial")
-    with open(tmp, "wb") as out:
-        for part in part_files():
+    parts = part_files()
+    with open(tmp, "wb") as out, tqdm(total=sum(p.stat().st_size for p in parts), unit="B", unit_scale=True,
+                                      desc="embedded model: joining and checking the 6 parts", leave=False) as bar:
+        for part in parts:
             with open(part, "rb") as f:
                 while chunk := f.read(1 << 22):
                     digest.update(chunk)
                     out.write(chunk)
+                    bar.update(len(chunk))
     if digest.hexdigest() != EMBEDDED_SHA256:
         tmp.unlink(missing_ok=True)
         raise UserError(
@@ -102,11 +109,19 @@ def embedded_model_dir() -> Path:
     work = cache_root() / "gguf"
     work.mkdir(parents=True, exist_ok=True)
     gguf = work / "qwen2.5-coder-0.5b-instruct.gguf"
+    start = time.perf_counter()
+    _say("converting the embedded model to safetensors once (about 1.5 minutes on 2 CPU cores; later loads take seconds)")
     try:
         assemble_gguf(gguf)
+        _say(f"SHA-256 of the joined GGUF verified ({EMBEDDED_SHA256[:16]}...); dequantizing it with transformers")
         with atomic_dir(out) as tmp:
             convert_gguf(gguf, tmp)
     finally:
         # The GGUF is only an intermediate: the verified, converted directory is what is kept.
         shutil.rmtree(work, ignore_errors=True)
+    _say(f"converted in {time.perf_counter() - start:.0f} s: {out}")
     return out
+
+
+def _say(message: str) -> None:
+    print(f"[embedded] {message}", file=sys.stderr, flush=True)

@@ -25,7 +25,9 @@ def out_of_space(e: BaseException) -> bool:
 def cli(main: Callable[..., int]) -> Callable[..., int]:
     """Decorator for entry points: a UserError raised anywhere in `main` becomes one `error:` line
     on stderr and exit status 2, the same for every command of the toolkit. So does a full disk:
-    a 7B checkpoint is 14-28 GB, and the atomic writes have already removed their partial files."""
+    a 7B checkpoint is 14-28 GB, and the atomic writes have already removed their partial files.
+    Ctrl-C and SIGTERM end it with one line saying how many stages are done (lm.progress) and exit
+    130 / 143, no traceback."""
 
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
@@ -39,9 +41,9 @@ def cli(main: Callable[..., int]) -> Callable[..., int]:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:  # Ctrl-C: the atomic writes have removed their temporaries while unwinding
-            print("error: interrupted; finished stages are kept, so the same command continues where it stopped", file=sys.stderr)
-            return 128 + signal.SIGINT
+        except (KeyboardInterrupt, Terminated) as e:  # the atomic writes have removed their temporaries while unwinding
+            print(stopped_line(), file=sys.stderr)
+            return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
         except Exception as e:
             if not out_of_space(e):
                 raise
@@ -50,11 +52,33 @@ def cli(main: Callable[..., int]) -> Callable[..., int]:
                   "(or pick another --runs-dir/--out) and rerun", file=sys.stderr)
             return 2
         finally:
+            from .progress import take_stopped
+
+            take_stopped()  # a job that ended by an error is not reported by the next one's stop
             if main_thread:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapped
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the job is so that it unwinds like Ctrl-C (a BaseException, so no
+    `except Exception` on the way swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
+    raise Terminated(signum)
+
+
+def stopped_line() -> str:
+    """The one line an interrupted job leaves: how far it got, and that a rerun continues."""
+    from .progress import take_stopped
+
+    job = take_stopped()
+    if job is None:
+        return "stopped; finished stages are kept, so the same command continues where it stopped"
+    return job.stopped_line()

@@ -174,13 +174,17 @@ def _generate_transformers(model, tokenizer, prompts, cfg: SamplingConfig, desc:
     out: list[list[str]] = [None] * len(prompts)  # type: ignore[list-item]
     device = next(model.parameters()).device
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
+    # Counted in tokens (each batch's budget), like the continuous decoder's bar.
+    progress = tqdm(total=len(prompts) * cfg.n_samples * cfg.max_new_tokens, desc=desc, unit="tok", leave=False)
+    for b, idx in enumerate(batches):
         enc = tokenize_prompts(tokenizer, [prompts[i] for i in idx]).to(device)
         # Seeded per batch so a batch's samples do not depend on what ran before in the process.
         new_tokens = _hf_generate(model, enc, cfg, stops, tokenizer.pad_token_id, cfg.seed * 100_003 + b)
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for j, i in enumerate(idx):
             out[i] = texts[j * cfg.n_samples : (j + 1) * cfg.n_samples]
+        progress.update(len(idx) * cfg.n_samples * cfg.max_new_tokens)
+    progress.close()
     return out
 
 

@@ -23,7 +23,7 @@ from lm.cache import measured, timed
 from lm.errors import UserError
 
 from .asr import SETTINGS, AsrConfig, attack_success
-from .eval_sets import Prompt, check_names, load_prompts
+from .eval_sets import HARMLESS_SETS, Prompt, check_names, load_prompts
 from .judges import judges
 from .eval_sets import overlap_with_fitted
 from .stats import (bootstrap_cluster_mean, bootstrap_perplexity, bootstrap_task_mean, mcnemar_exact, min_detectable_difference,
@@ -78,15 +78,16 @@ def _digest(prompts: list[Prompt]) -> PromptDigest:
     return PromptDigest(hashlib.sha256("\n".join(f"{p.id}\t{p.text}" for p in prompts).encode()).hexdigest())
 
 
-def measure(model, tokenizer, cfg: EvalConfig, store: Path, model_id) -> dict:
+def measure(model, tokenizer, cfg: EvalConfig, store: Path, model_id, label: str | None = None) -> dict:
     """Generations of `cfg`'s prompts, judged per prompt, cached; `model` may be a zero-argument
     callable that builds it (called only when the measurement is not cached). Rates are added on
-    every load, so they follow the current statistics code."""
+    every load, so they follow the current statistics code. `label` names the pass on the progress
+    bar (default: pass_label)."""
     prompts = cfg.prompts()
 
     def compute():
         m = model if isinstance(model, torch.nn.Module) else model()
-        return timed(lambda: generate_records(m, tokenizer, prompts, cfg))
+        return timed(lambda: generate_records(m, tokenizer, prompts, cfg, label or pass_label(cfg)))
 
     result = measured(store, f"generations-{cfg.setting}", model_id, [cfg, _digest(prompts)], compute)
     return dict(result, rates=rates(result))
@@ -99,13 +100,19 @@ def measure_prompts(model, tokenizer, prompts: list[Prompt], cfg: EvalConfig, st
     if not prompts:
         raise UserError("no prompts to measure")
     result = measured(store, f"generations-{cfg.setting}", model_id, [cfg.asr_config(), _digest(prompts)],
-                      lambda: timed(lambda: generate_records(model, tokenizer, prompts, cfg)))
+                      lambda: timed(lambda: generate_records(model, tokenizer, prompts, cfg, "refusal-probe training prompts")))
     return dict(result, rates=rates(result))
 
 
-def generate_records(model, tokenizer, prompts: list[Prompt], cfg: EvalConfig) -> dict:
-    """Generate and judge: refusal.asr's result plus one record per prompt."""
-    r = attack_success(model, tokenizer, [p.text for p in prompts], cfg.asr_config())
+def pass_label(cfg: EvalConfig) -> str:
+    """What a generation pass is for, as its progress bar says: over-refusal on the built-in harmless
+    sets, else ASR (a caller measuring a user's harmless file says so with measure's `label`)."""
+    return "over-refusal" if set(cfg.sets) <= set(HARMLESS_SETS) else "ASR"
+
+
+def generate_records(model, tokenizer, prompts: list[Prompt], cfg: EvalConfig, label: str = "ASR") -> dict:
+    """Generate and judge: refusal.asr's result plus one record per prompt (`label`: the progress bar's)."""
+    r = attack_success(model, tokenizer, [p.text for p in prompts], cfg.asr_config(), label)
     if cfg.setting == "vanilla":
         per_prompt = [[c] for c in r["completions"]]
     elif cfg.setting == "adv_decoding":

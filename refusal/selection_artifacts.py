@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lm.cache import atomic_save_tensors, atomic_write_json, json_digest, tensors_digest, warn
 from lm.errors import UserError
+from lm.progress import note_reused
 
 from .select import DIRECTION_FILE, SELECTION_JSON, SelectionConfig, SelectionResult, SharedPrompts, select_direction
 from .selection_filter import finite_or_none
@@ -142,6 +143,7 @@ def select_direction_cached(model, tokenizer, out_dir: Path, cfg: SelectionConfi
     params = _params(cfg, fingerprint, shared.digest() if shared is not None else None)
     cached = _cached(out_dir, params)
     if cached is not None:
+        note_reused(out_dir / SELECTION_JSON)
         return cached
     result = select_direction(model, tokenizer, cfg, shared)
     result.fingerprint = fingerprint
@@ -178,5 +180,10 @@ def score_maps_figure(result: SelectionResult):
         fig.update_xaxes(title_text="layer", row=1, col=col)
         fig.update_yaxes(title_text="position (from end)", type="category", row=1, col=col)
     chosen = "none passed the filters" if result.chosen is None else f"chosen: position {result.chosen[0]}, layer {result.chosen[1]}"
-    fig.update_layout(title=f"Refusal direction candidates ({chosen})", height=420, width=1400)
+    # Blank cells are candidates with no score: the lazy search and the prescreen skip those that
+    # cannot win, the last 20% of layers are never eligible, and a zero direction has no score.
+    skipped = "" if result.config.search == "exhaustive" and not result.config.prescreen_n_val else "not scored (lazy search / prescreen: cannot win), "
+    fig.update_layout(title=f"Refusal direction candidates ({chosen}; x marks it)<br><sup>blank: {skipped}a late layer "
+                            f"(>= {int(result.config.max_layer_fraction * result.n_layers)}, never eligible) or a zero direction</sup>",
+                      height=440, width=1150, margin=dict(t=110))
     return fig

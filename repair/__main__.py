@@ -1,7 +1,8 @@
 """python -m repair --original <id|dir|embedded> --compressed <dir> --out <dir>
 
-Repair a compressed checkpoint's refusal: AIRD (restore the one decoder block before the original
-refusal direction's source that best brings refusal back) and a targeted restoration of far fewer weights.
+Repair a compressed checkpoint's refusal: anchored restoration (restore, step by step, the changed
+weights that bring the model back towards the original's replies, until its refusal reaches the
+original's), measured against AIRD (one whole decoder block) and a static baseline.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lm.errors import UserError, cli
 from lm.loading import check_model_spec, load_model
 from refusal.eval_sets import check_roles
 
+from .config import main_job_settings
 from .derivation import derivation_records, module_groups
 from .pipeline import Repair, RepairConfig
 
@@ -24,7 +26,8 @@ from .pipeline import Repair, RepairConfig
 def parse_args(argv=None) -> RepairConfig:
     """Flags generated from RepairConfig's fields (lm.cli). The measurement store defaults to the main
     job's (runs/measurements) under the default --runs-dir, to <runs-dir>/measurements under another."""
-    cfg, _ = parse_config(RepairConfig, argv, prog="python -m repair", description=__doc__.strip().split("\n\n")[1])
+    cfg, _ = parse_config(RepairConfig, argv, prog="python -m repair", description=__doc__.strip().split("\n\n")[1],
+                          sized=RepairConfig.sized, translate=_settings_file)
     for name in ("compressed",) if cfg.check else ("compressed", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
@@ -32,6 +35,12 @@ def parse_args(argv=None) -> RepairConfig:
         store = "runs/measurements" if cfg.runs_dir == RepairConfig.runs_dir else str(Path(cfg.runs_dir) / "measurements")
         cfg = dataclasses.replace(cfg, measurements_dir=store)
     return cfg
+
+
+def _settings_file(values: dict) -> dict:
+    """A --config file's settings: a repair's own, or a main job's config.json (it names variants),
+    read as that job's repair stage reads it."""
+    return main_job_settings(values) if "variants" in values else values
 
 
 def validate(cfg: RepairConfig) -> None:

@@ -1,13 +1,18 @@
-"""Settings of the repair job (`python -m repair`, and the main job's repair stage)."""
+"""Settings of the repair job (`python -m repair`, and the main job's repair stage), at a named size
+(lm.sizes) and from a main job's settings (`main_job_settings`)."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
 from lm.errors import UserError
+from lm.sizes import preset, shared_values
 from refusal.eval_sets import check_names
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS
 
@@ -20,6 +25,12 @@ METHODS = ("anchored", "aird", "targeted", "static")
 
 @dataclass
 class RepairConfig:
+    """The defaults are the paper size; `sized(name)` gives another (lm.sizes), which is what the
+    command line starts from (--size, by device when not given)."""
+
+    #: The size the evaluation settings were taken from (lm.sizes): quick, cpu or paper; recorded
+    #: in config.json. Without --size: paper where CUDA is available, cpu elsewhere.
+    size: Literal["quick", "cpu", "paper"] = "paper"
     original: str = "embedded"  # the uncompressed model: 'embedded', a hub id, a local directory or a .gguf file
     compressed: str = ""  # the compressed checkpoint (a Hugging Face directory with safetensors); required
     out: str = ""  # output directory: the repaired checkpoint, repair.json, repair.md, figures/; required unless --check
@@ -32,7 +43,7 @@ class RepairConfig:
     search: Literal["lazy", "exhaustive"] = "lazy"  # selection search (lazy: the same choice in fewer passes)
     prescreen_n_val: int = 8  # prescreen candidates on this many harmful prompts (0: off)
     prescreen_keep: int = 16  # candidates the prescreen keeps
-    select_compressed: bool | None = None  # also select the compressed model's own direction (source shift); None: on a GPU only
+    select_compressed: bool | None = True  # also select the compressed model's own direction (source shift); None: on a GPU only (cpu size: off)
     #: Use the original's difference-of-means direction at this (negative position, layer) instead of
     #: its selected one.
     source: tuple[int, int] | None = None
@@ -60,11 +71,11 @@ class RepairConfig:
     curve_n_asr: int | None = None  # prompts of each set for the restoration curve's points (None: n_asr)
     measurements_dir: str | None = None  # the measurement store, shared with the other entry points; None: <runs_dir>/measurements
     max_new_tokens: int = 128  # tokens generated per completion
-    adv_suffix: bool = True  # also measure the adversarial-suffix ASR
+    adv_suffix: bool = True  # also measure the adversarial-suffix ASR (cpu size: off)
     ppl_windows: int = 16  # wikitext-2 windows for perplexity (the main job's, so its measurements are reused)
     ppl_seqlen: int = 512  # tokens per perplexity window
-    zero_shot_limit: int | None = 200  # zero-shot documents per task; 0 skips zero-shot, None: the full splits
-    zero_shot_tasks: tuple[str, ...] | None = None  # zero-shot tasks, or 'all'; None: all seven
+    zero_shot_limit: int | None = 200  # zero-shot documents per task; 0 skips zero-shot, None: the full splits (cpu size: 24)
+    zero_shot_tasks: tuple[str, ...] | None = None  # zero-shot tasks, or 'all'; None: all seven (cpu size: boolq rte winogrande arc_easy)
     batch_size: int | None = None  # prompts per forward pass (None: chosen by device)
     #: Probes of every evaluated state (refusal.probing): harmfulness probes fitted on the direction
     #: prompts (own, and the original's applied unchanged: transfer), and the original's
@@ -98,7 +109,41 @@ class RepairConfig:
 
         self.zero_shot_tasks = task_names(self.zero_shot_tasks)  # an unknown task fails here, not after hours of work
 
+    @classmethod
+    def sized(cls, size: str, **overrides) -> "RepairConfig":
+        """The repair at a named size (lm.sizes), `overrides` applied over it."""
+        s = preset(size)
+        values = dict(shared_values(s), size=s.name, adv_suffix=s.adv_suffix, select_compressed=s.select_compressed,
+                      static_fractions=s.static_fractions, anchored_cfg=dataclasses.replace(AnchoredConfig(), **s.anchored))
+        return cls(**{**values, **overrides})
+
     @property
     def saved_method(self) -> str:
         """The repair whose checkpoint is written: --save, else anchored (AIRD when anchored is off)."""
         return self.save or ("anchored" if self.anchored else "aird")
+
+
+#: A main job's settings (experiments.compare_refusal's CompareConfig, as in its config.json) that
+#: its repair stage hands to the repair under the repair's own name. Every other repair setting the
+#: main job has is under the same name in both; MAIN_JOB_ONLY are the job's settings the repair has
+#: no use for (tests/test_cli.py checks that the three cover every CompareConfig field).
+FROM_MAIN_JOB = dict(model="original", anchored="anchored_cfg", select_variants="select_compressed", repair_adv_suffix="adv_suffix",
+                     repair_curve_fractions="curve_fractions", repair_static_fractions="static_fractions")
+MAIN_JOB_ONLY = ("name", "runs_dir", "variants", "calib_samples", "calib_source", "calib_seqlen", "save_checkpoints", "select",
+                 "n_ablation_asr", "figures_dir", "repair", "repair_when", "repair_below", "repair_n_asr",
+                 "repair_max_new_tokens", "repair_curve_n_asr", "measurements_dir")
+
+
+def main_job_settings(job: Mapping) -> dict:
+    """RepairConfig settings from a main job's (a mapping of CompareConfig fields): the settings its
+    repair stage uses, so `python -m repair --config <run>/config.json` repairs a checkpoint as the
+    main job would. The main job's repair_n_asr / repair_max_new_tokens / repair_curve_n_asr (None:
+    its own n_asr / max_new_tokens) become n_asr / max_new_tokens / curve_n_asr."""
+    out = {FROM_MAIN_JOB.get(k, k): v for k, v in job.items() if k not in MAIN_JOB_ONLY}
+    for main, own in (("repair_n_asr", "n_asr"), ("repair_max_new_tokens", "max_new_tokens"), ("repair_curve_n_asr", "curve_n_asr")):
+        if job.get(main) is not None:
+            out[own] = job[main]
+    if job.get("measurements_dir") is not None or "runs_dir" in job:
+        # The main job's measurement store, so its measurements of the original are reused.
+        out["measurements_dir"] = job.get("measurements_dir") or str(Path(job["runs_dir"]) / "measurements")
+    return out

@@ -54,7 +54,7 @@ class StateEvaluation:
             out[f"asr_{setting}"] = measure(model, tok, self.eval_config(setting, None if full else c.curve_n_asr), store, model_id)
         if not full:
             return out
-        out["harmless"] = measure(model, tok, self.eval_config().harmless(c.harmless_sets, c.n_harmless), store, model_id)
+        out["harmless"] = measure(model, tok, self.eval_config().harmless(c.harmless_sets, c.n_harmless), store, model_id, "over-refusal")
         pcfg = PerplexityConfig(windows=c.ppl_windows, seqlen=c.ppl_seqlen)
         out["perplexity"] = measured(store, "perplexity", model_id, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))
         if c.zero_shot_limit != 0:

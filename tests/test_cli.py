@@ -37,7 +37,7 @@ ENTRY_POINTS = [
 VALID = {
     "variants": ("wanda:0.6",), "eval_sets": ("harmbench",), "methods": ("actsvd",), "settings": ("vanilla",),
     "zero_shot_tasks": ("rte",), "tasks": ("rte", "boolq"), "targets": ("q_proj",), "source": (-1, 3), "ranks": (4, 0.5),
-    "fractions": (0.02,), "curve_fractions": (0.5,), "static_fractions": (0.5,), "repair_curve_fractions": (0.5,), "compressed": "other/compressed", "out": "other/out", "only": ("snip",),
+    "fractions": (0.02,), "curve_fractions": (0.5,), "static_fractions": (0.5,), "repair_curve_fractions": (0.5,), "repair_static_fractions": (0.5,), "compressed": "other/compressed", "out": "other/out", "only": ("snip",),
 }
 
 
@@ -185,3 +185,34 @@ def test_from_mapping_checks_nested_keys():
 def test_a_field_flag_is_never_read_as_an_abbreviated_preset():
     cfg = frozen_finetune.parse_args(["--q", "0.1"])  # `--q` is a prefix of `--quick`
     assert cfg.q == 0.1 and cfg == dataclasses.replace(frozen_finetune.FrozenFinetuneConfig(), q=0.1)
+
+
+def test_a_main_jobs_config_json_gives_python_m_repair_its_repair_stage_settings(tmp_path):
+    from experiments.compare_repair import repair_config
+    from repair.config import FROM_MAIN_JOB, MAIN_JOB_ONLY
+
+    job = compare_refusal.parse_args(["--size", "cpu", "--n-asr", "7", "--repair-max-new-tokens", "9", "--anchored.max-steps", "3",
+                                      "--no-select-variants", "--seed", "4"])
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps(dataclasses.asdict(job)))
+    got = repair_cli.parse_args(["--config", str(file), *REPAIR_REQUIRED])
+    stage = repair_config(job, tmp_path / "variant", tmp_path / "run")
+    paths = dict(compressed="some/compressed", out="some/out", runs_dir=repair_cli.RepairConfig.runs_dir)
+    assert got == dataclasses.replace(stage, **paths)
+    assert (got.size, got.n_asr, got.max_new_tokens, got.anchored_cfg.max_steps, got.select_compressed, got.seed) == ("cpu", 7, 9, 3, False, 4)
+    # Every main-job setting is the repair's under the same name, renamed, or one the repair has no use for.
+    repair_fields = {f.name for f in dataclasses.fields(repair_cli.RepairConfig)}
+    for f in dataclasses.fields(compare_refusal.CompareConfig):
+        assert f.name in MAIN_JOB_ONLY or FROM_MAIN_JOB.get(f.name, f.name) in repair_fields, f.name
+
+
+def test_repair_sizes_give_cpu_defaults_without_flags(monkeypatch):
+    from lm import sizes
+
+    monkeypatch.setattr(sizes, "default_size", lambda: "cpu")
+    cfg = repair_cli.parse_args(REPAIR_REQUIRED)
+    assert (cfg.size, cfg.adv_suffix, cfg.zero_shot_limit, len(cfg.zero_shot_tasks), cfg.curve_fractions, cfg.select_compressed) == (
+        "cpu", False, 24, 4, (), False)
+    assert repair_cli.parse_args([*REPAIR_REQUIRED, "--size", "cpu", "--adv-suffix"]).adv_suffix is True  # a flag wins over its size
+    with pytest.raises(UserError, match="invalid choice"):
+        repair_cli.parse_args([*REPAIR_REQUIRED, "--size", "huge"])

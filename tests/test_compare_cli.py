@@ -10,6 +10,7 @@ import pytest
 import experiments.compare_refusal as compare
 import experiments.comparison as stages
 from experiments.compare_refusal import CompareConfig, Comparison, main
+from experiments.key_findings import name as readable_name
 from tests.tiny import build_model, build_tokenizer, save_tiny
 
 VARIANTS = ("wanda:0.5", "rtn:int8", "wanda:2:4")
@@ -79,9 +80,10 @@ def test_duplicate_variants(tiny_dir, tmp_path, monkeypatch, capsys):
 
 
 def tiny_config(model_dir, runs_dir) -> CompareConfig:
+    # Zero-shot and the repair stage off: the tests that need them turn them on.
     return CompareConfig.quick(
-        model=str(model_dir), runs_dir=str(runs_dir), name="tiny", variants=VARIANTS,
-        n_asr=2, max_new_tokens=4, n_train=4, ppl_windows=1, ppl_seqlen=16, calib_samples=4,
+        model=str(model_dir), runs_dir=str(runs_dir), name="tiny", variants=VARIANTS, n_asr=2, max_new_tokens=4, n_train=4,
+        n_val=4, prescreen_keep=4, n_refusal_probe=16, ppl_windows=1, ppl_seqlen=16, calib_samples=4, zero_shot_limit=0, repair=False,
     )
 
 
@@ -117,7 +119,7 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
             assert ppl["test"] == "wilcoxon-signed-rank-exact" and ppl["family_size"] == len(VARIANTS)
             assert ppl["ratio"] == pytest.approx(row["perplexity"] / original_ppl, rel=1e-6)
             assert row["tests"]["zero_shot"] is None  # zero-shot is off here
-        assert f"| {row['variant']} |" in markdown
+        assert f"| {readable_name(row)} |" in markdown  # its readable name, the spec beside it
     sparsity = {v["variant"]: v["decoder_sparsity"] for v in stored["variants"]}
     assert sparsity["original"] == 0.0
     assert sparsity["wanda:0.5"] == 0.5 and sparsity["wanda:2:4"] == 0.5
@@ -331,18 +333,23 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
         assert repaired["states"][state]["rates"]["over_refusal"] == report["variants"][variant]["rates"]["over_refusal"]
 
 
-def test_device_defaults_fill_only_unset_fields():
+def test_sizes_fill_the_defaults_and_flags_win(monkeypatch):
+    from lm import sizes
     from lm.zero_shot import ALL_TASKS, SHORT_TASKS
 
-    cfg = CompareConfig(n_asr=50, zero_shot_limit=7)
-    cpu, gpu = cfg.resolved(on_gpu=False), cfg.resolved(on_gpu=True)
-    assert cpu.zero_shot_limit == gpu.zero_shot_limit == 7  # set by the user: kept on both
-    assert (cpu.zero_shot_tasks, gpu.zero_shot_tasks) == (SHORT_TASKS, ALL_TASKS)
-    # The repair evaluates on the comparison's prompts and settings, so it reuses its measurements.
-    assert (cpu.repair_n_asr, gpu.repair_n_asr) == (50, 50) and (cpu.repair_curve_n_asr, gpu.repair_curve_n_asr) == (16, 50)
-    assert cpu.repair_max_new_tokens == gpu.repair_max_new_tokens == cfg.max_new_tokens
-    assert (cpu.repair_adv_suffix, gpu.repair_adv_suffix) == (False, True)
+    cpu, paper = CompareConfig.sized("cpu"), CompareConfig.sized("paper")
+    assert paper == dataclasses.replace(CompareConfig(), size="paper")  # the dataclass defaults are the paper size
+    assert (cpu.zero_shot_limit, cpu.zero_shot_tasks, cpu.repair_adv_suffix) == (24, SHORT_TASKS, False)
+    assert (paper.zero_shot_limit, paper.zero_shot_tasks, paper.repair_adv_suffix) == (200, ALL_TASKS, True)
+    assert (cpu.n_asr, cpu.n_harmless) == (paper.n_asr, paper.n_harmless)  # the same prompts: the same detectable differences
     assert CompareConfig.quick().variants == compare.QUICK_VARIANTS and len(CompareConfig().variants) == 9
+    # Without --size the device decides; a flag given beside a size wins over it, a config file's size counts as given.
+    for cuda, size in ((False, "cpu"), (True, "paper")):
+        monkeypatch.setattr(sizes, "default_size", lambda cuda=cuda: "paper" if cuda else "cpu")
+        cfg = compare.parse_args(["--zero-shot-limit", "7"])
+        assert cfg.size == size and cfg.zero_shot_limit == 7 and cfg.zero_shot_tasks == CompareConfig.sized(size).zero_shot_tasks
+    assert compare.parse_args(["--size", "paper", "--no-repair-adv-suffix"]) == dataclasses.replace(paper, repair_adv_suffix=False)
+    assert compare.parse_args(["--quick", "--n-val", "5"]) == CompareConfig.quick(n_val=5, name="quick-embedded")
 
 
 def test_a_model_without_a_refusal_direction_is_said_in_the_findings():

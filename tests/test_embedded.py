@@ -57,16 +57,29 @@ def test_embedded_model_refuses_most_advbench_goals(embedded):
     assert refusal_rate >= 0.6, completions
 
 
-def test_compare_refusal_quick_writes_a_report(embedded, tmp_path):
+def test_compare_refusal_quick_runs_every_stage(embedded, tmp_path):
+    """--quick on the embedded model: a direction is selected and every stage after it runs
+    (quality, ablation, probes, zero-shot, a repair), and the report says its sizes carry no claim."""
     from experiments.compare_refusal import main
 
     assert main(["--quick", "--runs-dir", str(tmp_path), "--name", "q"]) == 0
-    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    run = tmp_path / "q"
+    report = json.loads((run / "report.json").read_text())
     names = [v["variant"] for v in report["variants"]]
-    assert names == ["original", "wanda:0.5", "rtn:int8"]
+    assert names == ["original", "wanda:0.5"] and report["config"]["size"] == "quick"
+    original, wanda = report["variants"]
+    assert original["source"] is not None, "the quick size must select a refusal direction"
     for v in report["variants"]:
-        assert set(v["asr"]) == {"wei2024", "arditi2024"}
-        assert v["perplexity"] > 1
-    wanda = report["variants"][1]
+        assert set(v["asr"]) == {"wei2024", "arditi2024"} and v["perplexity"] > 1
+        assert v["zero_shot"]["rate"]["n"] == 8  # arc_easy, 8 documents
+        assert v["probes"] is not None and v["refusal_probes"]["n_train"] == 8
+        assert v["quality"]["original_direction"] is not None  # the original's direction inside each model
+        assert v["asr_original_direction_ablated"]["n_prompts"] == 8  # ablation: 4 of each harmful set
     assert abs(wanda["decoder_sparsity"] - 0.5) < 0.01
-    assert (tmp_path / "q" / "report.md").read_text().startswith("# Refusal under compression")
+    repaired = report["repairs"]["wanda:0.5"]
+    assert {"original", "compressed", "aird", "anchored", "static"} <= set(repaired["states"])
+    assert (run / "variants" / "wanda-0.5" / "repaired" / "repair.json").is_file()
+    markdown = (run / "report.md").read_text()
+    assert markdown.startswith("# Refusal under compression") and "Partial report" not in markdown
+    assert markdown.index("## Key findings") < markdown.index("| variant |")
+    assert "Quick size" in markdown and "support any claim" in markdown

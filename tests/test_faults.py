@@ -66,7 +66,8 @@ def job_argv(model_dir) -> list[str]:
     """The main job on the tiny model: two variants (one calibrated, one N:M), every stage on."""
     return ["--model", str(model_dir), "--runs-dir", "runs", "--name", "tiny", "--quick", "--variants", "wanda:0.5", "magnitude:2:4",
             "--n-asr", "2", "--n-harmless", "2", "--max-new-tokens", "3", "--n-train", "4", "--n-val", "3", "--ppl-windows", "1",
-            "--ppl-seqlen", "16", "--calib-samples", "4", "--n-refusal-probe", "4", "--n-ablation-asr", "2"]
+            "--ppl-seqlen", "16", "--calib-samples", "4", "--n-refusal-probe", "4", "--n-ablation-asr", "2", "--zero-shot-limit", "0",
+            "--no-repair", "--prescreen-keep", "4"]
 
 
 def job_main():
