@@ -101,12 +101,17 @@ def quality_bars_figure(rows: list[dict], title: str):
     metrics = (("bypass", "bypass score<br>(lower = ablation removes refusal)"), ("induce", "induce score<br>(higher = addition causes refusal)"),
                ("kl", "KL on harmless<br>(lower = less side effect)"))
     fig = make_subplots(rows=1, cols=3, subplot_titles=[m[1] for m in metrics])
-    names = [r["variant"] for r in rows]
+    names = [r.get("label") or r["variant"] for r in rows]
     for col, (key, _) in enumerate(metrics, start=1):
         for which, colour in (("own", "#1f77b4"), ("original_direction", "#ff7f0e")):
             values = [(r.get(which) or {}).get(key) for r in rows]
+            # 95% bootstrap intervals over the validation prompts, where the result kept them.
+            cis = [((r.get(which) or {}).get("ci95") or {}).get(key) for r in rows]
+            error = dict(type="data", symmetric=False, array=[c["ci95"][1] - v if c and v is not None else None for c, v in zip(cis, values)],
+                         arrayminus=[v - c["ci95"][0] if c and v is not None else None for c, v in zip(cis, values)])
             fig.add_trace(go.Bar(x=names, y=values, name="own direction" if which == "own" else "original's direction",
-                                 marker_color=colour, showlegend=col == 1), row=1, col=col)
+                                 marker_color=colour, showlegend=col == 1, error_y=error), row=1, col=col)
         fig.update_yaxes(title_text="refusal log-odds" if key != "kl" else "nats", row=1, col=col)
-    fig.update_layout(title=title, barmode="group", height=480, width=1200, margin=dict(t=130))
+    fig.update_layout(title=f"{title}<br><sup>means over the shared validation prompts, 95% bootstrap intervals</sup>", barmode="group",
+                      height=480, width=1200, margin=dict(t=130))
     return fig

@@ -14,6 +14,7 @@ import torch
 from lm.errors import UserError
 
 from .score import kl_divergence, prompt_last_logits, refusal_score
+from .stats import bootstrap_mean
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class DirectionQuality:
     baseline_harmful: float
     baseline_harmless: float
     layer: int
+    #: 95% bootstrap intervals over prompts of bypass, induce and kl (refusal.stats.bootstrap_mean
+    #: objects); None in a result cached before they were kept.
+    ci95: dict | None = None
 
     @property
     def refusal_removed(self) -> float:
@@ -46,10 +50,13 @@ def direction_quality(model, tokenizer, direction_raw: torch.Tensor, layer: int,
     safe_base = prompt_last_logits(model, tokenizer, harmless, batch_size, system)
     safe_abl = prompt_last_logits(model, tokenizer, harmless, batch_size, system, ablate=vec)
     safe_add = prompt_last_logits(model, tokenizer, harmless, batch_size, system, add={layer: vec})
+    per_prompt = dict(bypass=refusal_score(harm_abl, token_ids), induce=refusal_score(safe_add, token_ids),
+                      kl=kl_divergence(safe_base, safe_abl))
     return DirectionQuality(
-        bypass=float(refusal_score(harm_abl, token_ids).mean()),
-        induce=float(refusal_score(safe_add, token_ids).mean()),
-        kl=float(kl_divergence(safe_base, safe_abl).mean()),
+        bypass=float(per_prompt["bypass"].mean()),
+        induce=float(per_prompt["induce"].mean()),
+        kl=float(per_prompt["kl"].mean()),
+        ci95={k: bootstrap_mean(v.double().tolist()) for k, v in per_prompt.items()},
         baseline_harmful=float(refusal_score(harm_base, token_ids).mean()),
         baseline_harmless=float(refusal_score(safe_base, token_ids).mean()),
         layer=layer,

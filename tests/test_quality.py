@@ -30,6 +30,10 @@ def test_direction_quality_equals_candidate_scores(tiny_pair):
         assert q.kl == pytest.approx(float(scores.kl[i, layer]), abs=1e-5)
         assert q.baseline_harmful == pytest.approx(scores.baseline_harmful, abs=1e-6)
         assert q.refusal_removed == pytest.approx(q.baseline_harmful - q.bypass)
+        # Each mean carries a bootstrap interval over its prompts (the quality figure's error bars).
+        for key, n in (("bypass", len(harmful)), ("induce", len(harmless)), ("kl", len(harmless))):
+            ci = q.ci95[key]
+            assert ci["n"] == n and ci["value"] == pytest.approx(getattr(q, key), rel=1e-5, abs=1e-6) and ci["ci95"][0] <= ci["value"] <= ci["ci95"][1]
 
 
 def test_direction_quality_rejects_bad_input(tiny_qwen2):
