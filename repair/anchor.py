@@ -7,7 +7,11 @@ prompts only (harmful_train, harmless_train: disjoint from every validation and 
 
     L = NLL(original's greedy replies | harmful prompts)            the original's own refusals
       + NLL(original's greedy replies | harmless prompts)           and helpful answers
+      + first_token_weight * KL_first(harmful and harmless prompts) where it decides to refuse
       + hidden_weight * D(harmful prompts)                          its internal state
+
+    KL_first = mean over prompts of KL(original || model) of the next-token distribution at the
+               end of the prompt, on each kind of prompt
 
     D = mean over blocks l >= source and the post-instruction positions of
         ||h_l(model) - h_l(original)||^2 / ||h_l(original)||^2
@@ -19,7 +23,11 @@ replies makes the NLL terms the likelihood of exactly what the original said (th
 "own_refusals" idea of repair.targeted, extended to harmless prompts, where it penalises
 over-refusal). Kang Yang et al. 2025 match the aligned model's hidden states on harmful prompts;
 here the reply likelihood is added because equal hidden states at a few positions do not fix
-what the model says.
+what the model says. The reply NLL weighs the first reply token as one of ~24, but that token is
+where a chat model refuses or answers ("I'm sorry" / "Sure"): without KL_first, restoring the
+weights that make the model open with a refusal looked cheap on harmless prompts, and on the
+embedded model's set-difference variant the first 1% of restored weights took harmless refusal
+from 0% to 34% (KL to the original 0.28 -> 0.74 on harmless validation prompts).
 """
 
 from __future__ import annotations
@@ -41,14 +49,15 @@ class AnchorConfig:
     n_harmless: int = 32  # harmless_train instructions the loss reads
     reply_tokens: int = 24  # tokens of the original's greedy replies (teacher forcing)
     hidden_weight: float = 1.0  # weight of the residual-stream distance D
+    first_token_weight: float = 1.0  # weight of the next-token KL to the original at the end of each prompt
     batch_size: int = 8  # sequences per forward / backward pass
 
     def __post_init__(self):
         for name in ("n_harmful", "n_harmless", "reply_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"anchor {name} must be positive, got {getattr(self, name)}")
-        if self.hidden_weight < 0:
-            raise UserError(f"anchor hidden_weight must be >= 0, got {self.hidden_weight}")
+        if self.hidden_weight < 0 or self.first_token_weight < 0:
+            raise UserError(f"anchor weights must be >= 0, got hidden {self.hidden_weight}, first token {self.first_token_weight}")
 
 
 @dataclass
@@ -56,12 +65,13 @@ class Anchor:
     """Teacher-forcing batches of the original's replies, with the original's residual stream
     (blocks `layers`, post-instruction positions) for the harmful ones."""
 
-    batches: list[dict]  # input_ids, attention_mask, labels, kind ("harmful" / "harmless"), prompt_len, target (harmful)
+    batches: list[dict]  # input_ids, attention_mask, labels, kind ("harmful" / "harmless"), prompt_len, first (log-probs), target (harmful)
     layers: list[int]  # residual-stream inputs of these blocks enter D
     n_tokens: dict[str, int]  # reply tokens per kind (the NLL terms are means over them)
     n_sequences: dict[str, int]
     hidden_weight: float
     instructions: dict[str, list[str]]
+    first_token_weight: float = 0.0
 
     def kinds(self) -> tuple[str, ...]:
         return ("harmful", "harmless")
@@ -98,10 +108,24 @@ def build_anchor(original: nn.Module, tokenizer, cfg: AnchorConfig, source_layer
             b = {k: v.to(device) for k, v in b.items()}
             prompt_len = (b["labels"] != -100).int().argmax(dim=1)  # the first reply token
             b.update(kind=kind, prompt_len=prompt_len)
-            if kind == "harmful":
-                b["target"] = post_instruction_states(original, b, layers, n_post).detach()
+            with torch.no_grad():
+                out = backbone(original)(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True, use_cache=False)
+                b["first"] = first_token_logprobs(original, out.last_hidden_state, prompt_len).detach()
+                if kind == "harmful":
+                    b["target"] = post_instruction_states(original, b, layers, n_post, out.hidden_states).detach()
             batches.append(b)
-    return Anchor(batches, layers, n_tokens, n_seq, cfg.hidden_weight, instructions)
+    return Anchor(batches, layers, n_tokens, n_seq, cfg.hidden_weight, instructions, cfg.first_token_weight)
+
+
+def first_token_logprobs(model: nn.Module, normed: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """[batch, vocab] log-probabilities of the first reply token: the LM head at each prompt's last position."""
+    rows = torch.arange(normed.shape[0], device=normed.device)
+    return torch.log_softmax(logits_from_normed(model, normed[rows, prompt_len - 1]).float(), dim=-1)
+
+
+def first_token_kl(logprobs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed KL(target || model) over rows, both [batch, vocab] log-probabilities."""
+    return (target.exp() * (target - logprobs)).sum()
 
 
 def post_instruction_positions(prompt_len: torch.Tensor, n_post: int) -> torch.Tensor:
@@ -141,6 +165,9 @@ def anchor_loss(model: nn.Module, anchor: Anchor, batch: dict) -> torch.Tensor:
                           output_hidden_states=batch["kind"] == "harmful", use_cache=False)
     kind = batch["kind"]
     loss = reply_nll(model, out.last_hidden_state, batch["labels"]) / anchor.n_tokens[kind]
+    if anchor.first_token_weight > 0:
+        first = first_token_logprobs(model, out.last_hidden_state, batch["prompt_len"])
+        loss = loss + anchor.first_token_weight * first_token_kl(first, batch["first"]) / anchor.n_sequences[kind]
     if kind == "harmful" and anchor.hidden_weight > 0:
         states = post_instruction_states(model, batch, anchor.layers, batch["target"].shape[2], out.hidden_states)
         loss = loss + anchor.hidden_weight * relative_distance(states, batch["target"]) / anchor.n_sequences[kind]

@@ -46,12 +46,15 @@ class AnchoredConfig:
     #: What a step restores at a time: single weights, output rows (neurons), attention heads
     #: (rows of q/k/v, columns of the output projection; rows elsewhere) or whole matrices.
     unit: Literal["weight", "row", "head", "matrix"] = "weight"
-    step: float = 0.01  # fraction of the changed weights restored per step
+    #: Fraction of the changed weights restored per step. On the embedded model's set-difference
+    #: variant one step of 1% took validation refusal from 2% to 91% (the original: 52%): steps
+    #: are kept small and the step that gets there is bisected.
+    step: float = 0.0025
     budget: float = 0.3  # stop when this fraction of the changed weights is restored
-    max_steps: int = 30  # stop after this many steps
+    max_steps: int = 40  # stop after this many steps
     rollback: float = 0.5  # share of a step's units put back when the harmless side got worse (0: never)
     kl_tolerance: float = 0.25  # relative rise of the harmless KL to the original a step may cause
-    bisect_steps: int = 2  # bisection steps inside the step that first reaches the original
+    bisect_steps: int = 3  # bisection steps inside the step that first reaches the original
     #: What a unit costs: its weights, or (packed checkpoints) the bytes its matrix adds when first
     #: stored at full precision; auto: bytes for a packed checkpoint, weights otherwise.
     cost: Literal["auto", "weights", "bytes"] = "auto"
@@ -59,6 +62,7 @@ class AnchoredConfig:
     n_harmless: int = 32  # anchor: harmless_train instructions
     reply_tokens: int = 24  # anchor: tokens of each original reply
     hidden_weight: float = 1.0  # anchor: weight of the residual-stream distance
+    first_token_weight: float = 1.0  # anchor: weight of the next-token KL to the original at the end of each prompt
     batch_size: int = 8  # anchor: sequences per gradient pass
     val_harmful: int = 64  # validation: harmful prompts (harmful_val, then unused harmful_train)
     val_harmless: int = 64  # validation: harmless_val prompts
@@ -76,7 +80,7 @@ class AnchoredConfig:
         self.anchor(), self.validation()  # their own checks
 
     def anchor(self) -> AnchorConfig:
-        return AnchorConfig(self.n_harmful, self.n_harmless, self.reply_tokens, self.hidden_weight, self.batch_size)
+        return AnchorConfig(self.n_harmful, self.n_harmless, self.reply_tokens, self.hidden_weight, self.first_token_weight, self.batch_size)
 
     def validation(self) -> ValidationConfig:
         return ValidationConfig(self.val_harmful, self.val_harmless, self.val_tokens)
@@ -249,17 +253,19 @@ class AnchoredSearch:
                 points.append(self.point(reading, "rollback", step, last, units=len(ranked) - len(worst),
                                          rolled_back=before_count - self.restored_count()))
                 self.log(f"anchored step {step}: the harmless side got worse; {before_count - self.restored_count():,} weights put back")
-            elif reaches_original(reading, original_reading):
+            if reaches_original(reading, original_reading):
+                # The smallest prefix of this step (what a rollback kept of it) that still gets there.
                 reached = True
                 chosen = self.bisect(points, first, last, original_reading, step)
                 break
-            if reaches_original(reading, original_reading):
-                reached, chosen = True, len(points) - 1
         if not reached:
             reason = reason or ("budget spent" if self.restored_count() >= limit else "step limit reached")
             chosen = best_point(points, original_reading)
         else:
-            reason = "reached the original's validation refusal"
+            hi = original_reading["refusal_harmful"]["ci95"][1]
+            over = points[chosen]["refusal_harmful"]["value"] > hi
+            reason = ("reached the original's validation refusal" if not over else
+                      "reached the original's validation refusal, overshooting its interval (the smallest prefix found still refuses more)")
         if "loss" not in points[-1] and not points[-1].get("undone"):
             points[-1]["loss"] = self.losses_at(points[-1]["through"])
         self.keep_point(points[chosen])

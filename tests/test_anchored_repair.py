@@ -77,6 +77,17 @@ def test_anchor_reads_replies_and_the_residual_after_the_source(anchor, pair):
     harmful = [b for b in anchor.batches if b["kind"] == "harmful"]
     assert harmful and all(b["target"].shape[1] == 2 for b in harmful)
     assert anchor_losses(original, anchor)["total"] > 0
+    # The decision point: the original's first-token distribution, against which the original itself has KL 0.
+    from lm.architecture import backbone
+    from repair.anchor import first_token_kl, first_token_logprobs
+
+    b = anchor.batches[0]
+    assert b["first"].shape == (b["input_ids"].shape[0], len(pair[2]))
+    with torch.no_grad():
+        out = backbone(original)(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        mine = first_token_logprobs(original, out.last_hidden_state, b["prompt_len"])
+        assert float(first_token_kl(mine, b["first"])) == pytest.approx(0, abs=1e-4)
+        assert float(first_token_kl(mine.roll(1, dims=-1), b["first"])) > 0.1
 
 
 # --- units -------------------------------------------------------------------------------------
