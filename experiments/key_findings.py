@@ -71,11 +71,12 @@ def _direction(report: dict) -> list[str]:
     cos = [(r, r["cosine_at_original_source"]) for r in rows[1:] if r.get("cosine_at_original_source") is not None]
     out = [f"**The original's refusal direction** is read at {where} (Arditi et al.'s selection)."]
     if cos:
-        low = min(cos, key=lambda rc: rc[1])
+        low, high = min(cos, key=lambda rc: rc[1]), max(cos, key=lambda rc: rc[1])
         moved = [r for r in rows[1:] if (r.get("source_shift") or {}).get("d_layer")]
-        out.append(f"At that source the variants' difference-of-means directions keep a cosine of {min(c for _, c in cos):.3f} "
-                   f"({name(low[0])}) to {max(c for _, c in cos):.3f} to the original's (a point estimate on "
-                   f"{report['config']['n_train']} + {report['config']['n_train']} instructions, no interval)."
+        span = (f"{low[1]:.3f} ({name(low[0])})" if len(cos) == 1 else
+                f"between {low[1]:.3f} ({name(low[0])}) and {high[1]:.3f} ({name(high[0])})")
+        out.append(f"At that source the variants' difference-of-means directions have a cosine to the original's of {span} "
+                   f"(a point estimate on {report['config']['n_train']} + {report['config']['n_train']} instructions, no interval)."
                    + (f" The selected source moved in {', '.join(_shift(r) for r in moved)}." if moved else ""))
     return out
 
@@ -93,11 +94,16 @@ def _repairs(report: dict) -> list[str]:
             rate = (((st.get(state) or {}).get("rates") or {}).get("asr") or {}).get("vanilla")
             return fmt_rate(rate[JUDGE]) if rate else "-"
 
+        def over(state):
+            rate = ((st.get(state) or {}).get("rates") or {}).get("over_refusal")
+            return fmt_rate(rate[JUDGE]) if rate else "-"
+
         row = next((v for v in report["variants"] if v["variant"] == variant), {"variant": variant})
         verdict = "" if test is None else (f"; {'a significant change' if test.get('significant') else 'not significant at 5%'} "
                                            f"against the compressed model ({_p(test)})")
         out.append(f"**Repair of {name(row)}**: restoring {st['anchored']['restored']:,} weights (anchored restoration) takes held-out ASR "
-                   f"from {asr('compressed')} to {asr('anchored')} (original {asr('original')}){verdict}.")
+                   f"from {asr('compressed')} to {asr('anchored')} (original {asr('original')}){verdict}; over-refusal "
+                   f"{over('compressed')} before, {over('anchored')} after (original {over('original')}).")
     return out
 
 

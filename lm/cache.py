@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .progress import note_reused
+from .progress import note_computed, note_reused
 
 CACHE_ENV = "REFUSAL_REPAIR_CACHE"
 
@@ -243,6 +243,7 @@ def cached_json(path: Path, params: dict, compute, named_by_params: bool = False
         return result
     result = json.loads(json.dumps(compute()))
     atomic_write_json(path, {"params": params, "result": result, "sha256": json_digest(result)})
+    note_computed(path)
     return result
 
 
@@ -301,6 +302,7 @@ def cached_tensors(path: Path, params: dict, compute) -> dict:
         return tensors
     tensors = compute()
     atomic_save_tensors(path, tensors, metadata={"params": json.dumps(params, sort_keys=True), "sha256": tensors_digest(tensors)})
+    note_computed(path)
     return tensors
 
 

@@ -7,7 +7,7 @@ A job declares its plan (every stage of every model, in order) and wraps each st
 
 The ETA sums, over the stages still to run, the mean time this invocation measured for stages of
 the same kind; a stage whose results were all reused from the cache does not count as a
-measurement (it took no real work), and while some kind has not been timed yet the ETA is a
+measurement (it did no real work; one that reused some and computed others does), and while some kind has not been timed yet the ETA is a
 lower bound and says so. A stage that reused cached results says what it reused, so a rerun shows
 where it picks up. The stage count is what an interrupted job reports (`stopped_line`, through
 `take_stopped`, which lm.errors.cli reads).
@@ -44,6 +44,12 @@ def note_reused(path) -> None:
         _current.reused(path)
 
 
+def note_computed(path) -> None:
+    """Called by lm.cache when a stage's result is computed and stored at `path`."""
+    if _current is not None:
+        _current.computed(path)
+
+
 def clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -60,6 +66,7 @@ class JobProgress:
         self.start = time.perf_counter()
         self.durations: dict[str, list[float]] = {}
         self._reused: list[str] = []
+        self._computed: list[str] = []
 
     def __enter__(self) -> "JobProgress":
         global _current
@@ -78,6 +85,9 @@ class JobProgress:
     def reused(self, path) -> None:
         self._reused.append(str(path))
 
+    def computed(self, path) -> None:
+        self._computed.append(str(path))
+
     def log(self, message: str) -> None:
         print(f"[{self.job}] {message}", file=self.stream, flush=True)
 
@@ -87,13 +97,13 @@ class JobProgress:
         where = f"model {self.models.index(model) + 1} of {len(self.models)} ({model})" if model in self.models else model
         self.log(f"{where} · {kind}{f' ({detail})' if detail else ''} · stage {self.done + 1} of {len(self.plan)} · "
                  f"{clock(time.perf_counter() - self.start)} elapsed · {self.eta(self.done)}")
-        self._reused, start = [], time.perf_counter()
+        self._reused, self._computed, start = [], [], time.perf_counter()
         yield
         seconds = time.perf_counter() - start
         if self._reused:
             names = sorted({Path(p).name if "/measurements/" not in p else "measurement " + Path(p).parent.name for p in self._reused})
             self.log(f"  reused {len(self._reused)} cached result(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-        else:
+        if self._computed or not self._reused:  # only a stage that did its work measures its kind
             self.durations.setdefault(kind, []).append(seconds)
         self.done += 1
 

@@ -79,7 +79,10 @@ PRESETS: dict[str, RunSize] = {
         adv_suffix=False, select_compressed=False, static_fractions=(0.1,),
         anchored=dict(n_harmful=4, n_harmless=4, reply_tokens=8, val_harmful=8, val_harmless=8, val_tokens=8, max_steps=2,
                       step=0.05, bisect_steps=0, batch_size=4),
-        variants=("wanda:0.5",), calib_samples=8, n_ablation_asr=4, repair_when="always",
+        # The set difference at p = q = 1% raised the embedded model's ASR from 37% to 90% in the
+        # reference run, so the quick repair has something to restore (built here from 8 own
+        # replies of 16 tokens; 87.5% against the original's 50% on the quick prompts, 2026-12-07).
+        variants=("setdiff-wanda:p=0.01,q=0.01",), calib_samples=8, n_ablation_asr=4, repair_when="always",
     ),
 }
 

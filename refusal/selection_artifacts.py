@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lm.cache import atomic_save_tensors, atomic_write_json, json_digest, tensors_digest, warn
 from lm.errors import UserError
-from lm.progress import note_reused
+from lm.progress import note_computed, note_reused
 
 from .select import DIRECTION_FILE, SELECTION_JSON, SelectionConfig, SelectionResult, SharedPrompts, select_direction
 from .selection_filter import finite_or_none
@@ -148,6 +148,7 @@ def select_direction_cached(model, tokenizer, out_dir: Path, cfg: SelectionConfi
     result = select_direction(model, tokenizer, cfg, shared)
     result.fingerprint = fingerprint
     save_selection(result, out_dir)
+    note_computed(out_dir / SELECTION_JSON)
     return result
 
 

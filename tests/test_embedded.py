@@ -66,8 +66,8 @@ def test_compare_refusal_quick_runs_every_stage(embedded, tmp_path):
     run = tmp_path / "q"
     report = json.loads((run / "report.json").read_text())
     names = [v["variant"] for v in report["variants"]]
-    assert names == ["original", "wanda:0.5"] and report["config"]["size"] == "quick"
-    original, wanda = report["variants"]
+    assert names == ["original", "setdiff-wanda:p=0.01,q=0.01"] and report["config"]["size"] == "quick"
+    original, setdiff = report["variants"]
     assert original["source"] is not None, "the quick size must select a refusal direction"
     for v in report["variants"]:
         assert set(v["asr"]) == {"wei2024", "arditi2024"} and v["perplexity"] > 1
@@ -75,10 +75,10 @@ def test_compare_refusal_quick_runs_every_stage(embedded, tmp_path):
         assert v["probes"] is not None and v["refusal_probes"]["n_train"] == 8
         assert v["quality"]["original_direction"] is not None  # the original's direction inside each model
         assert v["asr_original_direction_ablated"]["n_prompts"] == 8  # ablation: 4 of each harmful set
-    assert abs(wanda["decoder_sparsity"] - 0.5) < 0.01
-    repaired = report["repairs"]["wanda:0.5"]
+    assert 0 < setdiff["decoder_sparsity"] - original["decoder_sparsity"] < 0.01  # p = q = 1%: a fraction of a percent removed
+    repaired = report["repairs"]["setdiff-wanda:p=0.01,q=0.01"]
     assert {"original", "compressed", "aird", "anchored", "static"} <= set(repaired["states"])
-    assert (run / "variants" / "wanda-0.5" / "repaired" / "repair.json").is_file()
+    assert (run / "variants" / "setdiff-wanda-p-0.01-q-0.01" / "repaired" / "repair.json").is_file()
     markdown = (run / "report.md").read_text()
     assert markdown.startswith("# Refusal under compression") and "Partial report" not in markdown
     assert markdown.index("## Key findings") < markdown.index("| variant |")

@@ -230,6 +230,9 @@ def test_probing_notebooks_execute(tmp_path, monkeypatch):
     for artifact in ("direction.safetensors", "projections_transformerlens.safetensors", "projections_nnsight.safetensors",
                      "probe_transformerlens.html", "probe_nnsight.html"):
         assert (run / artifact).is_file(), artifact
+    for page in ("probe_transformerlens.html", "probe_nnsight.html"):  # plotly.js inside: the page works offline
+        html = (run / page).read_text()
+        assert 'src="https://cdn.plot.ly' not in html and "plotly.js v" in html, page
     tl, nn = texts[NOTEBOOKS[0]], texts[NOTEBOOKS[1]]
     assert "layer round(0.58 * 24) = 14" in tl
     assert "TransformerLens resid_pre matches the HF hidden states" in tl

@@ -49,15 +49,20 @@ def test_the_eta_sums_measured_stage_times_and_says_when_it_is_a_lower_bound(mon
     assert progress.eta(2) == "job ETA > 0:00:14 (1 kind(s) of stage not timed yet)"
     with progress.stage("b", "ASR"):
         progress.reused("runs/measurements/generations-vanilla/abc.json")  # a cached stage is no measurement
-    assert progress.durations == {"ASR": [10.0], "probe": [4.0]}
+    with progress.stage("b", "probe"):
+        progress.reused("runs/x/probes.safetensors")
+        progress.computed("runs/x/refusal_probes.safetensors")  # one that also computed something is
+        now[0] += 6
+    assert progress.durations == {"ASR": [10.0], "probe": [4.0, 6.0]}
     progress.extend([("b", "ASR")])
-    assert progress.eta(3) == "job ETA > 0:00:14 (1 kind(s) of stage not timed yet)"
+    assert progress.eta(3) == "job ETA > 0:00:15 (1 kind(s) of stage not timed yet)"
     assert progress.eta(5) == "job ETA ~0:00:10"
     lines = out.getvalue().splitlines()
     assert lines[0] == "[job] model 1 of 2 (a) · ASR · stage 1 of 5 · 0:00:00 elapsed · job ETA: after the first stages are timed"
     assert lines[1] == "[job] model 1 of 2 (a) · probe · stage 2 of 5 · 0:00:10 elapsed · job ETA > 0:00:10 (2 kind(s) of stage not timed yet)"
-    assert lines[-1] == "[job]   reused 1 cached result(s) (measurement generations-vanilla)"
-    assert progress.stopped_line() == "stopped; rerun the same command to continue: 3 of 6 stages done"
+    assert lines[-3] == "[job]   reused 1 cached result(s) (measurement generations-vanilla)"
+    assert lines[-1] == "[job]   reused 1 cached result(s) (probes.safetensors)"
+    assert progress.stopped_line() == "stopped; rerun the same command to continue: 4 of 6 stages done"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
