@@ -33,7 +33,7 @@ RANGES = dict(
     calib_samples=POSITIVE, calib_seqlen=Range(2), batch_size=POSITIVE, seed=NON_NEGATIVE, n_val=POSITIVE, prescreen_n_val=NON_NEGATIVE,
     prescreen_keep=POSITIVE, n_ablation_asr=NON_NEGATIVE, n_refusal_probe=NON_NEGATIVE, zero_shot_limit=NON_NEGATIVE,
     repair_below=Range(-1, 1), repair_n_asr=POSITIVE, repair_max_new_tokens=POSITIVE, repair_curve_fractions=FRACTION,
-    repair_curve_n_asr=POSITIVE, repair_static_fractions=FRACTION,
+    repair_curve_n_asr=POSITIVE, repair_static_fractions=FRACTION, repair_static_samples=POSITIVE,
 )
 
 
@@ -110,6 +110,7 @@ class CompareConfig:
     repair_curve_fractions: tuple[float, ...] = ()  # restored fractions of AIRD's count on the AIRD / targeted curve (empty: none)
     repair_curve_n_asr: int | None = None  # prompts of each set per repair-curve point (None: the repair's n_asr)
     repair_static_fractions: tuple[float, ...] = (0.03, 0.1, 0.3)  # the static baseline's validation points (python -m repair's static_fractions)
+    repair_static_samples: int = 128  # the static baseline's safety-score prompts (python -m repair's static_samples)
 
     def __post_init__(self):
         self.variants, self.zero_shot_tasks = tuple(self.variants), task_names(self.zero_shot_tasks) or ALL_TASKS
@@ -142,7 +143,7 @@ class CompareConfig:
         """The main job at a named size (lm.sizes), `overrides` applied over it."""
         s = preset(size)
         values = dict(shared_values(s), size=s.name, calib_samples=s.calib_samples, n_ablation_asr=s.n_ablation_asr,
-                      repair_adv_suffix=s.adv_suffix, repair_static_fractions=s.static_fractions,
+                      repair_adv_suffix=s.adv_suffix, repair_static_fractions=s.static_fractions, repair_static_samples=s.static_samples,
                       anchored=dataclasses.replace(AnchoredConfig(), **s.anchored))
         if s.variants is not None:
             values["variants"] = s.variants

@@ -46,6 +46,7 @@ class RunSize:
     adv_suffix: bool  # adversarial-suffix ASR too (3 more generation passes per state)
     select_compressed: bool  # the compressed model's own selection inside the repair
     static_fractions: tuple[float, ...]
+    static_samples: int  # harmful prompts answered by the original for the static baseline's safety scores
     anchored: dict = field(default_factory=dict)  # repair.anchored.AnchoredConfig fields that differ from its defaults
     # The main job only.
     variants: tuple[str, ...] | None = None  # None: the job's default list
@@ -59,7 +60,7 @@ class RunSize:
 _PAPER = RunSize(
     name="paper", n_asr=50, n_harmless=100, max_new_tokens=128, ppl_windows=16, ppl_seqlen=512, zero_shot_limit=200,
     zero_shot_tasks=ALL_TASKS, n_train=128, n_val=32, prescreen_n_val=8, prescreen_keep=16, n_refusal_probe=128,
-    adv_suffix=True, select_compressed=True, static_fractions=(0.03, 0.1, 0.3),
+    adv_suffix=True, select_compressed=True, static_fractions=(0.03, 0.1, 0.3), static_samples=128,
 )
 
 PRESETS: dict[str, RunSize] = {
@@ -76,7 +77,7 @@ PRESETS: dict[str, RunSize] = {
     "quick": RunSize(
         name="quick", n_asr=8, n_harmless=8, max_new_tokens=16, ppl_windows=2, ppl_seqlen=128, zero_shot_limit=8,
         zero_shot_tasks=("arc_easy",), n_train=16, n_val=16, prescreen_n_val=2, prescreen_keep=6, n_refusal_probe=8,
-        adv_suffix=False, select_compressed=False, static_fractions=(0.1,),
+        adv_suffix=False, select_compressed=False, static_fractions=(0.1,), static_samples=8,
         anchored=dict(n_harmful=4, n_harmless=4, reply_tokens=8, val_harmful=8, val_harmless=8, val_tokens=8, max_steps=2,
                       step=0.05, bisect_steps=0, batch_size=4),
         # The set difference at p = q = 1% raised the embedded model's ASR from 37% to 90% in the

@@ -56,6 +56,7 @@ class RepairConfig:
     #: each matrix; read on the validation prompts at these fractions of the changed weights (and
     #: at the anchored repair's count, where it is also evaluated on the held-out prompts).
     static_fractions: tuple[float, ...] = (0.03, 0.1, 0.3)
+    static_samples: int = 128  # harmful prompts the original answers for the static baseline's Wanda safety scores (Wei et al.: 128)
     targeted: bool = False  # also run the one-shot first-order targeted restoration (repair.targeted; a baseline)
     targeted_cfg: Annotated[TargetedConfig, tyro.conf.arg(name="targeted")] = field(default_factory=TargetedConfig)  # targeted restoration
     #: Restored fractions of AIRD's count at which vanilla ASR is measured on held-out prompts for
@@ -93,6 +94,8 @@ class RepairConfig:
             raise UserError("--save static needs the anchored repair (the static baseline is evaluated at its cost)")
         if any(not 0 < f <= 1 for f in self.curve_fractions):
             raise UserError(f"curve fractions must lie in (0, 1], got {self.curve_fractions}")
+        if self.static_samples <= 0:
+            raise UserError(f"static_samples must be positive, got {self.static_samples}")
         if any(not 0 < f <= 1 for f in self.static_fractions):
             raise UserError(f"static fractions must lie in (0, 1], got {self.static_fractions}")
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
@@ -114,7 +117,7 @@ class RepairConfig:
         """The repair at a named size (lm.sizes), `overrides` applied over it."""
         s = preset(size)
         values = dict(shared_values(s), size=s.name, adv_suffix=s.adv_suffix, select_compressed=s.select_compressed,
-                      static_fractions=s.static_fractions, anchored_cfg=dataclasses.replace(AnchoredConfig(), **s.anchored))
+                      static_fractions=s.static_fractions, static_samples=s.static_samples, anchored_cfg=dataclasses.replace(AnchoredConfig(), **s.anchored))
         return cls(**{**values, **overrides})
 
     @property
@@ -128,7 +131,8 @@ class RepairConfig:
 #: main job has is under the same name in both; MAIN_JOB_ONLY are the job's settings the repair has
 #: no use for (tests/test_cli.py checks that the three cover every CompareConfig field).
 FROM_MAIN_JOB = dict(model="original", anchored="anchored_cfg", select_variants="select_compressed", repair_adv_suffix="adv_suffix",
-                     repair_curve_fractions="curve_fractions", repair_static_fractions="static_fractions")
+                     repair_curve_fractions="curve_fractions", repair_static_fractions="static_fractions",
+                     repair_static_samples="static_samples")
 MAIN_JOB_ONLY = ("name", "runs_dir", "variants", "calib_samples", "calib_source", "calib_seqlen", "save_checkpoints", "select",
                  "n_ablation_asr", "figures_dir", "repair", "repair_when", "repair_below", "repair_n_asr",
                  "repair_max_new_tokens", "repair_curve_n_asr", "measurements_dir")

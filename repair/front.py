@@ -73,10 +73,11 @@ class FrontStage:
     under `where` (the checkpoint's run directory) and `original_dir` (per original)."""
 
     def __init__(self, model: nn.Module, original: nn.Module, tokenizer, cfg: AnchoredConfig, seed: int, source_layer: int,
-                 where: Path, original_dir: Path, keys: dict, matrix_bytes: dict[str, int] | None = None, log=print):
+                 where: Path, original_dir: Path, keys: dict, matrix_bytes: dict[str, int] | None = None, log=print,
+                 static_samples: int = 128):
         self.model, self.original, self.tok, self.cfg, self.seed = model, original, tokenizer, cfg, seed
         self.source_layer, self.where, self.original_dir, self.log = source_layer, Path(where), Path(original_dir), log
-        self.keys, self.matrix_bytes = keys, matrix_bytes
+        self.keys, self.matrix_bytes, self.static_samples = keys, matrix_bytes, static_samples
         self._validator: Validator | None = None
         self._anchor = None
         hd = head_dim(model)
@@ -147,7 +148,7 @@ class FrontStage:
         from lm import datasets
         from lm.errors import UserError
 
-        own = OwnRepliesConfig(seed=self.seed)
+        own = OwnRepliesConfig(n_samples=self.static_samples, seed=self.seed)
         key = dict(model=self.keys["original"], kind="wanda-safety", replies=own.__dict__)
 
         def compute():

@@ -166,7 +166,8 @@ class Repair:
         front = None
         if self.cfg.anchored:
             stage = FrontStage(self.model, self.original, self.tok, self.cfg.anchored_cfg, self.cfg.seed, d.source[1], self.dir, self.orig_dir,
-                               keys=dict(original=self.fp_orig, compressed=self.fp_comp), matrix_bytes=self.matrix_bytes(), log=_log)
+                               keys=dict(original=self.fp_orig, compressed=self.fp_comp), matrix_bytes=self.matrix_bytes(), log=_log,
+                               static_samples=self.cfg.static_samples)
             reached = targeted is not None and targeted["reached"]
             front = stage.run(aird_masks, self.cfg.static_fractions, top_masks(scores, targeted["k"]) if reached else None)
             a = front.search
