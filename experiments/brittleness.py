@@ -39,6 +39,8 @@ from lm.cli import parse_config
 from lm.errors import cli
 from lm.perplexity import PerplexityConfig, measure_perplexity
 from refusal.collapse import collapse_verdict
+from refusal.judge_report import judges_section
+from refusal.judge_spec import judge_panel
 from refusal.measure import describe_prompts, measure, paired, perplexity_rate, zero_shot_rates
 from refusal.stats import add_holm
 
@@ -101,6 +103,7 @@ class Brittleness:
 
         self.cfg = cfg
         self.points = sweep_points(cfg)
+        self.judges = judge_panel(cfg.judges)  # None without --judges
         # One Comparison holds the base model, its own replies and cached scores for every point;
         # selection and checkpoints are off: this sweep only builds, evaluates and discards.
         self.comparison = Comparison(CompareConfig(
@@ -131,8 +134,9 @@ class Brittleness:
         # its spec on the base model, so a rerun need not build it to find its measurements.
         mid, store = cmp.fingerprint() if spec.method == "original" else key, cfg.store()
         for setting in cfg.settings:
-            out["asr"][setting] = measure(variant, tok, cfg.eval_config(setting), store, mid)
-        out["harmless"] = measure(variant, tok, cfg.eval_config("vanilla").harmless(cfg.harmless_sets, cfg.n_harmless), store, mid, "over-refusal")
+            out["asr"][setting] = measure(variant, tok, cfg.eval_config(setting), store, mid, judges=self.judges)
+        out["harmless"] = measure(variant, tok, cfg.eval_config("vanilla").harmless(cfg.harmless_sets, cfg.n_harmless), store, mid, "over-refusal",
+                                  judges=self.judges)
         pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
         out["perplexity"] = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(variant(), tok, pcfg)))
         from lm.zero_shot import ZeroShotConfig
@@ -215,12 +219,16 @@ class Brittleness:
                 sample=dict(goal=r["asr"]["vanilla"]["records"][0]["prompt"], completion=completions[0]),
             ))
         _holm(rows, self.cfg.settings)
+        extra = {}
+        if self.judges is not None:  # --judges: every judge's rates, tests and agreement on vanilla ASR and over-refusal
+            extra["judges"] = judges_section(self.judges, {p.spec: dict(asr=r["asr"]["vanilla"], harmless=r["harmless"]) for p, r in results},
+                                             [(p.spec, "original") for p, _ in results if p.method != "original"], self.cfg.max_new_tokens)
         return dict(
             model=self.cfg.model, model_name=base.name, base_fingerprint=self.comparison.fingerprint(),
             config=dataclasses.asdict(self.cfg), n_asr=self.cfg.n_asr, settings=list(self.cfg.settings),
             evaluation=dict(harmful=describe_prompts(original["asr"]["vanilla"], len(rows) - 1),
                             harmless=describe_prompts(original["harmless"], len(rows) - 1)),
-            wall_seconds=round(seconds, 1), points=rows,
+            wall_seconds=round(seconds, 1), points=rows, **extra,
         )
 
 
@@ -249,6 +257,7 @@ def validate(cfg: BrittlenessConfig) -> None:
     from lm.zero_shot import ZeroShotConfig
 
     check_model_spec(cfg.model)
+    judge_panel(cfg.judges)
     for point in sweep_points(cfg):
         parse_variant(point.spec)
     ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)

@@ -12,6 +12,7 @@ from lm.validation import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges,
 from lm.zero_shot import SHORT_TASKS, task_names
 from refusal.asr import SETTINGS
 from refusal.eval_sets import check_names, check_roles
+from refusal.judge_spec import parse_judges
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig
 
 WEIGHT_METHODS = ("top-wanda", "top-snip", "setdiff-wanda", "setdiff-snip", "random")
@@ -45,6 +46,11 @@ class BrittlenessConfig:
     n_harmless: int = 32  # first prompts of each harmless set
     measurements_dir: str | None = None  # the measurement store; None: <runs_dir>/measurements
     max_new_tokens: int = 48  # tokens generated per completion (Wei et al.: 256)
+    #: Judges reported beside the two keyword judges (refusal.judge_spec): wei2024, arditi2024, or
+    #: model judges as KIND:HUB-ID-OR-DIR, KIND one of harmbench, llama-guard, wildguard,
+    #: refusal-classifier, minos. They read the stored completions (cached apart: adding one to a
+    #: finished run generates nothing); see docs/judges.md for the completion length each needs.
+    judges: tuple[str, ...] = ()
     ppl_windows: int = 4  # wikitext-2 windows for perplexity
     ppl_seqlen: int = 512  # tokens per perplexity window
     zero_shot_tasks: tuple[str, ...] = SHORT_TASKS  # zero-shot tasks, or 'all'
@@ -76,6 +82,8 @@ class BrittlenessConfig:
         plain_name(self.name)
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
         check_roles(self.eval_sets, self.harmless_sets)
+        self.judges = tuple(str(j) for j in self.judges)
+        parse_judges(self.judges)  # a malformed judge spec fails before any model loads
         if self.n_asr <= 0 or self.n_harmless <= 0:
             raise UserError(f"--n-asr and --n-harmless must be positive, got {self.n_asr} and {self.n_harmless}")
         if self.max_new_tokens <= 0 or self.ppl_windows <= 0 or self.ppl_seqlen <= 1 or self.calib_samples <= 0:

@@ -3,6 +3,7 @@ with 95% intervals) and markdown table."""
 
 from __future__ import annotations
 
+from refusal.judge_report import judges_markdown
 from refusal.stats import fmt_p, fmt_rate, fmt_value_ci
 from repair.report import error_bars
 
@@ -129,6 +130,8 @@ def render_markdown(report: dict) -> str:
                  fmt_rate(zs) if zs else f"{100 * p['zero_shot']['mean']:.1f}%",
                  ("yes: " + p["collapse"]["reason"]) if p["collapse"]["collapsed"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("judges"):
+        lines += judges_markdown(report["judges"])
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ from lm.sizes import PRESETS, preset, shared_values
 from lm.validation import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges, plain_name
 from lm.zero_shot import ALL_TASKS, task_names
 from refusal.eval_sets import check_names, check_roles
+from refusal.judge_spec import parse_judges
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig
 from repair.anchored import AnchoredConfig
 
@@ -57,6 +58,11 @@ class CompareConfig:
     #: same model under the same settings is generated once; None: <runs_dir>/measurements.
     measurements_dir: str | None = None
     max_new_tokens: int = 128  # tokens generated per completion
+    #: Judges reported beside the two keyword judges (refusal.judge_spec): wei2024, arditi2024, or
+    #: model judges as KIND:HUB-ID-OR-DIR, KIND one of harmbench, llama-guard, wildguard,
+    #: refusal-classifier, minos. They read the stored completions (cached apart: adding one to a
+    #: finished run generates nothing); see docs/judges.md for the completion length each needs.
+    judges: tuple[str, ...] = ()
     n_train: int = 128  # harmful and harmless instructions for the directions, each
     ppl_windows: int = 16  # wikitext-2 windows for perplexity (16: the paired Wilcoxon test can reach p < 0.05 after Holm; 8 cannot)
     ppl_seqlen: int = 512  # tokens per perplexity window
@@ -120,6 +126,8 @@ class CompareConfig:
         check_ranges(self, RANGES)
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
         check_roles(self.eval_sets, self.harmless_sets)
+        self.judges = tuple(str(j) for j in self.judges)
+        parse_judges(self.judges)  # a malformed judge spec fails before any model loads
         self.eval_config()  # bad evaluation settings fail before any model loads
         self.calibration_config()  # fails on bad calibration settings before any work
         if self.calib_source == TEXT_SOURCE:

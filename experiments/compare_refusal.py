@@ -27,6 +27,7 @@ from compression.variants import parse_variant
 from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.loading import check_model_spec
+from refusal.judge_spec import judge_panel
 
 from .compare_config import DEFAULT_VARIANTS, QUICK_VARIANTS, CompareConfig
 from .comparison import Comparison
@@ -48,8 +49,9 @@ def parse_args(argv=None) -> CompareConfig:
 
 def validate(cfg: CompareConfig) -> None:
     """What can be checked without the model, before it loads or anything is written (the config
-    checked its own values): the model path and every variant spec."""
+    checked its own values): the model path, every variant spec and every judge's directory."""
     check_model_spec(cfg.model)
+    judge_panel(cfg.judges)
     slugs = [parse_variant(v).slug for v in cfg.variants]
     if len(set(slugs)) != len(slugs) or "original" in slugs:
         raise UserError(f"duplicate variants in {list(cfg.variants)}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 from lm.chat import post_instruction
+from refusal.judge_report import judges_section
+from refusal.judge_spec import judge_panel
 from refusal.judges import JUDGE_NAMES as JUDGES
 from refusal.measure import describe_prompts, paired, paired_perplexity, paired_zero_shot, perplexity_rate, zero_shot_rates
 from refusal.stats import add_holm, describe_change, describe_ratio
@@ -71,6 +73,10 @@ def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, 
             **_direction_summary(r, original),
         ))
     correct_families(rows)
+    extra = {}
+    if getattr(cfg, "judges", ()):  # --judges: every judge's rates, tests and agreement (refusal.judge_report)
+        extra["judges"] = judges_section(judge_panel(cfg.judges), {spec.text: dict(asr=r["asr"], harmless=r["harmless"]) for spec, r in results.values()},
+                                         [(spec.text, "original") for spec, _ in results.values() if spec.method != "original"], cfg.max_new_tokens)
     return dict(
         model=cfg.model,
         model_name=model_name,
@@ -84,6 +90,7 @@ def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, 
         probe_cell=dict(position=post.positions[cell[0]], layer=cell[1], kind=cell_kind),
         wall_seconds=round(seconds, 1),
         variants=rows,
+        **extra,
     )
 
 

@@ -21,6 +21,7 @@ from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
 from lm.perplexity import PerplexityConfig, measure_perplexity
 from lm.progress import JobProgress
+from refusal.judge_spec import judge_panel
 from refusal.measure import measure
 from refusal.direction import candidate_directions
 from refusal.probes import ProbeConfig
@@ -52,6 +53,7 @@ class Comparison:
         if len(set(slugs)) != len(slugs):
             raise UserError(f"duplicate variants in {list(cfg.variants)}")
         self.dir = cfg.run_dir()
+        self.judges = judge_panel(cfg.judges)  # None without --judges: the keyword judges alone
         self.base = load_model(cfg.model, dtype=cfg.dtype)
         for spec in self.specs:
             validate_variant(spec, self.base.model)
@@ -222,9 +224,9 @@ class Comparison:
         step = lambda kind: self.progress.stage(spec.text, kind)  # noqa: E731 - one line per stage (lm.progress)
 
         with step("ASR"):
-            asr = measure(model, tok, cfg.eval_config(), store, mid)
+            asr = measure(model, tok, cfg.eval_config(), store, mid, judges=self.judges)
         with step("over-refusal"):
-            over = measure(model, tok, cfg.harmless_config(), store, mid, "over-refusal")
+            over = measure(model, tok, cfg.harmless_config(), store, mid, "over-refusal", judges=self.judges)
         with step("perplexity"):
             pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
             ppl = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))

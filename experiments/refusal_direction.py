@@ -35,6 +35,8 @@ from lm.loading import check_model_spec, load_model, model_fingerprint
 from lm.validation import NON_NEGATIVE, POSITIVE, check_ranges, plain_name
 from refusal.eval_sets import check_names, check_roles
 from refusal.interventions import orthogonalize_weights
+from refusal.judge_report import judges_markdown, judges_section
+from refusal.judge_spec import judge_panel, parse_judges
 from refusal.judges import JUDGE_NAMES
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, describe_prompts, measure, paired
 from refusal.stats import add_holm, describe_change, fmt_p, fmt_rate
@@ -65,9 +67,16 @@ class DirectionConfig:
     prescreen_n_val: int = 8  # prescreen candidates on this many harmful prompts (0: off)
     seed: int = 0  # every sample, split and random choice
     batch_size: int | None = None  # prompts per forward pass (None: chosen by device)
+    #: Judges reported beside the two keyword judges (refusal.judge_spec): wei2024, arditi2024, or
+    #: model judges as KIND:HUB-ID-OR-DIR, KIND one of harmbench, llama-guard, wildguard,
+    #: refusal-classifier, minos. They read the stored completions (cached apart: adding one to a
+    #: finished run generates nothing); see docs/judges.md for the completion length each needs.
+    judges: tuple[str, ...] = ()
 
     def __post_init__(self):
         plain_name(self.name)
+        self.judges = tuple(str(j) for j in self.judges)
+        parse_judges(self.judges)
         check_ranges(self, dict(n_test=POSITIVE, n_harmless=POSITIVE, max_new_tokens=POSITIVE, n_train=POSITIVE, n_val=POSITIVE,
                                 prescreen_n_val=NON_NEGATIVE, seed=NON_NEGATIVE, batch_size=POSITIVE))
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
@@ -91,6 +100,7 @@ COMPARISONS = (("harmful_ablated", "harmful_baseline", "jailbroken"), ("harmful_
 
 def run(cfg: DirectionConfig) -> dict:
     start = time.perf_counter()
+    panel = judge_panel(cfg.judges)
     loaded = load_model(cfg.model)
     model, tok = loaded.model, loaded.tokenizer
     out = cfg.run_dir()
@@ -118,12 +128,13 @@ def run(cfg: DirectionConfig) -> dict:
 
     def intervened(eval_cfg, **intervention):
         with intervene(model, **intervention):
-            return measure(model, tok, eval_cfg, store, dict(model=fingerprint, **direction, intervention=sorted(intervention)))
+            return measure(model, tok, eval_cfg, store, dict(model=fingerprint, **direction, intervention=sorted(intervention)),
+                           judges=panel)
 
     results = {
-        "harmful_baseline": measure(model, tok, harmful_cfg, store, fingerprint),
+        "harmful_baseline": measure(model, tok, harmful_cfg, store, fingerprint, judges=panel),
         "harmful_ablated": intervened(harmful_cfg, ablate=raw),
-        "harmless_baseline": measure(model, tok, harmless_cfg, store, fingerprint),
+        "harmless_baseline": measure(model, tok, harmless_cfg, store, fingerprint, "over-refusal", judges=panel),
         "harmless_actadd": intervened(harmless_cfg, add={layer: raw}),
     }
     key = dict(fingerprint=fingerprint, **direction)
@@ -161,7 +172,7 @@ def run(cfg: DirectionConfig) -> dict:
         return orthogonalize_weights(copy.deepcopy(model), raw)
 
     # Measured inside orthogonalized(); reloaded only if the store lost that entry.
-    results["harmful_orthogonalized"] = measure(reloaded, tok, harmful_cfg, store, ortho["model_id"])
+    results["harmful_orthogonalized"] = measure(reloaded, tok, harmful_cfg, store, ortho["model_id"], judges=panel)
     tests = {}
     for row, baseline, outcome in COMPARISONS:
         tests[row] = {j: paired(results[row], results[baseline], j, outcome) for j in JUDGE_NAMES}
@@ -187,6 +198,12 @@ def run(cfg: DirectionConfig) -> dict:
         samples={k: [r["completions"][0] for r in v["records"][:2]] for k, v in results.items()},
         wall_seconds=round(time.perf_counter() - start, 1),
     )
+    if panel is not None:
+        report["judges"] = judges_section(panel, {
+            "baseline": dict(asr=results["harmful_baseline"], harmless=results["harmless_baseline"]),
+            LABELS["harmful_ablated"]: dict(asr=results["harmful_ablated"]), LABELS["harmless_actadd"]: dict(harmless=results["harmless_actadd"]),
+            LABELS["harmful_orthogonalized"]: dict(asr=results["harmful_orthogonalized"])},
+            [(LABELS[k], "baseline") for k in ("harmful_ablated", "harmful_orthogonalized", "harmless_actadd")], cfg.max_new_tokens)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render(report))
     return report
@@ -218,6 +235,8 @@ def render(r: dict) -> str:
     lines += [""] + [f"- {f}" for f in r.get("findings", [])]
     lines += ["", f"Orthogonalized checkpoint vs hook ablation: max |logit difference| {r['max_abs_logit_diff_orthogonalized_vs_hooks']:.2e} (float32).",
               "", f"Wall time {r['wall_seconds']:.0f} s.", ""]
+    if r.get("judges"):
+        lines += judges_markdown(r["judges"])
     return "\n".join(lines)
 
 
@@ -225,6 +244,7 @@ def render(r: dict) -> str:
 def main(argv=None) -> int:
     cfg, _ = parse_config(DirectionConfig, argv, prog="python -m experiments.refusal_direction", description=__doc__.split("\n\n")[0])
     check_model_spec(cfg.model)
+    judge_panel(cfg.judges)  # a judge directory of the wrong kind fails before the model loads
     if cfg.selection_dir:
         if not Path(cfg.selection_dir).is_dir():
             raise UserError(f"selection directory not found: {cfg.selection_dir}")

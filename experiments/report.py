@@ -6,6 +6,7 @@ report can be re-rendered from report.json without touching a model.
 
 from __future__ import annotations
 
+from refusal.judge_report import judges_markdown
 from refusal.stats import detectable_sentence, fmt_p, fmt_rate, fmt_value_ci
 from repair.report import error_bars, small_pct
 
@@ -142,6 +143,8 @@ def render_markdown(report: dict) -> str:
               f"{report['config']['n_train']} harmless instructions; cosine to the original's direction at the same (position, layer).", ""]
     lines += _findings_section(report)
     lines += _per_source_section(report)
+    if report.get("judges"):
+        lines += judges_markdown(report["judges"])
     lines += probe_sections(report)
     lines += ["## Cosine to the original's direction, per layer (last post-instruction position)", "",
               "n/a: undefined, where either direction is zero (at layer 0 the block input is the template token's embedding, the "

@@ -263,10 +263,16 @@ def measurement_key(model, *configs) -> dict:
     return json.loads(json.dumps(dict(model=model, settings=settings), sort_keys=True, default=str))
 
 
+def measurement_digest(model, *configs) -> str:
+    """SHA-256 of a measurement's key: its file is named by the first 24 hex digits, and what is
+    derived from the measurement (a model judge's verdicts on its completions) is keyed by it."""
+    return hashlib.sha256(json.dumps(measurement_key(model, *configs), sort_keys=True).encode()).hexdigest()
+
+
 def measured(store: Path, kind: str, model, configs, compute):
     """`compute()` cached in `store/kind/<sha256 of measurement_key>.json`, shared by every entry point."""
     params = measurement_key(model, *configs)
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:24]
+    digest = measurement_digest(model, *configs)[:24]
     return cached_json(Path(store) / kind / f"{digest}.json", params, compute, named_by_params=True)
 
 

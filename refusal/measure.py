@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from lm.cache import measured, timed
+from lm.cache import measured, measurement_digest, timed
 from lm.errors import UserError
 
 from .asr import SETTINGS, AsrConfig, attack_success
 from .eval_sets import HARMLESS_SETS, Prompt, check_names, load_prompts
-from .judges import judges
+from .judges import JUDGE_NAMES, judges
 from .eval_sets import overlap_with_fitted
 from .stats import (bootstrap_cluster_mean, bootstrap_perplexity, bootstrap_task_mean, mcnemar_exact, min_detectable_difference,
                     paired_perplexity_ratio, rate_of, wilson)
@@ -78,18 +78,25 @@ def _digest(prompts: list[Prompt]) -> PromptDigest:
     return PromptDigest(hashlib.sha256("\n".join(f"{p.id}\t{p.text}" for p in prompts).encode()).hexdigest())
 
 
-def measure(model, tokenizer, cfg: EvalConfig, store: Path, model_id, label: str | None = None) -> dict:
+def measure(model, tokenizer, cfg: EvalConfig, store: Path, model_id, label: str | None = None, judges=None) -> dict:
     """Generations of `cfg`'s prompts, judged per prompt, cached; `model` may be a zero-argument
     callable that builds it (called only when the measurement is not cached). Rates are added on
     every load, so they follow the current statistics code. `label` names the pass on the progress
-    bar (default: pass_label)."""
+    bar (default: pass_label). `judges` (a refusal.judge_spec.JudgePanel) adds its model judges'
+    verdicts on the stored completions, cached apart (refusal.judging), and `judged_by`."""
     prompts = cfg.prompts()
 
     def compute():
         m = model if isinstance(model, torch.nn.Module) else model()
         return timed(lambda: generate_records(m, tokenizer, prompts, cfg, label or pass_label(cfg)))
 
-    result = measured(store, f"generations-{cfg.setting}", model_id, [cfg, _digest(prompts)], compute)
+    kind, configs = f"generations-{cfg.setting}", [cfg, _digest(prompts)]
+    result = measured(store, kind, model_id, configs, compute)
+    if judges is not None and judges.model_judges:
+        from .judging import judge_measurement
+
+        result = judge_measurement(result, judges, store, dict(kind=kind, key=measurement_digest(model_id, *configs)), cfg.max_new_tokens,
+                                   harmless=(label or pass_label(cfg)) == "over-refusal")
     return dict(result, rates=rates(result))
 
 
@@ -130,7 +137,10 @@ def generate_records(model, tokenizer, prompts: list[Prompt], cfg: EvalConfig, l
 
 
 def _best_suffix(records: list[dict], judge: str, field: str) -> int:
-    """The suffix with the most successes: the published adv-suffix ASR is the max over suffixes."""
+    """The suffix with the most successes: the published adv-suffix ASR is the max over suffixes
+    (for a judge with refusal verdicts only, the suffix with the fewest refusals)."""
+    if judge not in records[0][field]:
+        return min(range(len(records[0]["refused"][judge])), key=lambda s: (sum(r["refused"][judge][s] for r in records), s))
     n_suffixes = len(records[0][field][judge])
     return max(range(n_suffixes), key=lambda s: (sum(r[field][judge][s] for r in records), -s))
 
@@ -155,13 +165,17 @@ def _rate(records: list[dict], setting: str, judge: str, field: str) -> dict:
 
 
 def rates(result: dict, examples: int = 3) -> dict:
-    """ASR and refusal rate per judge (95% intervals), the same per source set, and judge disagreement."""
+    """ASR and refusal rate per judge (95% intervals), the same per source set, and judge
+    disagreement (between the two keyword judges). A model judge's verdicts merged into the
+    records (refusal.judging) give its rates beside the keyword judges': ASR for a harmful-compliance
+    or unsafe-response verdict, refusal for a refusal verdict."""
     records, setting = result["records"], result["setting"]
-    names = [j.name for j in judges()]
+    names = list(JUDGE_NAMES)
+    asr_judges, refusal_judges = list(records[0]["jailbroken"]) if records else names, list(records[0]["refused"]) if records else names
 
     def block(rs):
-        return dict(asr={j: _rate(rs, setting, j, "jailbroken") for j in names},
-                    refusal={j: _rate(rs, setting, j, "refused") for j in names}, n=len(rs))
+        return dict(asr={j: _rate(rs, setting, j, "jailbroken") for j in asr_judges},
+                    refusal={j: _rate(rs, setting, j, "refused") for j in refusal_judges}, n=len(rs))
 
     sources = sorted({r["source"] for r in records}, key=[r["source"] for r in records].index)
     split = []

@@ -17,6 +17,7 @@ from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.loading import check_model_spec, load_model
 from refusal.eval_sets import check_roles
+from refusal.judge_spec import judge_panel
 
 from .config import main_job_settings
 from .derivation import derivation_records, module_groups
@@ -48,6 +49,7 @@ def validate(cfg: RepairConfig) -> None:
     check_model_spec(cfg.original)
     check_model_spec(cfg.compressed)
     check_roles(cfg.eval_sets, cfg.harmless_sets)
+    judge_panel(cfg.judges)  # a judge directory of the wrong kind fails before either model loads
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} exists and is not a directory")
 

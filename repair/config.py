@@ -14,6 +14,7 @@ import tyro
 from lm.errors import UserError
 from lm.sizes import preset, shared_values
 from refusal.eval_sets import check_names
+from refusal.judge_spec import parse_judges
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS
 
 from .aird import AirdConfig
@@ -72,6 +73,11 @@ class RepairConfig:
     curve_n_asr: int | None = None  # prompts of each set for the restoration curve's points (None: n_asr)
     measurements_dir: str | None = None  # the measurement store, shared with the other entry points; None: <runs_dir>/measurements
     max_new_tokens: int = 128  # tokens generated per completion
+    #: Judges reported beside the two keyword judges (refusal.judge_spec): wei2024, arditi2024, or
+    #: model judges as KIND:HUB-ID-OR-DIR, KIND one of harmbench, llama-guard, wildguard,
+    #: refusal-classifier, minos. They read the stored completions (cached apart: adding one to a
+    #: finished run generates nothing); see docs/judges.md for the completion length each needs.
+    judges: tuple[str, ...] = ()
     adv_suffix: bool = True  # also measure the adversarial-suffix ASR (cpu size: off)
     ppl_windows: int = 16  # wikitext-2 windows for perplexity (the main job's, so its measurements are reused)
     ppl_seqlen: int = 512  # tokens per perplexity window
@@ -99,6 +105,8 @@ class RepairConfig:
         if any(not 0 < f <= 1 for f in self.static_fractions):
             raise UserError(f"static fractions must lie in (0, 1], got {self.static_fractions}")
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
+        self.judges = tuple(str(j) for j in self.judges)
+        parse_judges(self.judges)  # a malformed judge spec fails before any model loads
         for name in ("n_asr", "n_harmless", "n_val", "n_train", "max_new_tokens", "ppl_windows"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")

@@ -12,6 +12,7 @@ from lm.cache import cached_json, cached_tensors, measured, timed
 from lm.perplexity import PerplexityConfig, measure_perplexity
 from refusal.collapse import collapse_verdict
 from refusal.direction import candidate_directions, cosine_map
+from refusal.judge_spec import judge_panel
 from refusal.measure import EvalConfig, measure
 from refusal.probes import ProbeConfig
 from refusal.probing import harmfulness_probes, refusal_prediction_probes, training_prompts
@@ -27,6 +28,7 @@ class StateEvaluation:
 
     def __init__(self, cfg: RepairConfig, tokenizer, diagnosis: Diagnosis):
         self.cfg, self.tok, self.d = cfg, tokenizer, diagnosis
+        self.judges = judge_panel(cfg.judges)  # None without --judges
 
     @property
     def store(self) -> Path:
@@ -51,10 +53,13 @@ class StateEvaluation:
         # table's states (original, compressed, AIRD), vanilla ASR for the rest.
         settings = ("vanilla", "adv_suffix") if (full and c.adv_suffix and name in ("original", "compressed", "aird")) else ("vanilla",)
         for setting in settings:
-            out[f"asr_{setting}"] = measure(model, tok, self.eval_config(setting, None if full else c.curve_n_asr), store, model_id)
+            # The restoration curve's points are read by the keyword judges only.
+            out[f"asr_{setting}"] = measure(model, tok, self.eval_config(setting, None if full else c.curve_n_asr), store, model_id,
+                                            judges=self.judges if full else None)
         if not full:
             return out
-        out["harmless"] = measure(model, tok, self.eval_config().harmless(c.harmless_sets, c.n_harmless), store, model_id, "over-refusal")
+        out["harmless"] = measure(model, tok, self.eval_config().harmless(c.harmless_sets, c.n_harmless), store, model_id, "over-refusal",
+                                  judges=self.judges)
         pcfg = PerplexityConfig(windows=c.ppl_windows, seqlen=c.ppl_seqlen)
         out["perplexity"] = measured(store, "perplexity", model_id, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))
         if c.zero_shot_limit != 0:

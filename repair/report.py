@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from refusal.judge_report import judges_markdown
 from refusal.stats import detectable_sentence, fmt_p, fmt_rate, fmt_value_ci
 
 JUDGES = (("wei2024", "Wei"), ("arditi2024", "Arditi"))
@@ -125,6 +126,8 @@ def render_markdown(r: dict, middle: list[str] | None = None) -> str:
     lines += _tests_section(r)
     lines += middle or []
     lines += _probe_section(r)
+    if r.get("judges"):
+        lines += judges_markdown(r["judges"])
     a = r["aird"]
     lines += ["", f"## AIRD block choice ({a['reason']})", "",
               f"Candidates: the blocks before the source layer; mean refusal score on {r['probe'].get('n_harmful', r['settings']['n_val'])} harmful val prompts, "

@@ -4,9 +4,11 @@ the diagnosis and the choice, and the settings the numbers were measured under."
 from __future__ import annotations
 
 from lm.hooks import decoder_layers
+from refusal.judge_report import judges_section
+from refusal.judge_spec import judge_panel
 from refusal.measure import describe_prompts, perplexity_rate, zero_shot_rates
 
-from .comparisons import findings, paired_tests
+from .comparisons import COMPARISONS, findings, paired_tests
 from .config import RepairConfig
 from .probes import summarise_states
 from .stages import Choice, Diagnosis
@@ -44,6 +46,10 @@ def summarise(cfg: RepairConfig, checkpoint: dict, d: Diagnosis, ch: Choice, eva
                       for rec in e["asr_vanilla"]["records"][:3]] for name, e in evals.items()}
     tests = paired_tests(evals)
     own = d.own_selection
+    extra = {}
+    if cfg.judges:  # --judges: every judge's rates, tests and agreement on the repair's states (refusal.judge_report)
+        extra["judges"] = judges_section(judge_panel(cfg.judges), {name: dict(asr=e["asr_vanilla"], harmless=e["harmless"]) for name, e in evals.items()},
+                                         [(a, b) for a, b in COMPARISONS if a in evals and b in evals], cfg.max_new_tokens)
     return dict(
         original=cfg.original,
         original_name=checkpoint["original_name"],
@@ -73,4 +79,5 @@ def summarise(cfg: RepairConfig, checkpoint: dict, d: Diagnosis, ch: Choice, eva
                       zero_shot_limit=cfg.zero_shot_limit, ppl_windows=cfg.ppl_windows, ppl_seqlen=cfg.ppl_seqlen),
         saved=cfg.saved_method,
         wall_seconds=round(seconds, 1),
+        **extra,
     )

@@ -38,6 +38,7 @@ VALID = {
     "variants": ("wanda:0.6",), "eval_sets": ("harmbench",), "methods": ("actsvd",), "settings": ("vanilla",),
     "zero_shot_tasks": ("rte",), "tasks": ("rte", "boolq"), "targets": ("q_proj",), "source": (-1, 3), "ranks": (4, 0.5),
     "fractions": (0.02,), "curve_fractions": (0.5,), "static_fractions": (0.5,), "repair_curve_fractions": (0.5,), "repair_static_fractions": (0.5,), "compressed": "other/compressed", "out": "other/out", "only": ("snip",),
+    "judges": ("arditi2024",),
 }
 
 
