@@ -1,9 +1,8 @@
 """Every relative link and image in the documentation resolves (no model; well under a second).
 
 Checked: README.md, docs/*.md and results/*.md. A link `[text](target)` or image `![alt](target)`
-outside code resolves to an existing file or directory relative to the page (docs/README.next.md,
-the README to be, relative to the repository root, where it will live), and an anchor `#heading` to
-a heading of the target markdown file, slugged as GitHub does. Web links (http, https, mailto) are
+outside code resolves to an existing file or directory relative to the page, and an anchor
+`#heading` to a heading of the target markdown file, slugged as GitHub does. Web links (http, https, mailto) are
 not followed.
 """
 
@@ -30,8 +29,8 @@ def pages() -> list[Path]:
 
 
 def base_dir(page: Path) -> Path:
-    """Where the page's relative links start: its folder, or the root for the README to be."""
-    return ROOT if page == ROOT / "docs" / "README.next.md" else page.parent
+    """Where the page's relative links start: its folder."""
+    return page.parent
 
 
 def prose_lines(text: str, strip_code: bool = True):
@@ -103,7 +102,7 @@ def test_links_resolve(page):
 
 def test_pages_found():
     names = {str(p.relative_to(ROOT)) for p in pages()}
-    assert {"README.md", "docs/index.md", "docs/README.next.md"} <= names
+    assert {"README.md", "docs/index.md"} <= names
     assert any(n.startswith("results/") for n in names)
 
 
@@ -115,12 +114,6 @@ def test_results_pages_are_dated_and_listed():
         assert f"../results/{page.name}" in index, f"{page.name} is not listed in docs/index.md"
 
 
-def test_readme_next_is_short():
-    lines = (ROOT / "docs" / "README.next.md").read_text(encoding="utf-8").splitlines()
-    assert len(lines) <= README_LIMIT
-
-
-@pytest.mark.xfail(reason="README.md is swapped in by the lead", strict=False)
 def test_readme_is_short():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_LIMIT
