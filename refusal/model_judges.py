@@ -132,8 +132,10 @@ def load_judge(spec: JudgeSpec) -> LoadedJudge:
     if MODEL_KINDS[spec.kind][1] == CAUSAL:
         from lm.loading import load_model
 
+        # From its directory where it has one (a hub id in the local cache too), so that vLLM can serve it.
+        where_from = local_dir(spec.target)
         try:
-            loaded = load_model(spec.target, dtype="bfloat16" if device == "cuda" else "float32", device=device)
+            loaded = load_model(str(where_from or spec.target), dtype="bfloat16" if device == "cuda" else "float32", device=device)
         except UserError as e:
             raise UserError(f"{where} does not load: {e}") from None
         return LoadedJudge(spec, loaded.model, loaded.tokenizer)

@@ -289,3 +289,20 @@ def test_judges_say_when_completions_are_too_short():
     assert length_warning(hb, 512) is None
     assert length_warning(parse_judge("refusal-classifier:a/b"), 8) is None
     assert json.loads((FORMATS_DIR / "formats.json").read_text())["harmbench"]["needs_tokens"] == 512
+
+
+def test_a_hub_id_in_the_local_cache_is_checked_like_a_directory(judges_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--org--rejection" / "snapshots" / "abc123"
+    shutil.copytree(judges_dir / "roberta", snapshot)
+    (tmp_path / "hub" / "models--org--rejection" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--rejection" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    check_judge(parse_judge("refusal-classifier:org/rejection"))
+    with pytest.raises(UserError, match="not a causal LM"):
+        check_judge(parse_judge("harmbench:org/rejection"))
+    identity = model_judges.judge_identity(parse_judge("refusal-classifier:org/rejection"))
+    assert identity == model_judges.judge_identity(parse_judge(f"refusal-classifier:{judges_dir / 'roberta'}"))  # the same weights
