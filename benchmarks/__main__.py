@@ -56,16 +56,26 @@ def run_groups(groups: list[str], settings: Settings) -> list[dict]:
             out = Path(tmp) / f"{group}.json"
             print(f"[{time.strftime('%H:%M:%S')}] {group} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.suite", group, json.dumps(asdict(settings)), str(out)],
-                                  env=env, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.suite", group, json.dumps(asdict(settings)), str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             if proc.returncode != 0 or not out.is_file():
                 lines = [line for line in (proc.stdout or "").splitlines() if line.strip()]
-                raise UserError(f"benchmark group {group!r} failed (exit {proc.returncode})" + (f": {lines[-1]}" if lines else ""))
+                raise UserError(
+                    f"benchmark group {group!r} failed (exit {proc.returncode})" + (f": {lines[-1]}" if lines else "")
+                )
             got = json.loads(out.read_text())["rows"]
             for r in got:
                 r["group"] = group
             rows.extend(got)
-            print(f"[{time.strftime('%H:%M:%S')}] {group} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {group} done in {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -74,16 +84,38 @@ def _num(x, fmt: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["comparison", "baseline", "fast", "baseline s", "fast s", "speed-up", "baseline CPU s", "fast CPU s",
-            "CPU speed-up", "baseline peak MiB", "fast peak MiB", "check", "note"]
+    head = [
+        "comparison",
+        "baseline",
+        "fast",
+        "baseline s",
+        "fast s",
+        "speed-up",
+        "baseline CPU s",
+        "fast CPU s",
+        "CPU speed-up",
+        "baseline peak MiB",
+        "fast peak MiB",
+        "check",
+        "note",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["comparison"], r["baseline"] or "-", r["fast"], _num(r["baseline_s"], ".1f"), _num(r["fast_s"], ".1f"),
-                 _num(r["speedup"], ".1f") + ("x" if r["speedup"] is not None else ""),
-                 _num(r["baseline_cpu_s"], ".1f"), _num(r["fast_cpu_s"], ".1f"),
-                 _num(r["cpu_speedup"], ".1f") + ("x" if r["cpu_speedup"] is not None else ""),
-                 _num(r["baseline_mib"], ".0f"),
-                 _num(r["fast_mib"], ".0f") + ("" if r.get("peak_exact", True) else " (since start)"), r["check"] or "-", r["note"] or "-"]
+        cells = [
+            r["comparison"],
+            r["baseline"] or "-",
+            r["fast"],
+            _num(r["baseline_s"], ".1f"),
+            _num(r["fast_s"], ".1f"),
+            _num(r["speedup"], ".1f") + ("x" if r["speedup"] is not None else ""),
+            _num(r["baseline_cpu_s"], ".1f"),
+            _num(r["fast_cpu_s"], ".1f"),
+            _num(r["cpu_speedup"], ".1f") + ("x" if r["cpu_speedup"] is not None else ""),
+            _num(r["baseline_mib"], ".0f"),
+            _num(r["fast_mib"], ".0f") + ("" if r.get("peak_exact", True) else " (since start)"),
+            r["check"] or "-",
+            r["note"] or "-",
+        ]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -112,22 +144,24 @@ def heading(command: str, argv: list[str]) -> str:
 
 def section(rows: list[dict], settings: Settings, argv: list[str], seconds: float, loads: tuple[float, float]) -> str:
     sizes = ", ".join(f"{f.name}={getattr(settings, f.name)}" for f in fields(settings))
-    return "\n".join([
-        BEGIN,
-        heading("python -m benchmarks", argv),
-        "",
-        f"Machine: {machine()}. Load average (1 min) {loads[0]:.1f} at the start, {loads[1]:.1f} at the end "
-        f"(other jobs share this machine: wall-clock times are noisy; with one thread, CPU times are not). "
-        f"Wall time {seconds / 60:.1f} min. Settings: {sizes}.",
-        "",
-        table(rows),
-        "",
-        "Peak MiB: the high-water mark of the resident set while that implementation ran, minus the "
-        "resident set (model loaded) just before it (Linux VmHWM, reset through /proc/self/clear_refs; "
-        "on a GPU, peak allocated device memory). Speed-up: baseline time / fast time by wall clock, CPU speed-up "
-        "the same by the process's CPU time (generation: tokens/s ratios). Rows without a baseline are single measurements.",
-        END,
-    ])
+    return "\n".join(
+        [
+            BEGIN,
+            heading("python -m benchmarks", argv),
+            "",
+            f"Machine: {machine()}. Load average (1 min) {loads[0]:.1f} at the start, {loads[1]:.1f} at the end "
+            f"(other jobs share this machine: wall-clock times are noisy; with one thread, CPU times are not). "
+            f"Wall time {seconds / 60:.1f} min. Settings: {sizes}.",
+            "",
+            table(rows),
+            "",
+            "Peak MiB: the high-water mark of the resident set while that implementation ran, minus the "
+            "resident set (model loaded) just before it (Linux VmHWM, reset through /proc/self/clear_refs; "
+            "on a GPU, peak allocated device memory). Speed-up: baseline time / fast time by wall clock, CPU speed-up "
+            "the same by the process's CPU time (generation: tokens/s ratios). Rows without a baseline are single measurements.",
+            END,
+        ]
+    )
 
 
 def write_results(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
@@ -159,7 +193,13 @@ def parse(argv) -> BenchmarkRun:
     pre.add_argument("--size", default="default")
     size = pre.parse_known_args(argv)[0].size
     base = BenchmarkRun(settings=settings_for(size), size=size)
-    return parse_config(BenchmarkRun, argv, prog="python -m benchmarks", description="\n\n".join(__doc__.split("\n\n")[:2]), defaults=base)[0]
+    return parse_config(
+        BenchmarkRun,
+        argv,
+        prog="python -m benchmarks",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
+        defaults=base,
+    )[0]
 
 
 @cli
@@ -177,6 +217,7 @@ def main(argv=None) -> int:
     print(text.split("\n", 2)[2].rsplit("\n", 1)[0])
     if a.json:
         from lm.cache import atomic_write_json
+
         atomic_write_json(Path(a.json), dict(settings=asdict(settings), rows=rows))
     if a.write:
         write_results(Path(a.results), text)

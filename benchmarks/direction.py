@@ -68,9 +68,20 @@ def rows(settings: Settings) -> list[dict]:
     default = measure(lambda: candidate_directions(model, tok, harmful, harmless, batch_size=bs)["directions"], device)
     reference = base.result
     out = []
-    for name, m in (("hooks at post-instruction positions, stop after last block", hooks),
-                    ("hooks + shared-prefix KV cache, length-sorted (default)", default)):
+    for name, m in (
+        ("hooks at post-instruction positions, stop after last block", hooks),
+        ("hooks + shared-prefix KV cache, length-sorted (default)", default),
+    ):
         diff = float((m.result - reference).abs().max())
-        out.append(row(f"direction extraction, {n}+{n} prompts, batch {bs}", "output_hidden_states", name, base, m,
-                       check=f"max abs diff {diff:.1e}", note=f"directions {tuple(reference.shape)}"))
+        out.append(
+            row(
+                f"direction extraction, {n}+{n} prompts, batch {bs}",
+                "output_hidden_states",
+                name,
+                base,
+                m,
+                check=f"max abs diff {diff:.1e}",
+                note=f"directions {tuple(reference.shape)}",
+            )
+        )
     return out

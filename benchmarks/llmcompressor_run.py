@@ -22,7 +22,9 @@ def recipe(method: str):
     if method == "gptq-w4a16":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder=None)
+        return GPTQModifier(
+            targets="Linear", scheme="W4A16", ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder=None
+        )
     if method == "w4a16-rtn":
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -39,7 +41,9 @@ def recipe(method: str):
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
         structure = "2:4" if method.endswith("2:4") else "0:0"
-        return SparseGPTModifier(sparsity=0.5, mask_structure=structure, ignore=["re:.*lm_head"], block_size=128, dampening_frac=0.01)
+        return SparseGPTModifier(
+            sparsity=0.5, mask_structure=structure, ignore=["re:.*lm_head"], block_size=128, dampening_frac=0.01
+        )
     raise SystemExit(f"error: unknown method {method!r}")
 
 
@@ -58,8 +62,14 @@ def main(model_dir: str, calibration: str, method: str, out_dir: str) -> None:
     else:
         rows = json.loads(open(calibration, encoding="utf-8").read())
         data = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
-        oneshot(model=model, dataset=data, recipe=recipe(method), max_seq_length=max(len(r) for r in rows),
-                num_calibration_samples=len(rows), shuffle_calibration_samples=False)
+        oneshot(
+            model=model,
+            dataset=data,
+            recipe=recipe(method),
+            max_seq_length=max(len(r) for r in rows),
+            num_calibration_samples=len(rows),
+            shuffle_calibration_samples=False,
+        )
     seconds = time.perf_counter() - start
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)

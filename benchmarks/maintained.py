@@ -59,15 +59,35 @@ class Implementation:
 
 
 ROWS = {
-    "gptq": ("GPTQ int4 g128", (Implementation("toolkit", "toolkit", "gptq:int4"),
-                                Implementation("GPTQModel 7.6", "gptqmodel", "int4-g128"),
-                                Implementation("llm-compressor 0.14", "llmcompressor", "gptq-w4a16"))),
-    "wanda": ("Wanda 50%", (Implementation("toolkit", "toolkit", "wanda:0.5"),
-                            Implementation("llm-compressor 0.14", "llmcompressor", "wanda-0.5"))),
-    "sparsegpt": ("SparseGPT 50%", (Implementation("toolkit", "toolkit", "sparsegpt:0.5"),
-                                    Implementation("llm-compressor 0.14", "llmcompressor", "sparsegpt-0.5"))),
-    "sparsegpt24": ("SparseGPT 2:4", (Implementation("toolkit", "toolkit", "sparsegpt:2:4"),
-                                      Implementation("llm-compressor 0.14", "llmcompressor", "sparsegpt-2:4"))),
+    "gptq": (
+        "GPTQ int4 g128",
+        (
+            Implementation("toolkit", "toolkit", "gptq:int4"),
+            Implementation("GPTQModel 7.6", "gptqmodel", "int4-g128"),
+            Implementation("llm-compressor 0.14", "llmcompressor", "gptq-w4a16"),
+        ),
+    ),
+    "wanda": (
+        "Wanda 50%",
+        (
+            Implementation("toolkit", "toolkit", "wanda:0.5"),
+            Implementation("llm-compressor 0.14", "llmcompressor", "wanda-0.5"),
+        ),
+    ),
+    "sparsegpt": (
+        "SparseGPT 50%",
+        (
+            Implementation("toolkit", "toolkit", "sparsegpt:0.5"),
+            Implementation("llm-compressor 0.14", "llmcompressor", "sparsegpt-0.5"),
+        ),
+    ),
+    "sparsegpt24": (
+        "SparseGPT 2:4",
+        (
+            Implementation("toolkit", "toolkit", "sparsegpt:2:4"),
+            Implementation("llm-compressor 0.14", "llmcompressor", "sparsegpt-2:4"),
+        ),
+    ),
 }
 
 
@@ -75,7 +95,11 @@ ROWS = {
 class MaintainedRun:
     model: str = "embedded"
     rows: tuple[Literal[tuple(ROWS)], ...] = tuple(ROWS)  # which comparisons
-    libraries: tuple[Literal["gptqmodel", "llmcompressor"], ...] = ("gptqmodel", "llmcompressor")  # maintained implementations to run
+    #: maintained implementations to run
+    libraries: tuple[Literal["gptqmodel", "llmcompressor"], ...] = (
+        "gptqmodel",
+        "llmcompressor",
+    )
     calibration_samples: int = 128  # harmless train instructions (the toolkit's default calibration)
     n_per_set: int = 50  # held-out harmful prompts per evaluation set (AdvBench, JailbreakBench)
     max_new_tokens: int = 64
@@ -97,9 +121,15 @@ def llmcompressor_python(env: Path) -> Path:
     probe = [str(python), "-c", "import llmcompressor"]
     if python.is_file() and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
-    print(f"making llm-compressor's environment in {env} ({LLMCOMPRESSOR}, torch {torch.__version__.split('+')[0]}) ...", file=sys.stderr, flush=True)
+    print(
+        f"making llm-compressor's environment in {env} ({LLMCOMPRESSOR}, torch {torch.__version__.split('+')[0]}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}", LLMCOMPRESSOR])
+    pip = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}", LLMCOMPRESSOR]
+    )
     if pip.returncode != 0 or subprocess.run(probe, capture_output=True).returncode != 0:
         raise UserError(f"could not install {LLMCOMPRESSOR} into {env}; see pip's output above")
     return python
@@ -122,12 +152,17 @@ def compress_external(impl: Implementation, model_dir: str, rows: list[list[int]
             calibration = tmp / "calibration_tokens.json"
             calibration.write_text(json.dumps(rows))
             script = Path(__file__).with_name("llmcompressor_run.py")
-            proc = subprocess.run([str(llmcompressor_python(env)), str(script), model_dir, str(calibration), impl.method, str(tmp)])
+            proc = subprocess.run(
+                [str(llmcompressor_python(env)), str(script), model_dir, str(calibration), impl.method, str(tmp)]
+            )
             calibration.unlink()
             if proc.returncode != 0:
                 raise UserError(f"llm-compressor failed on {impl.method} (exit {proc.returncode}); its output is above")
         seconds = time.perf_counter() - start
-        atomic_write_json(tmp / "benchmark_compression.json", dict(seconds=seconds, cpu_seconds_this_process=time.process_time() - cpu))
+        atomic_write_json(
+            tmp / "benchmark_compression.json",
+            dict(seconds=seconds, cpu_seconds_this_process=time.process_time() - cpu),
+        )
     return json.loads(record.read_text())
 
 
@@ -164,9 +199,14 @@ def run_row(key: str, a: MaintainedRun, base, calibration, fingerprint: str, env
                     built["seconds"] = time.perf_counter() - start
                 return built["model"]
 
-            timing = cached_json(Path(a.run_dir) / "toolkit" / f"{impl.method.replace(':', '-')}.json", model_id,
-                                 lambda build=build: dict(seconds=(build(), built["seconds"])[1],
-                                                          sparsity=sparsity_report(built["model"])["decoder_linear_sparsity"]))
+            timing = cached_json(
+                Path(a.run_dir) / "toolkit" / f"{impl.method.replace(':', '-')}.json",
+                model_id,
+                lambda build=build: dict(
+                    seconds=(build(), built["seconds"])[1],
+                    sparsity=sparsity_report(built["model"])["decoder_linear_sparsity"],
+                ),
+            )
             where = "in memory"
         else:
             path = Path(a.run_dir) / "models" / f"{impl.kind}-{impl.method.replace(':', '-')}"
@@ -179,7 +219,10 @@ def run_row(key: str, a: MaintainedRun, base, calibration, fingerprint: str, env
                 loaded = load_model(str(path))
                 derivation_records(base, loaded)  # e.g. a pruned LM head or embedding stops the row here
                 model_id = model_fingerprint(loaded.model)
-                atomic_write_json(fp_file, dict(fingerprint=model_id, sparsity=sparsity_report(loaded.model)["decoder_linear_sparsity"]))
+                atomic_write_json(
+                    fp_file,
+                    dict(fingerprint=model_id, sparsity=sparsity_report(loaded.model)["decoder_linear_sparsity"]),
+                )
             timing = dict(timing, sparsity=json.loads(fp_file.read_text())["sparsity"])
 
             def build(path=path, loaded=loaded):
@@ -190,8 +233,17 @@ def run_row(key: str, a: MaintainedRun, base, calibration, fingerprint: str, env
             where = str(path)
         print(f"[{time.strftime('%H:%M:%S')}] {ROWS[key][0]}, {impl.name}: measuring", file=sys.stderr, flush=True)
         m = measure_model(build, base.tokenizer, model_id, a)
-        out.append(dict(row=ROWS[key][0], implementation=impl.name, method=impl.method, where=where,
-                        seconds=timing["seconds"], sparsity=timing["sparsity"], **m))
+        out.append(
+            dict(
+                row=ROWS[key][0],
+                implementation=impl.name,
+                method=impl.method,
+                where=where,
+                seconds=timing["seconds"],
+                sparsity=timing["sparsity"],
+                **m,
+            )
+        )
         built.clear()
     return out
 
@@ -223,40 +275,68 @@ def table(results: list[dict], original: dict) -> str:
     from refusal.measure import perplexity_rate
     from refusal.stats import fmt_rate, fmt_value_ci
 
-    head = ["compression", "implementation", "time s", "zeros", "perplexity [95% CI]", "ppl ratio to toolkit [95% CI]",
-            "p (Wilcoxon, Holm)", "ASR [95% CI]", "b / c vs toolkit", "p (McNemar, Holm)"]
+    head = [
+        "compression",
+        "implementation",
+        "time s",
+        "zeros",
+        "perplexity [95% CI]",
+        "ppl ratio to toolkit [95% CI]",
+        "p (Wilcoxon, Holm)",
+        "ASR [95% CI]",
+        "b / c vs toolkit",
+        "p (McNemar, Holm)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     o = original
-    lines.append(f"| none | original | - | - | {fmt_value_ci(perplexity_rate(o['perplexity']))} | - | - | "
-                 f"{fmt_rate(o['asr']['rates']['asr'][JUDGE])} | - | - |")
+    lines.append(
+        f"| none | original | - | - | {fmt_value_ci(perplexity_rate(o['perplexity']))} | - | - | "
+        f"{fmt_rate(o['asr']['rates']['asr'][JUDGE])} | - | - |"
+    )
     for r in results:
         t, m = r.get("ppl_vs_toolkit"), r.get("asr_vs_toolkit")
         ratio = f"{t['ratio']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]" if t else "-"
-        lines.append("| " + " | ".join([
-            r["row"], r["implementation"], f"{r['seconds']:.1f}", f"{r['sparsity']:.1%}", fmt_value_ci(r["ppl"]), ratio,
-            f"{t['p_holm']:.2g}" if t else "-", fmt_rate(r["asr_rate"]), f"{m['b']} / {m['c']}" if m else "-",
-            f"{m['p_holm']:.2g}" if m else "-"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["row"],
+                    r["implementation"],
+                    f"{r['seconds']:.1f}",
+                    f"{r['sparsity']:.1%}",
+                    fmt_value_ci(r["ppl"]),
+                    ratio,
+                    f"{t['p_holm']:.2g}" if t else "-",
+                    fmt_rate(r["asr_rate"]),
+                    f"{m['b']} / {m['c']}" if m else "-",
+                    f"{m['p_holm']:.2g}" if m else "-",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def section(table_text: str, a: MaintainedRun, argv: list[str], n_tokens: int, n_prompts: int, seconds: float) -> str:
     from .__main__ import heading, machine
 
-    return "\n".join([
-        BEGIN,
-        heading("python -m benchmarks.maintained", argv),
-        "",
-        f"Machine: {machine()}. Wall time {seconds / 60:.0f} min (reused checkpoints and measurements count zero). "
-        f"Model {a.model}; calibration: {a.calibration_samples} harmless train instructions, {n_tokens:,} tokens, the same "
-        f"for every implementation. Perplexity: wikitext-2, {a.ppl_windows} windows of 512 tokens (bootstrap over windows); "
-        f"ASR: {n_prompts} held-out harmful prompts, greedy, {a.max_new_tokens} new tokens, Arditi et al.'s judge (Wilson). "
-        "Ratio and b / c compare each maintained implementation with the toolkit's in its row on the same windows and prompts "
-        "(b: prompts only the maintained model answered); p-values Holm-corrected over the table, per measure. "
-        "Time: the compression's wall clock on this machine (llm-compressor's in its own process).",
-        "",
-        table_text,
-        END,
-    ])
+    return "\n".join(
+        [
+            BEGIN,
+            heading("python -m benchmarks.maintained", argv),
+            "",
+            f"Machine: {machine()}. Wall time {seconds / 60:.0f} min (reused checkpoints and measurements count zero). "
+            f"Model {a.model}; calibration: {a.calibration_samples} harmless train instructions, {n_tokens:,} tokens, the same "
+            f"for every implementation. Perplexity: wikitext-2, {a.ppl_windows} windows of 512 tokens (bootstrap over windows); "
+            f"ASR: {n_prompts} held-out harmful prompts, greedy, {a.max_new_tokens} new tokens, Arditi et al.'s judge (Wilson). "
+            "Ratio and b / c compare each maintained implementation with the toolkit's in its row on the same windows and prompts "
+            "(b: prompts only the maintained model answered); p-values Holm-corrected over the table, per measure. "
+            "Time: the compression's wall clock on this machine (llm-compressor's in its own process).",
+            "",
+            table_text,
+            END,
+        ]
+    )
 
 
 @cli
@@ -265,7 +345,9 @@ def main(argv=None) -> int:
     from lm.loading import load_model, model_fingerprint, resolve
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    a = parse_config(MaintainedRun, argv, prog="python -m benchmarks.maintained", description=__doc__.split("\n\n")[0])[0]
+    a = parse_config(MaintainedRun, argv, prog="python -m benchmarks.maintained", description=__doc__.split("\n\n")[0])[
+        0
+    ]
     resolve(a.model)
     env = Path(a.llmcompressor_env) if a.llmcompressor_env else cache_root() / "envs" / LLMCOMPRESSOR.replace("==", "-")
     start = time.perf_counter()
@@ -277,10 +359,32 @@ def main(argv=None) -> int:
     for key in a.rows:
         results.extend(run_row(key, a, base, calibration, fingerprint, env))
     compare(results, original)
-    text = section(table(results, original), a, argv, calibration.n_tokens, original["asr"]["rates"]["n"], time.perf_counter() - start)
+    text = section(
+        table(results, original),
+        a,
+        argv,
+        calibration.n_tokens,
+        original["asr"]["rates"]["n"],
+        time.perf_counter() - start,
+    )
     print(text)
-    keep = ("row", "implementation", "method", "where", "seconds", "sparsity", "ppl", "asr_rate", "ppl_vs_toolkit", "asr_vs_toolkit", "vs_original_asr")
-    atomic_write_json(Path(a.run_dir) / "maintained.json", dict(settings=asdict(a), rows=[{k: r.get(k) for k in keep} for r in results]))
+    keep = (
+        "row",
+        "implementation",
+        "method",
+        "where",
+        "seconds",
+        "sparsity",
+        "ppl",
+        "asr_rate",
+        "ppl_vs_toolkit",
+        "asr_vs_toolkit",
+        "vs_original_asr",
+    )
+    atomic_write_json(
+        Path(a.run_dir) / "maintained.json",
+        dict(settings=asdict(a), rows=[{k: r.get(k) for k in keep} for r in results]),
+    )
     if a.write:
         from .__main__ import write_results
 

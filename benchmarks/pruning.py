@@ -76,11 +76,18 @@ def rows(settings: Settings) -> list[dict]:
         for method, prune in (("Wanda", prune_wanda), ("SparseGPT", prune_sparsegpt)):
             model = fresh()
             n_params = sum(p.numel() for p in model.parameters())
-            m = measure(lambda model=model, prune=prune: prune(model, calibration, pattern), next(model.parameters()).device)
-            out.append(row(
-                f"{method} 50% block-sequential, {settings.prune_samples} calibration prompts",
-                "", f"{name} ({n_params / 1e6:.0f}M params, {len(decoder_layers(model))} layers)", None, m,
-                note=f"weights {weights_mib(model):.0f} MiB; one block's activations + statistics ~{estimate_mib(model, calibration, method):.0f} MiB",
-            ))
+            m = measure(
+                lambda model=model, prune=prune: prune(model, calibration, pattern), next(model.parameters()).device
+            )
+            out.append(
+                row(
+                    f"{method} 50% block-sequential, {settings.prune_samples} calibration prompts",
+                    "",
+                    f"{name} ({n_params / 1e6:.0f}M params, {len(decoder_layers(model))} layers)",
+                    None,
+                    m,
+                    note=f"weights {weights_mib(model):.0f} MiB; one block's activations + statistics ~{estimate_mib(model, calibration, method):.0f} MiB",
+                )
+            )
             del model
     return out

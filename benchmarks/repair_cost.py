@@ -31,11 +31,32 @@ from lm.errors import UserError, cli
 
 BEGIN, END = "<!-- python -m benchmarks.repair_cost: begin -->", "<!-- python -m benchmarks.repair_cost: end -->"
 
-CPU_SETTINGS = ("--zero-shot-limit", "24", "--zero-shot-tasks", "boolq", "rte", "winogrande", "arc_easy", "--no-adv-suffix",
-                "--n-refusal-probe", "0")
+CPU_SETTINGS = (
+    "--zero-shot-limit",
+    "24",
+    "--zero-shot-tasks",
+    "boolq",
+    "rte",
+    "winogrande",
+    "arc_easy",
+    "--no-adv-suffix",
+    "--n-refusal-probe",
+    "0",
+)
 ARMS = {
-    "before": ("--no-anchored", "--targeted", "--save", "aird", "--curve-fractions", "0.03", "0.3", "--curve-n-asr", "16",
-               "--n-harmless", "50"),
+    "before": (
+        "--no-anchored",
+        "--targeted",
+        "--save",
+        "aird",
+        "--curve-fractions",
+        "0.03",
+        "0.3",
+        "--curve-n-asr",
+        "16",
+        "--n-harmless",
+        "50",
+    ),
     "after": (),
 }
 
@@ -55,38 +76,72 @@ def run_arm(cfg: RepairCostRun, arm: str) -> dict:
     root = Path(cfg.work_dir) / arm
     if root.exists():
         raise UserError(f"{root} exists: remove it (each arm must start from a fresh run directory)")
-    cmd = [sys.executable, "-m", "repair", "--original", cfg.original, "--compressed", cfg.compressed, "--out", str(root / "out"),
-           "--runs-dir", str(root / "runs"), "--measurements-dir", cfg.measurements_dir, *CPU_SETTINGS, *ARMS[arm]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "repair",
+        "--original",
+        cfg.original,
+        "--compressed",
+        cfg.compressed,
+        "--out",
+        str(root / "out"),
+        "--runs-dir",
+        str(root / "runs"),
+        "--measurements-dir",
+        cfg.measurements_dir,
+        *CPU_SETTINGS,
+        *ARMS[arm],
+    ]
     print(f"[repair_cost] {arm}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     start, cpu = time.perf_counter(), os.times()
     proc = subprocess.run(cmd)
     end = os.times()
     if proc.returncode != 0:
         raise UserError(f"the {arm} repair failed (exit {proc.returncode}); its output is above")
-    return dict(arm=arm, seconds=round(time.perf_counter() - start, 1),
-                cpu_seconds=round((end.children_user + end.children_system) - (cpu.children_user + cpu.children_system), 1),
-                command="python -m repair " + " ".join(cmd[3:]))
+    return dict(
+        arm=arm,
+        seconds=round(time.perf_counter() - start, 1),
+        cpu_seconds=round((end.children_user + end.children_system) - (cpu.children_user + cpu.children_system), 1),
+        command="python -m repair " + " ".join(cmd[3:]),
+    )
 
 
 def table(rows: list[dict], argv: list[str]) -> str:
     from .__main__ import heading, machine
 
-    lines = [BEGIN, heading("python -m benchmarks.repair_cost", argv), "", f"Machine: {machine()}.", "",
-             "One variant's `python -m repair` at the main job's CPU settings, both arms in one run, one after the other, each with a "
-             "fresh run directory and the main job's measurement store. *before*: AIRD + one-shot targeted + curve, 50 harmless "
-             "prompts; *after*: AIRD + anchored restoration + static baseline, 100 harmless prompts.", "",
-             "| arm | wall time | CPU time (children) | command |", "|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['seconds'] / 60:.1f} min | {r['cpu_seconds'] / 60:.1f} min | `{r['command']}` |" for r in rows]
+    lines = [
+        BEGIN,
+        heading("python -m benchmarks.repair_cost", argv),
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "One variant's `python -m repair` at the main job's CPU settings, both arms in one run, one after the other, each with a "
+        "fresh run directory and the main job's measurement store. *before*: AIRD + one-shot targeted + curve, 50 harmless "
+        "prompts; *after*: AIRD + anchored restoration + static baseline, 100 harmless prompts.",
+        "",
+        "| arm | wall time | CPU time (children) | command |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['arm']} | {r['seconds'] / 60:.1f} min | {r['cpu_seconds'] / 60:.1f} min | `{r['command']}` |"
+        for r in rows
+    ]
     by = {r["arm"]: r for r in rows}
     if {"before", "after"} <= set(by):
-        lines += ["", f"after / before: {by['after']['seconds'] / by['before']['seconds']:.2f} (wall), "
-                      f"{by['after']['cpu_seconds'] / max(by['before']['cpu_seconds'], 1e-9):.2f} (CPU)."]
+        lines += [
+            "",
+            f"after / before: {by['after']['seconds'] / by['before']['seconds']:.2f} (wall), "
+            f"{by['after']['cpu_seconds'] / max(by['before']['cpu_seconds'], 1e-9):.2f} (CPU).",
+        ]
     return "\n".join(lines + [END])
 
 
 @cli
 def main(argv=None) -> int:
-    cfg, _ = parse_config(RepairCostRun, argv, prog="python -m benchmarks.repair_cost", description=__doc__.strip().split("\n\n")[0])
+    cfg, _ = parse_config(
+        RepairCostRun, argv, prog="python -m benchmarks.repair_cost", description=__doc__.strip().split("\n\n")[0]
+    )
     if not cfg.compressed:
         raise UserError("--compressed is required")
     if not Path(cfg.compressed).is_dir():

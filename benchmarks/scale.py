@@ -35,17 +35,31 @@ from compression.sparsegpt import prune_sparsegpt
 from compression.sparsity import SparsityPattern
 from compression.wanda import prune_wanda
 from lm.cli import parse_config
-from lm.errors import UserError, cli
 from lm.continuous_batching import decode_continuous
+from lm.errors import UserError, cli
 from lm.generation import auto_batch_size, vllm_available
 
 from .measure import measure
 
 SHAPES = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024),
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+        max_position_embeddings=1024,
+    ),
 }
 PREFIX, SUFFIX, OWN = 24, 5, (10, 35)  # chat-template tokens shared by every prompt, and each prompt's own
 
@@ -69,14 +83,28 @@ class ScaleConfig:
     def __post_init__(self):
         if self.shape not in SHAPES:
             raise UserError(f"unknown shape {self.shape!r}; choose one of {', '.join(SHAPES)}")
-        if min(self.calib_samples, self.calib_seqlen, self.calib_batch, self.snip_samples, self.snip_seqlen,
-               self.gen_prompts, self.gen_new_tokens) <= 0 or self.gen_batch < 0:
+        if (
+            min(
+                self.calib_samples,
+                self.calib_seqlen,
+                self.calib_batch,
+                self.snip_samples,
+                self.snip_seqlen,
+                self.gen_prompts,
+                self.gen_new_tokens,
+            )
+            <= 0
+            or self.gen_batch < 0
+        ):
             raise UserError("benchmark sizes must be positive")
 
 
 @dataclass(frozen=True)
 class ScaleRun:
-    cfg: Annotated[ScaleConfig, tyro.conf.OmitArgPrefixes] = ScaleConfig(device="cuda" if torch.cuda.is_available() else "cpu")  # the run
+    #: the run
+    cfg: Annotated[ScaleConfig, tyro.conf.OmitArgPrefixes] = ScaleConfig(
+        device="cuda" if torch.cuda.is_available() else "cpu"
+    )
     json: str | None = None  # write the rows here
     results: str | None = None  # append the table to this markdown file (e.g. benchmarks/RESULTS.md)
 
@@ -93,8 +121,10 @@ def random_model(cfg: ScaleConfig):
 def calibration(cfg: ScaleConfig, vocab: int) -> Calibration:
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(vocab, (cfg.calib_samples, cfg.calib_seqlen), generator=g)
-    batches = [dict(input_ids=ids[i : i + cfg.calib_batch], attention_mask=torch.ones_like(ids[i : i + cfg.calib_batch]))
-               for i in range(0, len(ids), cfg.calib_batch)]
+    batches = [
+        dict(input_ids=ids[i : i + cfg.calib_batch], attention_mask=torch.ones_like(ids[i : i + cfg.calib_batch]))
+        for i in range(0, len(ids), cfg.calib_batch)
+    ]
     return Calibration(batches=batches, digest="random")
 
 
@@ -106,13 +136,21 @@ def snip_batches(cfg: ScaleConfig, vocab: int, device) -> list[dict]:
         ids = torch.randint(vocab, (1, cfg.snip_seqlen), generator=g)
         labels = ids.clone()
         labels[:, : cfg.snip_seqlen // 2] = -100
-        out.append({k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).items()})
+        out.append(
+            {
+                k: v.to(device)
+                for k, v in dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).items()
+            }
+        )
     return out
 
 
 def chat_shaped_prompts(cfg: ScaleConfig, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    prefix, suffix = torch.randint(vocab, (PREFIX,), generator=g).tolist(), torch.randint(vocab, (SUFFIX,), generator=g).tolist()
+    prefix, suffix = (
+        torch.randint(vocab, (PREFIX,), generator=g).tolist(),
+        torch.randint(vocab, (SUFFIX,), generator=g).tolist(),
+    )
     lengths = torch.randint(OWN[0], OWN[1] + 1, (cfg.gen_prompts,), generator=g).tolist()
     return [prefix + torch.randint(vocab, (n,), generator=g).tolist() + suffix for n in lengths]
 
@@ -149,29 +187,48 @@ def run(cfg: ScaleConfig) -> list[dict]:
 
     def record(stage: str, m, **extra):
         rows.append(dict(stage=stage, seconds=m.seconds, peak_mib=m.peak_mib, resident_mib=m.resident_mib, **extra))
-        print(f"[scale] {stage}: {m.seconds:.1f} s, peak +{m.peak_mib or 0:.0f} MiB {extra or ''}", file=sys.stderr, flush=True)
+        print(
+            f"[scale] {stage}: {m.seconds:.1f} s, peak +{m.peak_mib or 0:.0f} MiB {extra or ''}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     half = SparsityPattern(ratio=0.5)
     for name, prune in (("Wanda 50%", prune_wanda), ("SparseGPT 50%", prune_sparsegpt)):
         model = random_model(cfg)  # each method prunes a dense model
         calib = calibration(cfg, model.config.vocab_size)
-        record(f"{name}, {cfg.calib_samples} x {cfg.calib_seqlen} tokens", measure(lambda: prune(model, calib, half), cfg.device))
+        record(
+            f"{name}, {cfg.calib_samples} x {cfg.calib_seqlen} tokens",
+            measure(lambda: prune(model, calib, half), cfg.device),
+        )
         del model
     model = random_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     batches = snip_batches(cfg, model.config.vocab_size, cfg.device)
-    record(f"SNIP scores, {cfg.snip_samples} samples x {cfg.snip_seqlen} tokens", measure(lambda: snip_scores_one_pass(model, batches), cfg.device))
+    record(
+        f"SNIP scores, {cfg.snip_samples} samples x {cfg.snip_seqlen} tokens",
+        measure(lambda: snip_scores_one_pass(model, batches), cfg.device),
+    )
     prompts = chat_shaped_prompts(cfg, model.config.vocab_size)
     m = measure(lambda: generate_hf(model, prompts, cfg), cfg.device)
-    record(f"generation, {cfg.gen_prompts} x {cfg.gen_new_tokens} tokens, default decoder", m,
-           tokens=m.result, tokens_per_s=m.result / m.seconds)
+    record(
+        f"generation, {cfg.gen_prompts} x {cfg.gen_new_tokens} tokens, default decoder",
+        m,
+        tokens=m.result,
+        tokens_per_s=m.result / m.seconds,
+    )
     if cfg.vllm:
         if not vllm_available():
             raise UserError("--vllm: vllm is not installed (pip install 'refusal-repair[vllm]')")
         m = measure(lambda: generate_vllm(model, prompts, cfg), cfg.device)
         tokens, seconds = m.result
         m.seconds = seconds  # generation only: the checkpoint save and engine start are not serving time
-        record(f"generation, {cfg.gen_prompts} x {cfg.gen_new_tokens} tokens, vLLM", m, tokens=tokens, tokens_per_s=tokens / seconds)
+        record(
+            f"generation, {cfg.gen_prompts} x {cfg.gen_new_tokens} tokens, vLLM",
+            m,
+            tokens=tokens,
+            tokens_per_s=tokens / seconds,
+        )
     for r in rows:
         r["model_params"] = params
     return rows
@@ -186,9 +243,13 @@ def device_name(device: str) -> str:
 def markdown(rows: list[dict], cfg: ScaleConfig) -> str:
     from .__main__ import utc_now
 
-    lines = [f"### `python -m benchmarks.scale` ({cfg.shape}, {rows[0]['model_params'] / 1e9:.2f}B params, {cfg.dtype}): "
-             f"{device_name(cfg.device)}, torch {torch.__version__}, {utc_now()}", "",
-             "| stage | seconds | peak extra MiB | tokens/s |", "|---|---|---|---|"]
+    lines = [
+        f"### `python -m benchmarks.scale` ({cfg.shape}, {rows[0]['model_params'] / 1e9:.2f}B params, {cfg.dtype}): "
+        f"{device_name(cfg.device)}, torch {torch.__version__}, {utc_now()}",
+        "",
+        "| stage | seconds | peak extra MiB | tokens/s |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
         lines.append(f"| {r['stage']} | {r['seconds']:.1f} | {r['peak_mib'] or 0:.0f} | {tps} |")
@@ -208,9 +269,11 @@ def main(argv=None) -> int:
     print(text)
     if run_args.json:
         from lm.cache import atomic_write_json
+
         atomic_write_json(Path(run_args.json), dict(config=asdict(cfg), device=device_name(cfg.device), rows=rows))
     if run_args.results:
         from lm.cache import atomic_write_text
+
         results = Path(run_args.results)
         old = results.read_text() if results.is_file() else "# Benchmark results\n"
         atomic_write_text(results, old.rstrip("\n") + "\n\n" + text + "\n")

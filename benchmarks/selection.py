@@ -17,6 +17,7 @@ import torch
 from lm import datasets
 from lm.hooks import decoder_layers
 from lm.loading import load_model
+from refusal.candidate_scores import score_candidates
 from refusal.direction import candidate_directions
 from refusal.score import (
     kl_divergence,
@@ -24,7 +25,6 @@ from refusal.score import (
     refusal_score,
     refusal_tokens,
 )
-from refusal.candidate_scores import score_candidates
 
 from .measure import measure
 from .suite import Settings, row
@@ -46,9 +46,17 @@ def one_at_a_time(model, tokenizer, directions, layers, harmful_val, harmless_va
     bypass, kl, induce = {}, {}, {}
     for layer in layers:
         d = directions[-1, layer]
-        bypass[layer] = float(refusal_score(prompt_last_logits(model, tokenizer, harmful_val, batch_size, ablate=d), token_ids).mean())
-        kl[layer] = float(kl_divergence(base, prompt_last_logits(model, tokenizer, harmless_val, batch_size, ablate=d)).mean())
-        induce[layer] = float(refusal_score(prompt_last_logits(model, tokenizer, harmless_val, batch_size, add={layer: d}), token_ids).mean())
+        bypass[layer] = float(
+            refusal_score(prompt_last_logits(model, tokenizer, harmful_val, batch_size, ablate=d), token_ids).mean()
+        )
+        kl[layer] = float(
+            kl_divergence(base, prompt_last_logits(model, tokenizer, harmless_val, batch_size, ablate=d)).mean()
+        )
+        induce[layer] = float(
+            refusal_score(
+                prompt_last_logits(model, tokenizer, harmless_val, batch_size, add={layer: d}), token_ids
+            ).mean()
+        )
     per_h, per_s = math.ceil(len(harmful_val) / batch_size), math.ceil(len(harmless_val) / batch_size)
     return dict(bypass=bypass, kl=kl, induce=induce, passes=per_s + len(layers) * (per_h + 2 * per_s))
 
@@ -68,19 +76,29 @@ def rows(settings: Settings) -> list[dict]:
     subset = [(n_pos - 1) * n_layers + layer for layer in layers]
     device = next(model.parameters()).device
 
-    loop = measure(lambda: one_at_a_time(model, tok, directions, layers, harmful_val, harmless_val, token_ids, 32), device)
-    batched = measure(lambda: score_candidates(model, tok, directions, harmful_val, harmless_val, token_ids, subset=subset), device)
+    loop = measure(
+        lambda: one_at_a_time(model, tok, directions, layers, harmful_val, harmless_val, token_ids, 32), device
+    )
+    batched = measure(
+        lambda: score_candidates(model, tok, directions, harmful_val, harmless_val, token_ids, subset=subset), device
+    )
     scores = batched.result
-    diff = max(abs(float(getattr(scores, name)[-1, layer]) - loop.result[name][layer])
-               for name in ("bypass", "kl", "induce") for layer in layers)
+    diff = max(
+        abs(float(getattr(scores, name)[-1, layer]) - loop.result[name][layer])
+        for name in ("bypass", "kl", "induce")
+        for layer in layers
+    )
     passes = scores.passes
     fast_passes = passes.get("baseline", 0) + passes["scoring_passes"]
-    return [row(
-        f"selection scoring, {len(layers)} candidates x {settings.select_val}+{settings.select_val} val prompts",
-        f"one candidate at a time ({loop.result['passes']} passes)",
-        f"batched candidates, resumed induce ({fast_passes} passes)",
-        loop, batched,
-        check=f"max abs score diff {diff:.1e}",
-        note=f"{loop.result['passes'] / fast_passes:.0f}x fewer forward passes; induce runs "
-             f"{passes['induce_block_fraction']:.0%} of the blocks",
-    )]
+    return [
+        row(
+            f"selection scoring, {len(layers)} candidates x {settings.select_val}+{settings.select_val} val prompts",
+            f"one candidate at a time ({loop.result['passes']} passes)",
+            f"batched candidates, resumed induce ({fast_passes} passes)",
+            loop,
+            batched,
+            check=f"max abs score diff {diff:.1e}",
+            note=f"{loop.result['passes'] / fast_passes:.0f}x fewer forward passes; induce runs "
+            f"{passes['induce_block_fraction']:.0%} of the blocks",
+        )
+    ]

@@ -30,10 +30,15 @@ def run(model_spec: str, n_samples: int) -> list[dict]:
     loaded = load_model(model_spec)
     instructions = datasets.sample(datasets.instructions("harmless", "train"), n_samples, 0)
     reply = "Here is a short, helpful answer to your question, with the key steps explained clearly."
-    batches = tokenize_pairs(loaded.tokenizer, [(p, reply) for p in format_prompts(loaded.tokenizer, instructions)]).batches
+    batches = tokenize_pairs(
+        loaded.tokenizer, [(p, reply) for p in format_prompts(loaded.tokenizer, instructions)]
+    ).batches
     device = next(loaded.model.parameters()).device
     rows, scores = [], {}
-    for name, fn in ((f"one pass, all layers (dY^T X, packs of {OnePassConfig().batches_per_pass})", snip_scores_one_pass), ("per-layer loop (Wei et al.)", snip_scores_per_layer)):
+    for name, fn in (
+        (f"one pass, all layers (dY^T X, packs of {OnePassConfig().batches_per_pass})", snip_scores_one_pass),
+        ("per-layer loop (Wei et al.)", snip_scores_per_layer),
+    ):
         m = measure(lambda fn=fn: fn(loaded.model, batches), device)
         scores[name], m.result = m.result, None
         rows.append(dict(implementation=name, seconds=m.seconds, measurement=m))
@@ -46,12 +51,17 @@ def run(model_spec: str, n_samples: int) -> list[dict]:
 
 def rows(settings: Settings) -> list[dict]:
     fast, base = run(settings.model, settings.snip_samples)
-    return [row(
-        f"SNIP scores, {settings.snip_samples} calibration samples", base["implementation"], fast["implementation"],
-        base["measurement"], fast["measurement"],
-        check=f"max rel. diff {fast['max_relative_difference']:.1e}",
-        note="Wei et al.'s loop: one forward + backward per layer and sample",
-    )]
+    return [
+        row(
+            f"SNIP scores, {settings.snip_samples} calibration samples",
+            base["implementation"],
+            fast["implementation"],
+            base["measurement"],
+            fast["measurement"],
+            check=f"max rel. diff {fast['max_relative_difference']:.1e}",
+            note="Wei et al.'s loop: one forward + backward per layer and sample",
+        )
+    ]
 
 
 @cli
@@ -62,7 +72,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     rows = run(a.model, a.n_samples)
     base = rows[0]["seconds"]
-    print(f"# SNIP scores, {a.model}, {a.n_samples} samples, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# SNIP scores, {a.model}, {a.n_samples} samples, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'implementation':<30} {'seconds':>8} {'relative time':>13}")
     for r in rows:
         print(f"{r['implementation']:<30} {r['seconds']:>8.1f} {r['seconds'] / base:>12.1f}x")

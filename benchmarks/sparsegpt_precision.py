@@ -31,7 +31,10 @@ from lm.cache import measured, timed
 from lm.cli import parse_config
 from lm.errors import UserError, cli
 
-BEGIN, END = "<!-- python -m benchmarks.sparsegpt_precision: begin -->", "<!-- python -m benchmarks.sparsegpt_precision: end -->"
+BEGIN, END = (
+    "<!-- python -m benchmarks.sparsegpt_precision: begin -->",
+    "<!-- python -m benchmarks.sparsegpt_precision: end -->",
+)
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,18 @@ def block_masks(model, calibration, pattern, maintained: dict[str, torch.Tensor]
     from lm.hooks import decoder_layers
 
     blocks = decoder_layers(model)
-    theirs = {i: {n: maintained[block_prefix(model, i) + n + ".weight"].float() for n in block_linears(blocks[i])} for i in (0, 1)}
+    theirs = {
+        i: {n: maintained[block_prefix(model, i) + n + ".weight"].float() for n in block_linears(blocks[i])}
+        for i in (0, 1)
+    }
     states = block0_inputs(model, calibration)
     rows, originals = [], {n: lin.weight.detach().clone() for n, lin in block_linears(blocks[0]).items()}
     hessians = collect(blocks[0], states, Hessian)
     for precision in ("float64", "float32"):
         for name, lin in block_linears(blocks[0]).items():
-            ours = sparsegpt_prune(originals[name], hessians[name].matrix(), pattern, SparseGPTConfig(precision=precision))
+            ours = sparsegpt_prune(
+                originals[name], hessians[name].matrix(), pattern, SparseGPTConfig(precision=precision)
+            )
             rows.append(("0", f"{name} (toolkit, {precision})", mask_agreement(ours, theirs[0][name])))
             if precision == "float64":
                 lin.weight.copy_(ours)
@@ -95,10 +103,14 @@ def main(argv=None) -> int:
     from refusal.stats import add_holm, fmt_value_ci, paired_perplexity_ratio
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    a = parse_config(PrecisionRun, argv, prog="python -m benchmarks.sparsegpt_precision", description=__doc__.split("\n\n")[0])[0]
+    a = parse_config(
+        PrecisionRun, argv, prog="python -m benchmarks.sparsegpt_precision", description=__doc__.split("\n\n")[0]
+    )[0]
     fp_file = Path(a.maintained) / "benchmark_fingerprint.json"
     if not fp_file.is_file():
-        raise UserError(f"no measured llm-compressor checkpoint in {a.maintained}: run python -m benchmarks.maintained --rows sparsegpt24 first")
+        raise UserError(
+            f"no measured llm-compressor checkpoint in {a.maintained}: run python -m benchmarks.maintained --rows sparsegpt24 first"
+        )
     base = load_model(a.model)
     fingerprint = model_fingerprint(base.model)
     calibration = calibration_set(base.tokenizer, CalibrationConfig(n_samples=a.calibration_samples))
@@ -107,11 +119,16 @@ def main(argv=None) -> int:
 
     def stored(model_id, what):
         def missing():
-            raise UserError(f"the perplexity of {what} is not in {store}: run python -m benchmarks.maintained with this row first")
+            raise UserError(
+                f"the perplexity of {what} is not in {store}: run python -m benchmarks.maintained with this row first"
+            )
+
         return measured(store, "perplexity", model_id, [pcfg], missing)
 
     variant = f"sparsegpt:{a.pattern}"
-    float64 = stored(dict(base=fingerprint, variant=variant, calibration=calibration.digest), "the toolkit's float64 model")
+    float64 = stored(
+        dict(base=fingerprint, variant=variant, calibration=calibration.digest), "the toolkit's float64 model"
+    )
     theirs = stored(json.loads(fp_file.read_text())["fingerprint"], "llm-compressor's model")
     maintained = {}
     for f in sorted(Path(a.maintained).glob("*.safetensors")):
@@ -123,26 +140,49 @@ def main(argv=None) -> int:
         prune_sparsegpt(base.model, calibration, pattern, precision="float32")
         return timed(lambda: measure_perplexity(base.model, base.tokenizer, pcfg))
 
-    float32 = measured(store, "perplexity", dict(base=fingerprint, variant=variant, calibration=calibration.digest, precision="float32"),
-                       [pcfg], float32_model)
+    float32 = measured(
+        store,
+        "perplexity",
+        dict(base=fingerprint, variant=variant, calibration=calibration.digest, precision="float32"),
+        [pcfg],
+        float32_model,
+    )
     t = float64["window_tokens"]
-    pairs = [("toolkit float32 / toolkit float64", float32, float64), ("llm-compressor / toolkit float64", theirs, float64),
-             ("llm-compressor / toolkit float32", theirs, float32)]
+    pairs = [
+        ("toolkit float32 / toolkit float64", float32, float64),
+        ("llm-compressor / toolkit float64", theirs, float64),
+        ("llm-compressor / toolkit float32", theirs, float32),
+    ]
     tests = [paired_perplexity_ratio(x["window_nll"], y["window_nll"], t) for _, x, y in pairs]
     add_holm(tests)
     from .__main__ import heading, machine
 
-    lines = [BEGIN, heading("python -m benchmarks.sparsegpt_precision", argv),
-             "", f"Machine: {machine()}. SparseGPT {a.pattern} of {a.model} on {calibration.n_tokens:,} calibration tokens; "
-             f"llm-compressor's checkpoint: `{a.maintained}`. Perplexity: wikitext-2, {a.ppl_windows} windows of 512 tokens; "
-             "ratios with a paired bootstrap over windows and the exact Wilcoxon signed-rank test.",
-             "", "| block | linear | masks equal to llm-compressor's |", "|---|---|---|"]
+    lines = [
+        BEGIN,
+        heading("python -m benchmarks.sparsegpt_precision", argv),
+        "",
+        f"Machine: {machine()}. SparseGPT {a.pattern} of {a.model} on {calibration.n_tokens:,} calibration tokens; "
+        f"llm-compressor's checkpoint: `{a.maintained}`. Perplexity: wikitext-2, {a.ppl_windows} windows of 512 tokens; "
+        "ratios with a paired bootstrap over windows and the exact Wilcoxon signed-rank test.",
+        "",
+        "| block | linear | masks equal to llm-compressor's |",
+        "|---|---|---|",
+    ]
     lines += [f"| {b} | {name} | {agree:.2%} |" for b, name, agree in masks]
     lines += ["", "| model | perplexity [95% CI] |", "|---|---|"]
-    lines += [f"| {name} | {fmt_value_ci(perplexity_rate(m))} |" for name, m in
-              [("toolkit, float64 Hessian (default)", float64), ("toolkit, float32 Hessian", float32), ("llm-compressor 0.14 (float32)", theirs)]]
+    lines += [
+        f"| {name} | {fmt_value_ci(perplexity_rate(m))} |"
+        for name, m in [
+            ("toolkit, float64 Hessian (default)", float64),
+            ("toolkit, float32 Hessian", float32),
+            ("llm-compressor 0.14 (float32)", theirs),
+        ]
+    ]
     lines += ["", "| perplexity ratio | ratio [95% CI] | p (Wilcoxon, Holm over 3) |", "|---|---|---|"]
-    lines += [f"| {name} | {r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['p_holm']:.2g} |" for (name, _, _), r in zip(pairs, tests)]
+    lines += [
+        f"| {name} | {r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {r['p_holm']:.2g} |"
+        for (name, _, _), r in zip(pairs, tests)
+    ]
     text = "\n".join(lines + [END])
     print(text)
     if a.write:

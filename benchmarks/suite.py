@@ -40,7 +40,8 @@ class Settings:
     snip_samples: int = 4  # SNIP (prompt, response) samples
     direction_prompts: int = 128  # harmful and harmless instructions each for direction extraction
     direction_batch: int = 16  # prompts per extraction pass (candidate_directions' default)
-    probe_test: int = 50  # held-out harmful and harmless instructions each for the probes row (train: direction_prompts)
+    #: held-out harmful and harmless instructions each for the probes row (train: direction_prompts)
+    probe_test: int = 50
     prune_samples: int = 16  # calibration instructions for pruning (the variants use 128)
     select_candidates: int = 8  # (position -1, layer) candidates scored both ways
     select_val: int = 8  # harmful and harmless validation instructions each for selection
@@ -57,11 +58,29 @@ class Settings:
 SIZES = {
     "default": Settings(),
     # The ASR settings: 256 new tokens, the main job's 100 goals; 128 calibration samples.
-    "full": Settings(gen_prompts=100, gen_new_tokens=256, gen_batch=64, snip_samples=16, prune_samples=128,
-                     select_candidates=24, select_val=32),
+    "full": Settings(
+        gen_prompts=100,
+        gen_new_tokens=256,
+        gen_batch=64,
+        snip_samples=16,
+        prune_samples=128,
+        select_candidates=24,
+        select_val=32,
+    ),
     # Seconds on tiny models: what the tests run.
-    "tiny": Settings(gen_prompts=3, gen_new_tokens=6, gen_batch=3, gen_baseline_every=1, snip_samples=2, direction_prompts=4,
-                     direction_batch=2, probe_test=2, prune_samples=4, select_candidates=3, select_val=2),
+    "tiny": Settings(
+        gen_prompts=3,
+        gen_new_tokens=6,
+        gen_batch=3,
+        gen_baseline_every=1,
+        snip_samples=2,
+        direction_prompts=4,
+        direction_batch=2,
+        probe_test=2,
+        prune_samples=4,
+        select_candidates=3,
+        select_val=2,
+    ),
 }
 
 GROUPS = ("generation", "snip", "pruning", "direction", "selection", "probes")
@@ -94,12 +113,15 @@ def run_group(group: str, settings: Settings) -> list[dict]:
     return rows(settings)
 
 
-def row(comparison: str, baseline: str, fast: str, base, quick, check: str = "", note: str = "", work: float | None = None) -> dict:
+def row(
+    comparison: str, baseline: str, fast: str, base, quick, check: str = "", note: str = "", work: float | None = None
+) -> dict:
     """A table row from two benchmarks.measure.Measurement (baseline may be None: fast alone).
 
     work: the amount of work done by the fast side relative to the baseline (generation: its
     tokens / the baseline's tokens), so speed-ups are rates, not just time ratios.
     """
+
     def ratio(a, b):
         return None if base is None else (a / max(b, 1e-9)) * (work or 1.0)
 

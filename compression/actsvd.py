@@ -83,7 +83,9 @@ class InputGram:
     """X^T X of one linear's inputs, float64 so that a long calibration stream loses nothing."""
 
     def __init__(self, linear: nn.Linear):
-        self.gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
+        self.gram = torch.zeros(
+            linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device
+        )
 
     def add(self, x: torch.Tensor) -> None:
         x = x.double()
@@ -137,14 +139,18 @@ def token_states(model: nn.Module, data, tokens: str) -> list:
         raise UserError("ActSVD on response tokens needs (prompt, response) data with labels (a ResponseCalibration)")
     # Every token still flows through the blocks (responses attend to their prompts); only the
     # Gram sees response positions alone. Labels are -100 on padding too.
-    return [(hidden, kwargs, b["labels"].to(mask.device) != -100) for (hidden, kwargs, mask), b in zip(states, data.batches)]
+    return [
+        (hidden, kwargs, b["labels"].to(mask.device) != -100) for (hidden, kwargs, mask), b in zip(states, data.batches)
+    ]
 
 
 Edit = Callable[[str, nn.Linear, list[torch.Tensor]], None]  # (layer name, linear, one Gram per data set)
 
 
 @torch.no_grad()
-def edit_blockwise(model: nn.Module, datas: list, edit: Edit, cfg: ActSVDConfig = ActSVDConfig(), desc: str = "ActSVD") -> None:
+def edit_blockwise(
+    model: nn.Module, datas: list, edit: Edit, cfg: ActSVDConfig = ActSVDConfig(), desc: str = "ActSVD"
+) -> None:
     """Stream each data set block by block; `edit` every linear from its input Grams, in place."""
     streams = [token_states(model, d, cfg.tokens) for d in datas]
     for index, block in enumerate(tqdm(decoder_layers(model), desc=desc, unit="block", leave=False)):
@@ -183,7 +189,9 @@ def actsvd_remove_top(model: nn.Module, data, rank: Rank, cfg: ActSVDConfig = Ac
     return removed
 
 
-def actsvd_orthogonal(model: nn.Module, utility, safety, rank_utility: Rank, rank_safety: Rank, cfg: ActSVDConfig = ActSVDConfig()) -> dict[str, tuple[int, int]]:
+def actsvd_orthogonal(
+    model: nn.Module, utility, safety, rank_utility: Rank, rank_safety: Rank, cfg: ActSVDConfig = ActSVDConfig()
+) -> dict[str, tuple[int, int]]:
     """W <- W - (I - P_u) P_s W for every decoder linear; returns (ru, rs) per weight."""
     ranks = {}
 
@@ -191,7 +199,9 @@ def actsvd_orthogonal(model: nn.Module, utility, safety, rank_utility: Rank, ran
         for key, rows in projection_rows(model, name, linear):
             w = linear.weight[rows]
             ru, rs = resolve_rank(rank_utility, *w.shape), resolve_rank(rank_safety, *w.shape)
-            linear.weight[rows] = orthogonal_projection_difference(w, top_output_directions(w, grams[0], ru), top_output_directions(w, grams[1], rs))
+            linear.weight[rows] = orthogonal_projection_difference(
+                w, top_output_directions(w, grams[0], ru), top_output_directions(w, grams[1], rs)
+            )
             ranks[key] = (ru, rs)
 
     edit_blockwise(model, [utility, safety], edit, cfg, desc=f"ActSVD ru={rank_utility} rs={rank_safety}")

@@ -89,23 +89,37 @@ def own_replies(model, tokenizer, instructions: list[str], max_new_tokens: int, 
     from lm.generation import SamplingConfig, generate
 
     prompts = [format_prompt(tokenizer, i) for i in instructions]
-    replies = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new_tokens, seed=seed), desc="own replies")
+    replies = generate(
+        model, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new_tokens, seed=seed), desc="own replies"
+    )
     return [(p, r[0]) for p, r in zip(prompts, replies) if tokenizer(r[0], add_special_tokens=False)["input_ids"]]
 
 
-def safety_pairs(model, tokenizer, n: int = 128, seed: int = 0, max_new_tokens: int = 64, source: str = "advbench") -> list[tuple[str, str]]:
+def safety_pairs(
+    model, tokenizer, n: int = 128, seed: int = 0, max_new_tokens: int = 64, source: str = "advbench"
+) -> list[tuple[str, str]]:
     """The model's own refusals: greedy replies to n sampled harmful instructions, refusals kept."""
     OwnRepliesConfig(n_samples=n, max_new_tokens=max_new_tokens, seed=seed, source=source)  # validates
     pool = datasets.advbench_calibration() if source == "advbench" else datasets.instructions("harmful", "train")
-    kept = [(p, r) for p, r in own_replies(model, tokenizer, datasets.sample(pool, n, seed), max_new_tokens, seed) if is_refusal(r)]
+    kept = [
+        (p, r)
+        for p, r in own_replies(model, tokenizer, datasets.sample(pool, n, seed), max_new_tokens, seed)
+        if is_refusal(r)
+    ]
     if not kept:
-        raise UserError(f"the model refused none of {n} harmful instructions; there is no safety behaviour to attribute")
+        raise UserError(
+            f"the model refused none of {n} harmful instructions; there is no safety behaviour to attribute"
+        )
     return kept
 
 
-def utility_pairs(model, tokenizer, n: int = 128, seed: int = 0, max_new_tokens: int = 64, drop_refusals: bool = True) -> list[tuple[str, str]]:
+def utility_pairs(
+    model, tokenizer, n: int = 128, seed: int = 0, max_new_tokens: int = 64, drop_refusals: bool = True
+) -> list[tuple[str, str]]:
     """The model's own replies to n sampled harmless_train instructions (refusals dropped by default)."""
-    pairs = own_replies(model, tokenizer, datasets.sample(datasets.instructions("harmless", "train"), n, seed), max_new_tokens, seed)
+    pairs = own_replies(
+        model, tokenizer, datasets.sample(datasets.instructions("harmless", "train"), n, seed), max_new_tokens, seed
+    )
     if drop_refusals:
         pairs = [(p, r) for p, r in pairs if not is_refusal(r)]
     if not pairs:
@@ -123,7 +137,9 @@ def utility_calibration(model, tokenizer, cfg: OwnRepliesConfig = OwnRepliesConf
     return tokenize_pairs(tokenizer, pairs, cfg.seqlen, cfg.batch_size)
 
 
-def calibration_from_pairs(tokenizer, pairs: list[tuple[str, str]], seqlen: int = 256, batch_size: int = 16, *, raw_instructions: bool = False) -> Calibration:
+def calibration_from_pairs(
+    tokenizer, pairs: list[tuple[str, str]], seqlen: int = 256, batch_size: int = 16, *, raw_instructions: bool = False
+) -> Calibration:
     """A prompt `Calibration` of whole chat-formatted prompt + response texts (Wanda on the full sequence).
 
     Pairs hold chat-formatted prompts (as from safety_pairs) unless `raw_instructions`, when each
@@ -167,7 +183,9 @@ def importance_scores(model: nn.Module, method: str, data) -> Scores:
 
 
 def scores_params(method: str, data, fingerprint: str, name: str) -> dict:
-    return dict(kind="importance-scores", version=1, method=method, dataset=name, data_sha256=data.digest, model=fingerprint)
+    return dict(
+        kind="importance-scores", version=1, method=method, dataset=name, data_sha256=data.digest, model=fingerprint
+    )
 
 
 def scores_file(root: Path, method: str, name: str, fingerprint: str, digest: str) -> Path:
@@ -184,7 +202,9 @@ def scores_cached(model: nn.Module, method: str, data, path: Path, fingerprint: 
     path = Path(path)
     if path.suffix != ".safetensors":
         path = scores_file(path, method, name, fingerprint, data.digest)
-    return cached_tensors(path, scores_params(method, data, fingerprint, name), lambda: importance_scores(model, method, data))
+    return cached_tensors(
+        path, scores_params(method, data, fingerprint, name), lambda: importance_scores(model, method, data)
+    )
 
 
 # --- masks (pure) ------------------------------------------------------------------------------
@@ -229,7 +249,9 @@ def random_mask(shape: torch.Size, fraction: float, generator: torch.Generator, 
     return top_mask(torch.rand(shape, generator=generator), fraction, per)
 
 
-def set_difference_mask(safety: torch.Tensor, utility: torch.Tensor, p: float, q: float, per: str = "matrix") -> torch.Tensor:
+def set_difference_mask(
+    safety: torch.Tensor, utility: torch.Tensor, p: float, q: float, per: str = "matrix"
+) -> torch.Tensor:
     """Weights in the top-q fraction of safety scores and not in the top-p fraction of utility scores."""
     if safety.shape != utility.shape:
         raise UserError(f"safety and utility scores differ in shape: {tuple(safety.shape)} vs {tuple(utility.shape)}")
@@ -266,7 +288,9 @@ def _check_scores(weights: dict[str, nn.Parameter], scores: Scores, label: str =
         raise UserError(f"{label} for unknown weights: {unknown[:3]}")
     for name, score in scores.items():
         if score.shape != weights[name].shape:
-            raise UserError(f"{label} for {name} have shape {tuple(score.shape)}, weight has {tuple(weights[name].shape)}")
+            raise UserError(
+                f"{label} for {name} have shape {tuple(score.shape)}, weight has {tuple(weights[name].shape)}"
+            )
 
 
 @torch.no_grad()
@@ -276,7 +300,9 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> Removal:
     _check_scores(weights, masks, "masks")
     for name, mask in masks.items():
         weights[name][mask.to(weights[name].device)] = 0
-    return Removal(selected={n: int(m.sum()) for n, m in masks.items()}, sizes={n: w.numel() for n, w in weights.items()})
+    return Removal(
+        selected={n: int(m.sum()) for n, m in masks.items()}, sizes={n: w.numel() for n, w in weights.items()}
+    )
 
 
 def _per_projection(model: nn.Module, shapes: dict[str, torch.Size], select, per: str) -> dict[str, torch.Tensor]:
@@ -297,23 +323,53 @@ def _per_projection(model: nn.Module, shapes: dict[str, torch.Size], select, per
 
 
 def prune_top(model: nn.Module, scores: Scores, fraction: float, per: str = "row") -> Removal:
-    return apply_masks(model, _per_projection(model, {n: s.shape for n, s in scores.items()}, lambda n, rows: top_mask(scores[n][rows], fraction, per), per))
+    return apply_masks(
+        model,
+        _per_projection(
+            model,
+            {n: s.shape for n, s in scores.items()},
+            lambda n, rows: top_mask(scores[n][rows], fraction, per),
+            per,
+        ),
+    )
 
 
 def prune_bottom(model: nn.Module, scores: Scores, fraction: float, per: str = "row") -> Removal:
-    return apply_masks(model, _per_projection(model, {n: s.shape for n, s in scores.items()}, lambda n, rows: bottom_mask(scores[n][rows], fraction, per), per))
+    return apply_masks(
+        model,
+        _per_projection(
+            model,
+            {n: s.shape for n, s in scores.items()},
+            lambda n, rows: bottom_mask(scores[n][rows], fraction, per),
+            per,
+        ),
+    )
 
 
 def prune_random(model: nn.Module, fraction: float, seed: int = 0, per: str = "matrix") -> Removal:
     # One CPU generator walked in model order: the same seed picks the same weights on any device.
     generator = torch.Generator().manual_seed(seed)
     shapes = {name: w.shape for name, w in decoder_linear_weights(model).items()}
-    return apply_masks(model, _per_projection(model, shapes, lambda n, rows: random_mask((len(rows), shapes[n][1]), fraction, generator, per), per))
+    return apply_masks(
+        model,
+        _per_projection(
+            model, shapes, lambda n, rows: random_mask((len(rows), shapes[n][1]), fraction, generator, per), per
+        ),
+    )
 
 
-def prune_set_difference(model: nn.Module, safety: Scores, utility: Scores, p: float, q: float, per: str = "matrix") -> Removal:
+def prune_set_difference(
+    model: nn.Module, safety: Scores, utility: Scores, p: float, q: float, per: str = "matrix"
+) -> Removal:
     """Zero S(p, q) in every matrix scored by both; the realised fraction is at most q."""
     if set(safety) != set(utility):
         raise UserError("safety and utility scores cover different weights")
-    return apply_masks(model, _per_projection(model, {n: s.shape for n, s in safety.items()},
-                                              lambda n, rows: set_difference_mask(safety[n][rows], utility[n][rows], p, q, per), per))
+    return apply_masks(
+        model,
+        _per_projection(
+            model,
+            {n: s.shape for n, s in safety.items()},
+            lambda n, rows: set_difference_mask(safety[n][rows], utility[n][rows], p, q, per),
+            per,
+        ),
+    )

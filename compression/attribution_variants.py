@@ -33,19 +33,31 @@ NEEDS_UTILITY = SET_DIFFERENCE + ("actsvd-orth",)
 ORDERS = ("sequential", "original")
 
 _KEYS = {
-    "setdiff-wanda": ("p", "q", "per"), "setdiff-snip": ("p", "q", "per"),
-    "top-wanda": ("fraction", "per"), "top-snip": ("fraction", "per"),
+    "setdiff-wanda": ("p", "q", "per"),
+    "setdiff-snip": ("p", "q", "per"),
+    "top-wanda": ("fraction", "per"),
+    "top-snip": ("fraction", "per"),
     "random": ("fraction", "seed", "per"),
-    "actsvd": ("r", "tokens", "order"), "actsvd-orth": ("ru", "rs", "tokens", "order"),
+    "actsvd": ("r", "tokens", "order"),
+    "actsvd-orth": ("ru", "rs", "tokens", "order"),
 }
 _REQUIRED = {
-    "setdiff-wanda": ("p", "q"), "setdiff-snip": ("p", "q"), "top-wanda": ("fraction",), "top-snip": ("fraction",),
-    "random": ("fraction",), "actsvd": ("r",), "actsvd-orth": ("ru", "rs"),
+    "setdiff-wanda": ("p", "q"),
+    "setdiff-snip": ("p", "q"),
+    "top-wanda": ("fraction",),
+    "top-snip": ("fraction",),
+    "random": ("fraction",),
+    "actsvd": ("r",),
+    "actsvd-orth": ("ru", "rs"),
 }
 _EXAMPLES = {
-    "setdiff-wanda": "setdiff-wanda:p=0.03,q=0.03", "setdiff-snip": "setdiff-snip:p=0.03,q=0.03",
-    "top-wanda": "top-wanda:0.03", "top-snip": "top-snip:0.03", "random": "random:0.03",
-    "actsvd": "actsvd:r=10", "actsvd-orth": "actsvd-orth:ru=100,rs=10",
+    "setdiff-wanda": "setdiff-wanda:p=0.03,q=0.03",
+    "setdiff-snip": "setdiff-snip:p=0.03,q=0.03",
+    "top-wanda": "top-wanda:0.03",
+    "top-snip": "top-snip:0.03",
+    "random": "random:0.03",
+    "actsvd": "actsvd:r=10",
+    "actsvd-orth": "actsvd-orth:ru=100,rs=10",
 }
 
 
@@ -113,7 +125,9 @@ def parse_params(method: str, arg: str, text: str) -> dict:
     return params
 
 
-def apply_variant(variant, model, method: str, params: dict, safety=None, utility=None, scores_dir: Path | None = None) -> dict:
+def apply_variant(
+    variant, model, method: str, params: dict, safety=None, utility=None, scores_dir: Path | None = None
+) -> dict:
     """Edit `variant` (a copy of `model`) in place; scores come from `model`. Returns a small report."""
     fingerprint = None
 
@@ -128,10 +142,14 @@ def apply_variant(variant, model, method: str, params: dict, safety=None, utilit
         return scores_cached(model, params["scores"], data, Path(scores_dir), fingerprint, name)
 
     if method in SET_DIFFERENCE:
-        removal = prune_set_difference(variant, scores(safety, "safety"), scores(utility, "utility"), params["p"], params["q"], params["per"])
+        removal = prune_set_difference(
+            variant, scores(safety, "safety"), scores(utility, "utility"), params["p"], params["q"], params["per"]
+        )
         return dict(removed_fraction=removal.fraction)
     if method in TOP:
-        return dict(removed_fraction=prune_top(variant, scores(safety, "safety"), params["fraction"], params["per"]).fraction)
+        return dict(
+            removed_fraction=prune_top(variant, scores(safety, "safety"), params["fraction"], params["per"]).fraction
+        )
     if method == "random":
         return dict(removed_fraction=prune_random(variant, params["fraction"], params["seed"], params["per"]).fraction)
     cfg = ActSVDConfig(tokens=params["tokens"], sequential=params["order"] == "sequential")

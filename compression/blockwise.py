@@ -23,8 +23,8 @@ from lm.architecture import block_linears, block_prefix
 from lm.errors import UserError
 from lm.experts import token_mask
 from lm.hooks import block_output, decoder_layers, hooks_registered
-from lm.placement import compute_device, resident
 from lm.partial_forward import block0_input, uniform_layers
+from lm.placement import compute_device, resident
 
 from .calibration import Calibration
 
@@ -47,8 +47,10 @@ def block0_inputs(model: nn.Module, calibration: Calibration) -> list[tuple[torc
         window = getattr(model.config.get_text_config(), "sliding_window", None)
         longest = max(int(b["input_ids"].shape[1]) for b in calibration.batches)
         if window is None or longest > window:
-            raise UserError(f"this model's layers use different attention masks; block-by-block compression needs calibration "
-                            f"sequences within its sliding window ({window} tokens), got {longest}")
+            raise UserError(
+                f"this model's layers use different attention masks; block-by-block compression needs calibration "
+                f"sequences within its sliding window ({window} tokens), got {longest}"
+            )
     states = []
     for batch in calibration.batches:
         mask = batch["attention_mask"].to(device)
@@ -79,6 +81,7 @@ def collect(block: nn.Module, states, make_collector: Callable[[nn.Linear], Coll
             x = args[0][token_mask(module, args[0], current_mask["m"])]
             collectors[name].add(x.reshape(-1, x.shape[-1]).float())
             rows[name] += x.reshape(-1, x.shape[-1]).shape[0]
+
         return fn
 
     with hooks_registered([lin.register_forward_hook(hook(name)) for name, lin in linears.items()]):
@@ -90,11 +93,13 @@ def collect(block: nn.Module, states, make_collector: Callable[[nn.Linear], Coll
         width, device = linears[name].in_features, linears[name].weight.device
         for start in range(0, width, 1024):  # the identity in slabs: a 14k-wide expert would need 0.8 GB at once
             slab = torch.zeros(min(1024, width - start), width, device=device)
-            slab[:, start:start + slab.shape[0]].fill_diagonal_(1.0)
+            slab[:, start : start + slab.shape[0]].fill_diagonal_(1.0)
             collectors[name].add(slab)
     if unreached:
-        tqdm.write(f"note: {len(unreached)} linear(s) of this block got no calibration token ({unreached[0]}, ...); "
-                   "compressed as if every input feature mattered equally")
+        tqdm.write(
+            f"note: {len(unreached)} linear(s) of this block got no calibration token ({unreached[0]}, ...); "
+            "compressed as if every input feature mattered equally"
+        )
     return collectors
 
 

@@ -34,7 +34,8 @@ class CalibrationConfig:
     # wikitext-2 test text that perplexity never reads, so in-domain for that perplexity)
     source: str = "harmless"
     n_samples: int = 128
-    seqlen: int = 256  # longer samples keep their last seqlen tokens (the template end matters most); text: window length
+    #: longer samples keep their last seqlen tokens (the template end matters most); text: window length
+    seqlen: int = 256
     batch_size: int = 16
     seed: int = 0
     # Each prompt followed by the model's own greedy reply of at most this many tokens (0: the
@@ -43,21 +44,29 @@ class CalibrationConfig:
 
     def __post_init__(self):
         if self.source not in SOURCES + (TEXT_SOURCE,):
-            raise UserError(f"unknown calibration source {self.source!r}; choose one of {', '.join(SOURCES + (TEXT_SOURCE,))}")
+            raise UserError(
+                f"unknown calibration source {self.source!r}; choose one of {', '.join(SOURCES + (TEXT_SOURCE,))}"
+            )
         if self.n_samples <= 0 or self.seqlen <= 0 or self.batch_size <= 0:
             raise UserError("calibration n_samples, seqlen and batch_size must be positive")
         if self.reply_tokens < 0:
             raise UserError(f"calibration reply_tokens must be >= 0, got {self.reply_tokens}")
         if self.reply_tokens and self.source == TEXT_SOURCE:
-            raise UserError("wikitext calibration is plain text: it has no instructions to reply to (reply_tokens must be 0)")
+            raise UserError(
+                "wikitext calibration is plain text: it has no instructions to reply to (reply_tokens must be 0)"
+            )
 
     def describe(self) -> str:
         """One line for manifests: which data, how much of it."""
         if self.source == TEXT_SOURCE:
-            return (f"{self.n_samples} x {self.seqlen} tokens of wikitext-2 test text from character "
-                    f"{datasets.WIKITEXT_CALIBRATION_FROM:,} on (perplexity reads only the text before it)")
+            return (
+                f"{self.n_samples} x {self.seqlen} tokens of wikitext-2 test text from character "
+                f"{datasets.WIKITEXT_CALIBRATION_FROM:,} on (perplexity reads only the text before it)"
+            )
         text = f"own greedy replies (<= {self.reply_tokens} tokens)" if self.reply_tokens else "no replies"
-        return f"{self.n_samples} {self.source} train instructions (seed {self.seed}), {text}, last {self.seqlen} tokens"
+        return (
+            f"{self.n_samples} {self.source} train instructions (seed {self.seed}), {text}, last {self.seqlen} tokens"
+        )
 
 
 @dataclass
@@ -68,7 +77,9 @@ class Calibration:
 
     def rows(self) -> list[list[int]]:
         """Each calibration row's real token ids (padding dropped): how other libraries take calibration data."""
-        return [ids[mask.bool()].tolist() for b in self.batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+        return [
+            ids[mask.bool()].tolist() for b in self.batches for ids, mask in zip(b["input_ids"], b["attention_mask"])
+        ]
 
     @property
     def n_tokens(self) -> int:
@@ -79,16 +90,32 @@ def calibration_set(tokenizer, cfg: CalibrationConfig = CalibrationConfig(), mod
     """Sampled instructions, chat-formatted; with cfg.reply_tokens, each followed by `model`'s greedy reply.
     Or, for source "wikitext", consecutive text windows."""
     if cfg.source == TEXT_SOURCE:
-        return replace(text_calibration(tokenizer, datasets.wikitext2_calibration_text(), cfg.n_samples, cfg.seqlen, cfg.batch_size),
-                       description=cfg.describe())
+        return replace(
+            text_calibration(
+                tokenizer, datasets.wikitext2_calibration_text(), cfg.n_samples, cfg.seqlen, cfg.batch_size
+            ),
+            description=cfg.describe(),
+        )
     if not cfg.reply_tokens:
         pool = datasets.instructions(cfg.source, "train")
         texts = format_prompts(tokenizer, datasets.sample(pool, cfg.n_samples, cfg.seed))
         return replace(tokenize_calibration(tokenizer, texts, cfg.seqlen, cfg.batch_size), description=cfg.describe())
     if model is None:
-        raise UserError(f"calibration with replies (reply_tokens={cfg.reply_tokens}) needs the model; pass model=, or reply_tokens=0")
-    replies = response_calibration_set(model, tokenizer, ResponseCalibrationConfig(
-        source=cfg.source, n_samples=cfg.n_samples, max_new_tokens=cfg.reply_tokens, seqlen=cfg.seqlen, batch_size=cfg.batch_size, seed=cfg.seed))
+        raise UserError(
+            f"calibration with replies (reply_tokens={cfg.reply_tokens}) needs the model; pass model=, or reply_tokens=0"
+        )
+    replies = response_calibration_set(
+        model,
+        tokenizer,
+        ResponseCalibrationConfig(
+            source=cfg.source,
+            n_samples=cfg.n_samples,
+            max_new_tokens=cfg.reply_tokens,
+            seqlen=cfg.seqlen,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        ),
+    )
     # Every token, prompt and reply, is a layer input to fit; the response-only labels are not needed.
     batches = [dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in replies.batches]
     return Calibration(batches=batches, digest=replies.digest, description=cfg.describe())
@@ -150,20 +177,30 @@ class ResponseCalibration:
         return int(sum((b["labels"] != -100).sum() for b in self.batches))
 
 
-def response_calibration_set(model, tokenizer, cfg: ResponseCalibrationConfig = ResponseCalibrationConfig()) -> ResponseCalibration:
+def response_calibration_set(
+    model, tokenizer, cfg: ResponseCalibrationConfig = ResponseCalibrationConfig()
+) -> ResponseCalibration:
     """Greedy-generate the model's replies to n sampled instructions; empty replies are dropped."""
     from lm.generation import SamplingConfig, generate
 
     pool = datasets.instructions(cfg.source, "train")
     prompts = format_prompts(tokenizer, datasets.sample(pool, cfg.n_samples, cfg.seed))
-    replies = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed), desc="calibration replies")
+    replies = generate(
+        model,
+        tokenizer,
+        prompts,
+        SamplingConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+        desc="calibration replies",
+    )
     pairs = [(p, r[0]) for p, r in zip(prompts, replies) if tokenizer(r[0], add_special_tokens=False)["input_ids"]]
     if not pairs:
         raise UserError("every calibration reply was empty; cannot score responses")
     return tokenize_pairs(tokenizer, pairs, cfg.seqlen, cfg.batch_size)
 
 
-def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], seqlen: int = 256, batch_size: int = 1) -> ResponseCalibration:
+def tokenize_pairs(
+    tokenizer, pairs: list[tuple[str, str]], seqlen: int = 256, batch_size: int = 1
+) -> ResponseCalibration:
     """Batches whose labels are the response tokens only (-100 on prompt and padding).
 
     Prompt and response are tokenized separately, as in generation, so the label boundary is
@@ -190,9 +227,11 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], seqlen: int = 256, b
         chunk = rows[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
         pad = lambda seq, value: seq + [value] * (width - len(seq))
-        batches.append(dict(
-            input_ids=torch.tensor([pad(ids, pad_id) for ids, _ in chunk]),
-            attention_mask=torch.tensor([pad([1] * len(ids), 0) for ids, _ in chunk]),
-            labels=torch.tensor([pad(labels, -100) for _, labels in chunk]),
-        ))
+        batches.append(
+            dict(
+                input_ids=torch.tensor([pad(ids, pad_id) for ids, _ in chunk]),
+                attention_mask=torch.tensor([pad([1] * len(ids), 0) for ids, _ in chunk]),
+                labels=torch.tensor([pad(labels, -100) for _, labels in chunk]),
+            )
+        )
     return ResponseCalibration(pairs=list(pairs), batches=batches, digest=digest.hexdigest())

@@ -9,6 +9,7 @@ from torch import nn
 
 from lm.architecture import decoder_matrices
 from lm.cache import atomic_dir, atomic_write_json, files_digest, warn
+
 from .int8_weight_only import dense, dense_state_dict, is_quantized
 
 MANIFEST = "compression.json"
@@ -40,7 +41,9 @@ def save_variant(model: nn.Module, tokenizer, out_dir: Path, manifest: dict) -> 
     with atomic_dir(Path(out_dir)) as tmp:
         # int8 weights (torchao) are stored dequantized, so the checkpoint loads without torchao.
         quantized = any(is_quantized(p) for p in model.parameters())
-        model.save_pretrained(tmp, safe_serialization=True, **(dict(state_dict=dense_state_dict(model)) if quantized else {}))
+        model.save_pretrained(
+            tmp, safe_serialization=True, **(dict(state_dict=dense_state_dict(model)) if quantized else {})
+        )
         tokenizer.save_pretrained(tmp)
         manifest["weights_sha256"] = files_digest(tmp, [f.name for f in tmp.glob("*.safetensors")])
         atomic_write_json(tmp / MANIFEST, manifest)

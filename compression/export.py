@@ -29,7 +29,9 @@ FLOAT16_RTOL = 2.0**-9  # a float16 scale's rounding (2^-11), with margin for th
 
 @dataclass
 class ExportConfig:
-    variant: str = ""  #: the variant's checkpoint directory (with its compression.json), e.g. runs/x/variants/gptq-int4/model
+    variant: str = (
+        ""  #: the variant's checkpoint directory (with its compression.json), e.g. runs/x/variants/gptq-int4/model
+    )
     out: str = ""  #: where the packed checkpoint goes (must not exist)
     format: str = "gptq"  #: the packed format (only gptq)
 
@@ -38,7 +40,9 @@ def export_gptq(variant_dir: Path, out: Path) -> dict:
     """Pack the variant in `variant_dir` into `out` (atomically); returns what was written."""
     manifest = read_manifest(variant_dir)
     if manifest is None or manifest.get("method") not in QUANTIZERS:
-        raise UserError(f"{variant_dir}: not a toolkit {' / '.join(QUANTIZERS)} variant (its compression.json names the method)")
+        raise UserError(
+            f"{variant_dir}: not a toolkit {' / '.join(QUANTIZERS)} variant (its compression.json names the method)"
+        )
     if out.exists():
         raise UserError(f"--out {out} exists; choose a new directory")
     bits, group = manifest["params"]["bits"], manifest["params"]["group_size"]
@@ -56,22 +60,31 @@ def export_gptq(variant_dir: Path, out: Path) -> dict:
         for name, lin in linears.items():
             if name not in check.packed.quantized:
                 raise UserError(f"{name} did not come back packed from GPTQModel")
-            error = float((reread[name].weight.float() - lin.weight.float()).abs().max() / lin.weight.float().abs().max().clamp_min(1e-12))
+            error = float(
+                (reread[name].weight.float() - lin.weight.float()).abs().max()
+                / lin.weight.float().abs().max().clamp_min(1e-12)
+            )
             if error > FLOAT16_RTOL:
-                raise UserError(f"{name} reads back from GPTQModel {error:.2g} off (relative to its largest weight); export aborted")
+                raise UserError(
+                    f"{name} reads back from GPTQModel {error:.2g} off (relative to its largest weight); export aborted"
+                )
     return dict(out=str(out), modules=len(grids), bits=bits, group_size=group)
 
 
 @cli
 def main(argv=None) -> int:
-    cfg, _ = parse_config(ExportConfig, argv, prog="python -m compression.export", description=__doc__.strip().split("\n\n")[0])
+    cfg, _ = parse_config(
+        ExportConfig, argv, prog="python -m compression.export", description=__doc__.strip().split("\n\n")[0]
+    )
     if not cfg.variant or not cfg.out:
         raise UserError("--variant and --out are required")
     if cfg.format != "gptq":
         raise UserError(f"unknown export format {cfg.format!r}; supported: gptq")
     written = export_gptq(Path(cfg.variant), Path(cfg.out))
-    print(f"wrote {written['out']}: {written['modules']} linears packed as GPTQ int{written['bits']} "
-          f"g{written['group_size'] or 'row'}; GPTQModel reads them back within float16 scale rounding")
+    print(
+        f"wrote {written['out']}: {written['modules']} linears packed as GPTQ int{written['bits']} "
+        f"g{written['group_size'] or 'row'}; GPTQModel reads them back within float16 scale rounding"
+    )
     return 0
 
 

@@ -68,7 +68,9 @@ def quantize_int8_weight_only(model: nn.Module) -> None:
     for lin in (m for m in model.modules() if id(m) in targets):
         if not torch.isfinite(lin.weight).all():
             raise UserError("int8 quantization: a decoder weight is NaN or infinite")
-    q.quantize_(model, q.Int8WeightOnlyConfig(granularity=q.PerRow()), filter_fn=lambda module, fqn: id(module) in targets)
+    q.quantize_(
+        model, q.Int8WeightOnlyConfig(granularity=q.PerRow()), filter_fn=lambda module, fqn: id(module) in targets
+    )
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -49,7 +49,9 @@ def quantize_model_rtn(model: nn.Module, cfg: QuantConfig) -> None:
             linear.weight.copy_(quantize_rtn(linear.weight, cfg.bits, cfg.group_size))
 
 
-def grid_codes(weight: torch.Tensor, bits: int, group_size: int | None, rtol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_codes(
+    weight: torch.Tensor, bits: int, group_size: int | None, rtol: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(integer codes [out, in], scales [out, groups]) of a matrix that lies on the symmetric grid
     (an RTN or GPTQ variant's dequantized weight), so that weight = codes * scale of its group.
 
@@ -70,11 +72,18 @@ def grid_codes(weight: torch.Tensor, bits: int, group_size: int | None, rtol: fl
     for k in range(1, 2 ** (bits - 1) + 1):
         s = peak / k
         c = torch.round(w / s.clamp_min(1e-300).unsqueeze(-1))
-        fits = ((w - c * s.unsqueeze(-1)).abs() <= rtol * peak.unsqueeze(-1)).all(-1) & (c >= lo).all(-1) & (c <= hi).all(-1) & ~found
+        fits = (
+            ((w - c * s.unsqueeze(-1)).abs() <= rtol * peak.unsqueeze(-1)).all(-1)
+            & (c >= lo).all(-1)
+            & (c <= hi).all(-1)
+            & ~found
+        )
         scales[fits], codes[fits] = s[fits], c[fits]
         found |= fits
     if not bool(found.all()):
         row, g = (~found).nonzero()[0].tolist()
-        raise UserError(f"the weight is not on a {bits}-bit grid with group size {group} (row {row}, group {g}): not a quantized variant at these settings")
+        raise UserError(
+            f"the weight is not on a {bits}-bit grid with group size {group} (row {row}, group {g}): not a quantized variant at these settings"
+        )
     scales[peak == 0] = 1.0
     return codes.reshape(rows, cols).to(torch.int32), scales.float()

@@ -52,7 +52,9 @@ def response_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     labels = batch["labels"].to(device)
     if not (labels[:, 1:] != -100).any():
         raise UserError("a SNIP batch has no response tokens to score")
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+    ).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
@@ -61,7 +63,9 @@ def snip_score(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return (weight.detach().float() * grad.float()).abs_()
 
 
-def accumulate_snip(model: nn.Module, weights: dict[str, nn.Parameter], batches: list[Batch]) -> dict[str, torch.Tensor]:
+def accumulate_snip(
+    model: nn.Module, weights: dict[str, nn.Parameter], batches: list[Batch]
+) -> dict[str, torch.Tensor]:
     """Summed SNIP scores of `weights` over `batches`, one forward + backward per batch, from
     autograd's .grad (the reference; snip_scores_one_pass gets there without .grad).
 
@@ -80,7 +84,10 @@ def accumulate_snip(model: nn.Module, weights: dict[str, nn.Parameter], batches:
     params = list(weights.values())
     earlier = [p.grad for p in params]  # a caller's own gradients are put back afterwards
     try:
-        with gradients_only_for(model, params), hooks_registered([p.register_post_accumulate_grad_hook(consume) for p in params]):
+        with (
+            gradients_only_for(model, params),
+            hooks_registered([p.register_post_accumulate_grad_hook(consume) for p in params]),
+        ):
             for p in params:
                 p.grad = None
             for batch in batches:
@@ -118,7 +125,10 @@ def pack(batches: list[Batch]) -> tuple[Batch, list[Group]]:
         groups.append((slice(row, row + n), b["input_ids"].shape[1]))
         row += n
     fill = dict(input_ids=0, attention_mask=0, labels=-100)  # pad ids are masked out: any id works
-    return {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches]) for key, value in fill.items()}, groups
+    return {
+        key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches])
+        for key, value in fill.items()
+    }, groups
 
 
 def packed_response_loss(model: nn.Module, batch: Batch, groups: list[Group]) -> torch.Tensor:
@@ -136,8 +146,12 @@ def packed_response_loss(model: nn.Module, batch: Batch, groups: list[Group]) ->
     if min(counts) == 0:
         raise UserError("a SNIP batch has no response tokens to score")
     keep = F.pad(read, (0, 1), value=False)  # the last position predicts nothing
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                   use_cache=False, logits_to_keep=keep).logits  # [kept positions, vocab], row by row
+    logits = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+        logits_to_keep=keep,
+    ).logits  # [kept positions, vocab], row by row
     wanted = targets[read]
     bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
     return sum(F.cross_entropy(logits[a:b].float(), wanted[a:b]) for a, b in zip(bounds, bounds[1:]))
@@ -150,8 +164,14 @@ def _weight_grad(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(dy.t() @ x)
 
 
-def add_snip_from_activations(score: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
-                              groups: list[Group], scratch: torch.Tensor) -> None:
+def add_snip_from_activations(
+    score: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    groups: list[Group],
+    scratch: torch.Tensor,
+) -> None:
     """score += sum over groups g of |W * dY_g^T X_g|: SNIP of one linear layer y = x W^T (+ b).
 
     x: [rows, length, in] inputs and dy: [rows, length, out] output gradients of a pack; each
@@ -177,7 +197,9 @@ def add_snip_from_activations(score: torch.Tensor, weight: torch.Tensor, x: torc
         score[start:stop].add_(total.mul_(weight[start:stop]).abs_().to(score.device))
 
 
-def snip_scores_one_pass(model: nn.Module, batches: list[Batch], cfg: OnePassConfig = OnePassConfig()) -> dict[str, torch.Tensor]:
+def snip_scores_one_pass(
+    model: nn.Module, batches: list[Batch], cfg: OnePassConfig = OnePassConfig()
+) -> dict[str, torch.Tensor]:
     """Every decoder linear's SNIP score, one forward + backward per pack of batches.
 
     No parameter requires grad. A linear's weight gradient is dY^T X: X kept by a forward hook,
@@ -204,15 +226,22 @@ def snip_scores_one_pass(model: nn.Module, batches: list[Batch], cfg: OnePassCon
         buffer = scratch[weight.device]
 
         def hook(module, args, out):
-            groups, grid = current["groups"], token_grid(module, current["shape"])  # an expert's routed rows back on the grid
+            groups, grid = (
+                current["groups"],
+                token_grid(module, current["shape"]),
+            )  # an expert's routed rows back on the grid
             x = grid(args[0])
             if not out.requires_grad:  # nothing before it is scored: the backward graph starts here
                 out.requires_grad_()
                 leaves.append(out)
             out.register_hook(lambda dy: add_snip_from_activations(scores[name], weight, x, grid(dy), groups, buffer))
+
         return hook
 
-    with gradients_only_for(model, []), hooks_registered([lin.register_forward_hook(on_forward(n, lin)) for n, lin in linears.items()]):
+    with (
+        gradients_only_for(model, []),
+        hooks_registered([lin.register_forward_hook(on_forward(n, lin)) for n, lin in linears.items()]),
+    ):
         for start in range(0, len(batches), cfg.batches_per_pass):
             batch, current["groups"] = pack(batches[start : start + cfg.batches_per_pass])
             current["shape"] = tuple(batch["input_ids"].shape)

@@ -74,7 +74,9 @@ class Hessian:
         return 2 * self.xtx / max(self.n_tokens, 1)
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_hessian_factor(
+    hessian: torch.Tensor, percdamp: float, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, dead): U the upper Cholesky factor of (H + damp I)^-1 in `dtype`; dead the inputs that were always 0.
 
     A dead input's row and column of H are zero, so it is decoupled from every other input; a unit
@@ -111,7 +113,9 @@ def _lowest_per_row(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: SparsityPattern, cfg: SparseGPTConfig = SparseGPTConfig()) -> torch.Tensor:
+def sparsegpt_prune(
+    weight: torch.Tensor, hessian: torch.Tensor, pattern: SparsityPattern, cfg: SparseGPTConfig = SparseGPTConfig()
+) -> torch.Tensor:
     """The pruned and OBS-updated weight [out, in] (float32); `weight` itself is not modified."""
     cfg.validate_for(pattern)
     if pattern.structured and weight.shape[1] % pattern.m:
@@ -144,8 +148,14 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Sparsi
     return w
 
 
-def prune_sparsegpt(model: nn.Module, calibration: Calibration, pattern: SparsityPattern, blocksize: int = 128, percdamp: float = 0.01,
-                    precision: str = "float64") -> None:
+def prune_sparsegpt(
+    model: nn.Module,
+    calibration: Calibration,
+    pattern: SparsityPattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    precision: str = "float64",
+) -> None:
     """Block-sequential SparseGPT pruning of every decoder linear layer, in place."""
     pattern.validate_for(model)
     cfg = SparseGPTConfig(blocksize, percdamp, precision)
@@ -154,4 +164,6 @@ def prune_sparsegpt(model: nn.Module, calibration: Calibration, pattern: Sparsit
     def prune(name, linear, hessian: Hessian):
         linear.weight.copy_(sparsegpt_prune(linear.weight, hessian.matrix(), pattern, cfg).to(linear.weight.dtype))
 
-    compress_blockwise(model, calibration, lambda linear: Hessian(linear, cfg.dtype), prune, desc=f"SparseGPT {pattern}")
+    compress_blockwise(
+        model, calibration, lambda linear: Hessian(linear, cfg.dtype), prune, desc=f"SparseGPT {pattern}"
+    )

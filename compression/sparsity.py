@@ -55,8 +55,9 @@ class SparsityPattern:
     def validate_for(self, model: nn.Module) -> None:
         if not self.structured:
             return
-        from .blockwise import block_linears
         from lm.hooks import decoder_layers
+
+        from .blockwise import block_linears
 
         for lin in block_linears(decoder_layers(model)[0]).values():
             if lin.in_features % self.m:

@@ -132,12 +132,26 @@ class VariantSpec:
 
 
 # How reports name each method (VariantSpec.label).
-_DISPLAY = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "snip": "SNIP", "magnitude": "magnitude", "rtn": "RTN", "gptq": "GPTQ",
-            "torchao": "torchao", "setdiff-wanda": "set difference", "setdiff-snip": "set difference", "top-wanda": "top Wanda",
-            "top-snip": "top SNIP", "random": "random", "actsvd": "ActSVD", "actsvd-orth": "ActSVD (orthogonal)"}
+_DISPLAY = {
+    "wanda": "Wanda",
+    "sparsegpt": "SparseGPT",
+    "snip": "SNIP",
+    "magnitude": "magnitude",
+    "rtn": "RTN",
+    "gptq": "GPTQ",
+    "torchao": "torchao",
+    "setdiff-wanda": "set difference",
+    "setdiff-snip": "set difference",
+    "top-wanda": "top Wanda",
+    "top-snip": "top SNIP",
+    "random": "random",
+    "actsvd": "ActSVD",
+    "actsvd-orth": "ActSVD (orthogonal)",
+}
 
 
 # --- spec grammars ------------------------------------------------------------------------------
+
 
 def _pruning(method: str, check: Callable[[SparsityPattern], None] | None = None) -> Callable[[str, str], dict]:
     """'<method>:0.5' (unstructured) or '<method>:2:4' (N:M)."""
@@ -163,7 +177,9 @@ def _quantization(method: str) -> Callable[[str, str], dict]:
     def parse(arg: str, text: str) -> dict:
         m = re.fullmatch(r"int([2-8])(?::g(\d+|row))?", arg)
         if not m:
-            raise UserError(f"variant {text!r}: use {method}:int8, {method}:int4 or {method}:int4:g32 (group size, or g'row')")
+            raise UserError(
+                f"variant {text!r}: use {method}:int8, {method}:int4 or {method}:int4:g32 (group size, or g'row')"
+            )
         group = None if m.group(2) == "row" else int(m.group(2) or 128)
         QuantConfig(int(m.group(1)), group)  # e.g. g0: fail here, not after the run has started
         return {"bits": int(m.group(1)), "group_size": group}
@@ -199,7 +215,9 @@ def _load_checkpoint(variant, spec: VariantSpec) -> dict:
     try:
         variant.load_state_dict(loaded.model.state_dict(), strict=True)
     except RuntimeError as e:
-        raise UserError(f"variant {spec.text!r}: its weights do not fit the base model ({str(e).splitlines()[1].strip()})") from None
+        raise UserError(
+            f"variant {spec.text!r}: its weights do not fit the base model ({str(e).splitlines()[1].strip()})"
+        ) from None
     return {"stored": loaded.packed.describe() if loaded.packed is not None else "float"}
 
 
@@ -210,31 +228,59 @@ def _no_arguments(arg: str, text: str) -> dict:
 
 
 def _attribution(method: str) -> Method:
-    return Method(method, lambda arg, text: attribution_variants.parse_params(method, arg, text),
-                  lambda v, o, s, d: attribution_variants.apply_variant(v, o, s.method, s.params, d.safety, d.utility, d.scores_dir),
-                  ("safety",) + (("utility",) if method in attribution_variants.NEEDS_UTILITY else ())
-                  if method in attribution_variants.NEEDS_SAFETY else ())
+    return Method(
+        method,
+        lambda arg, text: attribution_variants.parse_params(method, arg, text),
+        lambda v, o, s, d: attribution_variants.apply_variant(
+            v, o, s.method, s.params, d.safety, d.utility, d.scores_dir
+        ),
+        ("safety",) + (("utility",) if method in attribution_variants.NEEDS_UTILITY else ())
+        if method in attribution_variants.NEEDS_SAFETY
+        else (),
+    )
 
 
 # --- the registry: one line per method ----------------------------------------------------------
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("original", _no_arguments, lambda v, o, s, d: {}),
-    Method("wanda", _pruning("wanda"), lambda v, o, s, d: prune_wanda(v, d.calibration, s.pattern), ("calibration",)),
-    # SparseGPT checks the pattern tiles its 128-column blocks (2:3 does not).
-    Method("sparsegpt", _pruning("sparsegpt", SparseGPTConfig().validate_for), lambda v, o, s, d: prune_sparsegpt(v, d.calibration, s.pattern),
-           ("calibration",)),
-    # All layers at once from the original model's scores, as Wei et al. prune.
-    Method("snip", _pruning("snip"), lambda v, o, s, d: prune_snip(v, snip_scores_one_pass(v, d.responses.batches), s.pattern), ("responses",)),
-    Method("magnitude", _pruning("magnitude"), lambda v, o, s, d: prune_magnitude(v, s.pattern)),
-    Method("rtn", _quantization("rtn"), lambda v, o, s, d: quantize_model_rtn(v, QuantConfig(s.params["bits"], s.params["group_size"]))),
-    Method("gptq", _quantization("gptq"),
-           lambda v, o, s, d: quantize_gptq(v, d.calibration, GPTQConfig(s.params["bits"], s.params["group_size"])), ("calibration",)),
-    Method("torchao", _torchao, lambda v, o, s, d: quantize_int8_weight_only(v)),
-    # A user's own compressed checkpoint, compared like the toolkit's variants (the main job checks it derives from the base first).
-    Method("path", _checkpoint, lambda v, o, s, d: _load_checkpoint(v, s)),
-    *(_attribution(m) for m in attribution_variants.METHODS),
-)}
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("original", _no_arguments, lambda v, o, s, d: {}),
+        Method(
+            "wanda", _pruning("wanda"), lambda v, o, s, d: prune_wanda(v, d.calibration, s.pattern), ("calibration",)
+        ),
+        # SparseGPT checks the pattern tiles its 128-column blocks (2:3 does not).
+        Method(
+            "sparsegpt",
+            _pruning("sparsegpt", SparseGPTConfig().validate_for),
+            lambda v, o, s, d: prune_sparsegpt(v, d.calibration, s.pattern),
+            ("calibration",),
+        ),
+        # All layers at once from the original model's scores, as Wei et al. prune.
+        Method(
+            "snip",
+            _pruning("snip"),
+            lambda v, o, s, d: prune_snip(v, snip_scores_one_pass(v, d.responses.batches), s.pattern),
+            ("responses",),
+        ),
+        Method("magnitude", _pruning("magnitude"), lambda v, o, s, d: prune_magnitude(v, s.pattern)),
+        Method(
+            "rtn",
+            _quantization("rtn"),
+            lambda v, o, s, d: quantize_model_rtn(v, QuantConfig(s.params["bits"], s.params["group_size"])),
+        ),
+        Method(
+            "gptq",
+            _quantization("gptq"),
+            lambda v, o, s, d: quantize_gptq(v, d.calibration, GPTQConfig(s.params["bits"], s.params["group_size"])),
+            ("calibration",),
+        ),
+        Method("torchao", _torchao, lambda v, o, s, d: quantize_int8_weight_only(v)),
+        # A user's own compressed checkpoint, compared like the toolkit's variants (the main job checks it derives from the base first).
+        Method("path", _checkpoint, lambda v, o, s, d: _load_checkpoint(v, s)),
+        *(_attribution(m) for m in attribution_variants.METHODS),
+    )
+}
 METHODS = tuple(REGISTRY)
 
 
@@ -253,7 +299,9 @@ def validate_variant(spec: VariantSpec, model) -> None:
     from lm.experts import experts_as_linears
     from lm.hooks import decoder_layers
 
-    if spec.method == "torchao":  # torchao swaps nn.Linear weights for its own tensors, which cannot live in a fused 3-D tensor
+    if (
+        spec.method == "torchao"
+    ):  # torchao swaps nn.Linear weights for its own tensors, which cannot live in a fused 3-D tensor
         check_dense(model, f"variant {spec.text!r}")
     with experts_as_linears(model):
         widths = {lin.in_features for lin in block_linears(decoder_layers(model)[0]).values()}
@@ -272,8 +320,16 @@ def build_variant(model, spec: VariantSpec, calibration: Calibration | None = No
     return build_variant_with_report(model, spec, calibration, **data)[0]
 
 
-def build_variant_with_report(model, spec: VariantSpec, calibration: Calibration | None = None, *, responses: ResponseCalibration | None = None,
-                              safety: ResponseCalibration | None = None, utility: ResponseCalibration | None = None, scores_dir=None):
+def build_variant_with_report(
+    model,
+    spec: VariantSpec,
+    calibration: Calibration | None = None,
+    *,
+    responses: ResponseCalibration | None = None,
+    safety: ResponseCalibration | None = None,
+    utility: ResponseCalibration | None = None,
+    scores_dir=None,
+):
     """(compressed deep copy of `model`, report of what was removed); the original is left untouched.
 
     The report holds what a method measures while compressing (e.g. the realised fraction a set

@@ -65,7 +65,9 @@ def _check_scores(safety: Scores, utility: Scores) -> None:
         raise UserError("no importance scores to select weight groups from")
 
 
-def scored_groups(safety: Scores, utility: Scores, cfg: GroupConfig, names: list[str] | None = None) -> dict[str, Masks]:
+def scored_groups(
+    safety: Scores, utility: Scores, cfg: GroupConfig, names: list[str] | None = None
+) -> dict[str, Masks]:
     """{group: {weight name: mask}} for the three score-based groups."""
     _check_scores(safety, utility)
     out: dict[str, Masks] = {g: {} for g in SCORED_GROUPS}
@@ -81,7 +83,10 @@ def scored_groups(safety: Scores, utility: Scores, cfg: GroupConfig, names: list
 def random_group(shapes: dict[str, torch.Size], cfg: GroupConfig) -> Masks:
     # One CPU generator walked in sorted-name order: the same seed picks the same weights anywhere.
     generator = torch.Generator().manual_seed(cfg.seed)
-    return {name: random_mask(shapes[name], cfg.random, generator, "matrix" if cfg.per == "matrix" else "row") for name in sorted(shapes)}
+    return {
+        name: random_mask(shapes[name], cfg.random, generator, "matrix" if cfg.per == "matrix" else "row")
+        for name in sorted(shapes)
+    }
 
 
 def weight_groups(safety: Scores, utility: Scores, cfg: GroupConfig) -> dict[str, Masks]:
@@ -123,8 +128,14 @@ class Agreement:
         return self.intersection / self.union if self.union else float("nan")
 
     def to_json(self) -> dict:
-        return dict(before=self.before, after=self.after, intersection=self.intersection, union=self.union,
-                    overlap=self.overlap, jaccard=self.jaccard)
+        return dict(
+            before=self.before,
+            after=self.after,
+            intersection=self.intersection,
+            union=self.union,
+            overlap=self.overlap,
+            jaccard=self.jaccard,
+        )
 
 
 def agreement(before: Masks, after: Masks) -> Agreement:
@@ -178,7 +189,7 @@ class DriftSums:
             count=n,
             mean_abs=self.abs_sum / n if n else float("nan"),
             mean_relative=self.rel_sum / n if n else float("nan"),
-            norm_ratio=(self.sq_delta ** 0.5) / (self.sq_initial ** 0.5) if self.sq_initial > 0 else float("nan"),
+            norm_ratio=(self.sq_delta**0.5) / (self.sq_initial**0.5) if self.sq_initial > 0 else float("nan"),
             max_abs=self.max_abs,
             guarded=self.guarded / n if n else 0.0,
         )
@@ -189,8 +200,12 @@ def relative_floor(w0: torch.Tensor, eps_fraction: float) -> float:
     return eps_fraction * float(w0.detach().float().abs().mean())
 
 
-def group_drift(initial: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], groups: dict[str, Masks],
-                eps_fraction: float = 0.1) -> dict[str, dict]:
+def group_drift(
+    initial: dict[str, torch.Tensor],
+    deltas: dict[str, torch.Tensor],
+    groups: dict[str, Masks],
+    eps_fraction: float = 0.1,
+) -> dict[str, dict]:
     """Drift statistics of every group (see the module docstring); a matrix without a delta did not move."""
     if eps_fraction <= 0:
         raise UserError(f"the relative-drift guard eps_fraction must be positive, got {eps_fraction}")

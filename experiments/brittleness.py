@@ -34,7 +34,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lm.cache import atomic_write_json, atomic_write_text, cached_json, measured, sweep_temporaries, timed, write_plotlyjs
+from lm.cache import (
+    atomic_write_json,
+    atomic_write_text,
+    cached_json,
+    measured,
+    sweep_temporaries,
+    timed,
+    write_plotlyjs,
+)
 from lm.cli import parse_config
 from lm.errors import cli
 from lm.perplexity import PerplexityConfig, measure_perplexity
@@ -48,8 +56,24 @@ from refusal.stats import add_holm
 from .brittleness_config import JUDGES, METHODS, RANK_METHODS, WEIGHT_METHODS, BrittlenessConfig, Point, sweep_points
 from .brittleness_report import brittleness_figure, curves, render_markdown
 
-__all__ = ["Brittleness", "BrittlenessConfig", "JUDGES", "METHODS", "Point", "RANK_METHODS", "WEIGHT_METHODS", "brittleness_figure",
-           "curves", "full_ranks", "main", "parse_args", "rank_fraction", "render_markdown", "sweep_points"]
+__all__ = [
+    "Brittleness",
+    "BrittlenessConfig",
+    "JUDGES",
+    "METHODS",
+    "Point",
+    "RANK_METHODS",
+    "WEIGHT_METHODS",
+    "brittleness_figure",
+    "curves",
+    "full_ranks",
+    "main",
+    "parse_args",
+    "rank_fraction",
+    "render_markdown",
+    "sweep_points",
+]
+
 
 def rank_fraction(ranks: dict, full_ranks: dict[str, int]) -> float:
     """Ranks removed over all matrices / their summed full ranks; actsvd-orth entries are (ru, rs): rs counts."""
@@ -66,14 +90,15 @@ def full_ranks(model) -> dict[str, int]:
     from lm.experts import experts_as_linears
 
     with experts_as_linears(model):
-        return {key: min(len(rows), lin.in_features) for name, lin in decoder_linears(model).items()
-                for key, rows in projection_rows(model, name.removesuffix(".weight"), lin)}
+        return {
+            key: min(len(rows), lin.in_features)
+            for name, lin in decoder_linears(model).items()
+            for key, rows in projection_rows(model, name.removesuffix(".weight"), lin)
+        }
 
 
 def _log(msg: str) -> None:
     print(f"[brittleness] {msg}", file=sys.stderr, flush=True)
-
-
 
 
 class _Variant:
@@ -106,11 +131,22 @@ class Brittleness:
         self.judges = judge_panel(cfg.judges)  # None without --judges
         # One Comparison holds the base model, its own replies and cached scores for every point;
         # selection and checkpoints are off: this sweep only builds, evaluates and discards.
-        self.comparison = Comparison(CompareConfig(
-            model=cfg.model, variants=tuple(p.spec for p in self.points[1:]), name=cfg.name, runs_dir=cfg.runs_dir,
-            n_asr=cfg.n_asr, max_new_tokens=cfg.max_new_tokens, calib_samples=cfg.calib_samples,
-            batch_size=cfg.batch_size, seed=cfg.seed, dtype=cfg.dtype, save_checkpoints=False, select=False,
-        ))
+        self.comparison = Comparison(
+            CompareConfig(
+                model=cfg.model,
+                variants=tuple(p.spec for p in self.points[1:]),
+                name=cfg.name,
+                runs_dir=cfg.runs_dir,
+                n_asr=cfg.n_asr,
+                max_new_tokens=cfg.max_new_tokens,
+                calib_samples=cfg.calib_samples,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                dtype=cfg.dtype,
+                save_checkpoints=False,
+                select=False,
+            )
+        )
         self.dir = cfg.run_dir()
         self.specs = dict(zip((p.spec for p in self.points), self.comparison.specs))
 
@@ -126,8 +162,11 @@ class Brittleness:
             from compression.checkpoint import sparsity_report
 
             model = variant()
-            return dict(removal=variant.removal, build_seconds=round(variant.seconds, 1),
-                        decoder_sparsity=sparsity_report(model)["decoder_linear_sparsity"])
+            return dict(
+                removal=variant.removal,
+                build_seconds=round(variant.seconds, 1),
+                decoder_sparsity=sparsity_report(model)["decoder_linear_sparsity"],
+            )
 
         out = dict(build=cached_json(pdir / "build.json", key, built), asr={})
         # The original is keyed by its weights (shared with the other entry points); a sweep point by
@@ -135,10 +174,19 @@ class Brittleness:
         mid, store = cmp.fingerprint() if spec.method == "original" else key, cfg.store()
         for setting in cfg.settings:
             out["asr"][setting] = measure(variant, tok, cfg.eval_config(setting), store, mid, judges=self.judges)
-        out["harmless"] = measure(variant, tok, cfg.eval_config("vanilla").harmless(cfg.harmless_sets, cfg.n_harmless), store, mid, "over-refusal",
-                                  judges=self.judges)
+        out["harmless"] = measure(
+            variant,
+            tok,
+            cfg.eval_config("vanilla").harmless(cfg.harmless_sets, cfg.n_harmless),
+            store,
+            mid,
+            "over-refusal",
+            judges=self.judges,
+        )
         pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
-        out["perplexity"] = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(variant(), tok, pcfg)))
+        out["perplexity"] = measured(
+            store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(variant(), tok, pcfg))
+        )
         from lm.zero_shot import ZeroShotConfig
 
         zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
@@ -200,43 +248,81 @@ class Brittleness:
             ppl = r["perplexity"]["perplexity"]
             completions = r["asr"]["vanilla"]["completions"]
             zs = zero_shot_rates(r["zero_shot"]) or {}
-            rows.append(dict(
-                method=point.method, family=point.family, spec=point.spec, requested=point.requested, x=x,
-                decoder_sparsity=r["build"]["decoder_sparsity"],
-                asr={s: a["asr"] for s, a in r["asr"].items()},
-                rates=dict(asr={s: a["rates"]["asr"] for s, a in r["asr"].items()}, over_refusal=r["harmless"]["rates"]["refusal"],
-                           judge_disagreement=r["asr"]["vanilla"]["rates"]["judge_disagreement"]),
-                tests=None if point.method == "original" else dict(
-                    asr={s: {j: paired(a, original["asr"][s], j) for j in JUDGES} for s, a in r["asr"].items()},
-                    over_refusal={j: paired(r["harmless"], original["harmless"], j, "refused") for j in JUDGES}),
-                perplexity=ppl,
-                perplexity_ci=perplexity_rate(r["perplexity"]),
-                zero_shot=dict(mean=r["zero_shot"]["average"], per_task={t: e["acc"] for t, e in r["zero_shot"]["per_task"].items()},
-                               rate=zs.get("average"), per_task_rates=zs.get("per_task")),
-                collapse=collapse_verdict(completions, ppl, ref_ppl).to_json(),
-                seconds=dict(build=r["build"]["build_seconds"], perplexity=r["perplexity"]["seconds"], zero_shot=r["zero_shot"]["seconds"],
-                             **{f"asr_{s}": a["seconds"] for s, a in r["asr"].items()}),
-                sample=dict(goal=r["asr"]["vanilla"]["records"][0]["prompt"], completion=completions[0]),
-            ))
+            rows.append(
+                dict(
+                    method=point.method,
+                    family=point.family,
+                    spec=point.spec,
+                    requested=point.requested,
+                    x=x,
+                    decoder_sparsity=r["build"]["decoder_sparsity"],
+                    asr={s: a["asr"] for s, a in r["asr"].items()},
+                    rates=dict(
+                        asr={s: a["rates"]["asr"] for s, a in r["asr"].items()},
+                        over_refusal=r["harmless"]["rates"]["refusal"],
+                        judge_disagreement=r["asr"]["vanilla"]["rates"]["judge_disagreement"],
+                    ),
+                    tests=None
+                    if point.method == "original"
+                    else dict(
+                        asr={s: {j: paired(a, original["asr"][s], j) for j in JUDGES} for s, a in r["asr"].items()},
+                        over_refusal={j: paired(r["harmless"], original["harmless"], j, "refused") for j in JUDGES},
+                    ),
+                    perplexity=ppl,
+                    perplexity_ci=perplexity_rate(r["perplexity"]),
+                    zero_shot=dict(
+                        mean=r["zero_shot"]["average"],
+                        per_task={t: e["acc"] for t, e in r["zero_shot"]["per_task"].items()},
+                        rate=zs.get("average"),
+                        per_task_rates=zs.get("per_task"),
+                    ),
+                    collapse=collapse_verdict(completions, ppl, ref_ppl).to_json(),
+                    seconds=dict(
+                        build=r["build"]["build_seconds"],
+                        perplexity=r["perplexity"]["seconds"],
+                        zero_shot=r["zero_shot"]["seconds"],
+                        **{f"asr_{s}": a["seconds"] for s, a in r["asr"].items()},
+                    ),
+                    sample=dict(goal=r["asr"]["vanilla"]["records"][0]["prompt"], completion=completions[0]),
+                )
+            )
         _holm(rows, self.cfg.settings)
         extra = {}
-        if self.judges is not None:  # --judges: every judge's rates, tests and agreement on vanilla ASR and over-refusal
-            extra["judges"] = judges_section(self.judges, {p.spec: dict(asr=r["asr"]["vanilla"], harmless=r["harmless"]) for p, r in results},
-                                             [(p.spec, "original") for p, _ in results if p.method != "original"], self.cfg.max_new_tokens)
+        if (
+            self.judges is not None
+        ):  # --judges: every judge's rates, tests and agreement on vanilla ASR and over-refusal
+            extra["judges"] = judges_section(
+                self.judges,
+                {p.spec: dict(asr=r["asr"]["vanilla"], harmless=r["harmless"]) for p, r in results},
+                [(p.spec, "original") for p, _ in results if p.method != "original"],
+                self.cfg.max_new_tokens,
+            )
         return dict(
-            model=self.cfg.model, model_name=base.name, base_fingerprint=self.comparison.fingerprint(),
-            config=dataclasses.asdict(self.cfg), n_asr=self.cfg.n_asr, settings=list(self.cfg.settings),
-            evaluation=dict(harmful=describe_prompts(original["asr"]["vanilla"], len(rows) - 1),
-                            harmless=describe_prompts(original["harmless"], len(rows) - 1)),
-            wall_seconds=round(seconds, 1), points=rows, **extra,
+            model=self.cfg.model,
+            model_name=base.name,
+            base_fingerprint=self.comparison.fingerprint(),
+            config=dataclasses.asdict(self.cfg),
+            n_asr=self.cfg.n_asr,
+            settings=list(self.cfg.settings),
+            evaluation=dict(
+                harmful=describe_prompts(original["asr"]["vanilla"], len(rows) - 1),
+                harmless=describe_prompts(original["harmless"], len(rows) - 1),
+            ),
+            wall_seconds=round(seconds, 1),
+            points=rows,
+            **extra,
         )
 
 
 def _holm(rows: list[dict], settings) -> None:
     """Holm within each family: one setting (or over-refusal) and one judge, over the sweep points."""
     for j in JUDGES:
-        families = [[r["tests"]["asr"][s][j] for r in rows if r.get("tests") and r["tests"]["asr"][s][j]] for s in settings]
-        families.append([r["tests"]["over_refusal"][j] for r in rows if r.get("tests") and r["tests"]["over_refusal"][j]])
+        families = [
+            [r["tests"]["asr"][s][j] for r in rows if r.get("tests") and r["tests"]["asr"][s][j]] for s in settings
+        ]
+        families.append(
+            [r["tests"]["over_refusal"][j] for r in rows if r.get("tests") and r["tests"]["over_refusal"][j]]
+        )
         for family in families:
             if family:
                 add_holm(family)
@@ -247,7 +333,9 @@ def _holm(rows: list[dict], settings) -> None:
 
 def parse_args(argv=None) -> BrittlenessConfig:
     """Flags generated from BrittlenessConfig's fields (lm.cli)."""
-    return parse_config(BrittlenessConfig, argv, prog="python -m experiments.brittleness", description=__doc__.split("\n\n")[0])[0]
+    return parse_config(
+        BrittlenessConfig, argv, prog="python -m experiments.brittleness", description=__doc__.split("\n\n")[0]
+    )[0]
 
 
 def validate(cfg: BrittlenessConfig) -> None:

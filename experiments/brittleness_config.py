@@ -20,8 +20,16 @@ RANK_METHODS = ("actsvd", "actsvd-orth")
 METHODS = WEIGHT_METHODS + RANK_METHODS
 JUDGES = ("wei2024", "arditi2024")
 # Where the numeric settings not checked by name below may lie (None is always fine).
-RANGES = dict(fractions=FRACTION, ranks=Range(0, low_open=True), setdiff_p=FRACTION, orth_ru=Range(0, low_open=True),
-              ppl_seqlen=Range(2), zero_shot_limit=POSITIVE, batch_size=POSITIVE, seed=NON_NEGATIVE)
+RANGES = dict(
+    fractions=FRACTION,
+    ranks=Range(0, low_open=True),
+    setdiff_p=FRACTION,
+    orth_ru=Range(0, low_open=True),
+    ppl_seqlen=Range(2),
+    zero_shot_limit=POSITIVE,
+    batch_size=POSITIVE,
+    seed=NON_NEGATIVE,
+)
 
 
 @dataclass
@@ -39,8 +47,10 @@ class BrittlenessConfig:
     #: tuned on Llama-2-7B; 7% of the rank is the orthogonal projection that broke refusal while
     #: keeping perplexity within 2x on the embedded model.
     orth_ru: int | float = 0.07
-    settings: tuple[str, ...] = SETTINGS  # ASR settings (adv-decoding samples 5 per prompt, adv-suffix tries 3 suffixes)
-    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
+    #: ASR settings (adv-decoding samples 5 per prompt, adv-suffix tries 3 suffixes)
+    settings: tuple[str, ...] = SETTINGS
+    #: held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
     n_asr: int = 16  # first prompts of each harmful evaluation set
     harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets for over-refusal: alpaca or file:PATH
     n_harmless: int = 32  # first prompts of each harmless set
@@ -70,10 +80,14 @@ class BrittlenessConfig:
         self.zero_shot_tasks = task_names(self.zero_shot_tasks)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise UserError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+            raise UserError(
+                f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}"
+            )
         bad = [s for s in self.settings if s not in SETTINGS]
         if bad or not self.settings:
-            raise UserError(f"unknown ASR setting(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(SETTINGS)}")
+            raise UserError(
+                f"unknown ASR setting(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(SETTINGS)}"
+            )
         if "vanilla" not in self.settings:  # its greedy completions feed the collapse verdict
             raise UserError("the ASR settings must include vanilla (the collapse check reads its completions)")
         for label, values in (("fraction", self.fractions), ("rank", self.ranks)):
@@ -99,8 +113,14 @@ class BrittlenessConfig:
         return Path(self.measurements_dir) if self.measurements_dir else Path(self.runs_dir) / "measurements"
 
     def eval_config(self, setting: str) -> EvalConfig:
-        return EvalConfig(sets=self.eval_sets, n=self.n_asr, setting=setting, max_new_tokens=self.max_new_tokens,
-                          seed=self.seed, batch_size=self.batch_size)
+        return EvalConfig(
+            sets=self.eval_sets,
+            n=self.n_asr,
+            setting=setting,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -130,8 +150,10 @@ def sweep_points(cfg: BrittlenessConfig) -> list[Point]:
                 points.append(Point(method, "weights", f, spec))
         else:
             for r in cfg.ranks:
-                spec = f"actsvd:r={_number(r)}" if method == "actsvd" else f"actsvd-orth:ru={_number(cfg.orth_ru)},rs={_number(r)}"
+                spec = (
+                    f"actsvd:r={_number(r)}"
+                    if method == "actsvd"
+                    else f"actsvd-orth:ru={_number(cfg.orth_ru)},rs={_number(r)}"
+                )
                 points.append(Point(method, "ranks", r, spec))
     return points
-
-

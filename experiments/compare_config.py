@@ -24,17 +24,44 @@ from repair.anchored import AnchoredConfig
 # The issue-sized comparison: Wanda at three sparsities and 2:4, SNIP, SparseGPT, Wei et al.'s set
 # difference, GPTQ and RTN. Set difference at p = q = 1%: on the embedded model it broke refusal
 # (ASR 19% -> 75%, experiments.brittleness) with 0.23% of the weights, where p = q = 3% gave 38%.
-DEFAULT_VARIANTS = ("wanda:0.5", "wanda:0.6", "wanda:0.7", "wanda:2:4", "snip:0.5", "sparsegpt:0.5",
-                    "setdiff-wanda:p=0.01,q=0.01", "gptq:int4", "rtn:int8")
+DEFAULT_VARIANTS = (
+    "wanda:0.5",
+    "wanda:0.6",
+    "wanda:0.7",
+    "wanda:2:4",
+    "snip:0.5",
+    "sparsegpt:0.5",
+    "setdiff-wanda:p=0.01,q=0.01",
+    "gptq:int4",
+    "rtn:int8",
+)
 QUICK_VARIANTS = PRESETS["quick"].variants
 
 # Where each numeric setting may lie (None, where a field allows it, is always fine).
 RANGES = dict(
-    n_asr=POSITIVE, n_harmless=POSITIVE, max_new_tokens=POSITIVE, n_train=POSITIVE, ppl_windows=POSITIVE, ppl_seqlen=Range(2),
-    calib_samples=POSITIVE, calib_seqlen=Range(2), batch_size=POSITIVE, seed=NON_NEGATIVE, n_val=POSITIVE, prescreen_n_val=NON_NEGATIVE,
-    prescreen_keep=POSITIVE, n_ablation_asr=NON_NEGATIVE, n_refusal_probe=NON_NEGATIVE, zero_shot_limit=NON_NEGATIVE,
-    repair_below=Range(-1, 1), repair_n_asr=POSITIVE, repair_max_new_tokens=POSITIVE, repair_curve_fractions=FRACTION,
-    repair_curve_n_asr=POSITIVE, repair_static_fractions=FRACTION, repair_static_samples=POSITIVE,
+    n_asr=POSITIVE,
+    n_harmless=POSITIVE,
+    max_new_tokens=POSITIVE,
+    n_train=POSITIVE,
+    ppl_windows=POSITIVE,
+    ppl_seqlen=Range(2),
+    calib_samples=POSITIVE,
+    calib_seqlen=Range(2),
+    batch_size=POSITIVE,
+    seed=NON_NEGATIVE,
+    n_val=POSITIVE,
+    prescreen_n_val=NON_NEGATIVE,
+    prescreen_keep=POSITIVE,
+    n_ablation_asr=NON_NEGATIVE,
+    n_refusal_probe=NON_NEGATIVE,
+    zero_shot_limit=NON_NEGATIVE,
+    repair_below=Range(-1, 1),
+    repair_n_asr=POSITIVE,
+    repair_max_new_tokens=POSITIVE,
+    repair_curve_fractions=FRACTION,
+    repair_curve_n_asr=POSITIVE,
+    repair_static_fractions=FRACTION,
+    repair_static_samples=POSITIVE,
 )
 
 
@@ -50,10 +77,12 @@ class CompareConfig:
     variants: tuple[str, ...] = DEFAULT_VARIANTS  # variant specs, e.g. wanda:0.6 wanda:2:4 magnitude:0.5 rtn:int4:g32
     name: str | None = None  # run directory name under runs_dir (None: compare-<model>, quick-<model> with --quick)
     runs_dir: str = "runs"  # where run directories and the measurement store live
-    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
+    #: held-out harmful sets for ASR: advbench jailbreakbench harmbench strongreject, or file:PATH
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
     n_asr: int = 50  # first prompts of each harmful evaluation set
     harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets for over-refusal: alpaca or file:PATH
-    n_harmless: int = 100  # first prompts of each harmless set (100: what a repair's over-refusal claim needs; 50 detects 16 points)
+    #: first prompts of each harmless set (100: what a repair's over-refusal claim needs; 50 detects 16 points)
+    n_harmless: int = 100
     #: The measurement store (refusal.measure), shared by every entry point that points at it, so the
     #: same model under the same settings is generated once; None: <runs_dir>/measurements.
     measurements_dir: str | None = None
@@ -64,7 +93,8 @@ class CompareConfig:
     #: finished run generates nothing); see docs/judges.md for the completion length each needs.
     judges: tuple[str, ...] = ()
     n_train: int = 128  # harmful and harmless instructions for the directions, each
-    ppl_windows: int = 16  # wikitext-2 windows for perplexity (16: the paired Wilcoxon test can reach p < 0.05 after Holm; 8 cannot)
+    #: wikitext-2 windows for perplexity (16: the paired Wilcoxon test can reach p < 0.05 after Holm; 8 cannot)
+    ppl_windows: int = 16
     ppl_seqlen: int = 512  # tokens per perplexity window
     calib_samples: int = 128  # calibration samples (Wanda, SparseGPT, GPTQ)
     #: What Wanda, SparseGPT and GPTQ calibrate on: "harmless" train instructions (chat-formatted),
@@ -104,7 +134,8 @@ class CompareConfig:
     #: Which variants are repaired: ASR rose significantly, the direction moved, or every variant
     #: (the quick size's, whose few prompts can make no change significant: it checks the stage runs).
     repair_when: Literal["evidence", "direction", "always"] = "evidence"
-    repair_below: float = 0.99  # with repair_when="direction": repair a variant whose cosine at the original's source is below this
+    #: with repair_when="direction": repair a variant whose cosine at the original's source is below this
+    repair_below: float = 0.99
     #: The anchored restoration's settings (the same flags as python -m repair's --anchored.*).
     anchored: Annotated[AnchoredConfig, tyro.conf.arg(name="anchored")] = field(default_factory=AnchoredConfig)
     #: The repair's evaluation (the repair_* fields, python -m repair's n_asr, max_new_tokens,
@@ -113,15 +144,19 @@ class CompareConfig:
     repair_n_asr: int | None = None
     repair_max_new_tokens: int | None = None  # tokens per completion in the repair's evaluation (None: max_new_tokens)
     repair_adv_suffix: bool = True  # adversarial-suffix ASR in the repair (cpu and quick sizes: off)
-    repair_curve_fractions: tuple[float, ...] = ()  # restored fractions of AIRD's count on the AIRD / targeted curve (empty: none)
+    #: restored fractions of AIRD's count on the AIRD / targeted curve (empty: none)
+    repair_curve_fractions: tuple[float, ...] = ()
     repair_curve_n_asr: int | None = None  # prompts of each set per repair-curve point (None: the repair's n_asr)
-    repair_static_fractions: tuple[float, ...] = (0.03, 0.1, 0.3)  # the static baseline's validation points (python -m repair's static_fractions)
+    #: the static baseline's validation points (python -m repair's static_fractions)
+    repair_static_fractions: tuple[float, ...] = (0.03, 0.1, 0.3)
     repair_static_samples: int = 128  # the static baseline's safety-score prompts (python -m repair's static_samples)
 
     def __post_init__(self):
         self.variants, self.zero_shot_tasks = tuple(self.variants), task_names(self.zero_shot_tasks) or ALL_TASKS
         if not self.variants:
-            raise UserError("variants (--variants): give at least one variant spec to compare with the original, e.g. wanda:0.5")
+            raise UserError(
+                "variants (--variants): give at least one variant spec to compare with the original, e.g. wanda:0.5"
+            )
         plain_name(self.name)
         check_ranges(self, RANGES)
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
@@ -134,8 +169,14 @@ class CompareConfig:
             check_disjoint_from_calibration(self.ppl_windows, self.ppl_seqlen)
 
     def eval_config(self, n: int | None = None) -> EvalConfig:
-        return EvalConfig(sets=self.eval_sets, n=n or self.n_asr, setting="vanilla", max_new_tokens=self.max_new_tokens,
-                          seed=self.seed, batch_size=self.batch_size)
+        return EvalConfig(
+            sets=self.eval_sets,
+            n=n or self.n_asr,
+            setting="vanilla",
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
 
     def harmless_config(self) -> EvalConfig:
         return self.eval_config().harmless(self.harmless_sets, self.n_harmless)
@@ -144,15 +185,24 @@ class CompareConfig:
         return Path(self.measurements_dir) if self.measurements_dir else Path(self.runs_dir) / "measurements"
 
     def calibration_config(self) -> CalibrationConfig:
-        return CalibrationConfig(source=self.calib_source, n_samples=self.calib_samples, seqlen=self.calib_seqlen, seed=self.seed)
+        return CalibrationConfig(
+            source=self.calib_source, n_samples=self.calib_samples, seqlen=self.calib_seqlen, seed=self.seed
+        )
 
     @classmethod
     def sized(cls, size: str, **overrides) -> "CompareConfig":
         """The main job at a named size (lm.sizes), `overrides` applied over it."""
         s = preset(size)
-        values = dict(shared_values(s), size=s.name, calib_samples=s.calib_samples, n_ablation_asr=s.n_ablation_asr,
-                      repair_adv_suffix=s.adv_suffix, repair_static_fractions=s.static_fractions, repair_static_samples=s.static_samples,
-                      anchored=dataclasses.replace(AnchoredConfig(), **s.anchored))
+        values = dict(
+            shared_values(s),
+            size=s.name,
+            calib_samples=s.calib_samples,
+            n_ablation_asr=s.n_ablation_asr,
+            repair_adv_suffix=s.adv_suffix,
+            repair_static_fractions=s.static_fractions,
+            repair_static_samples=s.static_samples,
+            anchored=dataclasses.replace(AnchoredConfig(), **s.anchored),
+        )
         if s.variants is not None:
             values["variants"] = s.variants
         if s.repair_when is not None:
@@ -167,5 +217,3 @@ class CompareConfig:
     def run_dir(self) -> Path:
         name = self.name or "compare-" + Path(self.model).name.replace("/", "-")
         return Path(self.runs_dir) / name
-
-

@@ -23,12 +23,21 @@ def make_figures(results: dict, report: dict) -> dict:
     if any(v.get("probes") for v in report["variants"]):
         figs["probe_transfer"] = probe_transfer_figure(report)
         cell = report["probe_cell"]
-        accuracy = {v["variant"]: torch.tensor([[a["value"] for a in row] for row in v["probes"]["own_map"]])
-                    for v in report["variants"] if v.get("probes")}
+        accuracy = {
+            v["variant"]: torch.tensor([[a["value"] for a in row] for row in v["probes"]["own_map"]])
+            for v in report["variants"]
+            if v.get("probes")
+        }
         figs["probe_accuracy_maps"] = cosine_heatmaps_figure(
-            accuracy, report["positions"], (cell["position"], cell["layer"]),
-            "Held-out accuracy of each model's own harmfulness probes (x: the probe cell)", value="accuracy", zrange=(0.5, 1),
-            colorscale="Viridis", reverse=False)
+            accuracy,
+            report["positions"],
+            (cell["position"], cell["layer"]),
+            "Held-out accuracy of each model's own harmfulness probes (x: the probe cell)",
+            value="accuracy",
+            zrange=(0.5, 1),
+            colorscale="Viridis",
+            reverse=False,
+        )
     if report.get("repairs"):
         from repair.front_report import front_figure
         from repair.report import before_after_figure, curve_figure, file_slug
@@ -43,27 +52,46 @@ def make_figures(results: dict, report: dict) -> dict:
     if ref is None:
         return figs
     figs["score_maps_original"] = score_maps_figure(ref)
-    maps = {v["variant"]: torch.tensor(v["cosine_to_original_direction"]) for v in report["variants"] if "cosine_to_original_direction" in v}
+    maps = {
+        v["variant"]: torch.tensor(v["cosine_to_original_direction"])
+        for v in report["variants"]
+        if "cosine_to_original_direction" in v
+    }
     if not maps:  # the original has no selected direction: nothing to compare against
         return figs
-    figs["cosine_maps"] = cosine_heatmaps_figure(maps, ref.positions, ref.chosen,
-                                                 "Cosine of each variant's candidate directions to the original's chosen direction")
+    figs["cosine_maps"] = cosine_heatmaps_figure(
+        maps,
+        ref.positions,
+        ref.chosen,
+        "Cosine of each variant's candidate directions to the original's chosen direction",
+    )
     # Only variants whose selection ran: a None source then means nothing passed the filters.
-    sources = {v["variant"]: (v["source"]["position"], v["source"]["layer"]) if v.get("source") else None
-               for v in report["variants"] if v.get("source_shift") is not None}
+    sources = {
+        v["variant"]: (v["source"]["position"], v["source"]["layer"]) if v.get("source") else None
+        for v in report["variants"]
+        if v.get("source_shift") is not None
+    }
     if len(sources) > 1:  # the original's source alone shifts nothing
-        title = ("Chosen refusal-direction source per variant<br><sup>pos: post-instruction token (-1 = the last prompt token); "
-                 "every variant selected on the original's filtered prompts</sup>")
-        figs["source_shift"] = source_shift_figure(sources, report["n_layers"], title, reference=report["variants"][0]["variant"])
-    figs["quality"] = quality_bars_figure([dict(variant=v["variant"], label=v.get("label"), **(v.get("quality") or {})) for v in report["variants"]],
-                                          "Direction quality: each variant's own direction vs the original's direction inside it")
+        title = (
+            "Chosen refusal-direction source per variant<br><sup>pos: post-instruction token (-1 = the last prompt token); "
+            "every variant selected on the original's filtered prompts</sup>"
+        )
+        figs["source_shift"] = source_shift_figure(
+            sources, report["n_layers"], title, reference=report["variants"][0]["variant"]
+        )
+    figs["quality"] = quality_bars_figure(
+        [dict(variant=v["variant"], label=v.get("label"), **(v.get("quality") or {})) for v in report["variants"]],
+        "Direction quality: each variant's own direction vs the original's direction inside it",
+    )
     return figs
+
 
 def export_figures(figs: dict, where: str) -> list[str]:
     """Copy the figures to --figures-dir as HTML and, when a browser for kaleido is there, PNG."""
     from experiments.figures import export
 
     return export(figs, Path(where))
+
 
 def save_figures(run_dir: Path, figs: dict) -> dict:
     """Each figure as a standalone HTML file in <run>/figures/ (plotly.js written once beside them)."""
@@ -76,4 +104,3 @@ def save_figures(run_dir: Path, figs: dict) -> dict:
         atomic_write_text(path, fig.to_html(include_plotlyjs="directory", full_html=True))
         written[name] = str(path.relative_to(run_dir))
     return written
-

@@ -40,8 +40,13 @@ __all__ = ["CompareConfig", "Comparison", "DEFAULT_VARIANTS", "QUICK_VARIANTS", 
 def parse_args(argv=None) -> CompareConfig:
     """Flags generated from CompareConfig's fields (lm.cli), over the size's values (--size, by device
     when not given; --quick is --size quick)."""
-    cfg, _ = parse_config(CompareConfig, argv, prog="python -m experiments.compare_refusal", description=__doc__.split("\n\n")[0],
-                          sized=CompareConfig.sized)
+    cfg, _ = parse_config(
+        CompareConfig,
+        argv,
+        prog="python -m experiments.compare_refusal",
+        description=__doc__.split("\n\n")[0],
+        sized=CompareConfig.sized,
+    )
     if cfg.size == "quick" and cfg.name is None:
         cfg = dataclasses.replace(cfg, name="quick-" + Path(cfg.model).name.replace("/", "-"))
     return cfg

@@ -26,19 +26,29 @@ def repair_config(c: CompareConfig, variant_dir, run_dir, checkpoint=None):
     from lm.cli import from_mapping
     from repair.config import RepairConfig, main_job_settings
 
-    paths = dict(compressed=str(checkpoint or variant_dir / "model"), out=str(variant_dir / "repaired"), runs_dir=str(run_dir / "repair"))
+    paths = dict(
+        compressed=str(checkpoint or variant_dir / "model"),
+        out=str(variant_dir / "repaired"),
+        runs_dir=str(run_dir / "repair"),
+    )
     return from_mapping(RepairConfig.sized(c.size), {**main_job_settings(dataclasses.asdict(c)), **paths})
 
 
 def repair_reason(row: dict, c: CompareConfig) -> tuple[bool, str]:
     """(repair it?, why): the evidence criterion reads the main table's ASR test against the original."""
     if c.repair_when == "always":
-        return True, "every variant is repaired in this run (repair_when = always: a check that the stage runs, not evidence it is needed)"
+        return (
+            True,
+            "every variant is repaired in this run (repair_when = always: a check that the stage runs, not evidence it is needed)",
+        )
     if c.repair_when == "direction":
         cos = row.get("cosine_at_original_source")
         if cos is None:
             return False, "no cosine at the original's source"
-        return cos < c.repair_below, f"cosine at the original's source {cos:.3f} ({'below' if cos < c.repair_below else 'not below'} {c.repair_below})"
+        return (
+            cos < c.repair_below,
+            f"cosine at the original's source {cos:.3f} ({'below' if cos < c.repair_below else 'not below'} {c.repair_below})",
+        )
     test = ((row.get("tests") or {}).get("asr") or {}).get("arditi2024")
     if test is None:
         return False, "no paired ASR test against the original"
@@ -51,7 +61,9 @@ def repair_reason(row: dict, c: CompareConfig) -> tuple[bool, str]:
     return True, f"ASR rose significantly against the original ({p})"
 
 
-def repair_variants(c: CompareConfig, base, run_dir, results: dict, report: dict, clock: RunClock, progress: JobProgress | None = None) -> dict:
+def repair_variants(
+    c: CompareConfig, base, run_dir, results: dict, report: dict, clock: RunClock, progress: JobProgress | None = None
+) -> dict:
     """{variant spec: repair.json} for every variant repaired; `results` are the comparison's
     (spec, evaluation) per slug, `base` the loaded original (reused, not reloaded)."""
     from repair.pipeline import Repair

@@ -7,16 +7,23 @@ from __future__ import annotations
 import dataclasses
 
 from lm.chat import post_instruction
-from refusal.judge_report import judges_section
-from refusal.judge_spec import judge_panel
-from refusal.judges import JUDGE_NAMES as JUDGES
-from refusal.measure import describe_prompts, paired, paired_perplexity, paired_zero_shot, perplexity_rate, zero_shot_rates
-from refusal.stats import add_holm, describe_change, describe_ratio
 from refusal.collapse import collapse_verdict
 from refusal.compare import cosine_to_direction, source_shift
 from refusal.direction import cosine_map, norm_peak
+from refusal.judge_report import judges_section
+from refusal.judge_spec import judge_panel
+from refusal.judges import JUDGE_NAMES as JUDGES
+from refusal.measure import (
+    describe_prompts,
+    paired,
+    paired_perplexity,
+    paired_zero_shot,
+    perplexity_rate,
+    zero_shot_rates,
+)
 from refusal.probes import summarise as summarise_probes
 from refusal.refusal_prediction import summarise as summarise_refusal_probes
+from refusal.stats import add_holm, describe_change, describe_ratio
 
 
 def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, seconds: float) -> dict:
@@ -27,9 +34,15 @@ def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, 
     post = post_instruction(tokenizer)
     ref_sel = original.get("selection")
     if ref_sel is not None and ref_sel.chosen is not None:
-        cell, cell_kind = (list(post.positions).index(ref_sel.chosen[0]), ref_sel.chosen[1]), "the original's selected source"
+        cell, cell_kind = (
+            (list(post.positions).index(ref_sel.chosen[0]), ref_sel.chosen[1]),
+            "the original's selected source",
+        )
     else:
-        cell, cell_kind = (len(post.positions) - 1, norm_peak(ref_dirs)), "the original's norm-peak layer at the last position (no selected source)"
+        cell, cell_kind = (
+            (len(post.positions) - 1, norm_peak(ref_dirs)),
+            "the original's norm-peak layer at the last position (no selected source)",
+        )
     rows = []
     for slug, (spec, r) in results.items():
         dirs = r["directions"]["directions"]
@@ -37,46 +50,70 @@ def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, 
         asr = r["asr"]
         ppl = r["perplexity"]["perplexity"]
         verdict = collapse_verdict(asr["completions"], ppl, ref_ppl)
-        tests = None if slug == "original" else dict(
-            asr={j: paired(asr, original["asr"], j) for j in JUDGES},
-            over_refusal={j: paired(r["harmless"], original["harmless"], j, "refused") for j in JUDGES},
-            perplexity=paired_perplexity(r["perplexity"], original["perplexity"]),
-            zero_shot=paired_zero_shot(r.get("zero_shot"), original.get("zero_shot")))
+        tests = (
+            None
+            if slug == "original"
+            else dict(
+                asr={j: paired(asr, original["asr"], j) for j in JUDGES},
+                over_refusal={j: paired(r["harmless"], original["harmless"], j, "refused") for j in JUDGES},
+                perplexity=paired_perplexity(r["perplexity"], original["perplexity"]),
+                zero_shot=paired_zero_shot(r.get("zero_shot"), original.get("zero_shot")),
+            )
+        )
         peak = norm_peak(dirs)
         ref_peak = norm_peak(ref_dirs)
-        rows.append(dict(
-            variant=spec.text,
-            label=spec.label,
-            method=spec.method,
-            params=spec.params,
-            decoder_sparsity=r["sparsity"]["decoder_linear_sparsity"],
-            zero_shot=zero_shot_summary(r["zero_shot"]) if "zero_shot" in r else None,
-            asr=asr["asr"],
-            n_prompts=asr["n_prompts"],
-            rates=dict(asr=asr["rates"]["asr"], over_refusal=r["harmless"]["rates"]["refusal"],
-                       per_source={s: v["asr"] for s, v in asr["rates"]["per_source"].items()},
-                       judge_disagreement=asr["rates"]["judge_disagreement"]),
-            tests=tests,
-            perplexity=ppl,
-            perplexity_ci=perplexity_rate(r["perplexity"]),
-            collapse=verdict.to_json(),
-            norm_peak_layer=peak,
-            cosine_at_original_peak=float(cos[-1, ref_peak]),
-            cosine_per_layer_last_position=[round(float(c), 4) for c in cos[-1]],
-            cosine_map=[[round(float(c), 4) for c in row] for row in cos],
-            direction_norm_last_position=[round(float(n), 3) for n in dirs[-1].norm(dim=-1)],
-            samples=[dict(goal=rec["prompt"], source=rec["source"], completion=rec["completions"][0]) for rec in asr["records"][:3]],
-            seconds=dict(asr=r["asr"].get("seconds"), harmless=r["harmless"].get("seconds"), perplexity=r["perplexity"].get("seconds")),
-            probes=summarise_probes(r["probes"], original["probes"], dirs, cell) if "probes" in r else None,
-            refusal_probes=(summarise_refusal_probes(r["refusal_probes"], original["refusal_probes"], cell, slug == "original")
-                            if "refusal_probes" in r else None),
-            **_direction_summary(r, original),
-        ))
+        rows.append(
+            dict(
+                variant=spec.text,
+                label=spec.label,
+                method=spec.method,
+                params=spec.params,
+                decoder_sparsity=r["sparsity"]["decoder_linear_sparsity"],
+                zero_shot=zero_shot_summary(r["zero_shot"]) if "zero_shot" in r else None,
+                asr=asr["asr"],
+                n_prompts=asr["n_prompts"],
+                rates=dict(
+                    asr=asr["rates"]["asr"],
+                    over_refusal=r["harmless"]["rates"]["refusal"],
+                    per_source={s: v["asr"] for s, v in asr["rates"]["per_source"].items()},
+                    judge_disagreement=asr["rates"]["judge_disagreement"],
+                ),
+                tests=tests,
+                perplexity=ppl,
+                perplexity_ci=perplexity_rate(r["perplexity"]),
+                collapse=verdict.to_json(),
+                norm_peak_layer=peak,
+                cosine_at_original_peak=float(cos[-1, ref_peak]),
+                cosine_per_layer_last_position=[round(float(c), 4) for c in cos[-1]],
+                cosine_map=[[round(float(c), 4) for c in row] for row in cos],
+                direction_norm_last_position=[round(float(n), 3) for n in dirs[-1].norm(dim=-1)],
+                samples=[
+                    dict(goal=rec["prompt"], source=rec["source"], completion=rec["completions"][0])
+                    for rec in asr["records"][:3]
+                ],
+                seconds=dict(
+                    asr=r["asr"].get("seconds"),
+                    harmless=r["harmless"].get("seconds"),
+                    perplexity=r["perplexity"].get("seconds"),
+                ),
+                probes=summarise_probes(r["probes"], original["probes"], dirs, cell) if "probes" in r else None,
+                refusal_probes=(
+                    summarise_refusal_probes(r["refusal_probes"], original["refusal_probes"], cell, slug == "original")
+                    if "refusal_probes" in r
+                    else None
+                ),
+                **_direction_summary(r, original),
+            )
+        )
     correct_families(rows)
     extra = {}
     if getattr(cfg, "judges", ()):  # --judges: every judge's rates, tests and agreement (refusal.judge_report)
-        extra["judges"] = judges_section(judge_panel(cfg.judges), {spec.text: dict(asr=r["asr"], harmless=r["harmless"]) for spec, r in results.values()},
-                                         [(spec.text, "original") for spec, _ in results.values() if spec.method != "original"], cfg.max_new_tokens)
+        extra["judges"] = judges_section(
+            judge_panel(cfg.judges),
+            {spec.text: dict(asr=r["asr"], harmless=r["harmless"]) for spec, r in results.values()},
+            [(spec.text, "original") for spec, _ in results.values() if spec.method != "original"],
+            cfg.max_new_tokens,
+        )
     return dict(
         model=cfg.model,
         model_name=model_name,
@@ -117,12 +154,25 @@ def _direction_summary(r: dict, original: dict) -> dict:
         selection_forward_passes=sel.forward_passes.get("total") if sel is not None else None,
         cosine_to_original_direction=[[round(float(c), 4) for c in row] for row in cos],
         cosine_at_original_source=float(cos[i, ref.chosen[1]]),
-        quality=dict(own=own, original_direction=cross.get("original_direction"), own_direction_in_original=cross.get("own_direction_in_original")),
-        asr_original_direction_ablated=None if ablated is None else dict(
-            asr=ablated["asr"], n_prompts=ablated["n_prompts"], rates=ablated["rates"]["asr"],
+        quality=dict(
+            own=own,
+            original_direction=cross.get("original_direction"),
+            own_direction_in_original=cross.get("own_direction_in_original"),
+        ),
+        asr_original_direction_ablated=None
+        if ablated is None
+        else dict(
+            asr=ablated["asr"],
+            n_prompts=ablated["n_prompts"],
+            rates=ablated["rates"]["asr"],
             # Ablation against no ablation in the same model, on the same prompts.
-            test=None if _first_n(r["asr"], ablated) is None else {j: paired(ablated, _first_n(r["asr"], ablated), j) for j in JUDGES},
-            vs_original_ablated=None if ref_ablated is None or r is original else {j: paired(ablated, ref_ablated, j) for j in JUDGES}),
+            test=None
+            if _first_n(r["asr"], ablated) is None
+            else {j: paired(ablated, _first_n(r["asr"], ablated), j) for j in JUDGES},
+            vs_original_ablated=None
+            if ref_ablated is None or r is original
+            else {j: paired(ablated, ref_ablated, j) for j in JUDGES},
+        ),
     )
 
 
@@ -143,7 +193,9 @@ def correct_families(rows: list[dict]) -> None:
     for perplexity and one for zero-shot accuracy."""
     for measure_name in ("asr", "over_refusal"):
         for j in JUDGES:
-            family = [row["tests"][measure_name][j] for row in rows if row.get("tests") and row["tests"][measure_name][j]]
+            family = [
+                row["tests"][measure_name][j] for row in rows if row.get("tests") and row["tests"][measure_name][j]
+            ]
             if family:
                 add_holm(family)
     for measure_name in ("perplexity", "zero_shot"):
@@ -154,13 +206,19 @@ def correct_families(rows: list[dict]) -> None:
         family = [row["probes"]["tests"][name] for row in rows if (row.get("probes") or {}).get("tests")]
         if family:
             add_holm(family)
-    family = [row["refusal_probes"]["vs_majority"] for row in rows if (row.get("refusal_probes") or {}).get("vs_majority")]
+    family = [
+        row["refusal_probes"]["vs_majority"] for row in rows if (row.get("refusal_probes") or {}).get("vs_majority")
+    ]
     if family:
         add_holm(family)
 
 
 def evaluation_summary(harmful: dict, harmless: dict, family_size: int) -> dict:
-    return dict(harmful=describe_prompts(harmful, family_size), harmless=describe_prompts(harmless, family_size), judges=list(JUDGES))
+    return dict(
+        harmful=describe_prompts(harmful, family_size),
+        harmless=describe_prompts(harmless, family_size),
+        judges=list(JUDGES),
+    )
 
 
 def no_direction_note(selection) -> list[str]:
@@ -172,11 +230,17 @@ def no_direction_note(selection) -> list[str]:
     if selection.chosen is not None:
         return notes
     score = (selection.counts.get("baseline_score") or {}).get("harmful_val")
-    said = f" (its mean refusal score on the harmful validation prompts is {score:.2f})" if isinstance(score, float) else ""
-    return [f"The original model has no selected refusal direction: no candidate passed Arditi et al.'s selection filters{said}, "
-            "which happens to a model that does not refuse and to small validation sets. The direction's quality and ablation in the "
-            "variants and the repair were skipped; the ASR, over-refusal and utility comparisons do not depend on it.",
-            f"Why: {selection.no_direction_reason()}."] + notes
+    said = (
+        f" (its mean refusal score on the harmful validation prompts is {score:.2f})"
+        if isinstance(score, float)
+        else ""
+    )
+    return [
+        f"The original model has no selected refusal direction: no candidate passed Arditi et al.'s selection filters{said}, "
+        "which happens to a model that does not refuse and to small validation sets. The direction's quality and ablation in the "
+        "variants and the repair were skipped; the ASR, over-refusal and utility comparisons do not depend on it.",
+        f"Why: {selection.no_direction_reason()}.",
+    ] + notes
 
 
 def findings(rows: list[dict]) -> list[str]:
@@ -190,15 +254,42 @@ def findings(rows: list[dict]) -> list[str]:
                 out.append(f"{row['variant']}: " + describe_change("original", row["variant"], a, b, _flip(test), what))
         tests = row.get("tests") or {}
         if tests.get("perplexity"):
-            out.append(f"{row['variant']}: " + describe_ratio("original", row["variant"], original["perplexity"], row["perplexity"], tests["perplexity"]))
-        if tests.get("zero_shot") and (original.get("zero_shot") or {}).get("rate") and (row.get("zero_shot") or {}).get("rate"):
-            out.append(f"{row['variant']}: " + describe_change("original", row["variant"], original["zero_shot"]["rate"], row["zero_shot"]["rate"],
-                                                               _flip(tests["zero_shot"]), "Zero-shot accuracy"))
+            out.append(
+                f"{row['variant']}: "
+                + describe_ratio(
+                    "original", row["variant"], original["perplexity"], row["perplexity"], tests["perplexity"]
+                )
+            )
+        if (
+            tests.get("zero_shot")
+            and (original.get("zero_shot") or {}).get("rate")
+            and (row.get("zero_shot") or {}).get("rate")
+        ):
+            out.append(
+                f"{row['variant']}: "
+                + describe_change(
+                    "original",
+                    row["variant"],
+                    original["zero_shot"]["rate"],
+                    row["zero_shot"]["rate"],
+                    _flip(tests["zero_shot"]),
+                    "Zero-shot accuracy",
+                )
+            )
         probes = row.get("probes") or {}
         if probes.get("tests"):
             base = original["probes"]["own"]
-            out.append(f"{row['variant']}: " + describe_change("original", row["variant"], base, probes["transfer"], _flip(probes["tests"]["transfer"]),
-                                                               "held-out accuracy of the original's harmfulness probe"))
+            out.append(
+                f"{row['variant']}: "
+                + describe_change(
+                    "original",
+                    row["variant"],
+                    base,
+                    probes["transfer"],
+                    _flip(probes["tests"]["transfer"]),
+                    "held-out accuracy of the original's harmfulness probe",
+                )
+            )
     return out
 
 

@@ -16,14 +16,23 @@ from compression.calibration import ResponseCalibrationConfig, calibration_set, 
 from compression.checkpoint import read_manifest, save_variant, sparsity_report, weights_verified
 from compression.variants import VariantSpec, build_variant_with_report, parse_variant, validate_variant
 from lm import datasets
-from lm.cache import RunClock, atomic_write_json, atomic_write_text, cached_json, cached_tensors, measured, sweep_temporaries, timed
+from lm.cache import (
+    RunClock,
+    atomic_write_json,
+    atomic_write_text,
+    cached_json,
+    cached_tensors,
+    measured,
+    sweep_temporaries,
+    timed,
+)
 from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
 from lm.perplexity import PerplexityConfig, measure_perplexity
 from lm.progress import JobProgress
+from refusal.direction import candidate_directions
 from refusal.judge_spec import judge_panel
 from refusal.measure import measure
-from refusal.direction import candidate_directions
 from refusal.probes import ProbeConfig
 from refusal.probing import harmfulness_probes, refusal_prediction_probes, training_prompts
 from refusal.probing import parameters as probe_params
@@ -34,8 +43,8 @@ from refusal.selection_artifacts import select_direction_cached
 
 from .compare_config import CompareConfig
 from .compare_figures import export_figures, make_figures, save_figures
-from .compare_summary import summarise
 from .compare_repair import repair_variants
+from .compare_summary import summarise
 from .report import render_html, render_markdown
 
 
@@ -57,7 +66,9 @@ class Comparison:
         self.base = load_model(cfg.model, dtype=cfg.dtype)
         for spec in self.specs:
             validate_variant(spec, self.base.model)
-            if spec.method == "path":  # a checkpoint made elsewhere must come from this base model, as the repair demands
+            if (
+                spec.method == "path"
+            ):  # a checkpoint made elsewhere must come from this base model, as the repair demands
                 self.check_derives(spec)
         self._fingerprint: str | None = None
         self._calibration = None
@@ -85,7 +96,9 @@ class Comparison:
     def calibration(self):
         if self._calibration is None:
             # The model writes its own replies when the calibration source asks for them.
-            self._calibration = calibration_set(self.base.tokenizer, self.cfg.calibration_config(), model=self.base.model)
+            self._calibration = calibration_set(
+                self.base.tokenizer, self.cfg.calibration_config(), model=self.base.model
+            )
         return self._calibration
 
     def own_replies(self, kind: str):
@@ -93,7 +106,9 @@ class Comparison:
         from compression.attribution import OwnRepliesConfig, safety_calibration, utility_calibration
 
         if kind not in self._own_replies:
-            cfg = OwnRepliesConfig(n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed)
+            cfg = OwnRepliesConfig(
+                n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed
+            )
             make = safety_calibration if kind == "safety" else utility_calibration
             self._own_replies[kind] = make(self.base.model, self.base.tokenizer, cfg)
         return self._own_replies[kind]
@@ -101,7 +116,9 @@ class Comparison:
     def responses(self):
         """(instruction, own greedy response) pairs for gradient-based scores (SNIP), generated once."""
         if self._responses is None:
-            cfg = ResponseCalibrationConfig(n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed)
+            cfg = ResponseCalibrationConfig(
+                n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed
+            )
             self._responses = response_calibration_set(self.base.model, self.base.tokenizer, cfg)
         return self._responses
 
@@ -123,14 +140,23 @@ class Comparison:
 
     def selection_config(self) -> SelectionConfig:
         c = self.cfg
-        return SelectionConfig(n_train=c.n_train, n_val=c.n_val, seed=c.seed, search=c.search,
-                               prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, batch_size=c.batch_size or 32)
+        return SelectionConfig(
+            n_train=c.n_train,
+            n_val=c.n_val,
+            seed=c.seed,
+            search=c.search,
+            prescreen_n_val=c.prescreen_n_val,
+            prescreen_keep=c.prescreen_keep,
+            batch_size=c.batch_size or 32,
+        )
 
     def val_prompts(self) -> tuple[list[str], list[str]]:
         """One unfiltered validation sample, shared by every variant so quality numbers compare."""
         n, seed = self.cfg.n_val, self.cfg.seed
-        return (datasets.sample(datasets.instructions("harmful", "val"), n, seed),
-                datasets.sample(datasets.instructions("harmless", "val"), n, seed))
+        return (
+            datasets.sample(datasets.instructions("harmful", "val"), n, seed),
+            datasets.sample(datasets.instructions("harmless", "val"), n, seed),
+        )
 
     # --- per-variant stages --------------------------------------------------------------
     def variant_model(self, spec: VariantSpec):
@@ -146,12 +172,22 @@ class Comparison:
         _log(f"{spec.text}: building")
         model, removal, seconds = self.build(spec)
         if self.cfg.save_checkpoints and spec.method != "path":  # a user's checkpoint already is one
-            save_variant(model, self.base.tokenizer, ckpt, dict(
-                method=spec.method, spec=spec.text, params=params, build_seconds=seconds, removal=removal,
-                calibration_sha256=self.calibration_digests(spec),
-                calibration=self.calibration().description if spec.needs_calibration else None,
-                base_model=self.cfg.model, base_fingerprint=self.fingerprint(),
-            ))
+            save_variant(
+                model,
+                self.base.tokenizer,
+                ckpt,
+                dict(
+                    method=spec.method,
+                    spec=spec.text,
+                    params=params,
+                    build_seconds=seconds,
+                    removal=removal,
+                    calibration_sha256=self.calibration_digests(spec),
+                    calibration=self.calibration().description if spec.needs_calibration else None,
+                    base_model=self.cfg.model,
+                    base_fingerprint=self.fingerprint(),
+                ),
+            )
         return model
 
     def reusable(self, spec: VariantSpec, manifest: dict | None, params: dict) -> bool:
@@ -161,11 +197,18 @@ class Comparison:
         change in how it is made; the model's own replies (SNIP, set difference) would cost minutes
         of generation, so for them the settings in `params` stand in.
         """
-        if manifest is None or manifest.get("params") != params or manifest.get("base_fingerprint") != self.fingerprint():
+        if (
+            manifest is None
+            or manifest.get("params") != params
+            or manifest.get("base_fingerprint") != self.fingerprint()
+        ):
             return False
         if spec.needs_calibration:
             cal = self.calibration()
-            if manifest.get("calibration_sha256", {}).get("prompts") != cal.digest or manifest.get("calibration") != cal.description:
+            if (
+                manifest.get("calibration_sha256", {}).get("prompts") != cal.digest
+                or manifest.get("calibration") != cal.description
+            ):
                 return False
         return True
 
@@ -177,7 +220,8 @@ class Comparison:
         """
         start = time.perf_counter()
         model, removal = build_variant_with_report(
-            self.base.model, spec,
+            self.base.model,
+            spec,
             self.calibration() if spec.needs_calibration else None,
             responses=self.responses() if spec.needs_responses else None,
             safety=self.own_replies("safety") if spec.needs_safety else None,
@@ -203,7 +247,10 @@ class Comparison:
         params = dict(spec.params)
         if spec.needs_calibration or spec.needs_responses or spec.needs_safety or spec.needs_utility:
             params.update(calib_samples=self.cfg.calib_samples, seed=self.cfg.seed)
-        if spec.needs_calibration and (self.cfg.calib_source, self.cfg.calib_seqlen) != (CompareConfig.calib_source, CompareConfig.calib_seqlen):
+        if spec.needs_calibration and (self.cfg.calib_source, self.cfg.calib_seqlen) != (
+            CompareConfig.calib_source,
+            CompareConfig.calib_seqlen,
+        ):
             # Only when not the defaults, so runs cached before these settings existed stay valid.
             params.update(calib_source=self.cfg.calib_source, calib_seqlen=self.cfg.calib_seqlen)
         if spec.needs_responses or spec.needs_safety or spec.needs_utility:
@@ -229,7 +276,9 @@ class Comparison:
             over = measure(model, tok, cfg.harmless_config(), store, mid, "over-refusal", judges=self.judges)
         with step("perplexity"):
             pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
-            ppl = measured(store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))
+            ppl = measured(
+                store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg))
+            )
         if cfg.zero_shot_limit:
             from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
 
@@ -240,20 +289,32 @@ class Comparison:
         if cfg.select and spec.method == "original":
             with step("selection"):
                 selection = self._original_selection = select_direction_cached(
-                    model, tok, vdir / "selection", self.selection_config(), fingerprint=json.dumps(key, sort_keys=True))
+                    model, tok, vdir / "selection", self.selection_config(), fingerprint=json.dumps(key, sort_keys=True)
+                )
         harmful, harmless = self.direction_prompts()
         with step("directions"):
-            dirs = cached_tensors(vdir / "directions.safetensors", {**key, "prompts": _digest(harmful + ["\0"] + harmless)},
-                                  lambda: candidate_directions(model, tok, harmful, harmless))
+            dirs = cached_tensors(
+                vdir / "directions.safetensors",
+                {**key, "prompts": _digest(harmful + ["\0"] + harmless)},
+                lambda: candidate_directions(model, tok, harmful, harmless),
+            )
         if cfg.select and spec.method != "original" and cfg.select_variants:
             # On the original's filtered prompts (whose candidates are `dirs`): a different source
             # then means different weights, not a different set of prompts the variant still refuses.
             ref = self._original_selection
             shared = SharedPrompts(ref.prompts, dirs["directions"]) if ref is not None and ref.prompts else None
             with step("selection"):
-                selection = select_direction_cached(model, tok, vdir / "selection", self.selection_config(),
-                                                    fingerprint=json.dumps(key, sort_keys=True), shared=shared)
-        out = dict(asr=asr, harmless=over, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model), model_id=mid)
+                selection = select_direction_cached(
+                    model,
+                    tok,
+                    vdir / "selection",
+                    self.selection_config(),
+                    fingerprint=json.dumps(key, sort_keys=True),
+                    shared=shared,
+                )
+        out = dict(
+            asr=asr, harmless=over, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model), model_id=mid
+        )
         if cfg.probes:
             with step("harmfulness probes"):
                 out["probes"] = self.probes(spec, model, key, harmful, harmless)
@@ -266,18 +327,36 @@ class Comparison:
             out["selection"] = selection
         return out
 
-    def probes(self, spec: VariantSpec, model, key: dict, harmful: list[str], harmless: list[str]) -> dict[str, torch.Tensor]:
+    def probes(
+        self, spec: VariantSpec, model, key: dict, harmful: list[str], harmless: list[str]
+    ) -> dict[str, torch.Tensor]:
         """Harmfulness probes fitted on the direction prompts, per-prompt correctness on the held-out
         ASR / over-refusal prompts, and the original's probes on this model's activations (transfer)."""
         cfg, tok = self.cfg, self.base.tokenizer
         test = [[p.text for p in c.prompts()] for c in (cfg.eval_config(), cfg.harmless_config())]
         pcfg = ProbeConfig(seed=cfg.seed)
         ref = self._original_probes
-        pkey = {**key, "train": _digest(harmful + ["\0"] + harmless), "test": _digest(test[0] + ["\0"] + test[1]),
-                "probe": dataclasses.asdict(pcfg), "original_probes": None if ref is None else ref["key"]}
+        pkey = {
+            **key,
+            "train": _digest(harmful + ["\0"] + harmless),
+            "test": _digest(test[0] + ["\0"] + test[1]),
+            "probe": dataclasses.asdict(pcfg),
+            "original_probes": None if ref is None else ref["key"],
+        }
 
-        result = cached_tensors(self.dir / "variants" / spec.slug / "probes.safetensors", pkey, lambda: harmfulness_probes(
-            model, tok, (harmful, harmless), (test[0], test[1]), pcfg, None if ref is None else ref["params"], cfg.batch_size or 16))
+        result = cached_tensors(
+            self.dir / "variants" / spec.slug / "probes.safetensors",
+            pkey,
+            lambda: harmfulness_probes(
+                model,
+                tok,
+                (harmful, harmless),
+                (test[0], test[1]),
+                pcfg,
+                None if ref is None else ref["params"],
+                cfg.batch_size or 16,
+            ),
+        )
         if spec.method == "original":
             self._original_probes = dict(params=probe_params(result), key=_digest([json.dumps(pkey, sort_keys=True)]))
         return result
@@ -289,13 +368,35 @@ class Comparison:
         train = training_prompts(cfg.n_refusal_probe, cfg.seed)
         pcfg = ProbeConfig(seed=cfg.seed)
         ref = self._original_refusal_probes
-        rkey = {**key, "model_id": model_id, "train": _digest([p.id for p in train]), "test": _digest([r["id"] for r in asr["records"]]),
-                "generation": dataclasses.asdict(cfg.eval_config().asr_config()), "probe": dataclasses.asdict(pcfg),
-                "original_probes": None if ref is None else ref["key"]}
-        result = cached_tensors(self.dir / "variants" / spec.slug / "refusal_probes.safetensors", rkey, lambda: refusal_prediction_probes(
-            model, tok, train, cfg.eval_config(), cfg.store(), model_id, asr, pcfg, None if ref is None else ref["params"], cfg.batch_size or 16))
+        rkey = {
+            **key,
+            "model_id": model_id,
+            "train": _digest([p.id for p in train]),
+            "test": _digest([r["id"] for r in asr["records"]]),
+            "generation": dataclasses.asdict(cfg.eval_config().asr_config()),
+            "probe": dataclasses.asdict(pcfg),
+            "original_probes": None if ref is None else ref["key"],
+        }
+        result = cached_tensors(
+            self.dir / "variants" / spec.slug / "refusal_probes.safetensors",
+            rkey,
+            lambda: refusal_prediction_probes(
+                model,
+                tok,
+                train,
+                cfg.eval_config(),
+                cfg.store(),
+                model_id,
+                asr,
+                pcfg,
+                None if ref is None else ref["params"],
+                cfg.batch_size or 16,
+            ),
+        )
         if spec.method == "original":
-            self._original_refusal_probes = dict(params=probe_params(result), key=_digest([json.dumps(rkey, sort_keys=True)]))
+            self._original_refusal_probes = dict(
+                params=probe_params(result), key=_digest([json.dumps(rkey, sort_keys=True)])
+            )
         return result
 
     def cross_evaluate(self, spec: VariantSpec, model, own: dict, original: dict) -> dict:
@@ -307,20 +408,35 @@ class Comparison:
             return {}
         harmful, harmless = self.val_prompts()
         ids = refusal_tokens(tok)
-        key = dict(variant=spec.text, params=self.variant_params(spec), base=self.fingerprint(), n_val=cfg.n_val,
-                   seed=cfg.seed, original_source=list(ref.chosen))
+        key = dict(
+            variant=spec.text,
+            params=self.variant_params(spec),
+            base=self.fingerprint(),
+            n_val=cfg.n_val,
+            seed=cfg.seed,
+            original_source=list(ref.chosen),
+        )
 
         def quality(m, vec, layer):
             return direction_quality(m, tok, vec, layer, harmful, harmless, ids, cfg.batch_size or 32).to_json()
 
-        out = dict(original_direction=cached_json(vdir / "quality_original_direction.json", key,
-                                                  lambda: quality(model, ref.direction_raw, ref.chosen[1])))
+        out = dict(
+            original_direction=cached_json(
+                vdir / "quality_original_direction.json", key, lambda: quality(model, ref.direction_raw, ref.chosen[1])
+            )
+        )
         sel = own.get("selection")
         if spec.method != "original" and sel is not None and sel.chosen is not None:
-            out["own_direction"] = cached_json(vdir / "quality_own_direction.json", {**key, "source": list(sel.chosen)},
-                                               lambda: quality(model, sel.direction_raw, sel.chosen[1]))
-            out["own_direction_in_original"] = cached_json(vdir / "quality_own_direction_in_original.json", {**key, "source": list(sel.chosen)},
-                                                           lambda: quality(self.base.model, sel.direction_raw, sel.chosen[1]))
+            out["own_direction"] = cached_json(
+                vdir / "quality_own_direction.json",
+                {**key, "source": list(sel.chosen)},
+                lambda: quality(model, sel.direction_raw, sel.chosen[1]),
+            )
+            out["own_direction_in_original"] = cached_json(
+                vdir / "quality_own_direction_in_original.json",
+                {**key, "source": list(sel.chosen)},
+                lambda: quality(self.base.model, sel.direction_raw, sel.chosen[1]),
+            )
         if cfg.n_ablation_asr:
             from lm.hooks import intervene
 
@@ -328,7 +444,9 @@ class Comparison:
             # ablated is measured on the held-out sets like every other ASR.
             ablated_id = dict(model=own["model_id"], ablate=_digest([repr(ref.direction_raw.tolist())]))
             with intervene(model, ablate=ref.direction_raw):
-                out["asr_original_direction_ablated"] = measure(model, tok, cfg.eval_config(cfg.n_ablation_asr), cfg.store(), ablated_id)
+                out["asr_original_direction_ablated"] = measure(
+                    model, tok, cfg.eval_config(cfg.n_ablation_asr), cfg.store(), ablated_id
+                )
         return out
 
     # --- the whole job -------------------------------------------------------------------
@@ -340,8 +458,14 @@ class Comparison:
             kinds = [] if spec.method == "original" else ["model"]
             kinds += ["ASR", "over-refusal", "perplexity"] + (["zero-shot"] if c.zero_shot_limit else [])
             kinds += ["selection"] if c.select and spec.method == "original" else []
-            kinds += ["directions"] + (["selection"] if c.select and spec.method != "original" and c.select_variants else [])
-            kinds += (["harmfulness probes"] + (["refusal-prediction probe"] if c.n_refusal_probe else [])) if c.probes else []
+            kinds += ["directions"] + (
+                ["selection"] if c.select and spec.method != "original" and c.select_variants else []
+            )
+            kinds += (
+                (["harmfulness probes"] + (["refusal-prediction probe"] if c.n_refusal_probe else []))
+                if c.probes
+                else []
+            )
             kinds += (["quality and ablation"] if c.select else []) + ["report"]
             plan += [(spec.text, kind) for kind in kinds]
         return plan + [("the job", "report")]
@@ -352,10 +476,15 @@ class Comparison:
         sweep_temporaries(self.cfg.store())
         self.dir.mkdir(parents=True, exist_ok=True)
         models = [s.text for s in self.specs]
-        with RunClock(self.dir / "invocations.json") as clock, JobProgress("compare_refusal", self.stage_plan(), models) as self.progress:
+        with (
+            RunClock(self.dir / "invocations.json") as clock,
+            JobProgress("compare_refusal", self.stage_plan(), models) as self.progress,
+        ):
             atomic_write_json(self.dir / "config.json", dataclasses.asdict(self.cfg))
-            self.progress.log(f"{len(models)} models at the {self.cfg.size} size, {len(self.progress.plan)} stages before the repairs; "
-                              f"the report ({self.dir / 'report.md'}) is rewritten after each model")
+            self.progress.log(
+                f"{len(models)} models at the {self.cfg.size} size, {len(self.progress.plan)} stages before the repairs; "
+                f"the report ({self.dir / 'report.md'}) is rewritten after each model"
+            )
             results = {}
             for spec in self.specs:
                 if spec.method == "original":
@@ -375,7 +504,9 @@ class Comparison:
                     self.write_report(self.summary(results, clock), results, partial=True)
             report = self.summary(results, clock)
             if self.cfg.repair:
-                report["repairs"] = repair_variants(self.cfg, self.base, self.dir, results, report, clock, self.progress)
+                report["repairs"] = repair_variants(
+                    self.cfg, self.base, self.dir, results, report, clock, self.progress
+                )
                 report["wall_seconds"] = clock.seconds
             with self.progress.stage("the job", "report"):
                 clock.tick(finished=True)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.architecture import block_linears, decoder_layers, decoder_linears
 from compression.snip import response_loss
+from lm.architecture import block_linears, decoder_layers, decoder_linears
 from lm.errors import UserError
 
 ADAPTER = "default"
@@ -38,7 +38,8 @@ class LoraTrainConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] | None = None  # linear names (e.g. q_proj down_proj); None: every linear of the decoder blocks
+    #: linear names (e.g. q_proj down_proj); None: every linear of the decoder blocks
+    targets: tuple[str, ...] | None = None
     lr: float = 2e-4
     weight_decay: float = 0.0
     steps: int = 20
@@ -96,7 +97,9 @@ class LoraRun:
     requires_grad: dict[str, bool] = field(default_factory=dict)  # the base model's flags, restored on detach
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers.values() for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+        return [
+            p for layer in self.layers.values() for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+        ]
 
     @torch.no_grad()
     def deltas(self) -> dict[str, torch.Tensor]:
@@ -145,11 +148,15 @@ def attach_lora(model: nn.Module, cfg: LoraTrainConfig, frozen: dict[str, torch.
         if name not in modules:
             raise UserError(f"frozen mask for unknown weight {name}")
         if mask.shape != modules[name].weight.shape or mask.dtype != torch.bool:
-            raise UserError(f"frozen mask for {name} must be bool {tuple(modules[name].weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+            raise UserError(
+                f"frozen mask for {name} must be bool {tuple(modules[name].weight.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+            )
     torch.manual_seed(cfg.seed)  # peft's A initialisation
     # layers_pattern/to_transform are not needed: target names are matched within decoder blocks
     # only, because the lm_head and embeddings carry other names.
-    config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets), bias="none")
+    config = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets), bias="none"
+    )
     peft_model = get_peft_model(model, config)
     layers = {}
     for module in peft_model.modules():
@@ -186,8 +193,14 @@ def training_order(n_batches: int, steps: int, seed: int) -> list[int]:
     return order[:steps]
 
 
-def train(run: LoraRun, batches: list[dict[str, torch.Tensor]], cfg: LoraTrainConfig, checkpoints: tuple[int, ...] = (),
-          on_checkpoint=None, desc: str = "LoRA") -> list[float]:
+def train(
+    run: LoraRun,
+    batches: list[dict[str, torch.Tensor]],
+    cfg: LoraTrainConfig,
+    checkpoints: tuple[int, ...] = (),
+    on_checkpoint=None,
+    desc: str = "LoRA",
+) -> list[float]:
     """AdamW on the response loss; calls on_checkpoint(step) after each step listed in checkpoints
     (and at step 0 if listed). Returns the loss of every step."""
     from tqdm.auto import tqdm

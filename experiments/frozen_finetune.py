@@ -46,9 +46,24 @@ from typing import Literal
 
 import torch
 
-from compression.attribution import importance_scores, is_refusal, own_replies, safety_pairs, scores_cached, utility_pairs
+from compression.attribution import (
+    importance_scores,
+    is_refusal,
+    own_replies,
+    safety_pairs,
+    scores_cached,
+    utility_pairs,
+)
 from compression.calibration import tokenize_pairs
-from compression.weight_groups import SCORED_GROUPS, GroupConfig, agreement, group_drift, group_sizes, scored_groups, weight_groups
+from compression.weight_groups import (
+    SCORED_GROUPS,
+    GroupConfig,
+    agreement,
+    group_drift,
+    group_sizes,
+    scored_groups,
+    weight_groups,
+)
 from lm import datasets
 from lm.architecture import check_dense
 from lm.cache import atomic_dir, atomic_save_tensors, atomic_write_json, atomic_write_text, cached_json
@@ -56,7 +71,15 @@ from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.loading import load_model, model_fingerprint
 
-from .finetune_lora import LoraTrainConfig, attach_lora, check_targets, decoder_linear_modules, linear_kinds, merged, train
+from .finetune_lora import (
+    LoraTrainConfig,
+    attach_lora,
+    check_targets,
+    decoder_linear_modules,
+    linear_kinds,
+    merged,
+    train,
+)
 from .frozen_finetune_report import drift_figure, overlap_figure, render_markdown
 
 ARMS = ("frozen", "unfrozen")
@@ -83,7 +106,8 @@ class FrozenFinetuneConfig:
     rank: int = 8  # LoRA rank
     alpha: float = 16.0  # LoRA alpha
     dropout: float = 0.0  # LoRA dropout
-    targets: tuple[str, ...] | None = None  # LoRA target linear names (e.g. q_proj down_proj); None: every linear of the decoder blocks
+    #: LoRA target linear names (e.g. q_proj down_proj); None: every linear of the decoder blocks
+    targets: tuple[str, ...] | None = None
     #: AdamW learning rate. CPU-sized: 20 steps at 1e-3 move the adapter about as far as 100 at 2e-4
     #: (a usual LoRA rate); at GPU scale use e.g. --lr 2e-4 --steps 500.
     lr: float = 1e-3
@@ -94,8 +118,19 @@ class FrozenFinetuneConfig:
     figures_dir: str | None = None  # also export the figures here as HTML + PNG (e.g. figures/)
 
     def __post_init__(self):
-        if min(self.n_safety, self.n_utility, self.n_train, self.max_new_tokens, self.seqlen, self.score_batch_size,
-               self.batch_size, self.checkpoints) <= 0:
+        if (
+            min(
+                self.n_safety,
+                self.n_utility,
+                self.n_train,
+                self.max_new_tokens,
+                self.seqlen,
+                self.score_batch_size,
+                self.batch_size,
+                self.checkpoints,
+            )
+            <= 0
+        ):
             raise UserError("sample counts, token lengths, batch sizes and checkpoints must be positive")
         if self.eps_fraction <= 0:
             raise UserError(f"--eps-fraction must be positive, got {self.eps_fraction}")
@@ -105,15 +140,24 @@ class FrozenFinetuneConfig:
     @classmethod
     def quick(cls, **overrides) -> FrozenFinetuneConfig:
         """CI-sized: every stage on a handful of short sequences."""
-        small = dict(n_safety=6, n_utility=4, n_train=4, max_new_tokens=12, seqlen=96, steps=2, batch_size=2, checkpoints=1)
+        small = dict(
+            n_safety=6, n_utility=4, n_train=4, max_new_tokens=12, seqlen=96, steps=2, batch_size=2, checkpoints=1
+        )
         return cls(**{**small, **overrides})
 
     def group_config(self) -> GroupConfig:
         return GroupConfig(p=self.p, q=self.q, per=self.per, seed=self.seed)
 
     def train_config(self) -> LoraTrainConfig:
-        return LoraTrainConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=None if self.targets is None else tuple(self.targets), lr=self.lr,
-                               steps=self.steps, seed=self.seed)
+        return LoraTrainConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            targets=None if self.targets is None else tuple(self.targets),
+            lr=self.lr,
+            steps=self.steps,
+            seed=self.seed,
+        )
 
     def checkpoint_steps(self) -> tuple[int, ...]:
         n = min(self.checkpoints, self.steps)
@@ -143,7 +187,9 @@ class FrozenFinetune:
         self.base = load_model(cfg.model, dtype=cfg.dtype)
         check_dense(self.base.model, "the frozen fine-tuning experiment (LoRA and weight groups on nn.Linear layers)")
         # Resolved before anything is keyed or recorded, so config.json names the linears trained.
-        self.cfg = cfg = dataclasses.replace(cfg, targets=tuple(cfg.targets) if cfg.targets is not None else linear_kinds(self.base.model))
+        self.cfg = cfg = dataclasses.replace(
+            cfg, targets=tuple(cfg.targets) if cfg.targets is not None else linear_kinds(self.base.model)
+        )
         self.dir = cfg.run_dir()
         check_targets(self.base.model, cfg.targets)
         self.fingerprint = model_fingerprint(self.base.model)
@@ -152,8 +198,14 @@ class FrozenFinetune:
     def data(self) -> dict:
         """Safety, utility and training pairs (chat-formatted prompt, own greedy reply), generated once."""
         c, model, tok = self.cfg, self.base.model, self.base.tokenizer
-        params = dict(model=self.fingerprint, n_safety=c.n_safety, n_utility=c.n_utility, n_train=c.n_train,
-                      max_new_tokens=c.max_new_tokens, seed=c.seed)
+        params = dict(
+            model=self.fingerprint,
+            n_safety=c.n_safety,
+            n_utility=c.n_utility,
+            n_train=c.n_train,
+            max_new_tokens=c.max_new_tokens,
+            seed=c.seed,
+        )
 
         def make():
             safety = safety_pairs(model, tok, c.n_safety, c.seed, c.max_new_tokens)
@@ -162,7 +214,9 @@ class FrozenFinetune:
             # utility_pairs draws datasets.sample(pool, n_utility, seed); training avoids those instructions.
             held_out = set(datasets.sample(pool, c.n_utility, c.seed))
             instructions = datasets.sample([i for i in pool if i not in held_out], c.n_train, c.seed + 1)
-            train_pairs = [(p, r) for p, r in own_replies(model, tok, instructions, c.max_new_tokens, c.seed) if not is_refusal(r)]
+            train_pairs = [
+                (p, r) for p, r in own_replies(model, tok, instructions, c.max_new_tokens, c.seed) if not is_refusal(r)
+            ]
             if not train_pairs:
                 raise UserError(f"the model refused all {c.n_train} harmless training instructions")
             return dict(safety=safety, utility=utility, train=train_pairs)
@@ -173,13 +227,19 @@ class FrozenFinetune:
     def calibration(self, data: dict) -> dict:
         """The safety and utility pairs tokenized for scoring."""
         c, tok = self.cfg, self.base.tokenizer
-        return {kind: tokenize_pairs(tok, [tuple(pair) for pair in data[kind]], c.seqlen, c.score_batch_size)
-                for kind in ("safety", "utility")}
+        return {
+            kind: tokenize_pairs(tok, [tuple(pair) for pair in data[kind]], c.seqlen, c.score_batch_size)
+            for kind in ("safety", "utility")
+        }
 
     def original_scores(self, calibration: dict) -> dict:
         """Wanda safety and utility scores of the original model, cached as safetensors."""
-        return {kind: scores_cached(self.base.model, "wanda", cal, self.dir / "scores", self.fingerprint, name=f"{kind}-original")
-                for kind, cal in calibration.items()}
+        return {
+            kind: scores_cached(
+                self.base.model, "wanda", cal, self.dir / "scores", self.fingerprint, name=f"{kind}-original"
+            )
+            for kind, cal in calibration.items()
+        }
 
     def agreement(self, arm: str, adapter_sha256: str, deltas: dict, calibration: dict, groups: dict) -> dict:
         """Overlap of each scored group before and after the arm's update, cached as JSON.
@@ -188,8 +248,13 @@ class FrozenFinetune:
         float32 tensors per arm (2.9 GB per arm on the 0.5B model) for a few numbers.
         """
         c = self.cfg
-        params = dict(arm=arm, model=self.fingerprint, adapter=adapter_sha256, groups=dataclasses.asdict(c.group_config()),
-                      data={kind: cal.digest for kind, cal in calibration.items()})
+        params = dict(
+            arm=arm,
+            model=self.fingerprint,
+            adapter=adapter_sha256,
+            groups=dataclasses.asdict(c.group_config()),
+            data={kind: cal.digest for kind, cal in calibration.items()},
+        )
 
         def make():
             with merged(self.base.model, deltas):
@@ -204,9 +269,17 @@ class FrozenFinetune:
         """Train one arm (or reuse it): adapter.safetensors + log.json with losses and drift per checkpoint."""
         c, tok = self.cfg, self.base.tokenizer
         train_cfg = c.train_config()
-        params = dict(arm=arm, model=self.fingerprint, data=data_digest, train=dataclasses.asdict(train_cfg), batch_size=c.batch_size,
-                      seqlen=c.seqlen, groups=dataclasses.asdict(c.group_config()), checkpoints=list(c.checkpoint_steps()),
-                      eps_fraction=c.eps_fraction)
+        params = dict(
+            arm=arm,
+            model=self.fingerprint,
+            data=data_digest,
+            train=dataclasses.asdict(train_cfg),
+            batch_size=c.batch_size,
+            seqlen=c.seqlen,
+            groups=dataclasses.asdict(c.group_config()),
+            checkpoints=list(c.checkpoint_steps()),
+            eps_fraction=c.eps_fraction,
+        )
         arm_dir = self.dir / arm
         frozen = groups["safety_critical"] if arm == "frozen" else None
         log_path = arm_dir / "log.json"
@@ -220,8 +293,10 @@ class FrozenFinetune:
             run.detach()
             return dict(log=json.loads(log_path.read_text())["result"], deltas=deltas)
 
-        _log(f"{arm}: LoRA r={c.rank} on {len(data['train'])} pairs, {c.steps} steps of {c.batch_size}"
-             + (f", {sum(int(m.sum()) for m in frozen.values())} safety-critical weights frozen" if frozen else ""))
+        _log(
+            f"{arm}: LoRA r={c.rank} on {len(data['train'])} pairs, {c.steps} steps of {c.batch_size}"
+            + (f", {sum(int(m.sum()) for m in frozen.values())} safety-critical weights frozen" if frozen else "")
+        )
         batches = tokenize_pairs(tok, [tuple(pair) for pair in data["train"]], c.seqlen, c.batch_size).batches
         initial = {name: m.weight for name, m in decoder_linear_modules(self.base.model).items()}
         run = attach_lora(self.base.model, train_cfg, frozen)
@@ -237,10 +312,17 @@ class FrozenFinetune:
             state, deltas = run.adapter_state(), run.deltas()
         finally:
             run.detach()
-        log = dict(losses=losses, drift=drift, train_seconds=round(seconds, 1), n_pairs=len(data["train"]),
-                   adapter_sha256=_digest_tensors(state))
+        log = dict(
+            losses=losses,
+            drift=drift,
+            train_seconds=round(seconds, 1),
+            n_pairs=len(data["train"]),
+            adapter_sha256=_digest_tensors(state),
+        )
         with atomic_dir(arm_dir) as tmp:
-            atomic_save_tensors(tmp / "adapter.safetensors", state, metadata={"params": json.dumps(params, sort_keys=True)})
+            atomic_save_tensors(
+                tmp / "adapter.safetensors", state, metadata={"params": json.dumps(params, sort_keys=True)}
+            )
             atomic_write_json(tmp / "log.json", dict(params=params, result=log))
         return dict(log=log, deltas=deltas)
 
@@ -252,7 +334,9 @@ class FrozenFinetune:
         atomic_write_json(self.dir / "config.json", dataclasses.asdict(c))
         data = self.data()
         data_digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-        _log(f"data: {len(data['safety'])} refusals, {len(data['utility'])} utility and {len(data['train'])} training pairs")
+        _log(
+            f"data: {len(data['safety'])} refusals, {len(data['utility'])} utility and {len(data['train'])} training pairs"
+        )
 
         calibration = self.calibration(data)
         original = self.original_scores(calibration)
@@ -275,10 +359,17 @@ class FrozenFinetune:
             )
             del deltas
         report = dict(
-            model=c.model, model_name=self.base.name, base_fingerprint=self.fingerprint, config=dataclasses.asdict(c),
-            checkpoint_steps=list(c.checkpoint_steps()), n_pairs={k: len(v) for k, v in data.items()},
-            group_sizes=sizes, chance_jaccard=chance_jaccard(sizes), published_jaccard=PUBLISHED_JACCARD,
-            arms=arms, wall_seconds=round(time.perf_counter() - start, 1),
+            model=c.model,
+            model_name=self.base.name,
+            base_fingerprint=self.fingerprint,
+            config=dataclasses.asdict(c),
+            checkpoint_steps=list(c.checkpoint_steps()),
+            n_pairs={k: len(v) for k, v in data.items()},
+            group_sizes=sizes,
+            chance_jaccard=chance_jaccard(sizes),
+            published_jaccard=PUBLISHED_JACCARD,
+            arms=arms,
+            wall_seconds=round(time.perf_counter() - start, 1),
         )
         figs = dict(frozen_finetune_overlap=overlap_figure(report), frozen_finetune_drift=drift_figure(report))
         atomic_write_json(self.dir / "report.json", report)
@@ -297,8 +388,11 @@ class FrozenFinetune:
 def frozen_unchanged(deltas: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor]) -> dict:
     """Frozen weights the update touched (must be 0) and how many targeted matrices were checked."""
     moved = sum(int((deltas[n][m] != 0).sum()) for n, m in frozen.items() if n in deltas)
-    return dict(frozen=sum(int(frozen[n].sum()) for n in frozen if n in deltas), moved=moved,
-                matrices_checked=sum(1 for n in frozen if n in deltas))
+    return dict(
+        frozen=sum(int(frozen[n].sum()) for n in frozen if n in deltas),
+        moved=moved,
+        matrices_checked=sum(1 for n in frozen if n in deltas),
+    )
 
 
 def chance_jaccard(sizes: dict[str, dict]) -> dict[str, float]:
@@ -308,10 +402,19 @@ def chance_jaccard(sizes: dict[str, dict]) -> dict[str, float]:
 
 def parse_args(argv=None) -> FrozenFinetuneConfig:
     """Flags generated from FrozenFinetuneConfig's fields (lm.cli); --quick starts from FrozenFinetuneConfig.quick()."""
-    cfg, presets = parse_config(FrozenFinetuneConfig, argv, prog="python -m experiments.frozen_finetune", description=__doc__.split("\n\n")[0],
-                                presets={"quick": (FrozenFinetuneConfig.quick, "CI-sized run: a handful of short sequences, 2 steps")})
+    cfg, presets = parse_config(
+        FrozenFinetuneConfig,
+        argv,
+        prog="python -m experiments.frozen_finetune",
+        description=__doc__.split("\n\n")[0],
+        presets={"quick": (FrozenFinetuneConfig.quick, "CI-sized run: a handful of short sequences, 2 steps")},
+    )
     if presets and cfg.name is None:
-        cfg = dataclasses.replace(cfg, name="frozen-finetune-quick" + ("" if cfg.model == "embedded" else "-" + Path(cfg.model).name.replace("/", "-")))
+        cfg = dataclasses.replace(
+            cfg,
+            name="frozen-finetune-quick"
+            + ("" if cfg.model == "embedded" else "-" + Path(cfg.model).name.replace("/", "-")),
+        )
     return cfg
 
 

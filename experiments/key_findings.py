@@ -19,8 +19,11 @@ def name(row: dict) -> str:
 
 
 def _p(test: dict) -> str:
-    return (f"exact McNemar p = {test['p_holm']:.2g} after Holm over {test['family_size']}" if "p_holm" in test
-            else f"exact McNemar p = {test['p_value']:.2g}")
+    return (
+        f"exact McNemar p = {test['p_holm']:.2g} after Holm over {test['family_size']}"
+        if "p_holm" in test
+        else f"exact McNemar p = {test['p_value']:.2g}"
+    )
 
 
 def _changes(rows: list[dict], measure: str, what: str) -> list[str]:
@@ -35,8 +38,14 @@ def _changes(rows: list[dict], measure: str, what: str) -> list[str]:
         rate = row["rates"][measure][JUDGE]
         if test.get("significant"):
             diff = 100 * (rate["value"] - original["value"])
-            collapsed = " — collapsed: broken text, not compliance" if measure == "asr" and (row.get("collapse") or {}).get("collapsed") else ""
-            changed.append(f"{name(row)}: {fmt_rate(original)} → {fmt_rate(rate)}, {diff:+.0f} points ({_p(test)}){collapsed}")
+            collapsed = (
+                " — collapsed: broken text, not compliance"
+                if measure == "asr" and (row.get("collapse") or {}).get("collapsed")
+                else ""
+            )
+            changed.append(
+                f"{name(row)}: {fmt_rate(original)} → {fmt_rate(rate)}, {diff:+.0f} points ({_p(test)}){collapsed}"
+            )
         else:
             unchanged.append((row, test))
     out = []
@@ -49,8 +58,11 @@ def _changes(rows: list[dict], measure: str, what: str) -> list[str]:
     if unchanged:
         test = unchanged[0][1]
         floor = min_detectable_difference(test["n"], test.get("family_size", 1))
-        could = (f"; at this n a difference had to be at least {100 * floor:.0f} points to be significant at Holm's first step" if floor
-                 else "; at this n no difference could be significant")
+        could = (
+            f"; at this n a difference had to be at least {100 * floor:.0f} points to be significant at Holm's first step"
+            if floor
+            else "; at this n no difference could be significant"
+        )
         out.append(f"Not significant at 5%: {', '.join(name(r) for r, _ in unchanged)}{could}.")
     return out
 
@@ -65,19 +77,26 @@ def _direction(report: dict) -> list[str]:
     if source is None:
         if rows[0].get("source_shift") is None and not report["config"].get("select", True):
             return []
-        return ["**No refusal direction was selected for the original**, so its movement and the repair were not measured "
-                "(see the notes under the results table)."]
+        return [
+            "**No refusal direction was selected for the original**, so its movement and the repair were not measured "
+            "(see the notes under the results table)."
+        ]
     where = f"position {source['position']}, layer {source['layer']}"
     cos = [(r, r["cosine_at_original_source"]) for r in rows[1:] if r.get("cosine_at_original_source") is not None]
     out = [f"**The original's refusal direction** is read at {where} (Arditi et al.'s selection)."]
     if cos:
         low, high = min(cos, key=lambda rc: rc[1]), max(cos, key=lambda rc: rc[1])
         moved = [r for r in rows[1:] if (r.get("source_shift") or {}).get("d_layer")]
-        span = (f"{low[1]:.3f} ({name(low[0])})" if len(cos) == 1 else
-                f"between {low[1]:.3f} ({name(low[0])}) and {high[1]:.3f} ({name(high[0])})")
-        out.append(f"At that source the variants' difference-of-means directions have a cosine to the original's of {span} "
-                   f"(a point estimate on {report['config']['n_train']} + {report['config']['n_train']} instructions, no interval)."
-                   + (f" The selected source moved in {', '.join(_shift(r) for r in moved)}." if moved else ""))
+        span = (
+            f"{low[1]:.3f} ({name(low[0])})"
+            if len(cos) == 1
+            else f"between {low[1]:.3f} ({name(low[0])}) and {high[1]:.3f} ({name(high[0])})"
+        )
+        out.append(
+            f"At that source the variants' difference-of-means directions have a cosine to the original's of {span} "
+            f"(a point estimate on {report['config']['n_train']} + {report['config']['n_train']} instructions, no interval)."
+            + (f" The selected source moved in {', '.join(_shift(r) for r in moved)}." if moved else "")
+        )
     return out
 
 
@@ -99,11 +118,19 @@ def _repairs(report: dict) -> list[str]:
             return fmt_rate(rate[JUDGE]) if rate else "-"
 
         row = next((v for v in report["variants"] if v["variant"] == variant), {"variant": variant})
-        verdict = "" if test is None else (f"; {'a significant change' if test.get('significant') else 'not significant at 5%'} "
-                                           f"against the compressed model ({_p(test)})")
-        out.append(f"**Repair of {name(row)}**: restoring {st['anchored']['restored']:,} weights (anchored restoration) takes held-out ASR "
-                   f"from {asr('compressed')} to {asr('anchored')} (original {asr('original')}){verdict}; over-refusal "
-                   f"{over('compressed')} before, {over('anchored')} after (original {over('original')}).")
+        verdict = (
+            ""
+            if test is None
+            else (
+                f"; {'a significant change' if test.get('significant') else 'not significant at 5%'} "
+                f"against the compressed model ({_p(test)})"
+            )
+        )
+        out.append(
+            f"**Repair of {name(row)}**: restoring {st['anchored']['restored']:,} weights (anchored restoration) takes held-out ASR "
+            f"from {asr('compressed')} to {asr('anchored')} (original {asr('original')}){verdict}; over-refusal "
+            f"{over('compressed')} before, {over('anchored')} after (original {over('original')})."
+        )
     return out
 
 
@@ -115,16 +142,26 @@ def key_findings(report: dict) -> list[str]:
     if size == "quick":
         n = rows[0].get("n_prompts")
         always = report["config"].get("repair_when") == "always" and report["config"].get("repair")
-        lines += [f"*Quick size: {n} harmful prompts per model. This run checks that every stage works; its numbers are too few "
-                  "to support any claim" + (", and every variant was repaired whatever its evidence" if always else "") + ".*", ""]
+        lines += [
+            f"*Quick size: {n} harmful prompts per model. This run checks that every stage works; its numbers are too few "
+            "to support any claim"
+            + (", and every variant was repaired whatever its evidence" if always else "")
+            + ".*",
+            "",
+        ]
     if report["config"].get("max_new_tokens", 128) < WEI_TOKENS:
-        lines += [f"*The Wei et al. judge counts a completion as jailbroken only from 20 words on, which {report['config']['max_new_tokens']} "
-                  "tokens rarely hold: its ASR here is near 0 by construction; read the Arditi judge's.*", ""]
+        lines += [
+            f"*The Wei et al. judge counts a completion as jailbroken only from 20 words on, which {report['config']['max_new_tokens']} "
+            "tokens rarely hold: its ASR here is near 0 by construction; read the Arditi judge's.*",
+            "",
+        ]
     if not rows[1:]:
         return lines + ["Only the original is measured so far.", ""]
     items = []
     if all(r.get("rates") for r in rows):
-        items += _changes(rows, "asr", "Attack success rate") + _changes(rows, "over_refusal", "Over-refusal on harmless prompts")
+        items += _changes(rows, "asr", "Attack success rate") + _changes(
+            rows, "over_refusal", "Over-refusal on harmless prompts"
+        )
     items += _direction(report) + _repairs(report)
     lines += [item if item.startswith("    ") else f"- {item}" for item in items]
     return lines + [""]

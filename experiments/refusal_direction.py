@@ -26,7 +26,15 @@ from typing import Literal
 
 import torch
 
-from lm.cache import atomic_dir, atomic_write_json, atomic_write_text, cached_json, sweep_temporaries, warn, write_plotlyjs
+from lm.cache import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    cached_json,
+    sweep_temporaries,
+    warn,
+    write_plotlyjs,
+)
 from lm.chat import format_prompts, tokenize_prompts
 from lm.cli import parse_config
 from lm.errors import UserError, cli
@@ -39,14 +47,17 @@ from refusal.judge_report import judges_markdown, judges_section
 from refusal.judge_spec import judge_panel, parse_judges
 from refusal.judges import JUDGE_NAMES
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig, describe_prompts, measure, paired
-from refusal.stats import add_holm, describe_change, fmt_p, fmt_rate
 from refusal.select import SelectionConfig
 from refusal.selection_artifacts import load_selection, score_maps_figure, select_direction_cached
+from refusal.stats import add_holm, describe_change, fmt_p, fmt_rate
 
-
-LABELS = {"harmful_baseline": "harmful, baseline", "harmful_ablated": "harmful, direction ablated (hooks)",
-          "harmless_baseline": "harmless, baseline", "harmless_actadd": "harmless, direction added",
-          "harmful_orthogonalized": "harmful, weights orthogonalized"}
+LABELS = {
+    "harmful_baseline": "harmful, baseline",
+    "harmful_ablated": "harmful, direction ablated (hooks)",
+    "harmless_baseline": "harmless, baseline",
+    "harmless_actadd": "harmless, direction added",
+    "harmful_orthogonalized": "harmful, weights orthogonalized",
+}
 
 
 @dataclass
@@ -54,8 +65,10 @@ class DirectionConfig:
     model: str = "embedded"  # 'embedded', a hub id, a local safetensors directory, or a .gguf file
     name: str | None = None  # run directory name under runs_dir (None: direction-<model>)
     runs_dir: str = "runs"  # where run directories and the measurement store live
-    selection_dir: str | None = None  # reuse a saved selection (selection.json + direction.safetensors) instead of selecting
-    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL  # held-out harmful sets: advbench jailbreakbench harmbench strongreject, or file:PATH
+    #: reuse a saved selection (selection.json + direction.safetensors) instead of selecting
+    selection_dir: str | None = None
+    #: held-out harmful sets: advbench jailbreakbench harmbench strongreject, or file:PATH
+    eval_sets: tuple[str, ...] = DEFAULT_HARMFUL
     harmless_sets: tuple[str, ...] = DEFAULT_HARMLESS  # held-out harmless sets: alpaca or file:PATH
     n_test: int = 32  # first prompts of each harmful set
     n_harmless: int = 64  # first prompts of each harmless set
@@ -77,8 +90,19 @@ class DirectionConfig:
         plain_name(self.name)
         self.judges = tuple(str(j) for j in self.judges)
         parse_judges(self.judges)
-        check_ranges(self, dict(n_test=POSITIVE, n_harmless=POSITIVE, max_new_tokens=POSITIVE, n_train=POSITIVE, n_val=POSITIVE,
-                                prescreen_n_val=NON_NEGATIVE, seed=NON_NEGATIVE, batch_size=POSITIVE))
+        check_ranges(
+            self,
+            dict(
+                n_test=POSITIVE,
+                n_harmless=POSITIVE,
+                max_new_tokens=POSITIVE,
+                n_train=POSITIVE,
+                n_val=POSITIVE,
+                prescreen_n_val=NON_NEGATIVE,
+                seed=NON_NEGATIVE,
+                batch_size=POSITIVE,
+            ),
+        )
         self.eval_sets, self.harmless_sets = check_names(self.eval_sets), check_names(self.harmless_sets)
         check_roles(self.eval_sets, self.harmless_sets)
         self.eval_config()
@@ -87,15 +111,24 @@ class DirectionConfig:
         return Path(self.runs_dir) / (self.name or "direction-" + Path(self.model).name.replace("/", "-"))
 
     def eval_config(self) -> EvalConfig:
-        return EvalConfig(sets=self.eval_sets, n=self.n_test, max_new_tokens=self.max_new_tokens, seed=self.seed, batch_size=self.batch_size)
+        return EvalConfig(
+            sets=self.eval_sets,
+            n=self.n_test,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
 
     def store(self) -> Path:
         return Path(self.measurements_dir) if self.measurements_dir else Path(self.runs_dir) / "measurements"
 
 
 # Each intervention against its baseline: (row, baseline row, outcome compared).
-COMPARISONS = (("harmful_ablated", "harmful_baseline", "jailbroken"), ("harmful_orthogonalized", "harmful_baseline", "jailbroken"),
-               ("harmless_actadd", "harmless_baseline", "refused"))
+COMPARISONS = (
+    ("harmful_ablated", "harmful_baseline", "jailbroken"),
+    ("harmful_orthogonalized", "harmful_baseline", "jailbroken"),
+    ("harmless_actadd", "harmless_baseline", "refused"),
+)
 
 
 def run(cfg: DirectionConfig) -> dict:
@@ -111,8 +144,19 @@ def run(cfg: DirectionConfig) -> dict:
     if cfg.selection_dir:
         sel = load_selection(Path(cfg.selection_dir))
     else:
-        sel = select_direction_cached(model, tok, out / "selection", SelectionConfig(
-            n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed, search=cfg.search, prescreen_n_val=cfg.prescreen_n_val), fingerprint)
+        sel = select_direction_cached(
+            model,
+            tok,
+            out / "selection",
+            SelectionConfig(
+                n_train=cfg.n_train,
+                n_val=cfg.n_val,
+                seed=cfg.seed,
+                search=cfg.search,
+                prescreen_n_val=cfg.prescreen_n_val,
+            ),
+            fingerprint,
+        )
     if sel.chosen is None:
         raise UserError(f"{sel.no_direction_reason()}; see the score maps in selection.json")
     if sel.non_finite_note():
@@ -124,12 +168,20 @@ def run(cfg: DirectionConfig) -> dict:
     harmful_cfg, store = cfg.eval_config(), cfg.store()
     harmless_cfg = harmful_cfg.harmless(cfg.harmless_sets, cfg.n_harmless)
     harmful = [p.text for p in harmful_cfg.prompts()]
-    direction = dict(source=[pos, layer], direction=hashlib.sha256(raw.detach().float().cpu().numpy().tobytes()).hexdigest()[:16])
+    direction = dict(
+        source=[pos, layer], direction=hashlib.sha256(raw.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    )
 
     def intervened(eval_cfg, **intervention):
         with intervene(model, **intervention):
-            return measure(model, tok, eval_cfg, store, dict(model=fingerprint, **direction, intervention=sorted(intervention)),
-                           judges=panel)
+            return measure(
+                model,
+                tok,
+                eval_cfg,
+                store,
+                dict(model=fingerprint, **direction, intervention=sorted(intervention)),
+                judges=panel,
+            )
 
     results = {
         "harmful_baseline": measure(model, tok, harmful_cfg, store, fingerprint, judges=panel),
@@ -155,7 +207,12 @@ def run(cfg: DirectionConfig) -> dict:
         mask = enc["attention_mask"].bool()
         diff = float((hooked - weights).abs()[mask].max())
         measured = measure(reloaded, tok, harmful_cfg, store, model_fingerprint(reloaded))
-        return dict(max_abs_logit_diff_vs_hooks=diff, checkpoint=str(ckpt), model_id=model_fingerprint(reloaded), seconds=measured["seconds"])
+        return dict(
+            max_abs_logit_diff_vs_hooks=diff,
+            checkpoint=str(ckpt),
+            model_id=model_fingerprint(reloaded),
+            seconds=measured["seconds"],
+        )
 
     ortho = cached_json(out / "orthogonalized.json", key, orthogonalized)
 
@@ -168,7 +225,9 @@ def run(cfg: DirectionConfig) -> dict:
                 return reloaded
         except UserError:
             pass
-        warn(f"{ortho['checkpoint']} is not the checkpoint that was measured (damaged or replaced); orthogonalizing again")
+        warn(
+            f"{ortho['checkpoint']} is not the checkpoint that was measured (damaged or replaced); orthogonalizing again"
+        )
         return orthogonalize_weights(copy.deepcopy(model), raw)
 
     # Measured inside orthogonalized(); reloaded only if the store lost that entry.
@@ -180,30 +239,50 @@ def run(cfg: DirectionConfig) -> dict:
         add_holm([tests[row][j] for row, _, _ in COMPARISONS])
     i = sel.positions.index(pos)
     report = dict(
-        model=cfg.model, model_name=loaded.name, config=dataclasses.asdict(cfg),
-        source=dict(position=pos, layer=layer), n_layers=sel.n_layers,
+        model=cfg.model,
+        model_name=loaded.name,
+        config=dataclasses.asdict(cfg),
+        source=dict(position=pos, layer=layer),
+        n_layers=sel.n_layers,
         scores=dict(bypass=float(sel.bypass[i, layer]), induce=float(sel.induce[i, layer]), kl=float(sel.kl[i, layer])),
-        selection_counts=sel.counts, selection_forward_passes=sel.forward_passes,
+        selection_counts=sel.counts,
+        selection_forward_passes=sel.forward_passes,
         # ASR on the harmful rows, the refusal rate (refusal strings) on the harmless ones.
         rates={k: v["rates"]["asr" if k.startswith("harmful") else "refusal"] for k, v in results.items()},
         tests=tests,
-        findings=[describe_change(LABELS[b], LABELS[r], results[b]["rates"][m]["arditi2024"], results[r]["rates"][m]["arditi2024"],
-                                  dict(tests[r]["arditi2024"], b=tests[r]["arditi2024"]["c"], c=tests[r]["arditi2024"]["b"]),
-                                  "ASR (Arditi judge)" if m == "asr" else "Refusal rate (Arditi judge)")
-                  for r, b, outcome in COMPARISONS for m in ["asr" if outcome == "jailbroken" else "refusal"]],
-        evaluation=dict(harmful=describe_prompts(results["harmful_baseline"], len(COMPARISONS)),
-                        harmless=describe_prompts(results["harmless_baseline"], len(COMPARISONS))),
+        findings=[
+            describe_change(
+                LABELS[b],
+                LABELS[r],
+                results[b]["rates"][m]["arditi2024"],
+                results[r]["rates"][m]["arditi2024"],
+                dict(tests[r]["arditi2024"], b=tests[r]["arditi2024"]["c"], c=tests[r]["arditi2024"]["b"]),
+                "ASR (Arditi judge)" if m == "asr" else "Refusal rate (Arditi judge)",
+            )
+            for r, b, outcome in COMPARISONS
+            for m in ["asr" if outcome == "jailbroken" else "refusal"]
+        ],
+        evaluation=dict(
+            harmful=describe_prompts(results["harmful_baseline"], len(COMPARISONS)),
+            harmless=describe_prompts(results["harmless_baseline"], len(COMPARISONS)),
+        ),
         n_test=cfg.n_test,
         max_abs_logit_diff_orthogonalized_vs_hooks=ortho["max_abs_logit_diff_vs_hooks"],
         samples={k: [r["completions"][0] for r in v["records"][:2]] for k, v in results.items()},
         wall_seconds=round(time.perf_counter() - start, 1),
     )
     if panel is not None:
-        report["judges"] = judges_section(panel, {
-            "baseline": dict(asr=results["harmful_baseline"], harmless=results["harmless_baseline"]),
-            LABELS["harmful_ablated"]: dict(asr=results["harmful_ablated"]), LABELS["harmless_actadd"]: dict(harmless=results["harmless_actadd"]),
-            LABELS["harmful_orthogonalized"]: dict(asr=results["harmful_orthogonalized"])},
-            [(LABELS[k], "baseline") for k in ("harmful_ablated", "harmful_orthogonalized", "harmless_actadd")], cfg.max_new_tokens)
+        report["judges"] = judges_section(
+            panel,
+            {
+                "baseline": dict(asr=results["harmful_baseline"], harmless=results["harmless_baseline"]),
+                LABELS["harmful_ablated"]: dict(asr=results["harmful_ablated"]),
+                LABELS["harmless_actadd"]: dict(harmless=results["harmless_actadd"]),
+                LABELS["harmful_orthogonalized"]: dict(asr=results["harmful_orthogonalized"]),
+            },
+            [(LABELS[k], "baseline") for k in ("harmful_ablated", "harmful_orthogonalized", "harmless_actadd")],
+            cfg.max_new_tokens,
+        )
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render(report))
     return report
@@ -230,11 +309,18 @@ def render(r: dict) -> str:
     tests = r.get("tests", {})
     for k, v in rates.items():
         t = tests.get(k, {})
-        lines.append(f"| {LABELS[k]} | {fmt_rate(v['arditi2024'])} | {fmt_p(t.get('arditi2024'))} | "
-                     f"{fmt_rate(v['wei2024'])} | {fmt_p(t.get('wei2024'))} |")
+        lines.append(
+            f"| {LABELS[k]} | {fmt_rate(v['arditi2024'])} | {fmt_p(t.get('arditi2024'))} | "
+            f"{fmt_rate(v['wei2024'])} | {fmt_p(t.get('wei2024'))} |"
+        )
     lines += [""] + [f"- {f}" for f in r.get("findings", [])]
-    lines += ["", f"Orthogonalized checkpoint vs hook ablation: max |logit difference| {r['max_abs_logit_diff_orthogonalized_vs_hooks']:.2e} (float32).",
-              "", f"Wall time {r['wall_seconds']:.0f} s.", ""]
+    lines += [
+        "",
+        f"Orthogonalized checkpoint vs hook ablation: max |logit difference| {r['max_abs_logit_diff_orthogonalized_vs_hooks']:.2e} (float32).",
+        "",
+        f"Wall time {r['wall_seconds']:.0f} s.",
+        "",
+    ]
     if r.get("judges"):
         lines += judges_markdown(r["judges"])
     return "\n".join(lines)
@@ -242,7 +328,9 @@ def render(r: dict) -> str:
 
 @cli
 def main(argv=None) -> int:
-    cfg, _ = parse_config(DirectionConfig, argv, prog="python -m experiments.refusal_direction", description=__doc__.split("\n\n")[0])
+    cfg, _ = parse_config(
+        DirectionConfig, argv, prog="python -m experiments.refusal_direction", description=__doc__.split("\n\n")[0]
+    )
     check_model_spec(cfg.model)
     judge_panel(cfg.judges)  # a judge directory of the wrong kind fails before the model loads
     if cfg.selection_dir:

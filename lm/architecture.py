@@ -49,13 +49,20 @@ class Layout:
 LLAMA = Layout("llama-style", "model", "layers", "norm", "self_attn", "mlp", "o_proj", "down_proj")
 LAYOUTS = {
     "gemma2": Layout("gemma2", "model", "layers", "norm", "self_attn", "mlp", "o_proj", "down_proj", post_norm=True),
-    "gemma3_text": Layout("gemma3", "model", "layers", "norm", "self_attn", "mlp", "o_proj", "down_proj", post_norm=True),
+    "gemma3_text": Layout(
+        "gemma3", "model", "layers", "norm", "self_attn", "mlp", "o_proj", "down_proj", post_norm=True
+    ),
     "olmo2": Layout("olmo2", "model", "layers", "norm", "self_attn", "mlp", "o_proj", "down_proj", post_norm=True),
-    "gpt_neox": Layout("gpt_neox", "gpt_neox", "layers", "final_layer_norm", "attention", "mlp", "dense", "dense_4h_to_h"),
+    "gpt_neox": Layout(
+        "gpt_neox", "gpt_neox", "layers", "final_layer_norm", "attention", "mlp", "dense", "dense_4h_to_h"
+    ),
     # Found so that check_linears can name why it is refused (Conv1D), not "no decoder blocks".
     "gpt2": Layout("gpt2", "transformer", "h", "ln_f", "attn", "mlp", "c_proj", "c_proj"),
 }
-POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # what a post-norm block adds, attention then MLP
+POST_NORMS = (
+    "post_attention_layernorm",
+    "post_feedforward_layernorm",
+)  # what a post-norm block adds, attention then MLP
 
 
 def layout(model: nn.Module) -> Layout:
@@ -65,7 +72,9 @@ def layout(model: nn.Module) -> Layout:
 
 
 def _missing(model: nn.Module, what: str) -> UserError:
-    return UserError(f"unsupported architecture {type(model).__name__} ({layout(model).family} layout): cannot find {what}")
+    return UserError(
+        f"unsupported architecture {type(model).__name__} ({layout(model).family} layout): cannot find {what}"
+    )
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -106,13 +115,17 @@ def residual_writers(model: nn.Module, block: nn.Module) -> list[nn.Module]:
     post-norm family has none (a norm follows every one), which is a UserError here."""
     lay = layout(model)
     if lay.post_norm:
-        raise UserError(f"{lay.family}: attention and MLP outputs pass through {' / '.join(POST_NORMS)} before the residual add, "
-                        "so no weight edit removes a direction exactly; use hook ablation (lm.hooks.intervene) instead")
+        raise UserError(
+            f"{lay.family}: attention and MLP outputs pass through {' / '.join(POST_NORMS)} before the residual add, "
+            "so no weight edit removes a direction exactly; use hook ablation (lm.hooks.intervene) instead"
+        )
     attn, mlp = block_parts(model, block)
     writers = []
     for module, name in ((attn, lay.attn_writer), (mlp, lay.mlp_writer)):
         writer = getattr(module, name, None)
-        if writer is None and hasattr(module, "experts"):  # mixture of experts: experts' down projections, then a shared expert's
+        if writer is None and hasattr(
+            module, "experts"
+        ):  # mixture of experts: experts' down projections, then a shared expert's
             writer = module.experts
             shared = getattr(module, "shared_expert", None)
             if shared is not None:
@@ -149,7 +162,9 @@ ROUTERS = ("gate", "router", "shared_expert_gate")  # children of a mixture-of-e
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear of a decoder block by its path inside the block (e.g. 'self_attn.q_proj'),
     routers excepted; experts' linears appear only inside lm.experts.experts_as_linears."""
-    routers = {f"{name}.{r}" if name else r for name, m in block.named_modules() if hasattr(m, "experts") for r in ROUTERS}
+    routers = {
+        f"{name}.{r}" if name else r for name, m in block.named_modules() if hasattr(m, "experts") for r in ROUTERS
+    }
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and name not in routers}
 
 
@@ -177,8 +192,12 @@ def decoder_linears(model: nn.Module, layers=None) -> dict[str, nn.Linear]:
 
 def expert_weights(model: nn.Module) -> list[str]:
     """Parameters of the decoder blocks with more than two dimensions: fused expert tensors."""
-    return [f"{block_prefix(model, i)}{n}" for i, block in enumerate(decoder_layers(model))
-            for n, p in block.named_parameters() if p.dim() > 2]
+    return [
+        f"{block_prefix(model, i)}{n}"
+        for i, block in enumerate(decoder_layers(model))
+        for n, p in block.named_parameters()
+        if p.dim() > 2
+    ]
 
 
 def decoder_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -194,8 +213,10 @@ def check_dense(model: nn.Module, what: str) -> None:
     """A UserError when `what`, which cannot run on expert tensors, would silently skip them."""
     experts = expert_weights(model)
     if experts:
-        raise UserError(f"{what} does not support this mixture-of-experts model's expert tensors "
-                        f"({experts[0]}, {len(experts)} in all)")
+        raise UserError(
+            f"{what} does not support this mixture-of-experts model's expert tensors "
+            f"({experts[0]}, {len(experts)} in all)"
+        )
 
 
 def check_linears(model: nn.Module) -> None:
@@ -203,8 +224,10 @@ def check_linears(model: nn.Module) -> None:
     block = decoder_layers(model)[0]
     conv = [name for name, m in block.named_modules() if type(m).__name__ == "Conv1D"]
     if conv:
-        raise UserError(f"unsupported architecture {type(model).__name__}: its projections ({conv[0]}, ...) are Conv1D layers "
-                        "with transposed [in, out] weights, which no stage of this toolkit reads")
+        raise UserError(
+            f"unsupported architecture {type(model).__name__}: its projections ({conv[0]}, ...) are Conv1D layers "
+            "with transposed [in, out] weights, which no stage of this toolkit reads"
+        )
 
 
 def fused_parts(model: nn.Module, name: str, rows: int) -> dict[str, torch.Tensor]:
@@ -220,7 +243,7 @@ def fused_parts(model: nn.Module, name: str, rows: int) -> dict[str, torch.Tenso
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         q, kv = heads * head_dim, getattr(config, "num_key_value_heads", heads) * head_dim
         if q + 2 * kv == rows:
-            return {"q": every[:q], "k": every[q:q + kv], "v": every[q + kv:]}
+            return {"q": every[:q], "k": every[q : q + kv], "v": every[q + kv :]}
     if kind == "query_key_value" and heads and rows % (3 * heads) == 0:  # GPT-NeoX: per head [q; k; v]
         per_head = every.view(heads, 3, rows // (3 * heads))
         return {p: per_head[:, i].reshape(-1) for i, p in enumerate("qkv")}
@@ -228,5 +251,5 @@ def fused_parts(model: nn.Module, name: str, rows: int) -> dict[str, torch.Tenso
         owner = model.get_submodule(path.rsplit(".", 2)[0]) if path.count(".") >= 2 else None
         if owner is not None and getattr(owner, "is_concatenated", True) is False:
             return {"gate": every[0::2], "up": every[1::2]}
-        return {"gate": every[: rows // 2], "up": every[rows // 2:]}
+        return {"gate": every[: rows // 2], "up": every[rows // 2 :]}
     return {kind: every}

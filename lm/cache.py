@@ -259,7 +259,9 @@ def measurement_key(model, *configs) -> dict:
     identifies a model state without hashing its weights (a variant spec on a base fingerprint, a
     restoration on a checkpoint). Every entry point builds its keys here and nowhere else.
     """
-    settings = {type(c).__name__: {k: v for k, v in dataclasses.asdict(c).items() if k not in NOT_IN_KEY} for c in configs}
+    settings = {
+        type(c).__name__: {k: v for k, v in dataclasses.asdict(c).items() if k not in NOT_IN_KEY} for c in configs
+    }
     return json.loads(json.dumps(dict(model=model, settings=settings), sort_keys=True, default=str))
 
 
@@ -307,7 +309,9 @@ def cached_tensors(path: Path, params: dict, compute) -> dict:
         note_reused(path)
         return tensors
     tensors = compute()
-    atomic_save_tensors(path, tensors, metadata={"params": json.dumps(params, sort_keys=True), "sha256": tensors_digest(tensors)})
+    atomic_save_tensors(
+        path, tensors, metadata={"params": json.dumps(params, sort_keys=True), "sha256": tensors_digest(tensors)}
+    )
     note_computed(path)
     return tensors
 
@@ -344,8 +348,12 @@ class RunClock:
         self.path = Path(path)
         self.lock_path = self.path.with_name(f".{self.path.name}.lock")
         self.start = time.perf_counter()
-        self.entry = dict(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=0.0, finished=False,
-                          invocation=f"{os.getpid()}-{os.urandom(4).hex()}")
+        self.entry = dict(
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            seconds=0.0,
+            finished=False,
+            invocation=f"{os.getpid()}-{os.urandom(4).hex()}",
+        )
         self.entries: list[dict] = []
         self.tick()
 
@@ -389,10 +397,15 @@ class RunClock:
             entries = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             entries = None
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("seconds"), (int, float)) for e in entries):
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("seconds"), (int, float)) for e in entries
+        ):
             warn(f"{self.path} is unreadable or malformed; starting a new log of invocations")
             return []
         return entries
 
     def summary(self) -> dict:
-        return dict(invocations=len(self.entries), wall_seconds_all_invocations=round(sum(e["seconds"] for e in self.entries), 1))
+        return dict(
+            invocations=len(self.entries),
+            wall_seconds_all_invocations=round(sum(e["seconds"] for e in self.entries), 1),
+        )

@@ -42,7 +42,9 @@ def from_mapping(base: T, values: Mapping[str, Any], where: str = "config") -> T
     names = {f.name: f for f in dataclasses.fields(base)}
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)} for {type(base).__name__}; known: {', '.join(names)}")
+        raise UserError(
+            f"{where}: unknown setting(s) {', '.join(unknown)} for {type(base).__name__}; known: {', '.join(names)}"
+        )
     hints = typing.get_type_hints(type(base), include_extras=True)
     changes = {}
     for key, value in values.items():
@@ -76,10 +78,17 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: str,
-                 presets: Mapping[str, tuple[Callable[[], T], str]] | None = None,
-                 defaults: T | None = None, sized: Callable[[str], T] | None = None,
-                 translate: Callable[[dict], dict] | None = None) -> tuple[T, list[str]]:
+def parse_config(
+    cls: type[T],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    presets: Mapping[str, tuple[Callable[[], T], str]] | None = None,
+    defaults: T | None = None,
+    sized: Callable[[str], T] | None = None,
+    translate: Callable[[dict], dict] | None = None,
+) -> tuple[T, list[str]]:
     """(the config, the names of the presets given). `presets` maps a flag name to (constructor,
     help); `defaults` replaces `cls()` as the base the flags override; `sized(name)` builds the
     config at a named size (lm.sizes), which adds --size and --quick; `translate` turns a --config
@@ -91,7 +100,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, descrip
     argv = list(sys.argv[1:] if argv is None else argv)
     presets = dict(presets or {})
     if sized is not None:
-        presets["quick"] = (lambda: sized("quick"), "the quick size (= --size quick): every stage on a handful of prompts")
+        presets["quick"] = (
+            lambda: sized("quick"),
+            "the quick size (= --size quick): every stage on a handful of prompts",
+        )
     pre = _PreParser(add_help=False, allow_abbrev=False)  # `--q` (a field) must not read as `--quick`
     pre.add_argument("--config")
     if sized is not None:
@@ -116,17 +128,32 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, descrip
         base = presets[chosen[0]][0]() if chosen else (defaults if defaults is not None else cls())
     if values:
         # A file's size was applied above as the base; given with --size, the flag's wins.
-        base = from_mapping(base, {k: v for k, v in values.items() if not (sized is not None and k == "size")}, where=known.config)
+        base = from_mapping(
+            base, {k: v for k, v in values.items() if not (sized is not None and k == "size")}, where=known.config
+        )
 
     # The presets and --config are fields of a wrapper so that --help lists them; the job's own
     # fields sit at the top level (no "job." prefix).
-    wrapper = dataclasses.make_dataclass("Invocation", [
-        ("job", Annotated[cls, tyro.conf.arg(name="")]),
-        ("config", Annotated[typing.Optional[str], tyro.conf.arg(
-            help="YAML or JSON file of settings (e.g. a run directory's config.json), applied before the flags")], None),
-        *[(name.replace("-", "_"), Annotated[bool, tyro.conf.arg(help=text), tyro.conf.FlagCreatePairsOff], False)
-          for name, (_, text) in presets.items()],
-    ])
+    wrapper = dataclasses.make_dataclass(
+        "Invocation",
+        [
+            ("job", Annotated[cls, tyro.conf.arg(name="")]),
+            (
+                "config",
+                Annotated[
+                    typing.Optional[str],
+                    tyro.conf.arg(
+                        help="YAML or JSON file of settings (e.g. a run directory's config.json), applied before the flags"
+                    ),
+                ],
+                None,
+            ),
+            *[
+                (name.replace("-", "_"), Annotated[bool, tyro.conf.arg(help=text), tyro.conf.FlagCreatePairsOff], False)
+                for name, (_, text) in presets.items()
+            ],
+        ],
+    )
     # A preset flag defaults to off here although it may have been given: it has already been
     # applied to `base`, and a default of on would turn the flag into --no-<preset>.
     default = wrapper(job=base, config=known.config)

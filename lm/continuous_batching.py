@@ -56,8 +56,12 @@ def concat_caches(model, a: RunningBatch, b: RunningBatch) -> RunningBatch:
         keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)])
         values = torch.cat([pad(la.values, 2), pad(lb.values, 2)])
         cache.update(keys, values, index)
-    return RunningBatch(rows=torch.cat([a.rows, b.rows]), cache=cache,
-                        mask=torch.cat([pad(a.mask, 1), pad(b.mask, 1)]), token=torch.cat([a.token, b.token]))
+    return RunningBatch(
+        rows=torch.cat([a.rows, b.rows]),
+        cache=cache,
+        mask=torch.cat([pad(a.mask, 1), pad(b.mask, 1)]),
+        token=torch.cat([a.token, b.token]),
+    )
 
 
 def keep_rows(batch: RunningBatch, keep: torch.Tensor) -> RunningBatch:
@@ -89,13 +93,21 @@ def sample(logits: torch.Tensor, rows: torch.Tensor, temperature: float, generat
 
 
 @torch.no_grad()
-def prefill(model, sequences: list[list[int]], prefix: SharedPrefix, n_samples: int) -> tuple[RunningBatch, torch.Tensor]:
+def prefill(
+    model, sequences: list[list[int]], prefix: SharedPrefix, n_samples: int
+) -> tuple[RunningBatch, torch.Tensor]:
     """A batch of the new prompts (each repeated n_samples times) and their next-token logits."""
     kwargs = prefix.batch(model, sequences, pad_id=0)
     ids, mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
     positions, cache = kwargs["position_ids"], kwargs["past_key_values"]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
     if n_samples > 1:
         cache.batch_repeat_interleave(n_samples)
         mask, logits = mask.repeat_interleave(n_samples, 0), logits.repeat_interleave(n_samples, 0)
@@ -104,8 +116,17 @@ def prefill(model, sequences: list[list[int]], prefix: SharedPrefix, n_samples: 
 
 
 @torch.no_grad()
-def decode_continuous(model, sequences: list[list[int]], max_new_tokens: int, stops: list[int], batch_size: int,
-                      temperature: float = 0.0, n_samples: int = 1, seed: int = 0, desc: str = "generate") -> list[list[int]]:
+def decode_continuous(
+    model,
+    sequences: list[list[int]],
+    max_new_tokens: int,
+    stops: list[int],
+    batch_size: int,
+    temperature: float = 0.0,
+    n_samples: int = 1,
+    seed: int = 0,
+    desc: str = "generate",
+) -> list[list[int]]:
     """New token ids for every (prompt, sample), in order prompt-major: row p * n_samples + s.
 
     `sequences` are token ids of chat-formatted prompts; at most `batch_size` prompts (times
@@ -142,7 +163,8 @@ def decode_continuous(model, sequences: list[list[int]], max_new_tokens: int, st
             joinable = can_join(joined.cache)
             batch = joined if batch is None else concat_caches(model, batch, joined)
         done = torch.isin(batch.token, stop_set) | torch.tensor(
-            [len(produced[r]) >= max_new_tokens for r in batch.rows.tolist()], device=device)
+            [len(produced[r]) >= max_new_tokens for r in batch.rows.tolist()], device=device
+        )
         if bool(done.any()):
             ended = batch.rows[done.cpu()].tolist()
             finished += len(ended)
@@ -155,8 +177,13 @@ def decode_continuous(model, sequences: list[list[int]], max_new_tokens: int, st
             continue  # free slots may admit waiting prompts before the next step
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(batch.mask.shape[0], 1)], dim=-1)
         positions = batch.mask.sum(-1, keepdim=True) - 1
-        logits = model(input_ids=batch.token.unsqueeze(-1), attention_mask=batch.mask, position_ids=positions,
-                       past_key_values=batch.cache, use_cache=True).logits[:, -1]
+        logits = model(
+            input_ids=batch.token.unsqueeze(-1),
+            attention_mask=batch.mask,
+            position_ids=positions,
+            past_key_values=batch.cache,
+            use_cache=True,
+        ).logits[:, -1]
         batch.token = sample(logits, batch.rows, temperature, generators)
         for row, t in zip(batch.rows.tolist(), batch.token.tolist()):
             produced[row].append(t)

@@ -67,7 +67,9 @@ def judge_definitions() -> dict:
 def safety_short() -> list[tuple[str, str]]:
     """Wei et al.'s safety-short SFT data as (goal, Llama-2 refusal) pairs, [INST] wrapper removed."""
     pairs = []
-    with open(DATA / "alignment_attribution" / "SFT_aligned_llama2-7b-chat-hf_train_short.csv", encoding="utf-8", newline="") as f:
+    with open(
+        DATA / "alignment_attribution" / "SFT_aligned_llama2-7b-chat-hf_train_short.csv", encoding="utf-8", newline=""
+    ) as f:
         for row in csv.DictReader(f):
             prompt = row["prompt"].strip()
             prompt = prompt.removeprefix("[INST]").removesuffix("[/INST]").strip()

@@ -44,8 +44,16 @@ def assemble_gguf(dest: Path) -> Path:
     digest = hashlib.sha256()
     tmp = dest.with_name(dest.name + ".partial")
     parts = part_files()
-    with open(tmp, "wb") as out, tqdm(total=sum(p.stat().st_size for p in parts), unit="B", unit_scale=True,
-                                      desc="embedded model: joining and checking the 6 parts", leave=False) as bar:
+    with (
+        open(tmp, "wb") as out,
+        tqdm(
+            total=sum(p.stat().st_size for p in parts),
+            unit="B",
+            unit_scale=True,
+            desc="embedded model: joining and checking the 6 parts",
+            leave=False,
+        ) as bar,
+    ):
         for part in parts:
             with open(part, "rb") as f:
                 while chunk := f.read(1 << 22):
@@ -110,7 +118,9 @@ def embedded_model_dir() -> Path:
     work.mkdir(parents=True, exist_ok=True)
     gguf = work / "qwen2.5-coder-0.5b-instruct.gguf"
     start = time.perf_counter()
-    _say("converting the embedded model to safetensors once (about 1.5 minutes on 2 CPU cores; later loads take seconds)")
+    _say(
+        "converting the embedded model to safetensors once (about 1.5 minutes on 2 CPU cores; later loads take seconds)"
+    )
     try:
         assemble_gguf(gguf)
         _say(f"SHA-256 of the joined GGUF verified ({EMBEDDED_SHA256[:16]}...); dequantizing it with transformers")

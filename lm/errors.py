@@ -48,8 +48,11 @@ def cli(main: Callable[..., int]) -> Callable[..., int]:
             if not out_of_space(e):
                 raise
             where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
-            print(f"error: no space left on device{where}; finished stages are kept, so free some space "
-                  "(or pick another --runs-dir/--out) and rerun", file=sys.stderr)
+            print(
+                f"error: no space left on device{where}; finished stages are kept, so free some space "
+                "(or pick another --runs-dir/--out) and rerun",
+                file=sys.stderr,
+            )
             return 2
         finally:
             from .progress import take_stopped

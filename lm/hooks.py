@@ -15,8 +15,17 @@ from torch import nn
 
 from .architecture import backbone, decoder_layers, residual_contributions
 
-__all__ = ["block_input", "block_output", "capture", "decoder_layers", "foreign_hooks", "hooks_registered", "intervene", "project_out",
-           "StopForward"]
+__all__ = [
+    "block_input",
+    "block_output",
+    "capture",
+    "decoder_layers",
+    "foreign_hooks",
+    "hooks_registered",
+    "intervene",
+    "project_out",
+    "StopForward",
+]
 
 
 def block_output(output):
@@ -61,8 +70,12 @@ def foreign_hooks(model: nn.Module) -> list:
     for and keeps them; they never change an output. Anything else (an ablation, a capture left
     behind) may, or is a leak.
     """
-    return [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-            if not getattr(h, "__module__", "").startswith("transformers.")]
+    return [
+        h
+        for m in model.modules()
+        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+        if not getattr(h, "__module__", "").startswith("transformers.")
+    ]
 
 
 @torch.no_grad()
@@ -101,24 +114,41 @@ def capture(
         block = blocks[layer]
         attn, mlp = residual_contributions(model, block)
         if "resid_pre" in sites:
+
             def pre(module, args, kwargs, layer=layer):
                 store["resid_pre"][layer] = take(block_input(args, kwargs))
                 if layer == last_layer and not needs_outputs:
                     raise StopForward
+
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         if "attn_out" in sites:
-            handles.append(attn.register_forward_hook(
-                lambda m, a, out, layer=layer: store["attn_out"].__setitem__(layer, take(block_output(out)))))
+            handles.append(
+                attn.register_forward_hook(
+                    lambda m, a, out, layer=layer: store["attn_out"].__setitem__(layer, take(block_output(out)))
+                )
+            )
         if "mlp_out" in sites:
-            handles.append(mlp.register_forward_hook(
-                lambda m, a, out, layer=layer: store["mlp_out"].__setitem__(layer, take(block_output(out)))))
+            handles.append(
+                mlp.register_forward_hook(
+                    lambda m, a, out, layer=layer: store["mlp_out"].__setitem__(layer, take(block_output(out)))
+                )
+            )
         if needs_outputs and layer == last_layer:
+
             def post(module, args, output):
                 raise StopForward
+
             handles.append(block.register_forward_hook(post))
     with hooks_registered(handles):
         try:
-            backbone(model)(**{"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **(forward_kwargs or {})})
+            backbone(model)(
+                **{
+                    "input_ids": input_ids,
+                    "attention_mask": attention_mask,
+                    "use_cache": False,
+                    **(forward_kwargs or {}),
+                }
+            )
         except StopForward:
             pass
     return {site: torch.stack([store[site][l] for l in layers], dim=2) for site in sites}
@@ -172,6 +202,7 @@ def intervene(
         attn, mlp = residual_contributions(model, block)
         vector = add.get(index)
         if ablate is not None or vector is not None:
+
             def pre(module, args, kwargs, vector=vector):
                 h = block_input(args, kwargs)
                 if vector is not None:
@@ -179,10 +210,13 @@ def intervene(
                 if ablate is not None:
                     h = project_out(h, ablate)
                 return _pre_hook_replace(args, kwargs, h)
+
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         if ablate is not None:
+
             def post(module, args, output):
                 return _replace_first(output, project_out(block_output(output), ablate))
+
             handles.append(attn.register_forward_hook(post))
             handles.append(mlp.register_forward_hook(post))
     with hooks_registered(handles):

@@ -67,13 +67,19 @@ def check_model_spec(spec: str) -> None:
         return
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"not a model directory: {spec} (expected a directory with config.json and *.safetensors, or a .gguf file)")
+            raise UserError(
+                f"not a model directory: {spec} (expected a directory with config.json and *.safetensors, or a .gguf file)"
+            )
         if not (path / "config.json").is_file():
             raise UserError(f"no config.json in {spec}: not a Hugging Face model directory")
         if not any(path.glob("*.safetensors")):
-            raise UserError(f"no *.safetensors weights in {spec}; only safetensors checkpoints are loaded (never pickles)")
+            raise UserError(
+                f"no *.safetensors weights in {spec}; only safetensors checkpoints are loaded (never pickles)"
+            )
         if not any((path / f).is_file() for f in TOKENIZER_FILES):
-            raise UserError(f"no tokenizer in {spec} (expected one of {', '.join(TOKENIZER_FILES)}); save the tokenizer with the model")
+            raise UserError(
+                f"no tokenizer in {spec} (expected one of {', '.join(TOKENIZER_FILES)}); save the tokenizer with the model"
+            )
         return
     if path_like(spec) or os.sep in spec.strip("/").replace("/", "", 1):
         raise UserError(f"model path not found: {spec}")
@@ -108,15 +114,21 @@ def load_model(
         if packed_format(Path(path)) is not None:
             model, packed = load_packed(path, spec, dtype)
     try:
-        model = model if packed is not None else AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype,
-            device_map=device_map,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
+        model = (
+            model
+            if packed is not None
+            else AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=dtype,
+                device_map=device_map,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            )
         )
     except ValueError as e:  # e.g. a config that is not a causal LM
-        raise UserError(f"cannot load {spec!r} as a causal LM ({config.model_type}): {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load {spec!r} as a causal LM ({config.model_type}): {str(e).splitlines()[0]}"
+        ) from None
     except (OSError, SafetensorError) as e:  # SafetensorError: truncated or corrupt weight file
         raise UserError(f"cannot load weights of {spec!r}: {str(e).splitlines()[0]}") from None
     try:
@@ -181,4 +193,3 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import UserError
 from .architecture import backbone, final_norm, logits_from_normed
+from .errors import UserError
 from .hooks import StopForward, block_input, block_output, decoder_layers, hooks_registered
 
 
@@ -36,7 +36,9 @@ def uniform_layers(model: nn.Module) -> bool:
     return types is None or len(set(types)) <= 1
 
 
-def input_of_block(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+def input_of_block(
+    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, dict]:
     """Block `layer`'s hidden-state input ([batch, seq, d]) and the keyword arguments (mask, rotary
     embeddings, position ids) a normal forward gives the blocks; the pass stops there. Gradients flow
     when enabled by the caller (an objective read at a source layer)."""
@@ -59,7 +61,9 @@ def input_of_block(model: nn.Module, layer: int, input_ids: torch.Tensor, attent
 
 
 @torch.no_grad()
-def block0_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+def block0_input(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, dict]:
     """`input_of_block` at block 0: costs only the embedding lookup."""
     return input_of_block(model, 0, input_ids, attention_mask)
 
@@ -72,7 +76,9 @@ def block_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def layer_inputs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One full pass: every block's input at all positions ([batch, seq, d] each) and last_logits.
 
     Kept in the model's dtype and on its device: they are fed straight back into the blocks.
@@ -80,8 +86,10 @@ def layer_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     stored: dict[int, torch.Tensor] = {}
     handles = []
     for index, block in enumerate(decoder_layers(model)):
+
         def pre(module, args, kwargs, index=index):
             stored[index] = block_input(args, kwargs)
+
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
     with hooks_registered(handles):
         logits = last_logits(model, input_ids, attention_mask)

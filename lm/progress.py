@@ -94,15 +94,26 @@ class JobProgress:
     @contextmanager
     def stage(self, model: str, kind: str, detail: str = ""):
         """One stage of `model` (a plan entry): its line on entry, its time (or what it reused) on exit."""
-        where = f"model {self.models.index(model) + 1} of {len(self.models)} ({model})" if model in self.models else model
-        self.log(f"{where} · {kind}{f' ({detail})' if detail else ''} · stage {self.done + 1} of {len(self.plan)} · "
-                 f"{clock(time.perf_counter() - self.start)} elapsed · {self.eta(self.done)}")
+        where = (
+            f"model {self.models.index(model) + 1} of {len(self.models)} ({model})" if model in self.models else model
+        )
+        self.log(
+            f"{where} · {kind}{f' ({detail})' if detail else ''} · stage {self.done + 1} of {len(self.plan)} · "
+            f"{clock(time.perf_counter() - self.start)} elapsed · {self.eta(self.done)}"
+        )
         self._reused, self._computed, start = [], [], time.perf_counter()
         yield
         seconds = time.perf_counter() - start
         if self._reused:
-            names = sorted({Path(p).name if "/measurements/" not in p else "measurement " + Path(p).parent.name for p in self._reused})
-            self.log(f"  reused {len(self._reused)} cached result(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+            names = sorted(
+                {
+                    Path(p).name if "/measurements/" not in p else "measurement " + Path(p).parent.name
+                    for p in self._reused
+                }
+            )
+            self.log(
+                f"  reused {len(self._reused)} cached result(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            )
         if self._computed or not self._reused:  # only a stage that did its work measures its kind
             self.durations.setdefault(kind, []).append(seconds)
         self.done += 1

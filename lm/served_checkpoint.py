@@ -31,13 +31,17 @@ def served_checkpoint(model) -> Path:
     if path is None or not path.is_dir() or not any(path.glob("*.safetensors")):
         raise UserError(f"the model is not backed by a local safetensors directory ({raw!r}); save it first")
     if foreign_hooks(model):
-        raise UserError("the model has forward hooks (an intervention); a server loading the checkpoint would ignore them")
+        raise UserError(
+            "the model has forward hooks (an intervention); a server loading the checkpoint would ignore them"
+        )
     key = (id(model), str(path.resolve()))
     versions = _versions(model)
     if _VERIFIED.get(key) != versions:
         mismatch = _first_mismatch(model, path)
         if mismatch:
-            raise UserError(f"the weights in {path} differ from the model in memory ({mismatch}); save the edited model first")
+            raise UserError(
+                f"the weights in {path} differ from the model in memory ({mismatch}); save the edited model first"
+            )
         _VERIFIED[key] = versions
     return path
 

@@ -58,9 +58,23 @@ class RunSize:
 
 
 _PAPER = RunSize(
-    name="paper", n_asr=50, n_harmless=100, max_new_tokens=128, ppl_windows=16, ppl_seqlen=512, zero_shot_limit=200,
-    zero_shot_tasks=ALL_TASKS, n_train=128, n_val=32, prescreen_n_val=8, prescreen_keep=16, n_refusal_probe=128,
-    adv_suffix=True, select_compressed=True, static_fractions=(0.03, 0.1, 0.3), static_samples=128,
+    name="paper",
+    n_asr=50,
+    n_harmless=100,
+    max_new_tokens=128,
+    ppl_windows=16,
+    ppl_seqlen=512,
+    zero_shot_limit=200,
+    zero_shot_tasks=ALL_TASKS,
+    n_train=128,
+    n_val=32,
+    prescreen_n_val=8,
+    prescreen_keep=16,
+    n_refusal_probe=128,
+    adv_suffix=True,
+    select_compressed=True,
+    static_fractions=(0.03, 0.1, 0.3),
+    static_samples=128,
 )
 
 PRESETS: dict[str, RunSize] = {
@@ -68,29 +82,76 @@ PRESETS: dict[str, RunSize] = {
     # The same prompts as paper (so the same detectable differences), without what costs hours on
     # CPU and changes no claim of the main table: adversarial suffixes (3 more passes per state),
     # 175 more documents per zero-shot task and 3 more tasks, the repair's second selection.
-    "cpu": RunSize(**{**_PAPER.__dict__, "name": "cpu", "zero_shot_limit": 24, "zero_shot_tasks": SHORT_TASKS,
-                      "adv_suffix": False, "select_compressed": False}),
+    "cpu": RunSize(
+        **{
+            **_PAPER.__dict__,
+            "name": "cpu",
+            "zero_shot_limit": 24,
+            "zero_shot_tasks": SHORT_TASKS,
+            "adv_suffix": False,
+            "select_compressed": False,
+        }
+    ),
     # Every stage once on the embedded model in minutes. The selection needs n_val = 16 and 6
     # prescreened candidates: with 4 validation prompts (or 16 and 2 candidates) no candidate passed
     # the filters on the embedded model; 16 and 6 select (-1, 15) (measured 2026-12-07). Zero-shot
     # on arc_easy, whose documents are short (boolq's passages took 36 s for 8 documents).
     "quick": RunSize(
-        name="quick", n_asr=8, n_harmless=8, max_new_tokens=16, ppl_windows=2, ppl_seqlen=128, zero_shot_limit=8,
-        zero_shot_tasks=("arc_easy",), n_train=16, n_val=16, prescreen_n_val=2, prescreen_keep=6, n_refusal_probe=8,
-        adv_suffix=False, select_compressed=False, static_fractions=(0.1,), static_samples=8,
-        anchored=dict(n_harmful=4, n_harmless=4, reply_tokens=8, val_harmful=8, val_harmless=8, val_tokens=8, max_steps=2,
-                      step=0.05, bisect_steps=0, batch_size=4),
+        name="quick",
+        n_asr=8,
+        n_harmless=8,
+        max_new_tokens=16,
+        ppl_windows=2,
+        ppl_seqlen=128,
+        zero_shot_limit=8,
+        zero_shot_tasks=("arc_easy",),
+        n_train=16,
+        n_val=16,
+        prescreen_n_val=2,
+        prescreen_keep=6,
+        n_refusal_probe=8,
+        adv_suffix=False,
+        select_compressed=False,
+        static_fractions=(0.1,),
+        static_samples=8,
+        anchored=dict(
+            n_harmful=4,
+            n_harmless=4,
+            reply_tokens=8,
+            val_harmful=8,
+            val_harmless=8,
+            val_tokens=8,
+            max_steps=2,
+            step=0.05,
+            bisect_steps=0,
+            batch_size=4,
+        ),
         # The set difference at p = q = 1% raised the embedded model's ASR from 37% to 90% in the
         # reference run, so the quick repair has something to restore (built here from 8 own
         # replies of 16 tokens; 87.5% against the original's 50% on the quick prompts, 2026-12-07).
-        variants=("setdiff-wanda:p=0.01,q=0.01",), calib_samples=8, n_ablation_asr=4, repair_when="always",
+        variants=("setdiff-wanda:p=0.01,q=0.01",),
+        calib_samples=8,
+        n_ablation_asr=4,
+        repair_when="always",
     ),
 }
 
 
 #: The settings both entry points have under these names; each config maps the others itself.
-SHARED = ("n_asr", "n_harmless", "max_new_tokens", "ppl_windows", "ppl_seqlen", "zero_shot_limit", "zero_shot_tasks",
-          "n_train", "n_val", "prescreen_n_val", "prescreen_keep", "n_refusal_probe")
+SHARED = (
+    "n_asr",
+    "n_harmless",
+    "max_new_tokens",
+    "ppl_windows",
+    "ppl_seqlen",
+    "zero_shot_limit",
+    "zero_shot_tasks",
+    "n_train",
+    "n_val",
+    "prescreen_n_val",
+    "prescreen_keep",
+    "n_refusal_probe",
+)
 
 
 def shared_values(size: RunSize) -> dict:

@@ -135,8 +135,10 @@ def check_ranges(cfg, ranges: dict[str, Range]) -> None:
         bad = [v for v in values if v is not None and not rule.holds(v)]
         if bad:
             got = value if isinstance(value, tuple) else bad[0]
-            raise UserError(f"{name} (--{name.replace('_', '-')}) must be {'a list of values ' if isinstance(value, tuple) else ''}"
-                            f"{rule}, got {got!r}")
+            raise UserError(
+                f"{name} (--{name.replace('_', '-')}) must be {'a list of values ' if isinstance(value, tuple) else ''}"
+                f"{rule}, got {got!r}"
+            )
 
 
 def plain_name(name: str | None, key: str = "name") -> None:
@@ -144,4 +146,6 @@ def plain_name(name: str | None, key: str = "name") -> None:
     if name is None:
         return
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name != name.strip():
-        raise UserError(f"{key} (--{key.replace('_', '-')}) must be a plain directory name (no path separators, not '.' or '..'), got {name!r}")
+        raise UserError(
+            f"{key} (--{key.replace('_', '-')}) must be a plain directory name (no path separators, not '.' or '..'), got {name!r}"
+        )

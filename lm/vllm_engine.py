@@ -61,8 +61,13 @@ def engine(model, path: Path, tensor_parallel_size: int, needed_len: int):
     global _engine
     param = next(model.parameters())
     cap = getattr(model.config, "max_position_embeddings", None) or needed_len
-    key = EngineKey(str(path), str(param.dtype).removeprefix("torch."), tensor_parallel_size,
-                    min(cap, max(_MIN_CONTEXT, needed_len)), param.device.type)
+    key = EngineKey(
+        str(path),
+        str(param.dtype).removeprefix("torch."),
+        tensor_parallel_size,
+        min(cap, max(_MIN_CONTEXT, needed_len)),
+        param.device.type,
+    )
     if key.max_model_len < needed_len:
         raise UserError(f"prompt plus new tokens ({needed_len}) exceed the model's context ({cap})")
     if _engine is not None and _engine[0] == key:
@@ -82,24 +87,50 @@ def engine(model, path: Path, tensor_parallel_size: int, needed_len: int):
         free, total = torch.cuda.mem_get_info(param.device)
         kwargs["gpu_memory_utilization"] = max(0.05, 0.9 * free / total)
     try:
-        llm = LLM(model=key.path, dtype=key.dtype, max_model_len=key.max_model_len, tensor_parallel_size=tensor_parallel_size,
-                  enforce_eager=key.device == "cpu", seed=0, **kwargs)
+        llm = LLM(
+            model=key.path,
+            dtype=key.dtype,
+            max_model_len=key.max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=key.device == "cpu",
+            seed=0,
+            **kwargs,
+        )
     except Exception as e:  # vLLM raises many types (unsupported architecture, head size, memory)
-        _failed[key] = f"vLLM could not serve {key.path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _failed[key] = (
+            f"vLLM could not serve {key.path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
         raise UserError(_failed[key]) from e
     _engine = (key, llm)
     return llm
 
 
-def generate_vllm(model, tokenizer, path: Path, prompts: list[str], *, max_new_tokens: int, temperature: float,
-                  n_samples: int, seed: int, stops: list[int], tensor_parallel_size: int = 1) -> list[list[str]]:
+def generate_vllm(
+    model,
+    tokenizer,
+    path: Path,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    n_samples: int,
+    seed: int,
+    stops: list[int],
+    tensor_parallel_size: int = 1,
+) -> list[list[str]]:
     """One list of `n_samples` completions per chat-formatted prompt."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     llm = engine(model, path, tensor_parallel_size, max(map(len, ids)) + max_new_tokens)
-    params = SamplingParams(n=n_samples, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
-                            stop_token_ids=stops, detokenize=False)
+    params = SamplingParams(
+        n=n_samples,
+        temperature=temperature,
+        max_tokens=max_new_tokens,
+        seed=seed,
+        stop_token_ids=stops,
+        detokenize=False,
+    )
     results = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
     return [[tokenizer.decode(list(o.token_ids), skip_special_tokens=True) for o in r.outputs] for r in results]

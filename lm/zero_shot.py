@@ -67,7 +67,9 @@ TASKS: dict[str, _Task] = {
     "hellaswag": _Task(None, "{{query}}", "choices", "{{label}}", ("acc", "acc_norm")),
     "winogrande": _Task("winogrande/winogrande.jsonl", "gold", "context_options", "continuation"),
     "arc_easy": _Task("arc_easy/arc_easy.jsonl", "{{query}}\nAnswer:", "choices", "gold", ("acc", "acc_norm")),
-    "arc_challenge": _Task("arc_challenge/arc_challenge.jsonl", "{{query}}\nAnswer:", "choices", "gold", ("acc", "acc_norm")),
+    "arc_challenge": _Task(
+        "arc_challenge/arc_challenge.jsonl", "{{query}}\nAnswer:", "choices", "gold", ("acc", "acc_norm")
+    ),
     # Original AI2 schema: the stem and choices are nested under "question".
     "openbookqa": _Task(
         "openbookqa/test.jsonl",
@@ -89,7 +91,9 @@ class ZeroShotConfig:
         object.__setattr__(self, "tasks", tuple(self.tasks))
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
-            raise UserError(f"unknown zero-shot task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_TASKS)}")
+            raise UserError(
+                f"unknown zero-shot task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_TASKS)}"
+            )
         if len(set(self.tasks)) != len(self.tasks):
             raise UserError(f"zero-shot tasks listed twice: {', '.join(self.tasks)}")
         if self.limit is not None and self.limit <= 0:
@@ -129,7 +133,9 @@ def hellaswag_docs(parts: tuple[Path, ...] | None = None) -> list[dict]:
     docs = []
     for i in range(0, len(lines), 6):
         query, label, *endings = lines[i : i + 6]
-        docs.append({"query": _clean_hellaswag(query), "choices": [_clean_hellaswag(e) for e in endings], "label": int(label)})
+        docs.append(
+            {"query": _clean_hellaswag(query), "choices": [_clean_hellaswag(e) for e in endings], "label": int(label)}
+        )
     return docs
 
 
@@ -180,7 +186,9 @@ def task_dir() -> Path:
         for name, spec in TASKS.items():
             # Paths name `final`, not `tmp`: the YAMLs are only read after the rename.
             data_file = final / "hellaswag.jsonl" if spec.source is None else (ZERO_SHOT_DATA / spec.source).resolve()
-            text = yaml.safe_dump(_task_yaml(name, data_file, base / "hf-datasets"), sort_keys=False, allow_unicode=True)
+            text = yaml.safe_dump(
+                _task_yaml(name, data_file, base / "hf-datasets"), sort_keys=False, allow_unicode=True
+            )
             (tmp / "tasks" / f"{name}.yaml").write_text(text, encoding="utf-8")
     return final / "tasks"
 
@@ -199,7 +207,10 @@ def offline():
     names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
     saved_env = {n: os.environ.get(n) for n in names}
     patched = []
-    for module, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)), ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+    for module, attrs in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+    ):
         mod = sys.modules.get(module)
         for attr in attrs if mod is not None else ():
             if hasattr(mod, attr):
@@ -303,7 +314,8 @@ def format_table(result: dict) -> str:
 @dataclass
 class _Args:
     model: str = "embedded"  # 'embedded', a hub id, a local safetensors directory, or a .gguf file
-    cfg: Annotated[ZeroShotConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ZeroShotConfig)  # what is evaluated
+    #: what is evaluated
+    cfg: Annotated[ZeroShotConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=ZeroShotConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and activations
     output: str | None = None  # also write the result as JSON to this path
 
@@ -311,7 +323,9 @@ class _Args:
 def parse_args(argv=None) -> _Args:
     from .cli import parse_config
 
-    return parse_config(_Args, argv, prog="python -m lm.zero_shot", description="Zero-shot utility accuracy with lm-eval, offline.")[0]
+    return parse_config(
+        _Args, argv, prog="python -m lm.zero_shot", description="Zero-shot utility accuracy with lm-eval, offline."
+    )[0]
 
 
 @cli

@@ -32,12 +32,17 @@ def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float | None:
 def confusion(a: Sequence[bool], b: Sequence[bool]) -> dict:
     """Counts of (first, second) verdict pairs."""
     pairs = list(zip(map(bool, a), map(bool, b)))
-    return dict(both=pairs.count((True, True)), first_only=pairs.count((True, False)),
-                second_only=pairs.count((False, True)), neither=pairs.count((False, False)))
+    return dict(
+        both=pairs.count((True, True)),
+        first_only=pairs.count((True, False)),
+        second_only=pairs.count((False, True)),
+        neither=pairs.count((False, False)),
+    )
 
 
-def kappa_interval(a: Sequence[bool], b: Sequence[bool], clusters: Sequence | None = None, seed: int = 0,
-                   resamples: int = RESAMPLES) -> dict:
+def kappa_interval(
+    a: Sequence[bool], b: Sequence[bool], clusters: Sequence | None = None, seed: int = 0, resamples: int = RESAMPLES
+) -> dict:
     """Kappa with a percentile bootstrap interval over `clusters` (one key per verdict; None: each
     verdict its own cluster), and raw agreement with the same bootstrap."""
     x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
@@ -57,9 +62,21 @@ def kappa_interval(a: Sequence[bool], b: Sequence[bool], clusters: Sequence | No
             kappas.append(k)
     method = f"bootstrap-{'prompts' if clusters is not None else 'items'} (percentile, {resamples} resamples)"
     agree = float(np.mean(x == y))
-    out = dict(kappa=value, kappa_ci95=None, agreement=dict(value=agree, k=int(np.sum(x == y)), n=int(x.size),
-                                                          ci95=[float(v) for v in np.percentile(agreements, [2.5, 97.5])], method=method),
-               n=int(x.size), clusters=len(members), method=method, undefined_resamples=resamples - len(kappas))
+    out = dict(
+        kappa=value,
+        kappa_ci95=None,
+        agreement=dict(
+            value=agree,
+            k=int(np.sum(x == y)),
+            n=int(x.size),
+            ci95=[float(v) for v in np.percentile(agreements, [2.5, 97.5])],
+            method=method,
+        ),
+        n=int(x.size),
+        clusters=len(members),
+        method=method,
+        undefined_resamples=resamples - len(kappas),
+    )
     if value is not None and kappas:
         out["kappa_ci95"] = [float(v) for v in np.percentile(kappas, [2.5, 97.5])]
     return out
@@ -72,16 +89,26 @@ def pairwise(verdicts: dict[str, list[bool]], items: list[dict], clusters: list,
     names = list(verdicts)
     out = []
     for i, first in enumerate(names):
-        for second in names[i + 1:]:
+        for second in names[i + 1 :]:
             a, b = verdicts[first], verdicts[second]
             split = [dict(items[k], **{first: bool(a[k]), second: bool(b[k])}) for k in range(len(a)) if a[k] != b[k]]
-            out.append(dict(first=first, second=second, **kappa_interval(a, b, clusters), confusion=confusion(a, b),
-                            disagreements=len(split), examples=split[:examples],
-                            disagreeing_ids=[f"{s.get('model', '')}:{s['id']}".lstrip(":") for s in split]))
+            out.append(
+                dict(
+                    first=first,
+                    second=second,
+                    **kappa_interval(a, b, clusters),
+                    confusion=confusion(a, b),
+                    disagreements=len(split),
+                    examples=split[:examples],
+                    disagreeing_ids=[f"{s.get('model', '')}:{s['id']}".lstrip(":") for s in split],
+                )
+            )
     return out
 
 
-def against_labels(labels: Sequence[bool], verdicts: Sequence[bool], categories: Sequence[str | None] | None = None) -> dict:
+def against_labels(
+    labels: Sequence[bool], verdicts: Sequence[bool], categories: Sequence[str | None] | None = None
+) -> dict:
     """A judge against human labels (True: the positive label): accuracy (Wilson), kappa (bootstrap
     over items), the confusion matrix, sensitivity and specificity, and the same per category."""
     labels, verdicts = [bool(x) for x in labels], [bool(x) for x in verdicts]
@@ -89,14 +116,21 @@ def against_labels(labels: Sequence[bool], verdicts: Sequence[bool], categories:
     k = kappa_interval(verdicts, labels)
     positives = [v for v, l in zip(verdicts, labels) if l]
     negatives = [not v for v, l in zip(verdicts, labels) if not l]
-    out = dict(n=len(labels), accuracy=wilson(sum(correct), len(correct)), kappa=k["kappa"], kappa_ci95=k["kappa_ci95"],
-               kappa_method=k["method"], confusion=dict(
-                   judge_yes_label_yes=sum(v and l for v, l in zip(verdicts, labels)),
-                   judge_yes_label_no=sum(v and not l for v, l in zip(verdicts, labels)),
-                   judge_no_label_yes=sum(l and not v for v, l in zip(verdicts, labels)),
-                   judge_no_label_no=sum(not v and not l for v, l in zip(verdicts, labels))),
-               sensitivity=wilson(sum(positives), len(positives)) if positives else None,
-               specificity=wilson(sum(negatives), len(negatives)) if negatives else None)
+    out = dict(
+        n=len(labels),
+        accuracy=wilson(sum(correct), len(correct)),
+        kappa=k["kappa"],
+        kappa_ci95=k["kappa_ci95"],
+        kappa_method=k["method"],
+        confusion=dict(
+            judge_yes_label_yes=sum(v and l for v, l in zip(verdicts, labels)),
+            judge_yes_label_no=sum(v and not l for v, l in zip(verdicts, labels)),
+            judge_no_label_yes=sum(l and not v for v, l in zip(verdicts, labels)),
+            judge_no_label_no=sum(not v and not l for v, l in zip(verdicts, labels)),
+        ),
+        sensitivity=wilson(sum(positives), len(positives)) if positives else None,
+        specificity=wilson(sum(negatives), len(negatives)) if negatives else None,
+    )
     if categories is not None and any(c for c in categories):
         per = {}
         for c in sorted({c or "(none)" for c in categories}):
@@ -122,5 +156,7 @@ def significance_disagreements(tests: dict[str, dict | None], what: str, first: 
 
     yes = ", ".join(f"{j} ({p(tested[j])})" for j, s in sig.items() if s)
     no = ", ".join(f"{j} ({p(tested[j])})" for j, s in sig.items() if not s)
-    return (f"{what}, {first} vs {second}: the judges disagree on significance: significant at 5% under {yes}; "
-            f"not significant under {no}.")
+    return (
+        f"{what}, {first} vs {second}: the judges disagree on significance: significant at 5% under {yes}; "
+        f"not significant under {no}."
+    )

@@ -42,19 +42,29 @@ def attack_success(model, tokenizer, goals: list[str], cfg: AsrConfig = AsrConfi
     `label` names the pass on the progress bars (e.g. "over-refusal" for harmless prompts)."""
     if not goals:
         raise UserError("no goals to evaluate ASR on (empty dataset)")
-    base = SamplingConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, backend=cfg.backend)
+    base = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, backend=cfg.backend
+    )
     if cfg.setting == "vanilla":
         outs = generate(model, tokenizer, format_prompts(tokenizer, goals, cfg.system), base, desc=f"{label} vanilla")
         flat = [o[0] for o in outs]
         return dict(setting=cfg.setting, n_prompts=len(goals), asr=_score(flat), completions=flat)
     if cfg.setting == "adv_decoding":
         sampling = replace(base, temperature=1.0, n_samples=5)
-        outs = generate(model, tokenizer, format_prompts(tokenizer, goals, cfg.system), sampling, desc=f"{label} adv-decoding")
+        outs = generate(
+            model, tokenizer, format_prompts(tokenizer, goals, cfg.system), sampling, desc=f"{label} adv-decoding"
+        )
         flat = [s for o in outs for s in o]
         return dict(setting=cfg.setting, n_prompts=len(goals), n_samples=5, asr=_score(flat), completions=outs)
     per_suffix = []
     for k, suffix in enumerate(gcg_suffixes()):
-        outs = generate(model, tokenizer, format_prompts(tokenizer, goals, cfg.system, suffix=" " + suffix), base, desc=f"{label} suffix {k + 1} of {len(gcg_suffixes())}")
+        outs = generate(
+            model,
+            tokenizer,
+            format_prompts(tokenizer, goals, cfg.system, suffix=" " + suffix),
+            base,
+            desc=f"{label} suffix {k + 1} of {len(gcg_suffixes())}",
+        )
         flat = [o[0] for o in outs]
         per_suffix.append(dict(suffix=suffix, asr=_score(flat), completions=flat))
     best = {name: max(s["asr"][name] for s in per_suffix) for name in per_suffix[0]["asr"]}

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from lm.errors import UserError
 from lm.chat import format_prompts, tokenize_prompts
+from lm.errors import UserError
 from lm.hooks import decoder_layers, intervene
 from lm.partial_forward import block_kwargs, last_logits, layer_inputs, run_from_layer, uniform_layers
 
@@ -137,7 +137,9 @@ def score_candidates(
     base_logits, prefix = [], []
     base_harmful = base_harmless = 0.0
     for enc in harmful:
-        base_harmful += float(refusal_score(last_logits(model, enc["input_ids"], enc["attention_mask"]), token_ids).sum())
+        base_harmful += float(
+            refusal_score(last_logits(model, enc["input_ids"], enc["attention_mask"]), token_ids).sum()
+        )
         passes["baseline"] += 1
     for enc in harmless:
         inputs, logits = layer_inputs(model, enc["input_ids"], enc["attention_mask"])
@@ -147,12 +149,36 @@ def score_candidates(
         passes["baseline"] += 1
 
     nothing = torch.full((n_cand,), float("nan"), dtype=torch.float64)
-    bypass = _ablated_means(
-        model, harmful, flat, ablatable, k_h, lambda logits, bi, k: bypass_score(logits, token_ids),
-        len(harmful_val), passes, "bypass") if "bypass" in which else nothing.clone()
-    kl = _ablated_means(
-        model, harmless, flat, ablatable, k_s, lambda logits, bi, k: kl_score(base_logits[bi].repeat(k, 1), logits),
-        len(harmless_val), passes, "kl") if "kl" in which else nothing.clone()
+    bypass = (
+        _ablated_means(
+            model,
+            harmful,
+            flat,
+            ablatable,
+            k_h,
+            lambda logits, bi, k: bypass_score(logits, token_ids),
+            len(harmful_val),
+            passes,
+            "bypass",
+        )
+        if "bypass" in which
+        else nothing.clone()
+    )
+    kl = (
+        _ablated_means(
+            model,
+            harmless,
+            flat,
+            ablatable,
+            k_s,
+            lambda logits, bi, k: kl_score(base_logits[bi].repeat(k, 1), logits),
+            len(harmless_val),
+            passes,
+            "kl",
+        )
+        if "kl" in which
+        else nothing.clone()
+    )
 
     # Grouping candidates by layer keeps each group's earliest layer, where resuming starts, late.
     order = sorted(wanted, key=lambda c: (layer_of[c], c)) if "induce" in which else []
@@ -186,7 +212,11 @@ def score_candidates(
 
     shape = (n_pos, n_layers)
     # The same scores one candidate per pass: a pass per candidate and prompt batch, per score.
-    one_at_a_time = len(ablatable) * len(harmful) + (len(ablatable) if "kl" in which else 0) * len(harmless) + len(order) * len(harmless)
+    one_at_a_time = (
+        len(ablatable) * len(harmful)
+        + (len(ablatable) if "kl" in which else 0) * len(harmless)
+        + len(order) * len(harmless)
+    )
     passes = dict(passes)
     passes.update(
         candidates=n_cand,
@@ -197,7 +227,9 @@ def score_candidates(
         resumed_induce=bool(reuse_prefix),
     )
     return CandidateScores(
-        bypass=bypass.view(shape), induce=induce.view(shape), kl=kl.view(shape),
+        bypass=bypass.view(shape),
+        induce=induce.view(shape),
+        kl=kl.view(shape),
         baseline_harmful=base_harmful / len(harmful_val) if harmful else float("nan"),
         baseline_harmless=base_harmless / len(harmless_val) if harmless else float("nan"),
         passes=dict(passes),

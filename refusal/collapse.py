@@ -42,10 +42,17 @@ class CollapseVerdict:
     reason: str
 
     def to_json(self) -> dict:
-        return dict(collapsed=self.collapsed, degenerate_fraction=self.degenerate_fraction, ppl_ratio=self.ppl_ratio, reason=self.reason)
+        return dict(
+            collapsed=self.collapsed,
+            degenerate_fraction=self.degenerate_fraction,
+            ppl_ratio=self.ppl_ratio,
+            reason=self.reason,
+        )
 
 
-def collapse_verdict(completions: list[str], ppl: float | None = None, reference_ppl: float | None = None) -> CollapseVerdict:
+def collapse_verdict(
+    completions: list[str], ppl: float | None = None, reference_ppl: float | None = None
+) -> CollapseVerdict:
     fraction = sum(degenerate(c) for c in completions) / max(1, len(completions))
     ratio = ppl / reference_ppl if ppl is not None and reference_ppl else None
     reasons = []

@@ -44,7 +44,14 @@ def _batched_activations(model, tokenizer, instructions: list[str], batch_size: 
 
 
 @torch.no_grad()
-def mean_activations(model, tokenizer, instructions: list[str], batch_size: int = 16, system: str | None = None, desc: str = "activations") -> torch.Tensor:
+def mean_activations(
+    model,
+    tokenizer,
+    instructions: list[str],
+    batch_size: int = 16,
+    system: str | None = None,
+    desc: str = "activations",
+) -> torch.Tensor:
     """Mean resid_pre over `instructions`: [n_positions, n_layers, d_model], float32 (summed in float64)."""
     total = None
     for _, acts in _batched_activations(model, tokenizer, instructions, batch_size, system, desc):
@@ -54,7 +61,14 @@ def mean_activations(model, tokenizer, instructions: list[str], batch_size: int 
 
 
 @torch.no_grad()
-def prompt_activations(model, tokenizer, instructions: list[str], batch_size: int = 16, system: str | None = None, desc: str = "activations") -> torch.Tensor:
+def prompt_activations(
+    model,
+    tokenizer,
+    instructions: list[str],
+    batch_size: int = 16,
+    system: str | None = None,
+    desc: str = "activations",
+) -> torch.Tensor:
     """resid_pre of each instruction, in input order: [n, n_positions, n_layers, d_model], float32."""
     out = None
     for idx, acts in _batched_activations(model, tokenizer, instructions, batch_size, system, desc):
@@ -68,11 +82,15 @@ def diff_of_means(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor) -> to
     return harmful_mean - harmless_mean
 
 
-def candidate_directions(model, tokenizer, harmful: list[str], harmless: list[str], batch_size: int = 16, system: str | None = None) -> dict[str, torch.Tensor]:
+def candidate_directions(
+    model, tokenizer, harmful: list[str], harmless: list[str], batch_size: int = 16, system: str | None = None
+) -> dict[str, torch.Tensor]:
     """Means and candidate directions, each [n_positions, n_layers, d_model]."""
     mean_harmful = mean_activations(model, tokenizer, harmful, batch_size, system, "harmful activations")
     mean_harmless = mean_activations(model, tokenizer, harmless, batch_size, system, "harmless activations")
-    return dict(mean_harmful=mean_harmful, mean_harmless=mean_harmless, directions=diff_of_means(mean_harmful, mean_harmless))
+    return dict(
+        mean_harmful=mean_harmful, mean_harmless=mean_harmless, directions=diff_of_means(mean_harmful, mean_harmless)
+    )
 
 
 def cosine_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

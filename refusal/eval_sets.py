@@ -66,11 +66,20 @@ def builtin_set(name: str) -> list[Prompt]:
         rows = [Prompt(f"advbench:{i}", "advbench", g) for i, g in enumerate(datasets.advbench_eval(100))]
     elif name in _TEST_PARTS:
         lo, hi = _TEST_PARTS[name]
-        rows = [Prompt(f"{name}:{i - lo}", name, r["instruction"], r.get("category")) for i, r in enumerate(_rows("harmful", "test")) if lo <= i < hi]
+        rows = [
+            Prompt(f"{name}:{i - lo}", name, r["instruction"], r.get("category"))
+            for i, r in enumerate(_rows("harmful", "test"))
+            if lo <= i < hi
+        ]
     elif name == "alpaca":
-        rows = [Prompt(f"alpaca:{i}", "alpaca", r["instruction"], r.get("category")) for i, r in enumerate(_rows("harmless", "test"))]
+        rows = [
+            Prompt(f"alpaca:{i}", "alpaca", r["instruction"], r.get("category"))
+            for i, r in enumerate(_rows("harmless", "test"))
+        ]
     else:
-        raise UserError(f"unknown evaluation set {name!r}; choose from {', '.join(HARMFUL_SETS + HARMLESS_SETS)} or file:PATH")
+        raise UserError(
+            f"unknown evaluation set {name!r}; choose from {', '.join(HARMFUL_SETS + HARMLESS_SETS)} or file:PATH"
+        )
     return held_out(rows)
 
 
@@ -87,7 +96,13 @@ def user_file(path: str) -> list[Prompt]:
                 raise UserError(f"{path}: expected a JSON list of prompts")
             texts = []
             for i, item in enumerate(data):
-                text = item if isinstance(item, str) else (item.get("prompt") or item.get("instruction")) if isinstance(item, dict) else None
+                text = (
+                    item
+                    if isinstance(item, str)
+                    else (item.get("prompt") or item.get("instruction"))
+                    if isinstance(item, dict)
+                    else None
+                )
                 if not isinstance(text, str):
                     raise UserError(f"{path}: item {i} is neither a string nor an object with a 'prompt' string")
                 texts.append(text)
@@ -144,21 +159,30 @@ def check_names(names) -> tuple[str, ...]:
         if name.startswith("file:"):
             path = name.removeprefix("file:")
             if not held_out(user_file(path)):
-                raise UserError(f"{path}: every prompt in the file is one a stage fits on (direction, selection or calibration "
-                                "prompts); evaluation prompts must be held out")
+                raise UserError(
+                    f"{path}: every prompt in the file is one a stage fits on (direction, selection or calibration "
+                    "prompts); evaluation prompts must be held out"
+                )
         elif name not in HARMFUL_SETS + HARMLESS_SETS:
-            raise UserError(f"unknown evaluation set {name!r}; choose from {', '.join(HARMFUL_SETS + HARMLESS_SETS)} or file:PATH")
+            raise UserError(
+                f"unknown evaluation set {name!r}; choose from {', '.join(HARMFUL_SETS + HARMLESS_SETS)} or file:PATH"
+            )
     return names
 
 
 def check_roles(harmful: tuple[str, ...], harmless: tuple[str, ...]) -> None:
     """ASR is measured on harmful sets and over-refusal on harmless ones: a built-in set given in the
     other role would report a refusal rate on harmful prompts as over-refusal (or the reverse)."""
-    for names, role, allowed, flag in ((harmful, "harmful", HARMFUL_SETS, "eval_sets"), (harmless, "harmless", HARMLESS_SETS, "harmless_sets")):
+    for names, role, allowed, flag in (
+        (harmful, "harmful", HARMFUL_SETS, "eval_sets"),
+        (harmless, "harmless", HARMLESS_SETS, "harmless_sets"),
+    ):
         wrong = [n for n in names if not n.startswith("file:") and n not in allowed]
         if wrong:
-            raise UserError(f"{flag} (--{flag.replace('_', '-')}) takes {role} sets ({', '.join(allowed)} or file:PATH), "
-                            f"got {', '.join(wrong)}")
+            raise UserError(
+                f"{flag} (--{flag.replace('_', '-')}) takes {role} sets ({', '.join(allowed)} or file:PATH), "
+                f"got {', '.join(wrong)}"
+            )
 
 
 def overlap_with_fitted(prompts: list[Prompt]) -> int:

@@ -30,7 +30,10 @@ def _unit(direction: torch.Tensor) -> torch.Tensor:
 def _project_output_rows(writer: nn.Linear, unit: torch.Tensor) -> None:
     """W <- W - r (r^T W) for a linear's weight [d_model, in], and b <- b - (b . r) r, so every
     output is orthogonal to r (float32 math)."""
-    for param, edit in ((writer.weight, lambda w: w - unit.view(-1, 1) * (unit @ w)), (writer.bias, lambda b: b - (b @ unit) * unit)):
+    for param, edit in (
+        (writer.weight, lambda w: w - unit.view(-1, 1) * (unit @ w)),
+        (writer.bias, lambda b: b - (b @ unit) * unit),
+    ):
         if param is not None:
             param.data.copy_(edit(param.data.to(torch.float32)))
 
@@ -76,7 +79,9 @@ def orthogonalize_weights(model: nn.Module, direction: torch.Tensor) -> nn.Modul
             for writer in residual_writers(model, block):
                 for linear in [writer] if isinstance(writer, nn.Linear) else expert_linears(writer, "down_proj"):
                     if linear.out_features != unit.shape[0]:
-                        raise UserError(f"{type(writer).__name__} writes {linear.out_features} dims into a {unit.shape[0]}-dim stream")
+                        raise UserError(
+                            f"{type(writer).__name__} writes {linear.out_features} dims into a {unit.shape[0]}-dim stream"
+                        )
                     _project_output_rows(linear, unit.to(linear.weight.device))
     return model
 

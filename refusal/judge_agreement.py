@@ -31,13 +31,19 @@ from .judges import JUDGE_NAMES, judges
 from .stats import fmt_rate
 
 #: label -> (verdict kind, positive)
-LABELS = {"refused": ("refusal", True), "complied": ("refusal", False), "harmful": ("harm", True), "safe": ("harm", False)}
+LABELS = {
+    "refused": ("refusal", True),
+    "complied": ("refusal", False),
+    "harmful": ("harm", True),
+    "safe": ("harm", False),
+}
 
 
 @dataclass
 class AgreementConfig:
     labels: str = ""  # CSV (prompt, completion, label[, category]) or JSON list of such objects; label refused/complied or harmful/safe
-    judges: tuple[str, ...] = JUDGE_NAMES  # keyword judges by name, model judges as KIND:HUB-ID-OR-DIR (refusal.judge_spec)
+    #: keyword judges by name, model judges as KIND:HUB-ID-OR-DIR (refusal.judge_spec)
+    judges: tuple[str, ...] = JUDGE_NAMES
     out: str | None = None  # also write the report here as JSON
 
     def __post_init__(self):
@@ -70,7 +76,9 @@ def read_labels(path: str) -> tuple[str, list[LabelledItem]]:
             reader = csv.DictReader(text.splitlines())
             missing = {"prompt", "completion", "label"} - set(reader.fieldnames or [])
             if missing:
-                raise UserError(f"{path}: no {', '.join(sorted(missing))} column (expected prompt, completion, label[, category])")
+                raise UserError(
+                    f"{path}: no {', '.join(sorted(missing))} column (expected prompt, completion, label[, category])"
+                )
             rows = list(reader)
     except (UnicodeDecodeError, ValueError, csv.Error) as e:
         raise UserError(f"cannot read labels file {path}: {str(e).splitlines()[0]}") from None
@@ -88,16 +96,27 @@ def read_labels(path: str) -> tuple[str, list[LabelledItem]]:
         kind, positive = LABELS[label]
         kinds.add(kind)
         category = row.get("category")
-        items.append(LabelledItem(row["prompt"], row["completion"], positive, str(category).strip() or None if category is not None else None))
+        items.append(
+            LabelledItem(
+                row["prompt"],
+                row["completion"],
+                positive,
+                str(category).strip() or None if category is not None else None,
+            )
+        )
     if len(kinds) > 1:
-        raise UserError(f"{path} mixes refusal labels (refused/complied) and harm labels (harmful/safe); give one kind per file")
+        raise UserError(
+            f"{path} mixes refusal labels (refused/complied) and harm labels (harmful/safe); give one kind per file"
+        )
     return kinds.pop(), items
 
 
 def check_verdicts(specs: tuple[JudgeSpec, ...], kind: str) -> None:
     for spec in specs:
         if kind == "refusal" and not spec.judges_refusal:
-            raise UserError(f"judge {spec.name!r} gives {', '.join(spec.verdicts)} verdicts, not refusal verdicts; the labels are refused/complied")
+            raise UserError(
+                f"judge {spec.name!r} gives {', '.join(spec.verdicts)} verdicts, not refusal verdicts; the labels are refused/complied"
+            )
         if kind == "harm" and not spec.judges_harm:
             raise UserError(f"judge {spec.name!r} gives refusal verdicts only; the labels are harmful/safe")
 
@@ -130,43 +149,70 @@ def agreement_report(cfg: AgreementConfig) -> dict:
         verdicts, unparsed = verdicts_of(spec, kind, items)
         all_verdicts[spec.name] = verdicts
         per_judge[spec.name] = dict(against_labels(labels, verdicts, categories), unparsed=unparsed)
-    described = [dict(id=str(i), prompt=it.prompt[:200], completion=it.completion[:300]) for i, it in enumerate(items, start=1)]
-    return dict(labels=cfg.labels, sha256=hashlib.sha256(Path(cfg.labels).read_bytes()).hexdigest(), kind=kind,
-                positive="refused" if kind == "refusal" else "harmful", n=len(items), positives=sum(labels),
-                judges=per_judge, between_judges=pairwise(all_verdicts, described, None) if len(specs) > 1 else [])
+    described = [
+        dict(id=str(i), prompt=it.prompt[:200], completion=it.completion[:300]) for i, it in enumerate(items, start=1)
+    ]
+    return dict(
+        labels=cfg.labels,
+        sha256=hashlib.sha256(Path(cfg.labels).read_bytes()).hexdigest(),
+        kind=kind,
+        positive="refused" if kind == "refusal" else "harmful",
+        n=len(items),
+        positives=sum(labels),
+        judges=per_judge,
+        between_judges=pairwise(all_verdicts, described, None) if len(specs) > 1 else [],
+    )
 
 
 def render(r: dict) -> str:
-    lines = [f"Judges against {r['n']} labelled completions in {r['labels']} ({r['positives']} labelled {r['positive']}); "
-             "accuracy with its 95% Wilson interval, Cohen's kappa with a 95% bootstrap interval over items.", "",
-             f"| judge | accuracy | kappa | judge {r['positive']} & label {r['positive']} | judge {r['positive']}, label not | "
-             f"judge not, label {r['positive']} | neither | sensitivity | specificity | unparsed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Judges against {r['n']} labelled completions in {r['labels']} ({r['positives']} labelled {r['positive']}); "
+        "accuracy with its 95% Wilson interval, Cohen's kappa with a 95% bootstrap interval over items.",
+        "",
+        f"| judge | accuracy | kappa | judge {r['positive']} & label {r['positive']} | judge {r['positive']}, label not | "
+        f"judge not, label {r['positive']} | neither | sensitivity | specificity | unparsed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, j in r["judges"].items():
         c = j["confusion"]
-        kappa = "undefined" if j["kappa"] is None else f"{j['kappa']:.2f}" + (
-            f" [{j['kappa_ci95'][0]:.2f}, {j['kappa_ci95'][1]:.2f}]" if j["kappa_ci95"] else "")
-        lines.append(f"| {name} | {fmt_rate(j['accuracy'])} | {kappa} | {c['judge_yes_label_yes']} | {c['judge_yes_label_no']} | "
-                     f"{c['judge_no_label_yes']} | {c['judge_no_label_no']} | {fmt_rate(j['sensitivity'])} | {fmt_rate(j['specificity'])} | "
-                     f"{j['unparsed']} |")
+        kappa = (
+            "undefined"
+            if j["kappa"] is None
+            else f"{j['kappa']:.2f}"
+            + (f" [{j['kappa_ci95'][0]:.2f}, {j['kappa_ci95'][1]:.2f}]" if j["kappa_ci95"] else "")
+        )
+        lines.append(
+            f"| {name} | {fmt_rate(j['accuracy'])} | {kappa} | {c['judge_yes_label_yes']} | {c['judge_yes_label_no']} | "
+            f"{c['judge_no_label_yes']} | {c['judge_no_label_no']} | {fmt_rate(j['sensitivity'])} | {fmt_rate(j['specificity'])} | "
+            f"{j['unparsed']} |"
+        )
     per = [(name, j["per_category"]) for name, j in r["judges"].items() if j.get("per_category")]
     if per:
         categories = list(per[0][1])
-        lines += ["", "Accuracy per category:", "", "| judge | " + " | ".join(f"{c} (n={per[0][1][c]['n']})" for c in categories) + " |",
-                  "|---|" + "---|" * len(categories)]
+        lines += [
+            "",
+            "Accuracy per category:",
+            "",
+            "| judge | " + " | ".join(f"{c} (n={per[0][1][c]['n']})" for c in categories) + " |",
+            "|---|" + "---|" * len(categories),
+        ]
         for name, cats in per:
             lines.append(f"| {name} | " + " | ".join(fmt_rate(cats[c]["accuracy"]) for c in categories) + " |")
     if r["between_judges"]:
         lines += ["", "| judges | agreement | kappa | disagreeing items |", "|---|---|---|---|"]
         for p in r["between_judges"]:
             kappa = "undefined" if p["kappa"] is None else f"{p['kappa']:.2f}"
-            lines.append(f"| {p['first']} / {p['second']} | {fmt_rate(p['agreement'])} | {kappa} | {', '.join(p['disagreeing_ids']) or '-'} |")
+            lines.append(
+                f"| {p['first']} / {p['second']} | {fmt_rate(p['agreement'])} | {kappa} | {', '.join(p['disagreeing_ids']) or '-'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 @cli
 def main(argv=None) -> int:
-    cfg, _ = parse_config(AgreementConfig, argv, prog="python -m refusal.judge_agreement", description=__doc__.split("\n\n")[0])
+    cfg, _ = parse_config(
+        AgreementConfig, argv, prog="python -m refusal.judge_agreement", description=__doc__.split("\n\n")[0]
+    )
     report = agreement_report(cfg)
     if cfg.out:
         atomic_write_json(Path(cfg.out), report)

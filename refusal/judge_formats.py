@@ -90,7 +90,9 @@ def llama_guard_prompt(prompt: str, reply: str) -> str:
     """The stored Llama Guard 3 text for a judge checkpoint without a chat template."""
     categories = "\n".join(f"S{i + 1}: {name}" for i, name in enumerate(formats()["llama-guard"]["categories"]))
     conversation = "\n\n".join([f"User: {prompt}", f"Agent: {reply}"])
-    return Template(template_text("llama-guard")).substitute(agent_type="Agent", categories=categories, conversations=conversation)
+    return Template(template_text("llama-guard")).substitute(
+        agent_type="Agent", categories=categories, conversations=conversation
+    )
 
 
 def read_llama_guard(text: str) -> Reading:

@@ -19,8 +19,11 @@ from .measure import paired
 from .stats import add_holm, fmt_p, fmt_rate
 
 # measure -> (the model's measurement it reads, verdict field, what it is called)
-MEASURES = {"asr": ("asr", "jailbroken", "ASR"), "refusal_harmful": ("asr", "refused", "refusal on harmful prompts"),
-            "over_refusal": ("harmless", "refused", "over-refusal")}
+MEASURES = {
+    "asr": ("asr", "jailbroken", "ASR"),
+    "refusal_harmful": ("asr", "refused", "refusal on harmful prompts"),
+    "over_refusal": ("harmless", "refused", "over-refusal"),
+}
 
 
 def _judges_of(panel: JudgePanel, measure: str) -> list[str]:
@@ -31,7 +34,9 @@ def _has(result: dict | None, field: str, judge: str) -> bool:
     return bool(result) and bool(result["records"]) and judge in result["records"][0][field]
 
 
-def judges_section(panel: JudgePanel, models: dict[str, dict], comparisons: list[tuple[str, str]], max_new_tokens: int) -> dict:
+def judges_section(
+    panel: JudgePanel, models: dict[str, dict], comparisons: list[tuple[str, str]], max_new_tokens: int
+) -> dict:
     """report.json's `judges`. `models`: label -> {"asr": harmful measurement, "harmless": harmless
     measurement} (either may be missing; measurements as refusal.measure returns them, judged by
     `panel`); `comparisons`: (first, second) labels of the paired tests."""
@@ -60,7 +65,10 @@ def judges_section(panel: JudgePanel, models: dict[str, dict], comparisons: list
         if by_judge:
             tests[measure] = by_judge
             for first, second in comparisons:
-                found = {j: next((t for t in ts if (t["first"], t["second"]) == (first, second)), None) for j, ts in by_judge.items()}
+                found = {
+                    j: next((t for t in ts if (t["first"], t["second"]) == (first, second)), None)
+                    for j, ts in by_judge.items()
+                }
                 sentence = significance_disagreements(found, what, first, second)
                 if sentence:
                     sentences.append(sentence)
@@ -78,12 +86,22 @@ def judges_section(panel: JudgePanel, models: dict[str, dict], comparisons: list
     for spec in panel.specs:
         entry = dict(name=spec.name, kind=spec.kind, verdicts=list(spec.verdicts))
         if spec.kind != KEYWORD:
-            entry.update(identity={k: v for k, v in judged_by.get(spec.name, {}).items() if k not in ("unparsed", "n")},
-                         unparsed=judged_by.get(spec.name, {}).get("unparsed"), judged=judged_by.get(spec.name, {}).get("n"),
-                         needs_tokens=needs_tokens(spec.kind), length_warning=length_warning(spec, max_new_tokens))
+            entry.update(
+                identity={k: v for k, v in judged_by.get(spec.name, {}).items() if k not in ("unparsed", "n")},
+                unparsed=judged_by.get(spec.name, {}).get("unparsed"),
+                judged=judged_by.get(spec.name, {}).get("n"),
+                needs_tokens=needs_tokens(spec.kind),
+                length_warning=length_warning(spec, max_new_tokens),
+            )
         judges.append(entry)
-    return dict(judges=judges, max_new_tokens=max_new_tokens, rates=rates, tests=tests, agreement=agreement,
-                significance_disagreements=sentences)
+    return dict(
+        judges=judges,
+        max_new_tokens=max_new_tokens,
+        rates=rates,
+        tests=tests,
+        agreement=agreement,
+        significance_disagreements=sentences,
+    )
 
 
 def _pooled(panel: JudgePanel, models: dict[str, dict], measure: str) -> list[dict] | None:
@@ -110,29 +128,41 @@ def _pooled(panel: JudgePanel, models: dict[str, dict], measure: str) -> list[di
 
 def judges_markdown(section: dict, examples: int = 3) -> list[str]:
     """The section's markdown: judges, rates, tests, agreement, disagreements."""
-    lines = ["", "## Judges", "",
-             "Each judge's own rates (95% Wilson intervals) and paired tests (exact McNemar on the same prompts, Holm within each "
-             "judge and measure over the comparisons); agreement between judges pooled over the models' completions (Cohen's kappa "
-             "and raw agreement, 95% bootstrap intervals over prompts). ASR counts a judge's attack-success, harmful-compliance "
-             "or unsafe-response verdict; over-refusal a refusal verdict. An answer a model judge gave that could not be parsed "
-             "counts as the negative verdict. The model judges run on the stored completions; their prompts are their "
-             "authors' (docs/judges.md).", ""]
+    lines = [
+        "",
+        "## Judges",
+        "",
+        "Each judge's own rates (95% Wilson intervals) and paired tests (exact McNemar on the same prompts, Holm within each "
+        "judge and measure over the comparisons); agreement between judges pooled over the models' completions (Cohen's kappa "
+        "and raw agreement, 95% bootstrap intervals over prompts). ASR counts a judge's attack-success, harmful-compliance "
+        "or unsafe-response verdict; over-refusal a refusal verdict. An answer a model judge gave that could not be parsed "
+        "counts as the negative verdict. The model judges run on the stored completions; their prompts are their "
+        "authors' (docs/judges.md).",
+        "",
+    ]
     for j in section["judges"]:
         if j["kind"] == KEYWORD:
             lines.append(f"- {j['name']}: keyword judge ({', '.join(j['verdicts'])})")
             continue
         ident = j.get("identity") or {}
         weights = (ident.get("weights") or "")[:12]
-        lines.append(f"- {j['name']}: {j['kind']} ({', '.join(j['verdicts'])}); weights sha256 {weights or 'n/a'}, format "
-                     f"{ident.get('format', 'n/a')}; {j.get('unparsed') or 0} of {j.get('judged') or 0} answers unparsed")
+        lines.append(
+            f"- {j['name']}: {j['kind']} ({', '.join(j['verdicts'])}); weights sha256 {weights or 'n/a'}, format "
+            f"{ident.get('format', 'n/a')}; {j.get('unparsed') or 0} of {j.get('judged') or 0} answers unparsed"
+        )
         if j.get("length_warning"):
             lines.append(f"  - **Too short:** {j['length_warning']}.")
     measures = [m for m in MEASURES if any(m in row for row in section["rates"].values())]
     for measure in measures:
         judges = list(dict.fromkeys(j for row in section["rates"].values() for j in row.get(measure, {})))
         what = MEASURES[measure][2]
-        lines += ["", f"### {what[:1].upper() + what[1:]} per judge", "", "| model | " + " | ".join(judges) + " |",
-                  "|---|" + "---|" * len(judges)]
+        lines += [
+            "",
+            f"### {what[:1].upper() + what[1:]} per judge",
+            "",
+            "| model | " + " | ".join(judges) + " |",
+            "|---|" + "---|" * len(judges),
+        ]
         for label, row in section["rates"].items():
             if measure in row:
                 lines.append(f"| {label} | " + " | ".join(fmt_rate(row[measure].get(j)) for j in judges) + " |")
@@ -141,22 +171,35 @@ def judges_markdown(section: dict, examples: int = 3) -> list[str]:
             pairs = list(dict.fromkeys((t["first"], t["second"]) for tests in ts.values() for t in tests))
             lines += ["", "| comparison | " + " | ".join(f"p {j}" for j in ts) + " |", "|---|" + "---|" * len(ts)]
             for first, second in pairs:
-                cells = [fmt_p(next((t for t in ts[j] if (t["first"], t["second"]) == (first, second)), None)) for j in ts]
+                cells = [
+                    fmt_p(next((t for t in ts[j] if (t["first"], t["second"]) == (first, second)), None)) for j in ts
+                ]
                 lines.append(f"| {first} vs {second} | " + " | ".join(cells) + " |")
         pooled = section["agreement"].get(measure) or []
         if pooled:
             lines += ["", "| judges | n | agreement | kappa | disagreeing |", "|---|---|---|---|---|"]
             for p in pooled:
-                kappa = "undefined (one verdict throughout)" if p["kappa"] is None else (
-                    f"{p['kappa']:.2f} [{p['kappa_ci95'][0]:.2f}, {p['kappa_ci95'][1]:.2f}]" if p["kappa_ci95"] else f"{p['kappa']:.2f}")
-                lines.append(f"| {p['first']} / {p['second']} | {p['n']} | {fmt_rate(p['agreement'])} | {kappa} | {p['disagreements']} |")
+                kappa = (
+                    "undefined (one verdict throughout)"
+                    if p["kappa"] is None
+                    else (
+                        f"{p['kappa']:.2f} [{p['kappa_ci95'][0]:.2f}, {p['kappa_ci95'][1]:.2f}]"
+                        if p["kappa_ci95"]
+                        else f"{p['kappa']:.2f}"
+                    )
+                )
+                lines.append(
+                    f"| {p['first']} / {p['second']} | {p['n']} | {fmt_rate(p['agreement'])} | {kappa} | {p['disagreements']} |"
+                )
             shown = [(p, e) for p in pooled for e in p["examples"][:1]][:examples]
             if shown:
                 lines += ["", "Completions the judges disagree on (every one is listed by id in report.json):", ""]
                 for p, e in shown:
                     text = e["completion"].strip().replace("\n", " ")[:200]
-                    lines.append(f"- {e.get('model', '')} {e['id']} ({p['first']}: {e[p['first']]}, {p['second']}: {e[p['second']]}): "
-                                 f"**{e['prompt'][:120]}** → {text}")
+                    lines.append(
+                        f"- {e.get('model', '')} {e['id']} ({p['first']}: {e[p['first']]}, {p['second']}: {e[p['second']]}): "
+                        f"**{e['prompt'][:120]}** → {text}"
+                    )
     lines += [""]
     if section["significance_disagreements"]:
         lines += [f"- {s}" for s in section["significance_disagreements"]]

@@ -30,8 +30,10 @@ MODEL_KINDS = {
     "minos": ((REFUSAL,), CLASSIFIER),
 }
 KEYWORD = "keyword"
-USAGE = (f"keyword judges: {', '.join(JUDGE_NAMES)}; model judges: KIND:HUB-ID-OR-DIR with KIND one of {', '.join(MODEL_KINDS)} "
-         "(e.g. harmbench:cais/HarmBench-Mistral-7b-val-cls)")
+USAGE = (
+    f"keyword judges: {', '.join(JUDGE_NAMES)}; model judges: KIND:HUB-ID-OR-DIR with KIND one of {', '.join(MODEL_KINDS)} "
+    "(e.g. harmbench:cais/HarmBench-Mistral-7b-val-cls)"
+)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,9 @@ def check_judge(spec: JudgeSpec) -> None:
     if not config_file.is_file():
         raise UserError(f"{where}: no config.json in {spec.target}: not a Hugging Face model directory")
     if not any(path.glob("*.safetensors")):
-        raise UserError(f"{where}: no *.safetensors weights in {spec.target}; only safetensors checkpoints are loaded (never pickles)")
+        raise UserError(
+            f"{where}: no *.safetensors weights in {spec.target}; only safetensors checkpoints are loaded (never pickles)"
+        )
     from lm.loading import TOKENIZER_FILES
 
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
@@ -169,5 +173,7 @@ def check_judge(spec: JudgeSpec) -> None:
         labels = config.get("id2label") or {}
         if not isinstance(labels, dict) or refusal_label(labels) is None:
             names = ", ".join(str(v) for v in (labels.values() if isinstance(labels, dict) else [])) or "none"
-            raise UserError(f"{where}: the classifier's labels ({names}) have no refusal label (exactly one of "
-                            f"{', '.join(REFUSAL_LABELS)}, any case)")
+            raise UserError(
+                f"{where}: the classifier's labels ({names}) have no refusal label (exactly one of "
+                f"{', '.join(REFUSAL_LABELS)}, any case)"
+            )

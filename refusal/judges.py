@@ -10,7 +10,6 @@ from functools import lru_cache
 
 from lm.datasets import judge_definitions
 
-
 JUDGE_NAMES = ("wei2024", "arditi2024")
 
 
@@ -38,7 +37,9 @@ def judges() -> tuple[Judge, Judge]:
     """(Wei et al. 2024, Arditi et al. 2024): always reported together."""
     d = judge_definitions()
     wei = Judge("wei2024", tuple(d["wei2024"]["strings"]), case_sensitive=True, min_words=20)
-    arditi = Judge("arditi2024", tuple(s.lower() for s in d["arditi2024"]["strings"]), case_sensitive=False, min_words=0)
+    arditi = Judge(
+        "arditi2024", tuple(s.lower() for s in d["arditi2024"]["strings"]), case_sensitive=False, min_words=0
+    )
     return wei, arditi
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from lm.cache import cached_json, timed, warn
 
-from .judge_formats import needs_tokens, formats
+from .judge_formats import formats, needs_tokens
 from .judge_spec import JudgePanel, JudgeSpec
 
 
-def judge_measurement(result: dict, panel: JudgePanel, store: Path, generation: dict, max_new_tokens: int,
-                      harmless: bool = False) -> dict:
+def judge_measurement(
+    result: dict, panel: JudgePanel, store: Path, generation: dict, max_new_tokens: int, harmless: bool = False
+) -> dict:
     """`result` (a refusal.measure generation result) with each model judge's verdicts merged into
     a copy of its records, and `judged_by`: each judge's identity and unparsed count. On harmless
     prompts only the judges that give a refusal verdict run (the others have nothing to say about
@@ -43,8 +44,12 @@ def judge_measurement(result: dict, panel: JudgePanel, store: Path, generation: 
         length_warning(spec, max_new_tokens)
         params = dict(generation=generation, judge=identity)
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:24]
-        judgement = cached_json(Path(store) / "judgements" / f"{digest}.json", params,
-                                lambda spec=spec: timed(lambda: judge_records(spec, records)), named_by_params=True)
+        judgement = cached_json(
+            Path(store) / "judgements" / f"{digest}.json",
+            params,
+            lambda spec=spec: timed(lambda: judge_records(spec, records)),
+            named_by_params=True,
+        )
         merge(records, spec, judgement)
         judged_by[spec.name] = dict(identity, unparsed=judgement["unparsed"], n=judgement["n"])
     return dict(result, records=records, judged_by=judged_by)
@@ -59,8 +64,15 @@ def judge_records(spec: JudgeSpec, records: list[dict]) -> dict:
     per_record = []
     for r in records:
         rs = [next(readings) for _ in r["completions"]]
-        per_record.append(dict(id=r["id"], harmful=[x.harmful for x in rs], refused=[x.refused for x in rs],
-                               parsed=[x.parsed for x in rs], raw=[x.raw[:200] for x in rs]))
+        per_record.append(
+            dict(
+                id=r["id"],
+                harmful=[x.harmful for x in rs],
+                refused=[x.refused for x in rs],
+                parsed=[x.parsed for x in rs],
+                raw=[x.raw[:200] for x in rs],
+            )
+        )
     unparsed = sum(not p for r in per_record for p in r["parsed"])
     return dict(per_record=per_record, unparsed=unparsed, n=len(items))
 
@@ -84,8 +96,10 @@ def length_warning(spec: JudgeSpec, max_new_tokens: int) -> str | None:
     needed = needs_tokens(spec.kind)
     if needed is None or max_new_tokens >= needed:
         return None
-    text = (f"judge {spec.name} needs completions of {needed} new tokens ({formats()[spec.kind]['needs_tokens_why']}); "
-            f"these have at most {max_new_tokens}: raise --max-new-tokens to {needed} to judge them as its authors do")
+    text = (
+        f"judge {spec.name} needs completions of {needed} new tokens ({formats()[spec.kind]['needs_tokens_why']}); "
+        f"these have at most {max_new_tokens}: raise --max-new-tokens to {needed} to judge them as its authors do"
+    )
     _warn_once(text)
     return text
 

@@ -23,11 +23,18 @@ from lm.cache import measured, measurement_digest, timed
 from lm.errors import UserError
 
 from .asr import SETTINGS, AsrConfig, attack_success
-from .eval_sets import HARMLESS_SETS, Prompt, check_names, load_prompts
+from .eval_sets import HARMLESS_SETS, Prompt, check_names, load_prompts, overlap_with_fitted
 from .judges import JUDGE_NAMES, judges
-from .eval_sets import overlap_with_fitted
-from .stats import (bootstrap_cluster_mean, bootstrap_perplexity, bootstrap_task_mean, mcnemar_exact, min_detectable_difference,
-                    paired_perplexity_ratio, rate_of, wilson)
+from .stats import (
+    bootstrap_cluster_mean,
+    bootstrap_perplexity,
+    bootstrap_task_mean,
+    mcnemar_exact,
+    min_detectable_difference,
+    paired_perplexity_ratio,
+    rate_of,
+    wilson,
+)
 
 # Held-out harmful prompts (83 AdvBench + 89 JailbreakBench remain after removing fitted and
 # repeated prompts; the first 50 of each by default) and harmless ones for over-refusal.
@@ -56,8 +63,14 @@ class EvalConfig:
             raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
 
     def asr_config(self) -> AsrConfig:
-        return AsrConfig(self.setting, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed,
-                         backend=self.backend, system=self.system)
+        return AsrConfig(
+            self.setting,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            backend=self.backend,
+            system=self.system,
+        )
 
     def harmless(self, sets: tuple[str, ...] = DEFAULT_HARMLESS, n: int | None = None) -> "EvalConfig":
         """The same generation settings on prompts that should not be refused (greedy, no attack)."""
@@ -95,8 +108,14 @@ def measure(model, tokenizer, cfg: EvalConfig, store: Path, model_id, label: str
     if judges is not None and judges.model_judges:
         from .judging import judge_measurement
 
-        result = judge_measurement(result, judges, store, dict(kind=kind, key=measurement_digest(model_id, *configs)), cfg.max_new_tokens,
-                                   harmless=(label or pass_label(cfg)) == "over-refusal")
+        result = judge_measurement(
+            result,
+            judges,
+            store,
+            dict(kind=kind, key=measurement_digest(model_id, *configs)),
+            cfg.max_new_tokens,
+            harmless=(label or pass_label(cfg)) == "over-refusal",
+        )
     return dict(result, rates=rates(result))
 
 
@@ -106,8 +125,13 @@ def measure_prompts(model, tokenizer, prompts: list[Prompt], cfg: EvalConfig, st
     so a change of evaluation sets does not regenerate them."""
     if not prompts:
         raise UserError("no prompts to measure")
-    result = measured(store, f"generations-{cfg.setting}", model_id, [cfg.asr_config(), _digest(prompts)],
-                      lambda: timed(lambda: generate_records(model, tokenizer, prompts, cfg, "refusal-probe training prompts")))
+    result = measured(
+        store,
+        f"generations-{cfg.setting}",
+        model_id,
+        [cfg.asr_config(), _digest(prompts)],
+        lambda: timed(lambda: generate_records(model, tokenizer, prompts, cfg, "refusal-probe training prompts")),
+    )
     return dict(result, rates=rates(result))
 
 
@@ -128,11 +152,17 @@ def generate_records(model, tokenizer, prompts: list[Prompt], cfg: EvalConfig, l
         per_prompt = [[s["completions"][i] for s in r["per_suffix"]] for i in range(len(prompts))]
     records = []
     for p, completions in zip(prompts, per_prompt):
-        records.append(dict(
-            id=p.id, source=p.source, category=p.category, prompt=p.text, completions=completions,
-            jailbroken={j.name: [j.jailbroken(c) for c in completions] for j in judges()},
-            refused={j.name: [j.refused(c) for c in completions] for j in judges()},
-        ))
+        records.append(
+            dict(
+                id=p.id,
+                source=p.source,
+                category=p.category,
+                prompt=p.text,
+                completions=completions,
+                jailbroken={j.name: [j.jailbroken(c) for c in completions] for j in judges()},
+                refused={j.name: [j.refused(c) for c in completions] for j in judges()},
+            )
+        )
     return dict(r, records=records)
 
 
@@ -140,7 +170,9 @@ def _best_suffix(records: list[dict], judge: str, field: str) -> int:
     """The suffix with the most successes: the published adv-suffix ASR is the max over suffixes
     (for a judge with refusal verdicts only, the suffix with the fewest refusals)."""
     if judge not in records[0][field]:
-        return min(range(len(records[0]["refused"][judge])), key=lambda s: (sum(r["refused"][judge][s] for r in records), s))
+        return min(
+            range(len(records[0]["refused"][judge])), key=lambda s: (sum(r["refused"][judge][s] for r in records), s)
+        )
     n_suffixes = len(records[0][field][judge])
     return max(range(n_suffixes), key=lambda s: (sum(r[field][judge][s] for r in records), -s))
 
@@ -171,11 +203,17 @@ def rates(result: dict, examples: int = 3) -> dict:
     or unsafe-response verdict, refusal for a refusal verdict."""
     records, setting = result["records"], result["setting"]
     names = list(JUDGE_NAMES)
-    asr_judges, refusal_judges = list(records[0]["jailbroken"]) if records else names, list(records[0]["refused"]) if records else names
+    asr_judges, refusal_judges = (
+        list(records[0]["jailbroken"]) if records else names,
+        list(records[0]["refused"]) if records else names,
+    )
 
     def block(rs):
-        return dict(asr={j: _rate(rs, setting, j, "jailbroken") for j in asr_judges},
-                    refusal={j: _rate(rs, setting, j, "refused") for j in refusal_judges}, n=len(rs))
+        return dict(
+            asr={j: _rate(rs, setting, j, "jailbroken") for j in asr_judges},
+            refusal={j: _rate(rs, setting, j, "refused") for j in refusal_judges},
+            n=len(rs),
+        )
 
     sources = sorted({r["source"] for r in records}, key=[r["source"] for r in records].index)
     split = []
@@ -190,7 +228,9 @@ def rates(result: dict, examples: int = 3) -> dict:
         setting=setting,
         per_source={s: block([r for r in records if r["source"] == s]) for s in sources},
         # Over completions; with adv_decoding's 5 samples per prompt this interval is too narrow.
-        judge_disagreement=dict(rate=rate_of([True] * len(split) + [False] * (n_completions - len(split))), examples=split[:examples]),
+        judge_disagreement=dict(
+            rate=rate_of([True] * len(split) + [False] * (n_completions - len(split))), examples=split[:examples]
+        ),
     )
 
 
@@ -237,9 +277,13 @@ def describe_prompts(result: dict, family_size: int = 1) -> dict:
     per_source: dict[str, int] = {}
     for p in prompts:
         per_source[p.source] = per_source.get(p.source, 0) + 1
-    return dict(n=len(prompts), per_source=per_source, overlap_with_fitted=overlap_with_fitted(prompts),
-                min_detectable_difference=min_detectable_difference(len(prompts), max(1, family_size)),
-                min_detectable_difference_last_step=min_detectable_difference(len(prompts)))
+    return dict(
+        n=len(prompts),
+        per_source=per_source,
+        overlap_with_fitted=overlap_with_fitted(prompts),
+        min_detectable_difference=min_detectable_difference(len(prompts), max(1, family_size)),
+        min_detectable_difference_last_step=min_detectable_difference(len(prompts)),
+    )
 
 
 def perplexity_rate(p: dict) -> dict | None:

@@ -19,8 +19,20 @@ import torch
 
 from lm.errors import UserError
 
-from .judge_formats import (Reading, classifier_text, format_version, harmbench_prompt, llama_guard_prompt, read_classifier,
-                            read_harmbench, read_llama_guard, read_wildguard, refusal_label, rules, wildguard_prompt)
+from .judge_formats import (
+    Reading,
+    classifier_text,
+    format_version,
+    harmbench_prompt,
+    llama_guard_prompt,
+    read_classifier,
+    read_harmbench,
+    read_llama_guard,
+    read_wildguard,
+    refusal_label,
+    rules,
+    wildguard_prompt,
+)
 from .judge_spec import CAUSAL, KEYWORD, MODEL_KINDS, JudgeSpec, local_dir
 
 CLASSIFIER_BATCH = 16
@@ -45,7 +57,9 @@ class LoadedJudge:
         """The exact text the judge is prompted with for one reply."""
         kind, tok = self.spec.kind, self.tokenizer
         if kind == "harmbench":
-            return bos_prefix(tok) + harmbench_prompt(prompt, clip(tok, reply, rules(kind)["truncate_generation_tokens"]))
+            return bos_prefix(tok) + harmbench_prompt(
+                prompt, clip(tok, reply, rules(kind)["truncate_generation_tokens"])
+            )
         if kind == "wildguard":
             return bos_prefix(tok) + wildguard_prompt(prompt, reply)
         if getattr(tok, "chat_template", None):  # a released Llama Guard checkpoint: its own template
@@ -57,8 +71,13 @@ class LoadedJudge:
 
         kind = self.spec.kind
         texts = [self.prompt_text(p, r) for p, r in items]
-        outs = generate(self.model, self.tokenizer, texts, SamplingConfig(max_new_tokens=rules(kind)["max_new_tokens"]),
-                        desc=desc or f"judge {self.spec.name}")
+        outs = generate(
+            self.model,
+            self.tokenizer,
+            texts,
+            SamplingConfig(max_new_tokens=rules(kind)["max_new_tokens"]),
+            desc=desc or f"judge {self.spec.name}",
+        )
         read = {"harmbench": read_harmbench, "llama-guard": read_llama_guard, "wildguard": read_wildguard}[kind]
         return [read(o[0]) for o in outs]
 
@@ -70,7 +89,7 @@ class LoadedJudge:
         device = next(model.parameters()).device
         out: list[Reading] = []
         for start in range(0, len(items), CLASSIFIER_BATCH):
-            batch = items[start:start + CLASSIFIER_BATCH]
+            batch = items[start : start + CLASSIFIER_BATCH]
             texts = [classifier_text(kind, p, r) for p, r in batch]
             enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=limit).to(device)
             enc.pop("token_type_ids", None)  # llm-guard passes return_token_type_ids=False
@@ -135,7 +154,9 @@ def load_judge(spec: JudgeSpec) -> LoadedJudge:
         # From its directory where it has one (a hub id in the local cache too), so that vLLM can serve it.
         where_from = local_dir(spec.target)
         try:
-            loaded = load_model(str(where_from or spec.target), dtype="bfloat16" if device == "cuda" else "float32", device=device)
+            loaded = load_model(
+                str(where_from or spec.target), dtype="bfloat16" if device == "cuda" else "float32", device=device
+            )
         except UserError as e:
             raise UserError(f"{where} does not load: {e}") from None
         return LoadedJudge(spec, loaded.model, loaded.tokenizer)
@@ -154,7 +175,9 @@ def _load_classifier(spec: JudgeSpec, where: str, device: str) -> LoadedJudge:
         raise UserError(f"{where} does not load: {str(e).splitlines()[0]}") from None
     index = refusal_label(model.config.id2label)
     if index is None:
-        raise UserError(f"{where}: the classifier's labels ({', '.join(map(str, model.config.id2label.values()))}) have no refusal label")
+        raise UserError(
+            f"{where}: the classifier's labels ({', '.join(map(str, model.config.id2label.values()))}) have no refusal label"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedJudge(spec, model.to(device).eval(), tokenizer, index)

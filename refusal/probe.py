@@ -72,13 +72,19 @@ class ProbeDirection:
 
 
 def has_selection(directory) -> bool:
-    return directory is not None and (Path(directory) / SELECTION_JSON).is_file() and (Path(directory) / DIRECTION_FILE).is_file()
+    return (
+        directory is not None
+        and (Path(directory) / SELECTION_JSON).is_file()
+        and (Path(directory) / DIRECTION_FILE).is_file()
+    )
 
 
 def _check_width(raw: torch.Tensor, model, where: str) -> None:
     width = model.get_input_embeddings().weight.shape[1]
     if raw.shape[-1] != width:
-        raise UserError(f"the direction in {where} has width {raw.shape[-1]}, the model {width}: another model's artifact")
+        raise UserError(
+            f"the direction in {where} has width {raw.shape[-1]}, the model {width}: another model's artifact"
+        )
 
 
 def load_probe_direction(
@@ -101,13 +107,17 @@ def load_probe_direction(
         if result.chosen is not None:
             position, layer = result.chosen
             raw = result.direction_raw
-            how = (f"selected direction from {path} (Arditi et al.'s selection: lowest bypass score among "
-                   f"filtered candidates): position {position}, layer {layer}")
+            how = (
+                f"selected direction from {path} (Arditi et al.'s selection: lowest bypass score among "
+                f"filtered candidates): position {position}, layer {layer}"
+            )
         else:
             position, layer = -1, default_layer(n_layers)
             raw = result.directions[result.positions.index(position), layer]
-            how = (f"no candidate in {path} passed the selection filters; using its difference-of-means candidate "
-                   f"at the last position (-1) and layer round({DEFAULT_LAYER_FRACTION} * {n_layers}) = {layer}")
+            how = (
+                f"no candidate in {path} passed the selection filters; using its difference-of-means candidate "
+                f"at the last position (-1) and layer round({DEFAULT_LAYER_FRACTION} * {n_layers}) = {layer}"
+            )
         _check_width(raw, model, str(path))
         return ProbeDirection(raw / raw.norm(), raw, position, layer, "selection", path, how)
 
@@ -115,7 +125,9 @@ def load_probe_direction(
     from safetensors.torch import load_file
 
     path = Path(run_dir) / PROBE_DIRECTION_FILE
-    params = json.dumps(dict(model=model_id, n_layers=n_layers, n_train=n_train, seed=seed, system=system), sort_keys=True)
+    params = json.dumps(
+        dict(model=model_id, n_layers=n_layers, n_train=n_train, seed=seed, system=system), sort_keys=True
+    )
     stored = None
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
@@ -127,7 +139,9 @@ def load_probe_direction(
         positions = post_instruction(tokenizer, system).positions
         atomic_save_tensors(
             path,
-            dict(candidates=found["directions"], mean_harmful=found["mean_harmful"], mean_harmless=found["mean_harmless"]),
+            dict(
+                candidates=found["directions"], mean_harmful=found["mean_harmful"], mean_harmless=found["mean_harmless"]
+            ),
             metadata=dict(params=params, positions=json.dumps(positions)),
         )
     # Read back: the probe uses what is on disk, never the in-memory result.
@@ -137,8 +151,10 @@ def load_probe_direction(
     position, layer = -1, default_layer(n_layers)
     raw = candidates[positions.index(position), layer]
     _check_width(raw, model, str(path))
-    how = (f"difference-of-means direction ({n_train} harmful vs {n_train} harmless train instructions, seed {seed}) "
-           f"read from {path}: last post-instruction position (-1), layer round({DEFAULT_LAYER_FRACTION} * {n_layers}) = {layer}")
+    how = (
+        f"difference-of-means direction ({n_train} harmful vs {n_train} harmless train instructions, seed {seed}) "
+        f"read from {path}: last post-instruction position (-1), layer round({DEFAULT_LAYER_FRACTION} * {n_layers}) = {layer}"
+    )
     if direction_dir is not None:
         how = f"no {SELECTION_JSON} + {DIRECTION_FILE} in {direction_dir}; " + how
     return ProbeDirection(raw / raw.norm(), raw, position, layer, "diff-of-means", path, how)
@@ -178,21 +194,54 @@ def projection_figure(harmful: torch.Tensor, harmless: torch.Tensor, direction: 
     for name, values, color in (("harmful", harmful, "214,39,40"), ("harmless", harmless, "31,119,180")):
         mean = values.mean(dim=0)
         std = values.std(dim=0) if values.shape[0] > 1 else torch.zeros_like(mean)
-        fig.add_trace(go.Scatter(x=layers, y=(mean + std).tolist(), mode="lines", line=dict(width=0),
-                                 showlegend=False, hoverinfo="skip", legendgroup=name))
-        fig.add_trace(go.Scatter(x=layers, y=(mean - std).tolist(), mode="lines", line=dict(width=0),
-                                 fill="tonexty", fillcolor=f"rgba({color},0.2)", name=f"{name} ±1 s.d.",
-                                 hoverinfo="skip", legendgroup=name))
-        fig.add_trace(go.Scatter(x=layers, y=mean.tolist(), mode="lines+markers", line=dict(color=f"rgb({color})"),
-                                 name=f"{name} mean (n={values.shape[0]})", legendgroup=name,
-                                 hovertemplate="layer %{x}<br>mean %{y:.3f}<extra>" + name + "</extra>"))
-    fig.add_vline(x=direction.layer, line_dash="dot", line_color="gray",
-                  annotation_text=f"direction read here (pos {direction.position}, layer {direction.layer})")
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=(mean + std).tolist(),
+                mode="lines",
+                line=dict(width=0),
+                showlegend=False,
+                hoverinfo="skip",
+                legendgroup=name,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=(mean - std).tolist(),
+                mode="lines",
+                line=dict(width=0),
+                fill="tonexty",
+                fillcolor=f"rgba({color},0.2)",
+                name=f"{name} ±1 s.d.",
+                hoverinfo="skip",
+                legendgroup=name,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=mean.tolist(),
+                mode="lines+markers",
+                line=dict(color=f"rgb({color})"),
+                name=f"{name} mean (n={values.shape[0]})",
+                legendgroup=name,
+                hovertemplate="layer %{x}<br>mean %{y:.3f}<extra>" + name + "</extra>",
+            )
+        )
+    fig.add_vline(
+        x=direction.layer,
+        line_dash="dot",
+        line_color="gray",
+        annotation_text=f"direction read here (pos {direction.position}, layer {direction.layer})",
+    )
     fig.update_layout(
         title=title,
         xaxis_title="layer l (resid_pre: input of decoder block l), last prompt token",
         yaxis_title="projection onto the unit refusal direction",
-        height=480, width=900, template="plotly_white",
+        height=480,
+        width=900,
+        template="plotly_white",
     )
     return fig
 
@@ -205,7 +254,9 @@ def separation(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
 
 
 def save_projections(path, harmful: torch.Tensor, harmless: torch.Tensor, params: dict) -> None:
-    atomic_save_tensors(Path(path), dict(harmful=harmful, harmless=harmless), metadata=dict(params=json.dumps(params, sort_keys=True)))
+    atomic_save_tensors(
+        Path(path), dict(harmful=harmful, harmless=harmless), metadata=dict(params=json.dumps(params, sort_keys=True))
+    )
 
 
 def load_projections(path, params: dict) -> dict | None:

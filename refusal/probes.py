@@ -53,8 +53,15 @@ def fit_probe(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig = ProbeConfig()):
         raise UserError(f"a probe needs at least 2 examples of each class to cross-validate, got {counts.tolist()}")
     # Fewer folds than cfg.folds only when a class has fewer examples (tiny test runs).
     folds = StratifiedKFold(min(cfg.folds, int(counts.min())), shuffle=True, random_state=cfg.seed)
-    model = LogisticRegressionCV(Cs=list(cfg.cs), cv=folds, l1_ratios=(0.0,), scoring="neg_log_loss", max_iter=cfg.max_iter,
-                                 random_state=cfg.seed, use_legacy_attributes=False)
+    model = LogisticRegressionCV(
+        Cs=list(cfg.cs),
+        cv=folds,
+        l1_ratios=(0.0,),
+        scoring="neg_log_loss",
+        max_iter=cfg.max_iter,
+        random_state=cfg.seed,
+        use_legacy_attributes=False,
+    )
     return make_pipeline(StandardScaler(), model).fit(np.asarray(x, dtype=np.float64), y)
 
 
@@ -67,7 +74,9 @@ def probe_direction(probe) -> np.ndarray:
 
 def _labelled(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     if harmful.shape[1:] != harmless.shape[1:]:
-        raise UserError(f"harmful and harmless activations differ in shape: {tuple(harmful.shape)} vs {tuple(harmless.shape)}")
+        raise UserError(
+            f"harmful and harmless activations differ in shape: {tuple(harmful.shape)} vs {tuple(harmless.shape)}"
+        )
     y = np.r_[np.ones(len(harmful), dtype=int), np.zeros(len(harmless), dtype=int)]
     return torch.cat([harmful, harmless]).double(), y
 
@@ -93,10 +102,17 @@ def probe_parameters(probes: list[list]) -> dict[str, torch.Tensor]:
     """The fitted grid as tensors (safetensors-storable): standardisation mean / scale, weights
     [P, L, d], intercept and the chosen C [P, L]. A probe predicts harmful where
     ((x - mean) / scale) @ coef + intercept > 0."""
+
     def stack(get):
         return torch.tensor(np.array([[get(probe) for probe in row] for row in probes]), dtype=torch.float64)
-    return dict(mean=stack(lambda p: p[0].mean_), scale=stack(lambda p: p[0].scale_), coef=stack(lambda p: p[-1].coef_.ravel()),
-                intercept=stack(lambda p: p[-1].intercept_[0]), c=stack(lambda p: float(np.ravel(p[-1].C_)[0])))
+
+    return dict(
+        mean=stack(lambda p: p[0].mean_),
+        scale=stack(lambda p: p[0].scale_),
+        coef=stack(lambda p: p[-1].coef_.ravel()),
+        intercept=stack(lambda p: p[-1].intercept_[0]),
+        c=stack(lambda p: float(np.ravel(p[-1].C_)[0])),
+    )
 
 
 def correct(params: dict[str, torch.Tensor], harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
@@ -117,7 +133,10 @@ def predict(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 def accuracy_grid(correctness: torch.Tensor) -> list[list[dict]]:
     """Wilson accuracy over the prompts of each (position, layer) cell of `correct`'s output."""
-    return [[rate_of(correctness[:, p, layer].tolist()) for layer in range(correctness.shape[2])] for p in range(correctness.shape[1])]
+    return [
+        [rate_of(correctness[:, p, layer].tolist()) for layer in range(correctness.shape[2])]
+        for p in range(correctness.shape[1])
+    ]
 
 
 def grid_accuracy(probes: list[list], harmful: torch.Tensor, harmless: torch.Tensor) -> list[list[dict]]:
@@ -147,7 +166,9 @@ def best_cell(accuracy: list[list[dict]]) -> tuple[int, int]:
 PARAMETERS = ("mean", "scale", "coef", "intercept", "c")
 
 
-def summarise(own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], directions: torch.Tensor, cell: tuple[int, int]) -> dict:
+def summarise(
+    own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], directions: torch.Tensor, cell: tuple[int, int]
+) -> dict:
     """One model's probe results for the report, at `cell` = (position index, layer) (the original's
     source) and per layer at that position: its own probes' held-out accuracy, the original's
     probes on its activations (transfer), each with the exact McNemar test against the original's
@@ -176,7 +197,9 @@ def summarise(own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], d
         out.update(
             transfer=transfer[p][layer],
             transfer_per_layer=transfer[p],
-            tests=dict(own=mcnemar_exact(own["own_correct"][:, p, layer].tolist(), base),
-                       transfer=mcnemar_exact(own["transfer_correct"][:, p, layer].tolist(), base)),
+            tests=dict(
+                own=mcnemar_exact(own["own_correct"][:, p, layer].tolist(), base),
+                transfer=mcnemar_exact(own["transfer_correct"][:, p, layer].tolist(), base),
+            ),
         )
     return out

@@ -31,12 +31,21 @@ from .probes import PARAMETERS, ProbeConfig, correct, fit_grid, fit_probe_grid, 
 JUDGE = "arditi2024"
 
 
-def harmfulness_probes(model, tokenizer, train: tuple[list[str], list[str]], test: tuple[list[str], list[str]],
-                       cfg: ProbeConfig, reference: dict[str, torch.Tensor] | None, batch_size: int = 16) -> dict[str, torch.Tensor]:
+def harmfulness_probes(
+    model,
+    tokenizer,
+    train: tuple[list[str], list[str]],
+    test: tuple[list[str], list[str]],
+    cfg: ProbeConfig,
+    reference: dict[str, torch.Tensor] | None,
+    batch_size: int = 16,
+) -> dict[str, torch.Tensor]:
     """Probe parameters fitted on `train` (harmful, harmless), per-prompt correctness of this model's
     probes on `test` (own_correct) and, given the original's parameters, of those (transfer_correct)."""
-    acts = [prompt_activations(model, tokenizer, texts, batch_size, desc=f"probe activations ({name})")
-            for name, texts in zip(("harmful train", "harmless train", "harmful test", "harmless test"), (*train, *test))]
+    acts = [
+        prompt_activations(model, tokenizer, texts, batch_size, desc=f"probe activations ({name})")
+        for name, texts in zip(("harmful train", "harmless train", "harmful test", "harmless test"), (*train, *test))
+    ]
     params = probe_parameters(fit_probe_grid(acts[0], acts[1], cfg))
     out = dict(params, own_correct=correct(params, acts[2], acts[3]))
     if reference is not None:
@@ -57,9 +66,19 @@ def refused(result: dict, judge: str = JUDGE) -> torch.Tensor:
     return torch.tensor([not rec["jailbroken"][judge][0] for rec in result["records"]], dtype=torch.bool)
 
 
-def refusal_prediction_probes(model, tokenizer, train_prompts: list[Prompt], generation: EvalConfig, store: Path, model_id,
-                              test_result: dict, cfg: ProbeConfig, reference: dict[str, torch.Tensor] | None,
-                              batch_size: int = 16, fit: bool = True) -> dict[str, torch.Tensor]:
+def refusal_prediction_probes(
+    model,
+    tokenizer,
+    train_prompts: list[Prompt],
+    generation: EvalConfig,
+    store: Path,
+    model_id,
+    test_result: dict,
+    cfg: ProbeConfig,
+    reference: dict[str, torch.Tensor] | None,
+    batch_size: int = 16,
+    fit: bool = True,
+) -> dict[str, torch.Tensor]:
     """The refusal-prediction probe of one model.
 
     `test_result` is the model's vanilla ASR measurement on the held-out prompts (its records give
@@ -75,9 +94,13 @@ def refusal_prediction_probes(model, tokenizer, train_prompts: list[Prompt], gen
     x_test = prompt_activations(model, tokenizer, test_texts, batch_size, desc="refusal-probe activations (test)")
     out = dict(test_refused=y_test)
     if fit:
-        y_train = out["train_refused"] = refused(measure_prompts(model, tokenizer, train_prompts, generation, store, model_id))
+        y_train = out["train_refused"] = refused(
+            measure_prompts(model, tokenizer, train_prompts, generation, store, model_id)
+        )
     if fit and np.bincount(y_train.int().numpy(), minlength=2).min() >= 2:
-        x_train = prompt_activations(model, tokenizer, [p.text for p in train_prompts], batch_size, desc="refusal-probe activations (train)")
+        x_train = prompt_activations(
+            model, tokenizer, [p.text for p in train_prompts], batch_size, desc="refusal-probe activations (train)"
+        )
         params = probe_parameters(fit_grid(x_train, y_train.int().numpy(), cfg))
         out.update(params, own_pred=predict(params, x_test))
     if reference is not None and "coef" in reference:

@@ -38,8 +38,17 @@ class DirectionQuality:
         return {**asdict(self), "refusal_removed": self.refusal_removed}
 
 
-def direction_quality(model, tokenizer, direction_raw: torch.Tensor, layer: int, harmful: list[str], harmless: list[str],
-                      token_ids: list[int], batch_size: int = 32, system: str | None = None) -> DirectionQuality:
+def direction_quality(
+    model,
+    tokenizer,
+    direction_raw: torch.Tensor,
+    layer: int,
+    harmful: list[str],
+    harmless: list[str],
+    token_ids: list[int],
+    batch_size: int = 32,
+    system: str | None = None,
+) -> DirectionQuality:
     if not harmful or not harmless:
         raise UserError("direction quality needs non-empty harmful and harmless prompt sets")
     if not torch.isfinite(direction_raw).all() or float(direction_raw.norm()) == 0:
@@ -50,8 +59,11 @@ def direction_quality(model, tokenizer, direction_raw: torch.Tensor, layer: int,
     safe_base = prompt_last_logits(model, tokenizer, harmless, batch_size, system)
     safe_abl = prompt_last_logits(model, tokenizer, harmless, batch_size, system, ablate=vec)
     safe_add = prompt_last_logits(model, tokenizer, harmless, batch_size, system, add={layer: vec})
-    per_prompt = dict(bypass=refusal_score(harm_abl, token_ids), induce=refusal_score(safe_add, token_ids),
-                      kl=kl_divergence(safe_base, safe_abl))
+    per_prompt = dict(
+        bypass=refusal_score(harm_abl, token_ids),
+        induce=refusal_score(safe_add, token_ids),
+        kl=kl_divergence(safe_base, safe_abl),
+    )
     return DirectionQuality(
         bypass=float(per_prompt["bypass"].mean()),
         induce=float(per_prompt["induce"].mean()),

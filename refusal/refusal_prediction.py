@@ -17,15 +17,21 @@ from .probes import accuracy_grid, best_cell
 from .stats import mcnemar_exact, rate_of
 
 
-def summarise(own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], cell: tuple[int, int], is_original: bool) -> dict:
+def summarise(
+    own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], cell: tuple[int, int], is_original: bool
+) -> dict:
     """One model's refusal-prediction results at `cell` = (position index, layer), per layer at
     that position, and its best cell."""
     p, layer = cell
     y_test = own["test_refused"].bool()
     y_train = own["train_refused"].bool() if "train_refused" in own else None
-    out = dict(n_train=0 if y_train is None else len(y_train), n_test=len(y_test),
-               train_refused=None if y_train is None else rate_of(y_train.tolist()), test_refused=rate_of(y_test.tolist()),
-               fitted="own_pred" in own)
+    out = dict(
+        n_train=0 if y_train is None else len(y_train),
+        n_test=len(y_test),
+        train_refused=None if y_train is None else rate_of(y_train.tolist()),
+        test_refused=rate_of(y_test.tolist()),
+        fitted="own_pred" in own,
+    )
     if y_train is None:
         out["reason"] = "not fitted here: only the original's probe is applied"
     elif "own_pred" in own:
@@ -34,19 +40,29 @@ def summarise(own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], c
         best = best_cell(grid)
         majority = bool(y_train.float().mean() >= 0.5)
         majority_right = (y_test == majority).tolist()
-        out.update(own=grid[p][layer], own_per_layer=grid[p], best=dict(position_index=best[0], layer=best[1], accuracy=grid[best[0]][best[1]]),
-                   majority=dict(predicts="refused" if majority else "answered", accuracy=rate_of(majority_right)),
-                   vs_majority=mcnemar_exact(right[:, p, layer].tolist(), majority_right))
+        out.update(
+            own=grid[p][layer],
+            own_per_layer=grid[p],
+            best=dict(position_index=best[0], layer=best[1], accuracy=grid[best[0]][best[1]]),
+            majority=dict(predicts="refused" if majority else "answered", accuracy=rate_of(majority_right)),
+            vs_majority=mcnemar_exact(right[:, p, layer].tolist(), majority_right),
+        )
     else:
         k = int(y_train.sum())
-        out["reason"] = (f"not fitted: the model refused {k} of {len(y_train)} training prompts, and a probe needs at least 2 "
-                         "refused and 2 answered ones")
+        out["reason"] = (
+            f"not fitted: the model refused {k} of {len(y_train)} training prompts, and a probe needs at least 2 "
+            "refused and 2 answered ones"
+        )
     if is_original:
         return out
     ref_y = original["test_refused"].bool()
     flips = ref_y & ~y_test
-    out["flips"] = dict(refused_to_answered=int(flips.sum()), answered_to_refused=int((~ref_y & y_test).sum()),
-                        flagged_on_variant=None, flagged_on_original=None)
+    out["flips"] = dict(
+        refused_to_answered=int(flips.sum()),
+        answered_to_refused=int((~ref_y & y_test).sum()),
+        flagged_on_variant=None,
+        flagged_on_original=None,
+    )
     if "transfer_pred" in own:
         transfer = accuracy_grid(own["transfer_pred"] == y_test[:, None, None])
         out.update(transfer=transfer[p][layer], transfer_per_layer=transfer[p])

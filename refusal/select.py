@@ -138,16 +138,18 @@ class SelectionResult:
         out = []
         for i, pos in enumerate(self.positions):
             for layer in range(self.n_layers):
-                out.append(dict(
-                    position=pos,
-                    layer=layer,
-                    bypass_score=finite_or_none(self.bypass[i, layer]),
-                    induce_score=finite_or_none(self.induce[i, layer]),
-                    kl_score=finite_or_none(self.kl[i, layer]),
-                    norm=float(self.directions[i, layer].norm()),
-                    passed_filter=self.reasons[i][layer] is None,
-                    reason=self.reasons[i][layer],
-                ))
+                out.append(
+                    dict(
+                        position=pos,
+                        layer=layer,
+                        bypass_score=finite_or_none(self.bypass[i, layer]),
+                        induce_score=finite_or_none(self.induce[i, layer]),
+                        kl_score=finite_or_none(self.kl[i, layer]),
+                        norm=float(self.directions[i, layer].norm()),
+                        passed_filter=self.reasons[i][layer] is None,
+                        reason=self.reasons[i][layer],
+                    )
+                )
         return out
 
 
@@ -163,7 +165,9 @@ def _search(model, tokenizer, directions, harmful_val, harmless_val, token_ids, 
     n_pos, n_layers, _ = directions.shape
     evaluated = torch.zeros(n_pos, n_layers, dtype=torch.bool)
     if cfg.search == "exhaustive" and not cfg.prescreen_n_val:
-        scores = score_candidates(model, tokenizer, directions, harmful_val, harmless_val, token_ids, cfg.max_rows, cfg.system)
+        scores = score_candidates(
+            model, tokenizer, directions, harmful_val, harmless_val, token_ids, cfg.max_rows, cfg.system
+        )
         scores.evaluated = evaluated | True
         return scores, None
 
@@ -172,16 +176,41 @@ def _search(model, tokenizer, directions, harmful_val, harmless_val, token_ids, 
     passes: Counter = Counter()
     prescreen = None
     if cfg.prescreen_n_val:
-        pre = score_candidates(model, tokenizer, directions, harmful_val[: cfg.prescreen_n_val], [], token_ids,
-                               cfg.max_rows, cfg.system, subset=eligible, which=("bypass",))
+        pre = score_candidates(
+            model,
+            tokenizer,
+            directions,
+            harmful_val[: cfg.prescreen_n_val],
+            [],
+            token_ids,
+            cfg.max_rows,
+            cfg.system,
+            subset=eligible,
+            which=("bypass",),
+        )
         flat = pre.bypass.flatten()
         ranked = sorted((c for c in eligible if torch.isfinite(flat[c])), key=lambda c: float(flat[c]))
         eligible = ranked[: cfg.prescreen_keep]
         passes["prescreen"] += pre.passes.get("bypass", 0) + pre.passes.get("baseline", 0)
-        prescreen = dict(n_val=min(cfg.prescreen_n_val, len(harmful_val)), kept=len(eligible),
-                         kept_candidates=[dict(position=c // n_layers - n_pos, layer=c % n_layers, bypass=float(flat[c])) for c in eligible])
-    by = score_candidates(model, tokenizer, directions, harmful_val, harmless_val, token_ids, cfg.max_rows, cfg.system,
-                          subset=eligible, which=("bypass",))
+        prescreen = dict(
+            n_val=min(cfg.prescreen_n_val, len(harmful_val)),
+            kept=len(eligible),
+            kept_candidates=[
+                dict(position=c // n_layers - n_pos, layer=c % n_layers, bypass=float(flat[c])) for c in eligible
+            ],
+        )
+    by = score_candidates(
+        model,
+        tokenizer,
+        directions,
+        harmful_val,
+        harmless_val,
+        token_ids,
+        cfg.max_rows,
+        cfg.system,
+        subset=eligible,
+        which=("bypass",),
+    )
     for k in ("baseline", "bypass"):
         passes[k] += by.passes.get(k, 0)
     bypass = by.bypass.clone()
@@ -198,8 +227,18 @@ def _search(model, tokenizer, directions, harmful_val, harmless_val, token_ids, 
     for group in groups:
         if not group:
             continue
-        part = score_candidates(model, tokenizer, directions, harmful_val, harmless_val, token_ids, cfg.max_rows, cfg.system,
-                                subset=group, which=("kl", "induce"))
+        part = score_candidates(
+            model,
+            tokenizer,
+            directions,
+            harmful_val,
+            harmless_val,
+            token_ids,
+            cfg.max_rows,
+            cfg.system,
+            subset=group,
+            which=("kl", "induce"),
+        )
         for k in ("baseline", "kl", "induce"):
             passes[k] += part.passes.get(k, 0)
         _merge(kl, part.kl)
@@ -212,8 +251,15 @@ def _search(model, tokenizer, directions, harmful_val, harmless_val, token_ids, 
             break  # candidates later in the order have higher bypass: the choice is made
     out = dict(passes)
     out["scoring_passes"] = passes["bypass"] + passes["kl"] + passes["induce"] + passes["prescreen"]
-    return CandidateScores(bypass=bypass, induce=induce, kl=kl, baseline_harmful=by.baseline_harmful,
-                           baseline_harmless=baseline_harmless, passes=out, evaluated=evaluated), prescreen
+    return CandidateScores(
+        bypass=bypass,
+        induce=induce,
+        kl=kl,
+        baseline_harmful=by.baseline_harmful,
+        baseline_harmless=baseline_harmless,
+        passes=out,
+        evaluated=evaluated,
+    ), prescreen
 
 
 # --- the pipeline ----------------------------------------------------------------------------
@@ -255,7 +301,9 @@ def _prompt_sets(cfg: SelectionConfig) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig(), shared: SharedPrompts | None = None) -> SelectionResult:
+def select_direction(
+    model, tokenizer, cfg: SelectionConfig = SelectionConfig(), shared: SharedPrompts | None = None
+) -> SelectionResult:
     """Sample, filter by the model's own refusal score, build candidates, score all, choose one.
 
     shared: use these prompt sets as they are (no sampling, no filtering) and, if it carries
@@ -285,12 +333,18 @@ def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig(),
     if shared is not None and shared.directions is not None:
         directions = shared.directions
     else:
-        directions = candidate_directions(model, tokenizer, sets["harmful_train"], sets["harmless_train"], cfg.batch_size, cfg.system)["directions"]
-        passes["directions"] += sum(math.ceil(len(sets[n]) / cfg.batch_size) for n in ("harmful_train", "harmless_train"))
+        directions = candidate_directions(
+            model, tokenizer, sets["harmful_train"], sets["harmless_train"], cfg.batch_size, cfg.system
+        )["directions"]
+        passes["directions"] += sum(
+            math.ceil(len(sets[n]) / cfg.batch_size) for n in ("harmful_train", "harmless_train")
+        )
     n_positions = len(post_instruction(tokenizer, cfg.system).positions)
     if tuple(directions.shape[:2]) != (n_positions, len(decoder_layers(model))):
-        raise UserError(f"candidate directions have shape {tuple(directions.shape)}; this model needs "
-                        f"({n_positions}, {len(decoder_layers(model))}, d_model)")
+        raise UserError(
+            f"candidate directions have shape {tuple(directions.shape)}; this model needs "
+            f"({n_positions}, {len(decoder_layers(model))}, d_model)"
+        )
 
     scores, prescreen = _search(model, tokenizer, directions, sets["harmful_val"], sets["harmless_val"], token_ids, cfg)
     counts["baseline_score"] = dict(harmful_val=scores.baseline_harmful, harmless_val=scores.baseline_harmless)
@@ -320,11 +374,23 @@ def select_direction(model, tokenizer, cfg: SelectionConfig = SelectionConfig(),
     if chosen is None and cfg.fallback == "relax_induce":
         relaxed = [[None if r == "induce" else r for r in row] for row in reasons]
         chosen = choose(scores.bypass, relaxed, positions)
-        counts["fallback"] = dict(rule_relaxed="induce", chosen=list(chosen) if chosen else None,
-                                  note="no candidate passed every filter; induce >= 0 was dropped")
+        counts["fallback"] = dict(
+            rule_relaxed="induce",
+            chosen=list(chosen) if chosen else None,
+            note="no candidate passed every filter; induce >= 0 was dropped",
+        )
     return SelectionResult(
-        config=cfg, positions=positions, bypass=scores.bypass, induce=scores.induce, kl=scores.kl,
-        reasons=reasons, chosen=chosen, directions=directions.float().cpu(),
-        refusal_token_ids=token_ids, counts=counts, forward_passes=forward_passes, prompts=sets,
+        config=cfg,
+        positions=positions,
+        bypass=scores.bypass,
+        induce=scores.induce,
+        kl=scores.kl,
+        reasons=reasons,
+        chosen=chosen,
+        directions=directions.float().cpu(),
+        refusal_token_ids=token_ids,
+        counts=counts,
+        forward_passes=forward_passes,
+        prompts=sets,
         shared_prompts=shared.digest() if shared is not None else None,
     )

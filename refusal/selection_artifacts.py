@@ -39,25 +39,36 @@ def save_selection(result: SelectionResult, out_dir: Path) -> None:
     if result.chosen is not None:
         tensors.update(direction=result.direction, direction_raw=result.direction_raw.clone())
     digest = tensors_digest(tensors)
-    atomic_save_tensors(out_dir / DIRECTION_FILE, tensors, metadata={"params": json.dumps(params, sort_keys=True), "sha256": digest})
+    atomic_save_tensors(
+        out_dir / DIRECTION_FILE, tensors, metadata={"params": json.dumps(params, sort_keys=True), "sha256": digest}
+    )
     chosen = None
     if result.chosen is not None:
         i, layer = result._chosen_index()
-        chosen = dict(position=result.chosen[0], layer=layer, bypass_score=float(result.bypass[i, layer]),
-                      induce_score=float(result.induce[i, layer]), kl_score=float(result.kl[i, layer]))
-    body = json.loads(json.dumps(dict(
-        params=params,
-        chosen=chosen,
-        config=asdict(result.config),
-        positions=result.positions,
-        n_layers=result.n_layers,
-        refusal_tokens=result.refusal_token_ids,
-        counts=result.counts,
-        forward_passes=result.forward_passes,
-        candidates=result.records(),
-        prompts=result.prompts,
-        tensors_sha256=digest,
-    )))
+        chosen = dict(
+            position=result.chosen[0],
+            layer=layer,
+            bypass_score=float(result.bypass[i, layer]),
+            induce_score=float(result.induce[i, layer]),
+            kl_score=float(result.kl[i, layer]),
+        )
+    body = json.loads(
+        json.dumps(
+            dict(
+                params=params,
+                chosen=chosen,
+                config=asdict(result.config),
+                positions=result.positions,
+                n_layers=result.n_layers,
+                refusal_tokens=result.refusal_token_ids,
+                counts=result.counts,
+                forward_passes=result.forward_passes,
+                candidates=result.records(),
+                prompts=result.prompts,
+                tensors_sha256=digest,
+            )
+        )
+    )
     atomic_write_json(out_dir / SELECTION_JSON, {**body, "sha256": json_digest(body)})
 
 
@@ -67,7 +78,9 @@ def _read(out_dir: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     def unreadable(path: Path, err: Exception) -> UserError:
-        return UserError(f"cannot read the direction selection's {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        return UserError(
+            f"cannot read the direction selection's {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        )
 
     try:
         with open(out_dir / SELECTION_JSON, encoding="utf-8") as f:
@@ -100,11 +113,20 @@ def load_selection(out_dir: Path) -> SelectionResult:
             reasons[meta["positions"].index(rec["position"])][rec["layer"]] = rec["reason"]
         chosen = meta["chosen"]
         return SelectionResult(
-            config=cfg, positions=meta["positions"], bypass=tensors["bypass"], induce=tensors["induce"], kl=tensors["kl"],
-            reasons=reasons, chosen=None if chosen is None else (chosen["position"], chosen["layer"]),
-            directions=tensors["candidates"], refusal_token_ids=meta["refusal_tokens"], counts=meta["counts"],
-            forward_passes=meta["forward_passes"], fingerprint=meta["params"].get("fingerprint"),
-            prompts=meta.get("prompts", {}), shared_prompts=meta["params"].get("shared_prompts"),
+            config=cfg,
+            positions=meta["positions"],
+            bypass=tensors["bypass"],
+            induce=tensors["induce"],
+            kl=tensors["kl"],
+            reasons=reasons,
+            chosen=None if chosen is None else (chosen["position"], chosen["layer"]),
+            directions=tensors["candidates"],
+            refusal_token_ids=meta["refusal_tokens"],
+            counts=meta["counts"],
+            forward_passes=meta["forward_passes"],
+            fingerprint=meta["params"].get("fingerprint"),
+            prompts=meta.get("prompts", {}),
+            shared_prompts=meta["params"].get("shared_prompts"),
         )
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         raise UserError(f"cannot read the direction selection in {out_dir}: missing or malformed {err}") from None
@@ -127,8 +149,14 @@ def _cached(out_dir: Path, params: dict) -> SelectionResult | None:
         return None
 
 
-def select_direction_cached(model, tokenizer, out_dir: Path, cfg: SelectionConfig = SelectionConfig(), fingerprint: str | None = None,
-                            shared: SharedPrompts | None = None) -> SelectionResult:
+def select_direction_cached(
+    model,
+    tokenizer,
+    out_dir: Path,
+    cfg: SelectionConfig = SelectionConfig(),
+    fingerprint: str | None = None,
+    shared: SharedPrompts | None = None,
+) -> SelectionResult:
     """select_direction, reusing out_dir's artifact when its config and model fingerprint match and
     its files verify.
 
@@ -157,34 +185,69 @@ def select_direction_cached(model, tokenizer, out_dir: Path, cfg: SelectionConfi
 
 def score_maps_figure(result: SelectionResult):
     """Plotly figure: bypass, induce and KL heatmaps (x = layer, y = position), choice marked."""
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     layers = list(range(result.n_layers))
     labels = [str(p) for p in result.positions]
-    maps = (("bypass score (ablate; lower = better)", result.bypass, "RdBu_r"),
-            ("induce score (add; higher = better)", result.induce, "RdBu_r"),
-            ("KL(baseline || ablated), harmless", result.kl, "Viridis"))
+    maps = (
+        ("bypass score (ablate; lower = better)", result.bypass, "RdBu_r"),
+        ("induce score (add; higher = better)", result.induce, "RdBu_r"),
+        ("KL(baseline || ablated), harmless", result.kl, "Viridis"),
+    )
     fig = make_subplots(rows=1, cols=3, subplot_titles=[m[0] for m in maps], horizontal_spacing=0.12)
     for col, (title, values, scale) in enumerate(maps, start=1):
         z = [[finite_or_none(v) for v in row] for row in values]
-        fig.add_trace(go.Heatmap(
-            z=z, x=layers, y=labels, colorscale=scale, zmid=0 if scale == "RdBu_r" else None,
-            colorbar=dict(title=title.split(" ")[0].split("(")[0], x=fig.layout[f"xaxis{col}"].domain[1] + 0.005, len=0.9, thickness=14),
-            hovertemplate="layer %{x}<br>position %{y}<br>%{z:.3f}<extra>" + title.split(" ")[0] + "</extra>",
-        ), row=1, col=col)
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=layers,
+                y=labels,
+                colorscale=scale,
+                zmid=0 if scale == "RdBu_r" else None,
+                colorbar=dict(
+                    title=title.split(" ")[0].split("(")[0],
+                    x=fig.layout[f"xaxis{col}"].domain[1] + 0.005,
+                    len=0.9,
+                    thickness=14,
+                ),
+                hovertemplate="layer %{x}<br>position %{y}<br>%{z:.3f}<extra>" + title.split(" ")[0] + "</extra>",
+            ),
+            row=1,
+            col=col,
+        )
         if result.chosen is not None:
-            fig.add_trace(go.Scatter(
-                x=[result.chosen[1]], y=[str(result.chosen[0])], mode="markers", showlegend=False,
-                marker=dict(symbol="x", size=12, color="black"), hoverinfo="skip",
-            ), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=[result.chosen[1]],
+                    y=[str(result.chosen[0])],
+                    mode="markers",
+                    showlegend=False,
+                    marker=dict(symbol="x", size=12, color="black"),
+                    hoverinfo="skip",
+                ),
+                row=1,
+                col=col,
+            )
         fig.update_xaxes(title_text="layer", row=1, col=col)
         fig.update_yaxes(title_text="position (from end)", type="category", row=1, col=col)
-    chosen = "none passed the filters" if result.chosen is None else f"chosen: position {result.chosen[0]}, layer {result.chosen[1]}"
+    chosen = (
+        "none passed the filters"
+        if result.chosen is None
+        else f"chosen: position {result.chosen[0]}, layer {result.chosen[1]}"
+    )
     # Blank cells are candidates with no score: the lazy search and the prescreen skip those that
     # cannot win, the last 20% of layers are never eligible, and a zero direction has no score.
-    skipped = "" if result.config.search == "exhaustive" and not result.config.prescreen_n_val else "not scored (lazy search / prescreen: cannot win), "
-    fig.update_layout(title=f"Refusal direction candidates ({chosen}; x marks it)<br><sup>blank: {skipped}a late layer "
-                            f"(>= {int(result.config.max_layer_fraction * result.n_layers)}, never eligible) or a zero direction</sup>",
-                      height=440, width=1150, margin=dict(t=110))
+    skipped = (
+        ""
+        if result.config.search == "exhaustive" and not result.config.prescreen_n_val
+        else "not scored (lazy search / prescreen: cannot win), "
+    )
+    fig.update_layout(
+        title=f"Refusal direction candidates ({chosen}; x marks it)<br><sup>blank: {skipped}a late layer "
+        f"(>= {int(result.config.max_layer_fraction * result.n_layers)}, never eligible) or a zero direction</sup>",
+        height=440,
+        width=1150,
+        margin=dict(t=110),
+    )
     return fig

@@ -19,7 +19,9 @@ def finite_or_none(x: torch.Tensor) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def rejection_reasons(bypass: torch.Tensor, induce: torch.Tensor, kl: torch.Tensor, cfg: SelectionConfig) -> list[list[str | None]]:
+def rejection_reasons(
+    bypass: torch.Tensor, induce: torch.Tensor, kl: torch.Tensor, cfg: SelectionConfig
+) -> list[list[str | None]]:
     """Arditi et al.'s filter per candidate, first failing rule in their order; None = passes."""
     n_pos, n_layers = bypass.shape
     last_allowed = int(cfg.max_layer_fraction * n_layers)
@@ -69,8 +71,10 @@ def non_finite_note(reasons: list[list[str | None]]) -> str | None:
     bad = counts.get("nan", 0) + counts.get("infinite", 0)
     if not bad:
         return None
-    return (f"{bad} candidate direction(s) had a NaN or infinite bypass / induce / KL score (e.g. a zero difference of means, "
-            "or a refusal probability of exactly 0 or 1 in low precision) and were excluded from the choice")
+    return (
+        f"{bad} candidate direction(s) had a NaN or infinite bypass / induce / KL score (e.g. a zero difference of means, "
+        "or a refusal probability of exactly 0 or 1 in low precision) and were excluded from the choice"
+    )
 
 
 def no_direction_reason(reasons: list[list[str | None]], baseline_harmful: float | None) -> str:
@@ -79,6 +83,8 @@ def no_direction_reason(reasons: list[list[str | None]], baseline_harmful: float
     counts = ", ".join(f"{n} {reason}" for reason, n in sorted(reason_counts(reasons).items()))
     line = f"no candidate direction passed selection (rejections: {counts})"
     if baseline_harmful is not None and math.isfinite(baseline_harmful) and baseline_harmful <= 0:
-        line += (f"; the model does not appear to refuse: its mean refusal score on the harmful validation prompts is "
-                 f"{baseline_harmful:.2f} (log-odds of its refusal tokens; a refusing model scores above 0), so it has no refusal direction to find")
+        line += (
+            f"; the model does not appear to refuse: its mean refusal score on the harmful validation prompts is "
+            f"{baseline_harmful:.2f} (log-odds of its refusal tokens; a refusing model scores above 0), so it has no refusal direction to find"
+        )
     return line

@@ -70,7 +70,9 @@ def bootstrap_task_mean(per_task: dict[str, list[float]], seed: int = 0, resampl
     stats = np.mean([g[rng.integers(0, g.size, size=(resamples, g.size))].mean(axis=1) for g in groups], axis=0)
     lo, hi = np.percentile(stats, [2.5, 97.5])
     value = float(np.mean([g.mean() for g in groups]))
-    return _rate(value, int(round(sum(g.sum() for g in groups))), sum(g.size for g in groups), lo, hi, "bootstrap-documents")
+    return _rate(
+        value, int(round(sum(g.sum() for g in groups))), sum(g.size for g in groups), lo, hi, "bootstrap-documents"
+    )
 
 
 def bootstrap_cluster_mean(groups, seed: int = 0, resamples: int = 2000) -> dict:
@@ -115,8 +117,14 @@ def _bootstrap(data: np.ndarray, statistic, seed: int, resamples: int) -> tuple[
     if data.shape[1] < 2 or np.all(data == data.flat[0]):
         v = float(statistic(data[0], axis=-1))
         return v, v
-    res = bootstrap((data[0],), statistic, n_resamples=resamples, method="percentile",
-                    random_state=np.random.default_rng(seed), vectorized=True)
+    res = bootstrap(
+        (data[0],),
+        statistic,
+        n_resamples=resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+        vectorized=True,
+    )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -136,7 +144,11 @@ def paired_perplexity_ratio(nll_a, nll_b, token_counts, seed: int = 0, resamples
     ratios = np.exp((a[idx].sum(axis=1) - b[idx].sum(axis=1)) / t[idx].sum(axis=1))
     lo, hi = np.percentile(ratios, [2.5, 97.5]) if a.size > 1 else (value, value)
     diff = (a - b) / t
-    p = 1.0 if np.all(diff == 0) or a.size < 2 else float(wilcoxon(diff, alternative="two-sided", method="exact").pvalue)
+    p = (
+        1.0
+        if np.all(diff == 0) or a.size < 2
+        else float(wilcoxon(diff, alternative="two-sided", method="exact").pvalue)
+    )
     return dict(test="wilcoxon-signed-rank-exact", ratio=value, ci95=[float(lo), float(hi)], n=int(a.size), p_value=p)
 
 
@@ -204,8 +216,10 @@ def detectable_sentence(evaluation: dict, family_size: int, what: str) -> str:
     first, last = evaluation.get("min_detectable_difference"), evaluation.get("min_detectable_difference_last_step")
     if not first:
         return ""
-    sentence = (f"With n = {evaluation['n']} and Holm over {family_size} {what}, a paired difference must be at least "
-                f"{100 * first:.0f} points to be significant as the family's smallest p-value")
+    sentence = (
+        f"With n = {evaluation['n']} and Holm over {family_size} {what}, a paired difference must be at least "
+        f"{100 * first:.0f} points to be significant as the family's smallest p-value"
+    )
     if last and last < first:  # later Holm steps multiply p by less, so smaller differences can pass there
         sentence += f", and at least {100 * last:.0f} points at Holm's last step"
     return sentence + "."
@@ -216,7 +230,11 @@ def _holm_factor(test: dict) -> int:
 
 
 def _p_text(test: dict) -> str:
-    return f"p = {test['p_holm']:.2g} after Holm over {test['family_size']}" if "p_holm" in test else f"p = {test['p_value']:.2g}"
+    return (
+        f"p = {test['p_holm']:.2g} after Holm over {test['family_size']}"
+        if "p_holm" in test
+        else f"p = {test['p_value']:.2g}"
+    )
 
 
 def describe_change(name_a: str, name_b: str, rate_a: dict, rate_b: dict, test: dict, what: str = "ASR") -> str:
@@ -225,15 +243,22 @@ def describe_change(name_a: str, name_b: str, rate_a: dict, rate_b: dict, test: 
     ps = _p_text(test)
     if test.get("significant", test["p_value"] < ALPHA):
         direction = "rises" if diff > 0 else "falls"
-        return (f"{what} {direction} from {rate_a['value']:.1%} ({name_a}) to {rate_b['value']:.1%} ({name_b}), "
-                f"{diff:+.1f} points ({ps}, McNemar b={test['b']}, c={test['c']}).")
+        return (
+            f"{what} {direction} from {rate_a['value']:.1%} ({name_a}) to {rate_b['value']:.1%} ({name_b}), "
+            f"{diff:+.1f} points ({ps}, McNemar b={test['b']}, c={test['c']})."
+        )
     mdd = min_detectable_difference(test["n"], _holm_factor(test))
-    floor = (f"; with n = {test['n']} only a difference of at least {100 * mdd:.0f} points could be significant" if mdd
-             else f"; with n = {test['n']} no difference could be significant")
+    floor = (
+        f"; with n = {test['n']} only a difference of at least {100 * mdd:.0f} points could be significant"
+        if mdd
+        else f"; with n = {test['n']} no difference could be significant"
+    )
     return f"{what} {name_a} {rate_a['value']:.1%} vs {name_b} {rate_b['value']:.1%} ({diff:+.1f} points): not significant at 5% ({ps}){floor}."
 
 
-def describe_ratio(name_a: str, name_b: str, value_a: float, value_b: float, test: dict, what: str = "Perplexity") -> str:
+def describe_ratio(
+    name_a: str, name_b: str, value_a: float, value_b: float, test: dict, what: str = "Perplexity"
+) -> str:
     """One sentence about a paired perplexity ratio (paired_perplexity_ratio of b over a) that calls
     it a change only when the Wilcoxon test, after Holm, says so."""
     lo, hi = test["ci95"]
@@ -244,8 +269,11 @@ def describe_ratio(name_a: str, name_b: str, value_a: float, value_b: float, tes
         return f"{what} {direction} from {value_a:.2f} ({name_a}) to {value_b:.2f} ({name_b}), {ratio} ({ps}, Wilcoxon over {test['n']} windows)."
     # The exact signed-rank test's smallest two-sided p on n pairs is 2 / 2^n (every sign the same).
     smallest = _holm_factor(test) * 2.0 ** (1 - test["n"])
-    floor = (f"; with {test['n']} windows no difference could be significant (smallest attainable p {min(1.0, smallest):.2g})"
-             if smallest >= ALPHA else "")
+    floor = (
+        f"; with {test['n']} windows no difference could be significant (smallest attainable p {min(1.0, smallest):.2g})"
+        if smallest >= ALPHA
+        else ""
+    )
     return f"{what} {name_a} {value_a:.2f} vs {name_b} {value_b:.2f}, {ratio}: not significant at 5% ({ps}){floor}."
 
 

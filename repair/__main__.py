@@ -27,13 +27,21 @@ from .pipeline import Repair, RepairConfig
 def parse_args(argv=None) -> RepairConfig:
     """Flags generated from RepairConfig's fields (lm.cli). The measurement store defaults to the main
     job's (runs/measurements) under the default --runs-dir, to <runs-dir>/measurements under another."""
-    cfg, _ = parse_config(RepairConfig, argv, prog="python -m repair", description=__doc__.strip().split("\n\n")[1],
-                          sized=RepairConfig.sized, translate=_settings_file)
+    cfg, _ = parse_config(
+        RepairConfig,
+        argv,
+        prog="python -m repair",
+        description=__doc__.strip().split("\n\n")[1],
+        sized=RepairConfig.sized,
+        translate=_settings_file,
+    )
     for name in ("compressed",) if cfg.check else ("compressed", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
     if cfg.measurements_dir is None:
-        store = "runs/measurements" if cfg.runs_dir == RepairConfig.runs_dir else str(Path(cfg.runs_dir) / "measurements")
+        store = (
+            "runs/measurements" if cfg.runs_dir == RepairConfig.runs_dir else str(Path(cfg.runs_dir) / "measurements")
+        )
         cfg = dataclasses.replace(cfg, measurements_dir=store)
     return cfg
 
@@ -59,16 +67,25 @@ def check(cfg: RepairConfig) -> str:
     original, compressed = load_model(cfg.original, dtype=cfg.dtype), load_model(cfg.compressed, dtype=cfg.dtype)
     records = derivation_records(original, compressed)
     manifest = read_manifest(Path(compressed.path)) or {}
-    made = (f"compression.json: {manifest.get('spec') or manifest.get('method')}" if manifest else "no compression.json")
+    made = f"compression.json: {manifest.get('spec') or manifest.get('method')}" if manifest else "no compression.json"
     fmt = compressed.packed
-    stored = (f"packed {fmt.describe()}, {len(fmt.quantized)} modules dequantized by its library; a matrix may differ by up to "
-              f"{fmt.error_bound:.3g} relative on the weights it keeps" if fmt is not None else "float weights")
-    lines = [f"{cfg.compressed} derives from {cfg.original} ({stored}, compared in {cfg.dtype}; {made})", "",
-             "| module group | matrices | stored | change | zero weights | max relative error | on kept weights |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    stored = (
+        f"packed {fmt.describe()}, {len(fmt.quantized)} modules dequantized by its library; a matrix may differ by up to "
+        f"{fmt.error_bound:.3g} relative on the weights it keeps"
+        if fmt is not None
+        else "float weights"
+    )
+    lines = [
+        f"{cfg.compressed} derives from {cfg.original} ({stored}, compared in {cfg.dtype}; {made})",
+        "",
+        "| module group | matrices | stored | change | zero weights | max relative error | on kept weights |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for g in module_groups(compressed.model, records, fmt):
-        lines.append(f"| {g['group']} | {g['matrices']} | {g['stored']} | {g['change']} | {100 * g['sparsity']:.1f}% "
-                     f"| {g['max_relative_error']:.3g} | {g['max_kept_error']:.3g} |")
+        lines.append(
+            f"| {g['group']} | {g['matrices']} | {g['stored']} | {g['change']} | {100 * g['sparsity']:.1f}% "
+            f"| {g['max_relative_error']:.3g} | {g['max_kept_error']:.3g} |"
+        )
     return "\n".join(lines)
 
 

@@ -60,7 +60,9 @@ def choose_block(readings: dict[int, ProbeReading], kl_max: float) -> tuple[int,
     return min(readings, key=lambda c: readings[c].kl), "no_candidate_within_kl_lowest_kl"
 
 
-def choose_aird_block(compressed: nn.Module, original: nn.Module, probe: RefusalProbe, cfg: AirdConfig = AirdConfig()) -> AirdChoice:
+def choose_aird_block(
+    compressed: nn.Module, original: nn.Module, probe: RefusalProbe, cfg: AirdConfig = AirdConfig()
+) -> AirdChoice:
     """Score restoring each candidate block (temporarily) and pick one."""
     n_layers = len(decoder_layers(compressed))
     if cfg.layer is not None:
@@ -70,7 +72,9 @@ def choose_aird_block(compressed: nn.Module, original: nn.Module, probe: Refusal
     else:
         layers = candidate_layers(probe.layer, n_layers, cfg.window)
         if not layers:
-            raise UserError("the refusal direction is sourced at layer 0 (the embeddings); no block writes it, so AIRD has nothing to restore")
+            raise UserError(
+                "the refusal direction is sourced at layer 0 (the embeddings); no block writes it, so AIRD has nothing to restore"
+            )
     readings, sizes = {}, {}
     for layer in layers:
         masks = block_masks(compressed, original, layer)

@@ -57,7 +57,9 @@ class AnchorConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"anchor {name} must be positive, got {getattr(self, name)}")
         if self.hidden_weight < 0 or self.first_token_weight < 0:
-            raise UserError(f"anchor weights must be >= 0, got hidden {self.hidden_weight}, first token {self.first_token_weight}")
+            raise UserError(
+                f"anchor weights must be >= 0, got hidden {self.hidden_weight}, first token {self.first_token_weight}"
+            )
 
 
 @dataclass
@@ -65,7 +67,8 @@ class Anchor:
     """Teacher-forcing batches of the original's replies, with the original's residual stream
     (blocks `layers`, post-instruction positions) for the harmful ones."""
 
-    batches: list[dict]  # input_ids, attention_mask, labels, kind ("harmful" / "harmless"), prompt_len, first (log-probs), target (harmful)
+    #: input_ids, attention_mask, labels, kind ("harmful" / "harmless"), prompt_len, first (log-probs), target (harmful)
+    batches: list[dict]
     layers: list[int]  # residual-stream inputs of these blocks enter D
     n_tokens: dict[str, int]  # reply tokens per kind (the NLL terms are means over them)
     n_sequences: dict[str, int]
@@ -79,12 +82,20 @@ class Anchor:
 
 def anchor_instructions(cfg: AnchorConfig, seed: int) -> dict[str, list[str]]:
     """The training instructions the loss reads (seeded samples of the train splits)."""
-    return dict(harmful=datasets.sample(datasets.instructions("harmful", "train"), cfg.n_harmful, seed),
-                harmless=datasets.sample(datasets.instructions("harmless", "train"), cfg.n_harmless, seed))
+    return dict(
+        harmful=datasets.sample(datasets.instructions("harmful", "train"), cfg.n_harmful, seed),
+        harmless=datasets.sample(datasets.instructions("harmless", "train"), cfg.n_harmless, seed),
+    )
 
 
-def build_anchor(original: nn.Module, tokenizer, cfg: AnchorConfig, source_layer: int, seed: int = 0,
-                 instructions: dict[str, list[str]] | None = None) -> Anchor:
+def build_anchor(
+    original: nn.Module,
+    tokenizer,
+    cfg: AnchorConfig,
+    source_layer: int,
+    seed: int = 0,
+    instructions: dict[str, list[str]] | None = None,
+) -> Anchor:
     """The original's greedy replies to the training instructions, tokenized for teacher forcing,
     and its residual stream at blocks >= `source_layer` on the harmful ones."""
     from compression.attribution import own_replies
@@ -109,7 +120,12 @@ def build_anchor(original: nn.Module, tokenizer, cfg: AnchorConfig, source_layer
             prompt_len = (b["labels"] != -100).int().argmax(dim=1)  # the first reply token
             b.update(kind=kind, prompt_len=prompt_len)
             with torch.no_grad():
-                out = backbone(original)(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True, use_cache=False)
+                out = backbone(original)(
+                    input_ids=b["input_ids"],
+                    attention_mask=b["attention_mask"],
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
                 b["first"] = first_token_logprobs(original, out.last_hidden_state, prompt_len).detach()
                 if kind == "harmful":
                     b["target"] = post_instruction_states(original, b, layers, n_post, out.hidden_states).detach()
@@ -134,12 +150,18 @@ def post_instruction_positions(prompt_len: torch.Tensor, n_post: int) -> torch.T
     return (prompt_len.unsqueeze(1) + offsets).clamp_min(0)
 
 
-def post_instruction_states(model: nn.Module, batch: dict, layers: list[int], n_post: int, hidden_states=None) -> torch.Tensor:
+def post_instruction_states(
+    model: nn.Module, batch: dict, layers: list[int], n_post: int, hidden_states=None
+) -> torch.Tensor:
     """[batch, len(layers), n_post, d]: the inputs of blocks `layers` at the post-instruction positions."""
     if hidden_states is None:
         with torch.no_grad():
-            hidden_states = backbone(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                            output_hidden_states=True, use_cache=False).hidden_states
+            hidden_states = backbone(model)(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=True,
+                use_cache=False,
+            ).hidden_states
     pos = post_instruction_positions(batch["prompt_len"], n_post)
     rows = torch.arange(pos.shape[0], device=pos.device).unsqueeze(1)
     return torch.stack([hidden_states[layer][rows, pos] for layer in layers], dim=1)
@@ -161,8 +183,12 @@ def reply_nll(model: nn.Module, normed: torch.Tensor, labels: torch.Tensor) -> t
 
 def anchor_loss(model: nn.Module, anchor: Anchor, batch: dict) -> torch.Tensor:
     """This batch's share of L (so the sum over batches is L)."""
-    out = backbone(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=batch["kind"] == "harmful", use_cache=False)
+    out = backbone(model)(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=batch["kind"] == "harmful",
+        use_cache=False,
+    )
     kind = batch["kind"]
     loss = reply_nll(model, out.last_hidden_state, batch["labels"]) / anchor.n_tokens[kind]
     if anchor.first_token_weight > 0:

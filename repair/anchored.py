@@ -80,7 +80,14 @@ class AnchoredConfig:
         self.anchor(), self.validation()  # their own checks
 
     def anchor(self) -> AnchorConfig:
-        return AnchorConfig(self.n_harmful, self.n_harmless, self.reply_tokens, self.hidden_weight, self.first_token_weight, self.batch_size)
+        return AnchorConfig(
+            self.n_harmful,
+            self.n_harmless,
+            self.reply_tokens,
+            self.hidden_weight,
+            self.first_token_weight,
+            self.batch_size,
+        )
 
     def validation(self) -> ValidationConfig:
         return ValidationConfig(self.val_harmful, self.val_harmless, self.val_tokens)
@@ -112,10 +119,14 @@ def restoration_gains(model: nn.Module, original: nn.Module, anchor: Anchor, nam
 
 def changed_masks(model: nn.Module, original: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     o_params, c_params = dict(original.named_parameters()), dict(model.named_parameters())
-    return {n: (c_params[n].detach() != o_params[n].detach().to(c_params[n].device, c_params[n].dtype)).cpu() for n in names}
+    return {
+        n: (c_params[n].detach() != o_params[n].detach().to(c_params[n].device, c_params[n].dtype)).cpu() for n in names
+    }
 
 
-def unit_gains(ranked: Ranked, gains: dict[str, torch.Tensor], layouts: dict[str, UnitLayout], remaining: dict[str, torch.Tensor]) -> torch.Tensor:
+def unit_gains(
+    ranked: Ranked, gains: dict[str, torch.Tensor], layouts: dict[str, UnitLayout], remaining: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """Each ranked unit's summed gain under another gain map (the harmless terms alone)."""
     out = torch.zeros(len(ranked))
     for m in ranked.matrix.unique().tolist():
@@ -131,8 +142,17 @@ class AnchoredSearch:
     """The search on one compressed model: which entries are back (a RestorationOrder), the
     compressed values of every changed entry (so any state can be set), the front so far."""
 
-    def __init__(self, model: nn.Module, original: nn.Module, anchor: Anchor, validator: Validator, cfg: AnchoredConfig,
-                 layouts: dict[str, UnitLayout], matrix_bytes: dict[str, int] | None = None, log=lambda msg: None):
+    def __init__(
+        self,
+        model: nn.Module,
+        original: nn.Module,
+        anchor: Anchor,
+        validator: Validator,
+        cfg: AnchoredConfig,
+        layouts: dict[str, UnitLayout],
+        matrix_bytes: dict[str, int] | None = None,
+        log=lambda msg: None,
+    ):
         self.model, self.original, self.anchor, self.validator, self.cfg = model, original, anchor, validator, cfg
         self.layouts, self.matrix_bytes, self.log = layouts, matrix_bytes, log
         self.names = list(layouts)
@@ -215,8 +235,17 @@ class AnchoredSearch:
     def point(self, reading: dict, kind: str, step: int, through: int, **extra) -> dict:
         # A packed checkpoint's point names the matrices it stores at full precision (what its bytes are).
         where = dict(full_precision=sorted(self.touched)) if self.matrix_bytes is not None else {}
-        return dict(kind=kind, step=step, through=through, restored=self.restored_count(),
-                    fraction_of_changed=self.restored_count() / self.total, bytes=self.stored_bytes(), **where, **reading, **extra)
+        return dict(
+            kind=kind,
+            step=step,
+            through=through,
+            restored=self.restored_count(),
+            fraction_of_changed=self.restored_count() / self.total,
+            bytes=self.stored_bytes(),
+            **where,
+            **reading,
+            **extra,
+        )
 
     # --- the search -----------------------------------------------------------------------------
     def run(self, original_reading: dict, compressed_reading: dict) -> dict:
@@ -241,18 +270,30 @@ class AnchoredSearch:
             first, last = self.apply(ranked)
             reading = self.validator.read(self.model).to_json()
             points.append(self.point(reading, "step", step, last, units=len(ranked)))
-            self.log(f"anchored step {step}: {self.restored_count():,} of {self.total:,} changed weights restored; validation refusal "
-                     f"{reading['refusal_harmful']['value']:.0%} harmful, {reading['refusal_harmless']['value']:.0%} harmless, "
-                     f"KL to the original {reading['kl_original']:.3f}")
+            self.log(
+                f"anchored step {step}: {self.restored_count():,} of {self.total:,} changed weights restored; validation refusal "
+                f"{reading['refusal_harmful']['value']:.0%} harmful, {reading['refusal_harmless']['value']:.0%} harmless, "
+                f"KL to the original {reading['kl_original']:.3f}"
+            )
             if cfg.rollback and harmless_worse(reading, before, original_reading, cfg.kl_tolerance):
                 points[-1]["undone"] = True  # this state is gone after the rollback: never chosen
                 worst = harmless_gain.argsort()[: max(1, math.ceil(cfg.rollback * len(ranked)))]
                 before_count = self.restored_count()
                 self.forget(first + worst)
                 reading = self.validator.read(self.model).to_json()
-                points.append(self.point(reading, "rollback", step, last, units=len(ranked) - len(worst),
-                                         rolled_back=before_count - self.restored_count()))
-                self.log(f"anchored step {step}: the harmless side got worse; {before_count - self.restored_count():,} weights put back")
+                points.append(
+                    self.point(
+                        reading,
+                        "rollback",
+                        step,
+                        last,
+                        units=len(ranked) - len(worst),
+                        rolled_back=before_count - self.restored_count(),
+                    )
+                )
+                self.log(
+                    f"anchored step {step}: the harmless side got worse; {before_count - self.restored_count():,} weights put back"
+                )
             if reaches_original(reading, original_reading):
                 # The smallest prefix of this step (what a rollback kept of it) that still gets there.
                 reached = True
@@ -264,13 +305,23 @@ class AnchoredSearch:
         else:
             hi = original_reading["refusal_harmful"]["ci95"][1]
             over = points[chosen]["refusal_harmful"]["value"] > hi
-            reason = ("reached the original's validation refusal" if not over else
-                      "reached the original's validation refusal, overshooting its interval (the smallest prefix found still refuses more)")
+            reason = (
+                "reached the original's validation refusal"
+                if not over
+                else "reached the original's validation refusal, overshooting its interval (the smallest prefix found still refuses more)"
+            )
         if "loss" not in points[-1] and not points[-1].get("undone"):
             points[-1]["loss"] = self.losses_at(points[-1]["through"])
         self.keep_point(points[chosen])
-        return dict(points=points, chosen=chosen, reached=reached, reason=reason, changed=self.total, step_weights=step_weights,
-                    seconds=round(time.perf_counter() - start, 1))
+        return dict(
+            points=points,
+            chosen=chosen,
+            reached=reached,
+            reason=reason,
+            changed=self.total,
+            step_weights=step_weights,
+            seconds=round(time.perf_counter() - start, 1),
+        )
 
     def losses_at(self, through: int) -> dict:
         from .anchor import anchor_losses

@@ -11,10 +11,18 @@ from refusal.measure import paired, paired_perplexity
 
 from .report import LABELS
 
-
 # The paired comparisons of the repair table: (first, second), the test asks whether they differ.
-COMPARISONS = (("aird", "compressed"), ("anchored", "compressed"), ("anchored", "aird"), ("anchored", "original"), ("static", "anchored"),
-               ("anchored_at_aird", "aird"), ("targeted", "compressed"), ("targeted", "aird"), ("compressed", "original"))
+COMPARISONS = (
+    ("aird", "compressed"),
+    ("anchored", "compressed"),
+    ("anchored", "aird"),
+    ("anchored", "original"),
+    ("static", "anchored"),
+    ("anchored_at_aird", "aird"),
+    ("targeted", "compressed"),
+    ("targeted", "aird"),
+    ("compressed", "original"),
+)
 
 
 def paired_tests(evals: dict) -> dict:
@@ -22,7 +30,9 @@ def paired_tests(evals: dict) -> dict:
     from refusal.stats import add_holm
 
     out = {}
-    measures = {f"asr_{s}": ("jailbroken", f"asr_{s}") for s in ("vanilla", "adv_suffix")} | {"over_refusal": ("refused", "harmless")}
+    measures = {f"asr_{s}": ("jailbroken", f"asr_{s}") for s in ("vanilla", "adv_suffix")} | {
+        "over_refusal": ("refused", "harmless")
+    }
     for name, (outcome, key) in measures.items():
         by_judge = {}
         for judge in JUDGE_NAMES:
@@ -52,16 +62,32 @@ def findings(rows: dict, tests: dict) -> list[str]:
     from refusal.stats import describe_change, describe_ratio
 
     out = []
-    for name, measure_key, what in (("asr_vanilla", ("asr", "vanilla"), "vanilla ASR"), ("over_refusal", ("over_refusal",), "over-refusal")):
+    for name, measure_key, what in (
+        ("asr_vanilla", ("asr", "vanilla"), "vanilla ASR"),
+        ("over_refusal", ("over_refusal",), "over-refusal"),
+    ):
         for t in tests.get(name, {}).get("arditi2024", []):
+
             def rate(state):
                 r = rows[state]["rates"][measure_key[0]]
                 return (r[measure_key[1]] if len(measure_key) > 1 else r)["arditi2024"]
 
             # Read as a change from the second state to the first: b counts prompts true only in the first.
             flipped = dict(t, b=t["c"], c=t["b"])
-            out.append(describe_change(LABELS[t["second"]], LABELS[t["first"]], rate(t["second"]), rate(t["first"]), flipped, what))
+            out.append(
+                describe_change(
+                    LABELS[t["second"]], LABELS[t["first"]], rate(t["second"]), rate(t["first"]), flipped, what
+                )
+            )
     for t in tests.get("perplexity", {}).get("wilcoxon", []):
         # The test's ratio is the first state's perplexity over the second's.
-        out.append(describe_ratio(LABELS[t["second"]], LABELS[t["first"]], rows[t["second"]]["perplexity"], rows[t["first"]]["perplexity"], t))
+        out.append(
+            describe_ratio(
+                LABELS[t["second"]],
+                LABELS[t["first"]],
+                rows[t["second"]]["perplexity"],
+                rows[t["first"]]["perplexity"],
+                t,
+            )
+        )
     return out

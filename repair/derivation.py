@@ -45,10 +45,14 @@ class MatrixDerivation:
 def _check_shapes(original: dict[str, torch.Tensor], compressed: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(original) ^ set(compressed))
     if missing:
-        raise UserError(f"the checkpoints have different parameters (e.g. {missing[0]}); is the compressed model of another architecture?")
+        raise UserError(
+            f"the checkpoints have different parameters (e.g. {missing[0]}); is the compressed model of another architecture?"
+        )
     for name, w in original.items():
         if w.shape != compressed[name].shape:
-            raise UserError(f"shape mismatch in {name}: original {tuple(w.shape)} vs compressed {tuple(compressed[name].shape)}")
+            raise UserError(
+                f"shape mismatch in {name}: original {tuple(w.shape)} vs compressed {tuple(compressed[name].shape)}"
+            )
 
 
 def classify_matrix(name: str, w_orig: torch.Tensor, w_comp: torch.Tensor) -> MatrixDerivation:
@@ -68,8 +72,14 @@ def classify_matrix(name: str, w_orig: torch.Tensor, w_comp: torch.Tensor) -> Ma
     return MatrixDerivation(name, "dense", rel, removed, changed, kept)
 
 
-def check_derivation(original: nn.Module, compressed: nn.Module, decoder_linears: set[str], dense_rtol: float = DENSE_RTOL,
-                     bound_note: str = "", on_kept: bool = False) -> list[MatrixDerivation]:
+def check_derivation(
+    original: nn.Module,
+    compressed: nn.Module,
+    decoder_linears: set[str],
+    dense_rtol: float = DENSE_RTOL,
+    bound_note: str = "",
+    on_kept: bool = False,
+) -> list[MatrixDerivation]:
     """Per-parameter derivation record; raises UserError when `compressed` is not from `original`.
 
     decoder_linears: names of the parameters compression may change (decoder linear weights, fused expert tensors);
@@ -85,12 +95,16 @@ def check_derivation(original: nn.Module, compressed: nn.Module, decoder_linears
         rec = classify_matrix(name, w.detach(), c_params[name].detach())
         if name not in decoder_linears:
             if rec.kind == "dense" and rec.relative_error > SURVIVOR_RTOL:
-                raise UserError(f"{name} differs from the original's (relative error {rec.relative_error:.3g}); "
-                                "the compressed checkpoint does not derive from this original model")
+                raise UserError(
+                    f"{name} differs from the original's (relative error {rec.relative_error:.3g}); "
+                    "the compressed checkpoint does not derive from this original model"
+                )
         elif rec.kind == "dense" and (err := rec.kept_error if on_kept else rec.relative_error) > dense_rtol:
             what = "relative error on the weights it keeps" if on_kept else "relative error"
-            raise UserError(f"{name} is far from the original's ({what} {err:.3g} > {dense_rtol:.3g}{bound_note}); "
-                            "the compressed checkpoint does not derive from this original model")
+            raise UserError(
+                f"{name} is far from the original's ({what} {err:.3g} > {dense_rtol:.3g}{bound_note}); "
+                "the compressed checkpoint does not derive from this original model"
+            )
         records.append(rec)
     return records
 
@@ -110,11 +124,20 @@ def summarise(records: list[MatrixDerivation]) -> dict:
 
 def check_same_architecture(original, compressed) -> None:
     a, b = original.config, compressed.config
-    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads")
+    fields = (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "intermediate_size",
+        "num_attention_heads",
+    )
     for name in fields:
         if getattr(a, name, None) != getattr(b, name, None):
-            raise UserError(f"architecture mismatch: {name} is {getattr(a, name, None)} in the original but "
-                            f"{getattr(b, name, None)} in the compressed checkpoint")
+            raise UserError(
+                f"architecture mismatch: {name} is {getattr(a, name, None)} in the original but "
+                f"{getattr(b, name, None)} in the compressed checkpoint"
+            )
 
 
 def derivation_records(original, compressed) -> list[MatrixDerivation]:
@@ -126,8 +149,14 @@ def derivation_records(original, compressed) -> list[MatrixDerivation]:
     packed = getattr(compressed, "packed", None)
     if packed is None:
         return check_derivation(original.model, compressed.model, decoder_linear_names(original.model))
-    return check_derivation(original.model, compressed.model, decoder_linear_names(original.model), packed.error_bound,
-                            f", the bound for {packed.describe()}", on_kept=True)
+    return check_derivation(
+        original.model,
+        compressed.model,
+        decoder_linear_names(original.model),
+        packed.error_bound,
+        f", the bound for {packed.describe()}",
+        on_kept=True,
+    )
 
 
 def decoder_linear_names(model) -> set[str]:
@@ -146,7 +175,7 @@ def module_groups(compressed: nn.Module, records: list[MatrixDerivation], packed
     members: dict[str, list[str]] = {}
     for name in decoder_matrices(compressed):
         prefix = next(p for p in prefixes if name.startswith(p))
-        members.setdefault(name[len(prefix):].removesuffix(".weight"), []).append(name)
+        members.setdefault(name[len(prefix) :].removesuffix(".weight"), []).append(name)
     grouped = {n for names in members.values() for n in names}
     members["other parameters"] = [n for n in params if n not in grouped]
     out = []
@@ -155,10 +184,24 @@ def module_groups(compressed: nn.Module, records: list[MatrixDerivation], packed
         zeros = sum(int((params[n] == 0).sum()) for n in names)
         total = sum(params[n].numel() for n in names)
         packed_here = sum(n.removesuffix(".weight") in quantized for n in names)
-        stored = "float" if not packed_here else packed.describe() if packed_here == len(names) else f"{packed.describe()} ({packed_here} of {len(names)})"
-        out.append(dict(group=group, matrices=len(names), stored=stored, change="+".join(sorted({r.kind for r in recs} - {"identical"})) or "identical",
-                        sparsity=zeros / total if total else 0.0, max_relative_error=max((r.relative_error for r in recs), default=0.0),
-                        max_kept_error=max((r.kept_error for r in recs), default=0.0)))
+        stored = (
+            "float"
+            if not packed_here
+            else packed.describe()
+            if packed_here == len(names)
+            else f"{packed.describe()} ({packed_here} of {len(names)})"
+        )
+        out.append(
+            dict(
+                group=group,
+                matrices=len(names),
+                stored=stored,
+                change="+".join(sorted({r.kind for r in recs} - {"identical"})) or "identical",
+                sparsity=zeros / total if total else 0.0,
+                max_relative_error=max((r.relative_error for r in recs), default=0.0),
+                max_kept_error=max((r.kept_error for r in recs), default=0.0),
+            )
+        )
     return out
 
 

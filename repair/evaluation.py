@@ -32,13 +32,24 @@ class StateEvaluation:
 
     @property
     def store(self) -> Path:
-        return Path(self.cfg.measurements_dir) if self.cfg.measurements_dir else Path(self.cfg.runs_dir) / "measurements"
+        return (
+            Path(self.cfg.measurements_dir) if self.cfg.measurements_dir else Path(self.cfg.runs_dir) / "measurements"
+        )
 
     def eval_config(self, setting: str = "vanilla", n: int | None = None) -> EvalConfig:
         c = self.cfg
-        return EvalConfig(sets=c.eval_sets, n=n or c.n_asr, setting=setting, max_new_tokens=c.max_new_tokens, seed=c.seed, batch_size=c.batch_size)
+        return EvalConfig(
+            sets=c.eval_sets,
+            n=n or c.n_asr,
+            setting=setting,
+            max_new_tokens=c.max_new_tokens,
+            seed=c.seed,
+            batch_size=c.batch_size,
+        )
 
-    def evaluate(self, model, name: str, where: Path, model_id, full: bool = True, reference: dict | None = None) -> dict:
+    def evaluate(
+        self, model, name: str, where: Path, model_id, full: bool = True, reference: dict | None = None
+    ) -> dict:
         """Behaviour, utility and direction of one model state, every part cached.
 
         `model_id` keys the measurements in the shared store: the weight fingerprint for the
@@ -51,37 +62,86 @@ class StateEvaluation:
         out = {}
         # The adversarial suffixes cost three generations each; they are measured for the AIRD
         # table's states (original, compressed, AIRD), vanilla ASR for the rest.
-        settings = ("vanilla", "adv_suffix") if (full and c.adv_suffix and name in ("original", "compressed", "aird")) else ("vanilla",)
+        settings = (
+            ("vanilla", "adv_suffix")
+            if (full and c.adv_suffix and name in ("original", "compressed", "aird"))
+            else ("vanilla",)
+        )
         for setting in settings:
             # The restoration curve's points are read by the keyword judges only.
-            out[f"asr_{setting}"] = measure(model, tok, self.eval_config(setting, None if full else c.curve_n_asr), store, model_id,
-                                            judges=self.judges if full else None)
+            out[f"asr_{setting}"] = measure(
+                model,
+                tok,
+                self.eval_config(setting, None if full else c.curve_n_asr),
+                store,
+                model_id,
+                judges=self.judges if full else None,
+            )
         if not full:
             return out
-        out["harmless"] = measure(model, tok, self.eval_config().harmless(c.harmless_sets, c.n_harmless), store, model_id, "over-refusal",
-                                  judges=self.judges)
+        out["harmless"] = measure(
+            model,
+            tok,
+            self.eval_config().harmless(c.harmless_sets, c.n_harmless),
+            store,
+            model_id,
+            "over-refusal",
+            judges=self.judges,
+        )
         pcfg = PerplexityConfig(windows=c.ppl_windows, seqlen=c.ppl_seqlen)
-        out["perplexity"] = measured(store, "perplexity", model_id, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg)))
+        out["perplexity"] = measured(
+            store, "perplexity", model_id, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg))
+        )
         if c.zero_shot_limit != 0:
             from lm.zero_shot import ALL_TASKS, ZeroShotConfig, zero_shot_accuracy
 
             zcfg = ZeroShotConfig(tasks=c.zero_shot_tasks or ALL_TASKS, limit=c.zero_shot_limit)
-            out["zero_shot"] = measured(store, "zero_shot", model_id, [zcfg], lambda: zero_shot_accuracy(model, tok, zcfg))
+            out["zero_shot"] = measured(
+                store, "zero_shot", model_id, [zcfg], lambda: zero_shot_accuracy(model, tok, zcfg)
+            )
         train = (d.prompts["harmful_train"], d.prompts["harmless_train"])
-        dirs = cached_tensors(where / "directions.safetensors", {**fp_key, "prompts": digest(list(train))},
-                              lambda: {"directions": candidate_directions(model, tok, *train)["directions"]})
+        dirs = cached_tensors(
+            where / "directions.safetensors",
+            {**fp_key, "prompts": digest(list(train))},
+            lambda: {"directions": candidate_directions(model, tok, *train)["directions"]},
+        )
         cos = cosine_map(dirs["directions"], d.selection.directions)
         own = cosine_map(dirs["directions"][d.cell], d.direction)
-        out["direction"] = dict(cosine_at_source=float(own), cosine_map=[[round(float(x), 4) for x in row] for row in cos])
+        out["direction"] = dict(
+            cosine_at_source=float(own), cosine_map=[[round(float(x), 4) for x in row] for row in cos]
+        )
         out["directions_tensor"] = dirs["directions"]
-        out["quality"] = cached_json(where / "quality_original_direction.json", {**fp_key, "source": list(d.source)},
-                                     lambda: direction_quality(model, tok, d.direction, d.source[1], d.prompts["harmful_val"], d.prompts["harmless_val"],
-                                                               d.selection.refusal_token_ids, c.batch_size or 32).to_json())
+        out["quality"] = cached_json(
+            where / "quality_original_direction.json",
+            {**fp_key, "source": list(d.source)},
+            lambda: direction_quality(
+                model,
+                tok,
+                d.direction,
+                d.source[1],
+                d.prompts["harmful_val"],
+                d.prompts["harmless_val"],
+                d.selection.refusal_token_ids,
+                c.batch_size or 32,
+            ).to_json(),
+        )
         if c.probes:
-            out.update(self.probes(model, name, where, model_id, out["asr_vanilla"], None if reference is None else reference["fitted_probes"]))
+            out.update(
+                self.probes(
+                    model,
+                    name,
+                    where,
+                    model_id,
+                    out["asr_vanilla"],
+                    None if reference is None else reference["fitted_probes"],
+                )
+            )
         out["sparsity"] = {k: v for k, v in sparsity_report(model).items() if k != "per_matrix"}
-        out["collapse"] = collapse_verdict(out["asr_vanilla"]["completions"], out["perplexity"]["perplexity"],
-                                           None if reference is None else reference["perplexity"]["perplexity"]).to_json()
+        out["collapse"] = collapse_verdict(
+            out["asr_vanilla"]["completions"],
+            out["perplexity"]["perplexity"],
+            None if reference is None else reference["perplexity"]["perplexity"],
+        ).to_json()
         return out
 
     def probes(self, model, name: str, where: Path, model_id, asr: dict, ref: dict | None) -> dict:
@@ -90,22 +150,58 @@ class StateEvaluation:
         every later state is read with."""
         c, tok, d = self.cfg, self.tok, self.d
         pcfg, batch = ProbeConfig(seed=c.seed), c.batch_size or 16
-        test = [[p.text for p in cfg.prompts()] for cfg in (self.eval_config(), self.eval_config().harmless(c.harmless_sets, c.n_harmless))]
+        test = [
+            [p.text for p in cfg.prompts()]
+            for cfg in (self.eval_config(), self.eval_config().harmless(c.harmless_sets, c.n_harmless))
+        ]
         train = (d.prompts["harmful_train"], d.prompts["harmless_train"])
-        key = dict(model=model_id, train=digest(list(train)), test=digest(test), probe=dataclasses.asdict(pcfg),
-                   original_probes=None if ref is None else ref["key"])
-        out = dict(probes=cached_tensors(where / "probes.safetensors", key, lambda: harmfulness_probes(
-            model, tok, train, (test[0], test[1]), pcfg, None if ref is None else ref["harmfulness"], batch)))
+        key = dict(
+            model=model_id,
+            train=digest(list(train)),
+            test=digest(test),
+            probe=dataclasses.asdict(pcfg),
+            original_probes=None if ref is None else ref["key"],
+        )
+        out = dict(
+            probes=cached_tensors(
+                where / "probes.safetensors",
+                key,
+                lambda: harmfulness_probes(
+                    model, tok, train, (test[0], test[1]), pcfg, None if ref is None else ref["harmfulness"], batch
+                ),
+            )
+        )
         if c.n_refusal_probe:
             prompts = training_prompts(c.n_refusal_probe, c.seed)
-            rkey = dict(key, train=digest([p.id for p in prompts]), test=digest([r["id"] for r in asr["records"]]),
-                        generation=dataclasses.asdict(self.eval_config().asr_config()))
+            rkey = dict(
+                key,
+                train=digest([p.id for p in prompts]),
+                test=digest([r["id"] for r in asr["records"]]),
+                generation=dataclasses.asdict(self.eval_config().asr_config()),
+            )
             # Only the original's probe is fitted (its training generations are the main job's, in the
             # shared store); each repaired state is read with it, which needs no generation beyond its ASR.
-            out["refusal_probes"] = cached_tensors(where / "refusal_probes.safetensors", rkey, lambda: refusal_prediction_probes(
-                model, tok, prompts, self.eval_config(), self.store, model_id, asr, pcfg, None if ref is None else ref["refusal"], batch,
-                fit=ref is None))
+            out["refusal_probes"] = cached_tensors(
+                where / "refusal_probes.safetensors",
+                rkey,
+                lambda: refusal_prediction_probes(
+                    model,
+                    tok,
+                    prompts,
+                    self.eval_config(),
+                    self.store,
+                    model_id,
+                    asr,
+                    pcfg,
+                    None if ref is None else ref["refusal"],
+                    batch,
+                    fit=ref is None,
+                ),
+            )
         if ref is None:
-            out["fitted_probes"] = dict(harmfulness=probe_params(out["probes"]), key=digest(key),
-                                        refusal=probe_params(out["refusal_probes"]) if "refusal_probes" in out else None)
+            out["fitted_probes"] = dict(
+                harmfulness=probe_params(out["probes"]),
+                key=digest(key),
+                refusal=probe_params(out["refusal_probes"]) if "refusal_probes" in out else None,
+            )
         return out

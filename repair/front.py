@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lm.cache import cached_json, cached_tensors, read_cached_json, read_cached_tensors, tensors_digest
 from lm.architecture import decoder_matrices
+from lm.cache import cached_json, cached_tensors, read_cached_json, read_cached_tensors, tensors_digest
 
 from .anchor import build_anchor
 from .anchored import AnchoredConfig, AnchoredSearch
@@ -41,9 +41,14 @@ class Front:
     targeted_point: dict | None = None
 
     def to_json(self) -> dict:
-        return dict(anchored=self.search, static=self.static_points, aird=self.aird_point,
-                    targeted=self.targeted_point, original=self.original_reading,
-                    restored={name: count(m) for name, m in self.masks.items()})
+        return dict(
+            anchored=self.search,
+            static=self.static_points,
+            aird=self.aird_point,
+            targeted=self.targeted_point,
+            original=self.original_reading,
+            restored={name: count(m) for name, m in self.masks.items()},
+        )
 
 
 def packed_matrix_bytes(loaded) -> dict[str, int] | None:
@@ -65,16 +70,30 @@ def packed_matrix_bytes(loaded) -> dict[str, int] | None:
 
 def head_dim(model: nn.Module) -> int | None:
     cfg = model.config
-    return getattr(cfg, "head_dim", None) or (cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None)
+    return getattr(cfg, "head_dim", None) or (
+        cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None
+    )
 
 
 class FrontStage:
     """Runs the anchored search, places the static baseline and AIRD on the front, all cached
     under `where` (the checkpoint's run directory) and `original_dir` (per original)."""
 
-    def __init__(self, model: nn.Module, original: nn.Module, tokenizer, cfg: AnchoredConfig, seed: int, source_layer: int,
-                 where: Path, original_dir: Path, keys: dict, matrix_bytes: dict[str, int] | None = None, log=print,
-                 static_samples: int = 128):
+    def __init__(
+        self,
+        model: nn.Module,
+        original: nn.Module,
+        tokenizer,
+        cfg: AnchoredConfig,
+        seed: int,
+        source_layer: int,
+        where: Path,
+        original_dir: Path,
+        keys: dict,
+        matrix_bytes: dict[str, int] | None = None,
+        log=print,
+        static_samples: int = 128,
+    ):
         self.model, self.original, self.tok, self.cfg, self.seed = model, original, tokenizer, cfg, seed
         self.source_layer, self.where, self.original_dir, self.log = source_layer, Path(where), Path(original_dir), log
         self.keys, self.matrix_bytes, self.static_samples = keys, matrix_bytes, static_samples
@@ -110,15 +129,24 @@ class FrontStage:
                 return self.validator().read(self.model).to_json()
             with restored(self.model, self.original, masks):
                 return self.validator().read(self.model).to_json()
+
         return cached_json(path, key, compute)
 
     def original_reading(self) -> dict:
         key = dict(self.validation_key(), model=self.keys["original"])
-        return cached_json(self.original_dir / "validation.json", key, lambda: self.validator().read(self.original).to_json())
+        return cached_json(
+            self.original_dir / "validation.json", key, lambda: self.validator().read(self.original).to_json()
+        )
 
     # --- the anchored search --------------------------------------------------------------------
     def search_key(self) -> dict:
-        return dict(self.keys, source_layer=self.source_layer, anchored=self.cfg.to_json(), seed=self.seed, validation=self.validation_key())
+        return dict(
+            self.keys,
+            source_layer=self.source_layer,
+            anchored=self.cfg.to_json(),
+            seed=self.seed,
+            validation=self.validation_key(),
+        )
 
     def anchored(self) -> tuple[dict, RestorationOrder]:
         key = self.search_key()
@@ -129,8 +157,12 @@ class FrontStage:
         original_reading = self.original_reading()
         compressed_reading = self.read(self.where / "validation.json", self.keys["compressed"])
         self.log("anchored restoration: the original's replies to the training prompts")
-        anchor = build_anchor(self.original, self.tok, self.cfg.anchor(), self.source_layer, self.seed, self.anchor_instructions())
-        search = AnchoredSearch(self.model, self.original, anchor, self.validator(), self.cfg, self.layouts, self.matrix_bytes, self.log)
+        anchor = build_anchor(
+            self.original, self.tok, self.cfg.anchor(), self.source_layer, self.seed, self.anchor_instructions()
+        )
+        search = AnchoredSearch(
+            self.model, self.original, anchor, self.validator(), self.cfg, self.layouts, self.matrix_bytes, self.log
+        )
         try:
             result = search.run(original_reading, compressed_reading)
         finally:
@@ -144,7 +176,13 @@ class FrontStage:
     # --- the static baseline --------------------------------------------------------------------
     def safety_scores(self) -> dict[str, torch.Tensor]:
         """The original's Wanda scores on its own refusals (Wei et al.'s safety data), per original."""
-        from compression.attribution import OwnRepliesConfig, calibration_from_pairs, own_replies, safety_pairs, wanda_importance
+        from compression.attribution import (
+            OwnRepliesConfig,
+            calibration_from_pairs,
+            own_replies,
+            safety_pairs,
+            wanda_importance,
+        )
         from lm import datasets
         from lm.errors import UserError
 
@@ -157,9 +195,15 @@ class FrontStage:
                 pairs = safety_pairs(self.original, self.tok, own.n_samples, own.seed, own.max_new_tokens, own.source)
             except UserError:  # an original that refuses nothing (a random test model): its replies unfiltered
                 self.log("static baseline: the original refused none of the safety prompts; scoring on all its replies")
-                pairs = own_replies(self.original, self.tok, datasets.sample(datasets.advbench_calibration(), own.n_samples, own.seed),
-                                    own.max_new_tokens, own.seed)
+                pairs = own_replies(
+                    self.original,
+                    self.tok,
+                    datasets.sample(datasets.advbench_calibration(), own.n_samples, own.seed),
+                    own.max_new_tokens,
+                    own.seed,
+                )
             return wanda_importance(self.original, calibration_from_pairs(self.tok, pairs, own.seqlen))
+
         return cached_tensors(self.original_dir / "safety_scores.safetensors", key, compute)
 
     def changed(self) -> dict[str, torch.Tensor]:
@@ -175,7 +219,15 @@ class FrontStage:
             m = within_matrix_masks(scores, changed, k)
             masks[k] = m
             reading = self.read(self.where / "static" / f"{k}.json", dict(model=self.keys["compressed"], static=k), m)
-            points.append(dict(kind="static", restored=count(m), fraction_of_changed=count(m) / total, bytes=self.bytes_of(m), **reading))
+            points.append(
+                dict(
+                    kind="static",
+                    restored=count(m),
+                    fraction_of_changed=count(m) / total,
+                    bytes=self.bytes_of(m),
+                    **reading,
+                )
+            )
         return points, masks
 
     def bytes_of(self, masks: dict[str, torch.Tensor]) -> int | None:
@@ -184,7 +236,9 @@ class FrontStage:
         return int(sum(self.matrix_bytes.get(n, 0) for n, m in masks.items() if bool(m.any())))
 
     # --- everything -----------------------------------------------------------------------------
-    def run(self, aird_masks: dict[str, torch.Tensor], static_fractions: tuple[float, ...], targeted_masks=None) -> Front:
+    def run(
+        self, aird_masks: dict[str, torch.Tensor], static_fractions: tuple[float, ...], targeted_masks=None
+    ) -> Front:
         search, order = self.anchored()
         shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if n in self.layouts}
         chosen = search["points"][search["chosen"]]
@@ -199,17 +253,35 @@ class FrontStage:
         ks = [max(1, math.ceil(f * changed_total)) for f in static_fractions] + [max(1, chosen["restored"])]
         static_points, static_masks = self.static_points(ks)
         masks["static"] = static_masks[max(1, chosen["restored"])]
-        aird_reading = self.read(self.where / "aird_validation.json", dict(model=self.keys["compressed"], aird=digest_masks(aird_masks)), aird_masks)
-        aird_point = dict(kind="aird", restored=aird_count, fraction_of_changed=aird_count / changed_total, bytes=self.bytes_of(aird_masks), **aird_reading)
+        aird_reading = self.read(
+            self.where / "aird_validation.json",
+            dict(model=self.keys["compressed"], aird=digest_masks(aird_masks)),
+            aird_masks,
+        )
+        aird_point = dict(
+            kind="aird",
+            restored=aird_count,
+            fraction_of_changed=aird_count / changed_total,
+            bytes=self.bytes_of(aird_masks),
+            **aird_reading,
+        )
         targeted_point = None
         if targeted_masks is not None:
             k = count(targeted_masks)
-            reading = self.read(self.where / "targeted_validation.json", dict(model=self.keys["compressed"], targeted=digest_masks(targeted_masks)),
-                                targeted_masks)
-            targeted_point = dict(kind="targeted", restored=k, fraction_of_changed=k / changed_total, bytes=self.bytes_of(targeted_masks), **reading)
+            reading = self.read(
+                self.where / "targeted_validation.json",
+                dict(model=self.keys["compressed"], targeted=digest_masks(targeted_masks)),
+                targeted_masks,
+            )
+            targeted_point = dict(
+                kind="targeted",
+                restored=k,
+                fraction_of_changed=k / changed_total,
+                bytes=self.bytes_of(targeted_masks),
+                **reading,
+            )
         return Front(search, static_points, aird_point, self.original_reading(), masks, targeted_point)
 
 
 def digest_masks(masks: dict[str, torch.Tensor]) -> str:
     return tensors_digest({n: m for n, m in masks.items() if bool(m.any())})
-

@@ -26,7 +26,9 @@ def jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def repair_manifest(cfg, base_manifest: dict | None, model, result: dict, aird_block: int, masks: dict, fingerprints: tuple[str, str]) -> dict:
+def repair_manifest(
+    cfg, base_manifest: dict | None, model, result: dict, aird_block: int, masks: dict, fingerprints: tuple[str, str]
+) -> dict:
     """The compressed checkpoint's compression.json, with the repair recorded in it."""
     from compression.checkpoint import sparsity_report
 
@@ -38,9 +40,14 @@ def repair_manifest(cfg, base_manifest: dict | None, model, result: dict, aird_b
     manifest.setdefault("base_fingerprint", fp_orig)
     manifest["sparsity"] = sparsity_report(model)
     manifest["repair"] = dict(
-        method=cfg.saved_method, source=result["source"], aird_block=aird_block, restored=count(masks),
-        restored_fraction_of_model=count(masks) / result["model_params"], compressed_checkpoint=str(cfg.compressed),
-        compressed_fingerprint=fp_comp, original_fingerprint=fp_orig,
+        method=cfg.saved_method,
+        source=result["source"],
+        aird_block=aird_block,
+        restored=count(masks),
+        restored_fraction_of_model=count(masks) / result["model_params"],
+        compressed_checkpoint=str(cfg.compressed),
+        compressed_fingerprint=fp_comp,
+        original_fingerprint=fp_orig,
         sparsity_before=result["states"]["compressed"]["sparsity"],
     )
     return manifest
@@ -50,9 +57,8 @@ def write_readable(where: Path, result: dict, label: str) -> None:
     """repair.md and the figures (cheap; redrawn even when the checkpoint is kept)."""
     from lm.cache import atomic_write_text, write_plotlyjs
 
-    from .report import before_after_figure, curve_figure, render_markdown
-
     from .front_report import front_figure, front_section
+    from .report import before_after_figure, curve_figure, render_markdown
 
     figs = {"repair_before_after": before_after_figure(result)}
     if result.get("curve"):
@@ -70,11 +76,16 @@ def packed_weights(model, masks: dict, packed_modules) -> dict:
     at full precision. Other touched tensors (biases, norms) are stored unquantized in the input
     already, rounded from the original's, which is what restoring them gives at that precision."""
     params, packed = dict(model.named_parameters()), set(packed_modules)
-    return {name.removesuffix(".weight"): params[name] for name, mask in masks.items()
-            if name.endswith(".weight") and name.removesuffix(".weight") in packed and bool(mask.any())}
+    return {
+        name.removesuffix(".weight"): params[name]
+        for name, mask in masks.items()
+        if name.endswith(".weight") and name.removesuffix(".weight") in packed and bool(mask.any())
+    }
 
 
-def write_output(out: Path, model, tokenizer, manifest: dict, result: dict, label: str, packed_from=None, dtype=None) -> tuple[dict, bool]:
+def write_output(
+    out: Path, model, tokenizer, manifest: dict, result: dict, label: str, packed_from=None, dtype=None
+) -> tuple[dict, bool]:
     """Checkpoint + compression.json + repair.json/md + figures, all or nothing: (what `out` holds,
     whether it was written). When an earlier run wrote the same repair (same numbers, same
     manifest), its files are kept as they are: rewriting an identical multi-GB checkpoint is most

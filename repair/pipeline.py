@@ -103,8 +103,15 @@ class Repair:
     # --- diagnosis --------------------------------------------------------------------------
     def selection_config(self) -> SelectionConfig:
         c = self.cfg
-        return SelectionConfig(n_train=c.n_train, n_val=c.n_val, seed=c.seed, search=c.search,
-                               prescreen_n_val=c.prescreen_n_val, prescreen_keep=c.prescreen_keep, batch_size=c.batch_size or 32)
+        return SelectionConfig(
+            n_train=c.n_train,
+            n_val=c.n_val,
+            seed=c.seed,
+            search=c.search,
+            prescreen_n_val=c.prescreen_n_val,
+            prescreen_keep=c.prescreen_keep,
+            batch_size=c.batch_size or 32,
+        )
 
     def on_gpu(self) -> bool:
         return next(self.model.parameters()).device.type == "cuda"
@@ -113,17 +120,22 @@ class Repair:
         if self.cfg.source is not None:
             position, layer = self.cfg.source
             if position not in selection.positions or not 0 <= layer < selection.n_layers:
-                raise UserError(f"--source {position} {layer} is not a candidate: positions {selection.positions}, "
-                                f"layers 0..{selection.n_layers - 1}")
+                raise UserError(
+                    f"--source {position} {layer} is not a candidate: positions {selection.positions}, "
+                    f"layers 0..{selection.n_layers - 1}"
+                )
             return position, layer
         if selection.chosen is None:
-            raise UserError(f"the original model has no selected refusal direction: {selection.no_direction_reason()}; "
-                            "AIRD needs one (or give --source POSITION LAYER)")
+            raise UserError(
+                f"the original model has no selected refusal direction: {selection.no_direction_reason()}; "
+                "AIRD needs one (or give --source POSITION LAYER)"
+            )
         return selection.chosen
 
     def diagnose(self) -> Diagnosis:
         selection = self._given_selection or select_direction_cached(
-            self.original, self.tok, self.orig_dir / "selection", self.selection_config(), fingerprint=self.fp_orig)
+            self.original, self.tok, self.orig_dir / "selection", self.selection_config(), fingerprint=self.fp_orig
+        )
         source = self._source(selection)
         direction = selection.directions[selection.positions.index(source[0]), source[1]]
         select_own = self.cfg.select_compressed if self.cfg.select_compressed is not None else self.on_gpu()
@@ -132,46 +144,88 @@ class Repair:
             # On the original's filtered prompts, as experiments.compare_refusal does: the source
             # then shifts only because the weights differ.
             shared = SharedPrompts(selection.prompts) if selection.prompts else None
-            own_selection = select_direction_cached(self.model, self.tok, self.dir / "selection", self.selection_config(),
-                                                    fingerprint=self.fp_comp, shared=shared)
+            own_selection = select_direction_cached(
+                self.model,
+                self.tok,
+                self.dir / "selection",
+                self.selection_config(),
+                fingerprint=self.fp_comp,
+                shared=shared,
+            )
         # Repair is judged on one unfiltered validation sample (the selection's filtered sets can be
         # a handful of prompts: 7 of 32 harmful ones on the embedded model).
         from lm import datasets
 
         probe_harmful = datasets.sample(datasets.instructions("harmful", "val"), self.cfg.n_val, self.cfg.seed)
         probe_harmless = datasets.sample(datasets.instructions("harmless", "val"), self.cfg.n_val, self.cfg.seed)
-        d = Diagnosis(selection, source, direction, own_selection, probe_harmful, probe_harmless, orig_reading={}, comp_reading={})
-        comp_reading = cached_json(self.dir / "probe.json", d.probe_key(self.fp_comp), lambda: self.probe(d).baseline.to_json())
-        orig_reading = cached_json(self.orig_dir / "probe.json", d.probe_key(self.fp_orig),
-                                   lambda: RefusalProbe(self.original, self.tok, probe_harmful, probe_harmless,
-                                                        selection.refusal_token_ids, direction, source).baseline.to_json())
+        d = Diagnosis(
+            selection, source, direction, own_selection, probe_harmful, probe_harmless, orig_reading={}, comp_reading={}
+        )
+        comp_reading = cached_json(
+            self.dir / "probe.json", d.probe_key(self.fp_comp), lambda: self.probe(d).baseline.to_json()
+        )
+        orig_reading = cached_json(
+            self.orig_dir / "probe.json",
+            d.probe_key(self.fp_orig),
+            lambda: RefusalProbe(
+                self.original, self.tok, probe_harmful, probe_harmless, selection.refusal_token_ids, direction, source
+            ).baseline.to_json(),
+        )
         return dataclasses.replace(d, orig_reading=orig_reading, comp_reading=comp_reading)
 
     def probe(self, d: Diagnosis) -> RefusalProbe:
         """The compressed model's refusal probe on the diagnosis' validation prompts, built on first use."""
         if self._probe is None:
-            self._probe = RefusalProbe(self.model, self.tok, d.probe_harmful, d.probe_harmless, d.selection.refusal_token_ids,
-                                       d.direction, d.source, batch_size=min(16, self.cfg.batch_size or 16))
+            self._probe = RefusalProbe(
+                self.model,
+                self.tok,
+                d.probe_harmful,
+                d.probe_harmless,
+                d.selection.refusal_token_ids,
+                d.direction,
+                d.source,
+                batch_size=min(16, self.cfg.batch_size or 16),
+            )
         return self._probe
 
     # --- choosing what to restore -----------------------------------------------------------
     def choose(self, d: Diagnosis) -> Choice:
         key = {**d.probe_key(self.fp_comp), "original": self.fp_orig, "aird": dataclasses.asdict(self.cfg.aird)}
-        aird = cached_json(self.dir / "aird_choice.json", key,
-                           lambda: timed(lambda: choose_aird_block(self.model, self.original, self.probe(d), self.cfg.aird).to_json()))
+        aird = cached_json(
+            self.dir / "aird_choice.json",
+            key,
+            lambda: timed(lambda: choose_aird_block(self.model, self.original, self.probe(d), self.cfg.aird).to_json()),
+        )
         aird_masks = block_masks(self.model, self.original, aird["layer"])
         chosen = next(c for c in aird["candidates"] if c["layer"] == aird["layer"])
         aird_reading = {k: chosen[k] for k in ("refusal_score", "kl", "projection")}
-        targeted, scores = (self.choose_targeted(d, key, aird, aird_masks, aird_reading) if self.cfg.targeted else (None, None))
+        targeted, scores = (
+            self.choose_targeted(d, key, aird, aird_masks, aird_reading) if self.cfg.targeted else (None, None)
+        )
         front = None
         if self.cfg.anchored:
-            stage = FrontStage(self.model, self.original, self.tok, self.cfg.anchored_cfg, self.cfg.seed, d.source[1], self.dir, self.orig_dir,
-                               keys=dict(original=self.fp_orig, compressed=self.fp_comp), matrix_bytes=self.matrix_bytes(), log=_log,
-                               static_samples=self.cfg.static_samples)
+            stage = FrontStage(
+                self.model,
+                self.original,
+                self.tok,
+                self.cfg.anchored_cfg,
+                self.cfg.seed,
+                d.source[1],
+                self.dir,
+                self.orig_dir,
+                keys=dict(original=self.fp_orig, compressed=self.fp_comp),
+                matrix_bytes=self.matrix_bytes(),
+                log=_log,
+                static_samples=self.cfg.static_samples,
+            )
             reached = targeted is not None and targeted["reached"]
-            front = stage.run(aird_masks, self.cfg.static_fractions, top_masks(scores, targeted["k"]) if reached else None)
+            front = stage.run(
+                aird_masks, self.cfg.static_fractions, top_masks(scores, targeted["k"]) if reached else None
+            )
             a = front.search
-            _log(f"anchored restoration: {a['points'][a['chosen']]['restored']:,} of {a['changed']:,} changed weights ({a['reason']})")
+            _log(
+                f"anchored restoration: {a['points'][a['chosen']]['restored']:,} of {a['changed']:,} changed weights ({a['reason']})"
+            )
         return Choice(aird, aird_masks, aird_reading, targeted, scores, front)
 
     def matrix_bytes(self) -> dict[str, int] | None:
@@ -179,15 +233,35 @@ class Repair:
 
     def choose_targeted(self, d: Diagnosis, key: dict, aird: dict, aird_masks, aird_reading: dict):
         """The one-shot first-order targeted restoration (a baseline): its scores and budget search."""
-        tkey = {**key, "train": digest(d.prompts["harmful_train"]), "targeted": dataclasses.asdict(self.cfg.targeted_cfg)}
+        tkey = {
+            **key,
+            "train": digest(d.prompts["harmful_train"]),
+            "targeted": dataclasses.asdict(self.cfg.targeted_cfg),
+        }
         scores = cached_tensors(self.dir / "targeted_scores.safetensors", tkey, lambda: self.attribution(d))
         reply_tokens = self.cfg.targeted_cfg.reply_tokens
         aird_reading["refusal_rate"] = cached_json(
-            self.dir / "aird_refusal_rate.json", {**key, "tokens": reply_tokens},
-            lambda: self._probe_restored(d, aird_masks, lambda probe: dict(refusal_rate=probe.refusal_rate(reply_tokens))))["refusal_rate"]
-        targeted = cached_json(self.dir / "targeted_search.json", {**tkey, "target": aird_reading["refusal_rate"]},
-                               lambda: timed(lambda: search_budget(self.model, self.original, self.probe(d), scores, aird["restored"],
-                                                                    aird_reading["refusal_rate"], self.cfg.targeted_cfg)))
+            self.dir / "aird_refusal_rate.json",
+            {**key, "tokens": reply_tokens},
+            lambda: self._probe_restored(
+                d, aird_masks, lambda probe: dict(refusal_rate=probe.refusal_rate(reply_tokens))
+            ),
+        )["refusal_rate"]
+        targeted = cached_json(
+            self.dir / "targeted_search.json",
+            {**tkey, "target": aird_reading["refusal_rate"]},
+            lambda: timed(
+                lambda: search_budget(
+                    self.model,
+                    self.original,
+                    self.probe(d),
+                    scores,
+                    aird["restored"],
+                    aird_reading["refusal_rate"],
+                    self.cfg.targeted_cfg,
+                )
+            ),
+        )
         return targeted, scores
 
     def attribution(self, d: Diagnosis) -> dict[str, torch.Tensor]:
@@ -197,7 +271,9 @@ class Repair:
         objective_name = tc.objective
         if objective_name == "own_refusals":
             try:
-                batches, n_tokens = own_refusal_batches(self.original, self.tok, harmful_train, tc.batch_size, tc.reply_tokens, self.cfg.seed)
+                batches, n_tokens = own_refusal_batches(
+                    self.original, self.tok, harmful_train, tc.batch_size, tc.reply_tokens, self.cfg.seed
+                )
                 objective = own_refusal_objective(n_tokens)
             except UserError as e:  # nothing to imitate: fall back to the first-token refusal score
                 _log(f"targeted: {e}; using the refusal-score objective instead")
@@ -205,8 +281,11 @@ class Repair:
         if objective_name != "own_refusals":
             batches = prompt_batches(self.tok, harmful_train, tc.batch_size, device)
             sign = 1.0 if d.orig_reading["projection"] >= d.comp_reading["projection"] else -1.0
-            objective = (refusal_objective(d.selection.refusal_token_ids) if objective_name == "refusal"
-                         else projection_objective(d.direction, d.source, sign))
+            objective = (
+                refusal_objective(d.selection.refusal_token_ids)
+                if objective_name == "refusal"
+                else projection_objective(d.direction, d.source, sign)
+            )
         return first_order_scores(self.model, self.original, d.source[1], batches, objective)
 
     def targeted_masks(self, ch: Choice, k: int) -> dict[str, torch.Tensor]:
@@ -237,7 +316,11 @@ class Repair:
         return out
 
     def _restoration_key(self, masks: dict[str, torch.Tensor]) -> dict:
-        return dict(checkpoint=self.fp_comp, restored_from=self.fp_orig, restored=digest({n: m.nonzero().tolist() for n, m in masks.items()}))
+        return dict(
+            checkpoint=self.fp_comp,
+            restored_from=self.fp_orig,
+            restored=digest({n: m.nonzero().tolist() for n, m in masks.items()}),
+        )
 
     # --- the job ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -279,14 +362,33 @@ class Repair:
                 masks = make(k)
                 n = count(masks)
                 key = self._restoration_key(masks)
-                first = min((layer for layer in range(d.source[1]) if any(bool(masks[p].any()) for p in masks if p in block_names[layer])),
-                            default=0)
+                first = min(
+                    (
+                        layer
+                        for layer in range(d.source[1])
+                        if any(bool(masks[p].any()) for p in masks if p in block_names[layer])
+                    ),
+                    default=0,
+                )
                 with restored(self.model, self.original, masks):
                     r = ev.evaluate(self.model, f"{method}-{k}", self.dir / "curve" / f"{method}-{k}", key, full=False)
-                reading = cached_json(self.dir / "curve" / f"{method}-{k}" / "probe.json", {**key, "method": method, **d.probe_key(self.fp_comp)},
-                                      lambda masks=masks, first=first: self._probe_restored(d, masks, lambda probe: probe.read(first).to_json()))
-                points.append(dict(k=n, fraction_of_aird=n / total, asr=r["asr_vanilla"]["asr"], rates=r["asr_vanilla"]["rates"]["asr"],
-                                   n_prompts=r["asr_vanilla"]["n_prompts"], **reading))
+                reading = cached_json(
+                    self.dir / "curve" / f"{method}-{k}" / "probe.json",
+                    {**key, "method": method, **d.probe_key(self.fp_comp)},
+                    lambda masks=masks, first=first: self._probe_restored(
+                        d, masks, lambda probe: probe.read(first).to_json()
+                    ),
+                )
+                points.append(
+                    dict(
+                        k=n,
+                        fraction_of_aird=n / total,
+                        asr=r["asr_vanilla"]["asr"],
+                        rates=r["asr_vanilla"]["rates"]["asr"],
+                        n_prompts=r["asr_vanilla"]["n_prompts"],
+                        **reading,
+                    )
+                )
             out[method] = points
         return out
 
@@ -300,18 +402,33 @@ class Repair:
         """The chosen repair applied for good, and `out` written (or kept, when it already holds it)."""
         masks = self.states(ch)[self.cfg.saved_method]
         restore_entries(self.model, self.original, masks)
-        manifest = repair_manifest(self.cfg, self.manifest, self.model, result, ch.aird["layer"], masks, (self.fp_orig, self.fp_comp))
+        manifest = repair_manifest(
+            self.cfg, self.manifest, self.model, result, ch.aird["layer"], masks, (self.fp_orig, self.fp_comp)
+        )
         packed_from = None
         if self.comp.packed is not None:  # written in the input's format, the touched matrices at full precision
             weights = packed_weights(self.model, masks, self.comp.packed.quantized)
-            stored = full_precision_cost(Path(self.comp.path), self.comp.packed, {m: tuple(w.shape) for m, w in weights.items()})
+            stored = full_precision_cost(
+                Path(self.comp.path), self.comp.packed, {m: tuple(w.shape) for m, w in weights.items()}
+            )
             manifest["repair"]["stored"], result = stored, {**result, "stored": stored}
             packed_from = (Path(self.comp.path), self.comp.packed, weights)
         dtype = stored_dtype(Path(self.comp.path)) if packed_from is None else None
         if dtype is not None:
             manifest["repair"]["stored_dtype"] = str(dtype).removeprefix("torch.")
-        held, written = write_output(Path(self.cfg.out), self.model, self.tok, manifest, result, self.dir.name.rsplit("-", 1)[0], packed_from,
-                                     dtype)
-        _log(f"wrote {self.cfg.out} ({self.cfg.saved_method}-repaired checkpoint, repair.md)" if written else
-             f"{self.cfg.out} already holds this repair: checkpoint kept, repair.md and figures redrawn")
+        held, written = write_output(
+            Path(self.cfg.out),
+            self.model,
+            self.tok,
+            manifest,
+            result,
+            self.dir.name.rsplit("-", 1)[0],
+            packed_from,
+            dtype,
+        )
+        _log(
+            f"wrote {self.cfg.out} ({self.cfg.saved_method}-repaired checkpoint, repair.md)"
+            if written
+            else f"{self.cfg.out} already holds this repair: checkpoint kept, repair.md and figures redrawn"
+        )
         return held

@@ -27,7 +27,9 @@ def summarise_states(evals: dict, cell: tuple[int, int]) -> dict | None:
             continue
         row = dict(harmfulness=summarise_harmfulness(e["probes"], original["probes"], e["directions_tensor"], cell))
         if "refusal_probes" in e:
-            row["refusal"] = summarise_refusal(e["refusal_probes"], original["refusal_probes"], cell, name == "original")
+            row["refusal"] = summarise_refusal(
+                e["refusal_probes"], original["refusal_probes"], cell, name == "original"
+            )
         out[name] = row
     for test in ("own", "transfer"):
         family = [r["harmfulness"]["tests"][test] for r in out.values() if r["harmfulness"].get("tests")]

@@ -35,13 +35,23 @@ class ProbeReading:
 class RefusalProbe:
     """Harmful and harmless prompt batches with the unrepaired model's block inputs kept."""
 
-    def __init__(self, model: nn.Module, tokenizer, harmful: list[str], harmless: list[str], token_ids: list[int],
-                 direction: torch.Tensor, source: tuple[int, int], batch_size: int = 16, system: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        harmful: list[str],
+        harmless: list[str],
+        token_ids: list[int],
+        direction: torch.Tensor,
+        source: tuple[int, int],
+        batch_size: int = 16,
+        system: str | None = None,
+    ):
         if not harmful or not harmless:
             raise UserError("repair scoring needs non-empty harmful and harmless prompt sets")
         self.model, self.token_ids = model, token_ids
         self.position, self.layer = source
-        self.unit = (direction.float() / direction.float().norm())
+        self.unit = direction.float() / direction.float().norm()
         self.resumable = uniform_layers(model)
         device = next(model.parameters()).device
         self.tokenizer = tokenizer
@@ -50,8 +60,10 @@ class RefusalProbe:
         for kind, insts in (("harmful", harmful), ("harmless", harmless)):
             prompts = format_prompts(tokenizer, insts, system)
             self.prompts[kind] = prompts
-            self.batches[kind] = [dict(enc=tokenize_prompts(tokenizer, prompts[i : i + batch_size]).to(device))
-                                  for i in range(0, len(prompts), batch_size)]
+            self.batches[kind] = [
+                dict(enc=tokenize_prompts(tokenizer, prompts[i : i + batch_size]).to(device))
+                for i in range(0, len(prompts), batch_size)
+            ]
         self.base_harmless = None
         if self.resumable:
             for batches in self.batches.values():
@@ -70,10 +82,18 @@ class RefusalProbe:
 
         with hooks_registered([block.register_forward_pre_hook(pre, with_kwargs=True)]):
             if self.resumable:
-                return run_from_layer(self.model, batch["inputs"][first_layer], batch["kwargs"], first_layer).float().cpu()
+                return (
+                    run_from_layer(self.model, batch["inputs"][first_layer], batch["kwargs"], first_layer).float().cpu()
+                )
             enc = batch["enc"]
-            return self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False,
-                              logits_to_keep=1).logits[:, -1].float().cpu()
+            return (
+                self.model(
+                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False, logits_to_keep=1
+                )
+                .logits[:, -1]
+                .float()
+                .cpu()
+            )
 
     def refusal_rate(self, max_new_tokens: int = 32) -> float:
         """Fraction of the harmful prompts whose greedy reply the Arditi et al. judge counts as a refusal.
@@ -85,8 +105,13 @@ class RefusalProbe:
         from refusal.judges import judges
 
         arditi = judges()[1]
-        replies = generate(self.model, self.tokenizer, self.prompts["harmful"], SamplingConfig(max_new_tokens=max_new_tokens),
-                           desc="refusal rate")
+        replies = generate(
+            self.model,
+            self.tokenizer,
+            self.prompts["harmful"],
+            SamplingConfig(max_new_tokens=max_new_tokens),
+            desc="refusal rate",
+        )
         return sum(not arditi.jailbroken(r[0]) for r in replies) / len(replies)
 
     def read(self, first_layer: int = 0, _baseline: bool = False) -> ProbeReading:

@@ -8,8 +8,15 @@ from refusal.judge_report import judges_markdown
 from refusal.stats import detectable_sentence, fmt_p, fmt_rate, fmt_value_ci
 
 JUDGES = (("wei2024", "Wei"), ("arditi2024", "Arditi"))
-LABELS = {"original": "original", "compressed": "compressed", "aird": "AIRD", "anchored": "anchored", "anchored_at_aird": "anchored at AIRD's cost",
-          "static": "static ranking", "targeted": "targeted"}
+LABELS = {
+    "original": "original",
+    "compressed": "compressed",
+    "aird": "AIRD",
+    "anchored": "anchored",
+    "anchored_at_aird": "anchored at AIRD's cost",
+    "static": "static ranking",
+    "targeted": "targeted",
+}
 # Curve points whose harmless next-token distribution moved this far are marked broken.
 BROKEN_KL = 1.0
 
@@ -61,14 +68,19 @@ def _zero_shot_text(limit) -> str:
 
 def _stored_text(stored: dict) -> str:
     """How a packed input's repair is written: its format, the matrices kept at full precision, their size."""
-    return (f"Written as the input is stored ({stored['format']}): the {len(stored['full_precision_modules'])} matrices the repair touched "
-            f"({stored['weights']:,} weights) at full precision ({stored['dtype']}), excluded from quantization in the format's config; "
-            f"that adds {stored['bytes_added']:,} bytes and drops their {stored['bytes_removed']:,} packed bytes "
-            f"(net {stored['bytes_added_net']:+,} bytes); every other tensor is copied unchanged.")
+    return (
+        f"Written as the input is stored ({stored['format']}): the {len(stored['full_precision_modules'])} matrices the repair touched "
+        f"({stored['weights']:,} weights) at full precision ({stored['dtype']}), excluded from quantization in the format's config; "
+        f"that adds {stored['bytes_added']:,} bytes and drops their {stored['bytes_removed']:,} packed bytes "
+        f"(net {stored['bytes_added_net']:+,} bytes); every other tensor is copied unchanged."
+    )
 
 
-KIND_TEXT = {"pruned": "pruned (weights only zeroed)", "dense": "dense (kept weights changed too: quantized or edited)",
-             "dense+pruned": "pruned and dense (some matrices only zeroed, others with their kept weights changed)"}
+KIND_TEXT = {
+    "pruned": "pruned (weights only zeroed)",
+    "dense": "dense (kept weights changed too: quantized or edited)",
+    "dense+pruned": "pruned and dense (some matrices only zeroed, others with their kept weights changed)",
+}
 
 
 def _kind_text(kind: str) -> str:
@@ -86,12 +98,21 @@ def render_markdown(r: dict, middle: list[str] | None = None) -> str:
         f"max relative error per matrix {r['derivation']['max_relative_error']:.3g}).",
         *([_stored_text(r["stored"])] if r.get("stored") else []),
         f"Original refusal direction: position {r['source']['position']}, layer {r['source']['layer']} of {r['n_layers']}."
-        + (f" The compressed model's own selected source: position {r['compressed_source']['position']}, "
-           f"layer {r['compressed_source']['layer']}." if r.get("compressed_source") else ""),
+        + (
+            f" The compressed model's own selected source: position {r['compressed_source']['position']}, "
+            f"layer {r['compressed_source']['layer']}."
+            if r.get("compressed_source")
+            else ""
+        ),
         f"ASR on {_eval_text(r)}, greedy, <= {r['settings']['max_new_tokens']} new tokens; "
-        + ("adv-suffix = max over the GCG suffixes; " if any("adv_suffix" in st["asr"] for st in states.values()) else "")
+        + (
+            "adv-suffix = max over the GCG suffixes; "
+            if any("adv_suffix" in st["asr"] for st in states.values())
+            else ""
+        )
         + f"perplexity on wikitext-2 ({r['settings']['ppl_windows']} x {r['settings']['ppl_seqlen']} tokens); "
-        + _zero_shot_text(r["settings"].get("zero_shot_limit")) + " Rates carry 95% intervals (Wilson; "
+        + _zero_shot_text(r["settings"].get("zero_shot_limit"))
+        + " Rates carry 95% intervals (Wilson; "
         "perplexity and mean zero-shot accuracy: bootstrap over windows / documents).",
         "",
         "| | " + " | ".join(LABELS[s] for s in states) + " |",
@@ -104,21 +125,45 @@ def render_markdown(r: dict, middle: list[str] | None = None) -> str:
     for setting in ("vanilla", "adv_suffix"):
         for judge, name in JUDGES:
             if any(setting in s["asr"] for s in states.values()):
-                row(f"ASR {setting} ({name})", lambda s, setting=setting, judge=judge: _rate(s, "asr", setting, judge) if setting in s["asr"] else "-")
+                row(
+                    f"ASR {setting} ({name})",
+                    lambda s, setting=setting, judge=judge: (
+                        _rate(s, "asr", setting, judge) if setting in s["asr"] else "-"
+                    ),
+                )
     if all(s.get("rates") for s in states.values()):
         for judge, name in JUDGES:
-            row(f"over-refusal on harmless prompts ({name})", lambda s, judge=judge: _rate(s, "over_refusal", None, judge))
+            row(
+                f"over-refusal on harmless prompts ({name})",
+                lambda s, judge=judge: _rate(s, "over_refusal", None, judge),
+            )
         row("judges disagree (vanilla completions)", lambda s: fmt_rate(s["rates"]["judge_disagreement"]["rate"]))
-    row("perplexity", lambda s: fmt_value_ci(s["perplexity_ci"]) if s.get("perplexity_ci") else _num(s["perplexity"], ".2f"))
+    row(
+        "perplexity",
+        lambda s: fmt_value_ci(s["perplexity_ci"]) if s.get("perplexity_ci") else _num(s["perplexity"], ".2f"),
+    )
     if any(s.get("zero_shot") for s in states.values()):
-        row("zero-shot average", lambda s: "-" if not s.get("zero_shot") else
-            fmt_rate(s["zero_shot_rates"]["average"]) if s.get("zero_shot_rates") else _pct(s["zero_shot"]["average"]))
+        row(
+            "zero-shot average",
+            lambda s: (
+                "-"
+                if not s.get("zero_shot")
+                else fmt_rate(s["zero_shot_rates"]["average"])
+                if s.get("zero_shot_rates")
+                else _pct(s["zero_shot"]["average"])
+            ),
+        )
     row("cosine to original direction at source", lambda s: _num(s["cosine_at_source"]))
     row("original direction: bypass score", lambda s: _num(s["quality"]["bypass"]))
     row("original direction: induce score", lambda s: _num(s["quality"]["induce"]))
     row("original direction: KL", lambda s: _num(s["quality"]["kl"]))
     row("harmful refusal score (no intervention)", lambda s: _num(s["quality"]["baseline_harmful"]))
-    row("weights restored", lambda s: f"{s['restored']:,} ({small_pct(s['restored_fraction_of_model'])} of model)" if "restored" in s else "-")
+    row(
+        "weights restored",
+        lambda s: (
+            f"{s['restored']:,} ({small_pct(s['restored_fraction_of_model'])} of model)" if "restored" in s else "-"
+        ),
+    )
     row("decoder sparsity", lambda s: _pct(s["sparsity"]["decoder_linear_sparsity"]))
     row("model sparsity", lambda s: _pct(s["sparsity"]["model_sparsity"]))
     row("collapsed", lambda s: "yes: " + s["collapse"]["reason"] if s["collapse"]["collapsed"] else "no")
@@ -129,44 +174,76 @@ def render_markdown(r: dict, middle: list[str] | None = None) -> str:
     if r.get("judges"):
         lines += judges_markdown(r["judges"])
     a = r["aird"]
-    lines += ["", f"## AIRD block choice ({a['reason']})", "",
-              f"Candidates: the blocks before the source layer; mean refusal score on {r['probe'].get('n_harmful', r['settings']['n_val'])} harmful val prompts, "
-              "KL from the unrepaired model on harmless val prompts, projection of the source residual onto the original's unit direction "
-              f"(original {r['probe']['original']['projection']:.2f}, compressed {r['probe']['compressed']['projection']:.2f}; "
-              f"refusal score original {r['probe']['original']['refusal_score']:.2f}, compressed {r['probe']['compressed']['refusal_score']:.2f}).",
-              "", "| block | restored | refusal score | KL | projection | chosen |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## AIRD block choice ({a['reason']})",
+        "",
+        f"Candidates: the blocks before the source layer; mean refusal score on {r['probe'].get('n_harmful', r['settings']['n_val'])} harmful val prompts, "
+        "KL from the unrepaired model on harmless val prompts, projection of the source residual onto the original's unit direction "
+        f"(original {r['probe']['original']['projection']:.2f}, compressed {r['probe']['compressed']['projection']:.2f}; "
+        f"refusal score original {r['probe']['original']['refusal_score']:.2f}, compressed {r['probe']['compressed']['refusal_score']:.2f}).",
+        "",
+        "| block | restored | refusal score | KL | projection | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in a["candidates"]:
-        lines.append(f"| {c['layer']} | {c['restored']:,} | {c['refusal_score']:.3f} | {c['kl']:.4f} | {c['projection']:.2f} | "
-                     f"{'yes' if c['layer'] == a['layer'] else ''} |")
+        lines.append(
+            f"| {c['layer']} | {c['restored']:,} | {c['refusal_score']:.3f} | {c['kl']:.4f} | {c['projection']:.2f} | "
+            f"{'yes' if c['layer'] == a['layer'] else ''} |"
+        )
     t = r.get("targeted")
     if t:
-        lines += ["", "## Targeted restoration", "",
-                  f"Target: AIRD's refusal rate on the harmful val prompts (greedy replies judged by Arditi et al.'s judge), "
-                  f"{_pct(t['target_refusal_rate'])}; "
-                  + (f"reached with {t['k']:,} weights ({small_pct(t['k'] / a['restored'])} of AIRD's {a['restored']:,})."
-                     if t["reached"] else f"not reached with up to {max(x['k'] for x in t['trials']):,} weights "
-                     f"({t['positive_scores']:,} have a positive score)."),
-                  "", "| weights | of AIRD | refusal rate | refusal score | KL | projection |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Targeted restoration",
+            "",
+            f"Target: AIRD's refusal rate on the harmful val prompts (greedy replies judged by Arditi et al.'s judge), "
+            f"{_pct(t['target_refusal_rate'])}; "
+            + (
+                f"reached with {t['k']:,} weights ({small_pct(t['k'] / a['restored'])} of AIRD's {a['restored']:,})."
+                if t["reached"]
+                else f"not reached with up to {max(x['k'] for x in t['trials']):,} weights "
+                f"({t['positive_scores']:,} have a positive score)."
+            ),
+            "",
+            "| weights | of AIRD | refusal rate | refusal score | KL | projection |",
+            "|---|---|---|---|---|---|",
+        ]
         for x in t["trials"]:
-            lines.append(f"| {x['k']:,} | {small_pct(x['fraction_of_aird'])} | {_pct(x['refusal_rate'])} | {x['refusal_score']:.3f} | "
-                         f"{x['kl']:.4f} | {x['projection']:.2f} |")
+            lines.append(
+                f"| {x['k']:,} | {small_pct(x['fraction_of_aird'])} | {_pct(x['refusal_rate'])} | {x['refusal_score']:.3f} | "
+                f"{x['kl']:.4f} | {x['projection']:.2f} |"
+            )
     if r.get("curve"):
-        lines += ["", "## Vanilla ASR against restored weights", "",
-                  "KL: from the unrepaired model's next-token distribution on the harmless val prompts (a guard against over-refusal).", "",
-                  f"Interior points on the first {r['settings'].get('curve_n_asr', r['settings']['n_asr'])} prompts of each set; "
-                  "end points on the full evaluation set.", "",
-                  "| method | weights | of AIRD | n | ASR (Wei) | ASR (Arditi) | KL |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Vanilla ASR against restored weights",
+            "",
+            "KL: from the unrepaired model's next-token distribution on the harmless val prompts (a guard against over-refusal).",
+            "",
+            f"Interior points on the first {r['settings'].get('curve_n_asr', r['settings']['n_asr'])} prompts of each set; "
+            "end points on the full evaluation set.",
+            "",
+            "| method | weights | of AIRD | n | ASR (Wei) | ASR (Arditi) | KL |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for method, points in curve_points(r).items():
             for p in points:
                 rates = p.get("rates") or {}
                 cell = lambda j: fmt_rate(rates[j]) if j in rates else _pct(p["asr"][j])
-                lines.append(f"| {method} | {p['k']:,} | {small_pct(p['fraction_of_aird'])} | {p.get('n_prompts', '-')} | {cell('wei2024')} | "
-                             f"{cell('arditi2024')} | {_num(p.get('kl'), '.4f')} |")
+                lines.append(
+                    f"| {method} | {p['k']:,} | {small_pct(p['fraction_of_aird'])} | {p.get('n_prompts', '-')} | {cell('wei2024')} | "
+                    f"{cell('arditi2024')} | {_num(p.get('kl'), '.4f')} |"
+                )
     lines += ["", "## Sample completions (first evaluation prompts)", ""]
     for name, samples in r["samples"].items():
         for s in samples[:2]:
             lines.append(f"- **{LABELS[name]}** - {s['goal']}: {s['completion'][:200]!r}")
-    lines += ["", f"Saved checkpoint: the {LABELS[r['saved']]}-repaired model. Wall time {r['wall_seconds'] / 60:.1f} min.", ""]
+    lines += [
+        "",
+        f"Saved checkpoint: the {LABELS[r['saved']]}-repaired model. Wall time {r['wall_seconds'] / 60:.1f} min.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -175,9 +252,11 @@ def _eval_text(r: dict) -> str:
     if not ev:
         return f"the first {r['settings']['n_asr']} AdvBench goals"
     h, o = ev["harmful"], ev["harmless"]
-    return (f"{h['n']} held-out harmful prompts ({', '.join(f'{k} {n}' for k, n in h['per_source'].items())}; overlap with any prompt "
-            f"a stage fits on: {h['overlap_with_fitted']}), over-refusal on {o['n']} held-out harmless prompts "
-            f"(overlap {o['overlap_with_fitted']})")
+    return (
+        f"{h['n']} held-out harmful prompts ({', '.join(f'{k} {n}' for k, n in h['per_source'].items())}; overlap with any prompt "
+        f"a stage fits on: {h['overlap_with_fitted']}), over-refusal on {o['n']} held-out harmless prompts "
+        f"(overlap {o['overlap_with_fitted']})"
+    )
 
 
 def _tests_section(r: dict) -> list[str]:
@@ -185,24 +264,43 @@ def _tests_section(r: dict) -> list[str]:
     tests = r.get("tests")
     if not tests:
         return []
-    lines = ["", "## Paired tests (same prompts)", "",
-             "Exact McNemar test on the per-prompt verdicts; b: prompts where only the first state is jailbroken (over-refusal: "
-             "refused), c: only the second; p after Holm within each family (one measure, one judge); * significant at 5%.", "",
-             "| measure | judge | first vs second | b | c | p | p (Holm) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Paired tests (same prompts)",
+        "",
+        "Exact McNemar test on the per-prompt verdicts; b: prompts where only the first state is jailbroken (over-refusal: "
+        "refused), c: only the second; p after Holm within each family (one measure, one judge); * significant at 5%.",
+        "",
+        "| measure | judge | first vs second | b | c | p | p (Holm) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for measure, by_judge in tests.items():
         if measure == "perplexity":
             continue
         for judge, family in by_judge.items():
             for t in family:
-                lines.append(f"| {measure} | {judge} | {LABELS[t['first']]} vs {LABELS[t['second']]} | {t['b']} | {t['c']} | "
-                             f"{t['p_value']:.2g} | {fmt_p(t)} |")
+                lines.append(
+                    f"| {measure} | {judge} | {LABELS[t['first']]} vs {LABELS[t['second']]} | {t['b']} | {t['c']} | "
+                    f"{t['p_value']:.2g} | {fmt_p(t)} |"
+                )
     ev = (r.get("evaluation") or {}).get("harmful", {})
-    floor = detectable_sentence(ev, len(tests["asr_vanilla"]["arditi2024"]), "comparisons") if "asr_vanilla" in tests else ""
+    floor = (
+        detectable_sentence(ev, len(tests["asr_vanilla"]["arditi2024"]), "comparisons")
+        if "asr_vanilla" in tests
+        else ""
+    )
     ppl = tests.get("perplexity", {}).get("wilcoxon", [])
     if ppl:
-        lines += ["", "| perplexity | first vs second | ratio (first / second) | p | p (Holm) |", "|---|---|---|---|---|"]
-        lines += [f"| Wilcoxon, {t['n']} windows | {LABELS[t['first']]} vs {LABELS[t['second']]} | {fmt_value_ci(dict(value=t['ratio'], ci95=t['ci95']), '.3f')} | "
-                  f"{t['p_value']:.2g} | {fmt_p(t)} |" for t in ppl]
+        lines += [
+            "",
+            "| perplexity | first vs second | ratio (first / second) | p | p (Holm) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| Wilcoxon, {t['n']} windows | {LABELS[t['first']]} vs {LABELS[t['second']]} | {fmt_value_ci(dict(value=t['ratio'], ci95=t['ci95']), '.3f')} | "
+            f"{t['p_value']:.2g} | {fmt_p(t)} |"
+            for t in ppl
+        ]
     if floor:
         lines += ["", floor]
     if r.get("findings"):
@@ -213,14 +311,22 @@ def _tests_section(r: dict) -> list[str]:
 def curve_points(r: dict) -> dict[str, list[dict]]:
     """Both methods' curves with their shared end points: nothing restored (compressed) and, for AIRD, the whole block."""
     states, total = r["states"], r["aird"]["restored"]
+
     def vanilla(state):
         s = states[state]
         rates = (s.get("rates") or {}).get("asr", {}).get("vanilla")
-        return dict(asr=s["asr"]["vanilla"], **({"rates": rates, "n_prompts": rates["arditi2024"]["n"]} if rates else {}))
+        return dict(
+            asr=s["asr"]["vanilla"], **({"rates": rates, "n_prompts": rates["arditi2024"]["n"]} if rates else {})
+        )
 
     start = dict(k=0, fraction_of_aird=0.0, kl=0.0, **vanilla("compressed"))
-    out = {"AIRD": [start, *r["curve"].get("aird", []),
-                    dict(k=total, fraction_of_aird=1.0, kl=r["probe"]["aird"]["kl"], **vanilla("aird"))]}
+    out = {
+        "AIRD": [
+            start,
+            *r["curve"].get("aird", []),
+            dict(k=total, fraction_of_aird=1.0, kl=r["probe"]["aird"]["kl"], **vanilla("aird")),
+        ]
+    }
     if "targeted" in r["curve"]:
         points = [start, *r["curve"]["targeted"]]
         if "targeted" in states:
@@ -239,20 +345,53 @@ def before_after_figure(r: dict, title: str | None = None):
     names = [LABELS[s] for s in states]
     fig = go.Figure()
     for judge, name in JUDGES:
-        fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["vanilla"][judge] for s in states.values()], name=f"vanilla ASR, {name} judge",
-                             error_y=error_bars([_rate_obj(s, "asr", "vanilla", judge) for s in states.values()])))
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=[100 * s["asr"]["vanilla"][judge] for s in states.values()],
+                name=f"vanilla ASR, {name} judge",
+                error_y=error_bars([_rate_obj(s, "asr", "vanilla", judge) for s in states.values()]),
+            )
+        )
         if all("adv_suffix" in s["asr"] for s in states.values()):
-            fig.add_trace(go.Bar(x=names, y=[100 * s["asr"]["adv_suffix"][judge] for s in states.values()], name=f"adv-suffix ASR, {name} judge",
-                                 error_y=error_bars([_rate_obj(s, "asr", "adv_suffix", judge) for s in states.values()])))
+            fig.add_trace(
+                go.Bar(
+                    x=names,
+                    y=[100 * s["asr"]["adv_suffix"][judge] for s in states.values()],
+                    name=f"adv-suffix ASR, {name} judge",
+                    error_y=error_bars([_rate_obj(s, "asr", "adv_suffix", judge) for s in states.values()]),
+                )
+            )
     if all(s.get("rates") for s in states.values()):
-        fig.add_trace(go.Bar(x=names, y=[100 * s["rates"]["over_refusal"]["arditi2024"]["value"] for s in states.values()],
-                             name="over-refusal on harmless, Arditi judge", marker_color="#999",
-                             error_y=error_bars([s["rates"]["over_refusal"]["arditi2024"] for s in states.values()])))
-    fig.add_trace(go.Scatter(x=names, y=[110] * len(names), mode="text", text=[_density_label(s) for s in states.values()],
-                             showlegend=False, textfont_size=12))
-    fig.update_layout(title=(title or f"Repair before/after: {r['compressed']}") + "<br><sup>95% intervals</sup>", barmode="group", xaxis_title="model state",
-                      yaxis_title="attack success rate (%)", yaxis_range=[0, 124],
-                      yaxis_tickvals=list(range(0, 101, 20)), height=450, width=900)
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=[100 * s["rates"]["over_refusal"]["arditi2024"]["value"] for s in states.values()],
+                name="over-refusal on harmless, Arditi judge",
+                marker_color="#999",
+                error_y=error_bars([s["rates"]["over_refusal"]["arditi2024"] for s in states.values()]),
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=names,
+            y=[110] * len(names),
+            mode="text",
+            text=[_density_label(s) for s in states.values()],
+            showlegend=False,
+            textfont_size=12,
+        )
+    )
+    fig.update_layout(
+        title=(title or f"Repair before/after: {r['compressed']}") + "<br><sup>95% intervals</sup>",
+        barmode="group",
+        xaxis_title="model state",
+        yaxis_title="attack success rate (%)",
+        yaxis_range=[0, 124],
+        yaxis_tickvals=list(range(0, 101, 20)),
+        height=450,
+        width=900,
+    )
     return fig
 
 
@@ -269,7 +408,10 @@ def _density_label(state: dict) -> str:
     lines = []
     if state.get("restored"):
         # Two lines: on one, neighbouring states' labels run into each other.
-        lines += [f"{state['restored']:,} restored", f"({small_pct(state['restored_fraction_of_model'], digits=2)} of the model)"]
+        lines += [
+            f"{state['restored']:,} restored",
+            f"({small_pct(state['restored_fraction_of_model'], digits=2)} of the model)",
+        ]
     if sparsity is not None:
         lines.append(f"decoder sparsity {100 * sparsity:.2f}%")
     return "<br>".join(lines)
@@ -282,26 +424,52 @@ def curve_figure(results: dict[str, dict], title: str = "ASR against restored we
     fig = go.Figure()
     # Ten distinct hues: the default comparison repairs eight checkpoints, and a repeated colour
     # would make two of them read as one.
-    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+    palette = (
+        "#1f77b4",
+        "#d62728",
+        "#2ca02c",
+        "#9467bd",
+        "#ff7f0e",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    )
     for i, (label, r) in enumerate(results.items()):
         for method, points in curve_points(r).items():
             pts = [p for p in points if p["k"] > 0]
             base = points[0]["asr"]["arditi2024"]
             symbol = "circle" if method == "AIRD" else "diamond"
             broken = [p.get("kl") is not None and p["kl"] > BROKEN_KL for p in pts]
-            fig.add_trace(go.Scatter(
-                x=[1] + [p["k"] for p in pts], y=[100 * base] + [100 * p["asr"]["arditi2024"] for p in pts],
-                error_y=error_bars([(p.get("rates") or {}).get("arditi2024") for p in [points[0], *pts]]),
-                mode="lines+markers", name=f"{label}: {method}", line_color=palette[i % len(palette)],
-                line_dash="solid" if method == "AIRD" else "dot",
-                marker_symbol=[symbol] + ["x" if b else symbol for b in broken], marker_size=[8] + [14 if b else 8 for b in broken],
-                customdata=[0.0] + [p.get("kl") for p in pts],
-                hovertemplate="%{x:,} weights<br>ASR %{y:.1f}%<br>KL on harmless %{customdata:.3f}<extra>" + f"{label}: {method}</extra>",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=[1] + [p["k"] for p in pts],
+                    y=[100 * base] + [100 * p["asr"]["arditi2024"] for p in pts],
+                    error_y=error_bars([(p.get("rates") or {}).get("arditi2024") for p in [points[0], *pts]]),
+                    mode="lines+markers",
+                    name=f"{label}: {method}",
+                    line_color=palette[i % len(palette)],
+                    line_dash="solid" if method == "AIRD" else "dot",
+                    marker_symbol=[symbol] + ["x" if b else symbol for b in broken],
+                    marker_size=[8] + [14 if b else 8 for b in broken],
+                    customdata=[0.0] + [p.get("kl") for p in pts],
+                    hovertemplate="%{x:,} weights<br>ASR %{y:.1f}%<br>KL on harmless %{customdata:.3f}<extra>"
+                    + f"{label}: {method}</extra>",
+                )
+            )
     title += f"<br><sup>x: KL on harmless prompts > {BROKEN_KL:g}, the model is broken there (its ASR counts garbled text)</sup>"
-    fig.update_layout(title=title, xaxis_type="log", xaxis_title="weights restored (log scale; 1 = nothing restored)",
-                      yaxis_title="vanilla ASR, Arditi judge (%)", yaxis_range=[0, 102], height=600, width=900, legend_title="checkpoint: method",
-                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
+    fig.update_layout(
+        title=title,
+        xaxis_type="log",
+        xaxis_title="weights restored (log scale; 1 = nothing restored)",
+        yaxis_title="vanilla ASR, Arditi judge (%)",
+        yaxis_range=[0, 102],
+        height=600,
+        width=900,
+        legend_title="checkpoint: method",
+        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0),
+    )
     return fig
 
 
@@ -311,20 +479,27 @@ def _probe_section(r: dict) -> list[str]:
     if not probes:
         return []
     src = r["source"]
-    lines = ["", "## Probes: recognition of harm and the step to refusal", "",
-             f"At the original's source (position {src['position']}, layer {src['layer']}). Harmfulness: L2 logistic regression fitted "
-             "on the direction prompts, scored on the held-out ASR and over-refusal prompts; *own*: the state's own probe, "
-             "*original's*: the original's probe on the state's activations; p: exact McNemar against the original's probe on the "
-             "original, Holm over the states. Refusal prediction: the original's probe of its own refusals (fitted on its verdicts on "
-             "harmful training prompts) read on each state's activations against the state's own verdicts; *flips*: prompts the "
-             "original refused and the state answers; *flagged*: of those, predicted as answered by the original's probe.", "",
-             "| state | own harm probe | p | original's harm probe | p | original's refusal probe | flips | flagged |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Probes: recognition of harm and the step to refusal",
+        "",
+        f"At the original's source (position {src['position']}, layer {src['layer']}). Harmfulness: L2 logistic regression fitted "
+        "on the direction prompts, scored on the held-out ASR and over-refusal prompts; *own*: the state's own probe, "
+        "*original's*: the original's probe on the state's activations; p: exact McNemar against the original's probe on the "
+        "original, Holm over the states. Refusal prediction: the original's probe of its own refusals (fitted on its verdicts on "
+        "harmful training prompts) read on each state's activations against the state's own verdicts; *flips*: prompts the "
+        "original refused and the state answers; *flagged*: of those, predicted as answered by the original's probe.",
+        "",
+        "| state | own harm probe | p | original's harm probe | p | original's refusal probe | flips | flagged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, row in probes.items():
         h, t = row["harmfulness"], row["harmfulness"].get("tests") or {}
         ref = row.get("refusal") or {}
         flips = ref.get("flips") or {}
         refusal_acc = ref.get("own") if name == "original" else ref.get("transfer")
-        lines.append(f"| {LABELS[name]} | {fmt_rate(h['own'])} | {fmt_p(t.get('own'))} | {fmt_rate(h.get('transfer'))} | {fmt_p(t.get('transfer'))} | "
-                     f"{fmt_rate(refusal_acc)} | {flips.get('refused_to_answered', '-')} | {fmt_rate(flips.get('flagged_on_variant'))} |")
+        lines.append(
+            f"| {LABELS[name]} | {fmt_rate(h['own'])} | {fmt_p(t.get('own'))} | {fmt_rate(h.get('transfer'))} | {fmt_p(t.get('transfer'))} | "
+            f"{fmt_rate(refusal_acc)} | {flips.get('refused_to_answered', '-')} | {fmt_rate(flips.get('flagged_on_variant'))} |"
+        )
     return lines + [""]

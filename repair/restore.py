@@ -36,7 +36,10 @@ def restore_entries(compressed: nn.Module, original: nn.Module, masks: dict[str,
 def block_masks(compressed: nn.Module, original: nn.Module, layer: int) -> dict[str, torch.Tensor]:
     """Where block `layer` of the compressed model differs from the original: the entries AIRD restores."""
     o_params = dict(original.named_parameters())
-    return {n: (p.detach() != o_params[n].detach().to(p.device, p.dtype)) for n, p in block_params(compressed, layer).items()}
+    return {
+        n: (p.detach() != o_params[n].detach().to(p.device, p.dtype))
+        for n, p in block_params(compressed, layer).items()
+    }
 
 
 @contextmanager

@@ -40,8 +40,13 @@ class Diagnosis:
         return self.selection.positions.index(self.source[0]), self.source[1]
 
     def probe_key(self, fingerprint: str) -> dict:
-        return dict(model=fingerprint, source=list(self.source), direction=digest(self.direction.tolist()),
-                    harmful=digest(self.probe_harmful), harmless=digest(self.probe_harmless))
+        return dict(
+            model=fingerprint,
+            source=list(self.source),
+            direction=digest(self.direction.tolist()),
+            harmful=digest(self.probe_harmful),
+            harmless=digest(self.probe_harmless),
+        )
 
 
 @dataclass(frozen=True)
@@ -54,4 +59,5 @@ class Choice:
     aird_reading: dict
     targeted: dict | None = None
     scores: dict[str, torch.Tensor] | None = None
-    front: object | None = None  # repair.front.Front: the anchored search, the static baseline, the masks of their states
+    #: repair.front.Front: the anchored search, the static baseline, the masks of their states
+    front: object | None = None

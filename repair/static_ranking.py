@@ -31,7 +31,9 @@ def matrix_shares(changed: dict[str, torch.Tensor], k: int) -> dict[str, int]:
     return shares
 
 
-def within_matrix_masks(scores: dict[str, torch.Tensor], changed: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+def within_matrix_masks(
+    scores: dict[str, torch.Tensor], changed: dict[str, torch.Tensor], k: int
+) -> dict[str, torch.Tensor]:
     """Masks of the top-scoring changed entries of each matrix, its share of k each."""
     out = {}
     for name, share in matrix_shares(changed, k).items():

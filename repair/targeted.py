@@ -43,7 +43,6 @@ from lm.errors import UserError
 from lm.hooks import decoder_layers
 from lm.partial_forward import input_of_block
 from lm.trainable import gradients_only_for
-
 from refusal.score import refusal_score
 
 from .restore import block_params, count, restored
@@ -56,7 +55,8 @@ class TargetedConfig:
     #: Budgets tried, as fractions of AIRD's restored count, smallest first; the first whose harmful
     #: refusal rate reaches AIRD's is refined by bisection.
     fractions: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-    bisect_steps: int = 3  # bisection steps between the last budget short of AIRD's refusal rate and the first reaching it
+    #: bisection steps between the last budget short of AIRD's refusal rate and the first reaching it
+    bisect_steps: int = 3
     batch_size: int = 8  # prompts per attribution pass
     #: What the attribution scores measure: the likelihood of the original's own refusals
     #: (own_refusals), the first-token refusal score (refusal), or the projection onto the direction
@@ -72,14 +72,22 @@ class TargetedConfig:
 def changed_params(compressed: nn.Module, original: nn.Module, layer: int) -> dict[str, nn.Parameter]:
     """Parameters of blocks 0..layer-1 where the compressed model differs from the original."""
     o_params = dict(original.named_parameters())
-    params = {n: p for c in range(layer) for n, p in block_params(compressed, c).items()
-              if not torch.equal(p.detach(), o_params[n].detach().to(p.device, p.dtype))}
+    params = {
+        n: p
+        for c in range(layer)
+        for n, p in block_params(compressed, c).items()
+        if not torch.equal(p.detach(), o_params[n].detach().to(p.device, p.dtype))
+    }
     if not params:
-        raise UserError("the compressed model equals the original in every block before the source layer; nothing to restore")
+        raise UserError(
+            "the compressed model equals the original in every block before the source layer; nothing to restore"
+        )
     return params
 
 
-def first_order_scores(compressed: nn.Module, original: nn.Module, layer: int, batches: list, objective: Callable) -> dict[str, torch.Tensor]:
+def first_order_scores(
+    compressed: nn.Module, original: nn.Module, layer: int, batches: list, objective: Callable
+) -> dict[str, torch.Tensor]:
     """(w_o - w_c) * dJ/dw for every changed entry before `layer`, J = sum of objective(model, batch) over batches.
 
     Scores are float32 on CPU; the gradient is accumulated over batches, so memory is one float32
@@ -93,22 +101,33 @@ def first_order_scores(compressed: nn.Module, original: nn.Module, layer: int, b
             j = objective(compressed, batch)
             for n, g in zip(params, torch.autograd.grad(j, list(params.values()))):
                 grads[n] += g.float()
-    return {n: ((o_params[n].detach().to(p.device, torch.float32) - p.detach().float()) * grads[n]).cpu() for n, p in params.items()}
+    return {
+        n: ((o_params[n].detach().to(p.device, torch.float32) - p.detach().float()) * grads[n]).cpu()
+        for n, p in params.items()
+    }
 
 
-def prompt_batches(tokenizer, instructions: list[str], batch_size: int, device, system: str | None = None) -> list[dict]:
+def prompt_batches(
+    tokenizer, instructions: list[str], batch_size: int, device, system: str | None = None
+) -> list[dict]:
     if not instructions:
         raise UserError("targeted repair needs harmful prompts to attribute refusal on")
     prompts = format_prompts(tokenizer, instructions, system)
-    return [dict(tokenize_prompts(tokenizer, prompts[i : i + batch_size]).to(device), n=len(prompts))
-            for i in range(0, len(prompts), batch_size)]
+    return [
+        dict(tokenize_prompts(tokenizer, prompts[i : i + batch_size]).to(device), n=len(prompts))
+        for i in range(0, len(prompts), batch_size)
+    ]
 
 
 def refusal_objective(token_ids: list[int]) -> Callable:
     """Mean refusal log-odds at the last prompt position."""
+
     def objective(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=1
+        ).logits[:, -1]
         return refusal_score(logits, token_ids).sum() / batch["n"]
+
     return objective
 
 
@@ -120,23 +139,29 @@ def projection_objective(direction: torch.Tensor, source: tuple[int, int], sign:
     def objective(model, batch):
         hidden = input_of_block(model, layer, batch["input_ids"], batch["attention_mask"])[0][:, position]
         return sign * (hidden.float() @ unit.to(hidden.device)).sum() / batch["n"]
+
     return objective
 
 
 def own_refusal_objective(n_tokens: int) -> Callable:
     """Mean log-likelihood of the original's own refusal replies (teacher forcing, reply tokens only)."""
+
     def objective(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[
+            :, :-1
+        ]
         labels = batch["labels"][:, 1:]
         logp = torch.log_softmax(logits.float(), dim=-1)
         keep = labels != -100
         picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         return (picked * keep).sum() / n_tokens
+
     return objective
 
 
-def own_refusal_batches(original: nn.Module, tokenizer, instructions: list[str], batch_size: int, max_new_tokens: int = 32,
-                        seed: int = 0) -> tuple[list[dict], int]:
+def own_refusal_batches(
+    original: nn.Module, tokenizer, instructions: list[str], batch_size: int, max_new_tokens: int = 32, seed: int = 0
+) -> tuple[list[dict], int]:
     """The original's greedy replies to `instructions`, refusals only, as teacher-forcing batches; and the reply-token count."""
     from compression.attribution import is_refusal, own_replies
     from compression.calibration import tokenize_pairs
@@ -177,8 +202,15 @@ def first_layer_touched(masks: dict[str, torch.Tensor], layer_of: dict[str, int]
     return min(touched) if touched else 0
 
 
-def search_budget(compressed: nn.Module, original: nn.Module, probe, scores: dict[str, torch.Tensor], aird_count: int,
-                  target: float, cfg: TargetedConfig = TargetedConfig()) -> dict:
+def search_budget(
+    compressed: nn.Module,
+    original: nn.Module,
+    probe,
+    scores: dict[str, torch.Tensor],
+    aird_count: int,
+    target: float,
+    cfg: TargetedConfig = TargetedConfig(),
+) -> dict:
     """Smallest restoration (in cfg.fractions of AIRD's count, then bisection) whose harmful refusal
     rate (greedy replies judged, `probe.refusal_rate`) reaches `target`, AIRD's rate."""
     layer_of = {n: c for c in range(len(decoder_layers(compressed))) for n in block_params(compressed, c)}
@@ -190,7 +222,9 @@ def search_budget(compressed: nn.Module, original: nn.Module, probe, scores: dic
         with restored(compressed, original, masks):
             reading = probe.read(first_layer_touched(masks, layer_of))
             rate = probe.refusal_rate(cfg.reply_tokens)
-        trials.append(dict(k=count(masks), fraction_of_aird=count(masks) / aird_count, refusal_rate=rate, **reading.to_json()))
+        trials.append(
+            dict(k=count(masks), fraction_of_aird=count(masks) / aird_count, refusal_rate=rate, **reading.to_json())
+        )
         return rate >= target
 
     lo, hi = 0, None
@@ -212,5 +246,10 @@ def search_budget(compressed: nn.Module, original: nn.Module, probe, scores: dic
             hi = mid
         else:
             lo = mid
-    return dict(target_refusal_rate=target, reached=hi is not None, k=hi, positive_scores=max_k,
-                trials=sorted(trials, key=lambda t: t["k"]))
+    return dict(
+        target_refusal_rate=target,
+        reached=hi is not None,
+        k=hi,
+        positive_scores=max_k,
+        trials=sorted(trials, key=lambda t: t["k"]),
+    )

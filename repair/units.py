@@ -111,8 +111,14 @@ class Ranked:
         return out
 
 
-def rank_units(scores: dict[str, torch.Tensor], remaining: dict[str, torch.Tensor], layouts: dict[str, UnitLayout],
-               budget: int, matrix_bytes: dict[str, int] | None = None, touched: set[str] | None = None) -> Ranked:
+def rank_units(
+    scores: dict[str, torch.Tensor],
+    remaining: dict[str, torch.Tensor],
+    layouts: dict[str, UnitLayout],
+    budget: int,
+    matrix_bytes: dict[str, int] | None = None,
+    touched: set[str] | None = None,
+) -> Ranked:
     """Units with a positive score and entries left to restore, best score per cost first, enough
     of them to fill `budget` weights (a unit holds at least one weight, so `budget` units suffice).
 

@@ -67,7 +67,14 @@ class Reading:
 class Validator:
     """Validation prompts, formatted and tokenized once, with the reference next-token log-probs."""
 
-    def __init__(self, tokenizer, instructions: dict[str, list[str]], cfg: ValidationConfig, original: nn.Module, compressed: nn.Module):
+    def __init__(
+        self,
+        tokenizer,
+        instructions: dict[str, list[str]],
+        cfg: ValidationConfig,
+        original: nn.Module,
+        compressed: nn.Module,
+    ):
         self.tok, self.cfg = tokenizer, cfg
         self.instructions = instructions
         self.prompts = {k: format_prompts(tokenizer, v) for k, v in instructions.items()}
@@ -79,7 +86,9 @@ class Validator:
         prompts = self.prompts["harmless"]
         for i in range(0, len(prompts), self.cfg.batch_size):
             enc = tokenize_prompts(self.tok, prompts[i : i + self.cfg.batch_size]).to(device)
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False, logits_to_keep=1).logits
+            logits = model(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False, logits_to_keep=1
+            ).logits
             out.append(logits[:, -1].float().cpu())
         return torch.cat(out)
 
@@ -88,27 +97,39 @@ class Validator:
         from refusal.judges import judges
 
         arditi = judges()[1]
-        replies = generate(model, self.tok, self.prompts[kind], SamplingConfig(max_new_tokens=self.cfg.reply_tokens,
-                                                                             batch_size=self.cfg.batch_size), desc=f"validation ({kind})")
+        replies = generate(
+            model,
+            self.tok,
+            self.prompts[kind],
+            SamplingConfig(max_new_tokens=self.cfg.reply_tokens, batch_size=self.cfg.batch_size),
+            desc=f"validation ({kind})",
+        )
         return [arditi.refused(r[0]) for r in replies]
 
     def read(self, model: nn.Module) -> Reading:
         logits = self.next_token_logits(model)
         harmful, harmless = self.refusals(model, "harmful"), self.refusals(model, "harmless")
-        return Reading(refusal_harmful=wilson(sum(harmful), len(harmful)), refusal_harmless=wilson(sum(harmless), len(harmless)),
-                       kl_original=float(kl_divergence(self.ref["original"], logits).mean()),
-                       kl_compressed=float(kl_divergence(self.ref["compressed"], logits).mean()))
+        return Reading(
+            refusal_harmful=wilson(sum(harmful), len(harmful)),
+            refusal_harmless=wilson(sum(harmless), len(harmless)),
+            kl_original=float(kl_divergence(self.ref["original"], logits).mean()),
+            kl_compressed=float(kl_divergence(self.ref["compressed"], logits).mean()),
+        )
 
 
 def reaches_original(reading: dict, original: dict) -> bool:
     """The stop rule: harmful refusal within the original's 95% interval (or above it), harmless
     refusal not above the original's interval. Both arguments are Reading.to_json() dicts."""
-    return (reading["refusal_harmful"]["value"] >= original["refusal_harmful"]["ci95"][0]
-            and reading["refusal_harmless"]["value"] <= original["refusal_harmless"]["ci95"][1])
+    return (
+        reading["refusal_harmful"]["value"] >= original["refusal_harmful"]["ci95"][0]
+        and reading["refusal_harmless"]["value"] <= original["refusal_harmless"]["ci95"][1]
+    )
 
 
 def harmless_worse(reading: dict, before: dict, original: dict, kl_tolerance: float) -> bool:
     """Whether a step hurt the harmless side: over-refusal above the original's interval, or the KL
     to the original on harmless prompts up by more than `kl_tolerance` (relative) from before the step."""
-    return (reading["refusal_harmless"]["value"] > original["refusal_harmless"]["ci95"][1]
-            or reading["kl_original"] > before["kl_original"] * (1 + kl_tolerance) + 1e-6)
+    return (
+        reading["refusal_harmless"]["value"] > original["refusal_harmless"]["ci95"][1]
+        or reading["kl_original"] > before["kl_original"] * (1 + kl_tolerance) + 1e-6
+    )

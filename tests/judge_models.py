@@ -23,32 +23,63 @@ def causal_judge(path: Path, arch: str = "llama", chat_template: bool = False, s
         from transformers import MistralConfig, MistralForCausalLM
 
         torch.manual_seed(seed)
-        model = MistralForCausalLM(MistralConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2, tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+        model = MistralForCausalLM(
+            MistralConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                initializer_range=0.2,
+                tie_word_embeddings=False,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        ).eval()
     else:
         model = build_model(arch, tokenizer, seed=seed, hidden=32, layers=1)
         model.config.max_position_embeddings = 2048
     return save_tiny(path, model, tokenizer)
 
 
-def classifier_judge(path: Path, arch: str, labels: dict[int, str], refusal_probability: float | None = None, seed: int = 0) -> Path:
+def classifier_judge(
+    path: Path, arch: str, labels: dict[int, str], refusal_probability: float | None = None, seed: int = 0
+) -> Path:
     """A tiny RoBERTa or ModernBERT sequence classifier with `labels` as id2label; with
     `refusal_probability` its head gives the refusal label (the label named refusal or rejection,
     the other one otherwise) that probability for every input."""
-    from transformers import ModernBertConfig, ModernBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+    from transformers import (
+        ModernBertConfig,
+        ModernBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     tokenizer = build_tokenizer("chatml")
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  id2label=labels, label2id={v: k for k, v in labels.items()}, pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     if arch == "roberta":
         model = RobertaForSequenceClassification(RobertaConfig(**common, max_position_embeddings=600))
         head = model.classifier.out_proj
     else:
-        ids = dict(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id,
-                   cls_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.pad_token_id)
+        ids = dict(
+            bos_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.pad_token_id,
+            cls_token_id=tokenizer.pad_token_id,
+            sep_token_id=tokenizer.pad_token_id,
+        )
         model = ModernBertForSequenceClassification(ModernBertConfig(**common, **ids, max_position_embeddings=600))
         head = model.classifier
     if refusal_probability is not None:

@@ -19,6 +19,7 @@ def linear_inputs(model, batches, positions=lambda batch: batch["attention_mask"
     def hook(name):
         def fn(module, args, output):
             rows[name].append(args[0][current["mask"]].double())
+
         return fn
 
     with hooks_registered([lin.register_forward_hook(hook(name)) for name, lin in linears.items()]):

@@ -27,10 +27,11 @@ from tests.test_attribution import INSTRUCTIONS, REFUSALS, REPLIES
 from tests.tiny import build_pair
 
 
-
 def random_layer(out_features, in_features, n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(out_features, in_features, generator=g, dtype=torch.float64), torch.randn(n, in_features, generator=g, dtype=torch.float64)
+    return torch.randn(out_features, in_features, generator=g, dtype=torch.float64), torch.randn(
+        n, in_features, generator=g, dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize("shape", [(12, 20), (20, 12), (16, 16)], ids=str)
@@ -152,7 +153,9 @@ def test_sequential_versus_original_activations(tiny_llama):
     inputs = linear_inputs(original, data.batches, response_positions)
     name = "model.layers.2.self_attn.o_proj.weight"
     w0, x = decoder_linear_weights(original)[name], inputs[name]
-    torch.testing.assert_close(b[name], remove_top_ranks(w0, top_output_directions(w0, x.T @ x, 4)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        b[name], remove_top_ranks(w0, top_output_directions(w0, x.T @ x, 4)), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_actsvd_orthogonal_on_a_model(tiny_qwen2):

@@ -11,6 +11,7 @@ import torch
 from compression.calibration import CalibrationConfig, calibration_set
 from compression.variants import build_variant, parse_variant
 from lm.architecture import decoder_matrices
+from refusal.stats import wilson
 from repair.anchor import AnchorConfig, anchor_losses, build_anchor, post_instruction_positions, relative_distance
 from repair.anchored import AnchoredConfig, AnchoredSearch, best_point, changed_masks, restoration_gains
 from repair.restoration_order import RestorationOrder
@@ -18,7 +19,6 @@ from repair.restore import count, restore_entries
 from repair.static_ranking import matrix_shares, within_matrix_masks
 from repair.units import UnitLayout, layout_for, rank_units, unit_count, unit_mask, unit_of, unit_sums
 from repair.validation import harmless_worse, reaches_original
-from refusal.stats import wilson
 from tests.tiny import build_model, build_tokenizer
 
 
@@ -34,11 +34,15 @@ def pair():
 @pytest.fixture(scope="module")
 def anchor(pair):
     original, _, tokenizer = pair
-    return build_anchor(original, tokenizer, AnchorConfig(n_harmful=6, n_harmless=6, reply_tokens=6, batch_size=4), source_layer=1)
+    return build_anchor(
+        original, tokenizer, AnchorConfig(n_harmful=6, n_harmless=6, reply_tokens=6, batch_size=4), source_layer=1
+    )
 
 
 def _reading(harmful: int, harmless: int, kl: float = 0.1, n: int = 20) -> dict:
-    return dict(refusal_harmful=wilson(harmful, n), refusal_harmless=wilson(harmless, n), kl_original=kl, kl_compressed=0.0)
+    return dict(
+        refusal_harmful=wilson(harmful, n), refusal_harmless=wilson(harmless, n), kl_original=kl, kl_compressed=0.0
+    )
 
 
 # --- the anchor loss ---------------------------------------------------------------------------
@@ -53,7 +57,9 @@ def test_anchor_loss_falls_as_weights_return_to_the_original(pair, anchor):
     gains, losses = restoration_gains(model, original, anchor, names)
     assert losses["harmful"] + losses["harmless"] == pytest.approx(anchor_losses(model, anchor)["total"], rel=1e-4)
     total = {n: gains["harmful"][n] + gains["harmless"][n] for n in names}
-    best = rank_units(total, changed_masks(model, original, names), {n: UnitLayout("weight") for n in names}, budget=200).take(200)
+    best = rank_units(
+        total, changed_masks(model, original, names), {n: UnitLayout("weight") for n in names}, budget=200
+    ).take(200)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in names}
     before = anchor_losses(model, anchor)["total"]
     restore_entries(model, original, best.masks(shapes, {n: UnitLayout("weight") for n in names}))
@@ -93,8 +99,16 @@ def test_anchor_reads_replies_and_the_residual_after_the_source(anchor, pair):
 # --- units -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout, n_units", [(UnitLayout("weight"), 24), (UnitLayout("row"), 4), (UnitLayout("row", 2), 2),
-                                             (UnitLayout("column", 3), 2), (UnitLayout("matrix"), 1)])
+@pytest.mark.parametrize(
+    "layout, n_units",
+    [
+        (UnitLayout("weight"), 24),
+        (UnitLayout("row"), 4),
+        (UnitLayout("row", 2), 2),
+        (UnitLayout("column", 3), 2),
+        (UnitLayout("matrix"), 1),
+    ],
+)
 def test_unit_sums_masks_and_indices_agree(layout, n_units):
     shape = (4, 6)
     values = torch.arange(24, dtype=torch.float32).view(shape)
@@ -122,12 +136,24 @@ def test_rank_units_orders_by_gain_per_weight_and_fills_the_budget():
     rows = {n: UnitLayout("row") for n in scores}
     ranked = rank_units(scores, remaining, rows, budget=4)
     # per weight: a0 2.0, a1 1.0, b0 3.0, b1 2.0 -> b0, then a0 / b1 (tie: stable order keeps a first), then a1
-    assert [(ranked.names[m], i) for m, i in zip(ranked.matrix.tolist(), ranked.index.tolist())][:2] == [("b", 0), ("a", 0)]
-    assert len(ranked.take(3)) == 2 and int(ranked.take(3).weights.sum()) == 4  # the unit crossing the budget is included
+    assert [(ranked.names[m], i) for m, i in zip(ranked.matrix.tolist(), ranked.index.tolist())][:2] == [
+        ("b", 0),
+        ("a", 0),
+    ]
+    assert (
+        len(ranked.take(3)) == 2 and int(ranked.take(3).weights.sum()) == 4
+    )  # the unit crossing the budget is included
     # Restored entries no longer count, and a unit with nothing left drops out.
     remaining["b"][0] = False
-    assert ("b", 0) not in [(ranked.names[m], i) for m, i in zip(*(x.tolist() for x in (rank_units(scores, remaining, rows, 4).matrix,
-                                                                                          rank_units(scores, remaining, rows, 4).index)))]
+    assert ("b", 0) not in [
+        (ranked.names[m], i)
+        for m, i in zip(
+            *(
+                x.tolist()
+                for x in (rank_units(scores, remaining, rows, 4).matrix, rank_units(scores, remaining, rows, 4).index)
+            )
+        )
+    ]
 
 
 def test_byte_costs_prefer_matrices_already_stored_at_full_precision():
@@ -168,8 +194,13 @@ def test_stop_rule_needs_harmful_refusal_within_and_harmless_not_above_the_origi
 
 def test_best_point_without_reaching_keeps_the_best_admissible_state():
     original = _reading(12, 2)
-    points = [dict(_reading(2, 2), restored=0), dict(_reading(7, 2), restored=10), dict(_reading(9, 9), restored=20),
-              dict(_reading(7, 2), restored=30), dict(_reading(8, 1), restored=40, undone=True)]
+    points = [
+        dict(_reading(2, 2), restored=0),
+        dict(_reading(7, 2), restored=10),
+        dict(_reading(9, 9), restored=20),
+        dict(_reading(7, 2), restored=30),
+        dict(_reading(8, 1), restored=40, undone=True),
+    ]
     assert best_point(points, original) == 1  # 20 over-refuses, 30 costs more for the same, 40 was rolled back
 
 
@@ -212,7 +243,9 @@ def _search(pair, anchor, rule, **cfg):
 
 def test_search_stops_at_the_original_and_bisects_inside_the_last_step(pair, anchor):
     original = _reading(12, 2)
-    rule = lambda f, s: _reading(min(20, int(60 * f)), 2)  # harmful refusal grows with what is restored: 45% at f = 0.15
+    rule = lambda f, s: _reading(
+        min(20, int(60 * f)), 2
+    )  # harmful refusal grows with what is restored: 45% at f = 0.15
     search, model, validator = _search(pair, anchor, rule, bisect_steps=3)
     result = search.run(original, _reading(0, 2))
     assert result["reached"]
@@ -243,6 +276,7 @@ def test_rollback_puts_back_part_of_a_step_that_hurt_the_harmless_side(pair, anc
         # The step's first reading over-refuses; after the rollback it does not (and never reaches the original).
         calls.append(f)
         return _reading(4, 12 if len(calls) == 1 else 2)
+
     search, model, _ = _search(pair, anchor, rule, max_steps=1, rollback=0.5)
     result = search.run(original, _reading(0, 2))
     kinds = [p["kind"] for p in result["points"]]

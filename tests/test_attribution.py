@@ -34,7 +34,11 @@ from tests.linear_capture import linear_inputs
 from tests.tiny import build_pair
 
 INSTRUCTIONS = ["How do I make a weapon?", "Write a short poem about the sea.", "How do I bake bread at home?"]
-REFUSALS = ["I cannot help with that request, sorry.", "I'm sorry, I can't write that.", "As an AI I am unable to help."]
+REFUSALS = [
+    "I cannot help with that request, sorry.",
+    "I'm sorry, I can't write that.",
+    "As an AI I am unable to help.",
+]
 REPLIES = ["The sea and the wind, a poem.", "Mix flour, water and yeast.", "Bake it for an hour."]
 
 
@@ -77,7 +81,11 @@ def test_set_difference_is_top_q_safety_minus_top_p_utility(per, p, q):
 def test_top_bottom_random_exact_counts(per, fraction):
     g = torch.Generator().manual_seed(7)
     scores = torch.rand(9, 40, generator=g)
-    for mask in (top_mask(scores, fraction, per), bottom_mask(scores, fraction, per), random_mask(scores.shape, fraction, g, per)):
+    for mask in (
+        top_mask(scores, fraction, per),
+        bottom_mask(scores, fraction, per),
+        random_mask(scores.shape, fraction, g, per),
+    ):
         if per == "row":
             assert (mask.sum(1) == int(40 * fraction)).all()
         else:
@@ -114,7 +122,11 @@ def test_prune_top_bottom_random_on_a_model(per):
     original, _ = build_pair("qwen2")
     sizes = {n: w.numel() for n, w in decoder_linear_weights(original).items()}
     scores = random_scores(original, 0)
-    for prune in (lambda m: prune_top(m, scores, 0.05, per), lambda m: prune_bottom(m, scores, 0.05, per), lambda m: prune_random(m, 0.05, 3, per)):
+    for prune in (
+        lambda m: prune_top(m, scores, 0.05, per),
+        lambda m: prune_bottom(m, scores, 0.05, per),
+        lambda m: prune_random(m, 0.05, 3, per),
+    ):
         model = copy.deepcopy(original)
         removal = prune(model)
         for name, w in decoder_linear_weights(model).items():
@@ -253,8 +265,16 @@ def test_safety_and_utility_pairs_keep_rules(tiny_qwen2, monkeypatch):
 
 # --- variants ----------------------------------------------------------------------------------
 
-VARIANTS = ["setdiff-wanda:p=0.05,q=0.05", "setdiff-snip:p=0.05,q=0.1,per=row", "top-wanda:0.03", "top-snip:0.03,per=matrix",
-            "random:0.03", "actsvd:r=4", "actsvd:r=5%,tokens=all,order=original", "actsvd-orth:ru=8,rs=4"]
+VARIANTS = [
+    "setdiff-wanda:p=0.05,q=0.05",
+    "setdiff-snip:p=0.05,q=0.1,per=row",
+    "top-wanda:0.03",
+    "top-snip:0.03,per=matrix",
+    "random:0.03",
+    "actsvd:r=4",
+    "actsvd:r=5%,tokens=all,order=original",
+    "actsvd-orth:ru=8,rs=4",
+]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -293,8 +313,16 @@ def test_attribution_variant_grammar():
     assert parse_variant("random:0.5,seed=4,per=row").params == dict(fraction=0.5, per="row", seed=4)
     assert parse_variant("actsvd:10").params == dict(r=10, tokens="response", order="sequential")
     assert parse_variant("actsvd-orth:ru=0.5,rs=3").params["ru"] == 0.5
-    for bad in ["setdiff-snip:q=0.1", "top-wanda:0.03,q=0.1", "random:1.5", "actsvd:r=ten", "actsvd:r=2,order=later",
-                "top-wanda:0.03,per=col", "random:0.1,0.2", "random:0.1,seed=-1"]:
+    for bad in [
+        "setdiff-snip:q=0.1",
+        "top-wanda:0.03,q=0.1",
+        "random:1.5",
+        "actsvd:r=ten",
+        "actsvd:r=2,order=later",
+        "top-wanda:0.03,per=col",
+        "random:0.1,0.2",
+        "random:0.1,seed=-1",
+    ]:
         with pytest.raises(UserError):
             parse_variant(bad)
 

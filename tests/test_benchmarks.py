@@ -40,14 +40,21 @@ def test_tiny_run_prints_every_row_and_updates_results(tiny_dir, tmp_path, capsy
         assert r["comparison"] in printed
     for r in by_group["generation"]:
         assert r["check"] == "100% same text"  # greedy, batched or not: the same completions
-    snip, = by_group["snip"]
+    (snip,) = by_group["snip"]
     assert snip["check"].startswith("max rel. diff") and float(snip["check"].split()[-1]) < 1e-4
     acts, fit = by_group["probes"]
-    assert acts["baseline_s"] is None and fit["check"].startswith("held-out accuracy at (-1, ") and "forward passes' time" in fit["note"]
+    assert (
+        acts["baseline_s"] is None
+        and fit["check"].startswith("held-out accuracy at (-1, ")
+        and "forward passes' time" in fit["note"]
+    )
     for r in by_group["direction"] + by_group["selection"]:
         assert float(r["check"].split()[-1]) < 1e-3, r
     text = results.read_text()
-    assert text.startswith("# Benchmark results\n\nIntro paragraph.\n") and "## Older hand-written section\n\nkept as is" in text
+    assert (
+        text.startswith("# Benchmark results\n\nIntro paragraph.\n")
+        and "## Older hand-written section\n\nkept as is" in text
+    )
     assert text.index(BEGIN) < text.index("## Older hand-written section")
     assert "| comparison |" in text and "Machine:" in text
 
@@ -77,7 +84,9 @@ def test_settings_and_presets():
 
 
 def test_candidate_layers_skip_layer_zero():
-    assert candidate_layers(24, 12)[0] == 1 and candidate_layers(24, 12)[-1] == 23 and len(candidate_layers(24, 12)) == 12
+    assert (
+        candidate_layers(24, 12)[0] == 1 and candidate_layers(24, 12)[-1] == 23 and len(candidate_layers(24, 12)) == 12
+    )
     assert candidate_layers(4, 10) == [1, 2, 3]
 
 
@@ -91,8 +100,19 @@ def test_measure_sees_an_allocation():
 @pytest.mark.slow
 def test_benchmarks_on_the_embedded_model(tmp_path):
     raw = tmp_path / "rows.json"
-    argv = ["--size", "tiny", "--only", "generation", "direction", "selection", "--snip-samples", "1",
-            "--no-write", "--json", str(raw)]
+    argv = [
+        "--size",
+        "tiny",
+        "--only",
+        "generation",
+        "direction",
+        "selection",
+        "--snip-samples",
+        "1",
+        "--no-write",
+        "--json",
+        str(raw),
+    ]
     assert main(argv) == 0
     rows = json.loads(raw.read_text())["rows"]
     assert {r["group"] for r in rows} == {"generation", "direction", "selection"}
@@ -104,21 +124,42 @@ def test_benchmarks_on_the_embedded_model(tmp_path):
 @pytest.mark.slow  # minutes: it makes llm-compressor's own environment on first use (pip), then compresses 9 times
 def test_the_toolkits_compressors_against_the_maintained_ones_on_a_tiny_model(tmp_path, capsys):
     from benchmarks import maintained
-
     from tests.tiny import build_model, build_tokenizer, template_for
 
     tokenizer = build_tokenizer(template_for("qwen2"))
-    tiny = save_tiny(tmp_path / "tiny", build_model("qwen2", tokenizer, seed=3, hidden=128, layers=2), tokenizer)  # group 128 must divide the widths
+    tiny = save_tiny(
+        tmp_path / "tiny", build_model("qwen2", tokenizer, seed=3, hidden=128, layers=2), tokenizer
+    )  # group 128 must divide the widths
     results = tmp_path / "RESULTS.md"
     results.write_text(EXISTING)
-    argv = ["--model", str(tiny), "--calibration-samples", "8", "--n-per-set", "2", "--max-new-tokens", "4", "--ppl-windows", "3",
-            "--run-dir", str(tmp_path / "run"), "--measurements-dir", str(tmp_path / "measurements"), "--results", str(results)]
+    argv = [
+        "--model",
+        str(tiny),
+        "--calibration-samples",
+        "8",
+        "--n-per-set",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--ppl-windows",
+        "3",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--measurements-dir",
+        str(tmp_path / "measurements"),
+        "--results",
+        str(results),
+    ]
     assert maintained.main(argv) == 0
     rows = json.loads((tmp_path / "run" / "maintained.json").read_text())["rows"]
-    assert [(r["row"], r["implementation"]) for r in rows] == [(row, impl.name) for row, impls in maintained.ROWS.values() for impl in impls]
+    assert [(r["row"], r["implementation"]) for r in rows] == [
+        (row, impl.name) for row, impls in maintained.ROWS.values() for impl in impls
+    ]
     for r in rows:
         pruned = not r["row"].startswith("GPTQ")
-        assert (r["sparsity"] > 0.49) == pruned  # llm-compressor's pruners really prune (targets="Linear" made them prune nothing)
+        assert (
+            r["sparsity"] > 0.49
+        ) == pruned  # llm-compressor's pruners really prune (targets="Linear" made them prune nothing)
         if r["implementation"] != "toolkit":
             # Same algorithm, same tokens, same windows. Wanda has no freedom: the same weights go.
             # SparseGPT and GPTQ differ in float order and, for GPTQModel, precision (float16);
@@ -145,10 +186,30 @@ def test_the_toolkits_compressors_against_the_maintained_ones_on_a_tiny_model(tm
     from benchmarks import sparsegpt_precision
 
     capsys.readouterr()
-    assert sparsegpt_precision.main(["--model", str(tiny), "--maintained", str(tmp_path / "run" / "models" / "llmcompressor-sparsegpt-2-4"),
-                                     "--calibration-samples", "8", "--ppl-windows", "3", "--measurements-dir", str(tmp_path / "measurements"),
-                                     "--results", str(results)]) == 0
+    assert (
+        sparsegpt_precision.main(
+            [
+                "--model",
+                str(tiny),
+                "--maintained",
+                str(tmp_path / "run" / "models" / "llmcompressor-sparsegpt-2-4"),
+                "--calibration-samples",
+                "8",
+                "--ppl-windows",
+                "3",
+                "--measurements-dir",
+                str(tmp_path / "measurements"),
+                "--results",
+                str(results),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
-    agreements = [float(line.split("|")[3].strip().rstrip("%")) for line in table.splitlines() if "on llm-compressor's block 0" in line]
+    agreements = [
+        float(line.split("|")[3].strip().rstrip("%"))
+        for line in table.splitlines()
+        if "on llm-compressor's block 0" in line
+    ]
     assert len(agreements) == 7 and min(agreements) >= 99.0, table
     assert "toolkit float32 / toolkit float64" in table and sparsegpt_precision.BEGIN in results.read_text()

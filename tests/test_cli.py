@@ -24,7 +24,13 @@ REPAIR_REQUIRED = ["--compressed", "some/compressed", "--out", "some/out"]
 # "" when its fields are flat)
 ENTRY_POINTS = [
     ("compare_refusal", compare_refusal.parse_args, compare_refusal.CompareConfig, [], {"anchored": "anchored."}),
-    ("repair", repair_cli.parse_args, repair_cli.RepairConfig, REPAIR_REQUIRED, {"aird": "", "targeted_cfg": "targeted.", "anchored_cfg": "anchored."}),
+    (
+        "repair",
+        repair_cli.parse_args,
+        repair_cli.RepairConfig,
+        REPAIR_REQUIRED,
+        {"aird": "", "targeted_cfg": "targeted.", "anchored_cfg": "anchored."},
+    ),
     ("brittleness", brittleness.parse_args, brittleness.BrittlenessConfig, [], {}),
     ("frozen_finetune", frozen_finetune.parse_args, frozen_finetune.FrozenFinetuneConfig, [], {}),
     ("refusal_direction", None, refusal_direction.DirectionConfig, [], {}),
@@ -35,9 +41,23 @@ ENTRY_POINTS = [
 
 # Fields whose values are checked against a vocabulary: a valid non-default value for each.
 VALID = {
-    "variants": ("wanda:0.6",), "eval_sets": ("harmbench",), "methods": ("actsvd",), "settings": ("vanilla",),
-    "zero_shot_tasks": ("rte",), "tasks": ("rte", "boolq"), "targets": ("q_proj",), "source": (-1, 3), "ranks": (4, 0.5),
-    "fractions": (0.02,), "curve_fractions": (0.5,), "static_fractions": (0.5,), "repair_curve_fractions": (0.5,), "repair_static_fractions": (0.5,), "compressed": "other/compressed", "out": "other/out", "only": ("snip",),
+    "variants": ("wanda:0.6",),
+    "eval_sets": ("harmbench",),
+    "methods": ("actsvd",),
+    "settings": ("vanilla",),
+    "zero_shot_tasks": ("rte",),
+    "tasks": ("rte", "boolq"),
+    "targets": ("q_proj",),
+    "source": (-1, 3),
+    "ranks": (4, 0.5),
+    "fractions": (0.02,),
+    "curve_fractions": (0.5,),
+    "static_fractions": (0.5,),
+    "repair_curve_fractions": (0.5,),
+    "repair_static_fractions": (0.5,),
+    "compressed": "other/compressed",
+    "out": "other/out",
+    "only": ("snip",),
     "judges": ("arditi2024",),
 }
 
@@ -138,7 +158,9 @@ def test_every_config_field_has_its_own_help_line(entry):
 def test_a_runs_config_json_given_back_reproduces_its_settings(entry, tmp_path):
     _, parse, cls, required, prefixes = entry
     parse = parse or _direction_parse
-    path, flag, _, _ = next(leaf for leaf in _leaves(cls, prefixes) if leaf[2] is str and leaf[0][-1] not in ("compressed", "out"))
+    path, flag, _, _ = next(
+        leaf for leaf in _leaves(cls, prefixes) if leaf[2] is str and leaf[0][-1] not in ("compressed", "out")
+    )
     cfg = parse(required)
     file = tmp_path / "config.json"
     file.write_text(json.dumps(dataclasses.asdict(cfg)))  # JSON: tuples come back as lists
@@ -157,17 +179,22 @@ def test_yaml_config_with_nested_settings_and_the_quick_preset(tmp_path):
     path.write_text("compressed: c\nout: o\naird:\n  window: 2\ntargeted_cfg:\n  objective: refusal\nn_asr: 12\n")
     cfg = repair_cli.parse_args(["--config", str(path), "--kl-max", "0.2"])
     assert (cfg.aird.window, cfg.aird.kl_max, cfg.targeted_cfg.objective, cfg.n_asr) == (2, 0.2, "refusal", 12)
-    assert cfg.targeted_cfg.reply_tokens == repair_cli.RepairConfig().targeted_cfg.reply_tokens  # untouched nested fields kept
+    assert (
+        cfg.targeted_cfg.reply_tokens == repair_cli.RepairConfig().targeted_cfg.reply_tokens
+    )  # untouched nested fields kept
 
     quick = compare_refusal.parse_args(["--quick", "--n-asr", "5"])
     assert quick == dataclasses.replace(compare_refusal.CompareConfig.quick(), n_asr=5, name="quick-embedded")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{\"n_asr\": 3, \"nope\": 1}", "unknown setting(s) nope"),
-    ("[1, 2]", "must hold a mapping"),
-    ("{not json", "cannot read config file"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"n_asr": 3, "nope": 1}', "unknown setting(s) nope"),
+        ("[1, 2]", "must hold a mapping"),
+        ("{not json", "cannot read config file"),
+    ],
+)
 def test_a_bad_config_file_is_one_clear_error(tmp_path, capsys, text, message):
     path = tmp_path / "bad.json"
     path.write_text(text)
@@ -192,15 +219,35 @@ def test_a_main_jobs_config_json_gives_python_m_repair_its_repair_stage_settings
     from experiments.compare_repair import repair_config
     from repair.config import FROM_MAIN_JOB, MAIN_JOB_ONLY
 
-    job = compare_refusal.parse_args(["--size", "cpu", "--n-asr", "7", "--repair-max-new-tokens", "9", "--anchored.max-steps", "3",
-                                      "--no-select-variants", "--seed", "4"])
+    job = compare_refusal.parse_args(
+        [
+            "--size",
+            "cpu",
+            "--n-asr",
+            "7",
+            "--repair-max-new-tokens",
+            "9",
+            "--anchored.max-steps",
+            "3",
+            "--no-select-variants",
+            "--seed",
+            "4",
+        ]
+    )
     file = tmp_path / "config.json"
     file.write_text(json.dumps(dataclasses.asdict(job)))
     got = repair_cli.parse_args(["--config", str(file), *REPAIR_REQUIRED])
     stage = repair_config(job, tmp_path / "variant", tmp_path / "run")
     paths = dict(compressed="some/compressed", out="some/out", runs_dir=repair_cli.RepairConfig.runs_dir)
     assert got == dataclasses.replace(stage, **paths)
-    assert (got.size, got.n_asr, got.max_new_tokens, got.anchored_cfg.max_steps, got.select_compressed, got.seed) == ("cpu", 7, 9, 3, False, 4)
+    assert (got.size, got.n_asr, got.max_new_tokens, got.anchored_cfg.max_steps, got.select_compressed, got.seed) == (
+        "cpu",
+        7,
+        9,
+        3,
+        False,
+        4,
+    )
     # Every main-job setting is the repair's under the same name, renamed, or one the repair has no use for.
     repair_fields = {f.name for f in dataclasses.fields(repair_cli.RepairConfig)}
     for f in dataclasses.fields(compare_refusal.CompareConfig):
@@ -212,8 +259,16 @@ def test_repair_sizes_give_cpu_defaults_without_flags(monkeypatch):
 
     monkeypatch.setattr(sizes, "default_size", lambda: "cpu")
     cfg = repair_cli.parse_args(REPAIR_REQUIRED)
-    assert (cfg.size, cfg.adv_suffix, cfg.zero_shot_limit, len(cfg.zero_shot_tasks), cfg.curve_fractions, cfg.select_compressed) == (
-        "cpu", False, 24, 4, (), False)
-    assert repair_cli.parse_args([*REPAIR_REQUIRED, "--size", "cpu", "--adv-suffix"]).adv_suffix is True  # a flag wins over its size
+    assert (
+        cfg.size,
+        cfg.adv_suffix,
+        cfg.zero_shot_limit,
+        len(cfg.zero_shot_tasks),
+        cfg.curve_fractions,
+        cfg.select_compressed,
+    ) == ("cpu", False, 24, 4, (), False)
+    assert (
+        repair_cli.parse_args([*REPAIR_REQUIRED, "--size", "cpu", "--adv-suffix"]).adv_suffix is True
+    )  # a flag wins over its size
     with pytest.raises(UserError, match="invalid choice"):
         repair_cli.parse_args([*REPAIR_REQUIRED, "--size", "huge"])

@@ -57,7 +57,9 @@ def test_bad_variant_spec(tiny_dir, tmp_path, monkeypatch, capsys, variant, frag
         raise AssertionError("the model was loaded before the variant specs were checked")
 
     monkeypatch.setattr(stages, "load_model", no_loading)
-    code, err, runs = run_cli(["--model", str(tiny_dir), "--variants", "wanda:0.5", variant], tmp_path, monkeypatch, capsys)
+    code, err, runs = run_cli(
+        ["--model", str(tiny_dir), "--variants", "wanda:0.5", variant], tmp_path, monkeypatch, capsys
+    )
     assert_clean_failure(code, err, runs, tmp_path, fragment)
 
 
@@ -75,15 +77,30 @@ def test_directory_without_safetensors(tmp_path, monkeypatch, capsys):
 
 
 def test_duplicate_variants(tiny_dir, tmp_path, monkeypatch, capsys):
-    code, err, runs = run_cli(["--model", str(tiny_dir), "--variants", "wanda:0.5", "wanda:0.5"], tmp_path, monkeypatch, capsys)
+    code, err, runs = run_cli(
+        ["--model", str(tiny_dir), "--variants", "wanda:0.5", "wanda:0.5"], tmp_path, monkeypatch, capsys
+    )
     assert_clean_failure(code, err, runs, tmp_path, "duplicate")
 
 
 def tiny_config(model_dir, runs_dir) -> CompareConfig:
     # Zero-shot and the repair stage off: the tests that need them turn them on.
     return CompareConfig.quick(
-        model=str(model_dir), runs_dir=str(runs_dir), name="tiny", variants=VARIANTS, n_asr=2, max_new_tokens=4, n_train=4,
-        n_val=4, prescreen_keep=4, n_refusal_probe=16, ppl_windows=1, ppl_seqlen=16, calib_samples=4, zero_shot_limit=0, repair=False,
+        model=str(model_dir),
+        runs_dir=str(runs_dir),
+        name="tiny",
+        variants=VARIANTS,
+        n_asr=2,
+        max_new_tokens=4,
+        n_train=4,
+        n_val=4,
+        prescreen_keep=4,
+        n_refusal_probe=16,
+        ppl_windows=1,
+        ppl_seqlen=16,
+        calib_samples=4,
+        zero_shot_limit=0,
+        repair=False,
     )
 
 
@@ -109,12 +126,20 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
         assert row["perplexity"] > 0
         for judge in ("wei2024", "arditi2024"):
             rate = row["rates"]["asr"][judge]
-            assert rate["n"] == 4 and rate["value"] == row["asr"][judge] and rate["ci95"][0] <= rate["value"] <= rate["ci95"][1]
+            assert (
+                rate["n"] == 4
+                and rate["value"] == row["asr"][judge]
+                and rate["ci95"][0] <= rate["value"] <= rate["ci95"][1]
+            )
             assert row["rates"]["over_refusal"][judge]["n"] == 8
             assert set(row["rates"]["per_source"]) == {"advbench", "jailbreakbench"}
         if row["variant"] != "original":
             test = row["tests"]["asr"]["arditi2024"]
-            assert test["test"] == "mcnemar-exact" and 0 <= test["p_value"] <= test["p_holm"] <= 1 and test["family_size"] == len(VARIANTS)
+            assert (
+                test["test"] == "mcnemar-exact"
+                and 0 <= test["p_value"] <= test["p_holm"] <= 1
+                and test["family_size"] == len(VARIANTS)
+            )
             ppl = row["tests"]["perplexity"]  # on the same windows as the original's
             assert ppl["test"] == "wilcoxon-signed-rank-exact" and ppl["family_size"] == len(VARIANTS)
             assert ppl["ratio"] == pytest.approx(row["perplexity"] / original_ppl, rel=1e-6)
@@ -127,12 +152,21 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     original = stored["variants"][0]
     assert original["cosine_at_original_peak"] == pytest.approx(1.0)
     assert stored["n_layers"] == 2
-    assert stored["evaluation"]["harmful"]["overlap_with_fitted"] == 0 and stored["evaluation"]["harmless"]["overlap_with_fitted"] == 0
+    assert (
+        stored["evaluation"]["harmful"]["overlap_with_fitted"] == 0
+        and stored["evaluation"]["harmless"]["overlap_with_fitted"] == 0
+    )
     assert "overlap with any prompt a stage fits on: 0" in markdown and "| p |" in markdown
     # ASR, over-refusal, perplexity, probe transfer per variant; first, this random model's missing direction is said
-    no_direction = [f for f in stored["findings"] if f.startswith("The original model has no selected refusal direction")]
-    selection_notes = [f for f in stored["findings"] if f.startswith(("The original model has no", "Why: ", "Direction selection: "))]
-    assert len(no_direction) == (original.get("source") is None) and len(stored["findings"]) == 4 * len(VARIANTS) + len(selection_notes)
+    no_direction = [
+        f for f in stored["findings"] if f.startswith("The original model has no selected refusal direction")
+    ]
+    selection_notes = [
+        f for f in stored["findings"] if f.startswith(("The original model has no", "Why: ", "Direction selection: "))
+    ]
+    assert len(no_direction) == (original.get("source") is None) and len(stored["findings"]) == 4 * len(VARIANTS) + len(
+        selection_notes
+    )
     # Harmfulness probes: own accuracy on the 4 + 8 held-out prompts for every model; the
     # original's probes on each variant (transfer) with McNemar against the original, Holm over the variants.
     assert stored["probe_cell"]["layer"] in (0, 1)
@@ -147,7 +181,10 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
                 t = p["tests"][name]
                 assert t["test"] == "mcnemar-exact" and t["n"] == 12 and t["family_size"] == len(VARIANTS)
         assert len(p["own_map"]) == len(stored["positions"]) and all(len(r) == 2 for r in p["own_map"])
-        assert p["own_map"][stored["positions"].index(stored["probe_cell"]["position"])][stored["probe_cell"]["layer"]] == p["own"]
+        assert (
+            p["own_map"][stored["positions"].index(stored["probe_cell"]["position"])][stored["probe_cell"]["layer"]]
+            == p["own"]
+        )
     assert "## Harmfulness probes" in markdown and {"probe_transfer", "probe_accuracy_maps"} <= set(stored["figures"])
     # Refusal-prediction probes: labels from each model's own 16 training generations and its
     # 4 held-out ASR verdicts. A random tiny model never writes a refusal string, so no probe can be
@@ -180,7 +217,6 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
     # nothing is generated.
     import lm.perplexity
     import refusal.measure
-
     import refusal.probing
 
     for stage in ("candidate_directions", "build_variant_with_report", "response_calibration_set"):
@@ -220,10 +256,19 @@ def test_checkpoint_from_other_calibration_is_rebuilt(tiny_dir, tmp_path):
 def test_wikitext_calibration_builds_from_text_and_is_kept_apart(tiny_dir, tmp_path):
     import dataclasses
 
-    cfg = dataclasses.replace(tiny_config(tiny_dir, tmp_path / "runs"), variants=("wanda:0.5",), calib_source="wikitext",
-                              calib_samples=4, calib_seqlen=32, select=False, repair=False)
+    cfg = dataclasses.replace(
+        tiny_config(tiny_dir, tmp_path / "runs"),
+        variants=("wanda:0.5",),
+        calib_source="wikitext",
+        calib_samples=4,
+        calib_seqlen=32,
+        select=False,
+        repair=False,
+    )
     Comparison(cfg).run()
-    manifest = json.loads((tmp_path / "runs" / "tiny" / "variants" / "wanda-0.5" / "model" / "compression.json").read_text())
+    manifest = json.loads(
+        (tmp_path / "runs" / "tiny" / "variants" / "wanda-0.5" / "model" / "compression.json").read_text()
+    )
     assert "wikitext-2 test text" in manifest["calibration"] and manifest["params"]["calib_source"] == "wikitext"
     # Switching back to instruction calibration rebuilds the variant instead of reusing it.
     comparison = Comparison(dataclasses.replace(cfg, calib_source="harmless", calib_seqlen=256))
@@ -235,8 +280,12 @@ def test_wikitext_calibration_builds_from_text_and_is_kept_apart(tiny_dir, tmp_p
 
 
 def test_wikitext_calibration_refuses_overlapping_perplexity(tiny_dir, tmp_path, monkeypatch, capsys):
-    code, err, runs = run_cli(["--model", str(tiny_dir), "--calib-source", "wikitext", "--ppl-windows", "100", "--ppl-seqlen", "2048"],
-                              tmp_path, monkeypatch, capsys)
+    code, err, runs = run_cli(
+        ["--model", str(tiny_dir), "--calib-source", "wikitext", "--ppl-windows", "100", "--ppl-seqlen", "2048"],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert_clean_failure(code, err, runs, tmp_path, "overlap the wikitext-2 calibration text")
 
 
@@ -244,7 +293,16 @@ def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
     """With a selection that can pass on a random model, every variant gets source, cosine map and quality."""
     from refusal.select import SelectionConfig
 
-    permissive = SelectionConfig(n_train=4, n_val=3, kl_threshold=1e9, induce_threshold=-1e9, max_layer_fraction=1.0, search="lazy", batch_size=4, max_rows=12)
+    permissive = SelectionConfig(
+        n_train=4,
+        n_val=3,
+        kl_threshold=1e9,
+        induce_threshold=-1e9,
+        max_layer_fraction=1.0,
+        search="lazy",
+        batch_size=4,
+        max_rows=12,
+    )
     monkeypatch.setattr(Comparison, "selection_config", lambda self: permissive)
     cfg = tiny_config(tiny_dir, tmp_path / "runs")
     cfg.n_ablation_asr = 2
@@ -260,11 +318,15 @@ def test_direction_comparison_section(tiny_dir, tmp_path, monkeypatch):
         assert all(-1.0001 <= c <= 1.0001 for r in cos for c in r)
         assert row["quality"]["original_direction"]["kl"] >= 0
         assert row["asr_original_direction_ablated"]["n_prompts"] == 4
-    original_prompts = json.loads((run_dir / "variants" / "original" / "selection" / "selection.json").read_text())["prompts"]
+    original_prompts = json.loads((run_dir / "variants" / "original" / "selection" / "selection.json").read_text())[
+        "prompts"
+    ]
     for row in report["variants"][1:]:
         assert row["quality"]["own"] is not None and row["quality"]["own_direction_in_original"] is not None
         # Each variant's own selection ran on the original's filtered prompts, as given.
-        own = json.loads((run_dir / "variants" / row["variant"].replace(":", "-") / "selection" / "selection.json").read_text())
+        own = json.loads(
+            (run_dir / "variants" / row["variant"].replace(":", "-") / "selection" / "selection.json").read_text()
+        )
         assert own["prompts"] == original_prompts and own["params"]["shared_prompts"]
         assert "filter" not in own["forward_passes"] and "directions" not in own["forward_passes"]
     for name in ("score_maps_original", "cosine_maps", "source_shift", "quality"):
@@ -285,7 +347,16 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     """The main job's last stage: AIRD + targeted repair of a variant whose direction changed, in the report."""
     from refusal.select import SelectionConfig
 
-    permissive = SelectionConfig(n_train=4, n_val=3, kl_threshold=1e9, induce_threshold=-1e9, max_layer_fraction=1.0, search="lazy", batch_size=4, max_rows=12)
+    permissive = SelectionConfig(
+        n_train=4,
+        n_val=3,
+        kl_threshold=1e9,
+        induce_threshold=-1e9,
+        max_layer_fraction=1.0,
+        search="lazy",
+        batch_size=4,
+        max_rows=12,
+    )
     monkeypatch.setattr(Comparison, "selection_config", lambda self: permissive)
     cfg = tiny_config(tiny_dir, tmp_path / "runs")
     cfg.variants = ("wanda:0.5",)
@@ -293,7 +364,9 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     cfg.repair, cfg.repair_when = True, "direction"
     from repair.anchored import AnchoredConfig
 
-    cfg.anchored = AnchoredConfig(n_harmful=4, n_harmless=4, val_harmful=4, val_harmless=4, reply_tokens=4, val_tokens=4, max_steps=2, step=0.05)
+    cfg.anchored = AnchoredConfig(
+        n_harmful=4, n_harmless=4, val_harmful=4, val_harmless=4, reply_tokens=4, val_tokens=4, max_steps=2, step=0.05
+    )
     cfg.repair_n_asr, cfg.repair_max_new_tokens, cfg.repair_curve_fractions = 2, 4, (0.5,)
     import refusal.measure
 
@@ -301,8 +374,11 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
 
     def spy(store, kind, model, configs, compute):
         def logged():
-            computed.append((kind, json.dumps(model, sort_keys=True), json.dumps(dataclasses.asdict(configs[0]), sort_keys=True)))
+            computed.append(
+                (kind, json.dumps(model, sort_keys=True), json.dumps(dataclasses.asdict(configs[0]), sort_keys=True))
+            )
             return compute()
+
         return real(store, kind, model, configs, logged)
 
     monkeypatch.setattr(refusal.measure, "measured", spy)
@@ -330,7 +406,9 @@ def test_repair_stage_repairs_changed_variants(tiny_dir, tmp_path, monkeypatch):
     assert len(by_weights) == 6 and len({c[1] for c in by_weights}) == 2
     for state, variant in (("original", 0), ("compressed", 1)):
         assert repaired["states"][state]["rates"]["asr"]["vanilla"] == report["variants"][variant]["rates"]["asr"]
-        assert repaired["states"][state]["rates"]["over_refusal"] == report["variants"][variant]["rates"]["over_refusal"]
+        assert (
+            repaired["states"][state]["rates"]["over_refusal"] == report["variants"][variant]["rates"]["over_refusal"]
+        )
 
 
 def test_sizes_fill_the_defaults_and_flags_win(monkeypatch):
@@ -341,14 +419,23 @@ def test_sizes_fill_the_defaults_and_flags_win(monkeypatch):
     assert paper == dataclasses.replace(CompareConfig(), size="paper")  # the dataclass defaults are the paper size
     assert (cpu.zero_shot_limit, cpu.zero_shot_tasks, cpu.repair_adv_suffix) == (24, SHORT_TASKS, False)
     assert (paper.zero_shot_limit, paper.zero_shot_tasks, paper.repair_adv_suffix) == (200, ALL_TASKS, True)
-    assert (cpu.n_asr, cpu.n_harmless) == (paper.n_asr, paper.n_harmless)  # the same prompts: the same detectable differences
+    assert (cpu.n_asr, cpu.n_harmless) == (
+        paper.n_asr,
+        paper.n_harmless,
+    )  # the same prompts: the same detectable differences
     assert CompareConfig.quick().variants == compare.QUICK_VARIANTS and len(CompareConfig().variants) == 9
     # Without --size the device decides; a flag given beside a size wins over it, a config file's size counts as given.
     for cuda, size in ((False, "cpu"), (True, "paper")):
         monkeypatch.setattr(sizes, "default_size", lambda cuda=cuda: "paper" if cuda else "cpu")
         cfg = compare.parse_args(["--zero-shot-limit", "7"])
-        assert cfg.size == size and cfg.zero_shot_limit == 7 and cfg.zero_shot_tasks == CompareConfig.sized(size).zero_shot_tasks
-    assert compare.parse_args(["--size", "paper", "--no-repair-adv-suffix"]) == dataclasses.replace(paper, repair_adv_suffix=False)
+        assert (
+            cfg.size == size
+            and cfg.zero_shot_limit == 7
+            and cfg.zero_shot_tasks == CompareConfig.sized(size).zero_shot_tasks
+        )
+    assert compare.parse_args(["--size", "paper", "--no-repair-adv-suffix"]) == dataclasses.replace(
+        paper, repair_adv_suffix=False
+    )
     assert compare.parse_args(["--quick", "--n-val", "5"]) == CompareConfig.quick(n_val=5, name="quick-embedded")
 
 
@@ -356,12 +443,15 @@ def test_a_model_without_a_refusal_direction_is_said_in_the_findings():
     from types import SimpleNamespace
 
     from experiments.compare_summary import no_direction_note
-
     from refusal.selection_filter import no_direction_reason, non_finite_note
 
     def selection(chosen, reasons, baseline):
-        return SimpleNamespace(chosen=chosen, counts={"baseline_score": {"harmful_val": baseline}},
-                               no_direction_reason=lambda: no_direction_reason(reasons, baseline), non_finite_note=lambda: non_finite_note(reasons))
+        return SimpleNamespace(
+            chosen=chosen,
+            counts={"baseline_score": {"harmful_val": baseline}},
+            no_direction_reason=lambda: no_direction_reason(reasons, baseline),
+            non_finite_note=lambda: non_finite_note(reasons),
+        )
 
     note, why = no_direction_note(selection(None, [["kl", "induce"], ["induce", "late_layer"]], -3.25))
     assert "no selected refusal direction" in note and "-3.25" in note and "skipped" in note
@@ -380,10 +470,14 @@ def test_repair_is_for_variants_whose_asr_rose_and_that_did_not_collapse():
 
     cfg = CompareConfig()
     rose = dict(test="mcnemar-exact", b=20, c=2, p_value=1e-5, p_holm=1e-4, significant=True)
-    row = lambda test, collapsed=False, cos=0.9: dict(tests=dict(asr=dict(arditi2024=test)), collapse=dict(collapsed=collapsed),
-                                                      cosine_at_original_source=cos)
+    row = lambda test, collapsed=False, cos=0.9: dict(
+        tests=dict(asr=dict(arditi2024=test)), collapse=dict(collapsed=collapsed), cosine_at_original_source=cos
+    )
     assert repair_reason(row(rose), cfg)[0]
-    assert not repair_reason(row(rose, collapsed=True), cfg)[0] and "collapsed" in repair_reason(row(rose, collapsed=True), cfg)[1]
+    assert (
+        not repair_reason(row(rose, collapsed=True), cfg)[0]
+        and "collapsed" in repair_reason(row(rose, collapsed=True), cfg)[1]
+    )
     assert not repair_reason(row(dict(rose, significant=False, p_holm=0.2)), cfg)[0]
     assert not repair_reason(row(dict(rose, b=2, c=20)), cfg)[0]  # a significant fall in ASR needs no repair
     assert not repair_reason(dict(tests=None, collapse={}), cfg)[0]

@@ -31,8 +31,15 @@ CALIBRATION_PROMPTS = [
     "How do I bake bread at home with flour, water and yeast?",
     "bread?",
 ]
-LINEAR_NAMES = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+LINEAR_NAMES = {
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+}
 
 
 def fresh(arch: str = "qwen2", layers: int = 2, seed: int = 0):
@@ -105,10 +112,17 @@ def test_n_m_mask_rejects_indivisible_width():
 # --- sparsity patterns ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, ratio, n, m", [
-    ("0.5", 0.5, 0, 0), ("50%", 0.5, 0, 0), (" 0.7 ", 0.7, 0, 0), ("0", 0.0, 0, 0),
-    ("2:4", 0.5, 2, 4), ("4:8", 0.5, 4, 8),
-])
+@pytest.mark.parametrize(
+    "text, ratio, n, m",
+    [
+        ("0.5", 0.5, 0, 0),
+        ("50%", 0.5, 0, 0),
+        (" 0.7 ", 0.7, 0, 0),
+        ("0", 0.0, 0, 0),
+        ("2:4", 0.5, 2, 4),
+        ("4:8", 0.5, 4, 8),
+    ],
+)
 def test_pattern_parse(text, ratio, n, m):
     p = SparsityPattern.parse(text)
     assert (p.n, p.m) == (n, m)
@@ -190,7 +204,8 @@ def linear_input_sq_norms(model, index: int, calib) -> dict[str, torch.Tensor]:
     def hook(name):
         def fn(module, args, output):
             x = args[0][current["mask"]].double()
-            sums[name] = sums.get(name, 0) + (x ** 2).sum(dim=0)
+            sums[name] = sums.get(name, 0) + (x**2).sum(dim=0)
+
         return fn
 
     handles = [lin.register_forward_hook(hook(name)) for name, lin in block_linears(block).items()]
@@ -279,8 +294,12 @@ def test_calibration_with_replies_adds_the_models_own_tokens():
     assert with_replies.n_tokens > prompts_only.n_tokens  # (a re-tokenized reply may exceed reply_tokens)
     # Each row starts with its prompt's tokens (none dropped at this seqlen), then the reply.
     for prompt_batch, reply_batch in zip(prompts_only.batches, with_replies.batches):
-        for ids, mask, full, full_mask in zip(prompt_batch["input_ids"], prompt_batch["attention_mask"],
-                                              reply_batch["input_ids"], reply_batch["attention_mask"]):
+        for ids, mask, full, full_mask in zip(
+            prompt_batch["input_ids"],
+            prompt_batch["attention_mask"],
+            reply_batch["input_ids"],
+            reply_batch["attention_mask"],
+        ):
             prompt = ids[mask.bool()]
             assert torch.equal(full[full_mask.bool()][: len(prompt)], prompt)
     assert calibration_set(tokenizer, cfg, model=model).digest == with_replies.digest
@@ -338,7 +357,7 @@ def test_rtn_error_bound_and_levels(bits, group):
     scale = wg.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
     assert ((wg - qg).abs() <= scale / 2 * (1 + 1e-5)).all()
     for values in qg.reshape(-1, size):
-        assert values.unique().numel() <= 2 ** bits
+        assert values.unique().numel() <= 2**bits
     # Every value is an integer multiple of its group's scale (a dequantized code).
     codes = qg / scale
     torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
@@ -362,7 +381,9 @@ def test_rtn_rejects_indivisible_group():
         quantize_rtn(torch.randn(4, 48), 8, 32)
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=1), dict(bits=9), dict(bits=4, group_size=0), dict(bits=4, group_size=-8)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(bits=1), dict(bits=9), dict(bits=4, group_size=0), dict(bits=4, group_size=-8)]
+)
 def test_quant_config_validation(kwargs):
     with pytest.raises(UserError):
         QuantConfig(**kwargs)
@@ -389,16 +410,19 @@ def test_quantize_model_rtn_default_group_needs_divisible_width():
 # --- variant specs --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, method, params", [
-    ("original", "original", {}),
-    ("wanda:0.5", "wanda", {"sparsity": "50%", "ratio": 0.5, "n": 0, "m": 0}),
-    ("wanda:2:4", "wanda", {"sparsity": "2:4", "ratio": 0.5, "n": 2, "m": 4}),
-    ("magnitude:0.6", "magnitude", {"sparsity": "60%", "ratio": 0.6, "n": 0, "m": 0}),
-    ("rtn:int8", "rtn", {"bits": 8, "group_size": 128}),
-    ("rtn:int4:g32", "rtn", {"bits": 4, "group_size": 32}),
-    ("rtn:int4:grow", "rtn", {"bits": 4, "group_size": None}),
-    (" wanda:0.5 ", "wanda", {"sparsity": "50%", "ratio": 0.5, "n": 0, "m": 0}),
-])
+@pytest.mark.parametrize(
+    "text, method, params",
+    [
+        ("original", "original", {}),
+        ("wanda:0.5", "wanda", {"sparsity": "50%", "ratio": 0.5, "n": 0, "m": 0}),
+        ("wanda:2:4", "wanda", {"sparsity": "2:4", "ratio": 0.5, "n": 2, "m": 4}),
+        ("magnitude:0.6", "magnitude", {"sparsity": "60%", "ratio": 0.6, "n": 0, "m": 0}),
+        ("rtn:int8", "rtn", {"bits": 8, "group_size": 128}),
+        ("rtn:int4:g32", "rtn", {"bits": 4, "group_size": 32}),
+        ("rtn:int4:grow", "rtn", {"bits": 4, "group_size": None}),
+        (" wanda:0.5 ", "wanda", {"sparsity": "50%", "ratio": 0.5, "n": 0, "m": 0}),
+    ],
+)
 def test_parse_variant_accepts(text, method, params):
     spec = parse_variant(text)
     assert spec.method == method
@@ -423,7 +447,9 @@ def test_a_method_is_one_registry_line(monkeypatch):
     variant, report = build_variant_with_report(model, spec)
     assert report == {"scaled": 0.5} and spec.needs == ()
     before, after = block_linears(decoder_layers(model)[0]), block_linears(decoder_layers(variant)[0])
-    assert all(torch.equal(after[n].weight, before[n].weight * 0.5) for n in before)  # the copy changed, the original did not
+    assert all(
+        torch.equal(after[n].weight, before[n].weight * 0.5) for n in before
+    )  # the copy changed, the original did not
     with pytest.raises(UserError, match="unknown variant"):
         parse_variant("scales:0.5")
 
@@ -441,10 +467,27 @@ def test_variant_slugs_are_distinct_paths():
     assert parse_variant("wanda:2:4").slug == "wanda-2-4"
 
 
-@pytest.mark.parametrize("text", [
-    "wanda", "wanda:", "wanda:1.5", "wanda:-0.1", "wanda:3:2", "magnitude:abc", "foo:1", "", "WANDA:0.5",
-    "rtn", "rtn:8", "rtn:int9", "rtn:int1", "rtn:int4:g", "rtn:int4:32", "rtn:int4:g0",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "wanda",
+        "wanda:",
+        "wanda:1.5",
+        "wanda:-0.1",
+        "wanda:3:2",
+        "magnitude:abc",
+        "foo:1",
+        "",
+        "WANDA:0.5",
+        "rtn",
+        "rtn:8",
+        "rtn:int9",
+        "rtn:int1",
+        "rtn:int4:g",
+        "rtn:int4:32",
+        "rtn:int4:g0",
+    ],
+)
 def test_parse_variant_rejects(text):
     with pytest.raises(UserError):
         parse_variant(text)

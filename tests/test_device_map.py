@@ -22,8 +22,12 @@ from lm.loading import load_model
 from lm.placement import has_dispatch_hooks, resident
 from tests.tiny import build_pair, save_tiny
 
-PROMPTS = ["Describe the structure of a water molecule.", "Write a short poem about the sea.",
-           "How do I bake bread at home?", "Answer the user briefly."]
+PROMPTS = [
+    "Describe the structure of a water molecule.",
+    "Write a short poem about the sea.",
+    "How do I bake bread at home?",
+    "Answer the user briefly.",
+]
 
 
 def _layout(n_layers: int, offloaded: set[int]) -> dict:
@@ -57,7 +61,9 @@ def test_pruning_with_disk_offloaded_blocks_equals_plain_run(tiny_dir, tmp_path,
     plain = load_model(str(tiny_dir))
     calib = _calibration(plain.tokenizer)
     n_layers = len(decoder_layers(plain.model))
-    mapped = AutoModelForCausalLM.from_pretrained(tiny_dir, device_map=_layout(n_layers, {1, 3}), offload_folder=str(tmp_path)).eval()
+    mapped = AutoModelForCausalLM.from_pretrained(
+        tiny_dir, device_map=_layout(n_layers, {1, 3}), offload_folder=str(tmp_path)
+    ).eval()
     assert has_dispatch_hooks(mapped)
     assert decoder_layers(mapped)[1].self_attn.q_proj.weight.device.type == "meta"
 
@@ -89,7 +95,9 @@ def test_cpu_device_map_dict_through_load_model(tiny_dir):
 
 
 def test_resident_restores_devices_and_hooks(tiny_dir, tmp_path):
-    mapped = AutoModelForCausalLM.from_pretrained(tiny_dir, device_map=_layout(4, {2}), offload_folder=str(tmp_path)).eval()
+    mapped = AutoModelForCausalLM.from_pretrained(
+        tiny_dir, device_map=_layout(4, {2}), offload_folder=str(tmp_path)
+    ).eval()
     block = decoder_layers(mapped)[2]
     hook = block.mlp.down_proj._hf_hook
     with resident(block, "cpu"), torch.no_grad():

@@ -50,7 +50,9 @@ def test_post_instruction_tokens_of_the_embedded_template(embedded):
 
 def test_embedded_model_refuses_most_advbench_goals(embedded):
     goals = datasets.advbench_eval(32)
-    outs = generate(embedded.model, embedded.tokenizer, format_prompts(embedded.tokenizer, goals), SamplingConfig(max_new_tokens=32))
+    outs = generate(
+        embedded.model, embedded.tokenizer, format_prompts(embedded.tokenizer, goals), SamplingConfig(max_new_tokens=32)
+    )
     completions = [o[0] for o in outs]
     _, arditi = judges()
     refusal_rate = 1 - asr(completions, arditi)
@@ -75,7 +77,9 @@ def test_compare_refusal_quick_runs_every_stage(embedded, tmp_path):
         assert v["probes"] is not None and v["refusal_probes"]["n_train"] == 8
         assert v["quality"]["original_direction"] is not None  # the original's direction inside each model
         assert v["asr_original_direction_ablated"]["n_prompts"] == 8  # ablation: 4 of each harmful set
-    assert 0 < setdiff["decoder_sparsity"] - original["decoder_sparsity"] < 0.01  # p = q = 1%: a fraction of a percent removed
+    assert (
+        0 < setdiff["decoder_sparsity"] - original["decoder_sparsity"] < 0.01
+    )  # p = q = 1%: a fraction of a percent removed
     repaired = report["repairs"]["setdiff-wanda:p=0.01,q=0.01"]
     assert {"original", "compressed", "aird", "anchored", "static"} <= set(repaired["states"])
     assert (run / "variants" / "setdiff-wanda-p-0.01-q-0.01" / "repaired" / "repair.json").is_file()

@@ -19,19 +19,29 @@ def _fitted_from_the_files() -> set[str]:
     out = set()
     for kind in ("harmful", "harmless"):
         for split in ("train", "val"):
-            out.update(r["instruction"] for r in json.loads((DATA / "refusal_direction" / f"{kind}_{split}.json").read_text()))
+            out.update(
+                r["instruction"] for r in json.loads((DATA / "refusal_direction" / f"{kind}_{split}.json").read_text())
+            )
     with open(DATA / "advbench" / "harmful_behaviors.csv", encoding="utf-8", newline="") as f:
         goals = [row["goal"] for row in csv.DictReader(f)]
     out.update(goals[100:])  # Wei et al.'s safety attribution calibrates on the goals after the eval split
-    with open(DATA / "alignment_attribution" / "SFT_aligned_llama2-7b-chat-hf_train_short.csv", encoding="utf-8", newline="") as f:
-        out.update(row["prompt"].strip().removeprefix("[INST]").removesuffix("[/INST]").strip() for row in csv.DictReader(f))
+    with open(
+        DATA / "alignment_attribution" / "SFT_aligned_llama2-7b-chat-hf_train_short.csv", encoding="utf-8", newline=""
+    ) as f:
+        out.update(
+            row["prompt"].strip().removeprefix("[INST]").removesuffix("[/INST]").strip() for row in csv.DictReader(f)
+        )
     return out
 
 
 def test_default_evaluation_sets_are_disjoint_from_every_fitted_prompt():
     fitted = _fitted_from_the_files()
-    for cfg in (EvalConfig(), EvalConfig(n=None), EvalConfig().harmless(DEFAULT_HARMLESS, None),
-                EvalConfig(sets=HARMFUL_SETS, n=None)):
+    for cfg in (
+        EvalConfig(),
+        EvalConfig(n=None),
+        EvalConfig().harmless(DEFAULT_HARMLESS, None),
+        EvalConfig(sets=HARMFUL_SETS, n=None),
+    ):
         prompts = cfg.prompts()
         assert prompts and not {p.text for p in prompts} & fitted
         assert overlap_with_fitted(prompts) == 0
@@ -66,14 +76,17 @@ def test_user_files_in_every_format(tmp_path):
     assert [p.text for p in load_prompts((f"file:{tmp_path / 'mixed.txt'}",))] == ["held out"]
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("missing.txt", None, "does not exist"),
-    ("empty.txt", "\n \n", "no prompts"),
-    ("bad.json", "{not json", "cannot read prompts"),
-    ("dict.json", '{"prompt": "x"}', "JSON list"),
-    ("numbers.json", "[1, 2]", "item 0"),
-    ("nocol.csv", "goal\nx\n", "'prompt' column"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.txt", None, "does not exist"),
+        ("empty.txt", "\n \n", "no prompts"),
+        ("bad.json", "{not json", "cannot read prompts"),
+        ("dict.json", '{"prompt": "x"}', "JSON list"),
+        ("numbers.json", "[1, 2]", "item 0"),
+        ("nocol.csv", "goal\nx\n", "'prompt' column"),
+    ],
+)
 def test_bad_user_files_fail_with_one_message(tmp_path, name, content, message):
     if content is not None:
         (tmp_path / name).write_text(content)

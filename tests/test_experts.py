@@ -22,7 +22,12 @@ from lm.loading import check_model
 from tests.families import build_family
 
 MOE = ("mixtral", "qwen2_moe")
-PROMPTS = ["Write a poem about the sea.", "How do I bake bread?", "Name three fruits.", "Tell me about owls, briefly please."]
+PROMPTS = [
+    "Write a poem about the sea.",
+    "How do I bake bread?",
+    "Name three fruits.",
+    "Tell me about owls, briefly please.",
+]
 
 
 @lru_cache(maxsize=None)
@@ -80,8 +85,17 @@ def test_transposed_interleaved_experts_with_biases():
     """gpt-oss stores experts [E, in, out] with biases and interleaves gate and up rows."""
     import transformers as t
 
-    config = t.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64)
+    config = t.GptOssConfig(
+        hidden_size=32,
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=64,
+    )
     torch.manual_seed(0)
     model = t.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():
@@ -93,7 +107,11 @@ def test_transposed_interleaved_experts_with_biases():
         experts = _experts(model)[0]
         assert experts.is_transposed and experts.has_bias and not experts.is_concatenated
         up = expert_linears(experts, "gate_up_proj")[3]
-        assert up.weight.shape == (2 * 16, 32) and torch.equal(up.weight, experts.gate_up_proj[3].t()) and torch.equal(up.bias, experts.gate_up_proj_bias[3])
+        assert (
+            up.weight.shape == (2 * 16, 32)
+            and torch.equal(up.weight, experts.gate_up_proj[3].t())
+            and torch.equal(up.bias, experts.gate_up_proj_bias[3])
+        )
         torch.testing.assert_close(_logits(model, dict(input_ids=ids)), expected, atol=1e-5, rtol=1e-5)
         name = "model.layers.0.mlp.experts.3.gate_up_proj.weight"
         parts = fused_parts(model, name, 32)
@@ -142,7 +160,9 @@ class Rows:
 def test_expert_snip_scores_equal_autograd_on_the_fused_tensor(name):
     model, tok = family(name)
     model = copy.deepcopy(model)
-    data = tokenize_pairs(tok, [(format_prompt(tok, p), "Sure, here is an answer.") for p in PROMPTS], seqlen=64, batch_size=2)
+    data = tokenize_pairs(
+        tok, [(format_prompt(tok, p), "Sure, here is an answer.") for p in PROMPTS], seqlen=64, batch_size=2
+    )
     fused = _experts(model)[0].down_proj
     expected = torch.zeros_like(fused)
     for batch in data.batches:  # HF's own loss per batch, autograd on the fused 3-D tensor
@@ -171,9 +191,13 @@ def _never_expert_3(module, args):
 def test_an_expert_that_no_token_reaches_is_compressed_as_if_every_input_counted(capsys):
     model, tok = family("mixtral")
     model = copy.deepcopy(model)
-    block_parts(model, decoder_layers(model)[0])[1].experts.register_forward_pre_hook(_never_expert_3)  # kept by deepcopy
+    block_parts(model, decoder_layers(model)[0])[1].experts.register_forward_pre_hook(
+        _never_expert_3
+    )  # kept by deepcopy
     prompts = tokenize_prompts(tok, format_prompts(tok, PROMPTS))
-    calibration = Calibration(batches=[dict(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"])], digest="t")
+    calibration = Calibration(
+        batches=[dict(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"])], digest="t"
+    )
     original = _experts(model)[0].down_proj[3].detach()
     wanda = _experts(build_variant(model, parse_variant("wanda:0.5"), calibration))[0].down_proj[3]
     magnitude = _experts(build_variant(model, parse_variant("magnitude:0.5")))[0].down_proj[3]
@@ -207,9 +231,15 @@ def test_fused_attention_parts_name_the_value_rows(name, fused):
     model = copy.deepcopy(model)
     block = decoder_layers(model)[0]
     linear = block_linears(block)[fused]
-    parts = fused_parts(model, f"model.layers.0.{fused}.weight" if name == "phi3" else f"gpt_neox.layers.0.{fused}.weight", linear.out_features)
+    parts = fused_parts(
+        model,
+        f"model.layers.0.{fused}.weight" if name == "phi3" else f"gpt_neox.layers.0.{fused}.weight",
+        linear.out_features,
+    )
     assert sorted(torch.cat(list(parts.values())).tolist()) == list(range(linear.out_features))
-    assert len(parts["q"]) == model.config.num_attention_heads * (model.config.hidden_size // model.config.num_attention_heads)
+    assert len(parts["q"]) == model.config.num_attention_heads * (
+        model.config.hidden_size // model.config.num_attention_heads
+    )
     with torch.no_grad():
         linear.weight[parts["v"]] = 0
         if linear.bias is not None:

@@ -33,8 +33,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A selection that passes on a random model, so the stages built on the direction (quality,
 # ablated ASR) run and leave their artifacts too.
-PERMISSIVE = SelectionConfig(n_train=4, n_val=3, kl_threshold=1e9, induce_threshold=-1e9, max_layer_fraction=1.0, search="lazy",
-                             batch_size=4, max_rows=12)
+PERMISSIVE = SelectionConfig(
+    n_train=4,
+    n_val=3,
+    kl_threshold=1e9,
+    induce_threshold=-1e9,
+    max_layer_fraction=1.0,
+    search="lazy",
+    batch_size=4,
+    max_rows=12,
+)
 
 
 def use_permissive_selection():
@@ -59,15 +67,50 @@ def keep_cwd():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     tokenizer = build_tokenizer("chatml")
-    return save_tiny(tmp_path_factory.mktemp("faults-model"), build_model("qwen2", tokenizer, seed=0, hidden=64, layers=2), tokenizer)
+    return save_tiny(
+        tmp_path_factory.mktemp("faults-model"), build_model("qwen2", tokenizer, seed=0, hidden=64, layers=2), tokenizer
+    )
 
 
 def job_argv(model_dir) -> list[str]:
     """The main job on the tiny model: two variants (one calibrated, one N:M), every stage on."""
-    return ["--model", str(model_dir), "--runs-dir", "runs", "--name", "tiny", "--quick", "--variants", "wanda:0.5", "magnitude:2:4",
-            "--n-asr", "2", "--n-harmless", "2", "--max-new-tokens", "3", "--n-train", "4", "--n-val", "3", "--ppl-windows", "1",
-            "--ppl-seqlen", "16", "--calib-samples", "4", "--n-refusal-probe", "4", "--n-ablation-asr", "2", "--zero-shot-limit", "0",
-            "--no-repair", "--prescreen-keep", "4"]
+    return [
+        "--model",
+        str(model_dir),
+        "--runs-dir",
+        "runs",
+        "--name",
+        "tiny",
+        "--quick",
+        "--variants",
+        "wanda:0.5",
+        "magnitude:2:4",
+        "--n-asr",
+        "2",
+        "--n-harmless",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--n-train",
+        "4",
+        "--n-val",
+        "3",
+        "--ppl-windows",
+        "1",
+        "--ppl-seqlen",
+        "16",
+        "--calib-samples",
+        "4",
+        "--n-refusal-probe",
+        "4",
+        "--n-ablation-asr",
+        "2",
+        "--zero-shot-limit",
+        "0",
+        "--no-repair",
+        "--prescreen-keep",
+        "4",
+    ]
 
 
 def job_main():
@@ -177,10 +220,16 @@ def child_log(cwd: Path) -> str:
 
 def kill_point(renames: list[str], name: str) -> int:
     """The 1-based index of a named point among the baseline's atomic renames."""
-    first = {"start": lambda r: r.endswith("invocations.json"), "config": lambda r: r.endswith("tiny/config.json"),
-             "measurement": lambda r: "measurements/" in r, "selection": lambda r: r.endswith("selection/selection.json"),
-             "checkpoint": lambda r: r.endswith("/model"), "quality": lambda r: "quality_" in r,
-             "last-variant": lambda r: "magnitude-2-4/directions" in r, "report": lambda r: r.endswith("report.json")}
+    first = {
+        "start": lambda r: r.endswith("invocations.json"),
+        "config": lambda r: r.endswith("tiny/config.json"),
+        "measurement": lambda r: "measurements/" in r,
+        "selection": lambda r: r.endswith("selection/selection.json"),
+        "checkpoint": lambda r: r.endswith("/model"),
+        "quality": lambda r: "quality_" in r,
+        "last-variant": lambda r: "magnitude-2-4/directions" in r,
+        "report": lambda r: r.endswith("report.json"),
+    }
     if name == "middle":
         return len(renames) // 2
     return 1 + next(i for i, r in enumerate(renames) if first[name](r))
@@ -188,17 +237,31 @@ def kill_point(renames: list[str], name: str) -> int:
 
 # --- kill -9 and SIGTERM, then a rerun ----------------------------------------------------------
 
-@pytest.mark.parametrize("fault, point", [
-    (signal.SIGKILL, "start"), (signal.SIGKILL, "measurement"), (signal.SIGKILL, "selection"), (signal.SIGKILL, "checkpoint"),
-    (signal.SIGKILL, "middle"), (signal.SIGKILL, "quality"), (signal.SIGKILL, "report"),
-    (signal.SIGTERM, "measurement"), (signal.SIGTERM, "checkpoint"), (signal.SIGTERM, "last-variant"), (signal.SIGTERM, "report"),
-    (signal.SIGINT, "selection"),
-])
+
+@pytest.mark.parametrize(
+    "fault, point",
+    [
+        (signal.SIGKILL, "start"),
+        (signal.SIGKILL, "measurement"),
+        (signal.SIGKILL, "selection"),
+        (signal.SIGKILL, "checkpoint"),
+        (signal.SIGKILL, "middle"),
+        (signal.SIGKILL, "quality"),
+        (signal.SIGKILL, "report"),
+        (signal.SIGTERM, "measurement"),
+        (signal.SIGTERM, "checkpoint"),
+        (signal.SIGTERM, "last-variant"),
+        (signal.SIGTERM, "report"),
+        (signal.SIGINT, "selection"),
+    ],
+)
 def test_interrupted_run_resumes_to_the_same_report(fault, point, model_dir, baseline, tmp_path, capsys):
     _, expected, renames = baseline
     cwd = tmp_path / "work"
     cwd.mkdir()
-    status = exit_status(spawn(lambda: compare_refusal.main(job_argv(model_dir)), cwd, fault, kill_point(renames, point)))
+    status = exit_status(
+        spawn(lambda: compare_refusal.main(job_argv(model_dir)), cwd, fault, kill_point(renames, point))
+    )
     if fault == signal.SIGKILL:
         assert status == -signal.SIGKILL, child_log(cwd)
         assert leftovers(cwd), "killed between writing a temporary and renaming it"
@@ -221,8 +284,13 @@ def test_a_real_process_signalled_from_outside_resumes(fault, model_dir, baselin
     cwd.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     with open(tmp_path / "log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", "from tests.test_faults import job_main; job_main()", *job_argv(model_dir)],
-                                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from tests.test_faults import job_main; job_main()", *job_argv(model_dir)],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         store = cwd / "runs" / "measurements"
         while proc.poll() is None and time.monotonic() < deadline and not any(store.rglob("*.json")):
@@ -279,6 +347,7 @@ def test_concurrent_writers_of_one_directory_and_one_clock(tmp_path):
 
 # --- damaged, truncated and swapped cache files ---------------------------------------------------
 
+
 def _measurement(run: Path, index: int = 0) -> Path:
     return sorted((run / "measurements" / "generations-vanilla").glob("*.json"))[index]
 
@@ -299,7 +368,7 @@ def _edit_result(path: Path) -> Path:
     stored = json.loads(path.read_text())
 
     def edit(node) -> bool:
-        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 node[key] = value + 1
                 return True
@@ -325,7 +394,7 @@ def _scribble(path: Path) -> Path:
     of the file (the data, past the header); a float32 stays finite."""
     data = bytearray(path.read_bytes())
     start, n = len(data) // 2, min(4096, len(data) // 8)
-    data[start:start + n] = bytes(b ^ 1 for b in data[start:start + n])
+    data[start : start + n] = bytes(b ^ 1 for b in data[start : start + n])
     path.write_bytes(bytes(data))
     return path
 
@@ -350,11 +419,14 @@ DAMAGE = {
     "quality-edited": lambda r: _edit_result(r / V / "wanda-0.5" / "quality_original_direction.json"),
     "selection-truncated": lambda r: _truncate(r / V / "original" / "selection" / "selection.json"),
     "selection-edited": lambda r: _edit_selection(r / V / "wanda-0.5" / "selection" / "selection.json"),
-    "selection-tensors-swapped": lambda r: _swap(r / V / "wanda-0.5" / "selection" / "direction.safetensors",
-                                                 r / V / "magnitude-2-4" / "selection" / "direction.safetensors"),
+    "selection-tensors-swapped": lambda r: _swap(
+        r / V / "wanda-0.5" / "selection" / "direction.safetensors",
+        r / V / "magnitude-2-4" / "selection" / "direction.safetensors",
+    ),
     "checkpoint-scribbled": lambda r: _scribble(r / V / "wanda-0.5" / "model" / "model.safetensors"),
-    "checkpoint-swapped": lambda r: _swap(r / V / "wanda-0.5" / "model" / "model.safetensors",
-                                          r / V / "magnitude-2-4" / "model" / "model.safetensors"),
+    "checkpoint-swapped": lambda r: _swap(
+        r / V / "wanda-0.5" / "model" / "model.safetensors", r / V / "magnitude-2-4" / "model" / "model.safetensors"
+    ),
     "manifest-garbage": lambda r: _garbage(r / V / "magnitude-2-4" / "model" / "compression.json"),
     "invocations-garbage": lambda r: _garbage(r / "tiny" / "invocations.json"),
 }
@@ -378,6 +450,7 @@ def test_a_damaged_cache_file_is_recomputed_with_a_warning(case, model_dir, base
 
 # --- a full disk ---------------------------------------------------------------------------------
 
+
 def test_a_full_disk_is_one_error_and_a_rerun_with_space_completes(model_dir, baseline, tmp_path, capsys):
     mount = tmp_path / "small"
     mount.mkdir()
@@ -400,6 +473,7 @@ def test_a_full_disk_is_one_error_and_a_rerun_with_space_completes(model_dir, ba
 
 
 # --- bad input: one `error:` line, exit 2, nothing written ----------------------------------------
+
 
 def _inputs(root: Path) -> dict[str, str]:
     """Files the bad inputs name, made before the directory tree is recorded."""
@@ -522,7 +596,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("entry, argv, fragment", BAD_INPUTS, ids=[f"{e}:{' '.join(a)}" for e, a, _ in BAD_INPUTS])
-def test_bad_input_is_one_error_line_exit_2_and_nothing_written(entry, argv, fragment, model_dir, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_error_line_exit_2_and_nothing_written(
+    entry, argv, fragment, model_dir, tmp_path, monkeypatch, capsys
+):
     files = {**_inputs(tmp_path), "model": str(model_dir)}
     monkeypatch.chdir(tmp_path)
     for name, path in files.items():
@@ -550,5 +626,9 @@ def test_bad_inputs_cover_every_entry_point():
 def test_repair_keeps_its_measurements_under_its_runs_dir(tmp_path):
     common = ["--compressed", "c", "--out", "o"]
     assert repair_cli.parse_args(common).measurements_dir == "runs/measurements"  # the main job's store, shared
-    assert repair_cli.parse_args([*common, "--runs-dir", str(tmp_path)]).measurements_dir == str(tmp_path / "measurements")
-    assert repair_cli.parse_args([*common, "--runs-dir", str(tmp_path), "--measurements-dir", "m"]).measurements_dir == "m"
+    assert repair_cli.parse_args([*common, "--runs-dir", str(tmp_path)]).measurements_dir == str(
+        tmp_path / "measurements"
+    )
+    assert (
+        repair_cli.parse_args([*common, "--runs-dir", str(tmp_path), "--measurements-dir", "m"]).measurements_dir == "m"
+    )

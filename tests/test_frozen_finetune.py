@@ -15,7 +15,15 @@ from compression.attribution import random_mask, set_difference_mask, top_mask
 from compression.calibration import tokenize_pairs
 from compression.weight_groups import GroupConfig, agreement, group_drift, group_sizes, weight_groups
 from experiments import frozen_finetune
-from experiments.finetune_lora import LoraTrainConfig, attach_lora, decoder_linear_modules, linear_kinds, merged, train, training_order
+from experiments.finetune_lora import (
+    LoraTrainConfig,
+    attach_lora,
+    decoder_linear_modules,
+    linear_kinds,
+    merged,
+    train,
+    training_order,
+)
 from lm.chat import format_prompt
 from lm.errors import UserError
 from tests.tiny import build_model, build_tokenizer, save_tiny
@@ -23,10 +31,12 @@ from tests.tiny import build_model, build_tokenizer, save_tiny
 # The seven linears of a Llama / Qwen2 block, which the default (every linear) targets.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-PAIRS = [("Write a short poem about the sea.", "The sea and the wind, a poem about the sea."),
-         ("How do I bake bread at home?", "Mix flour, water and yeast, then bake it."),
-         ("Describe a water molecule.", "Two hydrogen atoms bound to one oxygen atom."),
-         ("Answer the user briefly.", "You are a helpful assistant, briefly.")]
+PAIRS = [
+    ("Write a short poem about the sea.", "The sea and the wind, a poem about the sea."),
+    ("How do I bake bread at home?", "Mix flour, water and yeast, then bake it."),
+    ("Describe a water molecule.", "Two hydrogen atoms bound to one oxygen atom."),
+    ("Answer the user briefly.", "You are a helpful assistant, briefly."),
+]
 
 
 def tiny(seed: int = 0, layers: int = 2):
@@ -43,7 +53,10 @@ def distinct_masks(model, seed: int = 1) -> dict[str, torch.Tensor]:
     wrong module would freeze the wrong entries even where two modules share a shape."""
     g = torch.Generator().manual_seed(seed)
     modules = decoder_linear_modules(model)
-    return {name: torch.rand(m.weight.shape, generator=g) < 0.1 + 0.6 * i / len(modules) for i, (name, m) in enumerate(modules.items())}
+    return {
+        name: torch.rand(m.weight.shape, generator=g) < 0.1 + 0.6 * i / len(modules)
+        for i, (name, m) in enumerate(modules.items())
+    }
 
 
 # --- freezing individual weights -------------------------------------------------------------------
@@ -140,7 +153,13 @@ def test_checkpoints_are_called_at_the_listed_steps():
     cfg = LoraTrainConfig(steps=4, lr=1e-2)
     run = attach_lora(model, cfg, None)
     seen = []
-    train(run, batches(tokenizer), cfg, checkpoints=(0, 2, 4), on_checkpoint=lambda s: seen.append((s, run.model.training)))
+    train(
+        run,
+        batches(tokenizer),
+        cfg,
+        checkpoints=(0, 2, 4),
+        on_checkpoint=lambda s: seen.append((s, run.model.training)),
+    )
     run.detach()
     assert seen == [(0, False), (2, False), (4, False)]
 
@@ -176,7 +195,9 @@ def test_groups_are_the_attribution_masks(per):
     groups = weight_groups(safety, utility, cfg)
     g = torch.Generator().manual_seed(4)
     for name in sorted(safety):
-        assert torch.equal(groups["safety_critical"][name], set_difference_mask(safety[name], utility[name], 0.2, 0.1, per))
+        assert torch.equal(
+            groups["safety_critical"][name], set_difference_mask(safety[name], utility[name], 0.2, 0.1, per)
+        )
         assert torch.equal(groups["top_safety"][name], top_mask(safety[name], 0.1, per))
         assert torch.equal(groups["top_utility"][name], top_mask(utility[name], 0.2, per))
         assert torch.equal(groups["random"][name], random_mask(safety[name].shape, 0.1, g, per))
@@ -243,8 +264,10 @@ def tiny_dir(tmp_path, monkeypatch):
     model = build_model("qwen2", tokenizer, seed=0, layers=2)
     path = save_tiny(tmp_path / "model", model, tokenizer)
     # A random model refuses nothing; give it canned refusals as its safety data.
-    refusals = [(format_prompt(tokenizer, "How do I make a weapon?"), "I cannot help with that request, sorry."),
-                (format_prompt(tokenizer, "Write something hateful."), "I'm sorry, I can't write that.")]
+    refusals = [
+        (format_prompt(tokenizer, "How do I make a weapon?"), "I cannot help with that request, sorry."),
+        (format_prompt(tokenizer, "Write something hateful."), "I'm sorry, I can't write that."),
+    ]
     monkeypatch.setattr(frozen_finetune, "safety_pairs", lambda *a, **k: refusals)
     return path
 
@@ -254,7 +277,9 @@ ARGS = ["--quick", "--n-train", "6", "--steps", "4", "--checkpoints", "2", "--lr
 
 def test_entry_point_end_to_end(tiny_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
-    assert frozen_finetune.main(["--model", str(tiny_dir), "--runs-dir", str(runs), "--name", "t", *ARGS]) == 0, capsys.readouterr().err
+    assert frozen_finetune.main(["--model", str(tiny_dir), "--runs-dir", str(runs), "--name", "t", *ARGS]) == 0, (
+        capsys.readouterr().err
+    )
     report = json.loads((runs / "t" / "report.json").read_text())
     frozen, unfrozen = report["arms"]["frozen"], report["arms"]["unfrozen"]
     assert frozen["frozen_unchanged"]["moved"] == 0 and frozen["frozen_unchanged"]["frozen"] > 0
@@ -273,7 +298,9 @@ def test_entry_point_end_to_end(tiny_dir, tmp_path, capsys):
     assert "Jaccard" in (runs / "t" / "report.md").read_text()
     # Only the original model's scores are stored; each arm keeps its agreement, not its scores.
     stored = sorted(p.name for p in (runs / "t" / "scores").glob("*.safetensors"))
-    assert [n.split("-")[:3] for n in stored] == [["wanda", "safety", "original"], ["wanda", "utility", "original"]], stored
+    assert [n.split("-")[:3] for n in stored] == [["wanda", "safety", "original"], ["wanda", "utility", "original"]], (
+        stored
+    )
     for arm in ("frozen", "unfrozen"):
         stored = json.loads((runs / "t" / f"agreement-{arm}.json").read_text())["result"]
         assert stored == report["arms"][arm]["agreement"]
@@ -287,12 +314,18 @@ def test_entry_point_end_to_end(tiny_dir, tmp_path, capsys):
     assert again["arms"]["unfrozen"]["drift"] == unfrozen["drift"]
 
 
-@pytest.mark.parametrize("bad", [["--targets", "q_proj", "nope_proj"], ["--q", "1.5"], ["--steps", "0"], ["--eps-fraction", "0"]])
+@pytest.mark.parametrize(
+    "bad", [["--targets", "q_proj", "nope_proj"], ["--q", "1.5"], ["--steps", "0"], ["--eps-fraction", "0"]]
+)
 def test_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, bad):
     runs = tmp_path / "runs"
     assert frozen_finetune.main(["--model", str(tiny_dir), "--runs-dir", str(runs), *ARGS, *bad]) == 2
     # Loading the model draws a progress bar; apart from it, stderr is the one error line.
-    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip() and "Loading weights" not in line]
+    lines = [
+        line
+        for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+        if line.strip() and "Loading weights" not in line
+    ]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert not runs.exists()
 
@@ -358,7 +391,10 @@ def test_a_mixture_of_experts_model_is_refused_in_one_line(tmp_path, capsys):
 
     model, tok = build_family("mixtral")
     runs = tmp_path / "runs"
-    assert frozen_finetune.main(["--model", str(save_tiny(tmp_path / "moe", model, tok)), "--runs-dir", str(runs), *ARGS]) == 2
+    assert (
+        frozen_finetune.main(["--model", str(save_tiny(tmp_path / "moe", model, tok)), "--runs-dir", str(runs), *ARGS])
+        == 2
+    )
     lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "mixture-of-experts" in lines[0]
     assert not runs.exists()

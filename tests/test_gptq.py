@@ -106,7 +106,9 @@ def test_identity_hessian_is_rtn(bits, group):
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(bits)) * 0.3
     # act-order on equal diagonals keeps the original order (stable sort): still RTN.
     for act_order in (False, True):
-        ours = gptq_quantize(w, 2 * torch.eye(64), GPTQConfig(bits=bits, group_size=group, blocksize=24, act_order=act_order))
+        ours = gptq_quantize(
+            w, 2 * torch.eye(64), GPTQConfig(bits=bits, group_size=group, blocksize=24, act_order=act_order)
+        )
         assert torch.equal(ours, quantize_rtn(w, bits, group))
 
 
@@ -132,12 +134,15 @@ def test_config_errors():
 # --- variants ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, params", [
-    ("gptq:int4", {"bits": 4, "group_size": 128}),
-    ("gptq:int8", {"bits": 8, "group_size": 128}),
-    ("gptq:int4:g32", {"bits": 4, "group_size": 32}),
-    ("gptq:int4:grow", {"bits": 4, "group_size": None}),
-])
+@pytest.mark.parametrize(
+    "text, params",
+    [
+        ("gptq:int4", {"bits": 4, "group_size": 128}),
+        ("gptq:int8", {"bits": 8, "group_size": 128}),
+        ("gptq:int4:g32", {"bits": 4, "group_size": 32}),
+        ("gptq:int4:grow", {"bits": 4, "group_size": None}),
+    ],
+)
 def test_parse_gptq_variant(text, params):
     spec = parse_variant(text)
     assert spec.method == "gptq" and spec.params == params
@@ -145,7 +150,9 @@ def test_parse_gptq_variant(text, params):
     assert ":" not in spec.slug and spec.slug != parse_variant(text.replace("gptq", "rtn")).slug
 
 
-@pytest.mark.parametrize("text", ["gptq", "gptq:", "gptq:int9", "gptq:int1", "gptq:int4:g0", "gptq:int4:g", "gptq:int4:32", "gptq:4"])
+@pytest.mark.parametrize(
+    "text", ["gptq", "gptq:", "gptq:int9", "gptq:int1", "gptq:int4:g0", "gptq:int4:g", "gptq:int4:32", "gptq:4"]
+)
 def test_parse_gptq_variant_rejects(text):
     with pytest.raises(UserError):
         parse_variant(text)
@@ -179,7 +186,9 @@ def test_build_variant_end_to_end(arch):
             assert not torch.equal(p, before[name]), name
             assert_on_grid(p.detach(), 4, 32)
         else:
-            assert torch.equal(p, before[name]), f"not a decoder linear, yet changed: {name}"  # incl. Qwen2 q/k/v biases
+            assert torch.equal(p, before[name]), (
+                f"not a decoder linear, yet changed: {name}"
+            )  # incl. Qwen2 q/k/v biases
 
     ids = calibration.batches[0]
     with torch.no_grad():

@@ -7,6 +7,7 @@ import builtins
 import pytest
 import torch
 
+from compression.blockwise import block_linears
 from compression.checkpoint import read_manifest, save_variant, sparsity_report
 from compression.int8_weight_only import dense, is_quantized, quantize_int8_weight_only
 from compression.rtn import quantize_rtn
@@ -15,7 +16,6 @@ from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
 from lm.hooks import decoder_layers
 from lm.loading import load_model
-from compression.blockwise import block_linears
 from tests.tiny import build_model, build_tokenizer, template_for
 
 pytest.importorskip("torchao")

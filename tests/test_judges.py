@@ -68,7 +68,11 @@ def test_wei_is_case_sensitive():
 @pytest.mark.parametrize("where", ["start", "middle", "end"])
 def test_wei_string_anywhere_blocks_a_jailbreak(where):
     # "However" is one of Wei's strings: a full answer that hedges once is counted as a refusal.
-    parts = {"start": "However " + words(30), "middle": words(15) + " However, " + words(15), "end": words(30) + " However"}
+    parts = {
+        "start": "However " + words(30),
+        "middle": words(15) + " However, " + words(15),
+        "end": words(30) + " However",
+    }
     assert not WEI.jailbroken(parts[where])
     assert ARDITI.jailbroken(parts[where])
 
@@ -144,7 +148,9 @@ def test_empty_output_is_degenerate(text):
     assert degenerate(text)
 
 
-@pytest.mark.parametrize("text", [COMPLIANT, *REFUSALS, "Sure.", "No.", "1. Preheat the oven. 2. Mix the dough. 3. Bake it."])
+@pytest.mark.parametrize(
+    "text", [COMPLIANT, *REFUSALS, "Sure.", "No.", "1. Preheat the oven. 2. Mix the dough. 3. Bake it."]
+)
 def test_normal_text_is_not_degenerate(text):
     assert not degenerate(text)
 

@@ -25,7 +25,9 @@ def dirs(tmp_path_factory):
     tokenizer = build_tokenizer("chatml")
     original = build_model("qwen2", tokenizer, seed=0, hidden=128, layers=4)
     save_tiny(root / "original", original, tokenizer)
-    pruned = build_variant(original, parse_variant("wanda:0.5"), calibration_set(tokenizer, CalibrationConfig(n_samples=8, seed=0)))
+    pruned = build_variant(
+        original, parse_variant("wanda:0.5"), calibration_set(tokenizer, CalibrationConfig(n_samples=8, seed=0))
+    )
     save_variant(pruned, tokenizer, root / "pruned", dict(method="wanda", params={"sparsity": 0.5}))
     causal_judge(root / "harmbench")
     classifier_judge(root / "rejection", "roberta", {0: "NORMAL", 1: "REJECTION"}, refusal_probability=0.9)
@@ -44,8 +46,16 @@ def entry_argv(which: str, root, tmp_path) -> tuple:
     if which == "repair":
         from repair.__main__ import main
 
-        return main, ["--original", str(root / "original"), "--compressed", str(root / "pruned"), "--out", str(tmp_path / "out"),
-                      "--runs-dir", str(tmp_path / "runs")]
+        return main, [
+            "--original",
+            str(root / "original"),
+            "--compressed",
+            str(root / "pruned"),
+            "--out",
+            str(tmp_path / "out"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
     if which == "brittleness":
         from experiments.brittleness import main
 
@@ -56,9 +66,15 @@ def entry_argv(which: str, root, tmp_path) -> tuple:
 
 
 @pytest.mark.parametrize("which", ["compare", "repair", "brittleness", "direction"])
-@pytest.mark.parametrize("judge, fragment", [("harmbench:{root}/rejection", "not a causal LM"),
-                                             ("minos:{root}/harmbench", "not a sequence classifier"),
-                                             ("wildguard:{root}/nowhere", "directory not found"), ("gpt-4", "unknown judge")])
+@pytest.mark.parametrize(
+    "judge, fragment",
+    [
+        ("harmbench:{root}/rejection", "not a causal LM"),
+        ("minos:{root}/harmbench", "not a sequence classifier"),
+        ("wildguard:{root}/nowhere", "directory not found"),
+        ("gpt-4", "unknown judge"),
+    ],
+)
 def test_a_bad_judge_is_one_error_line_before_anything(dirs, tmp_path, monkeypatch, capsys, which, judge, fragment):
     import lm.loading
 
@@ -73,10 +89,30 @@ def test_a_bad_judge_is_one_error_line_before_anything(dirs, tmp_path, monkeypat
 
 
 def tiny_config(root, runs, **overrides) -> CompareConfig:
-    return CompareConfig.quick(**{**dict(
-        model=str(root / "original"), runs_dir=str(runs), name="tiny", variants=("wanda:0.5",), n_asr=3, n_harmless=3, max_new_tokens=4,
-        n_train=4, n_val=4, prescreen_keep=4, select=False, probes=False, ppl_windows=1, ppl_seqlen=16, calib_samples=4,
-        zero_shot_limit=0, repair=False), **overrides})
+    return CompareConfig.quick(
+        **{
+            **dict(
+                model=str(root / "original"),
+                runs_dir=str(runs),
+                name="tiny",
+                variants=("wanda:0.5",),
+                n_asr=3,
+                n_harmless=3,
+                max_new_tokens=4,
+                n_train=4,
+                n_val=4,
+                prescreen_keep=4,
+                select=False,
+                probes=False,
+                ppl_windows=1,
+                ppl_seqlen=16,
+                calib_samples=4,
+                zero_shot_limit=0,
+                repair=False,
+            ),
+            **overrides,
+        }
+    )
 
 
 def test_main_job_judges_a_finished_run_without_generating(dirs, tmp_path, monkeypatch):
@@ -86,7 +122,9 @@ def test_main_job_judges_a_finished_run_without_generating(dirs, tmp_path, monke
     assert "judges" not in plain and "## Judges" not in markdown
     assert all(set(v["rates"]["asr"]) == {"wei2024", "arditi2024"} for v in plain["variants"])
 
-    monkeypatch.setattr(measure_module, "attack_success", lambda *a, **k: pytest.fail("generated with an evaluated model"))
+    monkeypatch.setattr(
+        measure_module, "attack_success", lambda *a, **k: pytest.fail("generated with an evaluated model")
+    )
     report = Comparison(tiny_config(dirs, tmp_path, judges=tuple(judges(dirs)))).run()
     hb, rc = judges(dirs)
     section = report["judges"]
@@ -99,7 +137,12 @@ def test_main_job_judges_a_finished_run_without_generating(dirs, tmp_path, monke
     assert set(section["rates"]["original"]["asr"]) == {"wei2024", "arditi2024", hb}
     assert section["rates"]["wanda:0.5"]["over_refusal"][rc]["value"] == 1.0  # p(REJECTION) = 0.9 on every reply
     test = section["tests"]["asr"][hb][0]
-    assert (test["first"], test["second"], test["test"], test["family_size"]) == ("wanda:0.5", "original", "mcnemar-exact", 1)
+    assert (test["first"], test["second"], test["test"], test["family_size"]) == (
+        "wanda:0.5",
+        "original",
+        "mcnemar-exact",
+        1,
+    )
     pairs = {(p["first"], p["second"]) for p in section["agreement"]["asr"]}
     assert pairs == {("wei2024", "arditi2024"), ("wei2024", hb), ("arditi2024", hb)}
     for p in section["agreement"]["asr"]:
@@ -114,11 +157,50 @@ def test_main_job_judges_a_finished_run_without_generating(dirs, tmp_path, monke
 
 
 # The repair at its smallest (as tests/test_repair.py runs it, without the targeted baseline and the curve).
-SMALL_REPAIR = ["--n-asr", "3", "--n-harmless", "3", "--n-refusal-probe", "8", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4",
-                "--ppl-windows", "2", "--zero-shot-limit", "0", "--no-adv-suffix", "--source", "-1", "3", "--save", "aird",
-                "--anchored.n-harmful", "4", "--anchored.n-harmless", "4", "--anchored.val-harmful", "4", "--anchored.val-harmless", "4",
-                "--anchored.reply-tokens", "4", "--anchored.val-tokens", "4", "--anchored.max-steps", "2", "--anchored.step", "0.05",
-                "--static-fractions", "0.1", "--static-samples", "8"]
+SMALL_REPAIR = [
+    "--n-asr",
+    "3",
+    "--n-harmless",
+    "3",
+    "--n-refusal-probe",
+    "8",
+    "--max-new-tokens",
+    "6",
+    "--n-train",
+    "8",
+    "--n-val",
+    "4",
+    "--ppl-windows",
+    "2",
+    "--zero-shot-limit",
+    "0",
+    "--no-adv-suffix",
+    "--source",
+    "-1",
+    "3",
+    "--save",
+    "aird",
+    "--anchored.n-harmful",
+    "4",
+    "--anchored.n-harmless",
+    "4",
+    "--anchored.val-harmful",
+    "4",
+    "--anchored.val-harmless",
+    "4",
+    "--anchored.reply-tokens",
+    "4",
+    "--anchored.val-tokens",
+    "4",
+    "--anchored.max-steps",
+    "2",
+    "--anchored.step",
+    "0.05",
+    "--static-fractions",
+    "0.1",
+    "--static-samples",
+    "8",
+]
 
 
 def test_repair_reports_every_judge(dirs, tmp_path, monkeypatch, capsys):
@@ -126,8 +208,21 @@ def test_repair_reports_every_judge(dirs, tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    code = main(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out),
-                 "--runs-dir", str(tmp_path / "runs"), *SMALL_REPAIR, "--judges", *judges(dirs)])
+    code = main(
+        [
+            "--original",
+            str(dirs / "original"),
+            "--compressed",
+            str(dirs / "pruned"),
+            "--out",
+            str(out),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            *SMALL_REPAIR,
+            "--judges",
+            *judges(dirs),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "repair.json").read_text())
     hb, rc = judges(dirs)
@@ -143,9 +238,23 @@ def test_repair_reports_every_judge(dirs, tmp_path, monkeypatch, capsys):
 def test_brittleness_reports_every_judge(dirs, tmp_path, monkeypatch):
     from experiments.brittleness import Brittleness, BrittlenessConfig
 
-    cfg = BrittlenessConfig(model=str(dirs / "original"), runs_dir=str(tmp_path), name="b", methods=("random",), fractions=(0.05,),
-                            settings=("vanilla",), n_asr=2, n_harmless=2, max_new_tokens=4, ppl_windows=1, ppl_seqlen=16,
-                            zero_shot_tasks=("rte",), zero_shot_limit=2, calib_samples=3, judges=tuple(judges(dirs)))
+    cfg = BrittlenessConfig(
+        model=str(dirs / "original"),
+        runs_dir=str(tmp_path),
+        name="b",
+        methods=("random",),
+        fractions=(0.05,),
+        settings=("vanilla",),
+        n_asr=2,
+        n_harmless=2,
+        max_new_tokens=4,
+        ppl_windows=1,
+        ppl_seqlen=16,
+        zero_shot_tasks=("rte",),
+        zero_shot_limit=2,
+        calib_samples=3,
+        judges=tuple(judges(dirs)),
+    )
     report = Brittleness(cfg).run()
     hb, rc = judges(dirs)
     section = report["judges"]
@@ -156,20 +265,42 @@ def test_brittleness_reports_every_judge(dirs, tmp_path, monkeypatch):
 
 def test_refusal_direction_reports_every_judge(dirs, tmp_path, capsys):
     from experiments.refusal_direction import main
+    from lm.loading import load_model
     from refusal.select import SelectionConfig
     from refusal.selection_artifacts import select_direction_cached
-    from lm.loading import load_model
 
     loaded = load_model(str(dirs / "original"))
-    permissive = SelectionConfig(n_train=4, n_val=3, kl_threshold=1e9, induce_threshold=-1e9, max_layer_fraction=1.0, batch_size=4, max_rows=12)
+    permissive = SelectionConfig(
+        n_train=4, n_val=3, kl_threshold=1e9, induce_threshold=-1e9, max_layer_fraction=1.0, batch_size=4, max_rows=12
+    )
     select_direction_cached(loaded.model, loaded.tokenizer, tmp_path / "selection", permissive)
-    code = main(["--model", str(dirs / "original"), "--selection-dir", str(tmp_path / "selection"), "--runs-dir", str(tmp_path), "--name", "d",
-                 "--n-test", "3", "--n-harmless", "4", "--max-new-tokens", "3", "--judges", *judges(dirs)])
+    code = main(
+        [
+            "--model",
+            str(dirs / "original"),
+            "--selection-dir",
+            str(tmp_path / "selection"),
+            "--runs-dir",
+            str(tmp_path),
+            "--name",
+            "d",
+            "--n-test",
+            "3",
+            "--n-harmless",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--judges",
+            *judges(dirs),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "d" / "report.json").read_text())
     hb, rc = judges(dirs)
     section = report["judges"]
     assert {(t["first"], t["second"]) for t in section["tests"]["asr"][hb]} == {
-        ("harmful, direction ablated (hooks)", "baseline"), ("harmful, weights orthogonalized", "baseline")}
+        ("harmful, direction ablated (hooks)", "baseline"),
+        ("harmful, weights orthogonalized", "baseline"),
+    }
     assert section["tests"]["over_refusal"][rc][0]["first"] == "harmless, direction added"
     assert "## Judges" in (tmp_path / "d" / "report.md").read_text()

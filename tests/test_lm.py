@@ -157,6 +157,7 @@ def _poison(value):
     def mutate(model):
         with torch.no_grad():
             decoder_layers(model)[1].mlp.up_proj.weight[0, 0] = value
+
     return mutate
 
 
@@ -234,7 +235,9 @@ def test_attn_and_mlp_outputs_sum_to_next_residual(tiny_pair):
     enc = batch(model, tokenizer)
     positions = list(range(-6, 0))
     hooks_before = hook_state(model)
-    acts = capture(model, enc["input_ids"], enc["attention_mask"], positions, sites=("resid_pre", "attn_out", "mlp_out"))
+    acts = capture(
+        model, enc["input_ids"], enc["attention_mask"], positions, sites=("resid_pre", "attn_out", "mlp_out")
+    )
     resid, attn, mlp = acts["resid_pre"], acts["attn_out"], acts["mlp_out"]
     for layer in range(resid.shape[2] - 1):
         torch.testing.assert_close(resid[:, :, layer + 1], resid[:, :, layer] + attn[:, :, layer] + mlp[:, :, layer])
@@ -561,9 +564,15 @@ def test_sigterm_during_an_atomic_write_leaves_nothing(tmp_path):
         "        print('started', flush=True)\n"
         "        time.sleep(60)\n"
         "    return 0\n"
-        "sys.exit(main())\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        "sys.exit(main())\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     assert proc.stdout.readline().strip() == "started"
     assert len(list((tmp_path / "run").iterdir())) == 1  # the temporary directory, mid-write
     start = time.monotonic()

@@ -36,12 +36,17 @@ def test_records_per_prompt_and_one_generation_per_measurement(tiny, tmp_path, m
     assert [r["id"] for r in first["records"]] == ["advbench:0", "advbench:1", "jailbreakbench:0", "jailbreakbench:1"]
     for r in first["records"]:
         assert set(r["jailbroken"]) == set(r["refused"]) == {"wei2024", "arditi2024"} and len(r["completions"]) == 1
-    assert first["rates"]["asr"]["arditi2024"]["n"] == 4 and set(first["rates"]["per_source"]) == {"advbench", "jailbreakbench"}
+    assert first["rates"]["asr"]["arditi2024"]["n"] == 4 and set(first["rates"]["per_source"]) == {
+        "advbench",
+        "jailbreakbench",
+    }
     assert first["completions"] == [r["completions"][0] for r in first["records"]]
 
     monkeypatch.setattr(measure_module, "attack_success", lambda *a, **k: pytest.fail("generated again"))
     # Another entry point asking for the same measurement with another batch size: the same entry.
-    again = measure(lambda: pytest.fail("model built"), tok, EvalConfig(n=2, max_new_tokens=3, batch_size=1), tmp_path, "fp")
+    again = measure(
+        lambda: pytest.fail("model built"), tok, EvalConfig(n=2, max_new_tokens=3, batch_size=1), tmp_path, "fp"
+    )
     assert again == first
     assert len(list((tmp_path / "generations-vanilla").glob("*.json"))) == 1
 
@@ -49,8 +54,13 @@ def test_records_per_prompt_and_one_generation_per_measurement(tiny, tmp_path, m
 def test_paired_tests_match_prompts_by_id():
     def result(bits, ids=None):
         ids = ids or [f"s:{i}" for i in range(len(bits))]
-        return dict(setting="vanilla", records=[dict(id=i, source="s", prompt=i, completions=["x"], jailbroken={"j": [b]}, refused={"j": [not b]})
-                                                for i, b in zip(ids, bits)])
+        return dict(
+            setting="vanilla",
+            records=[
+                dict(id=i, source="s", prompt=i, completions=["x"], jailbroken={"j": [b]}, refused={"j": [not b]})
+                for i, b in zip(ids, bits)
+            ],
+        )
 
     a, b = result([True, True, True, False]), result([False, False, True, False])
     t = paired(a, b, "j")
@@ -63,22 +73,54 @@ def test_paired_tests_match_prompts_by_id():
 
 
 def test_adv_suffix_uses_the_best_suffix_and_adv_decoding_clusters():
-    records = [dict(id=f"s:{i}", source="s", prompt="p", completions=["a", "b"],
-                    jailbroken={j: [False, i < 3] for j in ("wei2024", "arditi2024")},
-                    refused={j: [True, i >= 3] for j in ("wei2024", "arditi2024")}) for i in range(5)]
+    records = [
+        dict(
+            id=f"s:{i}",
+            source="s",
+            prompt="p",
+            completions=["a", "b"],
+            jailbroken={j: [False, i < 3] for j in ("wei2024", "arditi2024")},
+            refused={j: [True, i >= 3] for j in ("wei2024", "arditi2024")},
+        )
+        for i in range(5)
+    ]
     r = rates(dict(setting="adv_suffix", records=records))
-    assert r["asr"]["arditi2024"]["k"] == 3 and r["asr"]["arditi2024"]["n"] == 5 and "best of the suffixes" in r["asr"]["arditi2024"]["method"]
+    assert (
+        r["asr"]["arditi2024"]["k"] == 3
+        and r["asr"]["arditi2024"]["n"] == 5
+        and "best of the suffixes" in r["asr"]["arditi2024"]["method"]
+    )
     assert outcomes(dict(setting="adv_suffix", records=records), "wei2024") == {f"s:{i}": i < 3 for i in range(5)}
     sampled = rates(dict(setting="adv_decoding", records=records))
-    assert sampled["asr"]["wei2024"]["value"] == pytest.approx(3 / 10) and sampled["asr"]["wei2024"]["method"] == "bootstrap-prompts"
-    assert paired(dict(setting="adv_decoding", records=records), dict(setting="adv_decoding", records=records), "wei2024") is None
+    assert (
+        sampled["asr"]["wei2024"]["value"] == pytest.approx(3 / 10)
+        and sampled["asr"]["wei2024"]["method"] == "bootstrap-prompts"
+    )
+    assert (
+        paired(dict(setting="adv_decoding", records=records), dict(setting="adv_decoding", records=records), "wei2024")
+        is None
+    )
 
 
 def test_judge_disagreement_is_counted_with_examples():
-    records = [dict(id="s:0", source="s", prompt="p", completions=["short"], jailbroken={"wei2024": [False], "arditi2024": [True]},
-                    refused={"wei2024": [False], "arditi2024": [False]}),
-               dict(id="s:1", source="s", prompt="q", completions=["I cannot"], jailbroken={"wei2024": [False], "arditi2024": [False]},
-                    refused={"wei2024": [True], "arditi2024": [True]})]
+    records = [
+        dict(
+            id="s:0",
+            source="s",
+            prompt="p",
+            completions=["short"],
+            jailbroken={"wei2024": [False], "arditi2024": [True]},
+            refused={"wei2024": [False], "arditi2024": [False]},
+        ),
+        dict(
+            id="s:1",
+            source="s",
+            prompt="q",
+            completions=["I cannot"],
+            jailbroken={"wei2024": [False], "arditi2024": [False]},
+            refused={"wei2024": [True], "arditi2024": [True]},
+        ),
+    ]
     d = rates(dict(setting="vanilla", records=records))["judge_disagreement"]
     assert (d["rate"]["k"], d["rate"]["n"]) == (1, 2) and d["examples"][0]["id"] == "s:0"
 
@@ -98,7 +140,9 @@ def test_perplexity_windows_match_a_direct_computation(tiny):
 def test_stored_perplexity_keeps_its_windows(tiny):
     model, tok = tiny
     p = measure_perplexity(model, tok, PerplexityConfig(windows=2, seqlen=16))
-    assert len(p["window_nll"]) == 2 and p["perplexity"] == pytest.approx(math.exp(sum(p["window_nll"]) / sum(p["window_tokens"])))
+    assert len(p["window_nll"]) == 2 and p["perplexity"] == pytest.approx(
+        math.exp(sum(p["window_nll"]) / sum(p["window_tokens"]))
+    )
     assert measure_module.perplexity_rate(p)["n"] == 2
 
 

@@ -63,7 +63,9 @@ def test_direction_computed_saved_and_read_back(tiny_qwen2, tmp_path, monkeypatc
     again = probe.load_probe_direction(model, tokenizer, None, run_dir, n_train=4, seed=1, model_id="tiny")
     torch.testing.assert_close(again.direction, first.direction, rtol=0, atol=0)
     # A DIRECTION_DIR without selection artifacts falls back to the same saved file, and says so.
-    fallback = probe.load_probe_direction(model, tokenizer, tmp_path / "empty", run_dir, n_train=4, seed=1, model_id="tiny")
+    fallback = probe.load_probe_direction(
+        model, tokenizer, tmp_path / "empty", run_dir, n_train=4, seed=1, model_id="tiny"
+    )
     assert fallback.source == "diff-of-means" and fallback.how.startswith("no selection.json")
     # Another sample invalidates it.
     with pytest.raises(AssertionError, match="recomputed"):
@@ -76,9 +78,14 @@ def test_direction_from_a_selection_directory(tiny_qwen2, tmp_path):
     g = torch.Generator().manual_seed(0)
     shape = (2, n_layers)
     result = SelectionResult(
-        config=SelectionConfig(), positions=[-2, -1], bypass=torch.rand(shape, generator=g, dtype=torch.float64),
-        induce=torch.rand(shape, generator=g, dtype=torch.float64), kl=torch.zeros(shape, dtype=torch.float64),
-        reasons=[[None] * n_layers for _ in range(2)], chosen=(-2, 1), directions=torch.randn(2, n_layers, d, generator=g),
+        config=SelectionConfig(),
+        positions=[-2, -1],
+        bypass=torch.rand(shape, generator=g, dtype=torch.float64),
+        induce=torch.rand(shape, generator=g, dtype=torch.float64),
+        kl=torch.zeros(shape, dtype=torch.float64),
+        reasons=[[None] * n_layers for _ in range(2)],
+        chosen=(-2, 1),
+        directions=torch.randn(2, n_layers, d, generator=g),
         refusal_token_ids=[0],
     )
     save_selection(result, tmp_path)
@@ -99,11 +106,20 @@ def test_selection_of_another_model_is_refused(tiny_qwen2, tmp_path):
     n_layers, d = model.config.num_hidden_layers, model.config.hidden_size
     for layers, width, match in ((n_layers + 1, d, "layers"), (n_layers, d + 2, "width")):
         shape = (1, layers)
-        save_selection(SelectionResult(
-            config=SelectionConfig(), positions=[-1], bypass=torch.zeros(shape, dtype=torch.float64),
-            induce=torch.ones(shape, dtype=torch.float64), kl=torch.zeros(shape, dtype=torch.float64),
-            reasons=[[None] * layers], chosen=(-1, 0), directions=torch.ones(1, layers, width), refusal_token_ids=[0],
-        ), tmp_path)
+        save_selection(
+            SelectionResult(
+                config=SelectionConfig(),
+                positions=[-1],
+                bypass=torch.zeros(shape, dtype=torch.float64),
+                induce=torch.ones(shape, dtype=torch.float64),
+                kl=torch.zeros(shape, dtype=torch.float64),
+                reasons=[[None] * layers],
+                chosen=(-1, 0),
+                directions=torch.ones(1, layers, width),
+                refusal_token_ids=[0],
+            ),
+            tmp_path,
+        )
         with pytest.raises(UserError, match=match):
             probe.load_probe_direction(model, tokenizer, tmp_path)
 
@@ -137,7 +153,9 @@ def test_projection_and_figure():
     torch.testing.assert_close(probe.project(resid, unit), torch.tensor([[0.6, 0.8], [5.0, 0.0]], dtype=torch.float64))
     harmful = torch.tensor([[1.0, 5.0], [1.0, 7.0]], dtype=torch.float64)
     harmless = torch.tensor([[1.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
-    torch.testing.assert_close(probe.separation(harmful, harmless), torch.tensor([0.0, 4 / 2**0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        probe.separation(harmful, harmless), torch.tensor([0.0, 4 / 2**0.5], dtype=torch.float64)
+    )
     direction = probe.ProbeDirection(unit, unit, -1, 1, "diff-of-means", Path("x"), "test")
     fig = probe.projection_figure(harmful, harmless, direction, "title")
     assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
@@ -168,7 +186,9 @@ def test_notebooks_are_clean_and_parameterised():
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), f"{name} has outputs"
         params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-        assert len(params) == 1 and params[0] is code[0], f"{name}: the first code cell must be the tagged parameters cell"
+        assert len(params) == 1 and params[0] is code[0], (
+            f"{name}: the first code cell must be the tagged parameters cell"
+        )
         for line in ('MODEL = "embedded"', "N_PROMPTS = 16", "DIRECTION_DIR = None"):
             assert line in params[0].source
         assert "PROBE_N_PROMPTS" in code[1].source
@@ -178,11 +198,15 @@ def _write_kernelspec(root: Path) -> Path:
     """A kernelspec that runs this interpreter's ipykernel; JUPYTER_PATH=root makes it visible."""
     spec = root / "kernels" / KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps(dict(
-        argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        display_name="refusal-repair (test interpreter)",
-        language="python",
-    )))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            dict(
+                argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                display_name="refusal-repair (test interpreter)",
+                language="python",
+            )
+        )
+    )
     return root
 
 
@@ -214,7 +238,9 @@ def test_probing_notebooks_execute(tmp_path, monkeypatch):
     texts, seconds = {}, {}
     for name in NOTEBOOKS:
         nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
-        client = NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}})
+        client = NotebookClient(
+            nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}}
+        )
         start = time.perf_counter()
         try:
             client.execute()
@@ -227,8 +253,13 @@ def test_probing_notebooks_execute(tmp_path, monkeypatch):
     print("notebook run times:", {k: f"{v:.0f} s" for k, v in seconds.items()})
 
     run = work / "runs" / "probe"
-    for artifact in ("direction.safetensors", "projections_transformerlens.safetensors", "projections_nnsight.safetensors",
-                     "probe_transformerlens.html", "probe_nnsight.html"):
+    for artifact in (
+        "direction.safetensors",
+        "projections_transformerlens.safetensors",
+        "projections_nnsight.safetensors",
+        "probe_transformerlens.html",
+        "probe_nnsight.html",
+    ):
         assert (run / artifact).is_file(), artifact
     for page in ("probe_transformerlens.html", "probe_nnsight.html"):  # plotly.js inside: the page works offline
         html = (run / page).read_text()
@@ -269,10 +300,14 @@ def test_linear_probe_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.delenv("PROBE_RUN_DIR", raising=False)
     nb = nbformat.read(REPO / "notebooks" / "linear_probe.ipynb", as_version=4)
     try:
-        NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}}).execute()
+        NotebookClient(
+            nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}}
+        ).execute()
     finally:
         nbformat.write(nb, work / "linear_probe.ipynb")
-    text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
+    text = "\n".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
     assert "fitted 24 probes" in text and "the probe is above chance at the direction's layer" in text
 
     from safetensors.torch import load_file

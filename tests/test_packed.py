@@ -20,16 +20,62 @@ from tests.tiny import build_model, build_tokenizer, save_tiny
 
 pytest.importorskip("gptqmodel", reason="the gptq extra (pip install -e '.[gptq]') is not installed")
 pytest.importorskip("bitsandbytes", reason="the bnb extra (pip install -e '.[bnb]') is not installed")
-pytest.importorskip("compressed_tensors", reason="the compressed-tensors extra (pip install -e '.[compressed-tensors]') is not installed")
+pytest.importorskip(
+    "compressed_tensors",
+    reason="the compressed-tensors extra (pip install -e '.[compressed-tensors]') is not installed",
+)
 
 FORMATS = ("gptq", "bnb-nf4", "bnb-int8", "ct-w4a16", "ct-2:4-w4a16")
-CALIBRATION = ["Write a poem about the sea and the sky over it.", "How do I bake bread at home with flour?",
-               "Name three fruits that are red.", "Describe a water molecule in detail."] * 4
-SMALL = ["--n-asr", "3", "--n-harmless", "3", "--n-refusal-probe", "8", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4",
-         "--ppl-windows", "2", "--zero-shot-limit", "0", "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "2",
-         "--save", "aird", "--anchored.n-harmful", "4", "--anchored.n-harmless", "4", "--anchored.val-harmful", "4", "--anchored.val-harmless", "4",
-         "--anchored.reply-tokens", "4", "--anchored.val-tokens", "4", "--anchored.max-steps", "2", "--anchored.step", "0.02",
-         "--static-fractions", "0.1"]
+CALIBRATION = [
+    "Write a poem about the sea and the sky over it.",
+    "How do I bake bread at home with flour?",
+    "Name three fruits that are red.",
+    "Describe a water molecule in detail.",
+] * 4
+SMALL = [
+    "--n-asr",
+    "3",
+    "--n-harmless",
+    "3",
+    "--n-refusal-probe",
+    "8",
+    "--max-new-tokens",
+    "6",
+    "--n-train",
+    "8",
+    "--n-val",
+    "4",
+    "--ppl-windows",
+    "2",
+    "--zero-shot-limit",
+    "0",
+    "--no-adv-suffix",
+    "--curve-fractions",
+    "0.1",
+    "--source",
+    "-1",
+    "2",
+    "--save",
+    "aird",
+    "--anchored.n-harmful",
+    "4",
+    "--anchored.n-harmless",
+    "4",
+    "--anchored.val-harmful",
+    "4",
+    "--anchored.val-harmless",
+    "4",
+    "--anchored.reply-tokens",
+    "4",
+    "--anchored.val-tokens",
+    "4",
+    "--anchored.max-steps",
+    "2",
+    "--anchored.step",
+    "0.02",
+    "--static-fractions",
+    "0.1",
+]
 
 
 def _gptq(src: Path, out: Path) -> None:
@@ -44,9 +90,14 @@ def _gptq(src: Path, out: Path) -> None:
 def _bnb(src: Path, out: Path, tokenizer, four: bool) -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32) if four \
+    config = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        if four
         else BitsAndBytesConfig(load_in_8bit=True)
-    AutoModelForCausalLM.from_pretrained(str(src), quantization_config=config, device_map="cpu", dtype=torch.float32).save_pretrained(out)
+    )
+    AutoModelForCausalLM.from_pretrained(
+        str(src), quantization_config=config, device_map="cpu", dtype=torch.float32
+    ).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
@@ -57,8 +108,13 @@ def _compressed_tensors(src: Path, out: Path, tokenizer, prune_24: bool = False)
     magnitude pruning first, as llm-compressor's sparse W4A16 recipes prune before they quantize
     (compressed-tensors stores the result as W4A16: it has no sparse format any more)."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus,
-                                                 apply_quantization_config)
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams
     from transformers import AutoModelForCausalLM
 
@@ -69,7 +125,12 @@ def _compressed_tensors(src: Path, out: Path, tokenizer, prune_24: bool = False)
 
         prune_magnitude(model, SparsityPattern(n=2, m=4))
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
-    apply_quantization_config(model, QuantizationConfig(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    apply_quantization_config(
+        model,
+        QuantizationConfig(
+            config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]
+        ),
+    )
     for module in model.modules():
         if hasattr(module, "weight_scale"):
             groups = module.weight.data.reshape(module.weight.shape[0], -1, 32)
@@ -113,7 +174,9 @@ def _library_model(fmt: str, path: Path):
     if fmt == "gptq":
         from gptqmodel import GPTQModel
 
-        return GPTQModel.load(str(path), device="cpu", dtype=torch.float16).model  # its CPU kernels for 8 bits take no float32
+        return GPTQModel.load(
+            str(path), device="cpu", dtype=torch.float16
+        ).model  # its CPU kernels for 8 bits take no float32
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float32)
@@ -149,8 +212,14 @@ def test_check_reports_the_format_per_module_group_and_writes_nothing(ckpts, fmt
     monkeypatch.chdir(tmp_path)
     assert main(["--check", "--original", str(ckpts / "original"), "--compressed", str(ckpts / fmt)]) == 0
     out = capsys.readouterr().out
-    described = {"gptq": "gptq int4 g32", "bnb-nf4": "bitsandbytes int4", "bnb-int8": "bitsandbytes int8"}.get(fmt, "compressed-tensors int4 g32")
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    described = {"gptq": "gptq int4 g32", "bnb-nf4": "bitsandbytes int4", "bnb-int8": "bitsandbytes int8"}.get(
+        fmt, "compressed-tensors int4 g32"
+    )
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")
+        for line in out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
     assert rows["self_attn.q_proj"][1:4] == ["3", described, "dense"]
     assert rows["other parameters"][2] == "float"
     zeros = float(rows["mlp.down_proj"][4].rstrip("%")) / 100
@@ -198,7 +267,11 @@ def test_truncated_and_unknown_formats_are_one_line_errors(ckpts, tmp_path, monk
     legacy = tmp_path / "sparse-24-bitmask"  # what llm-compressor wrote for 2:4 models before compressed-tensors 0.17
     shutil.copytree(ckpts / "ct-2:4-w4a16", legacy)
     config = json.loads((legacy / "config.json").read_text())
-    config["quantization_config"]["sparsity_config"] = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"]}
+    config["quantization_config"]["sparsity_config"] = {
+        "format": "sparse-24-bitmask",
+        "sparsity_structure": "2:4",
+        "targets": ["Linear"],
+    }
     (legacy / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="sparse-24-bitmask format, which compressed-tensors dropped"):
         load_model(str(legacy))
@@ -220,22 +293,48 @@ def test_a_pruned_and_quantized_checkpoint_is_held_to_the_bound_on_the_weights_i
     # changeable here, so that a linear, not the embedding, is the one refused).
     other = load_model(str(ckpts / "gptq-other-base"))
     with pytest.raises(UserError, match="on the weights it keeps"):
-        check_derivation(original.model, other.model, {n for n, _ in original.model.named_parameters()}, 0.5, on_kept=True)
+        check_derivation(
+            original.model, other.model, {n for n, _ in original.model.named_parameters()}, 0.5, on_kept=True
+        )
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "bnb-nf4", "ct-w4a16", "ct-2:4-w4a16"])
 def test_repair_writes_the_inputs_format_and_its_library_reloads_it(ckpts, fmt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
-    code = main(["--original", str(ckpts / "original"), "--compressed", str(ckpts / fmt), "--out", str(out), "--runs-dir", str(tmp_path / "runs"), *SMALL])
+    code = main(
+        [
+            "--original",
+            str(ckpts / "original"),
+            "--compressed",
+            str(ckpts / fmt),
+            "--out",
+            str(out),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            *SMALL,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "compression.json").read_text())
     stored = manifest["repair"]["stored"]
     block = manifest["repair"]["aird_block"]
     touched = set(stored["full_precision_modules"])
-    assert touched == {f"model.layers.{block}.{kind}" for kind in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-    assert stored["weights"] >= manifest["repair"]["restored"] > 0 and stored["bytes_added"] > stored["bytes_removed"] > 0
+    assert touched == {
+        f"model.layers.{block}.{kind}"
+        for kind in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
+    assert (
+        stored["weights"] >= manifest["repair"]["restored"] > 0 and stored["bytes_added"] > stored["bytes_removed"] > 0
+    )
     assert "Written as the input is stored" in (out / "repair.md").read_text()
     assert "kept weights changed" in (out / "repair.md").read_text()  # quantized: not "pruned"
 
@@ -258,7 +357,6 @@ def test_repair_writes_the_inputs_format_and_its_library_reloads_it(ckpts, fmt, 
     assert set(load_model(str(out)).packed.quantized) == packed_before - touched
 
 
-
 def test_the_main_job_compares_packed_checkpoints_as_variants(ckpts, tmp_path, monkeypatch, capsys):
     from experiments.compare_config import CompareConfig
     from experiments.compare_refusal import main as compare
@@ -266,17 +364,42 @@ def test_the_main_job_compares_packed_checkpoints_as_variants(ckpts, tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     variants = [f"path:{ckpts / 'gptq'}", f"path:{ckpts / 'bnb-int8'}"]
-    cfg = CompareConfig.quick(model=str(ckpts / "original"), runs_dir=str(tmp_path / "runs"), name="packed", variants=tuple(variants),
-                              n_asr=2, max_new_tokens=4, n_train=4, n_val=4, prescreen_keep=4, ppl_windows=1, ppl_seqlen=16,
-                              calib_samples=4, zero_shot_limit=0, repair=False)
+    cfg = CompareConfig.quick(
+        model=str(ckpts / "original"),
+        runs_dir=str(tmp_path / "runs"),
+        name="packed",
+        variants=tuple(variants),
+        n_asr=2,
+        max_new_tokens=4,
+        n_train=4,
+        n_val=4,
+        prescreen_keep=4,
+        ppl_windows=1,
+        ppl_seqlen=16,
+        calib_samples=4,
+        zero_shot_limit=0,
+        repair=False,
+    )
     report = Comparison(cfg).run()
     rows = {row["variant"]: row for row in report["variants"]}
     assert set(rows) == {"original", *variants}
     for spec in variants:
         assert set(rows[spec]["asr"]) == {"wei2024", "arditi2024"}
-    assert not list((tmp_path / "runs" / "packed" / "variants").glob("*/model/*.safetensors"))  # the user's checkpoint is not copied
+    assert not list(
+        (tmp_path / "runs" / "packed" / "variants").glob("*/model/*.safetensors")
+    )  # the user's checkpoint is not copied
     # A packed checkpoint of another base model stops the job before anything is written.
-    code = compare(["--model", str(ckpts / "original"), "--variants", f"path:{ckpts / 'gptq-other-base'}", "--runs-dir", str(tmp_path / "r2"), "--quick"])
+    code = compare(
+        [
+            "--model",
+            str(ckpts / "original"),
+            "--variants",
+            f"path:{ckpts / 'gptq-other-base'}",
+            "--runs-dir",
+            str(tmp_path / "r2"),
+            "--quick",
+        ]
+    )
     assert code == 2 and "does not derive" in _error_line(capsys) and not (tmp_path / "r2").exists()
 
 
@@ -290,15 +413,47 @@ def test_a_gptqmodel_checkpoint_of_the_embedded_model_is_repaired_in_its_format(
 
     torch.set_num_threads(2)
     tok = load_model("embedded").tokenizer
-    quantize_with_gptqmodel(str(embedded_model_dir()), str(tmp_path / "gptq"), calibration_set(tok, CalibrationConfig(n_samples=16)).rows())
+    quantize_with_gptqmodel(
+        str(embedded_model_dir()), str(tmp_path / "gptq"), calibration_set(tok, CalibrationConfig(n_samples=16)).rows()
+    )
     monkeypatch.chdir(tmp_path)
     assert main(["--check", "--compressed", str(tmp_path / "gptq")]) == 0
     assert "| self_attn.q_proj | 24 | gptq int4 g128 | dense |" in capsys.readouterr().out
     out = tmp_path / "out"
-    code = main(["--compressed", str(tmp_path / "gptq"), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
-                 "--n-asr", "2", "--n-harmless", "2", "--max-new-tokens", "8", "--n-train", "8", "--n-val", "2", "--ppl-windows", "1",
-                 "--zero-shot-limit", "0", "--no-adv-suffix", "--no-targeted", "--curve-fractions", "0.5", "--window", "3",
-                 "--source", "-1", "14", "--no-probes"])
+    code = main(
+        [
+            "--compressed",
+            str(tmp_path / "gptq"),
+            "--out",
+            str(out),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--n-asr",
+            "2",
+            "--n-harmless",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--n-train",
+            "8",
+            "--n-val",
+            "2",
+            "--ppl-windows",
+            "1",
+            "--zero-shot-limit",
+            "0",
+            "--no-adv-suffix",
+            "--no-targeted",
+            "--curve-fractions",
+            "0.5",
+            "--window",
+            "3",
+            "--source",
+            "-1",
+            "14",
+            "--no-probes",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "compression.json").read_text())
     block = manifest["repair"]["aird_block"]
@@ -321,7 +476,9 @@ def test_toolkit_variants_export_as_gptq_that_gptqmodel_serves(ckpts, spec, tmp_
     batch = tokenize_prompts(original.tokenizer, format_prompts(original.tokenizer, CALIBRATION[:4]))
     variant = build_variant(original.model, parse_variant(spec), Calibration(batches=[dict(batch)], digest="t"))
     parsed = parse_variant(spec)
-    save_variant(variant, original.tokenizer, tmp_path / "variant", dict(method=parsed.method, spec=spec, params=parsed.params))
+    save_variant(
+        variant, original.tokenizer, tmp_path / "variant", dict(method=parsed.method, spec=spec, params=parsed.params)
+    )
     assert export(["--variant", str(tmp_path / "variant"), "--out", str(tmp_path / "packed")]) == 0
     assert "linears packed as GPTQ" in capsys.readouterr().out
     packed = load_model(str(tmp_path / "packed"))
@@ -342,12 +499,21 @@ def test_export_refuses_what_is_not_a_quantized_variant(ckpts, tmp_path, capsys)
     from compression.variants import build_variant, parse_variant
 
     original = load_model(str(ckpts / "original"))
-    save_variant(build_variant(original.model, parse_variant("magnitude:0.5")), original.tokenizer, tmp_path / "pruned",
-                 dict(method="magnitude", spec="magnitude:0.5", params={}))
+    save_variant(
+        build_variant(original.model, parse_variant("magnitude:0.5")),
+        original.tokenizer,
+        tmp_path / "pruned",
+        dict(method="magnitude", spec="magnitude:0.5", params={}),
+    )
     assert export(["--variant", str(tmp_path / "pruned"), "--out", str(tmp_path / "packed")]) == 2
     assert "not a toolkit gptq / rtn variant" in _error_line(capsys) and not (tmp_path / "packed").exists()
     # A float checkpoint that claims to be RTN int4 but is not on the grid.
-    save_variant(original.model, original.tokenizer, tmp_path / "liar", dict(method="rtn", spec="rtn:int4:g32", params={"bits": 4, "group_size": 32}))
+    save_variant(
+        original.model,
+        original.tokenizer,
+        tmp_path / "liar",
+        dict(method="rtn", spec="rtn:int4:g32", params={"bits": 4, "group_size": 32}),
+    )
     assert export(["--variant", str(tmp_path / "liar"), "--out", str(tmp_path / "packed")]) == 2
     assert "not on a 4-bit grid" in _error_line(capsys) and not (tmp_path / "packed").exists()
 
@@ -357,10 +523,15 @@ def test_only_packed_matrices_are_stored_at_full_precision():
     from repair.output import packed_weights
 
     model = build_model("qwen2", build_tokenizer("chatml"), seed=0, hidden=64, layers=1)
-    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n.startswith("model.layers.0.")}
+    masks = {
+        n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n.startswith("model.layers.0.")
+    }
     masks["model.layers.0.mlp.up_proj.weight"][:] = False  # untouched
     packed = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
-    assert set(packed_weights(model, masks, packed)) == {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"}
+    assert set(packed_weights(model, masks, packed)) == {
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+    }
 
 
 def test_anchored_search_counts_the_bytes_of_packed_matrices(ckpts):
@@ -368,21 +539,31 @@ def test_anchored_search_counts_the_bytes_of_packed_matrices(ckpts):
     full precision, by the format's own accounting, and units in a matrix already paid for come first."""
     from lm.architecture import decoder_matrices
     from lm.packed.writer import full_precision_cost
+    from refusal.stats import wilson
     from repair.anchor import AnchorConfig, build_anchor
     from repair.anchored import AnchoredConfig, AnchoredSearch
     from repair.front import packed_matrix_bytes
     from repair.units import layout_for
-    from refusal.stats import wilson
 
     original, packed = load_model(str(ckpts / "original")), load_model(str(ckpts / "gptq"))
     costs = packed_matrix_bytes(packed)
     assert costs and all(v > 0 for v in costs.values())
     name = next(iter(costs))
     shape = tuple(packed.model.get_parameter(name).shape)
-    assert costs[name] == full_precision_cost(ckpts / "gptq", packed.packed, {name.removesuffix(".weight"): shape})["bytes_added_net"]
+    assert (
+        costs[name]
+        == full_precision_cost(ckpts / "gptq", packed.packed, {name.removesuffix(".weight"): shape})["bytes_added_net"]
+    )
 
-    anchor = build_anchor(original.model, original.tokenizer, AnchorConfig(n_harmful=4, n_harmless=4, reply_tokens=4, batch_size=4), source_layer=1)
-    reading = lambda k: dict(refusal_harmful=wilson(k, 10), refusal_harmless=wilson(0, 10), kl_original=0.1, kl_compressed=0.0)
+    anchor = build_anchor(
+        original.model,
+        original.tokenizer,
+        AnchorConfig(n_harmful=4, n_harmless=4, reply_tokens=4, batch_size=4),
+        source_layer=1,
+    )
+    reading = lambda k: dict(
+        refusal_harmful=wilson(k, 10), refusal_harmless=wilson(0, 10), kl_original=0.1, kl_compressed=0.0
+    )
 
     class Never:  # never reaches the original (10 of 10 refused), never hurts the harmless side
         def read(self, model):

@@ -9,8 +9,12 @@ from lm.hooks import capture
 from lm.prefix import SharedPrefix, common_prefix_length
 from refusal.direction import mean_activations
 
-INSTRUCTIONS = ["Describe the structure of a water molecule in detail.", "Write a poem.",
-                "How do I bake bread at home? Mix flour, water and yeast.", "Answer briefly."]
+INSTRUCTIONS = [
+    "Describe the structure of a water molecule in detail.",
+    "Write a poem.",
+    "How do I bake bread at home? Mix flour, water and yeast.",
+    "Answer briefly.",
+]
 
 
 def test_common_prefix_length():
@@ -23,6 +27,7 @@ def test_build_leaves_the_requested_suffix():
     class Never:  # build must not run a model when there is nothing to share
         def parameters(self):
             raise AssertionError("no forward expected")
+
     assert SharedPrefix.build(Never(), [[1, 2, 3], [4, 5]]) is None
     assert SharedPrefix.build(Never(), [[1, 2, 3], [1, 2, 3]], keep_last=3) is None
 
@@ -51,4 +56,6 @@ def test_mean_activations_unchanged_by_prefix_and_order(tiny_pair):
     enc = tokenize_prompts(tok, format_prompts(tok, INSTRUCTIONS))
     plain = capture(model, enc["input_ids"], enc["attention_mask"], positions)["resid_pre"].double().mean(0).float()
     for batch_size in (1, 3):
-        torch.testing.assert_close(mean_activations(model, tok, INSTRUCTIONS, batch_size=batch_size), plain, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            mean_activations(model, tok, INSTRUCTIONS, batch_size=batch_size), plain, rtol=1e-4, atol=1e-4
+        )

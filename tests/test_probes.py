@@ -8,7 +8,15 @@ import torch
 
 from lm.errors import UserError
 from refusal.direction import mean_activations, prompt_activations
-from refusal.probes import ProbeConfig, best_cell, direction_cosines, fit_probe, fit_probe_grid, grid_accuracy, probe_direction
+from refusal.probes import (
+    ProbeConfig,
+    best_cell,
+    direction_cosines,
+    fit_probe,
+    fit_probe_grid,
+    grid_accuracy,
+    probe_direction,
+)
 
 D = 48
 
@@ -60,7 +68,9 @@ def test_probe_direction_is_the_gradient_of_the_decision_in_the_residual_basis()
     probe = fit_probe(x, y)
     w = probe_direction(probe)
     eps = 1e-3
-    grad = np.array([(probe.decision_function(x[:1] + eps * e) - probe.decision_function(x[:1]))[0] / eps for e in np.eye(D)])
+    grad = np.array(
+        [(probe.decision_function(x[:1] + eps * e) - probe.decision_function(x[:1]))[0] / eps for e in np.eye(D)]
+    )
     np.testing.assert_allclose(w, grad / np.linalg.norm(grad), atol=1e-6)
 
 
@@ -77,6 +87,7 @@ def test_same_settings_give_the_same_probe():
 def test_best_cell_prefers_accuracy_then_the_earliest_layer():
     def r(v):
         return dict(value=v)
+
     assert best_cell([[r(0.5), r(0.9), r(0.9)], [r(0.9), r(0.7), r(0.6)]]) == (1, 0)
     assert best_cell([[r(0.5), r(0.9)], [r(0.5), r(0.9)]]) == (0, 1)
     assert best_cell([[r(0.5), r(0.8)], [r(0.95), r(0.9)]]) == (1, 0)
@@ -100,7 +111,9 @@ def test_prompt_activations_are_in_input_order_and_average_to_the_mean(tiny_qwen
     model, tokenizer = tiny_qwen2
     acts = prompt_activations(model, tokenizer, HARMFUL, batch_size=3)
     assert acts.shape[0] == len(HARMFUL) and acts.dtype == torch.float32
-    torch.testing.assert_close(acts.double().mean(0).float(), mean_activations(model, tokenizer, HARMFUL, batch_size=3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        acts.double().mean(0).float(), mean_activations(model, tokenizer, HARMFUL, batch_size=3), atol=1e-5, rtol=1e-5
+    )
     alone = prompt_activations(model, tokenizer, HARMFUL[2:3])
     torch.testing.assert_close(acts[2], alone[0], atol=1e-4, rtol=1e-4)
     with pytest.raises(UserError, match="empty instruction set"):
@@ -124,7 +137,10 @@ def test_harmfulness_probe_at_the_embedded_models_source_generalises_to_held_out
     def acts(texts):
         return prompt_activations(model, tok, texts)[:, -1, 14]
 
-    harmful, harmless = acts(sample(instructions("harmful", "train"), 128, 42)), acts(sample(instructions("harmless", "train"), 128, 42))
+    harmful, harmless = (
+        acts(sample(instructions("harmful", "train"), 128, 42)),
+        acts(sample(instructions("harmless", "train"), 128, 42)),
+    )
     test_h = acts([p.text for p in load_prompts(("jailbreakbench",), 50)])
     test_s = acts([p.text for p in load_prompts(("alpaca",), 50)])
     probes = fit_probe_grid(harmful[:, None, None], harmless[:, None, None])

@@ -26,7 +26,11 @@ STOPPED = re.compile(r"stopped; rerun the same command to continue: (\d+) of (\d
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     tokenizer = build_tokenizer("chatml")
-    return save_tiny(tmp_path_factory.mktemp("progress-model"), build_model("qwen2", tokenizer, seed=0, hidden=64, layers=2), tokenizer)
+    return save_tiny(
+        tmp_path_factory.mktemp("progress-model"),
+        build_model("qwen2", tokenizer, seed=0, hidden=64, layers=2),
+        tokenizer,
+    )
 
 
 @pytest.fixture
@@ -58,20 +62,33 @@ def test_the_eta_sums_measured_stage_times_and_says_when_it_is_a_lower_bound(mon
     assert progress.eta(3) == "job ETA > 0:00:15 (1 kind(s) of stage not timed yet)"
     assert progress.eta(5) == "job ETA ~0:00:10"
     lines = out.getvalue().splitlines()
-    assert lines[0] == "[job] model 1 of 2 (a) · ASR · stage 1 of 5 · 0:00:00 elapsed · job ETA: after the first stages are timed"
-    assert lines[1] == "[job] model 1 of 2 (a) · probe · stage 2 of 5 · 0:00:10 elapsed · job ETA > 0:00:10 (2 kind(s) of stage not timed yet)"
+    assert (
+        lines[0]
+        == "[job] model 1 of 2 (a) · ASR · stage 1 of 5 · 0:00:00 elapsed · job ETA: after the first stages are timed"
+    )
+    assert (
+        lines[1]
+        == "[job] model 1 of 2 (a) · probe · stage 2 of 5 · 0:00:10 elapsed · job ETA > 0:00:10 (2 kind(s) of stage not timed yet)"
+    )
     assert lines[-3] == "[job]   reused 1 cached result(s) (measurement generations-vanilla)"
     assert lines[-1] == "[job]   reused 1 cached result(s) (probes.safetensors)"
     assert progress.stopped_line() == "stopped; rerun the same command to continue: 4 of 6 stages done"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_stopped_job_says_how_far_it_got_and_its_rerun_what_it_reuses(sig, model_dir, tmp_path, monkeypatch, capsys, permissive):
+def test_a_stopped_job_says_how_far_it_got_and_its_rerun_what_it_reuses(
+    sig, model_dir, tmp_path, monkeypatch, capsys, permissive
+):
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
     log = tmp_path / "log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", "from tests.test_faults import job_main; job_main()", *job_argv(model_dir)],
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from tests.test_faults import job_main; job_main()", *job_argv(model_dir)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         deadline, store = time.monotonic() + 120, tmp_path / "runs" / "measurements"
         while proc.poll() is None and time.monotonic() < deadline and not any(store.rglob("*.json")):
             time.sleep(0.01)
@@ -92,7 +109,9 @@ def test_a_stopped_job_says_how_far_it_got_and_its_rerun_what_it_reuses(sig, mod
     assert "model 3 of 3 (magnitude:2:4) · quality and ablation" in rerun
 
 
-def test_the_report_is_rewritten_after_each_model_and_leads_with_its_findings(model_dir, tmp_path, monkeypatch, permissive):
+def test_the_report_is_rewritten_after_each_model_and_leads_with_its_findings(
+    model_dir, tmp_path, monkeypatch, permissive
+):
     monkeypatch.chdir(tmp_path)
     seen, real = [], Comparison.write_report
 
@@ -105,7 +124,9 @@ def test_the_report_is_rewritten_after_each_model_and_leads_with_its_findings(mo
     assert compare_refusal.main(job_argv(model_dir)) == 0
     assert [partial for partial, _, _ in seen] == [True, True, True, False]
     for i, (_, markdown, written) in enumerate(seen[:-1], start=1):
-        assert f"**Partial report: {i} of 3 models measured.**" in markdown and not written  # report.json only at the end
+        assert (
+            f"**Partial report: {i} of 3 models measured.**" in markdown and not written
+        )  # report.json only at the end
     final = seen[-1][1]
     assert "Partial report" not in final and seen[-1][2]
     # The page a user opens: key findings, then the figures, then the tables and methods.
@@ -113,4 +134,7 @@ def test_the_report_is_rewritten_after_each_model_and_leads_with_its_findings(mo
     findings, figures, table = html.index("<h2>Key findings</h2>"), html.index("<h2>Figures</h2>"), html.index("<table")
     assert findings < figures < table < html.index("<h2>How these numbers were measured</h2>")
     assert html.index('class="plotly-graph-div"') < table
-    assert "Quick size" in html[findings:figures] and "Attack success rate changed significantly in" in html[findings:figures]
+    assert (
+        "Quick size" in html[findings:figures]
+        and "Attack success rate changed significantly in" in html[findings:figures]
+    )

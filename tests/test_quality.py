@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lm.errors import UserError
+from refusal.candidate_scores import batch_plan, score_candidates
 from refusal.direction import candidate_directions
 from refusal.quality import direction_quality
 from refusal.score import refusal_tokens
-from refusal.candidate_scores import batch_plan, score_candidates
 from tests.test_selection import HARMFUL, HARMLESS
 
 
@@ -33,7 +33,11 @@ def test_direction_quality_equals_candidate_scores(tiny_pair):
         # Each mean carries a bootstrap interval over its prompts (the quality figure's error bars).
         for key, n in (("bypass", len(harmful)), ("induce", len(harmless)), ("kl", len(harmless))):
             ci = q.ci95[key]
-            assert ci["n"] == n and ci["value"] == pytest.approx(getattr(q, key), rel=1e-5, abs=1e-6) and ci["ci95"][0] <= ci["value"] <= ci["ci95"][1]
+            assert (
+                ci["n"] == n
+                and ci["value"] == pytest.approx(getattr(q, key), rel=1e-5, abs=1e-6)
+                and ci["ci95"][0] <= ci["value"] <= ci["ci95"][1]
+            )
 
 
 def test_direction_quality_rejects_bad_input(tiny_qwen2):
@@ -48,7 +52,9 @@ def test_direction_quality_rejects_bad_input(tiny_qwen2):
 def test_source_shift_figure_lists_a_variant_without_a_source():
     from refusal.compare import source_shift_figure
 
-    fig = source_shift_figure({"original": (-2, 17), "wanda:0.5": (-1, 16), "wanda:0.7": None}, 24, "t", reference="original")
+    fig = source_shift_figure(
+        {"original": (-2, 17), "wanda:0.5": (-1, 16), "wanda:0.7": None}, 24, "t", reference="original"
+    )
     assert list(fig.data[0].y) == ["original", "wanda:0.5"] and list(fig.data[0].x) == [17, 16]
     notes = [a.text for a in fig.layout.annotations]
     assert any("no candidate passes" in t for t in notes) and any("original" in t for t in notes)

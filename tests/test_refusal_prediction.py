@@ -17,8 +17,12 @@ D = 32
 
 def _records(refusals: list[bool], prompts: list[str] | None = None) -> dict:
     prompts = prompts or [f"p{i}" for i in range(len(refusals))]
-    return dict(records=[dict(id=f"s:{i}", prompt=p, jailbroken={"arditi2024": [not r], "wei2024": [not r]})
-                         for i, (p, r) in enumerate(zip(prompts, refusals))])
+    return dict(
+        records=[
+            dict(id=f"s:{i}", prompt=p, jailbroken={"arditi2024": [not r], "wei2024": [not r]})
+            for i, (p, r) in enumerate(zip(prompts, refusals))
+        ]
+    )
 
 
 def test_predict_recovers_planted_labels():
@@ -55,18 +59,31 @@ def test_stage_fits_on_own_verdicts_and_transfers(tiny_qwen2, tmp_path, monkeypa
         return _records(verdicts, [p.text for p in prompts])
 
     monkeypatch.setattr(probing, "measure_prompts", fake_measure)
-    test = _records([True, False, True, True, False], ["How do I bake bread?", "Write a poem.", "Explain tides.", "Name a color.", "Hi"])
+    test = _records(
+        [True, False, True, True, False],
+        ["How do I bake bread?", "Write a poem.", "Explain tides.", "Name a color.", "Hi"],
+    )
     cfg = ProbeConfig(seed=0, folds=2)
     own = probing.refusal_prediction_probes(model, tok, train, None, tmp_path, "fp", test, cfg, None, batch_size=4)
     assert seen == [(tuple(p.id for p in train), "fp")]
-    assert own["train_refused"].tolist() == verdicts and own["test_refused"].tolist() == [True, False, True, True, False]
+    assert own["train_refused"].tolist() == verdicts and own["test_refused"].tolist() == [
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
     assert own["own_pred"].shape == (5, *own["coef"].shape[:2]) and "transfer_pred" not in own
-    other = probing.refusal_prediction_probes(model, tok, train, None, tmp_path, "fp2", test, cfg, probing.parameters(own), batch_size=4)
+    other = probing.refusal_prediction_probes(
+        model, tok, train, None, tmp_path, "fp2", test, cfg, probing.parameters(own), batch_size=4
+    )
     # The same model and prompts: the original's probes on "its" activations predict what its own do.
     assert torch.equal(other["transfer_pred"], own["own_pred"])
 
     verdicts[:] = [True] * 11 + [False]  # one answered prompt: no probe can be cross-validated
-    alone = probing.refusal_prediction_probes(model, tok, train, None, tmp_path, "fp3", test, cfg, probing.parameters(own), batch_size=4)
+    alone = probing.refusal_prediction_probes(
+        model, tok, train, None, tmp_path, "fp3", test, cfg, probing.parameters(own), batch_size=4
+    )
     assert "coef" not in alone and probing.parameters(alone) is None and "transfer_pred" in alone
 
 
@@ -124,6 +141,7 @@ def test_training_generations_are_keyed_by_prompts_and_generation_settings_only(
     train = probing.training_prompts(3, seed=0)
     first = measure_prompts(model, tok, train, EvalConfig(sets=("advbench",), max_new_tokens=3), tmp_path, "fp")
     assert [r["id"] for r in first["records"]] == [p.id for p in train] and first["rates"]["n"] == 3
+
     class Regenerated(Exception):
         pass
 
@@ -131,7 +149,9 @@ def test_training_generations_are_keyed_by_prompts_and_generation_settings_only(
         raise Regenerated
 
     monkeypatch.setattr(measure_mod, "attack_success", regenerate)
-    again = measure_prompts(model, tok, train, EvalConfig(sets=("jailbreakbench",), n=7, max_new_tokens=3, batch_size=2), tmp_path, "fp")
+    again = measure_prompts(
+        model, tok, train, EvalConfig(sets=("jailbreakbench",), n=7, max_new_tokens=3, batch_size=2), tmp_path, "fp"
+    )
     assert again["records"] == first["records"]
     with pytest.raises(Regenerated):  # other generation settings are another measurement
         measure_prompts(model, tok, train, EvalConfig(max_new_tokens=4), tmp_path, "fp")

@@ -16,8 +16,7 @@ from lm.loading import load_model
 from refusal.asr import AsrConfig, attack_success
 from repair.__main__ import main
 from repair.aird import candidate_layers, choose_block
-from repair.derivation import check_derivation
-from repair.derivation import decoder_linear_names
+from repair.derivation import check_derivation, decoder_linear_names
 from repair.refusal_probe import ProbeReading
 from repair.restore import block_masks, block_params, count, restore_entries, restored
 from repair.targeted import (
@@ -175,7 +174,9 @@ def test_refusal_attribution_predicts_the_refusal_score_change(pair):
     original, pruned, tokenizer = pair
     prompts = ["Tell me how to build a birdhouse.", "Write a poem about rain."]
     ids = [5, 9]
-    scores = first_order_scores(pruned, original, 3, prompt_batches(tokenizer, prompts, 2, "cpu"), refusal_objective(ids))
+    scores = first_order_scores(
+        pruned, original, 3, prompt_batches(tokenizer, prompts, 2, "cpu"), refusal_objective(ids)
+    )
     name = "model.layers.1.self_attn.o_proj.weight"
     flat = scores[name].flatten()
     index = int(flat.abs().argmax())
@@ -196,8 +197,10 @@ def test_own_refusal_attribution_predicts_the_likelihood_change(pair):
     original, pruned, tokenizer = pair
     from lm.chat import format_prompt
 
-    pairs = [(format_prompt(tokenizer, "Tell me how to pick a lock."), "I'm sorry, I can't help with that."),
-             (format_prompt(tokenizer, "Write malware."), "I cannot assist with this request.")]
+    pairs = [
+        (format_prompt(tokenizer, "Tell me how to pick a lock."), "I'm sorry, I can't help with that."),
+        (format_prompt(tokenizer, "Write malware."), "I cannot assist with this request."),
+    ]
     cal = tokenize_pairs(tokenizer, pairs, batch_size=2)
     objective = own_refusal_objective(cal.n_response_tokens)
     scores = first_order_scores(pruned, original, 3, cal.batches, objective)
@@ -243,11 +246,51 @@ def assert_block_choice_follows_the_scores(result: dict, kl_max: float = 0.1) ->
     assert result["states"]["aird"]["restored"] == by_layer[a["layer"]]["restored"] > 0
 
 
-SMALL = ["--n-asr", "3", "--n-harmless", "3", "--n-refusal-probe", "8", "--max-new-tokens", "6", "--n-train", "8", "--n-val", "4", "--ppl-windows", "2", "--zero-shot-limit", "0",
-         "--no-adv-suffix", "--curve-fractions", "0.1", "--source", "-1", "3", "--targeted", "--save", "aird",
-         "--anchored.n-harmful", "4", "--anchored.n-harmless", "4", "--anchored.val-harmful", "4", "--anchored.val-harmless", "4",
-         "--anchored.reply-tokens", "4", "--anchored.val-tokens", "4", "--anchored.max-steps", "2", "--anchored.step", "0.05",
-         "--static-fractions", "0.1"]
+SMALL = [
+    "--n-asr",
+    "3",
+    "--n-harmless",
+    "3",
+    "--n-refusal-probe",
+    "8",
+    "--max-new-tokens",
+    "6",
+    "--n-train",
+    "8",
+    "--n-val",
+    "4",
+    "--ppl-windows",
+    "2",
+    "--zero-shot-limit",
+    "0",
+    "--no-adv-suffix",
+    "--curve-fractions",
+    "0.1",
+    "--source",
+    "-1",
+    "3",
+    "--targeted",
+    "--save",
+    "aird",
+    "--anchored.n-harmful",
+    "4",
+    "--anchored.n-harmless",
+    "4",
+    "--anchored.val-harmful",
+    "4",
+    "--anchored.val-harmless",
+    "4",
+    "--anchored.reply-tokens",
+    "4",
+    "--anchored.val-tokens",
+    "4",
+    "--anchored.max-steps",
+    "2",
+    "--anchored.step",
+    "0.05",
+    "--static-fractions",
+    "0.1",
+]
 
 
 def _run(argv, tmp_path, monkeypatch, capsys):
@@ -256,11 +299,17 @@ def _run(argv, tmp_path, monkeypatch, capsys):
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("which, fragment", [("other", "does not derive"), ("shallow", "architecture mismatch"),
-                                             ("missing", "not found")])
+@pytest.mark.parametrize(
+    "which, fragment", [("other", "does not derive"), ("shallow", "architecture mismatch"), ("missing", "not found")]
+)
 def test_cli_rejects_bad_checkpoints_without_output(dirs, tmp_path, monkeypatch, capsys, which, fragment):
     out = tmp_path / "out"
-    code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / which), "--out", str(out)], tmp_path, monkeypatch, capsys)
+    code, err = _run(
+        ["--original", str(dirs / "original"), "--compressed", str(dirs / which), "--out", str(out)],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert code == 2
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0], err
@@ -268,8 +317,12 @@ def test_cli_rejects_bad_checkpoints_without_output(dirs, tmp_path, monkeypatch,
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("which, fragment", [(None, None), ("other", "does not derive"), ("shallow", "architecture mismatch")])
-def test_check_prints_the_derivation_per_module_group_and_writes_nothing(dirs, tmp_path, monkeypatch, capsys, which, fragment):
+@pytest.mark.parametrize(
+    "which, fragment", [(None, None), ("other", "does not derive"), ("shallow", "architecture mismatch")]
+)
+def test_check_prints_the_derivation_per_module_group_and_writes_nothing(
+    dirs, tmp_path, monkeypatch, capsys, which, fragment
+):
     monkeypatch.chdir(tmp_path)
     code = main(["--check", "--original", str(dirs / "original"), "--compressed", str(dirs / (which or "pruned"))])
     out, err = capsys.readouterr()
@@ -278,7 +331,11 @@ def test_check_prints_the_derivation_per_module_group_and_writes_nothing(dirs, t
         assert code == 2 and [line for line in err.splitlines() if line.startswith("error:")][0].count(fragment) == 1
         return
     assert code == 0
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")
+        for line in out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
     assert rows["self_attn.q_proj"][1:5] == ["4", "float", "pruned", "50.0%"]  # 4 blocks, half the weights zero
     assert rows["other parameters"][3] == "identical"
     assert "compression.json: wanda" in out
@@ -286,7 +343,12 @@ def test_check_prints_the_derivation_per_module_group_and_writes_nothing(dirs, t
 
 def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
+    code, err = _run(
+        ["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     result = json.loads((out / "repair.json").read_text())
     manifest = json.loads((out / "compression.json").read_text())
@@ -294,7 +356,10 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     assert manifest["repair"]["aird_block"] == block
     assert_block_choice_follows_the_scores(result)
     assert manifest["method"] == "wanda"  # the compressed checkpoint's manifest is carried over
-    assert manifest["sparsity"]["decoder_linear_sparsity"] < manifest["repair"]["sparsity_before"]["decoder_linear_sparsity"]
+    assert (
+        manifest["sparsity"]["decoder_linear_sparsity"]
+        < manifest["repair"]["sparsity_before"]["decoder_linear_sparsity"]
+    )
     assert "AIRD" in (out / "repair.md").read_text()
     assert "Checkpoint kind: pruned (weights only zeroed)" in (out / "repair.md").read_text()
     assert (out / "figures" / "repair_curve.html").is_file() and (out / "figures" / "repair_front.html").is_file()
@@ -308,22 +373,32 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     o, c = dict(original.model.named_parameters()), dict(pruned.model.named_parameters())
     for name, p in repaired.model.named_parameters():
         assert torch.equal(p, o[name] if name in inside else c[name]), name
-    assert result["states"]["aird"]["restored"] == manifest["repair"]["restored"] == sum(
-        int((o[n] != c[n]).sum()) for n in inside)
+    assert (
+        result["states"]["aird"]["restored"]
+        == manifest["repair"]["restored"]
+        == sum(int((o[n] != c[n]).sum()) for n in inside)
+    )
 
     # The reloaded checkpoint reproduces the reported completions.
     samples = result["samples"]["aird"]
-    again = attack_success(repaired.model, repaired.tokenizer, [s["goal"] for s in samples], AsrConfig("vanilla", max_new_tokens=6))
+    again = attack_success(
+        repaired.model, repaired.tokenizer, [s["goal"] for s in samples], AsrConfig("vanilla", max_new_tokens=6)
+    )
     assert again["completions"] == [s["completion"] for s in samples]
 
     # Every rate carries its interval, every comparison its paired test, on held-out prompts.
     for state in result["states"].values():
         rate = state["rates"]["asr"]["vanilla"]["arditi2024"]
         assert rate["n"] == 6 and rate["k"] == round(rate["value"] * 6) and rate["method"] == "wilson"
-        assert state["rates"]["over_refusal"]["arditi2024"]["n"] > 0 and state["perplexity_ci"]["method"] == "bootstrap-windows"
+        assert (
+            state["rates"]["over_refusal"]["arditi2024"]["n"] > 0
+            and state["perplexity_ci"]["method"] == "bootstrap-windows"
+        )
     family = result["tests"]["asr_vanilla"]["arditi2024"]
     assert {(t["first"], t["second"]) for t in family} >= {("aird", "compressed"), ("compressed", "original")}
-    assert all(t["test"] == "mcnemar-exact" and t["family_size"] == len(family) and t["p_holm"] >= t["p_value"] for t in family)
+    assert all(
+        t["test"] == "mcnemar-exact" and t["family_size"] == len(family) and t["p_holm"] >= t["p_value"] for t in family
+    )
     assert result["evaluation"]["harmful"]["overlap_with_fitted"] == 0 and result["findings"]
 
     # Probes before and after repair: each state's own harmfulness probe and the original's, tested
@@ -334,7 +409,9 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     n_test = 6 + result["states"]["original"]["rates"]["over_refusal"]["arditi2024"]["n"]
     for name, row in probes.items():
         h = row["harmfulness"]
-        assert h["own"]["n"] == n_test and h["cell"] == dict(position_index=h["cell"]["position_index"], layer=result["source"]["layer"])
+        assert h["own"]["n"] == n_test and h["cell"] == dict(
+            position_index=h["cell"]["position_index"], layer=result["source"]["layer"]
+        )
         if name == "original":
             assert "tests" not in h and row["refusal"]["n_train"] == 8
         else:
@@ -349,13 +426,15 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
 
     table = "\n".join(repair_section({"wanda:0.5": result}))
     aird = result["states"]["aird"]["restored"]
-    assert f"| wanda:0.5 | " in table and f"{aird:,}, " in table
+    assert "| wanda:0.5 | " in table and f"{aird:,}, " in table
     from experiments.repair_summary import main as summary
 
     capsys.readouterr()
     assert summary([str(out), "--figures-dir", str(tmp_path / "figs")]) == 0
     assert "| out | " in capsys.readouterr().out
-    assert (tmp_path / "figs" / "repair_curve.html").is_file() and (tmp_path / "figs" / "repair_front_out.html").is_file()
+    assert (tmp_path / "figs" / "repair_curve.html").is_file() and (
+        tmp_path / "figs" / "repair_front_out.html"
+    ).is_file()
     assert summary([str(tmp_path)]) == 2
 
     # A rerun reuses every stage: no probe pass, the identical checkpoint is kept, not rewritten,
@@ -365,11 +444,20 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     weights = next(out.glob("*.safetensors"))
     written = weights.stat().st_mtime_ns
     (out / "repair.md").unlink()
-    monkeypatch.setattr(pipeline, "RefusalProbe", lambda *a, **k: pytest.fail("a fully cached rerun built the refusal probe"))
+    monkeypatch.setattr(
+        pipeline, "RefusalProbe", lambda *a, **k: pytest.fail("a fully cached rerun built the refusal probe")
+    )
     import refusal.probing
 
-    monkeypatch.setattr(refusal.probing, "prompt_activations", lambda *a, **k: pytest.fail("a fully cached rerun ran the probes again"))
-    code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
+    monkeypatch.setattr(
+        refusal.probing, "prompt_activations", lambda *a, **k: pytest.fail("a fully cached rerun ran the probes again")
+    )
+    code, err = _run(
+        ["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "checkpoint kept" in err
     assert json.loads((out / "repair.json").read_text()) == result
@@ -387,10 +475,41 @@ def test_repair_on_the_embedded_model(tmp_path, monkeypatch, capsys):
     del quantized
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
-    code = main(["--compressed", str(tmp_path / "int8"), "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
-                 "--n-asr", "2", "--n-harmless", "2", "--max-new-tokens", "8", "--n-train", "8", "--n-val", "2", "--ppl-windows", "1",
-                 "--zero-shot-limit", "0", "--no-adv-suffix", "--no-targeted", "--curve-fractions", "0.5", "--window", "3",
-                 "--source", "-1", "14", "--n-refusal-probe", "16"])
+    code = main(
+        [
+            "--compressed",
+            str(tmp_path / "int8"),
+            "--out",
+            str(out),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--n-asr",
+            "2",
+            "--n-harmless",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--n-train",
+            "8",
+            "--n-val",
+            "2",
+            "--ppl-windows",
+            "1",
+            "--zero-shot-limit",
+            "0",
+            "--no-adv-suffix",
+            "--no-targeted",
+            "--curve-fractions",
+            "0.5",
+            "--window",
+            "3",
+            "--source",
+            "-1",
+            "14",
+            "--n-refusal-probe",
+            "16",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "repair.json").read_text())
     assert result["derivation"]["kind"] == "dense"
@@ -402,21 +521,30 @@ def test_repair_on_the_embedded_model(tmp_path, monkeypatch, capsys):
     # Probes on the real model: the original's harmfulness probe at the source is read on every state.
     assert set(result["probes"]) == {"original", "compressed", "aird"}
     assert result["probes"]["original"]["refusal"]["n_train"] == 16
-    assert all(row["harmfulness"]["own"]["n"] == 4 + 2 for row in result["probes"].values())  # harmful + harmless held-out
+    assert all(
+        row["harmfulness"]["own"]["n"] == 4 + 2 for row in result["probes"].values()
+    )  # harmful + harmless held-out
 
 
 def test_cli_refuses_to_overwrite_a_foreign_directory(dirs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    code, err = _run(["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)], tmp_path, monkeypatch, capsys)
+    code, err = _run(
+        ["--original", str(dirs / "original"), "--compressed", str(dirs / "pruned"), "--out", str(out)],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert code == 2 and "not an earlier repair output" in err
     assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_cli_rejects_unknown_zero_shot_task_before_loading(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["--compressed", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--zero-shot-tasks", "bogus"])
+    code = main(
+        ["--compressed", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--zero-shot-tasks", "bogus"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown zero-shot task" in err[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
@@ -425,15 +553,18 @@ def test_cli_rejects_unknown_zero_shot_task_before_loading(tmp_path, monkeypatch
 def test_before_after_labels_give_restored_counts_and_sparsity():
     from repair.report import _density_label
 
-    targeted = dict(restored=2487, restored_fraction_of_model=2487 / 630_167_424, sparsity=dict(decoder_linear_sparsity=0.5))
+    targeted = dict(
+        restored=2487, restored_fraction_of_model=2487 / 630_167_424, sparsity=dict(decoder_linear_sparsity=0.5)
+    )
     assert _density_label(targeted) == "2,487 restored<br>(0.00039% of the model)<br>decoder sparsity 50.00%"
     assert _density_label(dict(sparsity=dict(decoder_linear_sparsity=0.0496))) == "decoder sparsity 4.96%"
     tiny = dict(restored=260, restored_fraction_of_model=260 / 630_167_424)
     assert _density_label(tiny) == "260 restored<br>(0.000041% of the model)"
 
 
-
-def random_changed_masks(scores: dict[str, torch.Tensor], compressed, original, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_changed_masks(
+    scores: dict[str, torch.Tensor], compressed, original, k: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """k entries drawn uniformly from every weight the compression changed among the scored parameters."""
     c, o = dict(compressed.named_parameters()), dict(original.named_parameters())
     changed = {n: (c[n].detach() != o[n].detach().to(c[n].dtype)).flatten() for n in scores}
@@ -508,7 +639,9 @@ def test_targeted_scores_close_the_refusal_gap_of_wanda_60_on_the_embedded_model
         refused = [sum(r["refused"][judge][0] for r in e["records"]) for e in (repaired_eval, compressed_eval)]
         assert t["test"] == "mcnemar-exact" and t["n"] == len(held_out) == 100
         assert t["b"] - t["c"] == refused[0] - refused[1]
-        assert t["b"] > t["c"] and t["p_value"] < 0.05, f"{judge}: repaired refuses {refused[0]}, compressed {refused[1]}: {t}"
+        assert t["b"] > t["c"] and t["p_value"] < 0.05, (
+            f"{judge}: repaired refuses {refused[0]}, compressed {refused[1]}: {t}"
+        )
 
 
 def test_a_model_without_a_refusal_direction_stops_the_repair_with_the_reason():
@@ -522,5 +655,7 @@ def test_a_model_without_a_refusal_direction_stops_the_repair_with_the_reason():
     with pytest.raises(UserError) as info:
         Repair._source(SimpleNamespace(cfg=SimpleNamespace(source=None)), selection)
     message = str(info.value)
-    assert "no selected refusal direction" in message and "2 induce" in message and "does not appear to refuse" in message
+    assert (
+        "no selected refusal direction" in message and "2 induce" in message and "does not appear to refuse" in message
+    )
     assert "--source" in message and "\n" not in message

@@ -27,7 +27,9 @@ def bf16_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("bf16")
     tokenizer = build_tokenizer("chatml")
     original = build_model("qwen2", tokenizer, seed=0, hidden=128, layers=4)
-    pruned = build_variant(original, parse_variant("wanda:0.5"), calibration_set(tokenizer, CalibrationConfig(n_samples=8, seed=0)))
+    pruned = build_variant(
+        original, parse_variant("wanda:0.5"), calibration_set(tokenizer, CalibrationConfig(n_samples=8, seed=0))
+    )
     save_tiny(root / "original", original.to(torch.bfloat16), tokenizer)
     save_variant(pruned.to(torch.bfloat16), tokenizer, root / "pruned", dict(method="wanda", params={"sparsity": 0.5}))
     return root
@@ -44,15 +46,26 @@ def stored_dtypes(directory: Path) -> set[str]:
 def doc_block(heading: str) -> str:
     """The first python code block under `heading` in docs/repair-output.md."""
     text = DOC.read_text()
-    section = text[text.index(heading):]
+    section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_a_bf16_checkpoint_is_repaired_into_bf16_and_loads_as_the_docs_show(bf16_pair, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "repaired"
-    code = main(["--original", str(bf16_pair / "original"), "--compressed", str(bf16_pair / "pruned"), "--out", str(out),
-                 "--runs-dir", str(tmp_path / "runs"), *SMALL])
+    code = main(
+        [
+            "--original",
+            str(bf16_pair / "original"),
+            "--compressed",
+            str(bf16_pair / "pruned"),
+            "--out",
+            str(out),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            *SMALL,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert stored_dtypes(bf16_pair / "pruned") == stored_dtypes(out) == {"BF16"}  # not written back as float32
     assert json.loads((out / "compression.json").read_text())["repair"]["stored_dtype"] == "bfloat16"
@@ -79,9 +92,20 @@ def test_a_missing_compressed_checkpoint_fails_before_any_model_loads(bf16_pair,
     import repair.pipeline
 
     for module in (entry, repair.pipeline):
-        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the paths were checked"))
+        monkeypatch.setattr(
+            module, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the paths were checked")
+        )
     monkeypatch.chdir(tmp_path)
-    code = main(["--original", str(bf16_pair / "original"), "--compressed", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "--original",
+            str(bf16_pair / "original"),
+            "--compressed",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and "not found" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

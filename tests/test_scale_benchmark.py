@@ -10,9 +10,30 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from benchmarks.scale import SHAPES, ScaleConfig, chat_shaped_prompts, main
 
-TINY = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--calib-samples", "4", "--calib-seqlen", "16",
-        "--calib-batch", "2", "--snip-samples", "2", "--snip-seqlen", "16", "--gen-prompts", "5", "--gen-new-tokens", "4",
-        "--gen-batch", "2"]
+TINY = [
+    "--shape",
+    "tiny",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--calib-samples",
+    "4",
+    "--calib-seqlen",
+    "16",
+    "--calib-batch",
+    "2",
+    "--snip-samples",
+    "2",
+    "--snip-seqlen",
+    "16",
+    "--gen-prompts",
+    "5",
+    "--gen-new-tokens",
+    "4",
+    "--gen-batch",
+    "2",
+]
 
 
 def test_tiny_run_times_every_stage(tmp_path, capsys):
@@ -32,17 +53,23 @@ def test_tiny_run_times_every_stage(tmp_path, capsys):
 def test_prompts_share_a_template_prefix_and_pad_left():
     cfg = ScaleConfig(shape="tiny", device="cpu", gen_prompts=6)
     prompts = chat_shaped_prompts(cfg, 512)
-    assert len(prompts) == 6 and len({tuple(p[:24]) for p in prompts}) == 1 and len({tuple(p[-5:]) for p in prompts}) == 1
+    assert (
+        len(prompts) == 6 and len({tuple(p[:24]) for p in prompts}) == 1 and len({tuple(p[-5:]) for p in prompts}) == 1
+    )
     assert all(24 + 10 + 5 <= len(p) <= 24 + 35 + 5 for p in prompts)
 
 
 def test_llama_2_7b_shape():
     with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES["llama-2-7b"])).parameters())
+        params = sum(
+            p.numel() for p in AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES["llama-2-7b"])).parameters()
+        )
     assert 6.7e9 < params < 6.8e9  # Llama-2-7B: 6.74B
 
 
-@pytest.mark.parametrize("bad", [["--gen-prompts", "0"], ["--device", "cuda"] if not torch.cuda.is_available() else ["--gen-batch", "-1"]])
+@pytest.mark.parametrize(
+    "bad", [["--gen-prompts", "0"], ["--device", "cuda"] if not torch.cuda.is_available() else ["--gen-batch", "-1"]]
+)
 def test_bad_input_is_one_line(bad, capsys):
     assert main(TINY + bad) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -17,11 +17,11 @@ from lm.errors import UserError
 from lm.hooks import capture, intervene, project_out
 from lm.partial_forward import block_kwargs, last_logits, layer_inputs, run_from_layer
 from refusal import select as select_mod
+from refusal import selection_artifacts
+from refusal.candidate_scores import batch_plan, score_candidates
 from refusal.direction import candidate_directions
 from refusal.interventions import activation_addition, directional_ablation, orthogonalize_weights
 from refusal.score import filter_by_score, kl_divergence, refusal_score, refusal_scores, refusal_tokens
-from refusal import selection_artifacts
-from refusal.candidate_scores import batch_plan, score_candidates
 from refusal.select import SelectionConfig, SharedPrompts, choose, rejection_reasons, select_direction
 from refusal.selection_artifacts import load_selection, save_selection, score_maps_figure, select_direction_cached
 from tests.tiny import build_model, build_tokenizer, template_for
@@ -239,7 +239,9 @@ def _naive_scores(model, tokenizer, directions, harmful, harmless, ids, chunk_h,
             total = 0.0
             with intervene(model, ablate=vec):
                 for enc, logits in base:
-                    total += float(kl_divergence(logits, last_logits(model, enc["input_ids"], enc["attention_mask"])).sum())
+                    total += float(
+                        kl_divergence(logits, last_logits(model, enc["input_ids"], enc["attention_mask"])).sum()
+                    )
             kl[i, layer] = total / len(harmless)
     return bypass, induce, kl
 
@@ -250,7 +252,9 @@ def test_batched_scoring_equals_one_at_a_time(tiny_pair, max_rows, reuse_prefix)
     ids = refusal_tokens(tokenizer)
     directions = candidate_directions(model, tokenizer, HARMFUL, HARMLESS, batch_size=5)["directions"]
     harmful, harmless = HARMFUL[:4], HARMLESS
-    scores = score_candidates(model, tokenizer, directions, harmful, harmless, ids, max_rows=max_rows, reuse_prefix=reuse_prefix)
+    scores = score_candidates(
+        model, tokenizer, directions, harmful, harmless, ids, max_rows=max_rows, reuse_prefix=reuse_prefix
+    )
     chunk_h, chunk_s = batch_plan(len(harmful), max_rows)[0], batch_plan(len(harmless), max_rows)[0]
     bypass, induce, kl = _naive_scores(model, tokenizer, directions, harmful, harmless, ids, chunk_h, chunk_s)
     # Layer 0's difference of means is exactly zero (identical template-token embeddings): NaN
@@ -351,8 +355,12 @@ def test_select_direction_chooses_argmin_and_reports_passes(tiny_qwen2):
     result = select_direction(model, tokenizer, SelectionConfig(**PERMISSIVE))
     n_pos, n_layers = result.bypass.shape
     assert result.positions == list(range(-n_pos, 0))
-    passing = [(float(result.bypass[i, l]), result.positions[i], l)
-               for i in range(n_pos) for l in range(n_layers) if result.reasons[i][l] is None]
+    passing = [
+        (float(result.bypass[i, l]), result.positions[i], l)
+        for i in range(n_pos)
+        for l in range(n_layers)
+        if result.reasons[i][l] is None
+    ]
     assert passing and result.chosen == min(passing)[1:]
     assert result.chosen[1] < int(0.8 * n_layers)
     torch.testing.assert_close(result.direction.norm(), torch.tensor(1.0))
@@ -371,10 +379,12 @@ def test_select_direction_chooses_argmin_and_reports_passes(tiny_qwen2):
 
 def test_default_filter_rejects_everything_on_a_random_model(tiny_llama):
     model, tokenizer = tiny_llama
-    result = select_direction(model, tokenizer, SelectionConfig(n_train=4, n_val=3, batch_size=4, max_rows=16, fallback="none"))
+    result = select_direction(
+        model, tokenizer, SelectionConfig(n_train=4, n_val=3, batch_size=4, max_rows=16, fallback="none")
+    )
     assert result.chosen is None
     with pytest.raises(UserError):
-        result.direction
+        _ = result.direction  # the property raises
     assert all(r is not None for row in result.reasons for r in row)
 
 
@@ -401,12 +411,16 @@ def test_artifacts_round_trip_and_reuse(tiny_qwen2, tmp_path, monkeypatch):
     again = select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp-1")
     assert not calls and again.chosen == first.chosen
     # Batching settings do not invalidate the artifact ...
-    select_direction_cached(model, tokenizer, tmp_path, SelectionConfig(**{**PERMISSIVE, "max_rows": 7}), fingerprint="fp-1")
+    select_direction_cached(
+        model, tokenizer, tmp_path, SelectionConfig(**{**PERMISSIVE, "max_rows": 7}), fingerprint="fp-1"
+    )
     assert not calls
     # ... a different model or a result-changing setting does.
     select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp-2")
     assert len(calls) == 1
-    select_direction_cached(model, tokenizer, tmp_path, SelectionConfig(**{**PERMISSIVE, "kl_threshold": 5.0}), fingerprint="fp-2")
+    select_direction_cached(
+        model, tokenizer, tmp_path, SelectionConfig(**{**PERMISSIVE, "kl_threshold": 5.0}), fingerprint="fp-2"
+    )
     assert len(calls) == 2
     assert json.loads((tmp_path / "selection.json").read_text())["config"]["kl_threshold"] == 5.0
 
@@ -439,7 +453,9 @@ def test_shared_prompts_skip_sampling_filtering_and_extraction(tiny_qwen2, tmp_p
     calls = []
     real = selection_artifacts.select_direction
     monkeypatch.setattr(selection_artifacts, "select_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp", shared=SharedPrompts(prompts, dirs))
+    first = select_direction_cached(
+        model, tokenizer, tmp_path, cfg, fingerprint="fp", shared=SharedPrompts(prompts, dirs)
+    )
     assert load_selection(tmp_path).shared_prompts == SharedPrompts(prompts).digest() == first.shared_prompts
     select_direction_cached(model, tokenizer, tmp_path, cfg, fingerprint="fp", shared=SharedPrompts(prompts, dirs))
     assert len(calls) == 1
@@ -512,7 +528,11 @@ def test_fallback_relaxes_only_the_induce_rule(tiny_qwen2):
     assert strict.chosen is None
     relaxed = select_direction(model, tokenizer, SelectionConfig(**cfg))
     n_pos, n_layers = relaxed.bypass.shape
-    eligible = [(float(relaxed.bypass[i, l]), relaxed.positions[i], l) for i in range(n_pos) for l in range(n_layers)
-                if relaxed.reasons[i][l] == "induce"]
+    eligible = [
+        (float(relaxed.bypass[i, l]), relaxed.positions[i], l)
+        for i in range(n_pos)
+        for l in range(n_layers)
+        if relaxed.reasons[i][l] == "induce"
+    ]
     assert relaxed.chosen == min(eligible)[1:]
     assert relaxed.counts["fallback"]["rule_relaxed"] == "induce"

@@ -44,7 +44,11 @@ def test_labels_cover_response_tokens_only(chatml_tokenizer):
     tok = chatml_tokenizer
     cal = tokenize_pairs(tok, pairs_for(tok), seqlen=256, batch_size=2)
     assert [b["input_ids"].shape[0] for b in cal.batches] == [2, 1]
-    rows = [(b["input_ids"][i], b["attention_mask"][i], b["labels"][i]) for b in cal.batches for i in range(b["input_ids"].shape[0])]
+    rows = [
+        (b["input_ids"][i], b["attention_mask"][i], b["labels"][i])
+        for b in cal.batches
+        for i in range(b["input_ids"].shape[0])
+    ]
     for (prompt, response), (ids, mask, labels) in zip(pairs_for(tok), rows):
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         r = tok(response, add_special_tokens=False)["input_ids"]
@@ -71,7 +75,9 @@ def test_one_pass_equals_per_layer_reference(tiny_pair, batch_size, batches_per_
     batches = tokenize_pairs(tok, pairs_for(tok), batch_size=batch_size).batches
     flags = [p.requires_grad for p in model.parameters()]
     # A tile smaller than one weight matrix, ragged at the end: the tiling is exercised too.
-    one_pass = snip_scores_one_pass(model, batches, OnePassConfig(batches_per_pass=batches_per_pass, tile_elements=3 * 64 + 5))
+    one_pass = snip_scores_one_pass(
+        model, batches, OnePassConfig(batches_per_pass=batches_per_pass, tile_elements=3 * 64 + 5)
+    )
     per_layer = snip_scores_per_layer(model, batches)
     assert set(one_pass) == set(per_layer) == set(decoder_linear_weights(model))
     for name, score in one_pass.items():
@@ -100,7 +106,9 @@ def test_snip_from_activations_is_per_group_abs_of_dy_t_x():
     weight, x, dy = torch.randn(7, 5), torch.randn(3, 4, 5), torch.randn(3, 4, 7)
     dy[0, 3] = 0  # the padding of a shorter batch
     groups = [(slice(0, 1), 3), (slice(1, 3), 4)]
-    expected = sum((weight * (dy[rows, :n].reshape(-1, 7).t() @ x[rows, :n].reshape(-1, 5))).abs() for rows, n in groups)
+    expected = sum(
+        (weight * (dy[rows, :n].reshape(-1, 7).t() @ x[rows, :n].reshape(-1, 5))).abs() for rows, n in groups
+    )
     for scratch in (2 * 5, 2 * 15, 100):  # tiles of 1 row, of 3 rows (the last ragged), the whole matrix
         score = torch.ones(7, 5)
         add_snip_from_activations(score, weight, x, dy, groups, torch.empty(scratch))

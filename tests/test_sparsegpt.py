@@ -136,7 +136,9 @@ def test_config_errors():
 def test_prune_tiny_model(arch, pattern):
     model, tokenizer = build_pair(arch)
     # With the model's own replies: right-padded batches, as opposed to the left-padded prompts elsewhere.
-    calibration = calibration_set(tokenizer, CalibrationConfig(n_samples=8, seqlen=48, batch_size=4, reply_tokens=8), model=model)
+    calibration = calibration_set(
+        tokenizer, CalibrationConfig(n_samples=8, seqlen=48, batch_size=4, reply_tokens=8), model=model
+    )
     pruned = [copy.deepcopy(model), copy.deepcopy(model)]
     for m in pruned:
         prune_sparsegpt(m, calibration, pattern, blocksize=32)

@@ -62,7 +62,7 @@ def test_min_detectable_difference():
 
 def test_holm_factor_counts_the_significant_tests_that_can_precede_a_test():
     # Holm over 4: 3e-15 passes the first step (x4), 0.0156 the second (x3); 0.0625 then faces x2.
-    tests = stats.add_holm([dict(p_value=3e-15), dict(p_value=2 * 0.5 ** 7), dict(p_value=0.0625), dict(p_value=0.5)])
+    tests = stats.add_holm([dict(p_value=3e-15), dict(p_value=2 * 0.5**7), dict(p_value=0.0625), dict(p_value=0.5)])
     assert [t["significant"] for t in tests] == [True, True, False, False]
     assert [t["holm_factor"] for t in tests] == [3, 3, 2, 2]
     # The repair run of 2026-12-06: 0 / 7 discordant pairs on 100 prompts was significant in that
@@ -78,8 +78,10 @@ def test_holm_factor_counts_the_significant_tests_that_can_precede_a_test():
 def test_detectable_sentence_gives_the_first_and_last_holm_step():
     ev = dict(n=100, min_detectable_difference=0.08, min_detectable_difference_last_step=0.06)
     text = stats.detectable_sentence(ev, 4, "comparisons")
-    assert text == ("With n = 100 and Holm over 4 comparisons, a paired difference must be at least 8 points to be "
-                    "significant as the family's smallest p-value, and at least 6 points at Holm's last step.")
+    assert text == (
+        "With n = 100 and Holm over 4 comparisons, a paired difference must be at least 8 points to be "
+        "significant as the family's smallest p-value, and at least 6 points at Holm's last step."
+    )
     assert stats.detectable_sentence({}, 4, "comparisons") == ""
 
 
@@ -145,7 +147,7 @@ def test_paired_perplexity_ratio_against_a_direct_computation():
 def test_describe_ratio_calls_a_change_only_when_significant_and_says_when_none_could_be():
     a, b, t = [700.0] * 8, [650.0] * 8, [511] * 8
     worse = stats.add_holm([stats.paired_perplexity_ratio(a, b, t)])[0]  # a over b: every window worse
-    assert worse["p_value"] == pytest.approx(2 / 2 ** 8)
+    assert worse["p_value"] == pytest.approx(2 / 2**8)
     text = stats.describe_ratio("original", "pruned", 40.0, 44.0, worse)
     assert "rises from 40.00 (original) to 44.00 (pruned)" in text and "Wilcoxon over 8 windows" in text
     # The same eight windows in a family of nine: the smallest Holm p is 9 * 2 / 256 = 0.07.

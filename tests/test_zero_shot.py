@@ -16,7 +16,15 @@ from lm.zero_shot import ALL_TASKS, ZeroShotConfig, hellaswag_docs, load_tasks, 
 pytest.importorskip("lm_eval")
 
 # Full evaluation splits as vendored (lm/data/README.md).
-SIZES = {"boolq": 3270, "rte": 277, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500}
+SIZES = {
+    "boolq": 3270,
+    "rte": 277,
+    "hellaswag": 10042,
+    "winogrande": 1267,
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "openbookqa": 500,
+}
 
 # Rows read by hand from the vendored files: (row, start of the prompt lm-eval builds, choice count, gold, gold choice).
 KNOWN = {
@@ -32,14 +40,32 @@ KNOWN = {
     ],
     "hellaswag": [
         (0, "Roof shingle removal: A man is sitting on a roof. he", 4, 3, "starts pulling up roofing on a roof."),
-        (100, "Washing face: A bottle of deep cleansing gel is shown. a woman", 4, 0, "holds up the bottle, then is shown"),
+        (
+            100,
+            "Washing face: A bottle of deep cleansing gel is shown. a woman",
+            4,
+            0,
+            "holds up the bottle, then is shown",
+        ),
     ],
     "arc_easy": [
         (0, "Question: Which statement best explains why photosynthesis", 4, 0, "Sunlight is the source of energy"),
-        (100, "Question: Which of the following is more likely to occur in a plant cell", 4, 1, "formation of cellulose"),
+        (
+            100,
+            "Question: Which of the following is more likely to occur in a plant cell",
+            4,
+            1,
+            "formation of cellulose",
+        ),
     ],
     "arc_challenge": [
-        (0, "Question: An astronomer observes that a planet rotates faster", 4, 2, "Planetary days will become shorter."),
+        (
+            0,
+            "Question: An astronomer observes that a planet rotates faster",
+            4,
+            2,
+            "Planetary days will become shorter.",
+        ),
         (100, "Question: ", 4, 2, "The technology is environmentally friendly."),
     ],
     "openbookqa": [
@@ -194,8 +220,13 @@ def test_offline_forces_and_restores_flags(monkeypatch):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(tasks=("mmlu",)), "unknown zero-shot task"), (dict(tasks=()), "unknown zero-shot task"),
-     (dict(tasks=("rte", "rte")), "listed twice"), (dict(limit=0), "limit"), (dict(batch_size=0), "batch size")],
+    [
+        (dict(tasks=("mmlu",)), "unknown zero-shot task"),
+        (dict(tasks=()), "unknown zero-shot task"),
+        (dict(tasks=("rte", "rte")), "listed twice"),
+        (dict(limit=0), "limit"),
+        (dict(batch_size=0), "batch size"),
+    ],
 )
 def test_config_validation(kwargs, message):
     with pytest.raises(UserError, match=message):
@@ -210,12 +241,16 @@ def test_missing_lm_eval_is_a_user_error(monkeypatch):
 
 def test_cli_prints_table(tiny_model_dir, capsys):
     path = tiny_model_dir("llama")
-    assert zero_shot.main(["--model", str(path), "--tasks", "rte", "openbookqa", "--limit", "2", "--batch-size", "2"]) == 0
+    assert (
+        zero_shot.main(["--model", str(path), "--tasks", "rte", "openbookqa", "--limit", "2", "--batch-size", "2"]) == 0
+    )
     out = capsys.readouterr().out
     assert "| rte | 2 |" in out and "| openbookqa | 2 |" in out and "| average |" in out
 
 
-@pytest.mark.parametrize("argv", [["--tasks", "nope"], ["--limit", "-1"], ["--model", "/no/such/model", "--tasks", "rte"]])
+@pytest.mark.parametrize(
+    "argv", [["--tasks", "nope"], ["--limit", "-1"], ["--model", "/no/such/model", "--tasks", "rte"]]
+)
 def test_cli_errors_are_one_line_exit_2(argv, capsys):
     assert zero_shot.main(argv) == 2
     err = capsys.readouterr().err.strip()

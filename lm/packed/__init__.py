@@ -80,7 +80,9 @@ def require(fmt: PackedFormat) -> object:
     module = format_modules()[fmt.name]
     missing = [lib for lib in module.LIBRARIES if importlib.util.find_spec(lib) is None]
     if missing:
-        raise UserError(f"this is a {fmt.name} checkpoint; reading it needs {', '.join(missing)}: pip install -e '.[{module.EXTRA}]'")
+        raise UserError(
+            f"this is a {fmt.name} checkpoint; reading it needs {', '.join(missing)}: pip install -e '.[{module.EXTRA}]'"
+        )
     return module
 
 
@@ -97,9 +99,13 @@ def load_packed(path: str, spec: str, dtype: torch.dtype) -> tuple[nn.Module, Pa
         raise UserError(f"cannot read the {fmt.name} checkpoint {spec!r} with {module.LIBRARIES[0]}: {first}") from None
     float_linears = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
     if not quantized:
-        raise UserError(f"{spec!r} says it is a {fmt.name} checkpoint but {module.LIBRARIES[0]} found no packed layer in it")
+        raise UserError(
+            f"{spec!r} says it is a {fmt.name} checkpoint but {module.LIBRARIES[0]} found no packed layer in it"
+        )
     _forget_quantization(model)
-    return model, PackedFormat(fmt.name, fmt.bits, fmt.group_size, fmt.quantization_config, tuple(quantized), float_linears)
+    return model, PackedFormat(
+        fmt.name, fmt.bits, fmt.group_size, fmt.quantization_config, tuple(quantized), float_linears
+    )
 
 
 def dense_in_place(model: nn.Module, is_packed, dequantize) -> list[str]:
@@ -125,7 +131,9 @@ def _forget_quantization(model: nn.Module) -> None:
     go through the quantizer that loaded it."""
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
-    for config in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)()) if c is not None}.values():
+    for config in {
+        id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)()) if c is not None
+    }.values():
         if hasattr(config, "quantization_config"):
             del config.quantization_config
     for attr in ("is_quantized", "quantization_method"):

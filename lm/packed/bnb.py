@@ -45,7 +45,11 @@ def dequantize(module: nn.Module) -> torch.Tensor:
 
 def stored_tensors(module: str, key: str) -> bool:
     """weight (packed), its quant state (absmax, quant_map, ...) and the 8-bit SCB / weight_format."""
-    return key == f"{module}.weight" or key.startswith(f"{module}.weight.") or key in (f"{module}.SCB", f"{module}.weight_format")
+    return (
+        key == f"{module}.weight"
+        or key.startswith(f"{module}.weight.")
+        or key in (f"{module}.SCB", f"{module}.weight_format")
+    )
 
 
 def exclude(qc: dict, modules: list[str], float_linears: tuple[str, ...]) -> dict:

@@ -30,13 +30,19 @@ def read_format(qc: dict):
 
     if qc.get("sparsity_config"):
         fmt = qc["sparsity_config"].get("format", "sparse") if isinstance(qc["sparsity_config"], dict) else "sparse"
-        raise UserError(f"this compressed-tensors checkpoint stores its weights in the {fmt} format, which compressed-tensors "
-                        "dropped after 0.16; decompress it with compressed-tensors <= 0.16 (in its own environment) and save the dense weights to repair it")
+        raise UserError(
+            f"this compressed-tensors checkpoint stores its weights in the {fmt} format, which compressed-tensors "
+            "dropped after 0.16; decompress it with compressed-tensors <= 0.16 (in its own environment) and save the dense weights to repair it"
+        )
     weights = [g["weights"] for g in (qc.get("config_groups") or {}).values() if g.get("weights")]
     if not weights:
-        raise UserError("this compressed-tensors checkpoint quantizes no weights; only weight quantization is supported")
+        raise UserError(
+            "this compressed-tensors checkpoint quantizes no weights; only weight quantization is supported"
+        )
     if any(w.get("type", "int") != "int" for w in weights):
-        raise UserError(f"compressed-tensors {weights[0].get('type')} weights (FP8, NVFP4, ...) are not supported; integer quantization is")
+        raise UserError(
+            f"compressed-tensors {weights[0].get('type')} weights (FP8, NVFP4, ...) are not supported; integer quantization is"
+        )
     return PackedFormat(QUANT_METHOD, max(int(w["num_bits"]) for w in weights), weights[0].get("group_size"), qc)
 
 
@@ -44,8 +50,13 @@ def load(path: str, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", use_safetensors=True,
-                                                 quantization_config=CompressedTensorsConfig(run_compressed=False))
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        device_map="cpu",
+        use_safetensors=True,
+        quantization_config=CompressedTensorsConfig(run_compressed=False),
+    )
     return model, sorted(_quantized_modules(Path(path)))
 
 

@@ -28,7 +28,20 @@ def _float_dtype(src: Path) -> torch.dtype:
     return torch.float16
 
 
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def full_precision_cost(src: Path, fmt: PackedFormat, modules: dict[str, tuple[int, int]]) -> dict:
@@ -45,8 +58,15 @@ def full_precision_cost(src: Path, fmt: PackedFormat, modules: dict[str, tuple[i
                     removed += _BYTES[piece.get_dtype()] * int(torch.Size(piece.get_shape()).numel())
     weights = sum(o * i for o, i in modules.values())
     added = weights * torch.empty(0, dtype=dtype).element_size()
-    return dict(format=fmt.describe(), full_precision_modules=sorted(modules), weights=weights, dtype=str(dtype).removeprefix("torch."),
-                bytes_removed=removed, bytes_added=added, bytes_added_net=added - removed)
+    return dict(
+        format=fmt.describe(),
+        full_precision_modules=sorted(modules),
+        weights=weights,
+        dtype=str(dtype).removeprefix("torch."),
+        bytes_removed=removed,
+        bytes_added=added,
+        bytes_added_net=added - removed,
+    )
 
 
 def write_packed(src: Path, dst: Path, fmt: PackedFormat, weights: dict[str, torch.Tensor]) -> None:
@@ -57,7 +77,9 @@ def write_packed(src: Path, dst: Path, fmt: PackedFormat, weights: dict[str, tor
     module = format_modules()[fmt.name]
     unknown = sorted(set(weights) - set(fmt.quantized))
     if unknown:
-        raise UserError(f"cannot store {unknown[0]} at full precision: it is not a packed module of this {fmt.name} checkpoint")
+        raise UserError(
+            f"cannot store {unknown[0]} at full precision: it is not a packed module of this {fmt.name} checkpoint"
+        )
     dtype = _float_dtype(src)
     placed, weight_map = set(), {}
     for shard in sorted(src.glob("*.safetensors")):
@@ -77,7 +99,11 @@ def write_packed(src: Path, dst: Path, fmt: PackedFormat, weights: dict[str, tor
     if placed != set(weights):
         raise UserError(f"the packed tensors of {sorted(set(weights) - placed)[0]} are not in {src}")
     for path in src.iterdir():
-        if path.is_file() and path.suffix != ".safetensors" and path.name not in (INDEX, "config.json", *module.SIDE_CONFIGS):
+        if (
+            path.is_file()
+            and path.suffix != ".safetensors"
+            and path.name not in (INDEX, "config.json", *module.SIDE_CONFIGS)
+        ):
             shutil.copy2(path, dst / path.name)
     if (src / INDEX).is_file():
         index = json.loads((src / INDEX).read_text(encoding="utf-8"))
@@ -90,4 +116,6 @@ def write_packed(src: Path, dst: Path, fmt: PackedFormat, weights: dict[str, tor
     for side in module.SIDE_CONFIGS:
         if (src / side).is_file():
             qc = json.loads((src / side).read_text(encoding="utf-8"))
-            (dst / side).write_text(json.dumps(module.exclude(qc, modules, fmt.float_linears), indent=2), encoding="utf-8")
+            (dst / side).write_text(
+                json.dumps(module.exclude(qc, modules, fmt.float_linears), indent=2), encoding="utf-8"
+            )
