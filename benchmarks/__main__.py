@@ -39,7 +39,8 @@ from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.loading import resolve
 
-from .suite import GROUPS, SIZES, Settings, settings_for
+from .settings import SIZES, Settings, settings_for
+from .suite import GROUPS
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BEGIN, END = "<!-- python -m benchmarks: begin -->", "<!-- python -m benchmarks: end -->"

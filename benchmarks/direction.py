@@ -21,7 +21,8 @@ from lm.loading import load_model
 from refusal.direction import candidate_directions
 
 from .measure import measure
-from .suite import Settings, row
+from .row import row
+from .settings import Settings
 
 
 @torch.no_grad()

@@ -30,7 +30,8 @@ from lm.generation import VLLM_MISSING, SamplingConfig, generate, vllm_available
 from lm.loading import load_model
 
 from .measure import measure
-from .suite import Settings, row
+from .row import row
+from .settings import Settings
 
 
 def _count_tokens(tokenizer, completions: list[list[str]]) -> int:

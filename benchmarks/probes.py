@@ -12,7 +12,8 @@ from refusal.probe import default_layer
 from refusal.probes import ProbeConfig, correct, fit_probe_grid, probe_parameters
 
 from .measure import measure
-from .suite import Settings, row
+from .row import row
+from .settings import Settings
 
 
 def rows(settings: Settings) -> list[dict]:

@@ -24,7 +24,8 @@ from lm.hooks import decoder_layers
 from lm.loading import load_model
 
 from .measure import measure
-from .suite import Settings, row
+from .row import row
+from .settings import Settings
 
 MIB = float(1 << 20)
 

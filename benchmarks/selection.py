@@ -27,7 +27,8 @@ from refusal.score import (
 )
 
 from .measure import measure
-from .suite import Settings, row
+from .row import row
+from .settings import Settings
 
 TRAIN = 16  # harmful and harmless instructions for the candidate directions (not timed)
 

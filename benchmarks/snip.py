@@ -23,7 +23,8 @@ from lm.errors import cli
 from lm.loading import load_model
 
 from .measure import measure
-from .suite import Settings, row
+from .row import row
+from .settings import Settings
 
 
 def run(model_spec: str, n_samples: int) -> list[dict]:

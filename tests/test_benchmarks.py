@@ -9,7 +9,8 @@ import pytest
 from benchmarks.__main__ import BEGIN, END, main
 from benchmarks.measure import measure
 from benchmarks.selection import candidate_layers
-from benchmarks.suite import GROUPS, Settings, settings_for
+from benchmarks.settings import Settings, settings_for
+from benchmarks.suite import GROUPS
 from lm.errors import UserError
 from lm.generation import vllm_available
 from tests.tiny import build_pair, save_tiny
