@@ -21,12 +21,12 @@ from refusal.measure import (
     perplexity_rate,
     zero_shot_rates,
 )
-from refusal.probes import summarise as summarise_probes
-from refusal.refusal_prediction import summarise as summarise_refusal_probes
+from refusal.probes import summarise_harmfulness_probes
+from refusal.refusal_prediction import summarise_refusal_probes
 from refusal.stats import add_holm, describe_change, describe_ratio
 
 
-def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, seconds: float) -> dict:
+def summarise_comparison(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, seconds: float) -> dict:
     """report.json's content from every model's stage results (`Comparison.run`'s `results`)."""
     original = results["original"][1]
     ref_dirs = original["directions"]["directions"]
@@ -96,7 +96,9 @@ def summarise(results: dict, cfg, tokenizer, model_name: str, fingerprint: str, 
                     harmless=r["harmless"].get("seconds"),
                     perplexity=r["perplexity"].get("seconds"),
                 ),
-                probes=summarise_probes(r["probes"], original["probes"], dirs, cell) if "probes" in r else None,
+                probes=summarise_harmfulness_probes(r["probes"], original["probes"], dirs, cell)
+                if "probes" in r
+                else None,
                 refusal_probes=(
                     summarise_refusal_probes(r["refusal_probes"], original["refusal_probes"], cell, slug == "original")
                     if "refusal_probes" in r

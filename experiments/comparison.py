@@ -34,8 +34,7 @@ from refusal.direction import candidate_directions
 from refusal.judge_spec import judge_panel
 from refusal.measure import measure
 from refusal.probes import ProbeConfig
-from refusal.probing import harmfulness_probes, refusal_prediction_probes, training_prompts
-from refusal.probing import parameters as probe_params
+from refusal.probing import fitted_probe_parameters, harmfulness_probes, refusal_prediction_probes, training_prompts
 from refusal.quality import direction_quality
 from refusal.score import refusal_tokens
 from refusal.select import SelectionConfig, SharedPrompts
@@ -44,7 +43,7 @@ from refusal.selection_artifacts import select_direction_cached
 from .compare_config import CompareConfig
 from .compare_figures import export_figures, make_figures, save_figures
 from .compare_repair import repair_variants
-from .compare_summary import summarise
+from .compare_summary import summarise_comparison
 from .report import render_html, render_markdown
 
 
@@ -358,7 +357,9 @@ class Comparison:
             ),
         )
         if spec.method == "original":
-            self._original_probes = dict(params=probe_params(result), key=_digest([json.dumps(pkey, sort_keys=True)]))
+            self._original_probes = dict(
+                params=fitted_probe_parameters(result), key=_digest([json.dumps(pkey, sort_keys=True)])
+            )
         return result
 
     def refusal_probes(self, spec: VariantSpec, model, key: dict, asr: dict, model_id) -> dict[str, torch.Tensor]:
@@ -395,7 +396,7 @@ class Comparison:
         )
         if spec.method == "original":
             self._original_refusal_probes = dict(
-                params=probe_params(result), key=_digest([json.dumps(rkey, sort_keys=True)])
+                params=fitted_probe_parameters(result), key=_digest([json.dumps(rkey, sort_keys=True)])
             )
         return result
 
@@ -519,7 +520,9 @@ class Comparison:
         return report
 
     def summary(self, results: dict, clock: RunClock) -> dict:
-        return summarise(results, self.cfg, self.base.tokenizer, self.base.name, self.fingerprint(), clock.seconds)
+        return summarise_comparison(
+            results, self.cfg, self.base.tokenizer, self.base.name, self.fingerprint(), clock.seconds
+        )
 
     def write_report(self, report: dict, results: dict, partial: bool) -> dict:
         """report.md, report.html and the figures (and report.json once the job is done); a partial

@@ -166,7 +166,7 @@ def best_cell(accuracy: list[list[dict]]) -> tuple[int, int]:
 PARAMETERS = ("mean", "scale", "coef", "intercept", "c")
 
 
-def summarise(
+def summarise_harmfulness_probes(
     own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], directions: torch.Tensor, cell: tuple[int, int]
 ) -> dict:
     """One model's probe results for the report, at `cell` = (position index, layer) (the original's

@@ -108,6 +108,6 @@ def refusal_prediction_probes(
     return out
 
 
-def parameters(result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+def fitted_probe_parameters(result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """The fitted probe parameters in a stage result (None where no probe could be fitted)."""
     return {k: result[k] for k in PARAMETERS} if "coef" in result else None

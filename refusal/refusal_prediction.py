@@ -17,7 +17,7 @@ from .probes import accuracy_grid, best_cell
 from .stats import mcnemar_exact, rate_of
 
 
-def summarise(
+def summarise_refusal_probes(
     own: dict[str, torch.Tensor], original: dict[str, torch.Tensor], cell: tuple[int, int], is_original: bool
 ) -> dict:
     """One model's refusal-prediction results at `cell` = (position index, layer), per layer at

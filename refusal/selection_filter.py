@@ -5,12 +5,17 @@ negative induce score; the lowest bypass score among the rest wins."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .select import SelectionConfig
+
+class FilterThresholds(Protocol):
+    """What the filter reads from a selection config (refusal.select.SelectionConfig has them)."""
+
+    max_layer_fraction: float
+    kl_threshold: float
+    induce_threshold: float
 
 
 def finite_or_none(x: torch.Tensor) -> float | None:
@@ -20,7 +25,7 @@ def finite_or_none(x: torch.Tensor) -> float | None:
 
 
 def rejection_reasons(
-    bypass: torch.Tensor, induce: torch.Tensor, kl: torch.Tensor, cfg: SelectionConfig
+    bypass: torch.Tensor, induce: torch.Tensor, kl: torch.Tensor, cfg: FilterThresholds
 ) -> list[list[str | None]]:
     """Arditi et al.'s filter per candidate, first failing rule in their order; None = passes."""
     n_pos, n_layers = bypass.shape

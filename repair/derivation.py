@@ -109,7 +109,7 @@ def check_derivation(
     return records
 
 
-def summarise(records: list[MatrixDerivation]) -> dict:
+def summarise_derivation(records: list[MatrixDerivation]) -> dict:
     kinds = sorted({r.kind for r in records if r.kind != "identical"})
     return dict(
         kind="+".join(kinds) if kinds else "identical",

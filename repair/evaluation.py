@@ -15,8 +15,7 @@ from refusal.direction import candidate_directions, cosine_map
 from refusal.judge_spec import judge_panel
 from refusal.measure import EvalConfig, measure
 from refusal.probes import ProbeConfig
-from refusal.probing import harmfulness_probes, refusal_prediction_probes, training_prompts
-from refusal.probing import parameters as probe_params
+from refusal.probing import fitted_probe_parameters, harmfulness_probes, refusal_prediction_probes, training_prompts
 from refusal.quality import direction_quality
 
 from .config import RepairConfig
@@ -200,8 +199,8 @@ class StateEvaluation:
             )
         if ref is None:
             out["fitted_probes"] = dict(
-                harmfulness=probe_params(out["probes"]),
+                harmfulness=fitted_probe_parameters(out["probes"]),
                 key=digest(key),
-                refusal=probe_params(out["refusal_probes"]) if "refusal_probes" in out else None,
+                refusal=fitted_probe_parameters(out["refusal_probes"]) if "refusal_probes" in out else None,
             )
         return out

@@ -38,14 +38,14 @@ from refusal.selection_artifacts import select_direction_cached
 
 from .aird import choose_aird_block
 from .config import RepairConfig
-from .derivation import checkpoint_name, derivation_records, summarise
+from .derivation import checkpoint_name, derivation_records, summarise_derivation
 from .evaluation import StateEvaluation
 from .front import FrontStage, packed_matrix_bytes
 from .output import jsonable, packed_weights, repair_manifest, write_output
 from .refusal_probe import RefusalProbe
 from .restore import block_masks, block_params, count, restore_entries, restored
 from .stages import Choice, Diagnosis, digest
-from .summary import summarise as summarise_repair
+from .summary import summarise_repair
 from .targeted import (
     first_order_scores,
     own_refusal_batches,
@@ -90,7 +90,7 @@ class Repair:
         self.comp = load_model(cfg.compressed, dtype=cfg.dtype)
         self.original, self.model, self.tok = self.orig.model, self.comp.model, self.orig.tokenizer
         _log("checking that the checkpoint derives from the original")
-        self.derivation = summarise(derivation_records(self.orig, self.comp))
+        self.derivation = summarise_derivation(derivation_records(self.orig, self.comp))
         if self.derivation["kind"] == "identical":
             raise UserError("the compressed checkpoint is identical to the original; there is nothing to repair")
         self.fp_orig = model_fingerprint(self.original)

@@ -11,8 +11,8 @@ one that brings refusals back with transfer unchanged restored the readout. repa
 
 from __future__ import annotations
 
-from refusal.probes import summarise as summarise_harmfulness
-from refusal.refusal_prediction import summarise as summarise_refusal
+from refusal.probes import summarise_harmfulness_probes
+from refusal.refusal_prediction import summarise_refusal_probes
 from refusal.stats import add_holm
 
 
@@ -25,9 +25,11 @@ def summarise_states(evals: dict, cell: tuple[int, int]) -> dict | None:
     for name, e in evals.items():
         if "probes" not in e:
             continue
-        row = dict(harmfulness=summarise_harmfulness(e["probes"], original["probes"], e["directions_tensor"], cell))
+        row = dict(
+            harmfulness=summarise_harmfulness_probes(e["probes"], original["probes"], e["directions_tensor"], cell)
+        )
         if "refusal_probes" in e:
-            row["refusal"] = summarise_refusal(
+            row["refusal"] = summarise_refusal_probes(
                 e["refusal_probes"], original["refusal_probes"], cell, name == "original"
             )
         out[name] = row

@@ -43,7 +43,7 @@ def state_row(e: dict, model_params: int) -> dict:
     return row
 
 
-def summarise(
+def summarise_repair(
     cfg: RepairConfig, checkpoint: dict, d: Diagnosis, ch: Choice, evals: dict, curve: dict, model, seconds: float
 ) -> dict:
     """`checkpoint`: what is known of the input before any stage (original_name, manifest, derivation)."""

@@ -10,7 +10,7 @@ import refusal.probing as probing
 from lm.errors import UserError
 from refusal.eval_sets import fitted_prompts, load_prompts
 from refusal.probes import ProbeConfig, fit_grid, predict, probe_parameters
-from refusal.refusal_prediction import summarise
+from refusal.refusal_prediction import summarise_refusal_probes
 
 D = 32
 
@@ -75,16 +75,16 @@ def test_stage_fits_on_own_verdicts_and_transfers(tiny_qwen2, tmp_path, monkeypa
     ]
     assert own["own_pred"].shape == (5, *own["coef"].shape[:2]) and "transfer_pred" not in own
     other = probing.refusal_prediction_probes(
-        model, tok, train, None, tmp_path, "fp2", test, cfg, probing.parameters(own), batch_size=4
+        model, tok, train, None, tmp_path, "fp2", test, cfg, probing.fitted_probe_parameters(own), batch_size=4
     )
     # The same model and prompts: the original's probes on "its" activations predict what its own do.
     assert torch.equal(other["transfer_pred"], own["own_pred"])
 
     verdicts[:] = [True] * 11 + [False]  # one answered prompt: no probe can be cross-validated
     alone = probing.refusal_prediction_probes(
-        model, tok, train, None, tmp_path, "fp3", test, cfg, probing.parameters(own), batch_size=4
+        model, tok, train, None, tmp_path, "fp3", test, cfg, probing.fitted_probe_parameters(own), batch_size=4
     )
-    assert "coef" not in alone and probing.parameters(alone) is None and "transfer_pred" in alone
+    assert "coef" not in alone and probing.fitted_probe_parameters(alone) is None and "transfer_pred" in alone
 
 
 def _result(train: list[bool], test: list[bool], pred=None, transfer=None) -> dict[str, torch.Tensor]:
@@ -101,7 +101,7 @@ def test_summary_against_the_majority_baseline_and_the_flips():
     # Original: refuses 6 of 8 held-out prompts, its probe gets 7 of 8 right.
     orig_test = [True, True, True, True, True, True, False, False]
     original = _result([True] * 10 + [False] * 4, orig_test, pred=[True, True, True, True, True, False, False, False])
-    s = summarise(original, original, (0, 0), is_original=True)
+    s = summarise_refusal_probes(original, original, (0, 0), is_original=True)
     assert s["fitted"] and s["own"]["k"] == 7 and s["own"]["n"] == 8
     assert s["majority"]["predicts"] == "refused" and s["majority"]["accuracy"]["k"] == 6
     assert s["vs_majority"]["test"] == "mcnemar-exact" and (s["vs_majority"]["b"], s["vs_majority"]["c"]) == (2, 1)
@@ -111,7 +111,7 @@ def test_summary_against_the_majority_baseline_and_the_flips():
     var_test = [False, False, False, True, True, True, True, False]
     transfer = [False, False, True, True, True, True, False, False]  # the original's probe on the variant
     variant = _result([False] * 9 + [True] * 5, var_test, pred=[False] * 3 + [True] * 4 + [False], transfer=transfer)
-    v = summarise(variant, original, (0, 0), is_original=False)
+    v = summarise_refusal_probes(variant, original, (0, 0), is_original=False)
     assert v["majority"]["predicts"] == "answered" and v["own"]["k"] == 8
     assert v["flips"]["refused_to_answered"] == 3 and v["flips"]["answered_to_refused"] == 1
     assert v["flips"]["flagged_on_variant"]["k"] == 2 and v["flips"]["flagged_on_variant"]["n"] == 3
@@ -119,7 +119,7 @@ def test_summary_against_the_majority_baseline_and_the_flips():
     assert v["flips"]["answered_on_variant_all"]["k"] == 4 and v["flips"]["answered_on_original_all"]["k"] == 3
     assert v["transfer"]["k"] == sum(a == b for a, b in zip(transfer, var_test))
 
-    unfit = summarise(_result([True] * 13 + [False], var_test), original, (0, 0), is_original=False)
+    unfit = summarise_refusal_probes(_result([True] * 13 + [False], var_test), original, (0, 0), is_original=False)
     assert not unfit["fitted"] and "refused 13 of 14" in unfit["reason"]
     assert unfit["flips"]["refused_to_answered"] == 3 and unfit["flips"]["flagged_on_variant"] is None
     assert unfit["flips"]["flagged_on_original"]["k"] == 0
