@@ -37,7 +37,7 @@ from refusal.probes import ProbeConfig
 from refusal.probing import fitted_probe_parameters, harmfulness_probes, refusal_prediction_probes, training_prompts
 from refusal.quality import direction_quality
 from refusal.score import refusal_tokens
-from refusal.select import SelectionConfig, SharedPrompts
+from refusal.select import SelectionConfig, SelectionResult, SharedPrompts
 from refusal.selection_artifacts import select_direction_cached
 
 from .compare_config import CompareConfig
@@ -49,6 +49,27 @@ from .report import render_html, render_markdown
 
 def _log(msg: str) -> None:
     print(f"[compare_refusal] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedProbes:
+    """A model's fitted probe parameters and the digest of the cache key they were fitted under
+    (a variant's cached transfer result names the probes it read)."""
+
+    params: dict[str, torch.Tensor] | None
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginalReference:
+    """What every variant's evaluation reads from the original's: its selection (the filtered
+    prompts all directions are computed on, the chosen direction) and its fitted probes, whose
+    transfer to the variant is measured. Passed to each variant's evaluation as an argument, so a
+    variant's result depends on nothing but its inputs."""
+
+    selection: SelectionResult | None = None
+    probes: FittedProbes | None = None
+    refusal_probes: FittedProbes | None = None
 
 
 class Comparison:
@@ -72,10 +93,7 @@ class Comparison:
         self._fingerprint: str | None = None
         self._calibration = None
         self._responses = None
-        self._original_selection = None
         self._own_replies: dict = {}
-        self._original_probes: dict | None = None
-        self._original_refusal_probes: dict | None = None
         self.progress = JobProgress("compare_refusal", [], [])  # run() replaces it with the job's plan
 
     def check_derives(self, spec: VariantSpec) -> None:
@@ -121,15 +139,15 @@ class Comparison:
             self._responses = response_calibration_set(self.base.model, self.base.tokenizer, cfg)
         return self._responses
 
-    def direction_prompts(self) -> tuple[list[str], list[str]]:
+    def direction_prompts(self, selection: SelectionResult | None) -> tuple[list[str], list[str]]:
         """The instructions every model's candidate directions are computed on.
 
         With selection on, these are the original's filtered train sets, so the original's
         candidates are exactly the ones its selection chose from and every variant is compared on
         the same prompts; otherwise a seeded unfiltered sample.
         """
-        if self._original_selection is not None:
-            p = self._original_selection.prompts
+        if selection is not None:
+            p = selection.prompts
             return p["harmful_train"], p["harmless_train"]
         n, seed = self.cfg.n_train, self.cfg.seed
         return (
@@ -261,8 +279,13 @@ class Comparison:
         computes for the saved checkpoint, so the repair stage reuses them)."""
         return self.fingerprint() if spec.method == "original" else model_fingerprint(model)
 
-    def evaluate(self, spec: VariantSpec, model) -> dict:
+    def evaluate(
+        self, spec: VariantSpec, model, reference: OriginalReference | None
+    ) -> tuple[dict, OriginalReference | None]:
+        """(the model's results, and for the original the reference every variant is then evaluated
+        against); `reference` is None for the original itself."""
         cfg, tok = self.cfg, self.base.tokenizer
+        ref = reference or OriginalReference()
         vdir = self.dir / "variants" / spec.slug
         key = dict(variant=spec.text, params=self.variant_params(spec), base=self.fingerprint())
         mid, store = self.model_id(spec, model), cfg.store()
@@ -287,10 +310,10 @@ class Comparison:
         selection = None
         if cfg.select and spec.method == "original":
             with step("selection"):
-                selection = self._original_selection = select_direction_cached(
+                selection = select_direction_cached(
                     model, tok, vdir / "selection", self.selection_config(), fingerprint=json.dumps(key, sort_keys=True)
                 )
-        harmful, harmless = self.direction_prompts()
+        harmful, harmless = self.direction_prompts(selection if reference is None else ref.selection)
         with step("directions"):
             dirs = cached_tensors(
                 vdir / "directions.safetensors",
@@ -300,8 +323,8 @@ class Comparison:
         if cfg.select and spec.method != "original" and cfg.select_variants:
             # On the original's filtered prompts (whose candidates are `dirs`): a different source
             # then means different weights, not a different set of prompts the variant still refuses.
-            ref = self._original_selection
-            shared = SharedPrompts(ref.prompts, dirs["directions"]) if ref is not None and ref.prompts else None
+            orig = ref.selection
+            shared = SharedPrompts(orig.prompts, dirs["directions"]) if orig is not None and orig.prompts else None
             with step("selection"):
                 selection = select_direction_cached(
                     model,
@@ -314,33 +337,38 @@ class Comparison:
         out = dict(
             asr=asr, harmless=over, perplexity=ppl, directions=dirs, sparsity=sparsity_report(model), model_id=mid
         )
+        probes = refusal_probes = None
         if cfg.probes:
             with step("harmfulness probes"):
-                out["probes"] = self.probes(spec, model, key, harmful, harmless)
+                out["probes"], probes = self.probes(spec, model, key, harmful, harmless, ref.probes)
             if cfg.n_refusal_probe:
                 with step("refusal-prediction probe"):
-                    out["refusal_probes"] = self.refusal_probes(spec, model, key, asr, mid)
+                    out["refusal_probes"], refusal_probes = self.refusal_probes(
+                        spec, model, key, asr, mid, ref.refusal_probes
+                    )
         if cfg.zero_shot_limit:
             out["zero_shot"] = zs
         if selection is not None:
             out["selection"] = selection
-        return out
+        if reference is not None:
+            return out, None
+        return out, OriginalReference(selection, probes, refusal_probes)
 
     def probes(
-        self, spec: VariantSpec, model, key: dict, harmful: list[str], harmless: list[str]
-    ) -> dict[str, torch.Tensor]:
+        self, spec: VariantSpec, model, key: dict, harmful: list[str], harmless: list[str], ref: FittedProbes | None
+    ) -> tuple[dict[str, torch.Tensor], FittedProbes]:
         """Harmfulness probes fitted on the direction prompts, per-prompt correctness on the held-out
-        ASR / over-refusal prompts, and the original's probes on this model's activations (transfer)."""
+        ASR / over-refusal prompts, and the original's probes (`ref`) on this model's activations
+        (transfer); with this model's fitted probes."""
         cfg, tok = self.cfg, self.base.tokenizer
         test = [[p.text for p in c.prompts()] for c in (cfg.eval_config(), cfg.harmless_config())]
         pcfg = ProbeConfig(seed=cfg.seed)
-        ref = self._original_probes
         pkey = {
             **key,
             "train": _digest(harmful + ["\0"] + harmless),
             "test": _digest(test[0] + ["\0"] + test[1]),
             "probe": dataclasses.asdict(pcfg),
-            "original_probes": None if ref is None else ref["key"],
+            "original_probes": None if ref is None else ref.key,
         }
 
         result = cached_tensors(
@@ -352,23 +380,21 @@ class Comparison:
                 (harmful, harmless),
                 (test[0], test[1]),
                 pcfg,
-                None if ref is None else ref["params"],
+                None if ref is None else ref.params,
                 cfg.batch_size or 16,
             ),
         )
-        if spec.method == "original":
-            self._original_probes = dict(
-                params=fitted_probe_parameters(result), key=_digest([json.dumps(pkey, sort_keys=True)])
-            )
-        return result
+        return result, FittedProbes(fitted_probe_parameters(result), _digest([json.dumps(pkey, sort_keys=True)]))
 
-    def refusal_probes(self, spec: VariantSpec, model, key: dict, asr: dict, model_id) -> dict[str, torch.Tensor]:
+    def refusal_probes(
+        self, spec: VariantSpec, model, key: dict, asr: dict, model_id, ref: FittedProbes | None
+    ) -> tuple[dict[str, torch.Tensor], FittedProbes]:
         """The refusal-prediction probe (refusal.probing): fitted on this model's own verdicts on
-        harmful training prompts, scored against its verdicts on the held-out ASR prompts."""
+        harmful training prompts, scored against its verdicts on the held-out ASR prompts, and the
+        original's (`ref`) read on this model; with this model's fitted probe."""
         cfg, tok = self.cfg, self.base.tokenizer
         train = training_prompts(cfg.n_refusal_probe, cfg.seed)
         pcfg = ProbeConfig(seed=cfg.seed)
-        ref = self._original_refusal_probes
         rkey = {
             **key,
             "model_id": model_id,
@@ -376,7 +402,7 @@ class Comparison:
             "test": _digest([r["id"] for r in asr["records"]]),
             "generation": dataclasses.asdict(cfg.eval_config().asr_config()),
             "probe": dataclasses.asdict(pcfg),
-            "original_probes": None if ref is None else ref["key"],
+            "original_probes": None if ref is None else ref.key,
         }
         result = cached_tensors(
             self.dir / "variants" / spec.slug / "refusal_probes.safetensors",
@@ -390,15 +416,11 @@ class Comparison:
                 model_id,
                 asr,
                 pcfg,
-                None if ref is None else ref["params"],
+                None if ref is None else ref.params,
                 cfg.batch_size or 16,
             ),
         )
-        if spec.method == "original":
-            self._original_refusal_probes = dict(
-                params=fitted_probe_parameters(result), key=_digest([json.dumps(rkey, sort_keys=True)])
-            )
-        return result
+        return result, FittedProbes(fitted_probe_parameters(result), _digest([json.dumps(rkey, sort_keys=True)]))
 
     def cross_evaluate(self, spec: VariantSpec, model, own: dict, original: dict) -> dict:
         """The original's direction inside the variant and the variant's inside the original."""
@@ -486,14 +508,15 @@ class Comparison:
                 f"{len(models)} models at the {self.cfg.size} size, {len(self.progress.plan)} stages before the repairs; "
                 f"the report ({self.dir / 'report.md'}) is rewritten after each model"
             )
-            results = {}
-            for spec in self.specs:
+            results, reference = {}, None
+            for spec in self.specs:  # the original first: its reference is every variant's argument
                 if spec.method == "original":
                     model = self.variant_model(spec)
                 else:
                     with self.progress.stage(spec.text, "model"):
                         model = self.variant_model(spec)
-                r = self.evaluate(spec, model)
+                r, own_reference = self.evaluate(spec, model, reference)
+                reference = reference or own_reference
                 if self.cfg.select:
                     with self.progress.stage(spec.text, "quality and ablation"):
                         r["cross"] = self.cross_evaluate(spec, model, r, results.get("original", (None, r))[1])
