@@ -452,6 +452,9 @@ def test_a_gptqmodel_checkpoint_of_the_embedded_model_is_repaired_in_its_format(
             "-1",
             "14",
             "--no-probes",
+            # AIRD's output: a whole block of seven matrices, whatever the anchored search found at this size.
+            "--save",
+            "aird",
         ]
     )
     assert code == 0, capsys.readouterr().err

@@ -519,7 +519,8 @@ def test_repair_on_the_embedded_model(tmp_path, monkeypatch, capsys):
     assert result["states"]["compressed"]["cosine_at_source"] > 0.99
     assert result["states"]["aird"]["restored"] > 0
     # Probes on the real model: the original's harmfulness probe at the source is read on every state.
-    assert set(result["probes"]) == {"original", "compressed", "aird"}
+    # Every state the repair evaluated (the anchored and static baselines too) is read by the probes.
+    assert {"original", "compressed", "aird", "anchored", "static"} <= set(result["probes"]) == set(result["states"])
     assert result["probes"]["original"]["refusal"]["n_train"] == 16
     assert all(
         row["harmfulness"]["own"]["n"] == 4 + 2 for row in result["probes"].values()
