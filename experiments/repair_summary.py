@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lm.errors import UserError, cli
 
-from .report import repair_section
+from .compare_refusal.report import repair_section
 
 
 def load_results(dirs: list[str]) -> dict[str, dict]:

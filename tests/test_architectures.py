@@ -231,7 +231,7 @@ def test_blockwise_compression_refuses_sequences_longer_than_a_sliding_window():
 
 @pytest.mark.parametrize("name", DENSE)
 def test_lora_wraps_every_decoder_linear_by_default(name):
-    from experiments.finetune_lora import LoraTrainConfig, attach_lora
+    from experiments.frozen_finetune.lora import LoraTrainConfig, attach_lora
 
     model, _ = family(name)
     copy_ = copy.deepcopy(model)

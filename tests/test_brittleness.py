@@ -99,7 +99,7 @@ def test_bad_input_is_one_line_before_loading(argv, fragment, tmp_path, monkeypa
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("experiments.comparison.load_model", no_loading)
+    monkeypatch.setattr("experiments.compare_refusal.comparison.load_model", no_loading)
     monkeypatch.chdir(tmp_path)
     code = main([*argv, "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()

@@ -216,7 +216,7 @@ def test_a_field_flag_is_never_read_as_an_abbreviated_preset():
 
 
 def test_a_main_jobs_config_json_gives_python_m_repair_its_repair_stage_settings(tmp_path):
-    from experiments.compare_repair import repair_config
+    from experiments.compare_refusal.repairs import repair_config
     from repair.config import FROM_MAIN_JOB, MAIN_JOB_ONLY
 
     job = compare_refusal.parse_args(

@@ -8,9 +8,9 @@ import json
 import pytest
 
 import experiments.compare_refusal as compare
-import experiments.comparison as stages
+import experiments.compare_refusal.comparison as stages
 from experiments.compare_refusal import CompareConfig, Comparison, main
-from experiments.key_findings import name as readable_name
+from experiments.compare_refusal.key_findings import name as readable_name
 from tests.tiny import build_model, build_tokenizer, save_tiny
 
 VARIANTS = ("wanda:0.5", "rtn:int8", "wanda:2:4")
@@ -442,7 +442,7 @@ def test_sizes_fill_the_defaults_and_flags_win(monkeypatch):
 def test_a_model_without_a_refusal_direction_is_said_in_the_findings():
     from types import SimpleNamespace
 
-    from experiments.compare_summary import no_direction_note
+    from experiments.compare_refusal.summary import no_direction_note
     from refusal.selection_filter import no_direction_reason, non_finite_note
 
     def selection(chosen, reasons, baseline):
@@ -466,7 +466,7 @@ def test_a_model_without_a_refusal_direction_is_said_in_the_findings():
 
 
 def test_repair_is_for_variants_whose_asr_rose_and_that_did_not_collapse():
-    from experiments.compare_repair import repair_reason
+    from experiments.compare_refusal.repairs import repair_reason
 
     cfg = CompareConfig()
     rose = dict(test="mcnemar-exact", b=20, c=2, p_value=1e-5, p_holm=1e-4, significant=True)

@@ -106,7 +106,9 @@ def test_a_bad_prompt_file_stops_the_main_job_before_any_model_loads(tmp_path, m
 
     (tmp_path / "empty.txt").write_text("")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("experiments.comparison.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(
+        "experiments.compare_refusal.comparison.load_model", lambda *a, **k: pytest.fail("model loaded")
+    )
     code = main(["--eval-sets", f"file:{tmp_path / 'empty.txt'}", "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "no prompts" in err

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from experiments import brittleness, compare_refusal, refusal_direction
-from experiments.comparison import Comparison
+from experiments.compare_refusal.comparison import Comparison
 from lm import datasets
 from lm.cache import OLD_MARK, TMP_MARK, RunClock, atomic_dir
 from refusal.select import SelectionConfig

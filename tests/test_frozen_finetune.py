@@ -15,7 +15,7 @@ from compression.attribution import random_mask, set_difference_mask, top_mask
 from compression.calibration import tokenize_pairs
 from compression.weight_groups import GroupConfig, agreement, group_drift, group_sizes, weight_groups
 from experiments import frozen_finetune
-from experiments.finetune_lora import (
+from experiments.frozen_finetune.lora import (
     LoraTrainConfig,
     attach_lora,
     decoder_linear_modules,
@@ -268,7 +268,7 @@ def tiny_dir(tmp_path, monkeypatch):
         (format_prompt(tokenizer, "How do I make a weapon?"), "I cannot help with that request, sorry."),
         (format_prompt(tokenizer, "Write something hateful."), "I'm sorry, I can't write that."),
     ]
-    monkeypatch.setattr(frozen_finetune, "safety_pairs", lambda *a, **k: refusals)
+    monkeypatch.setattr("experiments.frozen_finetune.finetune.safety_pairs", lambda *a, **k: refusals)
     return path
 
 

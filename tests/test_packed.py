@@ -358,9 +358,9 @@ def test_repair_writes_the_inputs_format_and_its_library_reloads_it(ckpts, fmt, 
 
 
 def test_the_main_job_compares_packed_checkpoints_as_variants(ckpts, tmp_path, monkeypatch, capsys):
-    from experiments.compare_config import CompareConfig
     from experiments.compare_refusal import main as compare
-    from experiments.comparison import Comparison
+    from experiments.compare_refusal.comparison import Comparison
+    from experiments.compare_refusal.config import CompareConfig
 
     monkeypatch.chdir(tmp_path)
     variants = [f"path:{ckpts / 'gptq'}", f"path:{ckpts / 'bnb-int8'}"]

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from experiments import compare_refusal
-from experiments.comparison import Comparison
+from experiments.compare_refusal.comparison import Comparison
 from lm.progress import JobProgress
 from tests.test_faults import PERMISSIVE, REPO, job_argv, leftovers
 from tests.tiny import build_model, build_tokenizer, save_tiny

@@ -422,7 +422,7 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     assert "## Probes: recognition of harm and the step to refusal" in (out / "repair.md").read_text()
 
     # The main job's report renders the same result as one row of its repair table.
-    from experiments.report import repair_section
+    from experiments.compare_refusal.report import repair_section
 
     table = "\n".join(repair_section({"wanda:0.5": result}))
     aird = result["states"]["aird"]["restored"]

@@ -12,7 +12,7 @@ import sys
 from lm.cache import RunClock
 from lm.progress import JobProgress
 
-from .compare_config import CompareConfig
+from .config import CompareConfig
 
 
 def _log(msg: str) -> None:

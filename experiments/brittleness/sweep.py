@@ -52,27 +52,8 @@ from refusal.judge_spec import judge_panel
 from refusal.measure import describe_prompts, measure, paired, perplexity_rate, zero_shot_rates
 from refusal.stats import add_holm
 
-# The sweep's settings and its report live beside the job; the public names stay importable here.
-from .brittleness_config import JUDGES, METHODS, RANK_METHODS, WEIGHT_METHODS, BrittlenessConfig, Point, sweep_points
-from .brittleness_report import brittleness_figure, curves, render_markdown
-
-__all__ = [
-    "Brittleness",
-    "BrittlenessConfig",
-    "JUDGES",
-    "METHODS",
-    "Point",
-    "RANK_METHODS",
-    "WEIGHT_METHODS",
-    "brittleness_figure",
-    "curves",
-    "full_ranks",
-    "main",
-    "parse_args",
-    "rank_fraction",
-    "render_markdown",
-    "sweep_points",
-]
+from .config import JUDGES, BrittlenessConfig, Point, sweep_points
+from .report import brittleness_figure, render_markdown
 
 
 def rank_fraction(ranks: dict, full_ranks: dict[str, int]) -> float:
@@ -226,7 +207,7 @@ class Brittleness:
         atomic_write_json(self.dir / "report.json", report)
         atomic_write_text(self.dir / "report.md", render_markdown(report))
         if self.cfg.figures_dir:
-            from experiments.figures import export
+            from ..figures import export
 
             for line in export({"brittleness": fig}, Path(self.cfg.figures_dir)):
                 _log(line)
@@ -357,7 +338,3 @@ def main(argv=None) -> int:
     validate(cfg)
     Brittleness(cfg).run()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@
    utility), top safety, top utility, random.
 2. Frozen arm: LoRA (peft, all seven linear types of every decoder block by default) on harmless
    instructions with the model's own greedy replies as targets, every safety-critical weight
-   frozen individually (experiments.finetune_lora). Then the three scored groups are recomputed
+   frozen individually (experiments.frozen_finetune.lora). Then the three scored groups are recomputed
    on the merged model with the same data and settings, and compared with the originals (overlap
    and Jaccard). The frozen weights are checked to be bit-for-bit unchanged.
 3. Unfrozen arm: the same training with nothing frozen, the same recomputation, and the drift of
@@ -71,7 +71,7 @@ from lm.cli import parse_config
 from lm.errors import UserError, cli
 from lm.loading import load_model, model_fingerprint
 
-from .finetune_lora import (
+from .lora import (
     LoraTrainConfig,
     attach_lora,
     check_targets,
@@ -80,7 +80,7 @@ from .finetune_lora import (
     merged,
     train,
 )
-from .frozen_finetune_report import drift_figure, overlap_figure, render_markdown
+from .report import drift_figure, overlap_figure, render_markdown
 
 ARMS = ("frozen", "unfrozen")
 # CS2881 (Jaccard of each group before vs after fine-tuning with the safety-critical weights frozen).
@@ -374,7 +374,7 @@ class FrozenFinetune:
         figs = dict(frozen_finetune_overlap=overlap_figure(report), frozen_finetune_drift=drift_figure(report))
         atomic_write_json(self.dir / "report.json", report)
         atomic_write_text(self.dir / "report.md", render_markdown(report))
-        from experiments.figures import export
+        from ..figures import export
 
         for line in export(figs, self.dir / "figures"):
             _log(line)
@@ -423,7 +423,3 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     FrozenFinetune(cfg).run()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,11 +40,11 @@ from refusal.score import refusal_tokens
 from refusal.select import SelectionConfig, SelectionResult, SharedPrompts
 from refusal.selection_artifacts import select_direction_cached
 
-from .compare_config import CompareConfig
-from .compare_figures import export_figures, make_figures, save_figures
-from .compare_repair import repair_variants
-from .compare_summary import summarise_comparison
+from .config import CompareConfig
+from .figures import export_figures, make_figures, save_figures
+from .repairs import repair_variants
 from .report import render_html, render_markdown
+from .summary import summarise_comparison
 
 
 def _log(msg: str) -> None:

@@ -20,7 +20,6 @@ an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 from compression.variants import parse_variant
@@ -29,11 +28,9 @@ from lm.errors import UserError, cli
 from lm.loading import check_model_spec
 from refusal.judge_spec import judge_panel
 
-from .compare_config import DEFAULT_VARIANTS, QUICK_VARIANTS, CompareConfig
 from .comparison import Comparison
+from .config import DEFAULT_VARIANTS, QUICK_VARIANTS, CompareConfig
 
-# The job's public names; the stages live in comparison.py, the report's content in compare_summary.py
-# and its figures in compare_figures.py.
 __all__ = ["CompareConfig", "Comparison", "DEFAULT_VARIANTS", "QUICK_VARIANTS", "main", "parse_args", "validate"]
 
 
@@ -68,7 +65,3 @@ def main(argv=None) -> int:
     validate(cfg)
     Comparison(cfg).run()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

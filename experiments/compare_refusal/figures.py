@@ -88,7 +88,7 @@ def make_figures(results: dict, report: dict) -> dict:
 
 def export_figures(figs: dict, where: str) -> list[str]:
     """Copy the figures to --figures-dir as HTML and, when a browser for kaleido is there, PNG."""
-    from experiments.figures import export
+    from ..figures import export
 
     return export(figs, Path(where))
 

@@ -1,0 +1,5 @@
+import sys
+
+from .finetune import main
+
+sys.exit(main())
