@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from compression.builder import VariantBuilder
 from compression.calibration import tokenize_pairs
 from compression.variants import parse_variant
 from experiments import brittleness
@@ -18,7 +19,6 @@ from experiments.brittleness import (
     rank_fraction,
     sweep_points,
 )
-from experiments.compare_refusal import Comparison
 from lm.chat import format_prompt
 from lm.errors import UserError
 from tests.tiny import build_model, build_tokenizer, save_tiny
@@ -99,7 +99,7 @@ def test_bad_input_is_one_line_before_loading(argv, fragment, tmp_path, monkeypa
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("experiments.compare_refusal.comparison.load_model", no_loading)
+    monkeypatch.setattr("experiments.brittleness.sweep.load_model", no_loading)
     monkeypatch.chdir(tmp_path)
     code = main([*argv, "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -138,7 +138,7 @@ def canned_replies(monkeypatch):
         tok = self.base.tokenizer
         return tokenize_pairs(tok, [(format_prompt(tok, i), r) for i, r in zip(INSTRUCTIONS, CANNED[kind])])
 
-    monkeypatch.setattr(Comparison, "own_replies", own_replies)
+    monkeypatch.setattr(VariantBuilder, "own_replies", own_replies)
 
 
 def tiny_config(model_dir, runs_dir, **overrides) -> BrittlenessConfig:
@@ -222,7 +222,7 @@ def test_tiny_sweep_end_to_end_and_rerun_reuses_every_stage(tiny_dir, tmp_path, 
         raise AssertionError("a rerun with the same settings must reuse every stage")
 
     for name in ("build", "own_replies", "responses", "calibration"):
-        monkeypatch.setattr(Comparison, name, must_not_run)
+        monkeypatch.setattr(VariantBuilder, name, must_not_run)
     import lm.perplexity
     import refusal.measure
 

@@ -215,12 +215,14 @@ def test_end_to_end_and_rerun_reuses_artifacts(tiny_dir, tmp_path, monkeypatch):
 
     # The prompt calibration is tokenized again (its digest decides whether a checkpoint is reused);
     # nothing is generated.
+    import compression.builder
     import lm.perplexity
     import refusal.measure
     import refusal.probing
 
-    for stage in ("candidate_directions", "build_variant_with_report", "response_calibration_set"):
-        monkeypatch.setattr(stages, stage, must_not_run)
+    monkeypatch.setattr(stages, "candidate_directions", must_not_run)
+    for stage in ("build_variant_with_report", "response_calibration_set"):
+        monkeypatch.setattr(compression.builder, stage, must_not_run)
     monkeypatch.setattr(refusal.probing, "prompt_activations", must_not_run)
     monkeypatch.setattr(refusal.measure, "attack_success", must_not_run)
     monkeypatch.setattr(lm.perplexity, "window_nll", must_not_run)
@@ -245,8 +247,8 @@ def test_checkpoint_from_other_calibration_is_rebuilt(tiny_dir, tmp_path):
 
     comparison = Comparison(cfg)
     built = []
-    original_build = comparison.build
-    comparison.build = lambda spec: built.append(spec.text) or original_build(spec)
+    original_build = comparison.builder.build
+    comparison.builder.build = lambda spec: built.append(spec.text) or original_build(spec)
     for spec in comparison.specs:
         comparison.variant_model(spec)
     assert built == ["wanda:0.5"]
@@ -273,8 +275,8 @@ def test_wikitext_calibration_builds_from_text_and_is_kept_apart(tiny_dir, tmp_p
     # Switching back to instruction calibration rebuilds the variant instead of reusing it.
     comparison = Comparison(dataclasses.replace(cfg, calib_source="harmless", calib_seqlen=256))
     built = []
-    original_build = comparison.build
-    comparison.build = lambda spec: built.append(spec.text) or original_build(spec)
+    original_build = comparison.builder.build
+    comparison.builder.build = lambda spec: built.append(spec.text) or original_build(spec)
     comparison.variant_model(comparison.specs[1])
     assert built == ["wanda:0.5"]
 

@@ -455,6 +455,9 @@ def test_a_gptqmodel_checkpoint_of_the_embedded_model_is_repaired_in_its_format(
             # AIRD's output: a whole block of seven matrices, whatever the anchored search found at this size.
             "--save",
             "aird",
+            # The quick size for every setting not given here (the anchored search, the static baseline).
+            "--size",
+            "quick",
         ]
     )
     assert code == 0, capsys.readouterr().err

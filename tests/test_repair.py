@@ -508,6 +508,9 @@ def test_repair_on_the_embedded_model(tmp_path, monkeypatch, capsys):
             "14",
             "--n-refusal-probe",
             "16",
+            # The quick size for every setting not given here (the anchored search, the static baseline).
+            "--size",
+            "quick",
         ]
     )
     assert code == 0, capsys.readouterr().err

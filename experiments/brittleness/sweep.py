@@ -19,7 +19,7 @@ The x value of a weight point is the fraction actually removed (a set difference
 q); of a rank point, the ranks removed summed over all decoder linears over their summed full
 ranks (for actsvd-orth the rank of P_s, an upper bound on what (I - P_u) P_s takes out).
 
-Variants are built through experiments.compare_refusal's Comparison (own replies generated once,
+Variants are built through compression.builder, as the main job builds them (own replies generated once,
 importance scores cached in <run>/scores), evaluated, and discarded: no checkpoint per point. Each
 point's stages are cached in <run>/points/<variant>/ and reused by a rerun with the same settings.
 """
@@ -34,6 +34,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from compression.builder import BuildSettings, VariantBuilder
+from compression.calibration import CalibrationConfig
+from compression.variants import parse_variant, validate_variant
 from lm.cache import (
     atomic_write_json,
     atomic_write_text,
@@ -45,6 +48,7 @@ from lm.cache import (
 )
 from lm.cli import parse_config
 from lm.errors import cli
+from lm.loading import load_model
 from lm.perplexity import PerplexityConfig, measure_perplexity
 from refusal.collapse import collapse_verdict
 from refusal.judge_report import judges_section
@@ -85,8 +89,8 @@ def _log(msg: str) -> None:
 class _Variant:
     """The point's model, built only when a stage actually needs it (a full rerun builds nothing)."""
 
-    def __init__(self, comparison, spec):
-        self.comparison, self.spec = comparison, spec
+    def __init__(self, builder: VariantBuilder, spec):
+        self.builder, self.spec = builder, spec
         self.model = None
         self.removal: dict = {}
         self.seconds = 0.0
@@ -94,10 +98,10 @@ class _Variant:
     def __call__(self):
         if self.model is None:
             if self.spec.method == "original":
-                self.model = self.comparison.base.model
+                self.model = self.builder.base.model
             else:
                 _log(f"{self.spec.text}: building")
-                self.model, self.removal, self.seconds = self.comparison.build(self.spec)
+                self.model, self.removal, self.seconds = self.builder.build(self.spec)
         return self.model
 
 
@@ -105,39 +109,30 @@ class Brittleness:
     """Sweeps the removal methods; stage results are cached per point in <run>/points/<variant>/."""
 
     def __init__(self, cfg: BrittlenessConfig):
-        from experiments.compare_refusal import CompareConfig, Comparison
-
         self.cfg = cfg
         self.points = sweep_points(cfg)
         self.judges = judge_panel(cfg.judges)  # None without --judges
-        # One Comparison holds the base model, its own replies and cached scores for every point;
-        # selection and checkpoints are off: this sweep only builds, evaluates and discards.
-        self.comparison = Comparison(
-            CompareConfig(
-                model=cfg.model,
-                variants=tuple(p.spec for p in self.points[1:]),
-                name=cfg.name,
-                runs_dir=cfg.runs_dir,
-                n_asr=cfg.n_asr,
-                max_new_tokens=cfg.max_new_tokens,
-                calib_samples=cfg.calib_samples,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-                dtype=cfg.dtype,
-                save_checkpoints=False,
-                select=False,
-            )
-        )
         self.dir = cfg.run_dir()
-        self.specs = dict(zip((p.spec for p in self.points), self.comparison.specs))
+        self.specs = {p.spec: parse_variant(p.spec) for p in self.points}
+        self.base = load_model(cfg.model, dtype=cfg.dtype)
+        for spec in self.specs.values():
+            validate_variant(spec, self.base.model)
+        # One builder holds the base model, its own replies and cached scores for every point; no
+        # checkpoints: this sweep only builds, evaluates and discards.
+        calibration = CalibrationConfig(n_samples=cfg.calib_samples, seed=cfg.seed)
+        self.builder = VariantBuilder(
+            self.base,
+            BuildSettings(cfg.model, calibration, min(64, cfg.max_new_tokens), cfg.dtype),
+            self.dir / "scores",
+        )
 
     def evaluate(self, point: Point) -> dict:
         """Every stage of one point, each cached; the variant is built only if a stage is missing."""
-        cfg, cmp, tok = self.cfg, self.comparison, self.comparison.base.tokenizer
+        cfg, builder, tok = self.cfg, self.builder, self.base.tokenizer
         spec = self.specs[point.spec]
         pdir = self.dir / "points" / spec.slug
-        key = dict(variant=spec.text, params=cmp.variant_params(spec), base=cmp.fingerprint())
-        variant = _Variant(cmp, spec)
+        key = dict(variant=spec.text, params=builder.params(spec), base=builder.fingerprint())
+        variant = _Variant(builder, spec)
 
         def built() -> dict:
             from compression.checkpoint import sparsity_report
@@ -152,7 +147,7 @@ class Brittleness:
         out = dict(build=cached_json(pdir / "build.json", key, built), asr={})
         # The original is keyed by its weights (shared with the other entry points); a sweep point by
         # its spec on the base model, so a rerun need not build it to find its measurements.
-        mid, store = cmp.fingerprint() if spec.method == "original" else key, cfg.store()
+        mid, store = builder.fingerprint() if spec.method == "original" else key, cfg.store()
         for setting in cfg.settings:
             out["asr"][setting] = measure(variant, tok, cfg.eval_config(setting), store, mid, judges=self.judges)
         out["harmless"] = measure(
@@ -172,7 +167,7 @@ class Brittleness:
 
         zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
         out["zero_shot"] = measured(store, "zero_shot", mid, [zcfg], lambda: self.zero_shot(variant(), zcfg))
-        if variant.model is not None and variant.model is not cmp.base.model:
+        if variant.model is not None and variant.model is not self.base.model:
             variant.model = None
             gc.collect()
         return out
@@ -180,7 +175,7 @@ class Brittleness:
     def zero_shot(self, model, zcfg) -> dict:
         from lm.zero_shot import zero_shot_accuracy
 
-        result = zero_shot_accuracy(model, self.comparison.base.tokenizer, zcfg)
+        result = zero_shot_accuracy(model, self.base.tokenizer, zcfg)
         result["seconds"] = round(result["seconds"], 1)
         return result
 
@@ -215,7 +210,7 @@ class Brittleness:
         return report
 
     def summarise(self, results: list, seconds: float) -> dict:
-        base = self.comparison.base
+        base = self.base
         ranks_full = full_ranks(base.model)
         ref_ppl = results[0][1]["perplexity"]["perplexity"]
         rows = []
@@ -281,7 +276,7 @@ class Brittleness:
         return dict(
             model=self.cfg.model,
             model_name=base.name,
-            base_fingerprint=self.comparison.fingerprint(),
+            base_fingerprint=self.builder.fingerprint(),
             config=dataclasses.asdict(self.cfg),
             n_asr=self.cfg.n_asr,
             settings=list(self.cfg.settings),
@@ -321,7 +316,6 @@ def parse_args(argv=None) -> BrittlenessConfig:
 
 def validate(cfg: BrittlenessConfig) -> None:
     """Every spec and the zero-shot config, before the model loads: bad input writes nothing."""
-    from compression.variants import parse_variant
     from lm.loading import check_model_spec
     from lm.zero_shot import ZeroShotConfig
 

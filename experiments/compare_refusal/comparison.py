@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 
 import torch
 
-from compression.calibration import ResponseCalibrationConfig, calibration_set, response_calibration_set
-from compression.checkpoint import read_manifest, save_variant, sparsity_report, weights_verified
-from compression.variants import VariantSpec, build_variant_with_report, parse_variant, validate_variant
+from compression.builder import BuildSettings, VariantBuilder
+from compression.checkpoint import sparsity_report
+from compression.variants import VariantSpec, parse_variant, validate_variant
 from lm import datasets
 from lm.cache import (
     RunClock,
@@ -90,10 +89,11 @@ class Comparison:
                 spec.method == "path"
             ):  # a checkpoint made elsewhere must come from this base model, as the repair demands
                 self.check_derives(spec)
-        self._fingerprint: str | None = None
-        self._calibration = None
-        self._responses = None
-        self._own_replies: dict = {}
+        self.builder = VariantBuilder(
+            self.base,
+            BuildSettings(cfg.model, cfg.calibration_config(), min(64, cfg.max_new_tokens), cfg.dtype),
+            self.dir / "scores",
+        )
         self.progress = JobProgress("compare_refusal", [], [])  # run() replaces it with the job's plan
 
     def check_derives(self, spec: VariantSpec) -> None:
@@ -106,38 +106,7 @@ class Comparison:
 
     # --- shared inputs -------------------------------------------------------------------
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.base.model)
-        return self._fingerprint
-
-    def calibration(self):
-        if self._calibration is None:
-            # The model writes its own replies when the calibration source asks for them.
-            self._calibration = calibration_set(
-                self.base.tokenizer, self.cfg.calibration_config(), model=self.base.model
-            )
-        return self._calibration
-
-    def own_replies(self, kind: str):
-        """The base model's own refusals (safety) or helpful replies (utility), generated once (Wei et al.)."""
-        from compression.attribution import OwnRepliesConfig, safety_calibration, utility_calibration
-
-        if kind not in self._own_replies:
-            cfg = OwnRepliesConfig(
-                n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed
-            )
-            make = safety_calibration if kind == "safety" else utility_calibration
-            self._own_replies[kind] = make(self.base.model, self.base.tokenizer, cfg)
-        return self._own_replies[kind]
-
-    def responses(self):
-        """(instruction, own greedy response) pairs for gradient-based scores (SNIP), generated once."""
-        if self._responses is None:
-            cfg = ResponseCalibrationConfig(
-                n_samples=self.cfg.calib_samples, max_new_tokens=min(64, self.cfg.max_new_tokens), seed=self.cfg.seed
-            )
-            self._responses = response_calibration_set(self.base.model, self.base.tokenizer, cfg)
-        return self._responses
+        return self.builder.fingerprint()
 
     def direction_prompts(self, selection: SelectionResult | None) -> tuple[list[str], list[str]]:
         """The instructions every model's candidate directions are computed on.
@@ -178,101 +147,8 @@ class Comparison:
     # --- per-variant stages --------------------------------------------------------------
     def variant_model(self, spec: VariantSpec):
         """The variant's model: built once, saved as a checkpoint, reloaded on later runs."""
-        if spec.method == "original":
-            return self.base.model
         ckpt = self.dir / "variants" / spec.slug / "model"
-        params = self.variant_params(spec)
-        manifest = read_manifest(ckpt)
-        if self.reusable(spec, manifest, params) and weights_verified(ckpt, manifest):
-            _log(f"{spec.text}: reusing checkpoint {ckpt}")
-            return load_model(str(ckpt), dtype=self.cfg.dtype).model
-        _log(f"{spec.text}: building")
-        model, removal, seconds = self.build(spec)
-        if self.cfg.save_checkpoints and spec.method != "path":  # a user's checkpoint already is one
-            save_variant(
-                model,
-                self.base.tokenizer,
-                ckpt,
-                dict(
-                    method=spec.method,
-                    spec=spec.text,
-                    params=params,
-                    build_seconds=seconds,
-                    removal=removal,
-                    calibration_sha256=self.calibration_digests(spec),
-                    calibration=self.calibration().description if spec.needs_calibration else None,
-                    base_model=self.cfg.model,
-                    base_fingerprint=self.fingerprint(),
-                ),
-            )
-        return model
-
-    def reusable(self, spec: VariantSpec, manifest: dict | None, params: dict) -> bool:
-        """Whether a saved variant was built by the same method from the same base and calibration.
-
-        The prompt calibration is cheap to rebuild, so its digest is compared, which also catches a
-        change in how it is made; the model's own replies (SNIP, set difference) would cost minutes
-        of generation, so for them the settings in `params` stand in.
-        """
-        if (
-            manifest is None
-            or manifest.get("params") != params
-            or manifest.get("base_fingerprint") != self.fingerprint()
-        ):
-            return False
-        if spec.needs_calibration:
-            cal = self.calibration()
-            if (
-                manifest.get("calibration_sha256", {}).get("prompts") != cal.digest
-                or manifest.get("calibration") != cal.description
-            ):
-                return False
-        return True
-
-    def build(self, spec: VariantSpec):
-        """(variant model, what the method removed, seconds): built from the base model, never saved.
-
-        Calibration and own replies are generated once per run; importance scores are cached in
-        <run>/scores. experiments.brittleness builds its sweep points through this too.
-        """
-        start = time.perf_counter()
-        model, removal = build_variant_with_report(
-            self.base.model,
-            spec,
-            self.calibration() if spec.needs_calibration else None,
-            responses=self.responses() if spec.needs_responses else None,
-            safety=self.own_replies("safety") if spec.needs_safety else None,
-            utility=self.own_replies("utility") if spec.needs_utility else None,
-            scores_dir=self.dir / "scores",
-        )
-        return model, removal, time.perf_counter() - start
-
-    def calibration_digests(self, spec: VariantSpec) -> dict:
-        """SHA-256 of every calibration set the variant was built from, by role."""
-        out = {}
-        if spec.needs_calibration:
-            out["prompts"] = self.calibration().digest
-        if spec.needs_responses:
-            out["responses"] = self.responses().digest
-        if spec.needs_safety:
-            out["safety"] = self.own_replies("safety").digest
-        if spec.needs_utility:
-            out["utility"] = self.own_replies("utility").digest
-        return out
-
-    def variant_params(self, spec: VariantSpec) -> dict:
-        params = dict(spec.params)
-        if spec.needs_calibration or spec.needs_responses or spec.needs_safety or spec.needs_utility:
-            params.update(calib_samples=self.cfg.calib_samples, seed=self.cfg.seed)
-        if spec.needs_calibration and (self.cfg.calib_source, self.cfg.calib_seqlen) != (
-            CompareConfig.calib_source,
-            CompareConfig.calib_seqlen,
-        ):
-            # Only when not the defaults, so runs cached before these settings existed stay valid.
-            params.update(calib_source=self.cfg.calib_source, calib_seqlen=self.cfg.calib_seqlen)
-        if spec.needs_responses or spec.needs_safety or spec.needs_utility:
-            params.update(response_tokens=min(64, self.cfg.max_new_tokens))
-        return params
+        return self.builder.checkpointed(spec, ckpt, save=self.cfg.save_checkpoints, log=_log)
 
     def model_id(self, spec: VariantSpec, model) -> str:
         """The weight fingerprint that keys the variant's measurements (the same one python -m repair
@@ -287,7 +163,7 @@ class Comparison:
         cfg, tok = self.cfg, self.base.tokenizer
         ref = reference or OriginalReference()
         vdir = self.dir / "variants" / spec.slug
-        key = dict(variant=spec.text, params=self.variant_params(spec), base=self.fingerprint())
+        key = dict(variant=spec.text, params=self.builder.params(spec), base=self.fingerprint())
         mid, store = self.model_id(spec, model), cfg.store()
 
         step = lambda kind: self.progress.stage(spec.text, kind)  # noqa: E731 - one line per stage (lm.progress)
@@ -433,7 +309,7 @@ class Comparison:
         ids = refusal_tokens(tok)
         key = dict(
             variant=spec.text,
-            params=self.variant_params(spec),
+            params=self.builder.params(spec),
             base=self.fingerprint(),
             n_val=cfg.n_val,
             seed=cfg.seed,
