@@ -18,7 +18,7 @@ from torch import nn
 from lm.errors import UserError
 from lm.hooks import decoder_layers
 
-from .refusal_probe import ProbeReading, RefusalProbe
+from .readout import Reading, RefusalReadout
 from .restore import block_masks, count, restored
 
 
@@ -53,7 +53,7 @@ def candidate_layers(source_layer: int, n_layers: int, window: int) -> list[int]
     return list(range(max(0, source_layer - window), source_layer))
 
 
-def choose_block(readings: dict[int, ProbeReading], kl_max: float) -> tuple[int, str]:
+def choose_block(readings: dict[int, Reading], kl_max: float) -> tuple[int, str]:
     within = {c: r for c, r in readings.items() if r.kl <= kl_max}
     if within:
         return max(within, key=lambda c: (within[c].refusal, -c)), "best_refusal_within_kl"
@@ -61,7 +61,7 @@ def choose_block(readings: dict[int, ProbeReading], kl_max: float) -> tuple[int,
 
 
 def choose_aird_block(
-    compressed: nn.Module, original: nn.Module, probe: RefusalProbe, cfg: AirdConfig = AirdConfig()
+    compressed: nn.Module, original: nn.Module, readout: RefusalReadout, cfg: AirdConfig = AirdConfig()
 ) -> AirdChoice:
     """Score restoring each candidate block (temporarily) and pick one."""
     n_layers = len(decoder_layers(compressed))
@@ -70,7 +70,7 @@ def choose_aird_block(
             raise UserError(f"--layer {cfg.layer} out of range for a model with {n_layers} blocks")
         layers = [cfg.layer]
     else:
-        layers = candidate_layers(probe.layer, n_layers, cfg.window)
+        layers = candidate_layers(readout.layer, n_layers, cfg.window)
         if not layers:
             raise UserError(
                 "the refusal direction is sourced at layer 0 (the embeddings); no block writes it, so AIRD has nothing to restore"
@@ -80,7 +80,7 @@ def choose_aird_block(
         masks = block_masks(compressed, original, layer)
         sizes[layer] = count(masks)
         with restored(compressed, original, masks):
-            readings[layer] = probe.read(first_layer=layer)
+            readings[layer] = readout.read(first_layer=layer)
     if cfg.layer is not None:
         chosen, reason = cfg.layer, "forced"
     else:

@@ -42,7 +42,7 @@ from .derivation import checkpoint_name, derivation_records, summarise_derivatio
 from .evaluation import StateEvaluation
 from .front import FrontStage, packed_matrix_bytes
 from .output import jsonable, packed_weights, repair_manifest, write_output
-from .refusal_probe import RefusalProbe
+from .readout import RefusalReadout
 from .restore import block_masks, block_params, count, restore_entries, restored
 from .stages import Choice, Diagnosis, digest
 from .summary import summarise_repair
@@ -83,9 +83,9 @@ class Repair:
         self.orig = original if original is not None else load_model(cfg.original, dtype=cfg.dtype)
         self._given_selection = selection
         self._given_own_selection = own_selection  # the compressed model's own, if the caller has selected it
-        # Memos: the compressed model's RefusalProbe (building it runs every probe prompt, which a
+        # Memos: the compressed model's RefusalReadout (building it runs every read-out prompt, which a
         # fully cached rerun never needs) and top-k masks (evaluation, curve and output ask for the same k).
-        self._probe: RefusalProbe | None = None
+        self._readout: RefusalReadout | None = None
         self._top_masks: dict[int, dict[str, torch.Tensor]] = {}
         self.comp = load_model(cfg.compressed, dtype=cfg.dtype)
         self.original, self.model, self.tok = self.orig.model, self.comp.model, self.orig.tokenizer
@@ -156,45 +156,60 @@ class Repair:
         # a handful of prompts: 7 of 32 harmful ones on the embedded model).
         from lm import datasets
 
-        probe_harmful = datasets.sample(datasets.instructions("harmful", "val"), self.cfg.n_val, self.cfg.seed)
-        probe_harmless = datasets.sample(datasets.instructions("harmless", "val"), self.cfg.n_val, self.cfg.seed)
+        readout_harmful = datasets.sample(datasets.instructions("harmful", "val"), self.cfg.n_val, self.cfg.seed)
+        readout_harmless = datasets.sample(datasets.instructions("harmless", "val"), self.cfg.n_val, self.cfg.seed)
         d = Diagnosis(
-            selection, source, direction, own_selection, probe_harmful, probe_harmless, orig_reading={}, comp_reading={}
+            selection,
+            source,
+            direction,
+            own_selection,
+            readout_harmful,
+            readout_harmless,
+            orig_reading={},
+            comp_reading={},
         )
         comp_reading = cached_json(
-            self.dir / "probe.json", d.probe_key(self.fp_comp), lambda: self.probe(d).baseline.to_json()
+            self.dir / "probe.json", d.readout_key(self.fp_comp), lambda: self.readout(d).baseline.to_json()
         )
         orig_reading = cached_json(
             self.orig_dir / "probe.json",
-            d.probe_key(self.fp_orig),
-            lambda: RefusalProbe(
-                self.original, self.tok, probe_harmful, probe_harmless, selection.refusal_token_ids, direction, source
+            d.readout_key(self.fp_orig),
+            lambda: RefusalReadout(
+                self.original,
+                self.tok,
+                readout_harmful,
+                readout_harmless,
+                selection.refusal_token_ids,
+                direction,
+                source,
             ).baseline.to_json(),
         )
         return dataclasses.replace(d, orig_reading=orig_reading, comp_reading=comp_reading)
 
-    def probe(self, d: Diagnosis) -> RefusalProbe:
-        """The compressed model's refusal probe on the diagnosis' validation prompts, built on first use."""
-        if self._probe is None:
-            self._probe = RefusalProbe(
+    def readout(self, d: Diagnosis) -> RefusalReadout:
+        """The compressed model's refusal read-out on the diagnosis' validation prompts, built on first use."""
+        if self._readout is None:
+            self._readout = RefusalReadout(
                 self.model,
                 self.tok,
-                d.probe_harmful,
-                d.probe_harmless,
+                d.readout_harmful,
+                d.readout_harmless,
                 d.selection.refusal_token_ids,
                 d.direction,
                 d.source,
                 batch_size=min(16, self.cfg.batch_size or 16),
             )
-        return self._probe
+        return self._readout
 
     # --- choosing what to restore -----------------------------------------------------------
     def choose(self, d: Diagnosis) -> Choice:
-        key = {**d.probe_key(self.fp_comp), "original": self.fp_orig, "aird": dataclasses.asdict(self.cfg.aird)}
+        key = {**d.readout_key(self.fp_comp), "original": self.fp_orig, "aird": dataclasses.asdict(self.cfg.aird)}
         aird = cached_json(
             self.dir / "aird_choice.json",
             key,
-            lambda: timed(lambda: choose_aird_block(self.model, self.original, self.probe(d), self.cfg.aird).to_json()),
+            lambda: timed(
+                lambda: choose_aird_block(self.model, self.original, self.readout(d), self.cfg.aird).to_json()
+            ),
         )
         aird_masks = block_masks(self.model, self.original, aird["layer"])
         chosen = next(c for c in aird["candidates"] if c["layer"] == aird["layer"])
@@ -243,8 +258,8 @@ class Repair:
         aird_reading["refusal_rate"] = cached_json(
             self.dir / "aird_refusal_rate.json",
             {**key, "tokens": reply_tokens},
-            lambda: self._probe_restored(
-                d, aird_masks, lambda probe: dict(refusal_rate=probe.refusal_rate(reply_tokens))
+            lambda: self._read_restored(
+                d, aird_masks, lambda readout: dict(refusal_rate=readout.refusal_rate(reply_tokens))
             ),
         )["refusal_rate"]
         targeted = cached_json(
@@ -254,7 +269,7 @@ class Repair:
                 lambda: search_budget(
                     self.model,
                     self.original,
-                    self.probe(d),
+                    self.readout(d),
                     scores,
                     aird["restored"],
                     aird_reading["refusal_rate"],
@@ -374,9 +389,9 @@ class Repair:
                     r = ev.evaluate(self.model, f"{method}-{k}", self.dir / "curve" / f"{method}-{k}", key, full=False)
                 reading = cached_json(
                     self.dir / "curve" / f"{method}-{k}" / "probe.json",
-                    {**key, "method": method, **d.probe_key(self.fp_comp)},
-                    lambda masks=masks, first=first: self._probe_restored(
-                        d, masks, lambda probe: probe.read(first).to_json()
+                    {**key, "method": method, **d.readout_key(self.fp_comp)},
+                    lambda masks=masks, first=first: self._read_restored(
+                        d, masks, lambda readout: readout.read(first).to_json()
                     ),
                 )
                 points.append(
@@ -392,11 +407,11 @@ class Repair:
             out[method] = points
         return out
 
-    def _probe_restored(self, d: Diagnosis, masks: dict[str, torch.Tensor], read):
-        """`read(probe)` with `masks` restored; the probe is built first, so its baseline is the unrepaired model's."""
-        probe = self.probe(d)
+    def _read_restored(self, d: Diagnosis, masks: dict[str, torch.Tensor], read):
+        """`read(readout)` with `masks` restored; the read-out is built first, so its baseline is the unrepaired model's."""
+        readout = self.readout(d)
         with restored(self.model, self.original, masks):
-            return read(probe)
+            return read(readout)
 
     def write(self, ch: Choice, result: dict) -> dict:
         """The chosen repair applied for good, and `out` written (or kept, when it already holds it)."""

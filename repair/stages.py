@@ -25,8 +25,8 @@ class Diagnosis:
     source: tuple[int, int]  # (position, layer)
     direction: torch.Tensor
     own_selection: object | None  # the compressed model's SelectionResult, or None
-    probe_harmful: list[str]
-    probe_harmless: list[str]
+    readout_harmful: list[str]
+    readout_harmless: list[str]
     orig_reading: dict
     comp_reading: dict
 
@@ -39,13 +39,13 @@ class Diagnosis:
         """The source as (position index, layer) into the selection's direction grid."""
         return self.selection.positions.index(self.source[0]), self.source[1]
 
-    def probe_key(self, fingerprint: str) -> dict:
+    def readout_key(self, fingerprint: str) -> dict:
         return dict(
             model=fingerprint,
             source=list(self.source),
             direction=digest(self.direction.tolist()),
-            harmful=digest(self.probe_harmful),
-            harmless=digest(self.probe_harmless),
+            harmful=digest(self.readout_harmful),
+            harmless=digest(self.readout_harmless),
         )
 
 

@@ -25,7 +25,7 @@ from refusal.interventions import orthogonalize_weights
 from refusal.select import SelectionConfig, select_direction
 from repair.aird import AirdConfig, choose_aird_block
 from repair.derivation import check_derivation, decoder_linear_names
-from repair.refusal_probe import RefusalProbe
+from repair.readout import RefusalReadout
 from repair.restore import block_masks, count, restore_entries
 from repair.targeted import first_order_scores, prompt_batches, refusal_objective, top_masks
 from tests.families import FAMILIES, build_family
@@ -197,7 +197,7 @@ def test_aird_and_targeted_restoration(name):
     source = (-1, len(decoder_layers(model)) - 1)
     direction = candidate_directions(model, tok, HARMFUL, HARMLESS)["directions"][-1, source[1]]
     token_ids = [tok.convert_tokens_to_ids(t) for t in tok.tokenize("I")][:1]
-    probe = RefusalProbe(compressed, tok, HARMFUL, HARMLESS, token_ids, direction, source, batch_size=4)
+    probe = RefusalReadout(compressed, tok, HARMFUL, HARMLESS, token_ids, direction, source, batch_size=4)
     choice = choose_aird_block(compressed, model, probe, AirdConfig(window=1))
     masks = block_masks(compressed, model, choice.layer)
     assert count(masks) == choice.restored > 0

@@ -17,7 +17,7 @@ from refusal.asr import AsrConfig, attack_success
 from repair.__main__ import main
 from repair.aird import candidate_layers, choose_block
 from repair.derivation import check_derivation, decoder_linear_names
-from repair.refusal_probe import ProbeReading
+from repair.readout import Reading
 from repair.restore import block_masks, block_params, count, restore_entries, restored
 from repair.targeted import (
     TargetedConfig,
@@ -122,7 +122,7 @@ def test_candidate_layers_are_the_writers_before_the_source():
 
 
 def test_choose_block_respects_kl():
-    r = {13: ProbeReading(2.0, 0.5, 1.0), 14: ProbeReading(1.0, 0.05, 1.0), 15: ProbeReading(0.5, 0.01, 1.0)}
+    r = {13: Reading(2.0, 0.5, 1.0), 14: Reading(1.0, 0.05, 1.0), 15: Reading(0.5, 0.01, 1.0)}
     assert choose_block(r, 0.1) == (14, "best_refusal_within_kl")
     assert choose_block(r, 1.0) == (13, "best_refusal_within_kl")
     assert choose_block(r, 0.001) == (15, "no_candidate_within_kl_lowest_kl")
@@ -445,7 +445,7 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     written = weights.stat().st_mtime_ns
     (out / "repair.md").unlink()
     monkeypatch.setattr(
-        pipeline, "RefusalProbe", lambda *a, **k: pytest.fail("a fully cached rerun built the refusal probe")
+        pipeline, "RefusalReadout", lambda *a, **k: pytest.fail("a fully cached rerun built the refusal probe")
     )
     import refusal.probing
 

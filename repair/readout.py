@@ -23,7 +23,7 @@ from refusal.score import kl_divergence, refusal_score
 
 
 @dataclass(frozen=True)
-class ProbeReading:
+class Reading:
     refusal: float  # mean refusal score on the harmful prompts
     kl: float  # mean KL(unrepaired || candidate) on the harmless prompts, last position
     projection: float  # mean <h_source, unit direction> on the harmful prompts
@@ -32,7 +32,7 @@ class ProbeReading:
         return dict(refusal_score=self.refusal, kl=self.kl, projection=self.projection)
 
 
-class RefusalProbe:
+class RefusalReadout:
     """Harmful and harmless prompt batches with the unrepaired model's block inputs kept."""
 
     def __init__(
@@ -114,7 +114,7 @@ class RefusalProbe:
         )
         return sum(not arditi.jailbroken(r[0]) for r in replies) / len(replies)
 
-    def read(self, first_layer: int = 0, _baseline: bool = False) -> ProbeReading:
+    def read(self, first_layer: int = 0, _baseline: bool = False) -> Reading:
         """Read-outs of the model as it is now; `first_layer` = the earliest block changed since construction."""
         first_layer = min(first_layer, self.layer)  # the source must be re-read, so never start after it
         grab: list = []
@@ -123,7 +123,7 @@ class RefusalProbe:
         harmless = torch.cat([self._logits(b, first_layer, []) for b in self.batches["harmless"]])
         if _baseline:
             self.base_harmless = harmless
-        return ProbeReading(
+        return Reading(
             refusal=float(refusal_score(harmful, self.token_ids).mean()),
             kl=float(kl_divergence(self.base_harmless, harmless).mean()),
             projection=float(projection.mean()),
