@@ -6,8 +6,8 @@ and reused only when its manifest matches and its weights verify. The main job
 
 from __future__ import annotations
 
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +20,11 @@ from .variants import VariantSpec, build_variant_with_report
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """What every variant of one base model is built from."""
+    """What every variant of one base model is built from. The model's own replies (SNIP's pairs,
+    Wei et al.'s safety and utility data) take their count and seed from `calibration`."""
 
     base_model: str  # the base model as the user named it (recorded in each checkpoint's manifest)
     calibration: CalibrationConfig  # prompt calibration (Wanda, SparseGPT, GPTQ)
-    #: own replies per set (SNIP's pairs, Wei et al.'s safety and utility data): calibration.n_samples
     response_tokens: int = 64  # tokens of each own reply
     dtype: str = "float32"  # precision a saved checkpoint is reloaded in
 
@@ -139,10 +139,10 @@ class VariantBuilder:
         )
         return model, removal, time.perf_counter() - start
 
-    def checkpointed(self, spec: VariantSpec, ckpt: Path, save: bool = True, log=None):
+    def checkpointed(self, spec: VariantSpec, ckpt: Path, save: bool, log: Callable[[str], None]):
         """The variant's model: reloaded from `ckpt` when it holds this variant and its weights verify,
-        else built (and saved there when `save`; a user's checkpoint, spec 'path', already is one)."""
-        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        else built (and saved there when `save`; a user's checkpoint, spec 'path', already is one);
+        `log` gets one line saying which."""
         if spec.method == "original":
             return self.base.model
         manifest = read_manifest(ckpt)
