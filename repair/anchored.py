@@ -38,7 +38,7 @@ from lm.trainable import gradients_only_for
 from .anchor import Anchor, AnchorConfig, anchor_loss
 from .restoration_order import RestorationOrder
 from .units import UNITS, Ranked, UnitLayout, rank_units, unit_count, unit_of, unit_sums
-from .validation import ValidationConfig, Validator, harmless_worse, reaches_original
+from .validation import AIMS, ValidationConfig, Validator, harmless_worse, reaches_original
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class AnchoredConfig:
     rollback: float = 0.5  # share of a step's units put back when the harmless side got worse (0: never)
     kl_tolerance: float = 0.25  # relative rise of the harmless KL to the original a step may cause
     bisect_steps: int = 3  # bisection steps inside the step that first reaches the original
+    #: Where the stop rule puts the bar on harmful validation refusal: the original's point
+    #: estimate, or the lower end of its 95% interval (the first state inside the interval is
+    #: taken, so "interval" lands low; repair.validation).
+    aim: Literal["point", "interval"] = "point"
     #: What a unit costs: its weights, or (packed checkpoints) the bytes its matrix adds when first
     #: stored at full precision; auto: bytes for a packed checkpoint, weights otherwise.
     cost: Literal["auto", "weights", "bytes"] = "auto"
@@ -69,6 +73,8 @@ class AnchoredConfig:
     val_tokens: int = 16  # validation: greedy tokens judged per reply
 
     def __post_init__(self):
+        if self.aim not in AIMS:
+            raise UserError(f"unknown anchored aim {self.aim!r}; choose one of {', '.join(AIMS)}")
         if self.unit not in UNITS:
             raise UserError(f"unknown restoration unit {self.unit!r}; choose one of {', '.join(UNITS)}")
         if not 0 < self.step <= 1 or not 0 < self.budget <= 1:
@@ -253,7 +259,7 @@ class AnchoredSearch:
         step_weights = max(1, math.ceil(cfg.step * self.total))
         limit = math.ceil(cfg.budget * self.total)
         points = [self.point(compressed_reading, "compressed", 0, -1)]
-        reached = reaches_original(compressed_reading, original_reading)
+        reached = reaches_original(compressed_reading, original_reading, cfg.aim)
         chosen, reason, step = 0, "", 0
         while not reached and step < cfg.max_steps and self.restored_count() < limit:
             step += 1
@@ -294,7 +300,7 @@ class AnchoredSearch:
                 self.log(
                     f"anchored step {step}: the harmless side got worse; {before_count - self.restored_count():,} weights put back"
                 )
-            if reaches_original(reading, original_reading):
+            if reaches_original(reading, original_reading, cfg.aim):
                 # The smallest prefix of this step (what a rollback kept of it) that still gets there.
                 reached = True
                 chosen = self.bisect(points, first, last, original_reading, step)
@@ -318,6 +324,7 @@ class AnchoredSearch:
             chosen=chosen,
             reached=reached,
             reason=reason,
+            aim=cfg.aim,
             changed=self.total,
             step_weights=step_weights,
             seconds=round(time.perf_counter() - start, 1),
@@ -347,7 +354,7 @@ class AnchoredSearch:
             self.set_state(mid)
             reading = self.validator.read(self.model).to_json()
             points.append(self.point(reading, "bisect", step, mid, units=mid - first + 1))
-            if reaches_original(reading, original_reading):
+            if reaches_original(reading, original_reading, self.cfg.aim):
                 hi, best = mid, len(points) - 1
             else:
                 lo = mid

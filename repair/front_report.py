@@ -43,14 +43,20 @@ def front_section(r: dict) -> list[str]:
         else f"It did not reach the original ({a['reason']}); the best point kept restores {chosen['restored']:,} weights "
         f"({small_pct(chosen['fraction_of_changed'])} of the {a['changed']:,} changed)"
     )
+    # Results written before the aim existed stopped at the interval's lower end.
+    bar = (
+        "original's point estimate"
+        if a.get("aim", "interval") == "point"
+        else "lower end of the original's 95% interval"
+    )
     lines = [
         "",
         "## Anchored restoration: the cost-benefit front",
         "",
         f"Validation prompts (never fitted, never in the held-out evaluation): {n_h} harmful, {n_s} harmless; refusal judged by "
         "Arditi et al.'s strings on greedy replies; KL of the next-token distribution on the harmless prompts. The search restores "
-        f"{a['step_weights']:,} weights per step, re-scored each step, and stops at the first state whose harmful refusal lies within the "
-        f"original's 95% interval ({fmt_rate(o['refusal_harmful'])}) with harmless refusal not above the original's "
+        f"{a['step_weights']:,} weights per step, re-scored each step, and stops at the first state whose harmful refusal reaches the "
+        f"{bar} ({fmt_rate(o['refusal_harmful'])}) with harmless refusal not above the original's 95% interval "
         f"({fmt_rate(o['refusal_harmless'])}). {verdict}.",
         "",
         "| method | step | weights restored | of changed | bytes | refusal, harmful | refusal, harmless | KL to original | KL to compressed | anchor loss |",

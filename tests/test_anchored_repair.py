@@ -11,6 +11,7 @@ import torch
 from compression.calibration import CalibrationConfig, calibration_set
 from compression.variants import build_variant, parse_variant
 from lm.architecture import decoder_matrices
+from lm.errors import UserError
 from refusal.stats import wilson
 from repair.anchor import AnchorConfig, anchor_losses, build_anchor, post_instruction_positions, relative_distance
 from repair.anchored import AnchoredConfig, AnchoredSearch, best_point, changed_masks, restoration_gains
@@ -182,11 +183,14 @@ def test_static_ranking_gives_each_matrix_its_share_best_first():
 # --- stop rule, best point, rollback trigger ---------------------------------------------------
 
 
-def test_stop_rule_needs_harmful_refusal_within_and_harmless_not_above_the_original():
+def test_stop_rule_needs_harmful_refusal_at_the_original_and_harmless_not_above_it():
     original = _reading(12, 2)  # 60% [39, 78] harmful, 10% [3, 30] harmless
-    assert reaches_original(_reading(9, 2), original)  # 45%: inside the interval
-    assert not reaches_original(_reading(6, 2), original)  # 30%: below it
+    assert reaches_original(_reading(12, 2), original) and reaches_original(_reading(14, 2), original)
+    assert not reaches_original(_reading(9, 2), original)  # 45%: inside the interval, below the point
+    assert reaches_original(_reading(9, 2), original, "interval")  # ... which the interval aim accepts
+    assert not reaches_original(_reading(6, 2), original, "interval")  # 30%: below the interval
     assert not reaches_original(_reading(15, 8), original)  # 40% harmless: above the original's interval
+    assert not reaches_original(_reading(15, 8), original, "interval")
     assert harmless_worse(_reading(9, 8), _reading(9, 2), original, 0.25)
     assert harmless_worse(_reading(9, 2, kl=0.2), _reading(9, 2, kl=0.1), original, 0.25)
     assert not harmless_worse(_reading(9, 2, kl=0.11), _reading(9, 2, kl=0.1), original, 0.25)
@@ -243,9 +247,8 @@ def _search(pair, anchor, rule, **cfg):
 
 def test_search_stops_at_the_original_and_bisects_inside_the_last_step(pair, anchor):
     original = _reading(12, 2)
-    rule = lambda f, s: _reading(
-        min(20, int(60 * f)), 2
-    )  # harmful refusal grows with what is restored: 45% at f = 0.15
+    # Harmful refusal grows with what is restored: the original's 60% at f = 0.15.
+    rule = lambda f, s: _reading(min(20, int(80 * f)), 2)
     search, model, validator = _search(pair, anchor, rule, bisect_steps=3)
     result = search.run(original, _reading(0, 2))
     assert result["reached"]
@@ -265,6 +268,25 @@ def test_search_stops_at_the_original_and_bisects_inside_the_last_step(pair, anc
     # Every step's gradient pass recorded the anchor loss, and it falls as weights come back.
     losses = [p["loss"]["total"] for p in result["points"] if "loss" in p and p["kind"] in ("compressed", "step")]
     assert len(losses) >= 2 and losses[0] > losses[-1]
+
+
+def test_the_point_aim_stops_at_the_original_where_the_interval_aim_stops_below_it(pair, anchor):
+    original = _reading(12, 2)  # 60% [39, 78]
+    rule = lambda f, s: _reading(min(20, int(60 * f)), 2)
+    chosen = {}
+    for aim in ("point", "interval"):
+        search, _, _ = _search(pair, anchor, rule, bisect_steps=4, aim=aim)
+        result = search.run(original, _reading(0, 2))
+        assert result["reached"] and result["aim"] == aim
+        chosen[aim] = result["points"][result["chosen"]]
+    assert chosen["point"]["refusal_harmful"]["value"] >= 0.6
+    assert 0.39 <= chosen["interval"]["refusal_harmful"]["value"] < 0.6
+    assert chosen["interval"]["restored"] < chosen["point"]["restored"]
+
+
+def test_anchored_config_refuses_an_unknown_aim():
+    with pytest.raises(UserError, match="aim"):
+        AnchoredConfig(aim="median")
 
 
 def test_rollback_puts_back_part_of_a_step_that_hurt_the_harmless_side(pair, anchor):
