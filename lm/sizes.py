@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .zero_shot import ALL_TASKS, SHORT_TASKS
+from .zero_shot_tasks import ALL_TASKS, SHORT_TASKS
 
 SIZES = ("quick", "cpu", "paper")
 

@@ -28,12 +28,9 @@ import tyro
 from .cache import atomic_dir, cache_root
 from .datasets import DATA
 from .errors import UserError, cli
+from .zero_shot_tasks import ALL_TASKS, SHORT_TASKS  # noqa: F401 - SHORT_TASKS is part of this module's API
 
 ZERO_SHOT_DATA = DATA / "zero_shot"
-ALL_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-# The CPU default: on CPU each document costs one forward pass per choice, and these have short
-# documents and few choices (hellaswag and the multiple-choice ones cost 2-4x as much per document).
-SHORT_TASKS = ("boolq", "rte", "winogrande", "arc_easy")
 # Bump when the generated YAMLs or the HellaSwag conversion change, so stale caches are not reused.
 FORMAT_VERSION = 1
 HELLASWAG_PARTS = tuple(f"hellaswag/hellaswag_val_full_part{i}.txt" for i in (1, 2, 3))
