@@ -43,8 +43,9 @@ def main(argv=None) -> int:
     results = load_results(a.dirs)
     print("\n".join(repair_section(results)).strip())
     if a.figures_dir:
+        from repair.figures import before_after_figure, curve_figure
         from repair.front_report import front_figure
-        from repair.report import before_after_figure, curve_figure, file_slug
+        from repair.report import file_slug
 
         from .figures import export
 

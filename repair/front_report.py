@@ -4,9 +4,10 @@ when it ran), with the original's interval and the chosen point marked."""
 
 from __future__ import annotations
 
+from refusal.error_bars import error_bars
 from refusal.stats import fmt_rate
 
-from .report import error_bars, small_pct
+from .report import small_pct
 
 METHOD_TEXT = {
     "compressed": "compressed",

@@ -57,8 +57,9 @@ def write_readable(where: Path, result: dict, label: str) -> None:
     """repair.md and the figures (cheap; redrawn even when the checkpoint is kept)."""
     from lm.cache import atomic_write_text, write_plotlyjs
 
+    from .figures import before_after_figure, curve_figure
     from .front_report import front_figure, front_section
-    from .report import before_after_figure, curve_figure, render_markdown
+    from .report import render_markdown
 
     figs = {"repair_before_after": before_after_figure(result)}
     if result.get("curve"):

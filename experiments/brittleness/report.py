@@ -3,9 +3,9 @@ with 95% intervals) and markdown table."""
 
 from __future__ import annotations
 
+from refusal.error_bars import error_bars
 from refusal.judge_report import judges_markdown
 from refusal.stats import fmt_p, fmt_rate, fmt_value_ci
-from repair.report import error_bars
 
 SETTING_LABELS = {"vanilla": "vanilla", "adv_decoding": "adv-decoding", "adv_suffix": "adv-suffix"}
 METHOD_COLOURS = {

@@ -39,8 +39,9 @@ def make_figures(results: dict, report: dict) -> dict:
             reverse=False,
         )
     if report.get("repairs"):
+        from repair.figures import before_after_figure, curve_figure
         from repair.front_report import front_figure
-        from repair.report import before_after_figure, curve_figure, file_slug
+        from repair.report import file_slug
 
         for variant, r in report["repairs"].items():
             figs[f"repair_{file_slug(variant)}"] = before_after_figure(r, f"Repair before/after: {variant}")

@@ -3,8 +3,8 @@ refusal-prediction probes (the step from it to refusal), as markdown sections an
 
 from __future__ import annotations
 
+from refusal.error_bars import error_bars
 from refusal.stats import fmt_p, fmt_rate
-from repair.report import error_bars
 
 
 def probe_transfer_figure(report: dict):

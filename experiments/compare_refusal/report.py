@@ -6,9 +6,10 @@ report can be re-rendered from report.json without touching a model.
 
 from __future__ import annotations
 
+from refusal.error_bars import error_bars
 from refusal.judge_report import judges_markdown
 from refusal.stats import detectable_sentence, fmt_p, fmt_rate, fmt_value_ci
-from repair.report import error_bars, small_pct
+from repair.report import small_pct
 
 from .key_findings import key_findings, name
 from .probe_report import probe_sections
