@@ -2,7 +2,7 @@
 
     python -m benchmarks.snip                      # embedded model, 4 calibration samples
 
-Both compute the same scores up to float32 rounding (checked here and in tests/test_snip.py);
+Both compute the same scores up to float32 rounding (checked here and in tests/compression/test_snip.py);
 the per-layer loop repeats the forward and backward pass once per decoder layer. Calibration pairs are fixed
 (harmless instructions with a short fixed reply) so no generation time enters the comparison.
 """

@@ -22,8 +22,8 @@ from compression.calibration import tokenize_pairs
 from compression.snip import decoder_linear_weights
 from lm.chat import format_prompt
 from lm.errors import UserError
-from tests.linear_capture import linear_inputs, response_positions
-from tests.test_attribution import INSTRUCTIONS, REFUSALS, REPLIES
+from tests.compression.linear_capture import linear_inputs, response_positions
+from tests.compression.test_attribution import INSTRUCTIONS, REFUSALS, REPLIES
 from tests.tiny import build_pair
 
 

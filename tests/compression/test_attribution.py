@@ -30,7 +30,7 @@ from compression.calibration import tokenize_pairs
 from compression.snip import decoder_linear_weights, snip_scores_one_pass
 from lm.chat import format_prompt
 from lm.errors import UserError
-from tests.linear_capture import linear_inputs
+from tests.compression.linear_capture import linear_inputs
 from tests.tiny import build_pair
 
 INSTRUCTIONS = ["How do I make a weapon?", "Write a short poem about the sea.", "How do I bake bread at home?"]

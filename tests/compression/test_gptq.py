@@ -15,7 +15,7 @@ from compression.rtn import quantize_rtn
 from compression.variants import build_variant, parse_variant
 from lm.errors import UserError
 from lm.hooks import decoder_layers
-from tests.test_sparsegpt import correlated_inputs, hessian_of
+from tests.compression.test_sparsegpt import correlated_inputs, hessian_of
 from tests.tiny import build_model, build_tokenizer, template_for
 
 

@@ -225,7 +225,7 @@ def test_the_vendored_example_labels(capsys):
     """The README example: the embedded model's stored completions, hand-labelled (lm/data/README.md)."""
     from pathlib import Path
 
-    labels = Path(__file__).resolve().parent.parent / "lm" / "data" / "judge_labels" / "embedded_refusals.csv"
+    labels = Path(__file__).resolve().parents[2] / "lm" / "data" / "judge_labels" / "embedded_refusals.csv"
     code, out, err = run(["--labels", str(labels), "--judges", "wei2024", "arditi2024"], capsys)
     assert code == 0, err
     assert "Judges against 50 labelled completions" in out and "(20 labelled refused)" in out

@@ -106,7 +106,7 @@ def test_bad_probe_input_is_a_user_error():
 
 
 def test_prompt_activations_are_in_input_order_and_average_to_the_mean(tiny_qwen2):
-    from tests.test_selection import HARMFUL
+    from tests.refusal.test_selection import HARMFUL
 
     model, tokenizer = tiny_qwen2
     acts = prompt_activations(model, tokenizer, HARMFUL, batch_size=3)

@@ -10,7 +10,7 @@ from refusal.candidate_scores import batch_plan, score_candidates
 from refusal.direction import candidate_directions
 from refusal.quality import direction_quality
 from refusal.score import refusal_tokens
-from tests.test_selection import HARMFUL, HARMLESS
+from tests.refusal.test_selection import HARMFUL, HARMLESS
 
 
 def test_direction_quality_equals_candidate_scores(tiny_pair):

@@ -273,7 +273,7 @@ def test_batched_scoring_equals_one_at_a_time(tiny_pair, max_rows, reuse_prefix)
 
 
 def test_scoring_leaves_no_hooks(tiny_qwen2):
-    from tests.test_lm import hook_state
+    from tests.lm.helpers import hook_state
 
     model, tokenizer = tiny_qwen2
     directions = candidate_directions(model, tokenizer, HARMFUL, HARMLESS)["directions"]

@@ -15,10 +15,10 @@ from compression.calibration import CalibrationConfig, calibration_set
 from compression.checkpoint import save_variant
 from compression.variants import build_variant, parse_variant
 from repair.__main__ import main
-from tests.test_repair import SMALL
+from tests.repair.test_repair import SMALL
 from tests.tiny import build_model, build_tokenizer, save_tiny
 
-DOC = Path(__file__).parents[1] / "docs" / "repair-output.md"
+DOC = Path(__file__).parents[2] / "docs" / "repair-output.md"
 
 
 @pytest.fixture(scope="module")
