@@ -9,7 +9,7 @@ quarter of the slots are free the next waiting prompts are prefilled (only their
 chat template's shared prefix is run once for the whole call) and joined to the running batch.
 Their caches are left-padded to the running width and concatenated along the batch; the attention
 mask hides the padding and position ids count only real tokens, so each row sees exactly what it
-would see alone and greedy output equals transformers' `generate` (tests/test_lm.py).
+would see alone and greedy output equals transformers' `generate` (tests/lm/test_continuous_batching.py).
 
 Sampling draws each row from its own generator, seeded from (seed, prompt, sample), so a sampled
 completion does not depend on the batch size or on which prompts happen to share its steps.

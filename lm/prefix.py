@@ -7,7 +7,7 @@ prompt: each batch then runs only its prompts' own tokens (the suffixes), attend
 prefix. The suffixes are left-padded among themselves, so padding sits between prefix and suffix;
 the attention mask hides it and position ids count only real tokens, so every real token sees
 exactly the keys and rotary positions it has in the unpadded prompt. Values equal the plain
-left-padded pass up to float rounding (tests/test_prefix.py).
+left-padded pass up to float rounding (tests/lm/test_prefix.py).
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ class RepairConfig:
 #: A main job's settings (experiments.compare_refusal's CompareConfig, as in its config.json) that
 #: its repair stage hands to the repair under the repair's own name. Every other repair setting the
 #: main job has is under the same name in both; MAIN_JOB_ONLY are the job's settings the repair has
-#: no use for (tests/test_cli.py checks that the three cover every CompareConfig field).
+#: no use for (tests/lm/test_cli.py checks that the three cover every CompareConfig field).
 FROM_MAIN_JOB = dict(
     model="original",
     anchored="anchored_cfg",

@@ -8,12 +8,13 @@ import dataclasses
 from pathlib import Path
 
 from compression.checkpoint import sparsity_report
-from lm.cache import cached_json, cached_tensors, measured, timed
-from lm.perplexity import PerplexityConfig, measure_perplexity
+from lm.cache import cached_json, cached_tensors
+from lm.perplexity import PerplexityConfig
+from refusal.behaviour import BehaviourConfig, measure_behaviour
 from refusal.collapse import collapse_verdict
 from refusal.direction import candidate_directions, cosine_map
 from refusal.judge_spec import judge_panel
-from refusal.measure import EvalConfig, measure
+from refusal.measure import EvalConfig
 from refusal.probes import ProbeConfig
 from refusal.probing import fitted_probe_parameters, harmfulness_probes, refusal_prediction_probes, training_prompts
 from refusal.quality import direction_quality
@@ -46,6 +47,22 @@ class StateEvaluation:
             batch_size=c.batch_size,
         )
 
+    def behaviour_config(self, settings: tuple[str, ...]) -> BehaviourConfig:
+        """A full state's held-out measurements (refusal.behaviour), the ASR `settings` given."""
+        c = self.cfg
+        zero_shot = None
+        if c.zero_shot_limit != 0:
+            from lm.zero_shot import ALL_TASKS, ZeroShotConfig
+
+            zero_shot = ZeroShotConfig(tasks=c.zero_shot_tasks or ALL_TASKS, limit=c.zero_shot_limit)
+        return BehaviourConfig(
+            asr=self.eval_config(),
+            settings=settings,
+            harmless=self.eval_config().harmless(c.harmless_sets, c.n_harmless),
+            perplexity=PerplexityConfig(windows=c.ppl_windows, seqlen=c.ppl_seqlen),
+            zero_shot=zero_shot,
+        )
+
     def evaluate(
         self, model, name: str, where: Path, model_id, full: bool = True, reference: dict | None = None
     ) -> dict:
@@ -58,7 +75,6 @@ class StateEvaluation:
         """
         c, tok, store, d = self.cfg, self.tok, self.store, self.d
         fp_key = dict(model=model_id)
-        out = {}
         # The adversarial suffixes cost three generations each; they are measured for the AIRD
         # table's states (original, compressed, AIRD), vanilla ASR for the rest.
         settings = (
@@ -66,38 +82,11 @@ class StateEvaluation:
             if (full and c.adv_suffix and name in ("original", "compressed", "aird"))
             else ("vanilla",)
         )
-        for setting in settings:
-            # The restoration curve's points are read by the keyword judges only.
-            out[f"asr_{setting}"] = measure(
-                model,
-                tok,
-                self.eval_config(setting, None if full else c.curve_n_asr),
-                store,
-                model_id,
-                judges=self.judges if full else None,
-            )
         if not full:
-            return out
-        out["harmless"] = measure(
-            model,
-            tok,
-            self.eval_config().harmless(c.harmless_sets, c.n_harmless),
-            store,
-            model_id,
-            "over-refusal",
-            judges=self.judges,
-        )
-        pcfg = PerplexityConfig(windows=c.ppl_windows, seqlen=c.ppl_seqlen)
-        out["perplexity"] = measured(
-            store, "perplexity", model_id, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg))
-        )
-        if c.zero_shot_limit != 0:
-            from lm.zero_shot import ALL_TASKS, ZeroShotConfig, zero_shot_accuracy
-
-            zcfg = ZeroShotConfig(tasks=c.zero_shot_tasks or ALL_TASKS, limit=c.zero_shot_limit)
-            out["zero_shot"] = measured(
-                store, "zero_shot", model_id, [zcfg], lambda: zero_shot_accuracy(model, tok, zcfg)
-            )
+            # The restoration curve's points: vanilla ASR on fewer prompts, read by the keyword judges only.
+            bcfg = BehaviourConfig(asr=self.eval_config("vanilla", c.curve_n_asr), settings=settings, judges=False)
+            return measure_behaviour(model, tok, bcfg, store, model_id).to_json()
+        out = measure_behaviour(model, tok, self.behaviour_config(settings), store, model_id, self.judges).to_json()
         train = (d.prompts["harmful_train"], d.prompts["harmless_train"])
         dirs = cached_tensors(
             where / "directions.safetensors",

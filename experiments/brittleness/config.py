@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Literal
 
 from lm.errors import UserError
+from lm.perplexity import PerplexityConfig
 from lm.validation import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges, plain_name
-from lm.zero_shot import SHORT_TASKS, task_names
+from lm.zero_shot import SHORT_TASKS, ZeroShotConfig, task_names
 from refusal.asr import SETTINGS
+from refusal.behaviour import BehaviourConfig
 from refusal.eval_sets import check_names, check_roles
 from refusal.judge_spec import parse_judges
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig
@@ -120,6 +122,16 @@ class BrittlenessConfig:
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
             batch_size=self.batch_size,
+        )
+
+    def behaviour_config(self) -> BehaviourConfig:
+        """What each sweep point's held-out behaviour is measured on (refusal.behaviour)."""
+        return BehaviourConfig(
+            asr=self.eval_config("vanilla"),
+            settings=tuple(self.settings),
+            harmless=self.eval_config("vanilla").harmless(self.harmless_sets, self.n_harmless),
+            perplexity=PerplexityConfig(windows=self.ppl_windows, seqlen=self.ppl_seqlen),
+            zero_shot=ZeroShotConfig(tasks=self.zero_shot_tasks, limit=self.zero_shot_limit),
         )
 
 

@@ -41,19 +41,17 @@ from lm.cache import (
     atomic_write_json,
     atomic_write_text,
     cached_json,
-    measured,
     sweep_temporaries,
-    timed,
     write_plotlyjs,
 )
 from lm.cli import parse_config
 from lm.errors import cli
 from lm.loading import load_model
-from lm.perplexity import PerplexityConfig, measure_perplexity
+from refusal.behaviour import measure_behaviour
 from refusal.collapse import collapse_verdict
 from refusal.judge_report import judges_section
 from refusal.judge_spec import judge_panel
-from refusal.measure import describe_prompts, measure, paired, perplexity_rate, zero_shot_rates
+from refusal.measure import describe_prompts, paired, perplexity_rate, zero_shot_rates
 from refusal.stats import add_holm
 
 from .config import JUDGES, BrittlenessConfig, Point, sweep_points
@@ -144,40 +142,17 @@ class Brittleness:
                 decoder_sparsity=sparsity_report(model)["decoder_linear_sparsity"],
             )
 
-        out = dict(build=cached_json(pdir / "build.json", key, built), asr={})
+        out = dict(build=cached_json(pdir / "build.json", key, built))
         # The original is keyed by its weights (shared with the other entry points); a sweep point by
         # its spec on the base model, so a rerun need not build it to find its measurements.
         mid, store = builder.fingerprint() if spec.method == "original" else key, cfg.store()
-        for setting in cfg.settings:
-            out["asr"][setting] = measure(variant, tok, cfg.eval_config(setting), store, mid, judges=self.judges)
-        out["harmless"] = measure(
-            variant,
-            tok,
-            cfg.eval_config("vanilla").harmless(cfg.harmless_sets, cfg.n_harmless),
-            store,
-            mid,
-            "over-refusal",
-            judges=self.judges,
-        )
-        pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
-        out["perplexity"] = measured(
-            store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(variant(), tok, pcfg))
-        )
-        from lm.zero_shot import ZeroShotConfig
-
-        zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
-        out["zero_shot"] = measured(store, "zero_shot", mid, [zcfg], lambda: self.zero_shot(variant(), zcfg))
+        behaviour = measure_behaviour(variant, tok, cfg.behaviour_config(), store, mid, self.judges)
+        out.update(asr=behaviour.asr, harmless=behaviour.harmless)
+        out.update(perplexity=behaviour.perplexity, zero_shot=behaviour.zero_shot)
         if variant.model is not None and variant.model is not self.base.model:
             variant.model = None
             gc.collect()
         return out
-
-    def zero_shot(self, model, zcfg) -> dict:
-        from lm.zero_shot import zero_shot_accuracy
-
-        result = zero_shot_accuracy(model, self.base.tokenizer, zcfg)
-        result["seconds"] = round(result["seconds"], 1)
-        return result
 
     def run(self) -> dict:
         if self.cfg.threads:
@@ -256,7 +231,7 @@ class Brittleness:
                     seconds=dict(
                         build=r["build"]["build_seconds"],
                         perplexity=r["perplexity"]["seconds"],
-                        zero_shot=r["zero_shot"]["seconds"],
+                        zero_shot=round(r["zero_shot"]["seconds"], 1),
                         **{f"asr_{s}": a["seconds"] for s, a in r["asr"].items()},
                     ),
                     sample=dict(goal=r["asr"]["vanilla"]["records"][0]["prompt"], completion=completions[0]),

@@ -21,14 +21,12 @@ from lm.cache import (
     atomic_write_text,
     cached_json,
     cached_tensors,
-    measured,
     sweep_temporaries,
-    timed,
 )
 from lm.errors import UserError
 from lm.loading import load_model, model_fingerprint
-from lm.perplexity import PerplexityConfig, measure_perplexity
 from lm.progress import JobProgress
+from refusal.behaviour import measure_behaviour
 from refusal.direction import candidate_directions
 from refusal.judge_spec import judge_panel
 from refusal.measure import measure
@@ -168,21 +166,8 @@ class Comparison:
 
         step = lambda kind: self.progress.stage(spec.text, kind)  # noqa: E731 - one line per stage (lm.progress)
 
-        with step("ASR"):
-            asr = measure(model, tok, cfg.eval_config(), store, mid, judges=self.judges)
-        with step("over-refusal"):
-            over = measure(model, tok, cfg.harmless_config(), store, mid, "over-refusal", judges=self.judges)
-        with step("perplexity"):
-            pcfg = PerplexityConfig(windows=cfg.ppl_windows, seqlen=cfg.ppl_seqlen)
-            ppl = measured(
-                store, "perplexity", mid, [pcfg], lambda: timed(lambda: measure_perplexity(model, tok, pcfg))
-            )
-        if cfg.zero_shot_limit:
-            from lm.zero_shot import ZeroShotConfig, zero_shot_accuracy
-
-            with step("zero-shot"):
-                zcfg = ZeroShotConfig(tasks=cfg.zero_shot_tasks, limit=cfg.zero_shot_limit)
-                zs = measured(store, "zero_shot", mid, [zcfg], lambda: zero_shot_accuracy(model, tok, zcfg))
+        behaviour = measure_behaviour(model, tok, cfg.behaviour_config(), store, mid, self.judges, step)
+        asr, over, ppl, zs = behaviour.asr["vanilla"], behaviour.harmless, behaviour.perplexity, behaviour.zero_shot
         selection = None
         if cfg.select and spec.method == "original":
             with step("selection"):
@@ -222,7 +207,7 @@ class Comparison:
                     out["refusal_probes"], refusal_probes = self.refusal_probes(
                         spec, model, key, asr, mid, ref.refusal_probes
                     )
-        if cfg.zero_shot_limit:
+        if zs is not None:
             out["zero_shot"] = zs
         if selection is not None:
             out["selection"] = selection

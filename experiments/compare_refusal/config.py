@@ -12,10 +12,11 @@ import tyro
 
 from compression.calibration import TEXT_SOURCE, CalibrationConfig
 from lm.errors import UserError
-from lm.perplexity import check_disjoint_from_calibration
+from lm.perplexity import PerplexityConfig, check_disjoint_from_calibration
 from lm.sizes import PRESETS, preset, shared_values
 from lm.validation import FRACTION, NON_NEGATIVE, POSITIVE, Range, check_ranges, plain_name
-from lm.zero_shot import ALL_TASKS, task_names
+from lm.zero_shot import ALL_TASKS, ZeroShotConfig, task_names
+from refusal.behaviour import BehaviourConfig
 from refusal.eval_sets import check_names, check_roles
 from refusal.judge_spec import parse_judges
 from refusal.measure import DEFAULT_HARMFUL, DEFAULT_HARMLESS, EvalConfig
@@ -180,6 +181,17 @@ class CompareConfig:
 
     def harmless_config(self) -> EvalConfig:
         return self.eval_config().harmless(self.harmless_sets, self.n_harmless)
+
+    def behaviour_config(self) -> BehaviourConfig:
+        """What each model's held-out behaviour is measured on (refusal.behaviour)."""
+        return BehaviourConfig(
+            asr=self.eval_config(),
+            harmless=self.harmless_config(),
+            perplexity=PerplexityConfig(windows=self.ppl_windows, seqlen=self.ppl_seqlen),
+            zero_shot=ZeroShotConfig(tasks=self.zero_shot_tasks, limit=self.zero_shot_limit)
+            if self.zero_shot_limit
+            else None,
+        )
 
     def store(self) -> Path:
         return Path(self.measurements_dir) if self.measurements_dir else Path(self.runs_dir) / "measurements"

@@ -224,11 +224,12 @@ def test_tiny_sweep_end_to_end_and_rerun_reuses_every_stage(tiny_dir, tmp_path, 
     for name in ("build", "own_replies", "responses", "calibration"):
         monkeypatch.setattr(VariantBuilder, name, must_not_run)
     import lm.perplexity
+    import lm.zero_shot
     import refusal.measure
 
     monkeypatch.setattr(refusal.measure, "attack_success", must_not_run)
     monkeypatch.setattr(lm.perplexity, "window_nll", must_not_run)
-    monkeypatch.setattr(Brittleness, "zero_shot", must_not_run)
+    monkeypatch.setattr(lm.zero_shot, "zero_shot_accuracy", must_not_run)
     again = Brittleness(cfg).run()
     assert {k: v for k, v in again.items() if k != "wall_seconds"} == {
         k: v for k, v in report.items() if k != "wall_seconds"

@@ -555,15 +555,15 @@ def test_cli_rejects_unknown_zero_shot_task_before_loading(tmp_path, monkeypatch
 
 
 def test_before_after_labels_give_restored_counts_and_sparsity():
-    from repair.report import _density_label
+    from repair.figures import density_label
 
     targeted = dict(
         restored=2487, restored_fraction_of_model=2487 / 630_167_424, sparsity=dict(decoder_linear_sparsity=0.5)
     )
-    assert _density_label(targeted) == "2,487 restored<br>(0.00039% of the model)<br>decoder sparsity 50.00%"
-    assert _density_label(dict(sparsity=dict(decoder_linear_sparsity=0.0496))) == "decoder sparsity 4.96%"
+    assert density_label(targeted) == "2,487 restored<br>(0.00039% of the model)<br>decoder sparsity 50.00%"
+    assert density_label(dict(sparsity=dict(decoder_linear_sparsity=0.0496))) == "decoder sparsity 4.96%"
     tiny = dict(restored=260, restored_fraction_of_model=260 / 630_167_424)
-    assert _density_label(tiny) == "260 restored<br>(0.000041% of the model)"
+    assert density_label(tiny) == "260 restored<br>(0.000041% of the model)"
 
 
 def random_changed_masks(
