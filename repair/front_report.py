@@ -186,6 +186,17 @@ def front_figure(r: dict, title: str | None = None):
             annotation_text=label,
             annotation_position="top left",
         )
+    if front["anchored"].get("aim", "interval") == "point":
+        # The stop rule's bar: the search stops at the first state at or above it.
+        fig.add_hline(
+            y=100 * o["refusal_harmful"]["value"],
+            line_dash="dash",
+            line_color="#555",
+            row=1,
+            col=1,
+            annotation_text="original (the stop rule's aim)",
+            annotation_position="bottom right",
+        )
     fig.update_xaxes(type="log", title_text="weights restored (log scale; 1 = nothing restored)", row=2, col=1)
     fig.update_yaxes(title_text="refusal, harmful val (%)", range=[0, 102], row=1, col=1)
     fig.update_yaxes(title_text="refusal, harmless val (%)", range=[0, 102], row=2, col=1)
