@@ -10,7 +10,7 @@ from compression.checkpoint import MANIFEST
 
 
 def unchanged_output(out: Path, manifest: dict, result: dict) -> dict | None:
-    """The repair.json in `out` if `out` was written with this manifest and these results (wall time aside)."""
+    """The repair.json in `out` if `out` was written with this manifest and these results (wall times aside)."""
     try:
         stored = json.loads((out / "repair.json").read_text(encoding="utf-8"))
         stored_manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
@@ -18,7 +18,7 @@ def unchanged_output(out: Path, manifest: dict, result: dict) -> dict | None:
         return None
     if not any(out.glob("*.safetensors")) or stored_manifest != manifest:
         return None
-    strip = lambda r: {k: v for k, v in r.items() if k != "wall_seconds"}
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_seconds", "stage_seconds")}
     return stored if strip(stored) == strip(result) else None
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -342,22 +343,38 @@ class Repair:
         start = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / "config.json", jsonable(dataclasses.asdict(self.cfg)))
+        # This invocation's seconds per stage (a cached stage costs ~0): where a repair's time goes.
+        seconds: dict[str, float] = {}
+
+        @contextmanager
+        def stage(name: str):
+            t = time.perf_counter()
+            yield
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t, 1)
+
         _log(f"original {self.orig.name}: selecting its refusal direction")
-        d = self.diagnose()
+        with stage("original's selection"):
+            d = self.diagnose()
         _log(f"source: position {d.source[0]}, layer {d.source[1]}; choosing the AIRD block")
-        ch = self.choose(d)
+        with stage("choice (AIRD, the anchored search, the static baseline, validation readings)"):
+            ch = self.choose(d)
         _log(f"AIRD block {ch.aird['layer']} ({ch.aird['reason']}), {ch.aird['restored']} entries")
         ev = StateEvaluation(self.cfg, self.tok, d)
-        evals = {"original": ev.evaluate(self.original, "original", self.orig_dir / "eval", self.fp_orig)}
+        with stage("held-out evaluation: original"):
+            evals = {"original": ev.evaluate(self.original, "original", self.orig_dir / "eval", self.fp_orig)}
         for name, masks in self.states(ch).items():
             _log(f"evaluating {name}")
             key = self.fp_comp if not masks else self._restoration_key(masks)
-            with restored(self.model, self.original, masks):
+            with stage(f"held-out evaluation: {name}"), restored(self.model, self.original, masks):
                 evals[name] = ev.evaluate(self.model, name, self.dir / "eval" / name, key, reference=evals["original"])
                 evals[name]["restored"] = count(masks)
-        curve = self.curve(d, ch, ev)
+        with stage("curve"):
+            curve = self.curve(d, ch, ev)
         checkpoint = dict(original_name=self.orig.name, manifest=self.manifest, derivation=self.derivation)
         result = summarise_repair(self.cfg, checkpoint, d, ch, evals, curve, self.model, time.perf_counter() - start)
+        if ch.front is not None:
+            seconds["of which the anchored search"] = ch.front.search["seconds"]
+        result["stage_seconds"] = seconds
         return self.write(ch, result)
 
     def curve(self, d: Diagnosis, ch: Choice, ev: StateEvaluation) -> dict:

@@ -235,6 +235,15 @@ def render_markdown(r: dict, middle: list[str] | None = None) -> str:
         f"Saved checkpoint: the {LABELS[r['saved']]}-repaired model. Wall time {r['wall_seconds'] / 60:.1f} min.",
         "",
     ]
+    if r.get("stage_seconds"):
+        lines += [
+            "Where this invocation's time went (a stage an earlier invocation cached costs about nothing):",
+            "",
+            "| stage | minutes |",
+            "|---|---|",
+            *[f"| {name} | {sec / 60:.1f} |" for name, sec in r["stage_seconds"].items()],
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -352,6 +352,9 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     assert code == 0, err
     result = json.loads((out / "repair.json").read_text())
     manifest = json.loads((out / "compression.json").read_text())
+    stages = result["stage_seconds"]
+    assert {"original's selection", "held-out evaluation: original", "held-out evaluation: aird"} <= set(stages)
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= result["wall_seconds"] + 1
     block = result["aird"]["layer"]
     assert manifest["repair"]["aird_block"] == block
     assert_block_choice_follows_the_scores(result)
