@@ -59,6 +59,11 @@ class AnchoredConfig:
     #: estimate, or the lower end of its 95% interval (the first state inside the interval is
     #: taken, so "interval" lands low; repair.validation).
     aim: Literal["point", "interval"] = "point"
+    #: Backtracking on the true objective: before a step is read on the validation prompts, L is
+    #: computed (forward passes only) with these shares of the step's ranked units restored, and
+    #: the share with the lowest L is kept. Empty: the whole step, as ranked. First-order gains
+    #: overshoot at 0.25% steps on the set-difference variant (step 2 raised L from 2.80 to 3.70).
+    line_search: tuple[float, ...] = ()
     #: What a unit costs: its weights, or (packed checkpoints) the bytes its matrix adds when first
     #: stored at full precision; auto: bytes for a packed checkpoint, weights otherwise.
     cost: Literal["auto", "weights", "bytes"] = "auto"
@@ -81,6 +86,8 @@ class AnchoredConfig:
             raise UserError(f"anchored step and budget must lie in (0, 1], got {self.step} and {self.budget}")
         if not 0 <= self.rollback < 1:
             raise UserError(f"anchored rollback must lie in [0, 1), got {self.rollback}")
+        if any(not 0 < f <= 1 for f in self.line_search):
+            raise UserError(f"anchored line_search shares must lie in (0, 1], got {self.line_search}")
         if self.max_steps <= 0 or self.bisect_steps < 0 or self.kl_tolerance < 0:
             raise UserError("anchored max_steps must be positive, bisect_steps and kl_tolerance >= 0")
         self.anchor(), self.validation()  # their own checks
@@ -99,7 +106,11 @@ class AnchoredConfig:
         return ValidationConfig(self.val_harmful, self.val_harmless, self.val_tokens)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not out["line_search"]:
+            # Off, the search is the one run before the option existed: its cached results stay valid.
+            del out["line_search"]
+        return out
 
 
 def restoration_gains(model: nn.Module, original: nn.Module, anchor: Anchor, names: list[str]) -> tuple[dict, dict]:
@@ -274,8 +285,13 @@ class AnchoredSearch:
             harmless_gain = unit_gains(ranked, gains["harmless"], self.layouts, self.remaining)
             del gains, total
             first, last = self.apply(ranked)
+            tried = self.line_search(first, last) if cfg.line_search else None
+            if tried is not None:
+                last = tried["kept_through"]
+                harmless_gain = harmless_gain[: last - first + 1]
             reading = self.validator.read(self.model).to_json()
-            points.append(self.point(reading, "step", step, last, units=len(ranked)))
+            extra = dict(line_search=tried["losses"]) if tried is not None else {}
+            points.append(self.point(reading, "step", step, last, units=last - first + 1, **extra))
             self.log(
                 f"anchored step {step}: {self.restored_count():,} of {self.total:,} changed weights restored; validation refusal "
                 f"{reading['refusal_harmful']['value']:.0%} harmful, {reading['refusal_harmless']['value']:.0%} harmless, "
@@ -283,7 +299,7 @@ class AnchoredSearch:
             )
             if cfg.rollback and harmless_worse(reading, before, original_reading, cfg.kl_tolerance):
                 points[-1]["undone"] = True  # this state is gone after the rollback: never chosen
-                worst = harmless_gain.argsort()[: max(1, math.ceil(cfg.rollback * len(ranked)))]
+                worst = harmless_gain.argsort()[: max(1, math.ceil(cfg.rollback * len(harmless_gain)))]
                 before_count = self.restored_count()
                 self.forget(first + worst)
                 reading = self.validator.read(self.model).to_json()
@@ -293,7 +309,7 @@ class AnchoredSearch:
                         "rollback",
                         step,
                         last,
-                        units=len(ranked) - len(worst),
+                        units=len(harmless_gain) - len(worst),
                         rolled_back=before_count - self.restored_count(),
                     )
                 )
@@ -329,6 +345,28 @@ class AnchoredSearch:
             step_weights=step_weights,
             seconds=round(time.perf_counter() - start, 1),
         )
+
+    def line_search(self, first: int, last: int) -> dict:
+        """The share of the step just applied (units numbered first..last) whose restoration gives
+        the lowest anchor loss, among cfg.line_search's shares; the rest of the step is forgotten.
+        Returns {kept_through, losses: [{units, loss}]}."""
+        from .anchor import anchor_losses
+
+        n = last - first + 1
+        sizes = sorted({max(1, math.ceil(f * n)) for f in self.cfg.line_search} | {n})
+        losses = []
+        for k in sizes:
+            self.set_state(first + k - 1)
+            losses.append(dict(units=k, loss=anchor_losses(self.model, self.anchor)["total"]))
+        best = min(losses, key=lambda x: (x["loss"], x["units"]))["units"]
+        self.log(
+            f"anchored line search: {best:,} of the step's {n:,} units kept (L {[round(x['loss'], 3) for x in losses]})"
+        )
+        if best < n:
+            self.forget(torch.arange(first + best, last + 1))
+        else:
+            self.set_state()
+        return dict(kept_through=first + best - 1, losses=losses)
 
     def losses_at(self, through: int) -> dict:
         from .anchor import anchor_losses

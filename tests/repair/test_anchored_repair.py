@@ -4,6 +4,7 @@ baseline, the stop rule, rollback and bisection, the restoration order; on tiny 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -282,6 +283,31 @@ def test_the_point_aim_stops_at_the_original_where_the_interval_aim_stops_below_
     assert chosen["point"]["refusal_harmful"]["value"] >= 0.6
     assert 0.39 <= chosen["interval"]["refusal_harmful"]["value"] < 0.6
     assert chosen["interval"]["restored"] < chosen["point"]["restored"]
+
+
+def test_line_search_keeps_the_share_of_a_step_with_the_lowest_anchor_loss(pair, anchor, monkeypatch):
+    import repair.anchor
+
+    original = _reading(12, 2)
+    rule = lambda f, s: _reading(min(20, int(80 * f)), 2)
+    search, _, _ = _search(pair, anchor, rule, max_steps=1, line_search=(0.25, 0.5))
+    # L as a function of what is restored: lowest at half the step.
+    step_units = math.ceil(0.1 * search.total)
+    target = math.ceil(0.5 * step_units)
+    monkeypatch.setattr(
+        repair.anchor, "anchor_losses", lambda model, a: dict(total=abs(search.restored_count() - target) + 1.0)
+    )
+    result = search.run(original, _reading(0, 2))
+    step = next(p for p in result["points"] if p["kind"] == "step")
+    assert [x["units"] for x in step["line_search"]] == [math.ceil(0.25 * step_units), target, step_units]
+    assert step["restored"] == target and count(search.masks()) == target
+
+
+def test_line_search_off_leaves_the_cache_key_as_before_the_option():
+    assert "line_search" not in AnchoredConfig().to_json()
+    assert AnchoredConfig(line_search=(0.5,)).to_json()["line_search"] == (0.5,)
+    with pytest.raises(UserError, match="line_search"):
+        AnchoredConfig(line_search=(1.5,))
 
 
 def test_anchored_config_refuses_an_unknown_aim():
