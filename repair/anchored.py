@@ -37,6 +37,7 @@ from lm.trainable import gradients_only_for
 
 from .anchor import Anchor, AnchorConfig, anchor_loss
 from .restoration_order import RestorationOrder
+from .search_checkpoint import SearchCheckpoint, SearchState
 from .units import UNITS, Ranked, UnitLayout, rank_units, unit_count, unit_of, unit_sums
 from .validation import AIMS, ValidationConfig, Validator, harmless_worse, reaches_original
 
@@ -265,13 +266,20 @@ class AnchoredSearch:
         )
 
     # --- the search -----------------------------------------------------------------------------
-    def run(self, original_reading: dict, compressed_reading: dict) -> dict:
+    def run(self, original_reading: dict, compressed_reading: dict, checkpoint: SearchCheckpoint | None = None) -> dict:
+        """The search from the compressed model, or from the state `checkpoint` last saved (it is
+        saved after every step that did not reach the original)."""
         cfg, start = self.cfg, time.perf_counter()
         step_weights = max(1, math.ceil(cfg.step * self.total))
         limit = math.ceil(cfg.budget * self.total)
         points = [self.point(compressed_reading, "compressed", 0, -1)]
         reached = reaches_original(compressed_reading, original_reading, cfg.aim)
-        chosen, reason, step = 0, "", 0
+        chosen, reason, step, earlier = 0, "", 0, 0.0
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None:
+            points, step, self.order, earlier = saved.points, saved.step, saved.order, saved.seconds
+            self.set_state()
+            self.log(f"anchored search: resuming after step {step} ({self.restored_count():,} weights restored)")
         while not reached and step < cfg.max_steps and self.restored_count() < limit:
             step += 1
             gains, losses = restoration_gains(self.model, self.original, self.anchor, self.names)
@@ -321,6 +329,8 @@ class AnchoredSearch:
                 reached = True
                 chosen = self.bisect(points, first, last, original_reading, step)
                 break
+            if checkpoint is not None:
+                checkpoint.save(SearchState(points, step, self.order, earlier + time.perf_counter() - start))
         if not reached:
             reason = reason or ("budget spent" if self.restored_count() >= limit else "step limit reached")
             chosen = best_point(points, original_reading)
@@ -343,7 +353,7 @@ class AnchoredSearch:
             aim=cfg.aim,
             changed=self.total,
             step_weights=step_weights,
-            seconds=round(time.perf_counter() - start, 1),
+            seconds=round(earlier + time.perf_counter() - start, 1),
         )
 
     def line_search(self, first: int, last: int) -> dict:

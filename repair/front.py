@@ -23,6 +23,7 @@ from .anchor import build_anchor
 from .anchored import AnchoredConfig, AnchoredSearch
 from .restoration_order import RestorationOrder
 from .restore import count, restored
+from .search_checkpoint import SearchCheckpoint
 from .stages import digest
 from .static_ranking import within_matrix_masks
 from .units import layout_for
@@ -163,14 +164,16 @@ class FrontStage:
         search = AnchoredSearch(
             self.model, self.original, anchor, self.validator(), self.cfg, self.layouts, self.matrix_bytes, self.log
         )
+        checkpoint = SearchCheckpoint(self.where, key)
         try:
-            result = search.run(original_reading, compressed_reading)
+            result = search.run(original_reading, compressed_reading, checkpoint)
         finally:
             search.reset()
         tensors = search.order.to_tensors()
         result["order_sha256"] = tensors_digest(tensors)
         cached_tensors(self.where / "anchored_order.safetensors", key, lambda: tensors)
         result = cached_json(self.where / "anchored.json", key, lambda: result)
+        checkpoint.clear()
         return result, search.order
 
     # --- the static baseline --------------------------------------------------------------------

@@ -4,6 +4,7 @@ baseline, the stop rule, rollback and bisection, the restoration order; on tiny 
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -308,6 +309,38 @@ def test_line_search_off_leaves_the_cache_key_as_before_the_option():
     assert AnchoredConfig(line_search=(0.5,)).to_json()["line_search"] == (0.5,)
     with pytest.raises(UserError, match="line_search"):
         AnchoredConfig(line_search=(1.5,))
+
+
+def test_an_interrupted_search_resumes_after_its_last_step(pair, anchor, tmp_path):
+    """Killed during its third step, the search resumes after the second and ends where an
+    uninterrupted search ends; the saved state is checked against the search's key."""
+    from repair.search_checkpoint import SearchCheckpoint
+
+    original = _reading(12, 2)
+    rule = lambda f, s: _reading(min(20, int(50 * f)), 2)  # 60% at f = 0.24: four steps of 0.1 and a bisection
+    whole, _, _ = _search(pair, anchor, rule, bisect_steps=2)
+    expected = whole.run(original, _reading(0, 2))
+    assert len([p for p in expected["points"] if p["kind"] == "step"]) == 3
+
+    def stops_in_step_3(f, s):
+        if f > 0.25:
+            raise KeyboardInterrupt
+        return rule(f, s)
+
+    checkpoint = SearchCheckpoint(tmp_path, dict(search="test"))
+    first, _, _ = _search(pair, anchor, stops_in_step_3, bisect_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(original, _reading(0, 2), checkpoint)
+    saved = checkpoint.load()
+    assert saved.step == 2 and count(saved.order.masks(first.shapes)) == saved.points[-1]["restored"]
+    assert SearchCheckpoint(tmp_path, dict(search="another")).load() is None
+
+    again, model, validator = _search(pair, anchor, rule, bisect_steps=2)
+    result = again.run(original, _reading(0, 2), checkpoint)
+    strip = lambda r: json.loads(json.dumps({k: v for k, v in r.items() if k != "seconds"}))
+    assert strip(result) == strip(expected)
+    assert validator.calls == len(expected["points"]) - 3  # steps 1 and 2 were not read again
+    assert count(again.masks()) == count(whole.masks())
 
 
 def test_anchored_config_refuses_an_unknown_aim():
