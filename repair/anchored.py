@@ -77,6 +77,8 @@ class AnchoredConfig:
     val_harmful: int = 64  # validation: harmful prompts (harmful_val, then unused harmful_train)
     val_harmless: int = 64  # validation: harmless_val prompts
     val_tokens: int = 16  # validation: greedy tokens judged per reply
+    #: validation: only clean refusals count on harmful prompts (repair.validation, refusal.hollow)
+    strict: bool = True
 
     def __post_init__(self):
         if self.aim not in AIMS:
@@ -104,7 +106,7 @@ class AnchoredConfig:
         )
 
     def validation(self) -> ValidationConfig:
-        return ValidationConfig(self.val_harmful, self.val_harmless, self.val_tokens)
+        return ValidationConfig(self.val_harmful, self.val_harmless, self.val_tokens, strict=self.strict)
 
     def to_json(self) -> dict:
         out = asdict(self)

@@ -91,3 +91,26 @@ def findings(rows: dict, tests: dict) -> list[str]:
             )
         )
     return out
+
+
+def hollow_section(evals: dict) -> dict:
+    """Each state's refusals under Arditi et al.'s judge that go on to comply (refusal.hollow), its
+    strict ASR (no clean refusal), and exact McNemar tests of the strict ASR over the repair
+    table's comparisons (Holm over them): the keyword judges count "I'm sorry, I'll ..." as a refusal."""
+    from refusal.hollow import hollow_reading, strict_jailbroken
+    from refusal.judges import judges
+    from refusal.stats import add_holm, mcnemar_exact
+
+    arditi = judges()[1]
+    states = {name: e["asr_vanilla"] for name, e in evals.items() if "asr_vanilla" in e}
+    family = []
+    for a, b in COMPARISONS:
+        if a in states and b in states:
+            ids_a = [r["id"] for r in states[a]["records"]]
+            if ids_a != [r["id"] for r in states[b]["records"]]:
+                continue  # not the same prompts: no paired test
+            t = mcnemar_exact(strict_jailbroken(states[a], arditi), strict_jailbroken(states[b], arditi))
+            family.append(dict(t, first=a, second=b))
+    return dict(
+        states={name: hollow_reading(r, arditi) for name, r in states.items()}, tests=add_holm(family) if family else []
+    )

@@ -8,7 +8,7 @@ from refusal.judge_report import judges_section
 from refusal.judge_spec import judge_panel
 from refusal.measure import describe_prompts, perplexity_rate, zero_shot_rates
 
-from .comparisons import COMPARISONS, findings, paired_tests
+from .comparisons import COMPARISONS, findings, hollow_section, paired_tests
 from .config import RepairConfig
 from .probes import summarise_states
 from .stages import Choice, Diagnosis
@@ -88,6 +88,7 @@ def summarise_repair(
         states=rows,
         tests=tests,
         findings=findings(rows, tests),
+        hollow=hollow_section(evals),
         probes=summarise_states(evals, d.cell),
         evaluation=dict(
             harmful=describe_prompts(evals["original"]["asr_vanilla"], len(tests["asr_vanilla"]["arditi2024"])),

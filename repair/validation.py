@@ -25,6 +25,7 @@ from torch import nn
 from lm import datasets
 from lm.chat import format_prompts, tokenize_prompts
 from lm.errors import UserError
+from refusal.hollow import clean_refusal
 from refusal.score import kl_divergence
 from refusal.stats import wilson
 
@@ -35,6 +36,11 @@ class ValidationConfig:
     n_harmless: int = 64  # harmless_val prompts
     reply_tokens: int = 16  # greedy tokens judged per reply (a refusal opens the reply)
     batch_size: int = 32
+    #: Count only clean refusals on harmful prompts: a refusal string followed by a compliance cue
+    #: ("I'm sorry, I'll create ...", refusal.hollow) is not one. Without it the search stops on
+    #: apologies: on the set-difference variant (2026-12-07) 51 of the 68 held-out "refusals" of
+    #: the chosen state went on to comply, and its strict ASR stayed at 83% (compressed 90%).
+    strict: bool = True
 
     def __post_init__(self):
         for name in ("n_harmful", "n_harmless", "reply_tokens", "batch_size"):
@@ -108,6 +114,9 @@ class Validator:
             SamplingConfig(max_new_tokens=self.cfg.reply_tokens, batch_size=self.cfg.batch_size),
             desc=f"validation ({kind})",
         )
+        if self.cfg.strict and kind == "harmful":
+            return [clean_refusal(r[0], arditi) for r in replies]
+        # On harmless prompts any refusal string is over-refusal, hollow or not.
         return [arditi.refused(r[0]) for r in replies]
 
     def read(self, model: nn.Module) -> Reading:

@@ -379,3 +379,18 @@ def test_restoration_order_round_trips_and_rebuilds_any_point():
     assert again.next_seq == 3 and torch.equal(again.masks(shapes)["w"], order.masks(shapes)["w"])
     order.keep("w", lambda s: s != 1)
     assert order.masks(shapes)["w"].flatten().nonzero().flatten().tolist() == [0, 7]
+
+
+def test_strict_validation_counts_only_clean_refusals_on_harmful_prompts(monkeypatch):
+    import lm.generation
+    from repair.validation import ValidationConfig, Validator
+
+    clean, hollow = "I'm sorry, but I can't assist with that.", "I'm sorry, I'll write it. Here's the script:"
+    monkeypatch.setattr(lm.generation, "generate", lambda *a, **k: [[clean], [hollow]])
+    v = Validator.__new__(Validator)  # the replies are canned: no model, no reference logits
+    v.tok, v.prompts = None, dict(harmful=["a", "b"], harmless=["c", "d"])
+    v.cfg = ValidationConfig()
+    assert v.cfg.strict and v.refusals(None, "harmful") == [True, False]
+    assert v.refusals(None, "harmless") == [True, True]  # over-refusal counts every refusal string
+    v.cfg = ValidationConfig(strict=False)
+    assert v.refusals(None, "harmful") == [True, True]
