@@ -129,9 +129,36 @@ def _repairs(report: dict) -> list[str]:
         out.append(
             f"**Repair of {name(row)}**: restoring {st['anchored']['restored']:,} weights (anchored restoration) takes held-out ASR "
             f"from {asr('compressed')} to {asr('anchored')} (original {asr('original')}){verdict}; over-refusal "
-            f"{over('compressed')} before, {over('anchored')} after (original {over('original')})."
+            f"{over('compressed')} before, {over('anchored')} after (original {over('original')})." + _hollow_note(r)
         )
     return out
+
+
+def _hollow_note(r: dict) -> str:
+    """The repair's strict ASR beside the keyword judge's, where its refusals go on to comply."""
+    h = (r.get("hollow") or {}).get("states") or {}
+    if "anchored" not in h or h["anchored"]["hollow"]["k"] == 0:
+        return ""
+    a = h["anchored"]
+    test = next(
+        (
+            t
+            for t in (r.get("hollow") or {}).get("tests", [])
+            if t["first"] == "anchored" and t["second"] == "compressed"
+        ),
+        None,
+    )
+    verdict = (
+        ""
+        if test is None
+        else f", {'a significant change' if test.get('significant') else 'not significant at 5%'} against the compressed model ({_p(test)})"
+    )
+    return (
+        f" But {a['hollow']['k']} of its {a['refused']['k']} refusals go on to comply (\"I'm sorry, I'll ...\"; refusal.hollow): "
+        f"counting clean refusals only, its ASR is {fmt_rate(a['strict_asr'])}"
+        + (f" against the compressed model's {fmt_rate(h['compressed']['strict_asr'])}" if "compressed" in h else "")
+        + f"{verdict}."
+    )
 
 
 def key_findings(report: dict) -> list[str]:
