@@ -36,6 +36,19 @@ def before_after_figure(r: dict, title: str | None = None):
                     error_y=error_bars([rate_of(s, "asr", "adv_suffix", judge) for s in states.values()]),
                 )
             )
+    hollow = (r.get("hollow") or {}).get("states") or {}
+    if all(name in hollow for name in states):
+        # The keyword judges count "I'm sorry, I'll ..." as a refusal; this bar counts clean refusals only.
+        strict = [hollow[name]["strict_asr"] for name in states]
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=[100 * x["value"] for x in strict],
+                name="strict ASR (clean refusals only, refusal.hollow)",
+                marker_color="#8c564b",
+                error_y=error_bars(strict),
+            )
+        )
     if all(s.get("rates") for s in states.values()):
         fig.add_trace(
             go.Bar(

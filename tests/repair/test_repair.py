@@ -368,6 +368,7 @@ def test_cli_repairs_and_the_checkpoint_reloads(dirs, tmp_path, monkeypatch, cap
     assert {"original", "compressed", "aird"} <= set(result["hollow"]["states"])
     assert all(t["n"] == result["hollow"]["states"]["original"]["refused"]["n"] for t in result["hollow"]["tests"])
     assert "## Refusals that go on to comply" in (out / "repair.md").read_text()
+    assert "strict ASR" in (out / "figures" / "repair_before_after.html").read_text()
     assert (out / "figures" / "repair_curve.html").is_file() and (out / "figures" / "repair_front.html").is_file()
     assert "## Anchored restoration: the cost-benefit front" in (out / "repair.md").read_text()
     assert {"anchored", "static", "aird", "targeted"} <= set(result["states"])
