@@ -391,12 +391,14 @@ def repair_section(repairs: dict) -> list[str]:
         "before the source; the static baseline restores as many weights as the anchored repair by the original's Wanda "
         "safety score within each matrix. ASR: vanilla, Arditi judge, on the held-out evaluation prompts, with 95% intervals; "
         "p: exact McNemar test on the same prompts, Holm within each repair's family of comparisons (* = significant at 5%). "
-        "Over-refusal: on held-out harmless prompts. Per-variant details and the front in "
-        "`variants/<variant>/repaired/repair.md`.",
+        "Over-refusal: on held-out harmless prompts. Strict ASR: clean refusals only (a refusal that goes on to comply, "
+        "\"I'm sorry, I'll ...\", counts as a jailbreak; refusal.hollow, a heuristic), p anchored vs compressed. "
+        "Per-variant details and the front in `variants/<variant>/repaired/repair.md`.",
         "",
         "| variant | ASR original | ASR compressed | AIRD: restores, ASR | anchored: restores (of changed), ASR | p vs compressed | p vs AIRD | "
-        "p vs original | static at the same cost: ASR, p vs anchored | over-refusal original / compressed / anchored | ppl compressed / anchored |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "p vs original | static at the same cost: ASR, p vs anchored | over-refusal original / compressed / anchored | ppl compressed / anchored | "
+        "strict ASR original / compressed / anchored, p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, r in repairs.items():
         st = r["states"]
@@ -427,6 +429,15 @@ def repair_section(repairs: dict) -> list[str]:
         def restores(name):
             return f"{st[name]['restored']:,}" if name in st else "-"
 
+        hollow = r.get("hollow") or {}
+
+        def strict(name):
+            x = (hollow.get("states") or {}).get(name)
+            return fmt_rate(x["strict_asr"]) if x else "-"
+
+        strict_p = fmt_p(
+            next((t for t in hollow.get("tests", []) if (t["first"], t["second"]) == ("anchored", "compressed")), None)
+        )
         front = r.get("front") or {}
         changed = (front.get("anchored") or {}).get("changed")
         share = f" ({small_pct(st['anchored']['restored'] / changed)})" if "anchored" in st and changed else ""
@@ -434,7 +445,8 @@ def repair_section(repairs: dict) -> list[str]:
             f"| {variant} | {asr('original')} | {asr('compressed')} | {restores('aird')}, {asr('aird')} | "
             f"{restores('anchored')}{share}, {asr('anchored')} | {p('anchored', 'compressed')} | {p('anchored', 'aird')} | "
             f"{p('anchored', 'original')} | {asr('static')}, {p('static', 'anchored')} | "
-            f"{over('original')} / {over('compressed')} / {over('anchored')} | {ppl('compressed')} / {ppl('anchored')} |"
+            f"{over('original')} / {over('compressed')} / {over('anchored')} | {ppl('compressed')} / {ppl('anchored')} | "
+            f"{strict('original')} / {strict('compressed')} / {strict('anchored')}, {strict_p} |"
         )
     sentences = [f"- {variant}: {f}" for variant, r in repairs.items() for f in r.get("findings", [])]
     if sentences:
