@@ -55,6 +55,7 @@ VALID = {
     "static_fractions": (0.5,),
     "repair_curve_fractions": (0.5,),
     "repair_static_fractions": (0.5,),
+    "line_search": (0.5,),
     "compressed": "other/compressed",
     "out": "other/out",
     "only": ("snip",),
@@ -122,7 +123,9 @@ def test_every_config_field_is_a_flag_that_sets_it(entry, tmp_path):
     for path, flag, kind, default in leaves:
         value, tokens = _other_value(path[-1], kind, default, tmp_path)
         if kind is bool:  # a plain boolean is a flag pair; `bool | None` takes True / False / None
-            argv = [flag if value else flag.replace("--", "--no-", 1)]
+            # tyro negates a nested flag after its prefix: --anchored.no-strict
+            negated = flag.replace("--", "--no-", 1) if "." not in flag else "{}.no-{}".format(*flag.rsplit(".", 1))
+            argv = [flag if value else negated]
         else:
             argv = [flag, *tokens]
         given = {required[i]: required[i + 1] for i in range(0, len(required), 2)}
