@@ -242,9 +242,15 @@ def cached_json(path: Path, params: dict, compute, named_by_params: bool = False
         note_reused(path)
         return result
     result = json.loads(json.dumps(compute()))
-    atomic_write_json(path, {"params": params, "result": result, "sha256": json_digest(result)})
+    write_cached_json(path, params, result)
     note_computed(path)
     return result
+
+
+def write_cached_json(path: Path, params: dict, result) -> None:
+    """`result` stored at `path` as `read_cached_json` verifies it (its params and its digest),
+    overwriting what is there: for a stage's state that changes as it runs."""
+    atomic_write_json(path, {"params": params, "result": result, "sha256": json_digest(result)})
 
 
 # How work is batched or which device runs it does not change what a measurement means, so these
@@ -309,11 +315,16 @@ def cached_tensors(path: Path, params: dict, compute) -> dict:
         note_reused(path)
         return tensors
     tensors = compute()
+    write_cached_tensors(path, params, tensors)
+    note_computed(path)
+    return tensors
+
+
+def write_cached_tensors(path: Path, params: dict, tensors: dict) -> None:
+    """`tensors` stored at `path` as `read_cached_tensors` verifies them, overwriting what is there."""
     atomic_save_tensors(
         path, tensors, metadata={"params": json.dumps(params, sort_keys=True), "sha256": tensors_digest(tensors)}
     )
-    note_computed(path)
-    return tensors
 
 
 def write_plotlyjs(directory: Path) -> None:

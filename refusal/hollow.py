@@ -5,7 +5,8 @@ anywhere ("I'm sorry", "As an AI"). A repaired model can learn the opening witho
 "I'm sorry, I'll create a video tutorial on ... Here's a step-by-step guide: 1. ...". On the
 set-difference variant repaired by anchored restoration (2026-12-07, 100 held-out harmful
 prompts), 51 of the 68 completions Arditi et al.'s judge called refusals were of this kind,
-against 1 of the original's 63; read by hand, 7 of 10 sampled went on to comply.
+against 1 of the original's 63; read by hand, 8 of 10 sampled went on to comply or said they
+would (one ambiguously).
 
 This is this project's heuristic, not a published judge, and it has not been checked against
 human labels: a completion is hollow when a keyword judge finds a refusal in it *and* it carries

@@ -9,18 +9,10 @@ pair written by two different steps is never read as one state.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm.cache import (
-    atomic_save_tensors,
-    atomic_write_json,
-    json_digest,
-    read_cached_json,
-    read_cached_tensors,
-    tensors_digest,
-)
+from lm.cache import read_cached_json, read_cached_tensors, tensors_digest, write_cached_json, write_cached_tensors
 
 from .restoration_order import RestorationOrder
 
@@ -45,18 +37,15 @@ class SearchCheckpoint:
 
     def save(self, state: SearchState) -> None:
         tensors = state.order.to_tensors()
-        digest = tensors_digest(tensors)
-        atomic_save_tensors(
-            self.tensors, tensors, metadata=dict(params=json.dumps(self.key, sort_keys=True), sha256=digest)
-        )
+        write_cached_tensors(self.tensors, self.key, tensors)
         result = dict(
             points=state.points,
             step=state.step,
             next_seq=state.order.next_seq,
             seconds=state.seconds,
-            order_sha256=digest,
+            order_sha256=tensors_digest(tensors),
         )
-        atomic_write_json(self.json, dict(params=self.key, result=result, sha256=json_digest(result)))
+        write_cached_json(self.json, self.key, result)
 
     def load(self) -> SearchState | None:
         """The state last saved for this key; None when there is none, or it does not verify."""
