@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,38 @@ def test_stored_parameters_predict_like_the_fitted_pipelines():
     assert accuracy_grid(ok) == grid_accuracy(probes, test_h, test_s)
     with pytest.raises(UserError, match="probes of shape"):
         correct(params, test_h[:, :1], test_s[:, :1])
+
+
+def test_the_probe_grid_limits_every_thread_pool_its_fits_use():
+    """fit_grid runs on one BLAS / OpenMP thread, but threadpoolctl limits only the libraries already
+    loaded when the limit is entered; in a fresh process sklearn's first import (inside the fits)
+    loaded scipy's OpenBLAS and OpenMP after it, and the grid ran 10x slower. In a fresh interpreter,
+    every thread-pool library loaded once a probe is fitted must already have been loaded when
+    the limit was entered."""
+    import subprocess
+    import sys
+
+    code = """
+import json, numpy as np, torch, threadpoolctl
+import refusal.probes as probes
+def libs():
+    return sorted({p["filepath"] for p in threadpoolctl.threadpool_info()})
+at_limit, at_fit = [], []
+limits = threadpoolctl.threadpool_limits
+def limits_spy(*a, **k):
+    at_limit.extend(libs())
+    return limits(*a, **k)
+threadpoolctl.threadpool_limits = limits_spy
+fit = probes.fit_probe
+def fit_spy(x, y, cfg):
+    probe = fit(x, y, cfg)
+    at_fit.extend(libs())
+    return probe
+probes.fit_probe = fit_spy
+x = torch.randn(8, 1, 1, 4)
+probes.fit_grid(x, np.r_[np.ones(4, int), np.zeros(4, int)], probes.ProbeConfig(cs=(1.0,), folds=2))
+print(json.dumps(dict(at_limit=at_limit, at_fit=at_fit)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["at_limit"] and set(seen["at_fit"]) <= set(seen["at_limit"]), seen
