@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments import brittleness, compare_refusal, refusal_direction
 from experiments.compare_refusal.comparison import Comparison
@@ -113,10 +114,53 @@ def job_argv(model_dir) -> list[str]:
     ]
 
 
+def interruptible() -> None:
+    """In the child, before it starts: Ctrl-C's default action back. A shell starts background jobs
+    with SIGINT ignored and children inherit that, so Python never installs its KeyboardInterrupt
+    handler; a user's job in a terminal has it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def job_main():
-    """Entry of the real-process runs: the main job with the permissive selection."""
+    """Entry of the real-process runs: the main job with the permissive selection; with FAULT_SIGNAL
+    and FAULT_AT set, the process sends itself that signal at its FAULT_AT-th os.replace."""
     use_permissive_selection()
+    if "FAULT_SIGNAL" in os.environ:
+        fail_at_rename(signal.Signals(int(os.environ["FAULT_SIGNAL"])), int(os.environ["FAULT_AT"]))
     sys.exit(compare_refusal.main(sys.argv[1:]))
+
+
+def fail_at_rename(fault: signal.Signals, at: int) -> None:
+    """This process sends itself `fault` at its `at`-th os.replace, before the rename."""
+    real, count = os.replace, [0]
+
+    def replace(src, dst, *args, **kwargs):
+        count[0] += 1
+        if count[0] == at:
+            os.kill(os.getpid(), fault)
+        return real(src, dst, *args, **kwargs)
+
+    os.replace = replace
+
+
+def spawn_job(model_dir, cwd: Path, fault: signal.Signals | None = None, at: int = 0) -> subprocess.Popen:
+    """A fresh interpreter running the main job in cwd (output to <cwd>.log), optionally failing at
+    its `at`-th rename. Not a fork of pytest: a child forked from a process whose other threads
+    (GPTQModel's workers, torch's pools) held locks hung in its first forward pass, in CI and here,
+    once the slow tests had run earlier in the same session."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the baseline's thread count: the same float sums
+    if fault is not None:
+        env.update(FAULT_SIGNAL=str(int(fault)), FAULT_AT=str(at))
+    with open(cwd.with_name(cwd.name + ".log"), "a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", "from tests.test_faults import job_main; job_main()", *job_argv(model_dir)],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=interruptible,
+        )
 
 
 def numbers(obj):
@@ -176,7 +220,8 @@ def baseline(model_dir, tmp_path_factory):
 
 def spawn(run, cwd: Path, fault: signal.Signals | None = None, at: int = 0) -> int:
     """The pid of a forked child running `run()` in cwd (its output goes to <cwd>.log); with a
-    fault, the child sends itself that signal at its `at`-th os.replace, before the rename."""
+    fault, the child sends itself that signal at its `at`-th os.replace, before the rename. For
+    runs that never touch torch (file writers); the main job runs in spawn_job's fresh interpreter."""
     log = cwd.with_name(cwd.name + ".log")
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -188,15 +233,7 @@ def spawn(run, cwd: Path, fault: signal.Signals | None = None, at: int = 0) -> i
             sys.stdout = sys.stderr = out
             os.chdir(cwd)
             if fault is not None:
-                real, count = os.replace, [0]
-
-                def replace(src, dst, *args, **kwargs):
-                    count[0] += 1
-                    if count[0] == at:
-                        os.kill(os.getpid(), fault)
-                    return real(src, dst, *args, **kwargs)
-
-                os.replace = replace
+                fail_at_rename(fault, at)
             status = run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else 1
@@ -259,9 +296,7 @@ def test_interrupted_run_resumes_to_the_same_report(fault, point, model_dir, bas
     _, expected, renames = baseline
     cwd = tmp_path / "work"
     cwd.mkdir()
-    status = exit_status(
-        spawn(lambda: compare_refusal.main(job_argv(model_dir)), cwd, fault, kill_point(renames, point))
-    )
+    status = spawn_job(model_dir, cwd, fault, kill_point(renames, point)).wait()
     if fault == signal.SIGKILL:
         assert status == -signal.SIGKILL, child_log(cwd)
         assert leftovers(cwd), "killed between writing a temporary and renaming it"
@@ -290,6 +325,7 @@ def test_a_real_process_signalled_from_outside_resumes(fault, model_dir, baselin
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=interruptible,
         )
         deadline = time.monotonic() + 120
         store = cwd / "runs" / "measurements"
@@ -307,8 +343,8 @@ def test_a_real_process_signalled_from_outside_resumes(fault, model_dir, baselin
 def test_two_runs_on_one_run_directory(model_dir, baseline, tmp_path):
     cwd = tmp_path / "work"
     cwd.mkdir()
-    pids = [spawn(lambda: compare_refusal.main(job_argv(model_dir)), cwd) for _ in range(2)]
-    assert [exit_status(pid) for pid in pids] == [0, 0], child_log(cwd)
+    jobs = [spawn_job(model_dir, cwd) for _ in range(2)]
+    assert [job.wait() for job in jobs] == [0, 0], child_log(cwd)
     assert leftovers(cwd) == []
     assert report_numbers(cwd) == baseline[1]
     log = json.loads((cwd / "runs" / "tiny" / "invocations.json").read_text())

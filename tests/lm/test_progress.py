@@ -17,7 +17,7 @@ import pytest
 from experiments import compare_refusal
 from experiments.compare_refusal.comparison import Comparison
 from lm.progress import JobProgress
-from tests.test_faults import PERMISSIVE, REPO, job_argv, leftovers
+from tests.test_faults import PERMISSIVE, REPO, interruptible, job_argv, leftovers
 from tests.tiny import build_model, build_tokenizer, save_tiny
 
 STOPPED = re.compile(r"stopped; rerun the same command to continue: (\d+) of (\d+) stages done")
@@ -88,6 +88,7 @@ def test_a_stopped_job_says_how_far_it_got_and_its_rerun_what_it_reuses(
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=interruptible,
         )
         deadline, store = time.monotonic() + 120, tmp_path / "runs" / "measurements"
         while proc.poll() is None and time.monotonic() < deadline and not any(store.rglob("*.json")):
