@@ -152,7 +152,7 @@ def spawn_job(model_dir, cwd: Path, fault: signal.Signals | None = None, at: int
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the baseline's thread count: the same float sums
     if fault is not None:
         env.update(FAULT_SIGNAL=str(int(fault)), FAULT_AT=str(at))
-    with open(cwd.with_name(cwd.name + ".log"), "a") as log:
+    with open(job_log(cwd), "a") as log:
         return subprocess.Popen(
             [sys.executable, "-c", "from tests.test_faults import job_main; job_main()", *job_argv(model_dir)],
             cwd=cwd,
@@ -161,6 +161,20 @@ def spawn_job(model_dir, cwd: Path, fault: signal.Signals | None = None, at: int
             stderr=subprocess.STDOUT,
             preexec_fn=interruptible,
         )
+
+
+def job_log(cwd: Path) -> Path:
+    """Where a child running in cwd writes its output."""
+    return cwd.with_name(cwd.name + ".log")
+
+
+def signal_at_first_measurement(job: subprocess.Popen, cwd: Path, sig: signal.Signals) -> int:
+    """Send `sig` to the job once it has stored its first measurement (or after 120 s); its exit status."""
+    deadline, store = time.monotonic() + 120, cwd / "runs" / "measurements"
+    while job.poll() is None and time.monotonic() < deadline and not any(store.rglob("*.json")):
+        time.sleep(0.01)
+    job.send_signal(sig)
+    return job.wait(60)
 
 
 def numbers(obj):
@@ -222,7 +236,7 @@ def spawn(run, cwd: Path, fault: signal.Signals | None = None, at: int = 0) -> i
     """The pid of a forked child running `run()` in cwd (its output goes to <cwd>.log); with a
     fault, the child sends itself that signal at its `at`-th os.replace, before the rename. For
     runs that never touch torch (file writers); the main job runs in spawn_job's fresh interpreter."""
-    log = cwd.with_name(cwd.name + ".log")
+    log = job_log(cwd)
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         status = 70
@@ -251,7 +265,7 @@ def exit_status(pid: int) -> int:
 
 
 def child_log(cwd: Path) -> str:
-    log = cwd.with_name(cwd.name + ".log")
+    log = job_log(cwd)
     return log.read_text()[-3000:] if log.is_file() else ""
 
 
@@ -317,25 +331,10 @@ def test_a_real_process_signalled_from_outside_resumes(fault, model_dir, baselin
     """`python` running the job, signalled by another process when its first measurement is stored."""
     cwd = tmp_path / "work"
     cwd.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    with open(tmp_path / "log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from tests.test_faults import job_main; job_main()", *job_argv(model_dir)],
-            cwd=cwd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=interruptible,
-        )
-        deadline = time.monotonic() + 120
-        store = cwd / "runs" / "measurements"
-        while proc.poll() is None and time.monotonic() < deadline and not any(store.rglob("*.json")):
-            time.sleep(0.01)
-        proc.send_signal(fault)
-        code = proc.wait(60)
-    assert code in (-fault, 128 + fault), (tmp_path / "log").read_text()[-3000:]
+    code = signal_at_first_measurement(spawn_job(model_dir, cwd), cwd, fault)
+    assert code in (-fault, 128 + fault), child_log(cwd)
     if fault == signal.SIGTERM:
-        assert leftovers(cwd) == [], (tmp_path / "log").read_text()[-3000:]
+        assert leftovers(cwd) == [], child_log(cwd)
     rerun(model_dir, cwd, capsys)
     assert report_numbers(cwd) == baseline[1]
 

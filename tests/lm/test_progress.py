@@ -5,19 +5,15 @@ after each model and marked partial, and a report page that leads with its key f
 from __future__ import annotations
 
 import io
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from experiments import compare_refusal
 from experiments.compare_refusal.comparison import Comparison
 from lm.progress import JobProgress
-from tests.test_faults import PERMISSIVE, REPO, interruptible, job_argv, leftovers
+from tests.test_faults import PERMISSIVE, job_argv, job_log, leftovers, signal_at_first_measurement, spawn_job
 from tests.tiny import build_model, build_tokenizer, save_tiny
 
 STOPPED = re.compile(r"stopped; rerun the same command to continue: (\d+) of (\d+) stages done")
@@ -79,23 +75,8 @@ def test_the_eta_sums_measured_stage_times_and_says_when_it_is_a_lower_bound(mon
 def test_a_stopped_job_says_how_far_it_got_and_its_rerun_what_it_reuses(
     sig, model_dir, tmp_path, monkeypatch, capsys, permissive
 ):
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    log = tmp_path / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from tests.test_faults import job_main; job_main()", *job_argv(model_dir)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=interruptible,
-        )
-        deadline, store = time.monotonic() + 120, tmp_path / "runs" / "measurements"
-        while proc.poll() is None and time.monotonic() < deadline and not any(store.rglob("*.json")):
-            time.sleep(0.01)
-        proc.send_signal(sig)
-        code = proc.wait(60)
-    err = log.read_text()
+    code = signal_at_first_measurement(spawn_job(model_dir, tmp_path), tmp_path, sig)
+    err = job_log(tmp_path).read_text()
     assert code == 128 + sig, err[-3000:]
     assert "Traceback" not in err and leftovers(tmp_path) == []
     done, total = map(int, STOPPED.fullmatch(err.strip().splitlines()[-1]).groups())
