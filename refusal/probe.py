@@ -3,6 +3,8 @@
 The notebooks answer one question twice, with TransformerLens and with nnsight: how far does
 each layer's residual stream (resid_pre = the input of decoder block l, at the last prompt
 token) point along the refusal direction, for harmful versus harmless chat prompts?
+compare_variant.ipynb asks it of a compressed variant beside its original (check_comparable
+first: same architecture and tokenizer).
 
 The direction always comes from a saved artifact:
 
@@ -160,6 +162,39 @@ def load_probe_direction(
     return ProbeDirection(raw / raw.norm(), raw, position, layer, "diff-of-means", path, how)
 
 
+# Config fields two models must share for one's activations to be read in the other's basis.
+COMPARED_CONFIG = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def check_comparable(original, variant) -> None:
+    """One UserError listing every difference between two loaded models (lm.loading.LoadedModel)
+    that makes comparing their activations meaningless: architecture (COMPARED_CONFIG), tokenizer
+    vocabulary or chat template (the same instruction must become the same tokens, and the
+    post-instruction positions must be the same)."""
+    problems = []
+    for name in COMPARED_CONFIG:
+        a, b = getattr(original.model.config, name, None), getattr(variant.model.config, name, None)
+        if a != b:
+            problems.append(f"{name} {a} vs {b}")
+    if original.tokenizer.get_vocab() != variant.tokenizer.get_vocab():
+        problems.append("the tokenizer vocabularies differ")
+    if getattr(original.tokenizer, "chat_template", None) != getattr(variant.tokenizer, "chat_template", None):
+        problems.append("the chat templates differ")
+    if problems:
+        raise UserError(
+            f"{variant.spec!r} is not a variant of {original.spec!r} (original vs variant: {'; '.join(problems)}); "
+            "compare a compressed checkpoint only with the model it was made from"
+        )
+
+
 def probe_instructions(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """n harmful and n harmless instructions from the held-out test splits (disjoint from train/val)."""
     return sample(instructions("harmful", "test"), n, seed), sample(instructions("harmless", "test"), n, seed)
@@ -185,16 +220,17 @@ def project(resid: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     return resid.double() @ unit.double()
 
 
-def projection_figure(harmful: torch.Tensor, harmless: torch.Tensor, direction: ProbeDirection, title: str):
-    """Mean projection per layer ([n, n_layers] inputs), harmful vs harmless, with ±1 s.d. bands."""
+def projection_traces(harmful: torch.Tensor, harmless: torch.Tensor, showlegend: bool = True) -> list:
+    """Plotly traces of the mean projection per layer ([n, n_layers] inputs), harmful vs harmless,
+    each with a ±1 s.d. band: for projection_figure, or for one panel of a larger figure."""
     import plotly.graph_objects as go
 
-    fig = go.Figure()
+    traces = []
     layers = list(range(harmful.shape[1]))
     for name, values, color in (("harmful", harmful, "214,39,40"), ("harmless", harmless, "31,119,180")):
         mean = values.mean(dim=0)
         std = values.std(dim=0) if values.shape[0] > 1 else torch.zeros_like(mean)
-        fig.add_trace(
+        traces += [
             go.Scatter(
                 x=layers,
                 y=(mean + std).tolist(),
@@ -203,9 +239,7 @@ def projection_figure(harmful: torch.Tensor, harmless: torch.Tensor, direction: 
                 showlegend=False,
                 hoverinfo="skip",
                 legendgroup=name,
-            )
-        )
-        fig.add_trace(
+            ),
             go.Scatter(
                 x=layers,
                 y=(mean - std).tolist(),
@@ -216,9 +250,8 @@ def projection_figure(harmful: torch.Tensor, harmless: torch.Tensor, direction: 
                 name=f"{name} ±1 s.d.",
                 hoverinfo="skip",
                 legendgroup=name,
-            )
-        )
-        fig.add_trace(
+                showlegend=showlegend,
+            ),
             go.Scatter(
                 x=layers,
                 y=mean.tolist(),
@@ -226,9 +259,18 @@ def projection_figure(harmful: torch.Tensor, harmless: torch.Tensor, direction: 
                 line=dict(color=f"rgb({color})"),
                 name=f"{name} mean (n={values.shape[0]})",
                 legendgroup=name,
+                showlegend=showlegend,
                 hovertemplate="layer %{x}<br>mean %{y:.3f}<extra>" + name + "</extra>",
-            )
-        )
+            ),
+        ]
+    return traces
+
+
+def projection_figure(harmful: torch.Tensor, harmless: torch.Tensor, direction: ProbeDirection, title: str):
+    """Mean projection per layer ([n, n_layers] inputs), harmful vs harmless, with ±1 s.d. bands."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(projection_traces(harmful, harmless))
     fig.add_vline(
         x=direction.layer,
         line_dash="dot",

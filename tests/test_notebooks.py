@@ -3,7 +3,7 @@
 The helpers are tested on tiny models; `test_probing_notebooks_execute` (slow) executes both notebooks
 top to bottom with nbclient on the embedded model at a small size, in a temporary working directory,
 on a kernel that runs this interpreter (a kernelspec written to a temporary JUPYTER_PATH, so a
-fresh venv needs no `ipykernel install`).
+fresh venv needs no `ipykernel install`); the linear-probe and compare-variant notebooks likewise.
 """
 
 from __future__ import annotations
@@ -317,3 +317,99 @@ def test_linear_probe_notebook_executes(tmp_path, monkeypatch):
     # Where the direction is read the probe's weights agree with it in sign (both point towards harm).
     assert saved["cosine"][14] > 0
     assert (work / "runs" / "probe" / "linear_probe.html").is_file()
+
+
+def test_every_notebook_inlines_plotly():
+    """Every figure a notebook writes carries plotly.js inside (include_plotlyjs=True), so its HTML opens offline."""
+    nbformat = pytest.importorskip("nbformat", reason="the probing extra is not installed (pip install -e '.[test]')")
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        writes = [s for s in code if "write_html(" in s or "to_html(" in s]
+        assert writes and all("include_plotlyjs=True" in s for s in writes), path.name
+
+
+# --- compare_variant.ipynb: a compressed variant beside its original ---------------------------
+
+
+def test_check_comparable_names_every_difference(tiny_qwen2, tiny_llama):
+    from lm.loading import LoadedModel
+
+    qwen = LoadedModel(*tiny_qwen2, spec="qwen", path="qwen", name="qwen")
+    llama = LoadedModel(*tiny_llama, spec="llama", path="llama", name="llama")
+    probe.check_comparable(qwen, qwen)
+    with pytest.raises(UserError, match="'llama' is not a variant of 'qwen'") as err:
+        probe.check_comparable(qwen, llama)
+    assert "model_type qwen2 vs llama" in str(err.value) and "chat templates differ" in str(err.value)
+
+
+def test_compare_variant_notebook_is_clean_and_parameterised():
+    nbformat = pytest.importorskip("nbformat", reason="the probing extra is not installed (pip install -e '.[test]')")
+    nb = nbformat.read(REPO / "notebooks" / "compare_variant.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])
+    for line in ('ORIGINAL = "embedded"', "VARIANT = ", "DIRECTION_DIR = None", "N_TRAIN = ", "N_TEST = "):
+        assert line in code[0].source
+    for name in ("ORIGINAL", "VARIANT", "DIRECTION_DIR", "N_TRAIN", "N_TEST", "SEED", "BATCH_SIZE", "RUN_DIR"):
+        assert f'"PROBE_{name}"' in code[1].source
+    assert "include_plotlyjs=True" in "".join(c.source for c in code)
+
+
+@pytest.mark.slow
+def test_compare_variant_notebook_executes(tmp_path, monkeypatch):
+    """The embedded model against a 30% magnitude-pruned copy of it, 16 + 16 train, 16 + 16 held-out prompts."""
+    work = _notebook_workdir(tmp_path, monkeypatch, ("nbclient", "nbformat", "ipykernel"))
+    import gc
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from compression.checkpoint import save_variant
+    from compression.magnitude import prune_magnitude
+    from compression.sparsity import SparsityPattern
+    from lm.loading import load_model
+
+    start = time.perf_counter()
+    loaded = load_model("embedded")
+    prune_magnitude(loaded.model, SparsityPattern(0.3))
+    save_variant(loaded.model, loaded.tokenizer, tmp_path / "variant", dict(method="magnitude", spec="magnitude:0.3"))
+    del loaded
+    gc.collect()
+    built = time.perf_counter() - start
+
+    monkeypatch.setenv("PROBE_VARIANT", str(tmp_path / "variant"))
+    monkeypatch.setenv("PROBE_N_TRAIN", "16")
+    monkeypatch.setenv("PROBE_N_TEST", "16")
+    for name in ("ORIGINAL", "DIRECTION_DIR", "RUN_DIR"):
+        monkeypatch.delenv(f"PROBE_{name}", raising=False)
+    nb = nbformat.read(REPO / "notebooks" / "compare_variant.ipynb", as_version=4)
+    try:
+        NotebookClient(
+            nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}}
+        ).execute()
+    finally:
+        nbformat.write(nb, work / "compare_variant.ipynb")
+    print(f"variant built in {built:.0f} s, notebook ran in {time.perf_counter() - start - built:.0f} s")
+    text = "\n".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+    for line in (
+        "both models share the architecture and the tokenizer",
+        "(magnitude:0.3, decoder sparsity ",
+        "the original's direction artifact matches its difference of means on this train sample",
+        "the original's direction separates its held-out prompts at layer 14",
+        "the original's probe is above chance at the direction's layer",
+    ):
+        assert line in text, line
+
+    run = work / "runs" / "probe" / "compare_variant"
+    html = (run / "compare_variant.html").read_text()
+    assert 'src="https://cdn.plot.ly' not in html and "plotly.js v" in html  # plotly.js inlined: opens offline
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "compare_variant.safetensors"))
+    assert saved["cosine"].shape == (24,) and saved["direction_variant"].shape == (24, 896)
+    assert saved["projection_variant_harmful"].shape == (16, 24) and saved["accuracy_transfer"].shape == (24, 3)
+    # Pruning 30% of the smallest weights leaves the direction mostly in place where it is read.
+    assert saved["cosine"][14] > 0.5
