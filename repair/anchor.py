@@ -33,6 +33,7 @@ from 0% to 34% (KL to the original 0.28 -> 0.74 on harmless validation prompts).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -42,20 +43,33 @@ from lm.architecture import backbone, decoder_layers, logits_from_normed
 from lm.chat import post_instruction
 from lm.errors import UserError
 
+HARMFUL_REPLIES = ("all", "refusals")
+
 
 @dataclass(frozen=True)
 class AnchorConfig:
-    n_harmful: int = 32  # harmful_train instructions the loss reads
+    n_harmful: int = 64  # harmful_train instructions whose replies the loss reads (all, or the refusals among them)
     n_harmless: int = 32  # harmless_train instructions the loss reads
     reply_tokens: int = 24  # tokens of the original's greedy replies (teacher forcing)
     hidden_weight: float = 1.0  # weight of the residual-stream distance D
     first_token_weight: float = 1.0  # weight of the next-token KL to the original at the end of each prompt
     batch_size: int = 8  # sequences per forward / backward pass
+    #: Which of the original's harmful replies L reads: all of them, or only its clean refusals
+    #: (refusal.hollow). The original complies with about 4 in 10 harmful training prompts on the
+    #: embedded model, and those replies are longer than its refusals, so with "all" most harmful
+    #: reply tokens teach the original's compliance text rather than its decision to decline.
+    #: An original that declines none of them cleanly (a random test model) is anchored on all
+    #: its replies, and the Anchor says so.
+    harmful_replies: Literal["all", "refusals"] = "refusals"
 
     def __post_init__(self):
         for name in ("n_harmful", "n_harmless", "reply_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"anchor {name} must be positive, got {getattr(self, name)}")
+        if self.harmful_replies not in HARMFUL_REPLIES:
+            raise UserError(
+                f"unknown anchor harmful_replies {self.harmful_replies!r}; choose one of {', '.join(HARMFUL_REPLIES)}"
+            )
         if self.hidden_weight < 0 or self.first_token_weight < 0:
             raise UserError(
                 f"anchor weights must be >= 0, got hidden {self.hidden_weight}, first token {self.first_token_weight}"
@@ -75,6 +89,7 @@ class Anchor:
     hidden_weight: float
     instructions: dict[str, list[str]]
     first_token_weight: float = 0.0
+    harmful_replies: str = "all"  # which harmful replies the batches hold (AnchorConfig.harmful_replies, as applied)
 
     def kinds(self) -> tuple[str, ...]:
         return ("harmful", "harmless")
@@ -95,6 +110,7 @@ def build_anchor(
     source_layer: int,
     seed: int = 0,
     instructions: dict[str, list[str]] | None = None,
+    log=lambda msg: None,
 ) -> Anchor:
     """The original's greedy replies to the training instructions, tokenized for teacher forcing,
     and its residual stream at blocks >= `source_layer` on the harmful ones."""
@@ -106,13 +122,25 @@ def build_anchor(
     if not 0 <= source_layer < n_layers:
         raise UserError(f"source layer {source_layer} out of range for {n_layers} blocks")
     layers = list(range(source_layer, n_layers))
+    used = cfg.harmful_replies
     n_post = len(post_instruction(tokenizer).token_ids)
     device = next(original.parameters()).device
     batches, n_tokens, n_seq = [], {}, {}
     for kind in ("harmful", "harmless"):
         pairs = own_replies(original, tokenizer, instructions[kind], cfg.reply_tokens, seed)
+        if kind == "harmful" and cfg.harmful_replies == "refusals":
+            refusals = refusal_pairs(pairs)
+            if refusals:
+                pairs = refusals
+            else:
+                used = "all (the original declined none cleanly)"
+                log(
+                    f"anchor: the original declined none of {len(pairs)} harmful training prompts cleanly; reading all its replies"
+                )
         if not pairs:
-            raise UserError(f"the original gave no reply to any {kind} training instruction")
+            raise UserError(
+                f"the original gave no reply to any of {len(instructions[kind])} {kind} training instructions"
+            )
         cal = tokenize_pairs(tokenizer, pairs, seqlen=512, batch_size=cfg.batch_size)
         n_tokens[kind], n_seq[kind] = cal.n_response_tokens, len(pairs)
         for b in cal.batches:
@@ -130,7 +158,17 @@ def build_anchor(
                 if kind == "harmful":
                     b["target"] = post_instruction_states(original, b, layers, n_post, out.hidden_states).detach()
             batches.append(b)
-    return Anchor(batches, layers, n_tokens, n_seq, cfg.hidden_weight, instructions, cfg.first_token_weight)
+    return Anchor(batches, layers, n_tokens, n_seq, cfg.hidden_weight, instructions, cfg.first_token_weight, used)
+
+
+def refusal_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (prompt, reply) pairs whose reply is a clean refusal under Arditi et al.'s judge, the one
+    the search's validation reads (refusal.hollow: an apology followed by compliance is not one)."""
+    from refusal.hollow import clean_refusal
+    from refusal.judges import judges
+
+    arditi = judges()[1]
+    return [(p, r) for p, r in pairs if clean_refusal(r, arditi)]
 
 
 def first_token_logprobs(model: nn.Module, normed: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:

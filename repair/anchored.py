@@ -68,12 +68,24 @@ class AnchoredConfig:
     #: What a unit costs: its weights, or (packed checkpoints) the bytes its matrix adds when first
     #: stored at full precision; auto: bytes for a packed checkpoint, weights otherwise.
     cost: Literal["auto", "weights", "bytes"] = "auto"
-    n_harmful: int = 32  # anchor: harmful_train instructions whose original replies L reads
+    #: anchor: harmful_train instructions whose original replies L reads (of which the embedded
+    #: model declines about 60% cleanly: about 38 refusals with harmful_replies="refusals")
+    n_harmful: int = 64
     n_harmless: int = 32  # anchor: harmless_train instructions
     reply_tokens: int = 24  # anchor: tokens of each original reply
     hidden_weight: float = 1.0  # anchor: weight of the residual-stream distance
     first_token_weight: float = 1.0  # anchor: weight of the next-token KL to the original at the end of each prompt
     batch_size: int = 8  # anchor: sequences per gradient pass
+    #: anchor: which of the original's harmful replies L reads, all or only its clean refusals
+    #: (repair.anchor). "refusals" since 2026-12-08: on the set-difference variant it took the
+    #: held-out strict ASR to 27% with 5,293 weights, where "all" left it at 83%.
+    harmful_replies: Literal["all", "refusals"] = "refusals"
+    #: Restore only weights whose first-order gain on the harmless terms of L is not negative, i.e.
+    #: that are predicted to bring the harmful side nearer the original without moving the
+    #: harmless side away from it (Kang Yang et al. 2025 restore only where the update agrees with
+    #: their loss's gradient). Off, a weight pays for harming the harmless side only through the
+    #: summed gain, and a 0.25% step from the set-difference variant took harmless refusal to 67%.
+    harmless_agree: bool = False
     val_harmful: int = 64  # validation: harmful prompts (harmful_val, then unused harmful_train)
     val_harmless: int = 64  # validation: harmless_val prompts
     val_tokens: int = 16  # validation: greedy tokens judged per reply
@@ -103,6 +115,7 @@ class AnchoredConfig:
             self.hidden_weight,
             self.first_token_weight,
             self.batch_size,
+            self.harmful_replies,
         )
 
     def validation(self) -> ValidationConfig:
@@ -113,6 +126,8 @@ class AnchoredConfig:
         if not out["line_search"]:
             # Off, the search is the one run before the option existed: its cached results stay valid.
             del out["line_search"]
+        if not out["harmless_agree"]:
+            del out["harmless_agree"]  # the same reason
         return out
 
 
@@ -135,6 +150,17 @@ def restoration_gains(model: nn.Module, original: nn.Module, anchor: Anchor, nam
             for kind in grads:
                 grads[kind][n] = (-(delta * grads[kind][n])).cpu()
     return grads, losses
+
+
+def total_gains(gains: dict[str, dict[str, torch.Tensor]], harmless_agree: bool = False) -> dict[str, torch.Tensor]:
+    """Per weight, the gain on L (harmful + harmless terms); with `harmless_agree`, zero (never
+    restored) where the harmless terms alone predict a loss."""
+    out = {}
+    for n, harmful in gains["harmful"].items():
+        harmless = gains["harmless"][n]
+        total = harmful + harmless
+        out[n] = torch.where(harmless < 0, torch.zeros((), dtype=total.dtype), total) if harmless_agree else total
+    return out
 
 
 def changed_masks(model: nn.Module, original: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -286,7 +312,7 @@ class AnchoredSearch:
             step += 1
             gains, losses = restoration_gains(self.model, self.original, self.anchor, self.names)
             points[-1]["loss"] = dict(losses, total=sum(losses.values()))
-            total = {n: gains["harmful"][n] + gains["harmless"][n] for n in self.names}
+            total = total_gains(gains, cfg.harmless_agree)
             ranked = self.rank(total, min(step_weights, limit - self.restored_count()))
             if len(ranked) == 0:
                 reason = "no weight left whose restoration is predicted to bring the model closer to the original"

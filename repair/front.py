@@ -159,7 +159,13 @@ class FrontStage:
         compressed_reading = self.read(self.where / "validation.json", self.keys["compressed"])
         self.log("anchored restoration: the original's replies to the training prompts")
         anchor = build_anchor(
-            self.original, self.tok, self.cfg.anchor(), self.source_layer, self.seed, self.anchor_instructions()
+            self.original,
+            self.tok,
+            self.cfg.anchor(),
+            self.source_layer,
+            self.seed,
+            self.anchor_instructions(),
+            self.log,
         )
         search = AnchoredSearch(
             self.model, self.original, anchor, self.validator(), self.cfg, self.layouts, self.matrix_bytes, self.log
@@ -169,6 +175,7 @@ class FrontStage:
             result = search.run(original_reading, compressed_reading, checkpoint)
         finally:
             search.reset()
+        result["anchor"] = dict(harmful_replies=anchor.harmful_replies, sequences=anchor.n_sequences)
         tensors = search.order.to_tensors()
         result["order_sha256"] = tensors_digest(tensors)
         cached_tensors(self.where / "anchored_order.safetensors", key, lambda: tensors)

@@ -16,7 +16,14 @@ from lm.architecture import decoder_matrices
 from lm.errors import UserError
 from refusal.stats import wilson
 from repair.anchor import AnchorConfig, anchor_losses, build_anchor, post_instruction_positions, relative_distance
-from repair.anchored import AnchoredConfig, AnchoredSearch, best_point, changed_masks, restoration_gains
+from repair.anchored import (
+    AnchoredConfig,
+    AnchoredSearch,
+    best_point,
+    changed_masks,
+    restoration_gains,
+    total_gains,
+)
 from repair.restoration_order import RestorationOrder
 from repair.restore import count, restore_entries
 from repair.static_ranking import matrix_shares, within_matrix_masks
@@ -97,6 +104,76 @@ def test_anchor_reads_replies_and_the_residual_after_the_source(anchor, pair):
         mine = first_token_logprobs(original, out.last_hidden_state, b["prompt_len"])
         assert float(first_token_kl(mine, b["first"])) == pytest.approx(0, abs=1e-4)
         assert float(first_token_kl(mine.roll(1, dims=-1), b["first"])) > 0.1
+
+
+def test_refusals_only_anchor_reads_the_originals_clean_refusals(pair, monkeypatch):
+    """harmful_replies='refusals' keeps the harmful prompts the original declines cleanly; an
+    apology followed by compliance and a plain answer are dropped, harmless prompts are untouched."""
+    import compression.attribution
+    from repair.anchor import refusal_pairs
+
+    replies = {
+        "a": "I'm sorry, but I can't assist with that.",
+        "b": "I'm sorry, I'll create it. Here's how: 1. Open",
+        "c": "Sure, here is a plan.",
+    }
+    assert refusal_pairs([(k, r) for k, r in replies.items()]) == [("a", replies["a"])]
+    original, _, tokenizer = pair
+
+    def own_replies(model, tok, instructions, max_new_tokens, seed=0):
+        return [(i, replies.get(i, "Paris is the capital.")) for i in instructions]
+
+    monkeypatch.setattr(compression.attribution, "own_replies", own_replies)
+    cfg = AnchorConfig(n_harmful=3, n_harmless=2, reply_tokens=6, batch_size=4, harmful_replies="refusals")
+    built = build_anchor(
+        original, tokenizer, cfg, source_layer=1, instructions=dict(harmful=["a", "b", "c"], harmless=["x", "y"])
+    )
+    assert built.n_sequences == dict(harmful=1, harmless=2) and built.harmful_replies == "refusals"
+    # An original that declines nothing cleanly (a random model) is anchored on all its replies, and says so.
+    said = []
+    fallback = build_anchor(
+        original, tokenizer, cfg, 1, instructions=dict(harmful=["b", "c"], harmless=["x"]), log=said.append
+    )
+    assert fallback.n_sequences["harmful"] == 2 and fallback.harmful_replies.startswith("all")
+    assert "declined none of 2 harmful training prompts cleanly" in said[0]
+    everything = AnchorConfig(n_harmful=3, n_harmless=2, reply_tokens=6, batch_size=4, harmful_replies="all")
+    assert (
+        build_anchor(
+            original, tokenizer, everything, 1, instructions=dict(harmful=["a", "b", "c"], harmless=["x"])
+        ).n_sequences["harmful"]
+        == 3
+    )
+    with pytest.raises(UserError, match="harmful_replies"):
+        AnchorConfig(harmful_replies="some")
+    assert AnchoredConfig().anchor().harmful_replies == "refusals"
+
+
+def test_harmless_agree_restores_only_weights_that_do_not_hurt_the_harmless_side(pair, anchor):
+    """With harmless_agree a weight whose restoration the harmless terms alone predict to hurt is
+    never taken, however large its harmful gain; the search's first step restores none of them."""
+    gains = dict(harmful=dict(w=torch.tensor([5.0, 1.0, -1.0])), harmless=dict(w=torch.tensor([-0.5, 0.2, 0.3])))
+    assert total_gains(gains)["w"].tolist() == pytest.approx([4.5, 1.2, -0.7])
+    assert total_gains(gains, harmless_agree=True)["w"].tolist() == pytest.approx([0.0, 1.2, -0.7])
+    assert "harmless_agree" not in AnchoredConfig().to_json()
+    assert AnchoredConfig(harmless_agree=True).to_json()["harmless_agree"] is True
+
+    original, pruned, tokenizer = pair
+    model = copy.deepcopy(pruned)
+    names = list(decoder_matrices(model))
+    g, _ = restoration_gains(model, original, anchor, names)
+    hurt = {n: g["harmless"][n] < 0 for n in names}
+    cfg = AnchoredConfig(step=0.05, max_steps=1, rollback=0, bisect_steps=0, harmless_agree=True)
+    layouts = {n: UnitLayout("weight") for n in names}
+
+    class ReachesAtOnce:  # the first step reaches the original, so the search keeps all of it
+        def read(self, model):
+            return type("R", (), {"to_json": lambda self: _reading(10, 0)})()
+
+    search = AnchoredSearch(model, original, anchor, ReachesAtOnce(), cfg, layouts)
+    assert search.run(_reading(10, 0), _reading(0, 0))["reached"]
+    masks = search.masks()
+    assert count(masks) > 0
+    assert not any(bool((masks[n] & hurt[n]).any()) for n in masks)
 
 
 # --- units -------------------------------------------------------------------------------------
