@@ -471,3 +471,16 @@ def test_strict_validation_counts_only_clean_refusals_on_harmful_prompts(monkeyp
     assert v.refusals(None, "harmless") == [True, True]  # over-refusal counts every refusal string
     v.cfg = ValidationConfig(strict=False)
     assert v.refusals(None, "harmful") == [True, True]
+
+
+def test_line_search_undoes_a_step_no_share_of_which_lowers_the_anchor_loss(pair, anchor, monkeypatch):
+    """When every share of a step raises L (first-order gains far off, as on SNIP 50%), the step
+    is undone and the search stops, saying why, instead of keeping the least bad share."""
+    import repair.anchor
+
+    search, _, _ = _search(pair, anchor, lambda f, s: _reading(0, 2), max_steps=3, line_search=(0.25, 0.5))
+    monkeypatch.setattr(repair.anchor, "anchor_losses", lambda model, a: dict(total=1e6 + search.restored_count()))
+    result = search.run(_reading(12, 2), _reading(0, 2))
+    assert "no share of step 1 lowers the anchor loss" in result["reason"] and not result["reached"]
+    assert search.restored_count() == 0 and count(search.masks()) == 0
+    assert [p["kind"] for p in result["points"]] == ["compressed"]
