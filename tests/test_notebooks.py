@@ -223,10 +223,26 @@ def _notebook_workdir(tmp_path: Path, monkeypatch, modules) -> Path:
 
 
 @pytest.mark.slow
-def test_probing_notebooks_execute(tmp_path, monkeypatch):
-    work = _notebook_workdir(tmp_path, monkeypatch, PROBING_MODULES)
+def _execute(name: str, work: Path) -> str:
+    """Run notebooks/<name> top to bottom in `work` (the executed copy, outputs included, is written
+    there for inspection, also when a cell fails); returns everything its cells printed."""
     import nbformat
     from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    try:
+        NotebookClient(
+            nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}}
+        ).execute()
+    finally:
+        nbformat.write(nb, work / name)
+    return "\n".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+
+
+def test_probing_notebooks_execute(tmp_path, monkeypatch):
+    work = _notebook_workdir(tmp_path, monkeypatch, PROBING_MODULES)
 
     monkeypatch.setenv("PROBE_N_PROMPTS", "4")
     monkeypatch.setenv("PROBE_N_DIRECTION", "8")
@@ -237,19 +253,9 @@ def test_probing_notebooks_execute(tmp_path, monkeypatch):
 
     texts, seconds = {}, {}
     for name in NOTEBOOKS:
-        nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
-        client = NotebookClient(
-            nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}}
-        )
         start = time.perf_counter()
-        try:
-            client.execute()
-        finally:
-            nbformat.write(nb, work / name)  # the executed copy, outputs included, for inspection
+        texts[name] = _execute(name, work)
         seconds[name] = time.perf_counter() - start
-        texts[name] = "\n".join(
-            out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
-        )
     print("notebook run times:", {k: f"{v:.0f} s" for k, v in seconds.items()})
 
     run = work / "runs" / "probe"
@@ -292,22 +298,11 @@ def test_linear_probe_notebook_is_clean_and_parameterised():
 def test_linear_probe_notebook_executes(tmp_path, monkeypatch):
     """The scikit-learn probe notebook on the embedded model: 16 + 16 train, 16 + 16 held-out prompts."""
     work = _notebook_workdir(tmp_path, monkeypatch, ("nbclient", "nbformat", "ipykernel"))
-    import nbformat
-    from nbclient import NotebookClient
 
     monkeypatch.setenv("PROBE_N_TRAIN", "16")
     monkeypatch.setenv("PROBE_N_TEST", "16")
     monkeypatch.delenv("PROBE_RUN_DIR", raising=False)
-    nb = nbformat.read(REPO / "notebooks" / "linear_probe.ipynb", as_version=4)
-    try:
-        NotebookClient(
-            nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}}
-        ).execute()
-    finally:
-        nbformat.write(nb, work / "linear_probe.ipynb")
-    text = "\n".join(
-        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
-    )
+    text = _execute("linear_probe.ipynb", work)
     assert "fitted 24 probes" in text and "the probe is above chance at the direction's layer" in text
 
     from safetensors.torch import load_file
@@ -362,9 +357,6 @@ def test_compare_variant_notebook_executes(tmp_path, monkeypatch):
     work = _notebook_workdir(tmp_path, monkeypatch, ("nbclient", "nbformat", "ipykernel"))
     import gc
 
-    import nbformat
-    from nbclient import NotebookClient
-
     from compression.checkpoint import save_variant
     from compression.magnitude import prune_magnitude
     from compression.sparsity import SparsityPattern
@@ -383,17 +375,8 @@ def test_compare_variant_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("PROBE_N_TEST", "16")
     for name in ("ORIGINAL", "DIRECTION_DIR", "RUN_DIR"):
         monkeypatch.delenv(f"PROBE_{name}", raising=False)
-    nb = nbformat.read(REPO / "notebooks" / "compare_variant.ipynb", as_version=4)
-    try:
-        NotebookClient(
-            nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(work)}}
-        ).execute()
-    finally:
-        nbformat.write(nb, work / "compare_variant.ipynb")
+    text = _execute("compare_variant.ipynb", work)
     print(f"variant built in {built:.0f} s, notebook ran in {time.perf_counter() - start - built:.0f} s")
-    text = "\n".join(
-        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
-    )
     for line in (
         "both models share the architecture and the tokenizer",
         "(magnitude:0.3, decoder sparsity ",
